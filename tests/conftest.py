@@ -1,0 +1,36 @@
+"""Shared test settings.
+
+TRITON_INTERPRET must be set before triton is imported anywhere, so it is set here, first.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Deterministic property tests: the same examples on every run, no deadline on a noisy CPU.
+settings.register_profile(
+    "vrpo",
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile("vrpo")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> pathlib.Path:
+    """``../shared`` beside the checkout (fixtures and the spec)."""
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: the tests need ../shared beside the checkout")
+    return SHARED

@@ -1,0 +1,201 @@
+"""Monte Carlo ELBO of a masked diffusion LM: ``B_hat(y|x)`` from a :class:`~vrpo.sampling.MaskDraw`.
+
+Each sample ``j`` of row ``b`` replaces its masked response tokens with the mask token, runs the
+model bidirectionally on ``[prompt, masked response]``, and scores the hidden tokens:
+
+    term[b, j] = weight[b, j] * sum_{i masked} log p(y_i | y_masked, x)
+
+``B_hat[b]`` is the mean of ``term[b, :]``. Log-probabilities are always computed in float32, whatever
+the model's dtype.
+
+Two paths give the same numbers:
+
+* **generic**: any callable ``LongTensor [N, L] -> logits [N, L, V]`` (or an output with ``.logits``);
+* **fused**: a ``transformers`` causal LM whose head is a plain ``nn.Linear``: the body gives hidden
+  states and :func:`vrpo_kernels.masked_linear_ce` applies the head only to the masked positions,
+  never materialising ``[N, L, V]`` logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from vrpo_kernels import masked_linear_ce
+
+from .sampling import MaskDraw
+
+
+class NonFiniteELBOError(FloatingPointError):
+    """The model produced NaN/inf log-probabilities for some masked tokens."""
+
+
+def noisy_inputs(input_ids: torch.Tensor, masked: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """LongTensor [B, n, L]: ``input_ids`` [B, L] with the masked positions of each sample replaced."""
+    return torch.where(masked, torch.as_tensor(mask_token_id, device=input_ids.device), input_ids[:, None, :])
+
+
+def fusable_head(model) -> tuple[nn.Module, nn.Linear] | None:
+    """``(body, head)`` when ``model`` is a transformers LM whose head can be fused, else None.
+
+    ``body(input_ids, **kwargs).last_hidden_state`` must be what the head reads. Heads that are not a
+    plain ``nn.Linear`` (a LoRA-wrapped head, say) or configs that post-process logits fall back to
+    the generic path.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    get_body = getattr(model, "get_decoder", None)
+    if get_head is None or get_body is None:
+        return None
+    config = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return None
+    head, body = get_head(), get_body()
+    if type(head) is not nn.Linear or body is None or body is model:
+        return None
+    return body, head
+
+
+def _repeat_rows(model_kwargs: Mapping | None, n: int) -> dict:
+    return {k: (v.repeat_interleave(n, dim=0) if torch.is_tensor(v) else v) for k, v in (model_kwargs or {}).items()}
+
+
+def _check_mask_id(mask_token_id: int, vocab: int):
+    if not 0 <= mask_token_id < vocab:
+        raise ValueError(
+            f"mask_token_id={mask_token_id} is outside the model's vocabulary of {vocab} tokens; "
+            "pass the checkpoint's mask id (LLaDA: 126336)"
+        )
+
+
+def _check_finite(terms: torch.Tensor, n: int):
+    bad = ~torch.isfinite(terms)
+    if bad.any():
+        flat = bad.flatten().nonzero()[:, 0]
+        rows = sorted({int(i) // n for i in flat[:50]})
+        raise NonFiniteELBOError(
+            f"non-finite log-probabilities in the ELBO of rows {rows[:10]} "
+            f"({int(bad.sum())} of {terms.numel()} samples): the model produced NaN or inf logits"
+        )
+
+
+def elbo_terms(
+    model: Callable,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    draw: MaskDraw,
+    mask_token_id: int,
+    *,
+    model_kwargs: Mapping | None = None,
+    fused: bool | str = "auto",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Per-sample ELBO terms, float32 [B, n].
+
+    Args:
+        model: callable ``[N, L] -> logits`` or a transformers LM (see the module docstring).
+        input_ids: int64 [B, L], the clean sequences (prompt and response).
+        response_mask: bool [B, L]; only used to check that the draw matches it.
+        draw: the masks and weights, ``draw.masked`` [B, n, L].
+        mask_token_id: the id that replaces masked tokens.
+        model_kwargs: extra per-row model inputs ([B, ...] tensors such as ``attention_mask`` or
+            ``position_ids``), repeated for the ``n`` samples.
+        fused: ``"auto"`` fuses the head when :func:`fusable_head` allows it; ``True`` requires it;
+            ``False`` uses the generic logits path.
+        impl: passed to :func:`vrpo_kernels.masked_linear_ce` on the fused path.
+    """
+    B, n, L = draw.masked.shape
+    if input_ids.shape != (B, L) or response_mask.shape != (B, L):
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and response_mask {tuple(response_mask.shape)} must both be "
+            f"[B, L] = {(B, L)} to match draw.masked {tuple(draw.masked.shape)}"
+        )
+    if (draw.masked & ~response_mask[:, None, :]).any():
+        raise ValueError("draw.masked marks positions outside response_mask: draw it from this batch's mask")
+    split = fusable_head(model) if fused else None
+    if fused is True and split is None:
+        raise ValueError(f"fused=True needs a transformers LM with a plain nn.Linear head, got {type(model).__name__}")
+
+    ids = noisy_inputs(input_ids, draw.masked, mask_token_id).view(B * n, L)
+    kwargs = _repeat_rows(model_kwargs, n)
+    masked = draw.masked.reshape(B * n, L)
+    targets = input_ids[:, None, :].expand(B, n, L).reshape(B * n, L)
+    row_weight = draw.weight.float().reshape(B * n, 1).expand(B * n, L)
+
+    if split is not None:
+        body, head = split
+        _check_mask_id(mask_token_id, head.weight.shape[0])
+        hidden = body(input_ids=ids, **kwargs).last_hidden_state
+        per_token = masked_linear_ce(
+            hidden.reshape(B * n * L, -1),
+            head.weight,
+            targets.reshape(-1),
+            row_weight.reshape(-1),
+            masked.reshape(-1),
+            bias=head.bias,
+            impl=impl,
+        )
+        terms = per_token.view(B, n, L).sum(-1)
+    else:
+        out = model(ids, **kwargs)
+        logits = out.logits if hasattr(out, "logits") else out
+        _check_mask_id(mask_token_id, logits.shape[-1])
+        rows, cols = masked.nonzero(as_tuple=True)
+        logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)
+        logp = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
+        terms = torch.zeros(B * n, device=logp.device, dtype=torch.float32)
+        terms = terms.index_add(0, rows, logp * row_weight[rows, cols]).view(B, n)
+    _check_finite(terms, n)
+    return terms
+
+
+def elbo_estimate(
+    model: Callable,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    draw: MaskDraw,
+    mask_token_id: int,
+    **kwargs,
+) -> torch.Tensor:
+    """``B_hat`` per sequence, float32 [B]: the mean over the draw's ``n`` samples of
+    ``weight * sum of masked log p``. Keyword arguments as in :func:`elbo_terms`.
+    """
+    return elbo_terms(model, input_ids, response_mask, draw, mask_token_id, **kwargs).mean(-1)
+
+
+def exact_elbo(logp_fn: Callable, input_ids: torch.Tensor, response_mask: torch.Tensor, mask_token_id: int):
+    """The exact ELBO by enumerating every non-empty mask of the response (tiny ``L_b`` only).
+
+    ``B = sum_m 1 / (|m| C(L_b, |m|)) * sum_{i in m} log p(y_i | y with m masked, x)``.
+
+    Args:
+        logp_fn: maps LongTensor [N, L] -> log-probabilities [N, L, V] (float64 preferred).
+        input_ids: int64 [B, L]; response_mask: bool [B, L] with at most ~12 response tokens per row.
+
+    Returns:
+        float64 [B].
+    """
+    from itertools import combinations
+    from math import comb
+
+    out = torch.zeros(input_ids.shape[0], dtype=torch.float64)
+    for b in range(input_ids.shape[0]):
+        positions = response_mask[b].nonzero()[:, 0].tolist()
+        Lb = len(positions)
+        if Lb > 16:
+            raise ValueError(f"exact_elbo: row {b} has {Lb} response tokens; enumeration needs <= 16")
+        masks, weights = [], []
+        for k in range(1, Lb + 1):
+            for subset in combinations(positions, k):
+                m = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+                m[list(subset)] = True
+                masks.append(m)
+                weights.append(1.0 / (k * comb(Lb, k)))
+        m = torch.stack(masks)
+        ids = torch.where(m, torch.as_tensor(mask_token_id), input_ids[b][None])
+        logp = logp_fn(ids).double().gather(-1, input_ids[b][None, :, None].expand(len(masks), -1, 1))[..., 0]
+        per_mask = (logp * m).sum(-1)
+        out[b] = (per_mask * torch.tensor(weights, dtype=torch.float64)).sum()
+    return out
