@@ -1,0 +1,191 @@
+"""The Monte Carlo ELBO: unbiased against exact enumeration, edge cases, and the fused path."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vrpo import NonFiniteELBOError, SamplingPlan, draw_masks, elbo_estimate, elbo_terms, exact_elbo
+
+from .toy import ToyMDM, toy_batch
+
+
+def replicated_estimates(model, ids, resp, plan, K, seed):
+    """K independent estimates per row, float64 [B, K] (rows replicated K times, one draw)."""
+    g = torch.Generator().manual_seed(seed)
+    ids_k, resp_k = ids.repeat_interleave(K, 0), resp.repeat_interleave(K, 0)
+    draw = draw_masks(resp_k, plan, generator=g)
+    est = elbo_estimate(model, ids_k, resp_k, draw, model.mask_token_id)
+    return est.double().view(ids.shape[0], K)
+
+
+def assert_unbiased(samples, exact, z=4.5):
+    """|mean - exact| within z standard errors, per row (plus float32 rounding of the terms)."""
+    mean = samples.mean(-1)
+    se = samples.std(-1) / math.sqrt(samples.shape[-1])
+    slack = z * se + 1e-5 * (1 + exact.abs())
+    assert ((mean - exact).abs() <= slack).all(), f"mean {mean}, exact {exact}, se {se}"
+
+
+@settings(max_examples=12)
+@given(
+    plan=st.builds(
+        SamplingPlan,
+        n_t=st.integers(1, 4),
+        n_yt=st.integers(1, 3),
+        estimator=st.sampled_from(["l_uniform", "t_bernoulli"]),
+        stratified=st.booleans(),
+    ),
+    rows=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 6)), min_size=1, max_size=3),
+    seed=st.integers(0, 1000),
+)
+def test_estimate_is_unbiased_against_exact_enumeration(plan, rows, seed):
+    model = ToyMDM(seed=seed)
+    prompts, responses = zip(*rows)
+    # Ragged rows: different prompt and response lengths, padded to one width.
+    ids, resp = toy_batch(prompts, responses, seed=seed, pad_to=max(p + r for p, r in rows) + 1)
+    exact = exact_elbo(model.logp, ids, resp, model.mask_token_id)
+    samples = replicated_estimates(model, ids, resp, plan, K=3000, seed=seed)
+    assert_unbiased(samples, exact)
+
+
+def test_exact_elbo_is_a_lower_bound_of_the_exact_likelihood_for_one_token():
+    # With one response token the ELBO is exactly log p(y | x): one mask, weight 1.
+    model = ToyMDM(seed=3)
+    ids, resp = toy_batch([4], [1], seed=3)
+    exact = exact_elbo(model.logp, ids, resp, model.mask_token_id)
+    masked = ids.clone()
+    masked[0, 4] = model.mask_token_id
+    torch.testing.assert_close(exact, model.logp(masked)[0, 4, ids[0, 4]].reshape(1))
+
+
+def test_fixed_draw_matches_hand_computation():
+    model = ToyMDM(seed=5)
+    ids, resp = toy_batch([2], [3], seed=5)
+    draw = draw_masks(resp, SamplingPlan(n_t=2, n_yt=1), generator=torch.Generator().manual_seed(0))
+    terms = elbo_terms(model, ids, resp, draw, model.mask_token_id)
+    for j in range(2):
+        m = draw.masked[0, j]
+        noisy = torch.where(m, model.mask_token_id, ids[0])
+        logp = model.logp(noisy[None])[0].gather(-1, ids[0][:, None])[:, 0]
+        expected = draw.weight[0, j].double() * logp[m].sum()
+        torch.testing.assert_close(terms[0, j].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_prompt_and_padding_never_masked_and_do_not_count():
+    model = ToyMDM(seed=1)
+    ids, resp = toy_batch([3], [2], seed=1, pad_to=8)
+    draw = draw_masks(resp, SamplingPlan(n_t=8), generator=torch.Generator().manual_seed(0))
+    assert not draw.masked[0, :, :3].any() and not draw.masked[0, :, 5:].any()
+
+
+def test_mask_token_outside_vocabulary_is_an_error():
+    model = ToyMDM()
+    ids, resp = toy_batch([1], [3])
+    draw = draw_masks(resp, SamplingPlan(n_t=2))
+    with pytest.raises(ValueError, match="mask_token_id=126336 is outside the model's vocabulary of 7"):
+        elbo_estimate(lambda x: model(x.clamp(max=6)), ids, resp, draw, mask_token_id=126336)
+
+
+def test_nan_logits_are_an_error_not_a_nan_loss():
+    model = ToyMDM()
+    ids, resp = toy_batch([1, 1], [3, 3])
+    draw = draw_masks(resp, SamplingPlan(n_t=2), generator=torch.Generator().manual_seed(0))
+
+    def broken(x):
+        logits = model(x)
+        logits[2:] = float("nan")  # the samples of row 1
+        return logits
+
+    with pytest.raises(NonFiniteELBOError, match=r"rows \[1\]"):
+        elbo_estimate(broken, ids, resp, draw, model.mask_token_id)
+
+
+def test_draw_from_another_batch_is_rejected():
+    model = ToyMDM()
+    ids, resp = toy_batch([1, 2], [3, 3])
+    draw = draw_masks(resp, SamplingPlan(n_t=2))
+    with pytest.raises(ValueError, match="must both be"):
+        elbo_estimate(model, ids[:1], resp[:1], draw, model.mask_token_id)
+    other = resp.roll(1, dims=1)
+    with pytest.raises(ValueError, match="outside response_mask"):
+        elbo_estimate(model, ids, other, draw, model.mask_token_id)
+
+
+def test_model_kwargs_are_repeated_per_sample():
+    model = ToyMDM()
+    ids, resp = toy_batch([1, 2], [3, 2])
+    draw = draw_masks(resp, SamplingPlan(n_t=3), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def spy(x, bias):
+        seen["bias"] = bias
+        return model(x) + bias[:, None, None]
+
+    elbo_terms(spy, ids, resp, draw, model.mask_token_id, model_kwargs={"bias": torch.tensor([0.0, 1.0])})
+    assert torch.equal(seen["bias"], torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]))
+
+
+def tiny_llama(vocab=32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("impl", ["eager", "torch"])
+def test_fused_head_path_matches_generic_logits_path(impl):
+    model = tiny_llama()
+    ids, resp = toy_batch([2, 4], [5, 3], vocab=31)
+    draw = draw_masks(resp, SamplingPlan(n_t=3, n_yt=2), generator=torch.Generator().manual_seed(0))
+    generic = elbo_terms(model, ids, resp, draw, mask_token_id=31, fused=False)
+    fused = elbo_terms(model, ids, resp, draw, mask_token_id=31, fused=True, impl=impl)
+    torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-5)
+    # ... and the gradients that reach the head and the body.
+    grads = []
+    for kwargs in (dict(fused=False), dict(fused=True, impl=impl)):
+        model.zero_grad()
+        elbo_terms(model, ids, resp, draw, 31, **kwargs).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_true_on_a_plain_callable_is_an_error():
+    model = ToyMDM()
+    ids, resp = toy_batch([1], [3])
+    draw = draw_masks(resp, SamplingPlan(n_t=1))
+    with pytest.raises(ValueError, match="fused=True needs a transformers LM"):
+        elbo_terms(model, ids, resp, draw, model.mask_token_id, fused=True)
+
+
+def test_exact_elbo_refuses_long_rows():
+    model = ToyMDM(max_len=40)
+    ids, resp = toy_batch([0], [17], vocab=7)
+    with pytest.raises(ValueError, match="enumeration needs <= 16"):
+        exact_elbo(model.logp, ids, resp, model.mask_token_id)
+
+
+def test_unbiasedness_check_has_power_against_a_wrong_weight():
+    # The check above must be able to fail: drop the 1/t weights and it does.
+    model = ToyMDM(seed=2)
+    ids, resp = toy_batch([1, 0], [4, 5], seed=2)
+    exact = exact_elbo(model.logp, ids, resp, model.mask_token_id)
+    g = torch.Generator().manual_seed(0)
+    ids_k, resp_k = ids.repeat_interleave(3000, 0), resp.repeat_interleave(3000, 0)
+    draw = draw_masks(resp_k, SamplingPlan(n_t=2), generator=g)
+    draw.weight = torch.ones_like(draw.weight)
+    samples = elbo_estimate(model, ids_k, resp_k, draw, model.mask_token_id).double().view(2, 3000)
+    with pytest.raises(AssertionError):
+        assert_unbiased(samples, exact)
