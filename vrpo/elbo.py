@@ -199,3 +199,25 @@ def exact_elbo(logp_fn: Callable, input_ids: torch.Tensor, response_mask: torch.
         per_mask = (logp * m).sum(-1)
         out[b] = (per_mask * torch.tensor(weights, dtype=torch.float64)).sum()
     return out
+
+
+class ELBOModule(nn.Module):
+    """An LM wrapped so that one ``forward`` returns its ELBO terms.
+
+    This is the module to hand to ``accelerate.prepare``: DDP, FSDP and DeepSpeed then see a single
+    forward, while the fused head path inside still reaches the LM's body and head directly.
+    """
+
+    def __init__(self, model: nn.Module, mask_token_id: int, fused: bool | str = "auto", impl: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.mask_token_id = mask_token_id
+        self.fused = fused
+        self.impl = impl
+
+    def forward(self, input_ids, response_mask, draw: MaskDraw, **model_kwargs) -> torch.Tensor:
+        """float32 [B, n]; see :func:`elbo_terms`."""
+        return elbo_terms(
+            self.model, input_ids, response_mask, draw, self.mask_token_id,
+            model_kwargs=model_kwargs, fused=self.fused, impl=self.impl,
+        )

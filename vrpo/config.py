@@ -1,0 +1,295 @@
+"""``VRPOConfig``: every setting of a VRPO run, parsed from the command line and/or a YAML file.
+
+Defaults follow the LLaDA 1.5 recipe (SPEC.md section 3). Fields left at ``None`` are resolved by
+:meth:`VRPOConfig.resolved`: the paper's value for a real checkpoint, or a CPU-sized value for the
+embedded toy run (no ``--model_name_or_path``), which starts from a random tiny model and so needs
+a far larger learning rate than fine-tuning an 8B model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import sys
+from dataclasses import dataclass, field
+
+from .losses import LOSS_TYPES
+from .sampling import ESTIMATORS, SamplingPlan
+
+# (paper / real checkpoint, embedded toy run)
+PRESETS = {
+    "learning_rate": (5e-7, 2e-3),
+    "per_device_train_batch_size": (1, 16),
+    "max_length": (4096, 64),
+    "max_steps": (-1, 150),
+    "save_steps": (500, 50),
+    "eval_size": (256, 128),
+    "logging_steps": (10, 5),
+    "eval_steps": (0, 0),
+}
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class VRPOConfig:
+    """VRPO training settings. Every field is a command-line flag ``--name``."""
+
+    # --- model ---
+    model_name_or_path: str | None = _help(
+        "Local LLaDA checkpoint directory (LLaDA's own format or HF/Llama format). Omitted: the embedded "
+        "tiny model, a CPU demo that trains in minutes.",
+        default=None,
+    )
+    ref_model_name_or_path: str | None = _help(
+        "Reference model directory. Default: a frozen copy of the initial policy.", default=None
+    )
+    tokenizer_name_or_path: str | None = _help("Tokenizer directory. Default: the model directory.", default=None)
+    mask_token_id: int | None = _help(
+        "Mask token id. Default: the checkpoint config's mask_token_id (LLaDA: 126336).", default=None
+    )
+    attn_implementation: str | None = _help(
+        "Attention backend: sdpa, eager, flash_attention_2 or vrpo_triton. Default: vrpo_triton on CUDA, "
+        "sdpa on CPU.",
+        default=None,
+    )
+    torch_dtype: str = _help("Weights dtype: auto (the checkpoint's), float32, bfloat16 or float16.", default="auto")
+    mixed_precision: str | None = _help(
+        "no, bf16 or fp16 autocast (accelerate). Default: accelerate's config or environment.", default=None
+    )
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    use_lora: bool = _help(
+        "Train LoRA adapters (peft); the reference is then the same model with adapters disabled, so no "
+        "second copy of the weights is held.",
+        default=False,
+    )
+    lora_r: int = _help("LoRA rank.", default=16)
+    lora_alpha: int = _help("LoRA alpha.", default=32)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    lora_target_modules: list[str] = _help(
+        "Modules that get LoRA adapters.",
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    precompute_ref: bool = _help(
+        "Compute the reference ELBO terms for the exact seeded draws training will use in one pass before "
+        "training, then free the reference model.",
+        default=False,
+    )
+
+    # --- data ---
+    dataset: str | None = _help(
+        "Preference data in TRL's format (prompt/chosen/rejected, strings or message lists): a .jsonl/.json "
+        "or .parquet file, or a directory written by datasets' save_to_disk. Omitted: the bundled toy "
+        "sorting task.",
+        default=None,
+    )
+    eval_dataset: str | None = _help(
+        "Held-out pairs for preference accuracy. Default: --eval_size pairs split off the training data.",
+        default=None,
+    )
+    eval_size: int | None = _help(
+        "Pairs held out of --dataset for evaluation when no --eval_dataset is given (0: none). "
+        "Default: 256 (toy run: 128).",
+        default=None,
+    )
+    max_length: int | None = _help(
+        "Maximum tokens of prompt + response (and the row length with --packing). Default: 4096 (toy: 64).",
+        default=None,
+    )
+    max_prompt_length: int | None = _help(
+        "Prompts longer than this keep their last tokens. Default: max_length // 2.", default=None
+    )
+    truncation: str = _help(
+        "Over-long rows: 'truncate' (prompt from the left down to max_prompt_length, then the response from "
+        "the right), 'skip' (drop the row, counted in the logs) or 'error'.",
+        default="truncate",
+    )
+    on_bad_rows: str = _help(
+        "Malformed rows (bad JSON or UTF-8, missing fields, wrong types, empty text, unknown roles): 'error' "
+        "stops with the file and line, 'skip' drops them and counts them in the logs.",
+        default="error",
+    )
+    packing: bool = _help(
+        "Pack the masked samples of several sequences into rows of max_length tokens, with attention "
+        "blocked across samples (the paper packs to 4096).",
+        default=False,
+    )
+
+    # --- ELBO sampling (the variance reductions) ---
+    n_t: int = _help("Timesteps (noise levels) per response: the paper's budget n with n_yt = 1.", default=8)
+    n_yt: int = _help("Masks per timestep (the paper: 1 is optimal at a fixed budget).", default=1)
+    antithetic: bool = _help(
+        "Feed the policy and the reference the same masks (antithetic sampling). --no_antithetic for the "
+        "ablation.",
+        default=True,
+    )
+    estimator: str = _help("ELBO estimator: l_uniform (the paper's, lower variance) or t_bernoulli.", default="l_uniform")
+    stratified: bool = _help("Stratify the n_t levels of a response (unbiased, lower variance).", default=False)
+    t_floor: float = _help("t_bernoulli only: LLaDA's floor eps on the mask probability (biased when > 0).", default=0.0)
+    naive_dpo: bool = _help(
+        "Naive DPO on an MDM: n_t = n_yt = 1 and no antithetic sampling (for comparison).", default=False
+    )
+
+    # --- loss ---
+    beta: float = _help("DPO beta: the strength of the KL regularisation.", default=0.2)
+    loss_type: str = _help("sigmoid (DPO), ipo, hinge or robust.", default="sigmoid")
+    label_smoothing: float = _help("Label smoothing for sigmoid/robust, in [0, 0.5).", default=0.0)
+    sft_weight: float = _help("Weight of the masked-diffusion SFT loss on the chosen response.", default=0.05)
+
+    # --- optimisation ---
+    learning_rate: float | None = _help("Peak learning rate. Default: 5e-7 (toy run: 2e-3).", default=None)
+    warmup_steps: int = _help("Linear warm-up steps before the schedule.", default=15)
+    lr_scheduler_type: str = _help("transformers scheduler name (cosine, linear, constant, ...).", default="cosine")
+    weight_decay: float = _help("AdamW weight decay.", default=0.01)
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2.", default=0.95)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = _help("Gradient clipping norm (0: off).", default=1.0)
+    per_device_train_batch_size: int | None = _help(
+        "Pairs per device per micro-batch. Default: 1 (toy run: 16).", default=None
+    )
+    gradient_accumulation_steps: int = _help(
+        "Micro-batches per optimizer step. Global batch = per-device batch x processes x this (paper: 64).",
+        default=1,
+    )
+    num_train_epochs: int = _help("Epochs when --max_steps is -1.", default=1)
+    max_steps: int | None = _help("Optimizer steps (-1: one pass per epoch). Default: -1 (toy run: 150).", default=None)
+    max_nonfinite_steps: int = _help(
+        "Stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped).",
+        default=5,
+    )
+    fused_head: bool = _help(
+        "Compute log-probs with the fused masked linear cross-entropy (never materialises [tokens, vocab]).",
+        default=True,
+    )
+    kernel_impl: str = _help("Kernel implementation: auto, triton, torch or eager.", default="auto")
+
+    # --- run, logging, checkpoints ---
+    output_dir: str | None = _help("Where logs, checkpoints and the final model go. Default: outputs/vrpo-<time>.", default=None)
+    overwrite_output_dir: bool = _help("Allow an output directory that already holds a run.", default=False)
+    seed: int = _help("Seed of the data order, the masks and the initialisation of the toy model.", default=42)
+    logging_steps: int | None = _help("Log every N steps. Default: 10 (toy run: 5).", default=None)
+    eval_steps: int | None = _help("Evaluate preference accuracy every N steps (0: only before and after).", default=None)
+    eval_n_t: int = _help("ELBO budget (stratified timesteps) for evaluation.", default=16)
+    save_steps: int | None = _help("Checkpoint every N steps (0: only at the end). Default: 500 (toy: 50).", default=None)
+    save_total_limit: int = _help("Checkpoints kept (the oldest are deleted).", default=2)
+    resume_from_checkpoint: str | None = _help(
+        "Resume from a checkpoint directory, or 'latest' for the newest one in --output_dir.", default=None
+    )
+    report_to: str = _help("tensorboard or none. JSONL logs are always written.", default="tensorboard")
+    num_samples: int = _help("Held-out prompts to generate answers for at the end (0: none).", default=4)
+    gen_length: int | None = _help("Tokens generated per sample. Default: 128 (toy run: the reference length).", default=None)
+    gen_steps: int | None = _help("Denoising steps for generation. Default: gen_length.", default=None)
+    block_length: int | None = _help("Semi-autoregressive block length for generation. Default: gen_length.", default=None)
+
+    def __post_init__(self):
+        def positive(name):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+
+        for name in ("n_t", "n_yt", "gradient_accumulation_steps", "num_train_epochs", "max_nonfinite_steps",
+                     "eval_n_t", "per_device_train_batch_size", "lora_r"):
+            positive(name)
+        if self.max_length is not None and self.max_length < 4:
+            raise ValueError(f"--max_length must be at least 4, got {self.max_length}")
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be > 0, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.t_floor < 1.0:
+            raise ValueError(f"--t_floor must be in [0, 1), got {self.t_floor}")
+        if self.truncation not in ("truncate", "skip", "error"):
+            raise ValueError(f"--truncation must be truncate, skip or error, got {self.truncation!r}")
+        if self.on_bad_rows not in ("error", "skip"):
+            raise ValueError(f"--on_bad_rows must be error or skip, got {self.on_bad_rows!r}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if self.sft_weight < 0:
+            raise ValueError(f"--sft_weight must be >= 0, got {self.sft_weight}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
+        if self.torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--torch_dtype must be auto, float32, bfloat16 or float16, got {self.torch_dtype!r}")
+        if self.kernel_impl not in ("auto", "triton", "torch", "eager"):
+            raise ValueError(f"--kernel_impl must be auto, triton, torch or eager, got {self.kernel_impl!r}")
+        if self.precompute_ref and self.use_lora:
+            raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
+    @property
+    def toy(self) -> bool:
+        """The embedded demo: no checkpoint given."""
+        return self.model_name_or_path is None
+
+    def resolved(self) -> VRPOConfig:
+        """A copy with every ``None`` default filled in (paper values, or toy-run values)."""
+        which = 1 if self.toy else 0
+        changes = {name: values[which] for name, values in PRESETS.items() if getattr(self, name) is None}
+        if self.output_dir is None:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            changes["output_dir"] = f"outputs/vrpo-{'toy-' if self.toy else ''}{stamp}"
+        out = dataclasses.replace(self, **changes)
+        if out.max_prompt_length is None:
+            out.max_prompt_length = out.max_length // 2
+        if out.naive_dpo:
+            out.n_t, out.n_yt, out.antithetic = 1, 1, False
+        return out
+
+    def sampling_plan(self) -> SamplingPlan:
+        return SamplingPlan(
+            n_t=self.n_t,
+            n_yt=self.n_yt,
+            estimator=self.estimator,
+            antithetic=self.antithetic,
+            stratified=self.stratified,
+            t_floor=self.t_floor,
+        )
+
+
+def parse_config(argv: list[str] | None = None) -> VRPOConfig:
+    """Parse ``argv`` (default: ``sys.argv[1:]``). ``--config FILE.yaml`` supplies defaults that
+    later command-line flags override. Raises ``SystemExit`` with argparse's message on bad flags.
+    """
+    import yaml
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(VRPOConfig, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="YAML file of field: value pairs; flags override it.")
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            parser.error("--config needs a YAML file path")
+        path = argv[i + 1]
+        del argv[i : i + 2]
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            parser.error(f"--config {path}: {e.strerror}")
+        except yaml.YAMLError as e:
+            parser.error(f"--config {path}: not valid YAML: {e}")
+        if not isinstance(values, dict):
+            parser.error(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(VRPOConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {path}: unknown field(s) {', '.join(unknown)}")
+        prefix = []
+        for key, value in values.items():
+            prefix.append(f"--{key}")
+            prefix.extend(str(v) for v in value) if isinstance(value, list) else prefix.append(str(value))
+        argv = prefix + argv
+    try:
+        config, *_ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as e:  # raised by __post_init__
+        parser.error(str(e))
+    return config
