@@ -618,3 +618,18 @@ def test_error_no_config_or_weights(tiny_dir, tmp_path):
     (d / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="model.safetensors"):
         load_llada(d)
+
+
+def test_flash_attention_2_inputs_are_per_row_and_flattened_inside(expected):
+    """For flash-attn the model turns per-row segment_ids into varlen kwargs itself, after any repeat."""
+    from vrpo.models.packing import backend_inputs
+
+    _, ids, seg = _packed_batch(expected)
+    kwargs = packing_kwargs(seg, "flash_attention_2")
+    assert set(kwargs) == {"segment_ids", "position_ids"}
+    inputs = backend_inputs("flash_attention_2", kwargs["segment_ids"].repeat_interleave(2, 0))
+    assert inputs["attention_mask"] is None and inputs["cu_seq_lens_q"] is inputs["cu_seq_lens_k"]
+    # rows [7, 5, 4], [9, 6, pad 1], each twice
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 7, 12, 16, 23, 28, 32, 41, 47, 48, 57, 63, 64]
+    assert inputs["max_length_q"] == 9
+    assert inputs["position_ids"][2].tolist() == list(range(9)) + list(range(6)) + [0]

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -280,7 +280,7 @@ def _unwrap(model) -> tuple[nn.Module, bool]:
 
 def _merged_weights(
     model: nn.Module, is_peft: bool
-) -> Iterator[tuple[str, callable, torch.Size, torch.dtype]]:
+) -> Iterator[tuple[str, Callable[[], torch.Tensor], torch.Size, torch.dtype]]:
     """``(parameter name, thunk giving the tensor, shape, dtype)`` for every weight, LoRA adapters merged in.
 
     Merging is non-destructive: ``W + delta`` is computed per tensor when it is written, the model keeps its
@@ -438,7 +438,8 @@ def save_llada(model, path, *, max_shard_size: int | str = "5GB") -> Path:
         meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (_, shape, dt) in tensors.items()}
         split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
         for filename, keys in split.filename_to_tensors.items():
-            shard = {k: _to_cpu(tensors[k][0]()) for k in keys}
+            with torch.no_grad():
+                shard = {k: _to_cpu(tensors[k][0]()) for k in keys}
             save_file(shard, str(tmp / filename), metadata={"format": "pt"})
             del shard
         if split.is_sharded:
