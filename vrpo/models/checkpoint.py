@@ -195,7 +195,7 @@ def load_llada(path, dtype=None, attn_implementation=None, **kwargs) -> Bidirect
         setattr(config, name, value)
     attn = check_backend(attn_implementation, device)
     dtype = _resolve_dtype(dtype)
-    config._name_or_path = str(path)
+    config._name_or_path = str(path.resolve())
 
     files = _weight_files(path)
     headers = _headers(files)
