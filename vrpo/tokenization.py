@@ -1,0 +1,279 @@
+"""Tokenization for LLaDA: chat template, response masks, EOS and truncation policy, padding.
+
+An example is a prompt and a response, TRL-style: the prompt is a string or a list of chat messages
+(``{"role", "content"}``), the response a string or an assistant message (or a one-message list).
+
+* **Prompt**: LLaDA's chat template applied to the prompt's messages (a string prompt is one user message),
+  which ends with the assistant header ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``.
+* **Response**: the answer text (stripped, as the template strips every message) followed by ``<|eot_id|>``
+  and one ``<|endoftext|>`` (EOS). With ``chat_template=False`` the prompt is the raw text after BOS and the
+  response ends with EOS alone.
+
+**EOS policy.** ``response_mask`` is True on the answer tokens, its ``<|eot_id|>`` and its one EOS: these
+are the tokens the ELBO masks and scores. The EOS tokens that :func:`collate` appends to pad a batch are
+neither scored (``response_mask`` False) nor attended to (``attention_mask`` 0), so a sequence's ELBO does
+not depend on how much padding its batch has (LLaDA 1.5: padded EOS is excluded from the VRPO terms).
+
+**Truncation policy** (``max_length``): ``truncation="error"`` (the default) raises when an example is longer
+than ``max_length``: silently cutting a chosen or rejected answer changes what is preferred.
+``truncation="truncate"`` first drops prompt tokens from the left (keeping a leading BOS), then, if the
+response alone is still too long, drops response tokens from the right; a response cut this way loses its
+``<|eot_id|>`` and EOS, so the model is not taught that the answer ends there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from vrpo.models.config import LLADA_MASK_TOKEN
+
+EOT_TOKEN = "<|eot_id|>"
+TRUNCATION = ("error", "truncate")
+
+
+def load_tokenizer(path, *, mask_token: str = LLADA_MASK_TOKEN, **kwargs) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(path, **kwargs)`` with a mask token registered.
+
+    LLaDA's released tokenizer has ``<|mdm_mask|>`` in its vocabulary but does not name it ``mask_token``;
+    this registers it (no new token is added) so that ``tokenizer.mask_token_id`` works. Raises ``ValueError``
+    when the tokenizer has neither a mask token nor ``mask_token`` in its vocabulary.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.mask_token_id is None:
+        get_mask_token_id(tokenizer, mask_token)
+        tokenizer.add_special_tokens({"mask_token": mask_token})
+    return tokenizer
+
+
+def get_mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str = LLADA_MASK_TOKEN) -> int:
+    """The mask token's id: ``tokenizer.mask_token_id``, else the id of ``mask_token`` in the vocabulary."""
+    if tokenizer.mask_token_id is not None:
+        return int(tokenizer.mask_token_id)
+    token_id = tokenizer.get_vocab().get(mask_token)
+    if token_id is None:
+        raise ValueError(
+            f"the tokenizer has no mask token: tokenizer.mask_token is not set and {mask_token!r} is not in "
+            f"its vocabulary (LLaDA's is {LLADA_MASK_TOKEN!r}, id 126336); a masked diffusion LM needs one"
+        )
+    return int(token_id)
+
+
+def _special_id(tokenizer: PreTrainedTokenizerBase, token: str, role: str) -> int:
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {token!r} token ({role}); is this LLaDA's tokenizer?")
+    return int(token_id)
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token (LLaDA's is '<|endoftext|>')")
+    return int(tokenizer.eos_token_id)
+
+
+def _check_messages(messages, name: str) -> list[dict]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{name} must be a non-empty list of {{'role', 'content'}} messages")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, Mapping)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ValueError(f"{name}[{i}] must be a {{'role': str, 'content': str}} message, got {m!r}")
+    return [dict(m) for m in messages]
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt, *, chat_template: bool = True) -> str:
+    """The prompt text: the chat template applied to ``prompt`` (a string is one user message), ending with
+    the assistant header; with ``chat_template=False``, the string prompt as is."""
+    if not chat_template:
+        if not isinstance(prompt, str):
+            raise ValueError("chat_template=False needs a string prompt, not messages")
+        return prompt
+    if tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat_template; pass chat_template=False for raw text prompts")
+    messages = (
+        [{"role": "user", "content": prompt}]
+        if isinstance(prompt, str)
+        else _check_messages(prompt, "prompt")
+    )
+    if messages[-1]["role"] == "assistant":
+        raise ValueError(
+            "the prompt's last message is from the assistant; the answer belongs in the response"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _response_text(response) -> str:
+    if isinstance(response, str):
+        return response
+    if isinstance(response, Mapping):
+        response = [response]
+    messages = _check_messages(response, "response")
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise ValueError(
+            f"the response must be one assistant message, got roles {[m['role'] for m in messages]}"
+        )
+    return messages[0]["content"]
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt,
+    response,
+    *,
+    max_length: int | None = None,
+    truncation: str = "error",
+    chat_template: bool = True,
+) -> dict[str, list]:
+    """Token ids of ``[prompt, response]`` and which of them are the response.
+
+    Returns ``{"input_ids": list[int], "response_mask": list[bool]}``; ``response_mask`` is True on the answer
+    tokens, ``<|eot_id|>`` and one EOS (see the module docstring for the EOS and truncation policies).
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATION}")
+    eos = _eos_id(tokenizer)
+    text = format_prompt(tokenizer, prompt, chat_template=chat_template)
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not chat_template and tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    answer = _response_text(response)
+    if chat_template:
+        answer = answer.strip()
+        end = [_special_id(tokenizer, EOT_TOKEN, "end of turn"), eos]
+    else:
+        end = [eos]
+    response_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + end
+
+    if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
+        total = len(prompt_ids) + len(response_ids)
+        if truncation == "error":
+            raise ValueError(
+                f"example has {total} tokens ({len(prompt_ids)} prompt + {len(response_ids)} response), "
+                f"more than max_length={max_length}; raise max_length or pass truncation='truncate'"
+            )
+        keep_bos = 1 if prompt_ids and prompt_ids[0] == tokenizer.bos_token_id else 0
+        if max_length <= keep_bos:
+            raise ValueError(f"max_length={max_length} leaves no room for the response")
+        overflow = total - max_length
+        drop = min(overflow, len(prompt_ids) - keep_bos)
+        prompt_ids = prompt_ids[:keep_bos] + prompt_ids[keep_bos + drop :]
+        overflow -= drop
+        if overflow:
+            response_ids = response_ids[: len(response_ids) - overflow]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "response_mask": [False] * len(prompt_ids) + [True] * len(response_ids),
+    }
+
+
+def split_example(example: Mapping) -> tuple[object, object]:
+    """``(prompt, response)`` of a TRL-style single-response example.
+
+    Accepts ``{"prompt", "completion"}`` or ``{"prompt", "response"}`` (strings or messages) and
+    ``{"messages": [..., assistant]}``.
+    """
+    if "messages" in example:
+        messages = _check_messages(example["messages"], "messages")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise ValueError(
+                "'messages' must end with an assistant message after at least one prompt message"
+            )
+        return messages[:-1], messages[-1]
+    for key in ("completion", "response"):
+        if "prompt" in example and key in example:
+            return example["prompt"], example[key]
+    raise ValueError(
+        f"example has keys {sorted(example)}; expected 'messages', or 'prompt' with 'completion'/'response'"
+    )
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, example: Mapping, **kwargs) -> dict[str, list]:
+    """:func:`encode_example` of a TRL-style example (see :func:`split_example`)."""
+    prompt, response = split_example(example)
+    return encode_example(tokenizer, prompt, response, **kwargs)
+
+
+def _implicit_prompt(chosen, rejected) -> tuple[list, list, list]:
+    chosen = _check_messages(chosen, "chosen")
+    rejected = _check_messages(rejected, "rejected")
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise ValueError("chosen and rejected share no prompt messages; give the prompt as example['prompt']")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def encode_preference(tokenizer: PreTrainedTokenizerBase, example: Mapping, **kwargs) -> dict[str, list]:
+    """Encode a TRL preference example (``prompt``, ``chosen``, ``rejected``; standard or conversational, or
+    conversational with an implicit prompt shared by ``chosen`` and ``rejected``).
+
+    Returns ``chosen_input_ids``, ``chosen_response_mask``, ``rejected_input_ids``, ``rejected_response_mask``
+    (lists, ready for ``datasets.Dataset.map``). Keyword arguments as in :func:`encode_example`.
+    """
+    if "chosen" not in example or "rejected" not in example:
+        raise ValueError(f"a preference example needs 'chosen' and 'rejected', got keys {sorted(example)}")
+    chosen, rejected = example["chosen"], example["rejected"]
+    if "prompt" in example:
+        prompt = example["prompt"]
+    elif isinstance(chosen, str) or isinstance(rejected, str):
+        raise ValueError("a standard (string) preference example needs an explicit 'prompt'")
+    else:
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    out = {}
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        enc = encode_example(tokenizer, prompt, response, **kwargs)
+        out[f"{name}_input_ids"] = enc["input_ids"]
+        out[f"{name}_response_mask"] = enc["response_mask"]
+    return out
+
+
+def collate(
+    examples: Sequence[Mapping],
+    pad_token_id: int,
+    *,
+    pad_to_multiple_of: int | None = None,
+    input_key: str = "input_ids",
+    mask_key: str = "response_mask",
+) -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into a batch.
+
+    Args:
+        examples: mappings with ``input_key`` (token ids) and ``mask_key`` (response mask) of equal lengths.
+        pad_token_id: the padding id (LLaDA: EOS, 126081; ``tokenizer.pad_token_id``).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+
+    Returns:
+        ``input_ids`` int64 [B, L], ``response_mask`` bool [B, L] (False on padding), ``attention_mask`` int64
+        [B, L] (1 on tokens, 0 on padding).
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    rows = []
+    for i, ex in enumerate(examples):
+        ids = torch.as_tensor(ex[input_key], dtype=torch.long).flatten()
+        resp = torch.as_tensor(ex[mask_key], dtype=torch.bool).flatten()
+        if ids.shape != resp.shape:
+            raise ValueError(
+                f"collate: example {i} has {ids.numel()} {input_key} but {resp.numel()} {mask_key}"
+            )
+        rows.append((ids, resp))
+    L = max(ids.numel() for ids, _ in rows)
+    if pad_to_multiple_of:
+        L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
+    B = len(rows)
+    input_ids = torch.full((B, L), int(pad_token_id), dtype=torch.long)
+    response_mask = torch.zeros((B, L), dtype=torch.bool)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    for b, (ids, resp) in enumerate(rows):
+        n = ids.numel()
+        input_ids[b, :n] = ids
+        response_mask[b, :n] = resp
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "response_mask": response_mask, "attention_mask": attention_mask}
