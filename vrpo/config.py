@@ -98,13 +98,10 @@ class VRPOConfig:
         "Maximum tokens of prompt + response (and the row length with --packing). Default: 4096 (toy: 64).",
         default=None,
     )
-    max_prompt_length: int | None = _help(
-        "Prompts longer than this keep their last tokens. Default: max_length // 2.", default=None
-    )
     truncation: str = _help(
-        "Over-long rows: 'truncate' (prompt from the left down to max_prompt_length, then the response from "
-        "the right), 'skip' (drop the row, counted in the logs) or 'error'.",
-        default="truncate",
+        "Pairs longer than max_length: 'skip' (drop the pair, counted in the logs), 'truncate' (the prompt "
+        "from the left, then the response from the right) or 'error'.",
+        default="skip",
     )
     on_bad_rows: str = _help(
         "Malformed rows (bad JSON or UTF-8, missing fields, wrong types, empty text, unknown roles): 'error' "
@@ -237,8 +234,6 @@ class VRPOConfig:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             changes["output_dir"] = f"outputs/vrpo-{'toy-' if self.toy else ''}{stamp}"
         out = dataclasses.replace(self, **changes)
-        if out.max_prompt_length is None:
-            out.max_prompt_length = out.max_length // 2
         if out.naive_dpo:
             out.n_t, out.n_yt, out.antithetic = 1, 1, False
         return out

@@ -189,74 +189,89 @@ def read_preference_rows(path: str, on_bad_rows: str = "error", stats: DataStats
     return rows
 
 
-@dataclass
-class Sequence:
-    """One tokenized sequence: ``ids`` int32 [L]; the response (the tokens that count) is
-    ``ids[start:end]``; anything after ``end`` is excluded from the ELBO but attended to."""
-
-    ids: np.ndarray
-    start: int
-    end: int
-
-
 class TokenizedPairs:
-    """Tokenized preference pairs in three flat int32 buffers (compact: no per-token Python objects).
+    """Tokenized preference pairs in flat buffers (compact: no per-token Python objects).
 
-    Pair ``i`` has a chosen and a rejected :class:`Sequence`; ``sources[i]`` says where it came from.
+    Pair ``i`` has a chosen and a rejected sequence, each ``(input_ids int32 [L], response_mask bool [L])``;
+    ``sources[i]`` says where the pair came from (file:line).
     """
 
     def __init__(self):
-        self._tokens: list[np.ndarray] = []
-        self._spans: list[tuple[int, int, int, int, int, int]] = []  # (c_off, c_len, c_start, c_end, r_...)
+        self._ids: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
+        self._spans: list[tuple[int, int, int, int]] = []  # (chosen offset, length, rejected offset, length)
         self._offset = 0
         self.sources: list[str] = []
-        self._flat: np.ndarray | None = None
 
-    def append(self, chosen: Sequence, rejected: Sequence, source: str):
-        spans = []
-        for seq in (chosen, rejected):
-            self._tokens.append(np.asarray(seq.ids, dtype=np.int32))
-            spans += [self._offset, len(seq.ids), seq.start, seq.end]
-            self._offset += len(seq.ids)
-        self._spans.append(tuple(spans))
+    def append(self, chosen_ids, chosen_mask, rejected_ids, rejected_mask, source: str):
+        span = []
+        for ids, mask in ((chosen_ids, chosen_mask), (rejected_ids, rejected_mask)):
+            ids, mask = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.bool_)
+            if ids.shape != mask.shape:
+                raise ValueError(f"{source}: {ids.size} token ids but {mask.size} response-mask entries")
+            self._ids.append(ids)
+            self._masks.append(mask)
+            span += [self._offset, ids.size]
+            self._offset += ids.size
+        self._spans.append(tuple(span))
         self.sources.append(source)
-        self._flat = None
 
-    def _buffer(self) -> np.ndarray:
-        if self._flat is None:
-            self._flat = np.concatenate(self._tokens) if self._tokens else np.zeros(0, np.int32)
-            self._tokens = [self._flat]
-        return self._flat
+    def _flat(self) -> tuple[np.ndarray, np.ndarray]:
+        if len(self._ids) != 1:  # consolidate once, then serve views
+            self._ids = [np.concatenate(self._ids) if self._ids else np.zeros(0, np.int32)]
+            self._masks = [np.concatenate(self._masks) if self._masks else np.zeros(0, np.bool_)]
+        return self._ids[0], self._masks[0]
 
     def __len__(self) -> int:
         return len(self._spans)
 
-    def pair(self, i: int) -> tuple[Sequence, Sequence]:
-        flat = self._buffer()
-        s = self._spans[i]
-        return tuple(Sequence(flat[o : o + n], a, b) for o, n, a, b in (s[0:4], s[4:8]))
+    def sequence(self, i: int, side: int) -> dict[str, np.ndarray]:
+        """``{"input_ids", "response_mask"}`` of pair ``i``'s chosen (side 0) or rejected (side 1)."""
+        ids, masks = self._flat()
+        offset, length = self._spans[i][2 * side : 2 * side + 2]
+        return {"input_ids": ids[offset : offset + length], "response_mask": masks[offset : offset + length]}
 
     def subset(self, indices) -> TokenizedPairs:
         out = TokenizedPairs()
         for i in indices:
-            out.append(*self.pair(i), self.sources[i])
+            c, r = self.sequence(i, 0), self.sequence(i, 1)
+            out.append(c["input_ids"], c["response_mask"], r["input_ids"], r["response_mask"], self.sources[i])
         return out
 
 
-def collate_sequences(seqs: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad sequences into a batch.
+def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str = "skip",
+                   stats: DataStats | None = None, progress: bool = True) -> TokenizedPairs:
+    """Tokenize validated rows with the chat template (:func:`vrpo.tokenization.encode_preference`).
 
-    Returns:
-        ``input_ids`` int64 [B, L] (padded with ``pad_id``), ``response_mask`` bool [B, L] (True on
-        each response span), ``attention_mask`` int64 [B, L] (0 on padding, which no token attends to).
+    Args:
+        rows: from :func:`read_preference_rows`.
+        max_length: tokens of prompt + response per sequence.
+        truncation: over-long pairs are ``"skip"``-ped (counted as ``too_long``), ``"truncate"``-d (the
+            prompt from the left, then the response from the right; counted as truncated) or an ``"error"``.
     """
-    L = max(len(s.ids) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    resp = torch.zeros(B, L, dtype=torch.bool)
-    attn = torch.zeros(B, L, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s.ids)] = torch.from_numpy(s.ids.astype(np.int64))
-        resp[b, s.start : s.end] = True
-        attn[b, : len(s.ids)] = 1
-    return {"input_ids": ids, "response_mask": resp, "attention_mask": attn}
+    from tqdm.auto import tqdm
+
+    from .tokenization import encode_preference
+
+    stats = stats if stats is not None else DataStats()
+    out = TokenizedPairs()
+    for row in tqdm(rows, desc="tokenizing", disable=not progress, mininterval=2):
+        example = {k: row[k] for k in FIELDS}
+        try:
+            enc = encode_preference(tokenizer, example, max_length=max_length, truncation="error")
+        except ValueError as e:
+            if "max_length" not in str(e):
+                raise DataError(f"{row.get('source', '?')}: {e}") from e
+            if truncation == "error":
+                raise DataError(f"{row.get('source', '?')}: {e}") from e
+            if truncation == "skip":
+                stats.skipped["too_long"] += 1
+                continue
+            enc = encode_preference(tokenizer, example, max_length=max_length, truncation="truncate")
+            stats.truncated += 1
+        out.append(enc["chosen_input_ids"], enc["chosen_response_mask"],
+                   enc["rejected_input_ids"], enc["rejected_response_mask"], row.get("source", "?"))
+    stats.kept = len(out)
+    if stats.skipped.get("too_long"):
+        logger.warning("skipped %d pairs longer than max_length=%d", stats.skipped["too_long"], max_length)
+    return out

@@ -81,6 +81,60 @@ def _check_finite(terms: torch.Tensor, n: int):
         )
 
 
+def masked_token_logprobs(
+    model: Callable,
+    noisy_ids: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    token_weight: torch.Tensor,
+    mask_token_id: int,
+    *,
+    model_kwargs: Mapping | None = None,
+    fused: bool | str = "auto",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The core of every ELBO: ``token_weight * log p(target)`` at the masked positions, 0 elsewhere.
+
+    Args:
+        model: callable ``[N, S] -> logits`` or a transformers LM (see the module docstring).
+        noisy_ids: int64 [N, S], the model input (masked positions hold the mask token).
+        targets: int64 [N, S], the clean tokens.
+        masked: bool [N, S], where a log-probability is wanted.
+        token_weight: float [N, S], the estimator weight of each position's sample.
+        model_kwargs: extra model inputs, already [N, ...].
+        fused, impl: see :func:`elbo_terms`.
+
+    Returns:
+        float32 [N, S].
+    """
+    N, S = noisy_ids.shape
+    split = fusable_head(model) if fused else None
+    if fused is True and split is None:
+        raise ValueError(f"fused=True needs a transformers LM with a plain nn.Linear head, got {type(model).__name__}")
+    if split is not None:
+        body, head = split
+        _check_mask_id(mask_token_id, head.weight.shape[0])
+        hidden = body(input_ids=noisy_ids, **(model_kwargs or {})).last_hidden_state
+        out = masked_linear_ce(
+            hidden.reshape(N * S, -1),
+            head.weight,
+            targets.reshape(-1),
+            token_weight.reshape(-1).float(),
+            masked.reshape(-1),
+            bias=head.bias,
+            impl=impl,
+        )
+        return out.view(N, S)
+    out = model(noisy_ids, **(model_kwargs or {}))
+    logits = out.logits if hasattr(out, "logits") else out
+    _check_mask_id(mask_token_id, logits.shape[-1])
+    rows, cols = masked.nonzero(as_tuple=True)
+    logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)
+    logp = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
+    result = torch.zeros(N, S, device=logp.device, dtype=torch.float32)
+    return result.index_put((rows, cols), logp * token_weight[rows, cols].float())
+
+
 def elbo_terms(
     model: Callable,
     input_ids: torch.Tensor,
@@ -114,39 +168,18 @@ def elbo_terms(
         )
     if (draw.masked & ~response_mask[:, None, :]).any():
         raise ValueError("draw.masked marks positions outside response_mask: draw it from this batch's mask")
-    split = fusable_head(model) if fused else None
-    if fused is True and split is None:
-        raise ValueError(f"fused=True needs a transformers LM with a plain nn.Linear head, got {type(model).__name__}")
-
-    ids = noisy_inputs(input_ids, draw.masked, mask_token_id).view(B * n, L)
-    kwargs = _repeat_rows(model_kwargs, n)
-    masked = draw.masked.reshape(B * n, L)
-    targets = input_ids[:, None, :].expand(B, n, L).reshape(B * n, L)
-    row_weight = draw.weight.float().reshape(B * n, 1).expand(B * n, L)
-
-    if split is not None:
-        body, head = split
-        _check_mask_id(mask_token_id, head.weight.shape[0])
-        hidden = body(input_ids=ids, **kwargs).last_hidden_state
-        per_token = masked_linear_ce(
-            hidden.reshape(B * n * L, -1),
-            head.weight,
-            targets.reshape(-1),
-            row_weight.reshape(-1),
-            masked.reshape(-1),
-            bias=head.bias,
-            impl=impl,
-        )
-        terms = per_token.view(B, n, L).sum(-1)
-    else:
-        out = model(ids, **kwargs)
-        logits = out.logits if hasattr(out, "logits") else out
-        _check_mask_id(mask_token_id, logits.shape[-1])
-        rows, cols = masked.nonzero(as_tuple=True)
-        logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)
-        logp = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
-        terms = torch.zeros(B * n, device=logp.device, dtype=torch.float32)
-        terms = terms.index_add(0, rows, logp * row_weight[rows, cols]).view(B, n)
+    per_token = masked_token_logprobs(
+        model,
+        noisy_inputs(input_ids, draw.masked, mask_token_id).view(B * n, L),
+        input_ids[:, None, :].expand(B, n, L).reshape(B * n, L),
+        draw.masked.reshape(B * n, L),
+        draw.weight.float().reshape(B * n, 1).expand(B * n, L),
+        mask_token_id,
+        model_kwargs=_repeat_rows(model_kwargs, n),
+        fused=fused,
+        impl=impl,
+    )
+    terms = per_token.view(B, n, L).sum(-1)
     _check_finite(terms, n)
     return terms
 

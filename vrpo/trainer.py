@@ -170,8 +170,10 @@ class VRPOTrainer:
         acc.register_for_checkpointing(self.scheduler)
         self.ref_elbo = None
         if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-            self.ref_elbo = acc.prepare_model(ELBOModule(ref_model, self.mask_token_id, fused, cfg.kernel_impl), evaluation_mode=True)
+            # Not handed to accelerate: it has no gradients to synchronise, and its frozen weights
+            # must not be written into every checkpoint. Under FSDP/DeepSpeed it stays whole per device.
+            ref_model.eval().requires_grad_(False).to(acc.device)
+            self.ref_elbo = ELBOModule(ref_model, self.mask_token_id, fused, cfg.kernel_impl)
         self.ref_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     # --- data order ---------------------------------------------------------------------------
@@ -194,10 +196,10 @@ class VRPOTrainer:
 
     def batch_of(self, pairs_data, items):
         """Collate chosen then rejected sequences of ``items`` = [(epoch, index)]: [2B, L] tensors."""
-        from .data import collate_sequences
+        from .tokenization import collate
 
-        seqs = [pairs_data.pair(i)[side] for side in (CHOSEN, REJECTED) for _, i in items]
-        batch = collate_sequences(seqs, self.pad_id)
+        seqs = [pairs_data.sequence(i, side) for side in (CHOSEN, REJECTED) for _, i in items]
+        batch = collate(seqs, self.pad_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def keyed_draw(self, batch, items, stream: str, plan: SamplingPlan | None = None):
