@@ -230,6 +230,24 @@ def test_triton_forward_only_keeps_nothing(monkeypatch):
     assert torch.equal(out, with_grad.detach()) and torch.equal(out_inf, out) and torch.equal(detached, out)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("wants", ["q", "kv", "v"])
+def test_triton_partial_gradients(wants):
+    """Only the needed backward kernels run; the gradients that are asked for are still exact."""
+    segment_ids = torch.tensor([[0] * 10 + [1] * 13 + [-1] * 3])
+    q, k, v = _inputs(1, 4, 2, 26, 16, torch.float32, seed=4, requires_grad=False)
+    leaves = {"q": q, "k": k, "v": v}
+    for name in wants:
+        leaves[name].requires_grad_()
+    out = bidirectional_attention(q, k, v, segment_ids, impl="triton")
+    ref = attention_reference(q, k, v, segment_ids)
+    inputs = [leaves[name] for name in wants]
+    got = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    want = torch.autograd.grad(ref, inputs, torch.ones_like(ref))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------
 # Segment layout
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +272,22 @@ def test_segment_layout_matches_brute_force(rows):
             for j, y in enumerate(row):
                 assert (seg[b, i] == seg[b, j]) == (y == x)
             assert seg[b, i] >= 0
+
+
+def test_segment_layout_is_computed_once_per_tensor():
+    """Layers share one segment_ids tensor; its layout is reused until the tensor changes in place."""
+    from vrpo_kernels.attention import _kernel_segments
+
+    segment_ids = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    first = _kernel_segments(segment_ids, 1, 6, segment_ids.device)
+    assert _kernel_segments(segment_ids, 1, 6, segment_ids.device) is first
+    segment_ids[0, 1] = 1
+    changed = _kernel_segments(segment_ids, 1, 6, segment_ids.device)
+    assert changed is not first
+    for got, want in zip(changed, segment_layout(segment_ids)):
+        assert torch.equal(got, want)
+    equal_copy = segment_ids.clone()
+    assert _kernel_segments(equal_copy, 1, 6, segment_ids.device) is not changed
 
 
 @pytest.mark.interpreter

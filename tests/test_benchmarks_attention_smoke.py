@@ -39,3 +39,41 @@ def test_toy_benchmark_runs_and_is_correct():
     table = bench.format_table(rows)
     assert table.count("\n") == len(rows) and "float64 reference" in table
     assert torch.tensor([r["tflops"] for r in rows]).gt(0).all()
+
+
+def test_flash_attn_packing_round_trip(monkeypatch):
+    """The flash-attn row's glue (pack to [total, H, D], cu_seqlens, unpack), with a stand-in kernel.
+
+    flash-attn needs a GPU; the stand-in runs each cu_seqlens segment through SDPA on the CPU, so the
+    packing and unpacking the GPU benchmark relies on is checked here against the float64 reference.
+    """
+    import sys
+    import types
+
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        assert not causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+        calls.append(cu_q.tolist())
+        outs = []
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            assert b - a <= max_q
+            seg = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]  # [1, H, n, D]
+            outs.append(torch.nn.functional.scaled_dot_product_attention(*seg)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen))
+    segment_ids = bench.packed_segments(2, 30, 3, 9, seed=2)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 3, 30, 16, generator=g) for _ in range(4))
+    leaves, forward, grad_out, unpack = bench._flash_attn_impl(q, k, v, grad, segment_ids)
+    out = forward()
+    out.backward(grad_out)
+    lengths = torch.tensor([n for row in bench.segment_runs(segment_ids) for _, n in row])
+    assert calls[0] == [0] + lengths.cumsum(0).tolist()
+    ref_leaves = [t.clone().double().requires_grad_() for t in (q, k, v)]
+    ref = bench.attention_reference(*ref_leaves, segment_ids)
+    ref.backward(grad.double())
+    torch.testing.assert_close(unpack(out.detach()).double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        torch.testing.assert_close(unpack(leaf.grad).double(), ref_leaf.grad, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -196,14 +197,28 @@ def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return seg, lo, hi
 
 
+# The last segment_ids tensor seen and its layout: every layer of a model gets the same tensor, so
+# the layout is computed once per batch, not once per layer. Keyed on the object (held weakly) and
+# its version counter, so that an in-place change is noticed.
+_last_layout: tuple = (None, -1, None)
+
+
 def _kernel_segments(segment_ids, B, S, device):
     """(seg, lo, hi) for the kernels; None means one segment per row."""
+    global _last_layout
     if segment_ids is None:
         seg = torch.zeros(B, S, dtype=torch.int32, device=device)
         lo = torch.zeros(B, S, dtype=torch.int32, device=device)
         hi = torch.full((B, S), S, dtype=torch.int32, device=device)
         return seg, lo, hi
-    return segment_layout(segment_ids)
+    if segment_ids.is_inference():  # inference tensors have no version counter
+        return segment_layout(segment_ids)
+    ref, version, layout = _last_layout
+    if ref is not None and ref() is segment_ids and version == segment_ids._version:
+        return layout
+    layout = segment_layout(segment_ids)
+    _last_layout = (weakref.ref(segment_ids), segment_ids._version, layout)
+    return layout
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,6 +226,17 @@ def _kernel_segments(segment_ids, B, S, device):
 # --------------------------------------------------------------------------------------------------
 
 if triton is not None:
+
+    @triton.jit
+    def _grid_position(S, BLOCK: tl.constexpr):
+        """(tile index along the sequence, flat batch*head index) of this program in a 1-D grid.
+
+        The tile index varies fastest, so programs that run together share one head's K/V in L2;
+        a 1-D grid also lifts CUDA's 65535 limit on the second grid axis (large B * H).
+        """
+        n_tiles = tl.cdiv(S, BLOCK)
+        pid = tl.program_id(0)
+        return pid % n_tiles, pid // n_tiles
 
     @triton.jit
     def _load_rows(base, offs_s, offs_d, stride_s, S, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -240,14 +266,13 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         STORE_LSE: tl.constexpr,
     ):
-        """One program: BLOCK_M queries of one (batch, query head). Grid (cdiv(S, BLOCK_M), B * H).
+        """One program: BLOCK_M queries of one (batch, query head); cdiv(S, BLOCK_M) * B * H programs.
 
         qk_scale = softmax scale * log2(e): the softmax runs in base 2 (exp2 is the native unit).
         LSE (float32 [B, H, S], base 2, only if STORE_LSE) is +inf for a query with no key (padding),
         so that exp2(score - LSE) = 0 in the backward pass.
         """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = _grid_position(S, BLOCK_M)
         b = pid_bh // H
         h = pid_bh % H
         hk = h // GROUP
@@ -305,8 +330,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         """DELTA[b, h, i] = sum_d OUT * DO (float32 [B, H, S]): the softmax-backward row term."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_m, pid_bh = _grid_position(S, BLOCK_M)
         b = pid_bh // H
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -336,13 +360,12 @@ if triton is not None:
         S, H, GROUP, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One program: BLOCK_N keys of one (batch, KV head). Grid (cdiv(S, BLOCK_N), B * H // GROUP).
+        """One program: BLOCK_N keys of one (batch, KV head); cdiv(S, BLOCK_N) * B * H/GROUP programs.
 
         Works on the transposed scores (keys x queries), so that P^T and dS^T come out of the
         matmuls directly. DK and DV share one layout (both are fresh contiguous tensors).
         """
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_n, pid_bh = _grid_position(S, BLOCK_N)
         n_kv_heads = H // GROUP
         b = pid_bh // n_kv_heads
         hk = pid_bh % n_kv_heads
@@ -400,9 +423,8 @@ if triton is not None:
         S, H, GROUP, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One program: BLOCK_M queries of one (batch, query head). Grid (cdiv(S, BLOCK_M), B * H)."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        """One program: BLOCK_M queries of one (batch, query head); cdiv(S, BLOCK_M) * B * H programs."""
+        pid_m, pid_bh = _grid_position(S, BLOCK_M)
         b = pid_bh // H
         h = pid_bh % H
         hk = h // GROUP
@@ -504,8 +526,8 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
-    """The tile configuration the Triton path uses for this head dim, dtype and device."""
+def attention_config(head_dim: int, device: torch.device) -> AttentionConfig:
+    """The tiles the Triton path uses for this head dim on this device (float16/bfloat16 on a GPU)."""
     if interpreting() or device.type != "cuda":
         return _INTERPRETER_CONFIG
     major, _ = torch.cuda.get_device_capability(device)
@@ -524,10 +546,10 @@ def _last_dim_contiguous(t):
 def _flash_forward(q, k, v, seg, lo, hi, scale, store_lse, config=None):
     """Launch _attn_fwd. Returns (out [B, Hq, S, D] in q's dtype, lse float32 [B, Hq, S] or None)."""
     B, H, S, D = q.shape
-    cfg = (config or attention_config(D, q.dtype, q.device)).fwd
+    cfg = (config or attention_config(D, q.device)).fwd
     out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device) if store_lse else None
-    grid = (triton.cdiv(S, cfg.block_m), B * H)
+    grid = (triton.cdiv(S, cfg.block_m) * B * H,)
     _attn_fwd[grid](
         q, k, v, seg, lo, hi, out, lse if store_lse else out.new_empty(0, dtype=torch.float32),
         q.stride(0), q.stride(1), q.stride(2),
@@ -542,28 +564,39 @@ def _flash_forward(q, k, v, seg, lo, hi, scale, store_lse, config=None):
     return out, lse
 
 
-def _flash_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config=None):
-    """Launch the three backward kernels. Returns dq, dk, dv (fresh contiguous, inputs' dtype)."""
+def _flash_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config=None, need_dq=True, need_dkdv=True):
+    """Launch the backward kernels: delta, then dK/dV and dQ (each only if needed).
+
+    Returns dq, dk, dv: fresh contiguous tensors in the inputs' dtype, None where not needed.
+    """
     B, H, S, D = q.shape
-    group = H // k.shape[1]
-    cfgs = config or attention_config(D, q.dtype, q.device)
-    block_d = _block_d(D)
+    cfgs = config or attention_config(D, q.device)
 
     delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     c = cfgs.delta
-    _attn_bwd_delta[(triton.cdiv(S, c.block_m), B * H)](
+    _attn_bwd_delta[(triton.cdiv(S, c.block_m) * B * H,)](
         out, do, delta,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         S, H,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
 
+    dq = dk = dv = None
+    if need_dkdv:
+        dk, dv = _launch_dkdv(q, k, v, do, lse, delta, seg, lo, hi, scale, cfgs.dkdv)
+    if need_dq:
+        dq = _launch_dq(q, k, v, do, lse, delta, seg, lo, hi, scale, cfgs.dq)
+    return dq, dk, dv
+
+
+def _launch_dkdv(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
+    B, H, S, D = q.shape
+    group = H // k.shape[1]
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    c = cfgs.dkdv
-    _attn_bwd_dkdv[(triton.cdiv(S, c.block_n), B * (H // group))](
+    _attn_bwd_dkdv[(triton.cdiv(S, c.block_n) * B * (H // group),)](
         q, k, v, do, lse, delta, seg, lo, hi, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -571,24 +604,27 @@ def _flash_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config=None):
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         S, H, group, scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
+    return dk, dv
 
+
+def _launch_dq(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
+    B, H, S, D = q.shape
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    c = cfgs.dq
-    _attn_bwd_dq[(triton.cdiv(S, c.block_m), B * H)](
+    _attn_bwd_dq[(triton.cdiv(S, c.block_m) * B * H,)](
         q, k, v, do, lse, delta, seg, lo, hi, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        S, H, group, scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        S, H, H // k.shape[1], scale * _LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
-    return dq, dk, dv
+    return dq
 
 
 class FlashAttentionFunction(torch.autograd.Function):
@@ -606,7 +642,9 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse, seg, lo, hi = ctx.saved_tensors
         do = _last_dim_contiguous(do)
-        dq, dk, dv = _flash_backward(do, q, k, v, out, lse, seg, lo, hi, ctx.scale, ctx.config)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = _flash_backward(do, q, k, v, out, lse, seg, lo, hi, ctx.scale, ctx.config,
+                                     need_dq=need_q, need_dkdv=need_k or need_v)
         return dq, dk, dv, None, None, None, None, None
 
 
