@@ -235,10 +235,12 @@ def run(toy=False, device=None, shape=None, seed=0, reps=None):
             peak_extra_bytes=None, max_err_out=err_out, max_err_grad=err_grad,
             tflops=flops / (median * 1e-3) / 1e12,
         ))
-        steps.append(step)
+        steps.append((step, leaves))
 
     # Memory after all timings: the CPU profiler slows down the operators that run after it.
-    for row, step in zip(rows, steps):
+    for row, (step, leaves) in zip(rows, steps):
+        for leaf in leaves:  # so that freeing the last gradients does not offset the new ones
+            leaf.grad = None
         if on_gpu:
             row["peak_extra_bytes"] = _peak_memory_cuda(step)
         elif not row["implementation"].startswith("triton (interpreter)"):
