@@ -452,6 +452,7 @@ class VRPOTrainer:
         if self.is_main:
             atomic_write_text(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=1))
         log.close()
+        acc.end_training()
         return summary
 
     def save_checkpoint(self, step: int, st: dict, ref_eval):
