@@ -189,3 +189,22 @@ def test_unbiasedness_check_has_power_against_a_wrong_weight():
     samples = elbo_estimate(model, ids_k, resp_k, draw, model.mask_token_id).double().view(2, 3000)
     with pytest.raises(AssertionError):
         assert_unbiased(samples, exact)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_terms_equal_unpacked_terms(backend, fused):
+    from vrpo.elbo import packed_elbo_terms
+    from vrpo.models import build_tiny_llada
+
+    model = build_tiny_llada(seed=3, vocab_size=128, attn_implementation=backend)
+    ids, resp = toy_batch([3, 1, 5], [4, 3, 2], vocab=100, seed=4, pad_to=11)  # ragged: 7, 4, 7 tokens
+    lengths = torch.tensor([7, 4, 7])
+    attention = (torch.arange(11)[None] < lengths[:, None]).long()
+    draw = draw_masks(resp, SamplingPlan(n_t=3, n_yt=2), generator=torch.Generator().manual_seed(0))
+    mask_id = model.config.mask_token_id
+    plain = elbo_terms(model, ids, resp, draw, mask_id, model_kwargs={"attention_mask": attention}, fused=fused, impl="torch")
+    packed = packed_elbo_terms(model, ids, resp, draw, mask_id, lengths=lengths, row_length=16, fused=fused, impl="torch")
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit rows"):
+        packed_elbo_terms(model, ids, resp, draw, mask_id, lengths=lengths, row_length=6)

@@ -210,3 +210,11 @@ def test_help_explains_every_field():
     for field in dataclasses.fields(VRPOConfig):
         assert f"--{field.name}" in result.stdout
         assert field.metadata.get("help"), field.name
+
+
+def test_packed_training_matches_unpacked(tmp_path):
+    plain = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, output_dir=str(tmp_path / "plain"))).train()
+    packed = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, packing=True, output_dir=str(tmp_path / "packed"))).train()
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "packed")
+    torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-4, atol=1e-5)
+    assert packed["pref_acc_after"] == pytest.approx(plain["pref_acc_after"])
