@@ -388,6 +388,9 @@ def linear_ce_triton_forward(h, weight, bias, targets):
     """Triton forward on gathered rows (h and weight of one dtype, contiguous). Returns (logp, lse) fp32 [n]."""
     n, K = h.shape
     V = weight.shape[0]
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=h.device)
+        return empty, empty.clone()
     cfg = _config("forward", h.dtype, h.device)
     bm, bv = cfg["BLOCK_M"], cfg["BLOCK_V"]
     m_blocks = triton.cdiv(n, bm)
@@ -412,6 +415,12 @@ def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(T
     g = grad_logp.float().contiguous()
     b_arg = bias if bias is not None else h
     dh = dw = db = None
+    if n == 0:
+        return (
+            torch.zeros_like(h) if need_h else None,
+            torch.zeros_like(weight) if need_w else None,
+            torch.zeros_like(bias) if need_b else None,
+        )
     if need_h:
         cfg = _config("grad_hidden", h.dtype, h.device)
         m_blocks = triton.cdiv(n, cfg["BLOCK_M"])
