@@ -226,6 +226,7 @@ def test_row_weight_gradient():
         (dict(row_weight=torch.ones(5)), "row_weight must be"),
         (dict(row_mask=torch.ones(5, dtype=torch.bool)), "row_mask"),
         (dict(row_mask=torch.tensor([0, 7])), "row_mask indexes rows outside"),
+        (dict(row_mask=torch.tensor([1, 1])), "more than once"),
         (dict(row_mask=torch.ones(4)), "row_mask must be"),
         (dict(bias=torch.zeros(19)), "bias must be"),
         (dict(impl="cuda"), "impl="),

@@ -222,8 +222,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
 # run; vrpo relies on reproducible runs (same seed, same numbers) to compare policy and reference and
 # to debug training. With each output element owned by exactly one program, accumulation is
 # race-free and deterministic. The price is one extra recompute of the logit tiles (five matmul
-# passes instead of four) and the [splits, n, H] fp32 partial buffer, which is only needed (splits > 1)
-# when n is small enough that it is cheap. dW needs no split: V / BLOCK_V programs are plenty.
+# passes instead of four) and the [splits, n, H] fp32 partial buffer, used (splits > 1) only when there
+# are too few row blocks to fill the GPU, and capped at _PARTIAL_BYTES. dW needs no split:
+# V / BLOCK_V programs are plenty.
 
 if triton_available():
     import triton
@@ -373,13 +374,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _vocab_split(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(splits, tiles per split): enough programs to fill the GPU (about 4 per SM), every split non-empty."""
+# Cap on the fp32 [splits, n, H] partial buffer of the d_hidden pass: past it, fewer splits (and a less
+# full GPU) rather than memory that grows with n.
+_PARTIAL_BYTES = 256 << 20
+
+
+def _vocab_split(n_row_blocks: int, n_tiles: int, device: torch.device, bytes_per_split: int = 0) -> tuple[int, int]:
+    """(splits, tiles per split): enough programs to fill the GPU (about 4 per SM), every split non-empty,
+    and at most ``_PARTIAL_BYTES`` of partial buffers when each split needs ``bytes_per_split``."""
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: still exercise the split and merge logic
     splits = max(1, min(n_tiles, -(-target // n_row_blocks)))
+    if bytes_per_split:
+        splits = max(1, min(splits, _PARTIAL_BYTES // bytes_per_split))
     per_split = -(-n_tiles // splits)
     return -(-n_tiles // per_split), per_split
 
@@ -424,7 +433,7 @@ def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(T
     if need_h:
         cfg = _config("grad_hidden", h.dtype, h.device)
         m_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-        splits, per_split = _vocab_split(m_blocks, triton.cdiv(V, cfg["BLOCK_V"]), h.device)
+        splits, per_split = _vocab_split(m_blocks, triton.cdiv(V, cfg["BLOCK_V"]), h.device, n * K * 4)
         part = torch.zeros(splits, n, K, dtype=torch.float32, device=h.device)
         _grad_hidden_kernel[(m_blocks, splits)](
             h, weight, b_arg, targets, lse, g, part, n, V, K, h.stride(0), weight.stride(0), per_split,
@@ -483,6 +492,8 @@ def _selected_rows(row_mask: torch.Tensor, n: int) -> torch.Tensor:
     rows = row_mask.long()
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
         raise ValueError(f"masked_linear_ce: row_mask indexes rows outside [0, {n})")
+    if rows.numel() > 1 and torch.unique(rows).numel() != rows.numel():
+        raise ValueError("masked_linear_ce: row_mask, an index of rows, lists a row more than once")
     return rows
 
 
