@@ -110,12 +110,17 @@ def test_triton_vocab_splits_with_padding_tiles():
     check("triton", torch.float32, 5, 9, 200)
 
 
-def test_torch_path_across_row_and_vocab_chunks(monkeypatch):
+@pytest.mark.parametrize("gemm", ["onednn", "torch.mm"])
+def test_torch_path_across_row_and_vocab_chunks(monkeypatch, gemm):
+    if gemm == "onednn" and not mlce._onednn_gemm_available():
+        pytest.skip("this torch build has no oneDNN fp32 GEMM; the torch.mm case covers the path")
+    monkeypatch.setattr(mlce, "_ONEDNN", gemm == "onednn")
     monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
     monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
     assert mlce._chunks(15, 700) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
     for dtype in (torch.float32, torch.bfloat16):
-        check("torch", dtype, 15, 11, 700)
+        for bias in (True, False):
+            check("torch", dtype, 15, 11, 700, bias=bias)
 
 
 @settings(max_examples=12)
