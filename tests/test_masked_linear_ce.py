@@ -279,3 +279,22 @@ def test_elbo_through_the_triton_kernel_matches_generic_path():
     torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-5)
     for a, c in zip(g_fused, g_generic):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_huge_logits_in_a_late_vocab_chunk(monkeypatch, impl):
+    # The torch path shifts each chunk by the running log-sum-exp; a logit ~300 above it in the last
+    # chunk overflows that shift and must take the max-shifted path. Logits are large but finite.
+    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
+    hidden, weight, b, targets, row_weight, mask, cot = make_inputs(6, 8, 600, torch.float32, select=1.0)
+    weight[590] = hidden[2] / hidden[2].norm() ** 2 * 300  # row 2's logit for token 590 is ~300
+    weight[5] = -hidden[3] / hidden[3].norm() ** 2 * 300  # and a very negative one early on
+    targets[2], targets[4] = 590, 590
+    args = (hidden, weight, b, targets, row_weight, mask, cot)
+    ref_out, ref_grads = reference64(*args)
+    out, grads = run(impl, *args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-3, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=1e-3, rtol=1e-4)

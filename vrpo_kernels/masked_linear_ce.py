@@ -47,9 +47,15 @@ def masked_linear_ce_eager(hidden, weight, targets, row_weight, row_mask, bias=N
 # Chunked PyTorch path (the CPU path)
 # --------------------------------------------------------------------------------------------------
 
-# Elements of one [rows, vocab] logits chunk: 8M fp32 = 32 MB, small next to the head weight itself
-# and large enough that each chunk's matmul runs at full BLAS speed.
+# Elements of one [vocab, rows] logits chunk: 8M fp32 = 32 MB, a quarter of a 256-wide head weight at
+# LLaDA's vocabulary. On this shared 2-core machine every parallel op pays for OpenMP barriers that
+# stall whenever another process holds a core, so fewer, larger chunks win: measured interleaved, 4M
+# took ~1.3x as long as 8M, and 16M was no faster than 8M while using 32 MB more.
 _CHUNK_ELEMS = 1 << 23
+# Logits are scaled by log2(e) inside the GEMM so that the chunk passes use exp2, several times faster
+# than exp on this CPU (torch's vectorised exp2 vs exp, same 1-ulp accuracy class).
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 _MAX_CHUNK_ROWS = 2048
 
 
@@ -60,12 +66,13 @@ def _chunks(n: int, vocab: int) -> tuple[int, int]:
     return rows, min(cols, vocab)
 
 
-# The chunk matmuls are nearly the whole cost of this path: four [rows x H x vocab] products per
-# forward + backward. On x86 CPUs oneDNN's fp32 GEMM (what torch.compile uses for packed linears)
-# runs at about twice the speed of torch.mm's MKL sgemm on this machine's AMD cores (measured: ~100-150
-# vs ~50-65 GFLOP/s side by side under the same load), at fp32 accuracy, and it reads transposed
-# operands in place. It is reached through a private op, so it is probed once (against torch.mm, with
-# transposed views) and torch.mm is the fallback. VRPO_CPU_GEMM=mkl forces the fallback.
+# The chunk GEMMs are most of the cost of this path: four [rows x H x vocab] products per forward +
+# backward. On x86 CPUs oneDNN's fp32 GEMM (what torch.compile uses for packed linears) runs at about
+# twice the speed of torch.mm's MKL sgemm on this machine's AMD cores (measured side by side under the
+# same load: ~100-150 vs ~50-65 GFLOP/s), at fp32 accuracy; it reads transposed operands in place and
+# adds a per-column bias in the same pass. It is reached through a private op, so it is probed once
+# (against torch.addmm, with transposed views) and torch.addmm is the fallback. VRPO_CPU_GEMM=mkl
+# forces the fallback.
 _ONEDNN: bool | None = None
 
 
@@ -76,64 +83,71 @@ def _onednn_gemm_available() -> bool:
         if os.environ.get("VRPO_CPU_GEMM", "onednn") != "mkl":
             try:
                 g = torch.Generator().manual_seed(0)
-                a, b = torch.randn(37, 19, generator=g), torch.randn(23, 19, generator=g)
+                a, b, c = torch.randn(37, 19, generator=g), torch.randn(23, 19, generator=g), torch.randn(23, generator=g)
                 a_t, b_t = torch.randn(19, 37, generator=g).T, torch.randn(19, 23, generator=g).T
-                pairs = ((a, b), (a_t, b), (a, b_t), (a_t, b_t))
-                _ONEDNN = all(torch.allclose(_onednn_nt(x, w), x @ w.T, rtol=1e-5, atol=1e-5) for x, w in pairs)
+                acc = torch.randn(37, 23, generator=g)
+                _ONEDNN = all(
+                    torch.allclose(_onednn_linear(x, w, bias), x @ w.T + (0 if bias is None else bias), rtol=1e-5, atol=1e-5)
+                    for x, w, bias in ((a, b, None), (a_t, b, None), (a, b_t, c), (a_t, b_t, c))
+                ) and torch.allclose(_onednn_linear_add(a_t, b_t, acc), acc + a_t @ b_t.T, rtol=1e-5, atol=1e-5)
             except Exception:  # no oneDNN in this build, or the private op changed
                 _ONEDNN = False
     return _ONEDNN
 
 
-def _onednn_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+def _onednn_linear(x, w, bias):
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` for fp32 matrices (transposed views welcome). oneDNN allocates its result; the
-    torch.mm fallback writes into ``out`` when given."""
-    if a.device.type == "cpu" and _onednn_gemm_available():
+def _onednn_linear_add(x, w, acc):
+    return torch.ops.mkldnn._linear_pointwise.binary(x, acc, w, None, "add")
+
+
+def _linear_add(x: torch.Tensor, w: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """``acc + x @ w.T`` as a new tensor, the addition fused into the GEMM."""
+    if x.device.type == "cpu" and _onednn_gemm_available():
         try:
-            return _onednn_nt(a, b.T)
-        except RuntimeError:  # a layout oneDNN rejects (exotic strides): torch.mm takes anything
+            return _onednn_linear_add(x, w, acc)
+        except RuntimeError:
             pass
-    return torch.mm(a, b, out=out) if out is not None else a @ b
+    return torch.addmm(acc, x, w.T)
 
 
-class _Workspace:
-    """Reusable fp32 buffers: fresh large allocations page-fault on every call, so each chunk
-    writes into the same memory where the GEMM allows it."""
-
-    def __init__(self, rows: int, cols: int, hidden_size: int, weight_dtype: torch.dtype, device):
-        self.size, self.device = rows * cols, device
-        self.logits = None  # only the torch.mm fallback writes into it, allocated on first use
-        # Low-precision weights are upcast one chunk at a time so that the GEMMs accumulate in fp32.
-        self.weight = None
-        if weight_dtype != torch.float32:
-            self.weight = torch.empty(cols * hidden_size, dtype=torch.float32, device=device)
-
-    def logits_view(self, rows: int, cols: int) -> torch.Tensor | None:
-        if self.device.type == "cpu" and _onednn_gemm_available():
-            return None
-        if self.logits is None:
-            self.logits = torch.empty(self.size, dtype=torch.float32, device=self.device)
-        return self.logits[: rows * cols].view(rows, cols)
-
-    def weight_chunk(self, weight: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
-        chunk = weight[v0:v1]
-        if self.weight is None:
-            return chunk
-        out = self.weight[: chunk.numel()].view(chunk.shape)
-        return out.copy_(chunk)
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T (+ bias)``, bias per output column: fp32 matrices, transposed views welcome."""
+    if x.device.type == "cpu" and _onednn_gemm_available():
+        try:
+            return _onednn_linear(x, w, bias)
+        except RuntimeError:  # a layout oneDNN rejects (exotic strides): torch.addmm takes anything
+            pass
+    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
 
 
-def _chunk_logits(ws: _Workspace, h: torch.Tensor, weight, bias, v0: int, v1: int):
-    """fp32 logits [rows, v1 - v0] of fp32 rows ``h``, and the fp32 weight chunk."""
-    w = ws.weight_chunk(weight, v0, v1)
-    z = _mm(h, w.T, out=ws.logits_view(h.shape[0], v1 - v0))
-    if bias is not None:
-        z.add_(bias[v0:v1])
-    return z, w
+class _WeightChunks:
+    """fp32 chunks of the head weight (and bias): low-precision weights are upcast one chunk at a time,
+    into one reused buffer, so that the GEMMs accumulate in fp32 without an fp32 copy of the head."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, cols: int, scale: float = 1.0):
+        self.weight, self.bias, self.scale = weight, bias, scale
+        self.buf = None
+        if weight.dtype != torch.float32:
+            self.buf = torch.empty(cols * weight.shape[1], dtype=torch.float32, device=weight.device)
+
+    def __call__(self, v0: int, v1: int):
+        w = self.weight[v0:v1]
+        if self.buf is not None:
+            w = self.buf[: w.numel()].view(w.shape).copy_(w)
+        b = self.bias[v0:v1].float() * self.scale if self.bias is not None else None
+        return w, b
+
+
+def _shifted_logits_t(w, b, h, shift):
+    """fp32 [vocab, rows]: ``h @ w.T + b`` transposed, minus a per-row ``shift`` (or None). The callers
+    pass ``h`` and ``b`` pre-scaled by log2(e), so these are base-2 logits."""
+    zt = _linear(w, h, None if shift is None else -shift)  # the shift is a per-column bias of z^T
+    if b is not None:
+        zt.add_(b[:, None])
+    return zt
 
 
 def _target_logits(h32: torch.Tensor, weight, bias, targets) -> torch.Tensor:
@@ -144,6 +158,20 @@ def _target_logits(h32: torch.Tensor, weight, bias, targets) -> torch.Tensor:
     return z
 
 
+def _chunk_lse2(w, b, h2, running):
+    """Base-2 log-sum-exp over the chunk's vocabulary per row, fp32 [rows], for base-2 logits; shifted
+    by ``running`` (the base-2 log-sum-exp of the chunks so far, or None for the first chunk)."""
+    if running is not None:
+        # Shifting by the running log-sum-exp keeps every exp2 <= 2^127 unless this chunk holds a logit
+        # that far above everything seen so far; only then (a non-finite sum) take the max-shifted path.
+        s = _shifted_logits_t(w, b, h2, running).exp2_().sum(dim=0)
+        if bool(torch.isfinite(s).all()):
+            return running + s.log2()
+    zt = _shifted_logits_t(w, b, h2, None)
+    top = zt.amax(dim=0)
+    return top + zt.sub_(top).exp2_().sum(dim=0).log2()
+
+
 def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets):
     """Streamed forward on gathered rows. h [n, H] (any float dtype), weight [V, H], bias [V] or None,
     targets int64 [n]. Returns ``(logp, lse)``, both fp32 [n]."""
@@ -152,21 +180,16 @@ def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets):
     if n == 0:
         return lse, lse.clone()
     rows, cols = _chunks(n, V)
-    ws = _Workspace(rows, cols, h.shape[1], weight.dtype, h.device)
-    bias32 = bias.float() if bias is not None else None
+    chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
     h32 = h.float()
+    h2 = h32 * _LOG2E
     for r0 in range(0, n, rows):
-        hr = h32[r0 : r0 + rows]
-        run_max = torch.full((hr.shape[0],), -math.inf, dtype=torch.float32, device=h.device)
-        run_sum = torch.zeros(hr.shape[0], dtype=torch.float32, device=h.device)
+        running = None
         for v0 in range(0, V, cols):
-            z, _ = _chunk_logits(ws, hr, weight, bias32, v0, min(V, v0 + cols))
-            new_max = torch.maximum(run_max, z.amax(dim=1))
-            run_sum.mul_(torch.exp(run_max - new_max))
-            run_sum.add_(z.sub_(new_max[:, None]).exp_().sum(dim=1))
-            run_max = new_max
-        lse[r0 : r0 + rows] = run_max + run_sum.log()
-    return _target_logits(h32, weight, bias32, targets) - lse, lse
+            part = _chunk_lse2(*chunk(v0, min(V, v0 + cols)), h2[r0 : r0 + rows], running)
+            running = part if running is None else torch.logaddexp2(running, part)
+        lse[r0 : r0 + rows] = running * _LN2
+    return _target_logits(h32, weight, bias, targets) - lse, lse
 
 
 def _accumulate(out: torch.Tensor, part: torch.Tensor, first: bool):
@@ -182,8 +205,9 @@ def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, needs=(Tr
 
     With ``P = softmax`` and ``g = grad_logp``: ``dZ = g * (onehot - P)``, so
     ``d_h = g * (W[y] - P @ W)``, ``d_W = P^T @ (-g * h) + scatter(y, g * h)``,
-    ``d_b = P^T @ (-g) + scatter(y, g)``. Only ``P`` is streamed through the chunks (the per-row
-    ``g`` is folded into the small operands); the one-hot part touches the targets only.
+    ``d_b = P^T @ (-g) + scatter(y, g)``. Only ``P^T`` is streamed through the chunks, each one a
+    GEMM with ``-lse`` as its bias and one in-place exp; the per-row ``g`` is folded into the small
+    operands, and the one-hot part touches the targets only.
     """
     need_h, need_w, need_b = needs
     n, H = h.shape
@@ -191,41 +215,44 @@ def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, needs=(Tr
     dev = h.device
     g = grad_logp.float()
     h32 = h.float()
-    bias32 = bias.float() if bias is not None else None
-    pw = torch.zeros(n, H, dtype=torch.float32, device=dev) if need_h else None  # P @ W
-    dw = torch.empty(V, H, dtype=torch.float32, device=dev) if need_w else None
-    db = torch.empty(V, dtype=torch.float32, device=dev) if need_b else None
+    # (P @ W)^T per row chunk, [H, rows] each: accumulated by GEMMs with a fused add.
+    pw_t = {} if need_h else None
+    # Every element of dw / db is written by the first row chunk (n > 0), so they start empty.
+    alloc = torch.empty if n else torch.zeros
+    dw = alloc(V, H, dtype=torch.float32, device=dev) if need_w else None
+    db = alloc(V, dtype=torch.float32, device=dev) if need_b else None
     rows, cols = _chunks(max(n, 1), V)
-    if n:
-        ws = _Workspace(rows, cols, H, weight.dtype, dev)
+    chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
+    h2, lse2 = h32 * _LOG2E, lse * _LOG2E
     for r0 in range(0, n, rows):
-        hr, lr = h32[r0 : r0 + rows], lse[r0 : r0 + rows]
+        hr, h2r, lr2 = h32[r0 : r0 + rows], h2[r0 : r0 + rows], lse2[r0 : r0 + rows]
         neg_g = -g[r0 : r0 + rows]
-        neg_gh = hr * neg_g[:, None]
+        neg_gh_t = (hr * neg_g[:, None]).T.contiguous()  # [H, rows]
         first = r0 == 0
+        r = r0
+        if need_h:
+            pw_t[r] = torch.zeros(H, hr.shape[0], dtype=torch.float32, device=dev)
         for v0 in range(0, V, cols):
             v1 = min(V, v0 + cols)
-            z, w = _chunk_logits(ws, hr, weight, bias32, v0, v1)
-            p = z.sub_(lr[:, None]).exp_()  # softmax chunk, in place
+            w, b = chunk(v0, v1)
+            pt = _shifted_logits_t(w, b, h2r, lr2).exp2_()  # softmax chunk, transposed [vocab, rows]
+            # Both products keep P^T as it lies in memory ([vocab, rows]), the fast operand layout.
             if need_h:
-                pw[r0 : r0 + rows].add_(_mm(p, w))
+                pw_t[r] = _linear_add(w.T, pt.T, pw_t[r])  # += W^T @ P^T
             if need_w:
-                # (-g h)^T P, transposed back: the [H, vocab] product is the faster GEMM shape.
-                _accumulate(dw[v0:v1], _mm(neg_gh.T, p).T, first)
+                _accumulate(dw[v0:v1], _linear(pt, neg_gh_t), first)  # P^T @ (-g h)
             if need_b:
-                _accumulate(db[v0:v1], p.T @ neg_g, first)
-    if n == 0:
-        if need_w:
-            dw.zero_()
-        if need_b:
-            db.zero_()
+                _accumulate(db[v0:v1], pt @ neg_g, first)
     dh = None
     if need_h:
+        pw = torch.cat([pw_t[r].T for r in sorted(pw_t)]) if n else torch.zeros(0, H, device=dev)
         dh = (weight[targets].float() - pw).mul_(g[:, None]).to(h.dtype)
+    # The one-hot part; index_put_ accumulates serially on the CPU (deterministic) and is far faster
+    # there than index_add_.
     if need_w:
-        dw.index_add_(0, targets, g[:, None] * h32)
+        dw.index_put_((targets,), g[:, None] * h32, accumulate=True)
     if need_b:
-        db.index_add_(0, targets, g)
+        db.index_put_((targets,), g, accumulate=True)
     return (
         dh,
         dw.to(weight.dtype) if need_w else None,
