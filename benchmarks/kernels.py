@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -73,7 +73,6 @@ class Row:
     max_err_grad: float
     repeats: int
     note: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -157,7 +156,7 @@ def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
     """CSV + Markdown table + PNG plot (median with p20-p80 bars, and peak memory)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = out_dir / f"kernels_{op}"
-    keys = [k for k in asdict(rows[0]) if k != "extra"]
+    keys = list(asdict(rows[0]))
     with open(f"{base}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)

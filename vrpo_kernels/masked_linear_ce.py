@@ -22,12 +22,11 @@ part). Under ``torch.no_grad()`` (the reference model) nothing is saved for back
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from .dispatch import interpreting, resolve_impl, triton_available
+from .dispatch import resolve_impl, triton_available
 
 # --------------------------------------------------------------------------------------------------
 # Reference
