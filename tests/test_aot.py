@@ -51,3 +51,21 @@ def test_every_configuration_compiles_for_sm90_without_spills(report):
     for name, cols in rows.items():
         assert cols[-1] == "ok", name
         assert int(cols[4]) == 0, name  # spill bytes
+
+
+def test_ptxas_report_parsing_and_verdicts():
+    from vrpo_kernels.inspect import Report, parse_ptxas
+
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    48 bytes stack frame, 24 bytes spill stores, 20 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n"
+    )
+    assert parse_ptxas(log) == dict(registers=255, spill_bytes=44, smem=1024)
+    assert Report("a", registers=128, shared=1000).ok
+    assert not Report("b", registers=255, spill_bytes=44).ok
+    assert not Report("c", shared=HOPPER_SHARED_LIMIT + 1).ok
+    assert not Report("d", error="CompilationError: ...").ok
+    with pytest.raises(RuntimeError, match="no register count"):
+        parse_ptxas("ptxas fatal   : Unsupported .version 9.4")
