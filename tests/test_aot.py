@@ -51,6 +51,10 @@ def test_every_configuration_compiles_for_sm90_without_spills(report):
     for name, cols in rows.items():
         assert cols[-1] == "ok", name
         assert int(cols[4]) == 0, name  # spill bytes
+    # The attention configurations the dispatch uses on an H100 are all there.
+    for kernel in ("attn_fwd_lse", "attn_fwd_nolse", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq"):
+        for tag in ("d64_fp16", "d64_bf16", "d128_fp16", "d128_bf16"):
+            assert f"{kernel}_{tag}" in rows
 
 
 def test_ptxas_report_parsing_and_verdicts():

@@ -74,8 +74,7 @@ def test_fixed_draw_matches_hand_computation():
         torch.testing.assert_close(terms[0, j].double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_prompt_and_padding_never_masked_and_do_not_count():
-    model = ToyMDM(seed=1)
+def test_prompt_and_padding_are_never_masked():
     ids, resp = toy_batch([3], [2], seed=1, pad_to=8)
     draw = draw_masks(resp, SamplingPlan(n_t=8), generator=torch.Generator().manual_seed(0))
     assert not draw.masked[0, :, :3].any() and not draw.masked[0, :, 5:].any()

@@ -12,9 +12,11 @@ saves only the logsumexp per row, and recomputes the tiles in the backward pass.
 Three implementations behind one entry point, :func:`masked_linear_ce` (``impl=``):
 
 * ``"eager"``: :func:`masked_linear_ce_eager`, full logits, the readable reference;
-* ``"torch"``: :class:`_ChunkedLinearCE`, the streamed algorithm in chunked PyTorch (the CPU path);
-* ``"triton"``: :class:`_TritonLinearCE`, the same algorithm as fused Triton kernels
-  (``_lse_forward_kernel``, ``_grad_hidden_kernel``, ``_grad_weight_kernel``).
+* ``"torch"``: the streamed algorithm in chunked PyTorch (the CPU path);
+* ``"triton"``: the same algorithm as fused Triton kernels (``_lse_forward_kernel``,
+  ``_grad_hidden_kernel``, ``_grad_weight_kernel``);
+
+both through one autograd Function, :class:`_StreamedLinearCE`.
 
 Gradients flow to ``hidden``, ``weight``, ``bias`` (and ``row_weight``, applied outside the fused
 part). Under ``torch.no_grad()`` (the reference model) nothing is saved for backward.
@@ -257,24 +259,6 @@ def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, needs=(Tr
         dw.to(weight.dtype) if need_w else None,
         db.to(bias.dtype) if need_b else None,
     )
-
-
-class _ChunkedLinearCE(torch.autograd.Function):
-    """log p(target) of gathered rows with the chunked PyTorch kernels; saves h, lse (and references
-    to weight, bias, targets)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets):
-        logp, lse = linear_ce_torch_forward(h, weight, bias, targets)
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad_logp):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        dh, dw, db = linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, needs)
-        return dh, dw, db, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,22 +515,29 @@ def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(T
     return dh, dw, db
 
 
-class _TritonLinearCE(torch.autograd.Function):
-    """log p(target) of gathered rows with the Triton kernels; saves h, lse (and references to weight,
-    bias, targets)."""
+_STREAMED = {
+    "torch": (linear_ce_torch_forward, linear_ce_torch_backward),
+    "triton": (linear_ce_triton_forward, linear_ce_triton_backward),
+}
+
+
+class _StreamedLinearCE(torch.autograd.Function):
+    """log p(target) of gathered rows, streamed over the vocabulary by the ``impl`` kernels (chunked
+    PyTorch or Triton); saves h and the LSE per row (and references to weight, bias, targets)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets):
-        logp, lse = linear_ce_triton_forward(h, weight, bias, targets)
+    def forward(ctx, impl, h, weight, bias, targets):
+        logp, lse = _STREAMED[impl][0](h, weight, bias, targets)
+        ctx.impl = impl
         ctx.save_for_backward(h, weight, bias, targets, lse)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         h, weight, bias, targets, lse = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        dh, dw, db = linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs)
-        return dh, dw, db, None
+        needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3])
+        dh, dw, db = _STREAMED[ctx.impl][1](grad_logp, h, weight, bias, targets, lse, needs)
+        return None, dh, dw, db, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,22 +624,19 @@ def masked_linear_ce(
         if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= weight.shape[0]):
             raise ValueError(f"masked_linear_ce: targets of selected rows must lie in [0, {weight.shape[0]})")
         h = hidden[rows]  # only the selected rows ever reach a matmul
+        weight_c, bias_c = weight, bias
         if impl == "triton":
-            fn = _TritonLinearCE
             weight_c = weight.contiguous()
             h = h.to(weight.dtype).contiguous()
             bias_c = bias.contiguous() if bias is not None else None
-        else:
-            fn, weight_c, bias_c = _ChunkedLinearCE, weight, bias
         grads = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias)
         )
         if grads:
-            logp = fn.apply(h, weight_c, bias_c, tgt)
+            logp = _StreamedLinearCE.apply(impl, h, weight_c, bias_c, tgt)
         else:
             # The reference model's path: a plain call, so nothing can be kept for backward.
-            run = linear_ce_triton_forward if impl == "triton" else linear_ce_torch_forward
-            logp = run(h, weight_c, bias_c, tgt)[0]
+            logp = _STREAMED[impl][0](h, weight_c, bias_c, tgt)[0]
         vals = logp * row_weight[rows].float()
         out = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_put((rows,), vals)
     if segment_ids is None:
