@@ -309,6 +309,18 @@ if triton_available():
         return acc
 
     @triton.jit
+    def _dlogit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, tgt, lse, g, K, stride_h, stride_w,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """d(g * log p[target]) / d(logits) on one recomputed [rows x cols] tile: g * (onehot - softmax),
+        0 outside the rows and the vocabulary. float32 [BLOCK_M, BLOCK_V]."""
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
+                        HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
+        dz = g[:, None] * (onehot - tl.exp(z - lse[:, None]))
+        return tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+
+    @triton.jit
     def _lse_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_max_ptr, part_sum_ptr, part_tgt_ptr,
                             n, V, K, stride_h, stride_w, tiles_per_split,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -356,11 +368,8 @@ if triton_available():
         for t in range(tiles_per_split):
             cols = v_begin + t * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = cols < V
-            z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
-                            HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-            dz = g[:, None] * (onehot - tl.exp(z - lse[:, None]))
-            dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0).to(w_ptr.dtype.element_ty)
+            dz = _dlogit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, tgt, lse, g, K, stride_h, stride_w,
+                              HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION).to(w_ptr.dtype.element_ty)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < K
@@ -385,11 +394,8 @@ if triton_available():
             tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
             lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
             g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-            z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
-                            HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-            dz = g[:, None] * (onehot - tl.exp(z - lse[:, None]))
-            dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+            dz = _dlogit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, tgt, lse, g, K, stride_h, stride_w,
+                              HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
             db += tl.sum(dz, axis=0)
             dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
             for k0 in range(0, K, BLOCK_K):
