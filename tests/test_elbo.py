@@ -74,8 +74,7 @@ def test_fixed_draw_matches_hand_computation():
         torch.testing.assert_close(terms[0, j].double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_prompt_and_padding_never_masked_and_do_not_count():
-    model = ToyMDM(seed=1)
+def test_prompt_and_padding_are_never_masked():
     ids, resp = toy_batch([3], [2], seed=1, pad_to=8)
     draw = draw_masks(resp, SamplingPlan(n_t=8), generator=torch.Generator().manual_seed(0))
     assert not draw.masked[0, :, :3].any() and not draw.masked[0, :, 5:].any()
@@ -189,3 +188,22 @@ def test_unbiasedness_check_has_power_against_a_wrong_weight():
     samples = elbo_estimate(model, ids_k, resp_k, draw, model.mask_token_id).double().view(2, 3000)
     with pytest.raises(AssertionError):
         assert_unbiased(samples, exact)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_packed_terms_equal_unpacked_terms(backend, fused):
+    from vrpo.elbo import packed_elbo_terms
+    from vrpo.models import build_tiny_llada
+
+    model = build_tiny_llada(seed=3, vocab_size=128, attn_implementation=backend)
+    ids, resp = toy_batch([3, 1, 5], [4, 3, 2], vocab=100, seed=4, pad_to=11)  # ragged: 7, 4, 7 tokens
+    lengths = torch.tensor([7, 4, 7])
+    attention = (torch.arange(11)[None] < lengths[:, None]).long()
+    draw = draw_masks(resp, SamplingPlan(n_t=3, n_yt=2), generator=torch.Generator().manual_seed(0))
+    mask_id = model.config.mask_token_id
+    plain = elbo_terms(model, ids, resp, draw, mask_id, model_kwargs={"attention_mask": attention}, fused=fused, impl="torch")
+    packed = packed_elbo_terms(model, ids, resp, draw, mask_id, lengths=lengths, row_length=16, fused=fused, impl="torch")
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit rows"):
+        packed_elbo_terms(model, ids, resp, draw, mask_id, lengths=lengths, row_length=6)

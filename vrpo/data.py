@@ -19,7 +19,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 logger = logging.getLogger(__name__)
 

@@ -184,6 +184,64 @@ def elbo_terms(
     return terms
 
 
+def packed_elbo_terms(
+    model: Callable,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    draw: MaskDraw,
+    mask_token_id: int,
+    *,
+    lengths: torch.Tensor,
+    row_length: int,
+    fused: bool | str = "auto",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """:func:`elbo_terms` with the ``B * n`` masked copies packed into rows of ``row_length`` tokens.
+
+    Each copy is one segment of a packed row: attention is blocked across segments and positions
+    restart at 0 per segment (:func:`vrpo.models.packing_kwargs`), so the terms equal the unpacked
+    ones while padding costs nothing but the tail of the last rows. This is how the paper runs VRPO
+    (rows of 4096 tokens).
+
+    Args:
+        input_ids, response_mask, draw, mask_token_id: as in :func:`elbo_terms` (right-padded rows).
+        lengths: int [B], the real (unpadded) length of each row.
+        row_length: tokens per packed row; at least the longest sequence.
+        model: must accept ``segment_ids=`` and ``position_ids=`` (models from
+            :func:`vrpo.models.load_llada` do, for every attention backend).
+
+    Returns:
+        float32 [B, n].
+    """
+    from .models.packing import pack_rows, packing_kwargs, segment_positions
+
+    B, n, L = draw.masked.shape
+    if (draw.masked & ~response_mask[:, None, :]).any():
+        raise ValueError("draw.masked marks positions outside response_mask: draw it from this batch's mask")
+    sizes = [int(x) for x in lengths.tolist()]
+    if max(sizes) > row_length:
+        raise ValueError(f"packing: a sequence of {max(sizes)} tokens does not fit rows of row_length={row_length}")
+    device = input_ids.device
+    noisy = noisy_inputs(input_ids, draw.masked, mask_token_id)
+    # Longest first: first-fit packs tighter that way.
+    order = sorted(range(B * n), key=lambda k: -sizes[k // n])
+    ids, seg = pack_rows([noisy[k // n, k % n, : sizes[k // n]] for k in order], row_length, pad_id=mask_token_id)
+    ids, seg = ids.to(device), seg.to(device)
+    valid = seg >= 0
+    item = torch.tensor(order, device=device)[seg.clamp(min=0)]  # which (row, sample) a token belongs to
+    b, j = item // n, item % n
+    pos = torch.where(valid, segment_positions(seg), 0)
+    masked = draw.masked[b, j, pos] & valid
+    per_token = masked_token_logprobs(
+        model, ids, torch.where(valid, input_ids[b, pos], 0), masked, draw.weight.float()[b, j], mask_token_id,
+        model_kwargs=packing_kwargs(seg), fused=fused, impl=impl,
+    )
+    terms = torch.zeros(B * n, device=device, dtype=torch.float32).index_add(0, item[masked], per_token[masked])
+    terms = terms.view(B, n)
+    _check_finite(terms, n)
+    return terms
+
+
 def elbo_estimate(
     model: Callable,
     input_ids: torch.Tensor,
@@ -241,15 +299,29 @@ class ELBOModule(nn.Module):
     forward, while the fused head path inside still reaches the LM's body and head directly.
     """
 
-    def __init__(self, model: nn.Module, mask_token_id: int, fused: bool | str = "auto", impl: str = "auto"):
+    def __init__(self, model: nn.Module, mask_token_id: int, fused: bool | str = "auto", impl: str = "auto",
+                 pack_length: int | None = None):
         super().__init__()
         self.model = model
         self.mask_token_id = mask_token_id
         self.fused = fused
         self.impl = impl
+        self.pack_length = pack_length
 
-    def forward(self, input_ids, response_mask, draw: MaskDraw, **model_kwargs) -> torch.Tensor:
-        """float32 [B, n]; see :func:`elbo_terms`."""
+    def forward(self, input_ids, response_mask, draw: MaskDraw, attention_mask=None, **model_kwargs) -> torch.Tensor:
+        """float32 [B, n]; see :func:`elbo_terms` (or :func:`packed_elbo_terms` with ``pack_length``).
+
+        ``attention_mask`` [B, L] marks real tokens (right padding); packing reads the lengths from it.
+        """
+        if self.pack_length:
+            lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full(
+                (input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            return packed_elbo_terms(
+                self.model, input_ids, response_mask, draw, self.mask_token_id,
+                lengths=lengths, row_length=self.pack_length, fused=self.fused, impl=self.impl,
+            )
+        if attention_mask is not None:
+            model_kwargs["attention_mask"] = attention_mask
         return elbo_terms(
             self.model, input_ids, response_mask, draw, self.mask_token_id,
             model_kwargs=model_kwargs, fused=self.fused, impl=self.impl,

@@ -154,7 +154,7 @@ def draw_masks(
     response_mask: torch.Tensor,
     plan: SamplingPlan,
     generator: torch.Generator | None = None,
-    impl: str = "torch",
+    impl: str = "auto",
 ) -> MaskDraw:
     """Draw ``plan.n`` masks for every row of a batch.
 
@@ -164,7 +164,9 @@ def draw_masks(
         plan: the sampling plan.
         generator: a ``torch.Generator`` on ``response_mask``'s device; the same seed gives the same
             draw. ``None`` uses the global RNG.
-        impl: the mask sampler (``vrpo_kernels.sample_masks``): ``"torch"`` or ``"triton"``.
+        impl: the mask sampler (``vrpo_kernels.sample_masks``): ``"torch"``, ``"triton"`` (Philox in one
+            kernel; its seed comes from ``generator``) or ``"auto"`` (Triton on CUDA). The two give the
+            same distribution, not the same bits.
 
     Returns:
         A :class:`MaskDraw` with ``masked`` [B, n, L] and ``weight`` [B, n].

@@ -7,7 +7,6 @@ checkpoint and a preference dataset for the real thing; see ``--help`` and the R
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 

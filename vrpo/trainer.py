@@ -166,14 +166,17 @@ class VRPOTrainer:
         # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per
         # process), and saved with the checkpoints.
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, self.max_steps)
-        self.policy_elbo, self.optimizer = acc.prepare(ELBOModule(policy, self.mask_token_id, fused, cfg.kernel_impl), optimizer)
+        pack = cfg.max_length if cfg.packing else None
+        self.policy_elbo, self.optimizer = acc.prepare(
+            ELBOModule(policy, self.mask_token_id, fused, cfg.kernel_impl, pack_length=pack), optimizer
+        )
         acc.register_for_checkpointing(self.scheduler)
         self.ref_elbo = None
         if ref_model is not None:
             # Not handed to accelerate: it has no gradients to synchronise, and its frozen weights
             # must not be written into every checkpoint. Under FSDP/DeepSpeed it stays whole per device.
             ref_model.eval().requires_grad_(False).to(acc.device)
-            self.ref_elbo = ELBOModule(ref_model, self.mask_token_id, fused, cfg.kernel_impl)
+            self.ref_elbo = ELBOModule(ref_model, self.mask_token_id, fused, cfg.kernel_impl, pack_length=pack)
         self.ref_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     # --- data order ---------------------------------------------------------------------------
@@ -452,6 +455,7 @@ class VRPOTrainer:
         if self.is_main:
             atomic_write_text(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=1))
         log.close()
+        acc.end_training()
         return summary
 
     def save_checkpoint(self, step: int, st: dict, ref_eval):

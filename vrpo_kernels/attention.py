@@ -256,6 +256,21 @@ if triton is not None:
             tl.store(ptrs, x, mask=(offs_s[:, None] < S) & (offs_d[None, :] < HEAD_DIM))
 
     @triton.jit
+    def _query_block(SEG, SPAN_LO, SPAN_HI, S, H, GROUP, BLOCK_M: tl.constexpr):
+        """This program's BLOCK_M queries of one (batch, query head): their ids, segments, and the key
+        range [kv_lo, kv_hi) they can see (from the first start to the last end of their segments)."""
+        pid_m, pid_bh = _grid_position(S, BLOCK_M)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_rows = offs_m < S
+        row = b.to(tl.int64) * S
+        seg_q = tl.load(SEG + row + offs_m, mask=in_rows, other=-1)
+        kv_lo = tl.min(tl.load(SPAN_LO + row + offs_m, mask=in_rows, other=S), axis=0)
+        kv_hi = tl.max(tl.load(SPAN_HI + row + offs_m, mask=in_rows, other=0), axis=0)
+        return pid_bh, b, h, h // GROUP, offs_m, in_rows, row, seg_q, kv_lo, kv_hi
+
+    @triton.jit
     def _attn_fwd(
         Q, K, V, SEG, SPAN_LO, SPAN_HI, OUT, LSE,
         stride_qb, stride_qh, stride_qs,
@@ -272,20 +287,10 @@ if triton is not None:
         LSE (float32 [B, H, S], base 2, only if STORE_LSE) is +inf for a query with no key (padding),
         so that exp2(score - LSE) = 0 in the backward pass.
         """
-        pid_m, pid_bh = _grid_position(S, BLOCK_M)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_bh, b, h, hk, offs_m, in_rows, row, seg_q, kv_lo, kv_hi = _query_block(
+            SEG, SPAN_LO, SPAN_HI, S, H, GROUP, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        in_rows = offs_m < S
-
-        row = b.to(tl.int64) * S
-        seg_q = tl.load(SEG + row + offs_m, mask=in_rows, other=-1)
-        # Keys this block can see: from the first start to the last end of its queries' segments.
-        kv_lo = tl.min(tl.load(SPAN_LO + row + offs_m, mask=in_rows, other=S), axis=0)
-        kv_hi = tl.max(tl.load(SPAN_HI + row + offs_m, mask=in_rows, other=0), axis=0)
 
         q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
                        offs_m, offs_d, stride_qs, S, HEAD_DIM, BLOCK_D)
@@ -424,19 +429,10 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (batch, query head); cdiv(S, BLOCK_M) * B * H programs."""
-        pid_m, pid_bh = _grid_position(S, BLOCK_M)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_bh, b, h, hk, offs_m, in_rows, row, seg_q, kv_lo, kv_hi = _query_block(
+            SEG, SPAN_LO, SPAN_HI, S, H, GROUP, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        in_rows = offs_m < S
-
-        row = b.to(tl.int64) * S
-        seg_q = tl.load(SEG + row + offs_m, mask=in_rows, other=-1)
-        kv_lo = tl.min(tl.load(SPAN_LO + row + offs_m, mask=in_rows, other=S), axis=0)
-        kv_hi = tl.max(tl.load(SPAN_HI + row + offs_m, mask=in_rows, other=0), axis=0)
         stat_base = pid_bh.to(tl.int64) * S
         lse = tl.load(LSE + stat_base + offs_m, mask=in_rows, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=in_rows, other=0.0)

@@ -241,34 +241,32 @@ def llama_to_llada_config(config: LlamaConfig, dtype: torch.dtype | None = None)
     return dict(sorted(base.items()))
 
 
-# LLaDA -> Llama parameter names. Order matters: a block's ff_out is the MLP's down projection, the top-level
-# ff_out is the LM head.
-_TO_HF = [
-    (r"^model\.transformer\.wte\.", "model.embed_tokens."),
-    (r"^model\.transformer\.ln_f\.", "model.norm."),
-    (r"^model\.transformer\.ff_out\.", "lm_head."),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^model\.transformer\.blocks\.(\d+)\.(q_proj|k_proj|v_proj)\.", r"model.layers.\1.self_attn.\2."),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_out\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^model\.transformer\.blocks\.(\d+)\.up_proj\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_out\.", r"model.layers.\1.mlp.down_proj."),
+# (LLaDA name, Llama name) of every parameter prefix; {i} is the block index. A block's ff_out is the
+# MLP's down projection, the top-level ff_out is the LM head.
+_KEY_PAIRS = [
+    ("model.transformer.wte.", "model.embed_tokens."),
+    ("model.transformer.ln_f.", "model.norm."),
+    ("model.transformer.ff_out.", "lm_head."),
+    ("model.transformer.blocks.{i}.attn_norm.", "model.layers.{i}.input_layernorm."),
+    ("model.transformer.blocks.{i}.ff_norm.", "model.layers.{i}.post_attention_layernorm."),
+    ("model.transformer.blocks.{i}.q_proj.", "model.layers.{i}.self_attn.q_proj."),
+    ("model.transformer.blocks.{i}.k_proj.", "model.layers.{i}.self_attn.k_proj."),
+    ("model.transformer.blocks.{i}.v_proj.", "model.layers.{i}.self_attn.v_proj."),
+    ("model.transformer.blocks.{i}.attn_out.", "model.layers.{i}.self_attn.o_proj."),
+    ("model.transformer.blocks.{i}.ff_proj.", "model.layers.{i}.mlp.gate_proj."),
+    ("model.transformer.blocks.{i}.up_proj.", "model.layers.{i}.mlp.up_proj."),
+    ("model.transformer.blocks.{i}.ff_out.", "model.layers.{i}.mlp.down_proj."),
 ]
-_TO_LLADA = [
-    (r"^model\.embed_tokens\.", "model.transformer.wte."),
-    (r"^model\.norm\.", "model.transformer.ln_f."),
-    (r"^lm_head\.", "model.transformer.ff_out."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"model.transformer.blocks.\1.attn_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"model.transformer.blocks.\1.ff_norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.", r"model.transformer.blocks.\1.\2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"model.transformer.blocks.\1.attn_out."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"model.transformer.blocks.\1.ff_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"model.transformer.blocks.\1.up_proj."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"model.transformer.blocks.\1.ff_out."),
-]
-_TO_HF = [(re.compile(p), r) for p, r in _TO_HF]
-_TO_LLADA = [(re.compile(p), r) for p, r in _TO_LLADA]
+
+
+def _rules(pairs):
+    """(compiled prefix pattern, replacement) for each (source, target) prefix pair."""
+    return [(re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)")), dst.replace("{i}", r"\1"))
+            for src, dst in pairs]
+
+
+_TO_HF = _rules(_KEY_PAIRS)
+_TO_LLADA = _rules([(hf, llada) for llada, hf in _KEY_PAIRS])
 
 
 def _rename(key: str, rules) -> str | None:

@@ -1,0 +1,1 @@
+"""Benchmarks for vrpo: kernels against eager PyTorch and peers (``python -m benchmarks.kernels``)."""

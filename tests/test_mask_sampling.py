@@ -1,0 +1,200 @@
+"""sample_masks: support, exact counts, distribution and seeding, for the torch and Triton paths.
+
+The Triton kernel runs in the interpreter (TRITON_INTERPRET=1, set by conftest); its rows span one
+64-position chunk (the in-register search) or several (the chunked search).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from vrpo import SamplingPlan, draw_masks
+from vrpo_kernels import sample_masks
+
+IMPLS = ["torch", "triton"]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def ragged_response(B, L, seed=0):
+    """bool [B, L]: each row a prompt, then a response, then padding, with one hole in the response."""
+    g = gen(seed)
+    resp = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        start = int(torch.randint(0, L // 3, (1,), generator=g))
+        end = int(torch.randint(start + 2, L + 1, (1,), generator=g))
+        resp[b, start:end] = True
+        resp[b, (start + end) // 2] = False
+    return resp
+
+
+def chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit, p-value from the regularised upper incomplete gamma."""
+    stat = ((observed.double() - expected.double()) ** 2 / expected.double()).sum()
+    dof = observed.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("L", [40, 150], ids=["one-chunk", "chunked"])
+def test_exact_count_and_never_outside_response(impl, L):
+    B, n = 4, 3
+    resp = ragged_response(B, L)
+    lengths = resp.sum(-1)
+    g = gen(1)
+    counts = torch.stack([torch.randint(0, int(lb) + 1, (n,), generator=g) for lb in lengths])
+    counts[0, 0], counts[1, 0] = 0, lengths[1]  # both ends of the range
+    masked = sample_masks(resp, counts=counts, generator=gen(2), impl=impl)
+    assert masked.dtype == torch.bool and masked.shape == (B, n, L)
+    assert not (masked & ~resp[:, None, :]).any()
+    assert torch.equal(masked.sum(-1), counts)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("L", [40, 150], ids=["one-chunk", "chunked"])
+def test_bernoulli_never_outside_response(impl, L):
+    resp = ragged_response(3, L, seed=3)
+    probs = torch.tensor([[0.0, 0.5, 1.0], [0.2, 0.9, 1.0], [1.0, 1.0, 0.0]])
+    masked = sample_masks(resp, probs=probs, generator=gen(4), impl=impl)
+    assert not (masked & ~resp[:, None, :]).any()
+    assert torch.equal(masked[probs == 1.0], resp[:, None, :].expand_as(masked)[probs == 1.0])
+    assert not masked[probs == 0.0].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bernoulli_frequencies_match_t(impl):
+    # 64 rows x 4 levels; positions are i.i.d. Bernoulli(p), so the masked count per level is
+    # Binomial(64 * L_resp, p): compare with a chi-square over the two outcomes of each level.
+    B, L = 64, 30
+    resp = torch.zeros(B, L, dtype=torch.bool)
+    resp[:, 4:28] = True
+    probs = torch.tensor([0.05, 0.3, 0.5, 0.85]).expand(B, 4).contiguous()
+    masked = sample_masks(resp, probs=probs, generator=gen(5), impl=impl)
+    trials = B * 24
+    for j, p in enumerate(probs[0].tolist()):
+        hits = masked[:, j].sum()
+        observed = torch.stack([hits, trials - hits])
+        expected = torch.tensor([trials * p, trials * (1 - p)])
+        assert chi2_pvalue(observed, expected) > 1e-3, (p, int(hits), trials)
+    # ... and no position is favoured: per-position counts at p = 0.5 are uniform.
+    per_pos = masked[:, 2, 4:28].sum(0)
+    assert chi2_pvalue(per_pos, torch.full((24,), per_pos.sum() / 24.0)) > 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_exact_count_subsets_are_uniform(impl):
+    # L_b = 5, count 2: all C(5, 2) = 10 subsets must be equally likely.
+    S, L = 240, 9
+    resp = torch.zeros(S, L, dtype=torch.bool)
+    resp[:, [1, 2, 4, 6, 7]] = True
+    masked = sample_masks(resp, counts=torch.full((S, 1), 2), generator=gen(6), impl=impl)[:, 0]
+    subsets = list(itertools.combinations([1, 2, 4, 6, 7], 2))
+    index = {s: i for i, s in enumerate(subsets)}
+    freq = torch.zeros(len(subsets))
+    for row in masked:
+        freq[index[tuple(row.nonzero()[:, 0].tolist())]] += 1
+    assert chi2_pvalue(freq, torch.full((len(subsets),), S / len(subsets))) > 1e-3, freq
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_exact_count_positions_are_uniform_in_long_rows(impl):
+    # A 100-position response spans two interpreter chunks: each position is masked with
+    # probability count / L_b whatever its chunk.
+    S, L = 48, 110
+    resp = torch.zeros(S, L, dtype=torch.bool)
+    resp[:, 5:105] = True
+    masked = sample_masks(resp, counts=torch.full((S, 1), 30), generator=gen(7), impl=impl)[:, 0, 5:105]
+    per_pos = masked.sum(0)
+    assert chi2_pvalue(per_pos, torch.full((100,), S * 30 / 100)) > 1e-3
+    assert chi2_pvalue(torch.stack([per_pos[:59].sum(), per_pos[59:].sum()]), torch.tensor([S * 17.7, S * 12.3])) > 1e-3
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["counts", "probs"])
+def test_same_seed_same_masks_different_seed_different(impl, kind):
+    resp = ragged_response(3, 50, seed=8)
+    level = (
+        dict(counts=torch.minimum(torch.tensor([[3, 9], [1, 4], [7, 2]]), resp.sum(-1, keepdim=True)))
+        if kind == "counts"
+        else dict(probs=torch.full((3, 2), 0.4))
+    )
+    a = sample_masks(resp, **level, generator=gen(11), impl=impl)
+    b = sample_masks(resp, **level, generator=gen(11), impl=impl)
+    c = sample_masks(resp, **level, generator=gen(12), impl=impl)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_triton_noisy_ids_written_in_the_same_pass():
+    resp = ragged_response(2, 70, seed=9)
+    ids = torch.randint(0, 50, (2, 70), generator=gen(0))
+    for level in (dict(counts=torch.tensor([[5, 1], [2, 3]])), dict(probs=torch.tensor([[0.3, 0.6], [0.1, 0.9]]))):
+        masked, noisy = sample_masks(resp, **level, generator=gen(13), impl="triton", input_ids=ids, mask_token_id=99)
+        again = sample_masks(resp, **level, generator=gen(13), impl="triton")
+        assert torch.equal(masked, again)
+        assert noisy.dtype == torch.int64 and noisy.shape == (2, 2, 70)
+        assert torch.equal(noisy, torch.where(masked, torch.tensor(99), ids[:, None, :]))
+
+
+def test_torch_noisy_ids():
+    resp = ragged_response(2, 20)
+    ids = torch.randint(0, 50, (2, 20), generator=gen(0))
+    masked, noisy = sample_masks(resp, counts=torch.tensor([[2], [3]]), generator=gen(1), impl="torch",
+                                 input_ids=ids, mask_token_id=7)
+    assert torch.equal(noisy, torch.where(masked, torch.tensor(7), ids[:, None, :]))
+
+
+def test_torch_path_keeps_its_bits():
+    # The single-sort ranking gives exactly the masks of the former double argsort.
+    resp = ragged_response(5, 33, seed=4)
+    counts = torch.minimum(torch.tensor([[3], [5], [1], [8], [2]]), resp.sum(-1, keepdim=True))
+    got = sample_masks(resp, counts=counts, generator=gen(21), impl="torch")
+    keys = torch.rand((5, 1, 33), generator=gen(21), dtype=torch.float64).masked_fill(~resp[:, None, :], 2.0)
+    assert torch.equal(got, keys.argsort(-1).argsort(-1) < counts[..., None])
+
+
+@pytest.mark.parametrize("estimator", ["l_uniform", "t_bernoulli"])
+def test_draw_masks_through_the_triton_kernel(estimator):
+    resp = ragged_response(3, 24, seed=5)
+    plan = SamplingPlan(n_t=3, n_yt=2, estimator=estimator)
+    draw = draw_masks(resp, plan, generator=gen(3), impl="triton")
+    again = draw_masks(resp, plan, generator=gen(3), impl="triton")
+    assert torch.equal(draw.masked, again.masked) and torch.equal(draw.weight, again.weight)
+    assert draw.masked.shape == (3, 6, 24) and not (draw.masked & ~resp[:, None, :]).any()
+    if estimator == "l_uniform":
+        assert torch.equal(draw.masked.sum(-1), draw.levels.repeat_interleave(2, 1).long())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(counts=torch.tensor([[1], [99]])), r"counts\[1, 0\] = 99 is outside"),
+        (dict(counts=torch.tensor([[-1], [1]])), r"counts\[0, 0\] = -1 is outside"),
+        (dict(counts=torch.tensor([[1.0], [1.0]])), "counts must be an integer"),
+        (dict(probs=torch.tensor([[0.5], [1.5]])), r"probs must lie in \[0, 1\]"),
+        (dict(counts=torch.tensor([[1]])), "counts must be"),
+        (dict(counts=torch.tensor([[1], [1]]), input_ids=torch.zeros(2, 10, dtype=torch.long)), "needs mask_token_id"),
+        (dict(counts=torch.tensor([[1], [1]]), input_ids=torch.zeros(2, 9, dtype=torch.long), mask_token_id=3),
+         "input_ids must be"),
+    ],
+)
+def test_bad_inputs_name_the_argument(impl, kwargs, match):
+    resp = torch.zeros(2, 10, dtype=torch.bool)
+    resp[:, 2:6] = True
+    with pytest.raises(ValueError, match=match):
+        sample_masks(resp, **kwargs, impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_samples_and_rows_are_drawn_independently(impl):
+    # Every (row, sample) has its own random stream: same row and count, or same count in a copy
+    # of the row, never repeat a mask (a repeat has probability about 1 / C(40, 10) here).
+    resp = torch.ones(2, 40, dtype=torch.bool)
+    masked = sample_masks(resp, counts=torch.full((2, 4), 10), generator=gen(14), impl=impl).view(8, 40)
+    assert len({tuple(m.tolist()) for m in masked}) == 8

@@ -1,0 +1,309 @@
+"""masked_linear_ce against a float64 eager reference: values and gradients, every impl.
+
+The Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by conftest) on tiny shapes with
+fp32 and fp16 (the interpreter's bf16 tl.dot is wrong); the chunked torch path is also checked in bf16.
+
+Tolerances (absolute and relative, on outputs and gradients). The reference sees the same
+low-precision inputs, upcast to float64, so only the implementation's own rounding counts:
+
+* fp32: 1e-4. Both paths accumulate in fp32; logits here are O(1).
+* fp16: 2e-3 on the output (fp32 accumulation of exactly-representable inputs), 1e-2 on the gradients,
+  which are returned in fp16 (unit roundoff 4.9e-4) and, in the Triton kernels, are built from
+  dZ tiles rounded to fp16 before the tl.dot.
+* bf16 (torch path only): 2e-3 on the output (computed in fp32), 3e-2 on the gradients, returned
+  in bf16 (unit roundoff 3.9e-3).
+"""
+
+from __future__ import annotations
+
+import importlib
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vrpo_kernels import masked_linear_ce
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
+
+TOL = {
+    torch.float32: dict(out=1e-4, grad=1e-4),
+    torch.float16: dict(out=2e-3, grad=1e-2),
+    torch.bfloat16: dict(out=2e-3, grad=3e-2),
+}
+DTYPES = {"triton": [torch.float32, torch.float16], "torch": [torch.float32, torch.float16, torch.bfloat16]}
+CASES = [(impl, dt) for impl in ("triton", "torch") for dt in DTYPES[impl]]
+
+
+def make_inputs(N, H, V, dtype, *, bias=True, select=0.5, seed=0, dup_targets=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype) if bias else None
+    targets = torch.full((N,), V // 3) if dup_targets else torch.randint(0, V, (N,), generator=g)
+    row_weight = torch.rand(N, generator=g) * 3
+    mask = torch.rand(N, generator=g) < select
+    cot = torch.randn(N, generator=g)
+    return hidden, weight, b, targets, row_weight, mask, cot
+
+
+def reference64(hidden, weight, b, targets, row_weight, mask, cot):
+    """float64 eager values and gradients (hidden, weight, bias), full logits."""
+    ins = [t.detach().double().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
+    logits = ins[0] @ ins[1].T + (ins[2] if b is not None else 0)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+    out = torch.where(mask, logp * row_weight.double(), torch.zeros_like(logp))
+    grads = torch.autograd.grad((out * cot.double()).sum(), ins)
+    return out, grads
+
+
+def run(impl, hidden, weight, b, targets, row_weight, mask, cot, selector=None):
+    ins = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
+    out = masked_linear_ce(
+        ins[0], ins[1], targets, row_weight, mask if selector is None else selector,
+        ins[2] if b is not None else None, impl=impl,
+    )
+    assert out.dtype == torch.float32 and out.shape == (hidden.shape[0],)
+    grads = torch.autograd.grad((out * cot).sum(), ins, allow_unused=True)
+    for g, t in zip(grads, ins):
+        assert g is not None and g.dtype == t.dtype and g.shape == t.shape
+    return out, grads
+
+
+def check(impl, dtype, N, H, V, **kw):
+    args = make_inputs(N, H, V, dtype, **kw)
+    ref_out, ref_grads = reference64(*args)
+    out, grads = run(impl, *args)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=tol["out"], rtol=tol["out"])
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=tol["grad"], rtol=tol["grad"], msg=lambda m: f"d_{name}: {m}")
+    return out, grads
+
+
+@pytest.mark.parametrize("impl,dtype", CASES)
+@pytest.mark.parametrize(
+    "shape,kw",
+    [
+        ((1, 7, 50), dict(select=1.0)),  # N = 1
+        ((9, 19, 100), {}),  # odd H, V not a multiple of the vocab block
+        ((12, 16, 64), dict(select=0.0)),  # no row selected
+        ((16, 24, 90), dict(select=1.0)),  # all rows selected
+        ((13, 8, 70), dict(dup_targets=True, select=1.0)),  # every row has the same target
+        ((10, 12, 40), dict(bias=False)),
+    ],
+    ids=["N1", "oddH-raggedV", "none-selected", "all-selected", "dup-targets", "no-bias"],
+)
+def test_matches_float64_reference(impl, dtype, shape, kw):
+    check(impl, dtype, *shape, **kw)
+
+
+@pytest.mark.interpreter
+def test_triton_vocab_splits_with_padding_tiles():
+    # V = 200 spans 7 tiles of 32 in 4 splits of 2: the last split ends on a tile past V, whose
+    # -inf logits must not turn the running logsumexp into NaN.
+    splits, per_split = mlce._vocab_split(1, 7, torch.device("cpu"))
+    assert (splits, per_split) == (4, 2)
+    check("triton", torch.float32, 5, 9, 200)
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "torch.mm"])
+def test_torch_path_across_row_and_vocab_chunks(monkeypatch, gemm):
+    if gemm == "onednn" and not mlce._onednn_gemm_available():
+        pytest.skip("this torch build has no oneDNN fp32 GEMM; the torch.mm case covers the path")
+    monkeypatch.setattr(mlce, "_ONEDNN", gemm == "onednn")
+    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
+    assert mlce._chunks(15, 700) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
+    for dtype in (torch.float32, torch.bfloat16):
+        for bias in (True, False):
+            check("torch", dtype, 15, 11, 700, bias=bias)
+
+
+@settings(max_examples=12)
+@given(
+    N=st.integers(1, 16),
+    H=st.integers(1, 32),
+    V=st.integers(2, 100),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    bias=st.booleans(),
+    select=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_random_shapes(N, H, V, dtype, bias, select, seed):
+    check("triton", dtype, N, H, V, bias=bias, select=select, seed=seed)
+
+
+@settings(max_examples=20)
+@given(
+    N=st.integers(1, 40),
+    H=st.integers(1, 48),
+    V=st.integers(2, 600),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+    bias=st.booleans(),
+    select=st.sampled_from([0.0, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+    small_chunks=st.booleans(),
+)
+def test_torch_random_shapes(N, H, V, dtype, bias, select, seed, small_chunks):
+    # small_chunks: 3-row x 256-vocab chunks, so the streamed logsumexp and the accumulation of the
+    # gradients across chunks are exercised on these small shapes too.
+    with mock.patch.object(mlce, "_MAX_CHUNK_ROWS", 3 if small_chunks else mlce._MAX_CHUNK_ROWS), \
+            mock.patch.object(mlce, "_CHUNK_ELEMS", 3 * 256 if small_chunks else mlce._CHUNK_ELEMS):
+        check("torch", dtype, N, H, V, bias=bias, select=select, seed=seed)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "eager"])
+def test_bool_mask_and_index_selector_agree(impl):
+    args = make_inputs(11, 10, 60, torch.float32)
+    hidden, weight, b, targets, row_weight, mask, cot = args
+    index = mask.nonzero()[:, 0].int()  # any integer dtype
+    out_mask, g_mask = run(impl, *args)
+    out_idx, g_idx = run(impl, *args, selector=index)
+    torch.testing.assert_close(out_idx, out_mask, rtol=0, atol=0)
+    for a, c in zip(g_idx, g_mask):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def _count_saved(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_no_grad_saves_nothing_and_grad_saves_no_logits(impl):
+    N, H, V = 12, 8, 96
+    hidden, weight, b, targets, row_weight, mask, _ = make_inputs(N, H, V, torch.float32, select=1.0)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def call():
+        return masked_linear_ce(hidden, weight, targets, row_weight, mask, b, impl=impl)
+
+    with torch.no_grad():
+        out, saved = _count_saved(call)
+    assert out.grad_fn is None and not out.requires_grad
+    assert saved == []
+    # With grad: what is kept is O(N * H + V * H) (inputs and a per-row logsumexp), never [N, V].
+    out, saved = _count_saved(call)
+    assert out.grad_fn is not None
+    assert saved and all(t.numel() < N * V for t in saved), [tuple(t.shape) for t in saved]
+    assert all(t.shape != (N, V) for t in saved)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "eager"])
+def test_segment_sums(impl):
+    hidden, weight, b, targets, row_weight, mask, _ = make_inputs(14, 6, 30, torch.float32)
+    seg = torch.arange(14) // 4
+    per_row = masked_linear_ce(hidden, weight, targets, row_weight, mask, b, impl=impl)
+    per_seg = masked_linear_ce(hidden, weight, targets, row_weight, mask, b, impl=impl, segment_ids=seg)
+    torch.testing.assert_close(per_seg, torch.zeros(4).index_add(0, seg, per_row))
+    padded = masked_linear_ce(hidden, weight, targets, row_weight, mask, b, impl=impl, segment_ids=seg, num_segments=6)
+    assert padded.shape == (6,) and (padded[4:] == 0).all()
+
+
+def test_row_weight_gradient():
+    hidden, weight, b, targets, row_weight, mask, cot = make_inputs(9, 5, 20, torch.float32)
+    rw = row_weight.clone().requires_grad_()
+    out = masked_linear_ce(hidden, weight, targets, rw, mask, b, impl="torch")
+    (g,) = torch.autograd.grad((out * cot).sum(), rw)
+    unweighted = masked_linear_ce(hidden, weight, targets, torch.ones(9), mask, b, impl="eager")
+    torch.testing.assert_close(g, unweighted * cot)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(hidden=torch.randn(4, 5, 6)), "hidden must be"),
+        (dict(weight=torch.randn(20, 4)), "weight must be"),
+        (dict(targets=torch.zeros(3, dtype=torch.long)), "targets must be"),
+        (dict(targets=torch.full((4,), 20)), "targets of selected rows"),
+        (dict(row_weight=torch.ones(5)), "row_weight must be"),
+        (dict(row_mask=torch.ones(5, dtype=torch.bool)), "row_mask"),
+        (dict(row_mask=torch.tensor([0, 7])), "row_mask indexes rows outside"),
+        (dict(row_mask=torch.tensor([1, 1])), "more than once"),
+        (dict(row_mask=torch.ones(4)), "row_mask must be"),
+        (dict(bias=torch.zeros(19)), "bias must be"),
+        (dict(impl="cuda"), "impl="),
+    ],
+)
+def test_bad_inputs_name_the_argument(change, match):
+    kw = dict(
+        hidden=torch.randn(4, 5), weight=torch.randn(20, 5), targets=torch.zeros(4, dtype=torch.long),
+        row_weight=torch.ones(4), row_mask=torch.ones(4, dtype=torch.bool), bias=None, impl="torch",
+    )
+    kw.update(change)
+    with pytest.raises(ValueError, match=match):
+        masked_linear_ce(**kw)
+
+
+def tiny_llama(vocab=40):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.interpreter
+def test_elbo_through_the_triton_kernel_matches_generic_path():
+    from vrpo import SamplingPlan, draw_masks, elbo_terms
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 39, (2, 8), generator=g)
+    resp = torch.zeros(2, 8, dtype=torch.bool)
+    resp[0, 3:] = True
+    resp[1, 5:7] = True
+    draw = draw_masks(resp, SamplingPlan(n_t=2, n_yt=1), generator=g)
+    results = []
+    for kwargs in (dict(fused=False), dict(fused=True, impl="triton")):
+        model.zero_grad()
+        terms = elbo_terms(model, ids, resp, draw, 39, **kwargs)
+        terms.sum().backward()
+        results.append((terms.detach(), [p.grad.clone() for p in model.parameters()]))
+    (generic, g_generic), (fused, g_fused) = results
+    torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g_fused, g_generic):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_huge_logits_in_a_late_vocab_chunk(monkeypatch, impl):
+    # The torch path shifts each chunk by the running log-sum-exp; a logit ~300 above it in the last
+    # chunk overflows that shift and must take the max-shifted path. Logits are large but finite.
+    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
+    hidden, weight, b, targets, row_weight, mask, cot = make_inputs(6, 8, 600, torch.float32, select=1.0)
+    weight[590] = hidden[2] / hidden[2].norm() ** 2 * 300  # row 2's logit for token 590 is ~300
+    weight[5] = -hidden[3] / hidden[3].norm() ** 2 * 300  # and a very negative one early on
+    targets[2], targets[4] = 590, 590
+    args = (hidden, weight, b, targets, row_weight, mask, cot)
+    ref_out, ref_grads = reference64(*args)
+    out, grads = run(impl, *args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-3, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_deterministic(impl):
+    # Race-free accumulation everywhere: the same call gives the same bits.
+    args = make_inputs(14, 10, 90, torch.float32, dup_targets=True, select=1.0)
+    (out1, g1), (out2, g2) = run(impl, *args), run(impl, *args)
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
