@@ -19,7 +19,9 @@ vocabulary 136) at the toy run's batch of 16 pairs; ``tiny-v32k`` is a slightly 
 Timing: warm-up steps, then ``--reps`` repeats of the same step (same pairs, same draws), the
 implementations interleaved (alternating order); median, p20 and p80 of the step time. Tokens/s =
 the step's non-padding tokens x n samples x 2 models (policy and reference) / step time, the count the
-trainer logs as ``train/tokens_per_s``. ``speedup`` = eager median / this median, from the same run.
+trainer logs as ``train/tokens_per_s``. ``speedup`` = eager median / this median, from the same run;
+``paired speedup`` = the median over rounds of eager time / this time within the round, which a
+shared machine's slow spells (that hit whole rounds) disturb less.
 
 Memory: on the CPU, each (model, implementation) runs in a fresh subprocess: one warm-up step (AdamW
 state, lazy initialisation), then the peak resident set during a second step minus the resident set
@@ -223,6 +225,7 @@ def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int
     eager = next(r for r in rows if r["impl"] == "eager")
     for r in rows:
         r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
+        r["paired_speedup"] = statistics.median(e / t for e, t in zip(times["eager"], times[r["impl"]]))
         r["mem_vs_eager"] = (r["peak_mem_bytes"] / eager["peak_mem_bytes"]
                              if memory and eager["peak_mem_bytes"] else None)
     return rows
@@ -231,7 +234,7 @@ def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int
 CSV_COLUMNS = (
     "model", "vocab", "d_model", "layers", "impl", "head", "batch_pairs", "n", "tokens_per_step", "reps",
     "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "tokens_per_s_p20", "tokens_per_s_p80",
-    "speedup_vs_eager", "peak_mem_bytes", "mem_vs_eager", "mem_method",
+    "speedup_vs_eager", "paired_speedup", "peak_mem_bytes", "mem_vs_eager", "mem_method",
 )
 
 
@@ -259,8 +262,8 @@ def markdown(rows, meta) -> str:
         f"{rows[0]['mem_method']}.",
         "",
         "| model | vocab | impl | head | pairs | tokens/step | step time (ms) | tokens/s | speedup vs eager "
-        "| peak memory | memory vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| paired speedup | peak memory | memory vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mem_ratio = "n/a" if r["mem_vs_eager"] is None else f"{r['mem_vs_eager']:.2f}x"
@@ -269,7 +272,8 @@ def markdown(rows, meta) -> str:
             f"| {r['tokens_per_step']} "
             f"| {r['median_ms']:.0f} [{r['p20_ms']:.0f}, {r['p80_ms']:.0f}] "
             f"| {r['tokens_per_s']:,.0f} [{r['tokens_per_s_p20']:,.0f}, {r['tokens_per_s_p80']:,.0f}] "
-            f"| {r['speedup_vs_eager']:.2f}x | {_mib(r['peak_mem_bytes'])} | {mem_ratio} |"
+            f"| {r['speedup_vs_eager']:.2f}x | {r['paired_speedup']:.2f}x | {_mib(r['peak_mem_bytes'])} "
+            f"| {mem_ratio} |"
         )
     lines += ["", f"{meta['reps']} timed repeats after {meta['warmup']} warm-up steps per implementation.", ""]
     return "\n".join(lines)

@@ -144,7 +144,8 @@ def test_train_step_benchmark_quick_writes_its_outputs(tmp_path):
         assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
         assert float(r["tokens_per_s"]) > 0 and int(r["n"]) == 8
         assert int(r["peak_mem_bytes"]) > 0, r
-    assert float(eager["speedup_vs_eager"]) == 1.0 and float(eager["mem_vs_eager"]) == 1.0
+    assert float(eager["speedup_vs_eager"]) == float(eager["paired_speedup"]) == float(eager["mem_vs_eager"]) == 1.0
+    assert float(fused["paired_speedup"]) > 0
     assert "masked_linear_ce(impl='torch')" in fused["head"]
     md = (tmp_path / "train_step.md").read_text(encoding="utf-8")
     assert md.count("\n| tiny | 136 |") == 2 and "python -m benchmarks.train_step" in md
