@@ -91,7 +91,7 @@ def build_trainer(model_name: str, impl: str, workdir: str, batch: int, seed: in
         data = (tokenizer, train_pairs)
     tokenizer, train_pairs = data
     # The same initial weights for both implementations; the attention backend the trainer would pick.
-    model = build_tiny_llada(seed=seed, attn_implementation=loading._attn(cfg), **spec)
+    model = build_tiny_llada(seed=seed, attn_implementation=loading.attention_backend(cfg), **spec)
     trainer = VRPOTrainer(cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None)
     return trainer, data
 

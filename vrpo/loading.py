@@ -76,7 +76,8 @@ def _dtype(cfg: VRPOConfig):
     return None if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
 
 
-def _attn(cfg: VRPOConfig) -> str:
+def attention_backend(cfg: VRPOConfig) -> str:
+    """The attention backend of a run: --attn_implementation, else vrpo_triton on CUDA, sdpa on CPU."""
     if cfg.attn_implementation:
         return cfg.attn_implementation
     from vrpo_kernels import triton_available
@@ -89,10 +90,10 @@ def load_policy(cfg: VRPOConfig):
     from .models import build_tiny_llada, load_llada
 
     if cfg.toy:
-        model = build_tiny_llada(seed=cfg.seed, attn_implementation=_attn(cfg), **TOY_MODEL)
+        model = build_tiny_llada(seed=cfg.seed, attn_implementation=attention_backend(cfg), **TOY_MODEL)
         dtype = _dtype(cfg)
         return model.to(dtype) if dtype is not None else model
-    return load_llada(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=_attn(cfg), mask_token_id=cfg.mask_token_id)
+    return load_llada(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id)
 
 
 def load_reference(cfg: VRPOConfig, policy):
@@ -100,7 +101,7 @@ def load_reference(cfg: VRPOConfig, policy):
     from .models import load_llada
 
     if cfg.ref_model_name_or_path:
-        ref = load_llada(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=_attn(cfg),
+        ref = load_llada(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
                          mask_token_id=cfg.mask_token_id)
     else:
         ref = copy.deepcopy(policy)
