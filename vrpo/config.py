@@ -21,7 +21,7 @@ PRESETS = {
     "learning_rate": (5e-7, 2e-3),
     "per_device_train_batch_size": (1, 16),
     "max_length": (4096, 64),
-    "max_steps": (-1, 150),
+    "max_steps": (-1, 300),
     "save_steps": (500, 50),
     "eval_size": (256, 128),
     "logging_steps": (10, 5),
@@ -152,7 +152,7 @@ class VRPOConfig:
         default=1,
     )
     num_train_epochs: int = _help("Epochs when --max_steps is -1.", default=1)
-    max_steps: int | None = _help("Optimizer steps (-1: one pass per epoch). Default: -1 (toy run: 150).", default=None)
+    max_steps: int | None = _help("Optimizer steps (-1: one pass per epoch). Default: -1 (toy run: 300).", default=None)
     max_nonfinite_steps: int = _help(
         "Stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped).",
         default=5,

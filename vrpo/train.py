@@ -50,9 +50,12 @@ def print_summary(summary: dict):
         f"{pct(summary.get('pref_acc_after'))}",
         f"  held-out reward accuracy (implicit reward margin > 0): {pct(summary.get('reward_acc_after'))}",
     ]
+    if summary.get("samples"):
+        lines.append("  samples from LLaDA's sampler (a tiny model trained for minutes ranks answers long before it "
+                     "writes them well):")
     for sample in summary.get("samples", []):
         mark = {True: " [correct]", False: " [wrong]"}.get(sample.get("correct"), "")
-        lines.append(f"  sample: {sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}{mark}")
+        lines.append(f"    {sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}{mark}")
     lines += [
         f"  model (LLaDA format): {summary['model_dir']}",
         f"  logs: {summary['logs']} (metrics.jsonl; tensorboard --logdir {summary['logs']})",
