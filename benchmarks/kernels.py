@@ -27,6 +27,7 @@ import csv
 import datetime
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -152,6 +153,20 @@ def _probe_main(spec: dict):
     print(json.dumps(dict(peak_extra_mb=(peak - rest) / 2**20)))
 
 
+def cuda_peak_memory(impl: Impl, x: dict) -> float:
+    """MB allocated on the GPU by one call of ``impl`` on top of its inputs."""
+    fn = impl.setup(x)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return (peak - base) / 2**20
+
+
 def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
     """CSV + Markdown table + PNG plot (median with p20-p80 bars, and peak memory)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +266,7 @@ def run_op(op: str, args) -> list[Row]:
             gc.collect()
             for name, ts in times.items():
                 if device == "cuda":
-                    mem = bench.cuda_memory({i.name: i for i in impls}[name], inputs)
+                    mem = cuda_peak_memory({i.name: i for i in impls}[name], inputs)
                 else:
                     mem = None if args.no_memory else probe_memory(op, name, shape, str(dtype).split(".")[-1])
                 rows.append(Row(
@@ -260,6 +275,9 @@ def run_op(op: str, args) -> list[Row]:
                     first_call_s=first[name], peak_extra_mb=mem, max_err_out=errors[name][0],
                     max_err_grad=errors[name][1], repeats=len(ts), note=notes.get(name, bench.notes.get(name, "")),
                 ))
+                annotate = getattr(bench, "annotate", None)
+                if annotate is not None:
+                    rows[-1].note = "; ".join(filter(None, [rows[-1].note, annotate(inputs, rows[-1].median_s, device)]))
                 print(f"[{op}] {rows[-1]}", file=sys.stderr)
     return rows
 
@@ -428,21 +446,292 @@ class MaskedCE:
             ]
         return impls
 
+
+# --------------------------------------------------------------------------------------------------
+# attention: vrpo_kernels.bidirectional_attention over packed rows, forward + backward
+# --------------------------------------------------------------------------------------------------
+
+
+def packed_segments(batch: int, seq_len: int, min_len: int, max_len: int, seed: int = 0) -> torch.Tensor:
+    """int64 [batch, seq_len]: samples of random length in [min_len, max_len] packed side by side into
+    each row; the tail that no further sample fits into is padding (-1), as when packing a dataset."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        ids, sid = [], 0
+        while True:
+            n = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+            if len(ids) + n > seq_len:
+                break
+            ids += [sid] * n
+            sid += 1
+        rows.append(ids + [-1] * (seq_len - len(ids)))
+    return torch.tensor(rows)
+
+
+def segment_runs(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row, the (start, length) of each contiguous run of one non-negative id."""
+    runs = []
+    for row in segment_ids.tolist():
+        row_runs, start = [], 0
+        for i in range(1, len(row) + 1):
+            if i == len(row) or row[i] != row[start]:
+                if row[start] >= 0:
+                    row_runs.append((start, i - start))
+                start = i
+        runs.append(row_runs)
+    return runs
+
+
+def useful_flops(segment_ids: torch.Tensor, n_heads: int, head_dim: int) -> int:
+    """Forward + backward FLOPs over the attended (query, key) pairs only: the forward's two matmuls
+    (4 D per pair) plus the backward's five (10 D per pair)."""
+    pairs = sum(n * n for row in segment_runs(segment_ids) for _, n in row)
+    return 14 * head_dim * n_heads * pairs
+
+
+def matmul_tflops(dtype=torch.bfloat16, n: int = 8192) -> float:
+    """The card's measured dense matmul rate (TFLOP/s) at n x n x n, the yardstick for attention."""
+    import triton.testing
+
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def flash_attn_forward(q, k, v, segment_ids):
+    """flash-attn 2's ``flash_attn_varlen_func`` on packed rows: ``(pack, forward, unpack)``.
+
+    ``pack(t)`` turns a [B, H, S, D] tensor into the [total, H, D] token layout (padding dropped),
+    ``forward(pq, pk, pv)`` runs the kernel with cu_seqlens, ``unpack(x)`` maps back (zeros at padding).
+    """
+    from flash_attn import flash_attn_varlen_func
+
+    B, H, S, D = q.shape
+    valid = (segment_ids >= 0).flatten().nonzero()[:, 0]
+    lengths = [n for row in segment_runs(segment_ids.cpu()) for _, n in row]
+    cu = torch.tensor([0] + lengths, device=q.device).cumsum(0).to(torch.int32)
+
+    def pack(t):
+        return t.transpose(1, 2).reshape(B * S, t.shape[1], D)[valid]
+
+    def unpack(x):
+        full = x.new_zeros(B * S, x.shape[1], D)
+        full[valid] = x
+        return full.view(B, S, x.shape[1], D).transpose(1, 2)
+
+    def forward(pq, pk, pv):
+        return flash_attn_varlen_func(pq, pk, pv, cu, cu, max(lengths), max(lengths), causal=False)
+
+    return pack, forward, unpack
+
+
+class Attention:
+    """Non-causal attention over rows packed with samples of random lengths (blocked across samples)."""
+
+    title = "bidirectional varlen attention (forward + backward)"
+    notes = {
+        "eager": "matmul + masked softmax, materialises [B, H, S, S] scores",
+        "vrpo_torch": "bidirectional_attention(impl='torch'): SDPA with a block-diagonal mask",
+        "vrpo_triton": "bidirectional_attention(impl='triton'): flash-style, skips cross-sample blocks",
+        "sdpa_block_mask": "F.scaled_dot_product_attention with a block-diagonal mask",
+        "flash_attn_varlen": "flash_attn_varlen_func on the unpadded tokens",
+    }
+
+    @staticmethod
+    def shapes(device: str, quick: bool) -> list[dict]:
+        if quick:
+            return [dict(batch=2, seq_len=40, n_heads=2, head_dim=16, min_len=1, max_len=17)]
+        if device == "cuda":
+            return [dict(batch=8, seq_len=4096, n_heads=32, head_dim=128, min_len=128, max_len=1536)]
+        return [dict(batch=2, seq_len=512, n_heads=8, head_dim=64, min_len=16, max_len=192)]
+
+    @staticmethod
+    def dtype(device: str):
+        return torch.bfloat16 if device == "cuda" else torch.float32
+
+    @staticmethod
+    def describe(shape: dict, dtype) -> str:
+        return (f"B={shape['batch']}, S={shape['seq_len']}, H={shape['n_heads']}, D={shape['head_dim']}, "
+                f"samples {shape['min_len']}-{shape['max_len']} tokens, {str(dtype).split('.')[-1]}")
+
+    @staticmethod
+    def make_inputs(shape: dict, dtype, device: str) -> dict:
+        B, S, H, D = shape["batch"], shape["seq_len"], shape["n_heads"], shape["head_dim"]
+        g = torch.Generator().manual_seed(0)
+        q, k, v, grad = (torch.randn(B, H, S, D, generator=g).to(device, dtype) for _ in range(4))
+        seg = packed_segments(B, S, shape["min_len"], shape["max_len"]).to(device)
+        return dict(q=q, k=k, v=v, grad=grad, segment_ids=seg, scale=D**-0.5, flops=useful_flops(seg.cpu(), H, D))
+
+    @staticmethod
+    def reference(x: dict) -> tuple:
+        """float64 output and (dq, dk, dv), one sample at a time (row 0 only on the GPU: a full float64
+        reference of the GPU shape would not fit). Rows not computed stay NaN and are not compared."""
+        from vrpo_kernels.attention import attention_reference
+
+        q = x["q"]
+        rows = [0] if q.is_cuda else range(q.shape[0])
+        out = torch.full(q.shape, float("nan"), dtype=torch.float64, device=q.device)
+        grads = [torch.full(q.shape, float("nan"), dtype=torch.float64, device=q.device) for _ in range(3)]
+        for b in rows:
+            for start, n in segment_runs(x["segment_ids"][b : b + 1].cpu())[0]:
+                s = slice(start, start + n)
+                leaves = [t[b : b + 1, :, s].double().requires_grad_() for t in (x["q"], x["k"], x["v"])]
+                ref = attention_reference(*leaves, scale=x["scale"])
+                ref.backward(x["grad"][b : b + 1, :, s].double())
+                out[b, :, s] = ref[0].detach()
+                for acc, leaf in zip(grads, leaves):
+                    acc[b, :, s] = leaf.grad[0]
+            pad = x["segment_ids"][b] < 0  # padding queries: output and gradients are exactly 0
+            for t in (out, *grads):
+                t[b, :, pad] = 0.0
+        return out, grads
+
+    @staticmethod
+    def errors(result, ref) -> tuple[float, float]:
+        out, grads = result
+        known = ~torch.isnan(ref[0])
+        err = lambda got, want: float((got.double() - want)[known].abs().max())  # noqa: E731
+        return err(out, ref[0]), max(err(g, r) for g, r in zip(grads, ref[1]))
+
+    @staticmethod
+    def annotate(x: dict, median_s: float, device: str) -> str:
+        tflops = x["flops"] / median_s / 1e12
+        if device != "cuda":
+            return f"{tflops * 1e3:.1f} GFLOP/s useful"
+        rate = Attention._matmul_rate = getattr(Attention, "_matmul_rate", None) or matmul_tflops()
+        return f"{tflops:.0f} TFLOP/s useful ({tflops / rate:.0%} of the measured {rate:.0f} TFLOP/s bf16 matmul)"
+
+    @staticmethod
+    def _runner(x: dict, forward: Callable, pack=None, unpack=None) -> Callable:
+        pack = pack or (lambda t: t)
+        unpack = unpack or (lambda t: t)
+
+        def run():
+            leaves = [pack(t).detach().requires_grad_() for t in (x["q"], x["k"], x["v"])]
+            out = forward(*leaves)
+            grads = torch.autograd.grad(out, leaves, pack(x["grad"]).to(out.dtype))
+            return unpack(out.detach()), [unpack(g) for g in grads]
+
+        return run
+
     @classmethod
-    def cuda_memory(cls, impl: Impl, x: dict) -> float:
-        fn = impl.setup(x)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        result = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del result
-        return (peak - base) / 2**20
+    def impls(cls, device: str) -> list[Impl]:
+        from vrpo_kernels import bidirectional_attention
+
+        def ours(impl):
+            def setup(x):
+                return cls._runner(x, lambda q, k, v: bidirectional_attention(
+                    q, k, v, x["segment_ids"], scale=x["scale"], impl=impl))
+
+            return setup
+
+        def flash(x):
+            pack, forward, unpack = flash_attn_forward(x["q"], x["k"], x["v"], x["segment_ids"])
+            return cls._runner(x, forward, pack, unpack)
+
+        def installed(module):
+            def check():
+                return None if importlib.util.find_spec(module) else f"{module} is not installed; pip install '.[flash]'"
+
+            return check
+
+        if device == "cpu":
+            return [Impl("eager", ours("eager")), Impl("vrpo_torch", ours("torch"))]
+        return [
+            Impl("vrpo_triton", ours("triton")),
+            Impl("sdpa_block_mask", ours("torch")),
+            Impl("flash_attn_varlen", flash, installed("flash_attn")),
+        ]
 
 
-OPS = {"masked_ce": MaskedCE}
+
+# --------------------------------------------------------------------------------------------------
+# mask_sampling: vrpo_kernels.sample_masks (l-uniform: exactly l of the response positions)
+# --------------------------------------------------------------------------------------------------
+
+
+class MaskSampling:
+    """Masks for ``n`` samples per row, each hiding exactly ``count`` response positions, uniformly.
+
+    No gradients and no float64 reference: a mask is right when its count is exact and it stays inside
+    the response. ``max_err_out`` counts the (sample) masks that break either rule, so it must be 0;
+    ``max_err_grad`` is always 0. Uniformity is checked statistically in tests/test_mask_sampling.py.
+    """
+
+    title = "mask sampling (l-uniform, exact counts)"
+    notes = {
+        "eager": "rank uniform keys with two argsorts over the whole row",
+        "vrpo_torch": "sample_masks(impl='torch')",
+        "vrpo_triton": "sample_masks(impl='triton'): Philox keys and a bisection select in one kernel",
+    }
+
+    @staticmethod
+    def shapes(device: str, quick: bool) -> list[dict]:
+        if quick:
+            return [dict(B=4, n=4, L=64)]
+        if device == "cuda":
+            return [dict(B=64, n=8, L=4096)]
+        return [dict(B=32, n=8, L=1024)]
+
+    @staticmethod
+    def dtype(device: str):
+        return torch.bool
+
+    @staticmethod
+    def describe(shape: dict, dtype) -> str:
+        return f"B={shape['B']} rows x n={shape['n']} samples, L={shape['L']}"
+
+    @staticmethod
+    def make_inputs(shape: dict, dtype, device: str) -> dict:
+        g = torch.Generator().manual_seed(0)
+        B, n, L = shape["B"], shape["n"], shape["L"]
+        start = torch.randint(0, L // 4, (B, 1), generator=g)  # a prompt, then the response,
+        end = L - torch.randint(0, L // 4, (B, 1), generator=g)  # then padding
+        pos = torch.arange(L)[None]
+        resp = (pos >= start) & (pos < end)
+        lengths = resp.sum(-1, keepdim=True)
+        counts = (torch.rand(B, n, generator=g) * lengths).floor().long() + 1
+        return dict(response_mask=resp.to(device), counts=counts.to(device))
+
+    @staticmethod
+    def reference(x: dict):
+        return x
+
+    @staticmethod
+    def errors(result, ref) -> tuple[float, float]:
+        masked = result
+        outside = (masked & ~ref["response_mask"][:, None, :]).any(-1)
+        wrong_count = masked.sum(-1) != ref["counts"]
+        return float((outside | wrong_count).sum()), 0.0
+
+    @classmethod
+    def impls(cls, device: str) -> list[Impl]:
+        from vrpo_kernels import sample_masks
+
+        def eager(x):
+            def run():
+                B, L = x["response_mask"].shape
+                keys = torch.rand(B, x["counts"].shape[1], L, device=x["counts"].device, dtype=torch.float64)
+                keys = keys.masked_fill(~x["response_mask"][:, None, :], 2.0)
+                return keys.argsort(-1).argsort(-1) < x["counts"][..., None]
+
+            return run
+
+        def ours(impl):
+            def setup(x):
+                g = torch.Generator(device=x["counts"].device).manual_seed(0)
+                return lambda: sample_masks(x["response_mask"], counts=x["counts"], generator=g, impl=impl)
+
+            return setup
+
+        if device == "cpu":
+            return [Impl("eager", eager), Impl("vrpo_torch", ours("torch"))]
+        return [Impl("eager", eager), Impl("vrpo_torch", ours("torch")), Impl("vrpo_triton", ours("triton"))]
+
+
+OPS = {"masked_ce": MaskedCE, "attention": Attention, "mask_sampling": MaskSampling}
 
 
 def main(argv=None) -> int:
