@@ -30,8 +30,6 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import machine, median_p20_p80
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,13 +74,6 @@ class Row:
     max_err_grad: float
     repeats: int
     note: str = ""
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _sync(device: str):
@@ -224,9 +217,7 @@ def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
 
 
 def machine_line() -> str:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.processor() or platform.machine()}"
-    return (f"Measured {datetime.date.today().isoformat()} on {dev}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads.")
+    return f"Measured {datetime.date.today().isoformat()} on {machine()}."
 
 
 def run_op(op: str, args) -> list[Row]:
@@ -271,7 +262,7 @@ def run_op(op: str, args) -> list[Row]:
                     mem = None if args.no_memory else probe_memory(op, name, shape, str(dtype).split(".")[-1])
                 rows.append(Row(
                     op=op, impl=name, shape=bench.describe(shape, dtype), device=device,
-                    median_s=statistics.median(ts), p20_s=quantile(ts, 0.2), p80_s=quantile(ts, 0.8),
+                    median_s=median_p20_p80(ts)[0], p20_s=median_p20_p80(ts)[1], p80_s=median_p20_p80(ts)[2],
                     first_call_s=first[name], peak_extra_mb=mem, max_err_out=errors[name][0],
                     max_err_grad=errors[name][1], repeats=len(ts), note=notes.get(name, bench.notes.get(name, "")),
                 ))

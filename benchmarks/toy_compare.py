@@ -14,10 +14,11 @@ import csv
 import json
 import os
 import pathlib
-import platform
 import statistics
 import tempfile
 import time
+
+from benchmarks.common import machine
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -65,8 +66,7 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"# VRPO vs naive DPO on the toy task ({time.strftime('%Y-%m-%d')}, {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, no GPU)",
+        f"# VRPO vs naive DPO on the toy task ({time.strftime('%Y-%m-%d')}, {machine()})",
         "",
         "Command: `python -m benchmarks.toy_compare" + (f" --max_steps {args.max_steps}" if args.max_steps else "")
         + f" --seeds {' '.join(map(str, args.seeds))}`",

@@ -38,12 +38,10 @@ Writes ``train_step.csv`` and ``train_step.md`` under ``--out`` (default ``bench
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,6 +50,7 @@ import time
 
 import torch
 
+from benchmarks.common import machine, median_p20_p80, write_csv
 from vrpo.config import VRPOConfig
 from vrpo.loading import TOY_MODEL
 
@@ -110,15 +109,6 @@ def timed_step(trainer) -> tuple[float, int]:
     if not applied:
         raise RuntimeError("train_step: the step was skipped (non-finite loss or gradient norm)")
     return time.perf_counter() - t0, tokens
-
-
-def quantiles(xs):
-    """(median, p20, p80)."""
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q = statistics.quantiles(xs, n=10, method="inclusive")
-    return statistics.median(xs), q[1], q[7]
 
 
 # --- memory -----------------------------------------------------------------------------------------
@@ -204,7 +194,7 @@ def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int
     gc.collect()
     rows = []
     for impl in IMPLS:
-        med, p20, p80 = quantiles(times[impl])
+        med, p20, p80 = median_p20_p80(times[impl])
         if not memory:
             mem = None
         elif on_gpu:
@@ -236,14 +226,6 @@ CSV_COLUMNS = (
     "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "tokens_per_s_p20", "tokens_per_s_p80",
     "speedup_vs_eager", "paired_speedup", "peak_mem_bytes", "mem_vs_eager", "mem_method",
 )
-
-
-def write_csv(rows, path):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
 
 
 def _mib(x):
@@ -279,13 +261,6 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return (f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
-
-
 def run(out_dir=RESULTS_DIR, quick=False, models=None, reps=None, warmup=None, batch=None, seed=42, memory=True,
         command="python -m benchmarks.train_step") -> list[dict]:
     """Measure and write ``train_step.{csv,md}`` under ``out_dir``. Returns the rows."""
@@ -306,7 +281,7 @@ def run(out_dir=RESULTS_DIR, quick=False, models=None, reps=None, warmup=None, b
     meta = dict(command=command, date=datetime.date.today().isoformat(), machine=machine(),
                 seconds=time.perf_counter() - t0, **sizes)
     os.makedirs(out_dir, exist_ok=True)
-    write_csv(rows, os.path.join(out_dir, "train_step.csv"))
+    write_csv(rows, os.path.join(out_dir, "train_step.csv"), CSV_COLUMNS)
     with open(os.path.join(out_dir, "train_step.md"), "w", encoding="utf-8") as f:
         f.write(markdown(rows, meta))
     return rows

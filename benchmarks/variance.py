@@ -49,11 +49,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -61,6 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.common import machine, write_csv
 from vrpo.config import VRPOConfig
 from vrpo.losses import preference_loss
 from vrpo.sampling import SamplingPlan, draw_key, draw_masks_keyed
@@ -245,8 +244,6 @@ def summarise(scores: torch.Tensor, losses: torch.Tensor, grads: dict[str, torch
 
 def measure(trainer, settings, pairs: int, repeats: int, seed: int, chunk: int,
             progress: bool = True) -> list[dict]:
-    from tqdm.auto import tqdm
-
     beta = trainer.config.beta
     n_pairs = len(trainer.eval_pairs)
     if pairs > n_pairs:
@@ -336,14 +333,6 @@ CSV_COLUMNS = (
     "var_grad_head", "var_grad_head_se", "mean_score", "mean_score_se",
     "paper_var_score", "paper_var_loss", "paper_var_grad", "seconds",
 )
-
-
-def write_csv(rows, path):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
 
 
 def _g(x, digits=2):
@@ -528,12 +517,6 @@ def plot(all_rows, path) -> bool:
     return True
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
-
-
 def run(out_dir=RESULTS_DIR, quick=False, seed=42, progress=True, settings=SETTINGS,
         command="python -m benchmarks.variance", **overrides) -> list[dict]:
     """Train, measure, and write ``variance.{csv,md,png}`` under ``out_dir``. Returns the rows.
@@ -573,7 +556,7 @@ def run(out_dir=RESULTS_DIR, quick=False, seed=42, progress=True, settings=SETTI
         head_shape="x".join(map(str, mats["var_grad_head"].shape)),
     )
     os.makedirs(out_dir, exist_ok=True)
-    write_csv(rows, os.path.join(out_dir, "variance.csv"))
+    write_csv(rows, os.path.join(out_dir, "variance.csv"), CSV_COLUMNS)
     with open(os.path.join(out_dir, "variance.md"), "w", encoding="utf-8") as f:
         f.write(markdown(rows, meta))
     if not plot(rows, os.path.join(out_dir, "variance.png")):
