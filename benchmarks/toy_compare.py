@@ -10,7 +10,6 @@ loss, the mean ``score/var`` over training (VRPO only: one sample cannot estimat
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import pathlib
@@ -18,7 +17,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import machine
+from benchmarks.common import machine, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -61,10 +60,7 @@ def main(argv=None):
                 print(rows[-1], flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "toy_compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "toy_compare.csv", list(rows[0]))
     lines = [
         f"# VRPO vs naive DPO on the toy task ({time.strftime('%Y-%m-%d')}, {machine()})",
         "",
