@@ -271,6 +271,16 @@ if triton is not None:
         return pid_bh, b, h, h // GROUP, offs_m, in_rows, row, seg_q, kv_lo, kv_hi
 
     @triton.jit
+    def _key_block_scores(q, seg_q, k_base, seg_row, offs_n, offs_d, stride_ks, S, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One key block: its keys, and the scaled base-2 scores of the query block against them,
+        -inf where a query may not attend (another sample, or padding)."""
+        k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, BLOCK_D)
+        seg_k = tl.load(seg_row + offs_n, mask=offs_n < S, other=-1)
+        allowed = (seg_q[:, None] == seg_k[None, :]) & (seg_q[:, None] >= 0)
+        return k, tl.where(allowed, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+
+    @triton.jit
     def _attn_fwd(
         Q, K, V, SEG, SPAN_LO, SPAN_HI, OUT, LSE,
         stride_qb, stride_qh, stride_qs,
@@ -304,11 +314,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
             offs_n = start_n + offs_n0
-            k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, BLOCK_D)
-            seg_k = tl.load(SEG + row + offs_n, mask=offs_n < S, other=-1)
-            qk = tl.dot(q, tl.trans(k))
-            allowed = (seg_q[:, None] == seg_k[None, :]) & (seg_q[:, None] >= 0)
-            s = tl.where(allowed, qk * qk_scale, float("-inf"))
+            k, s = _key_block_scores(q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale,
+                                     HEAD_DIM, BLOCK_D)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
@@ -446,11 +453,9 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
             offs_n = start_n + offs_n0
-            k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, BLOCK_D)
-            seg_k = tl.load(SEG + row + offs_n, mask=offs_n < S, other=-1)
-            qk = tl.dot(q, tl.trans(k))
-            allowed = (seg_q[:, None] == seg_k[None, :]) & (seg_q[:, None] >= 0)
-            p = tl.math.exp2(tl.where(allowed, qk * qk_scale, float("-inf")) - lse[:, None])
+            k, s = _key_block_scores(q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale,
+                                     HEAD_DIM, BLOCK_D)
+            p = tl.math.exp2(s - lse[:, None])
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, BLOCK_D)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
