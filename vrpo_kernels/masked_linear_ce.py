@@ -321,15 +321,18 @@ if triton_available():
         return tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
 
     @triton.jit
+    def _row_block(t_ptr, n, BLOCK_M: tl.constexpr):
+        """This program's vocabulary split, its BLOCK_M rows (of n), which of them exist, their targets."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n
+        return tl.program_id(1), rows, row_ok, tl.load(t_ptr + rows, mask=row_ok, other=-1)
+
+    @triton.jit
     def _lse_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_max_ptr, part_sum_ptr, part_tgt_ptr,
                             n, V, K, stride_h, stride_w, tiles_per_split,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n
-        tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+        split, rows, row_ok, tgt = _row_block(t_ptr, n, BLOCK_M)
         run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         tgt_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -356,11 +359,7 @@ if triton_available():
                             n, V, K, stride_h, stride_w, tiles_per_split,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        pid_m = tl.program_id(0)
-        split = tl.program_id(1)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n
-        tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+        split, rows, row_ok, tgt = _row_block(t_ptr, n, BLOCK_M)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
         dh_rows = dh_part_ptr + (split * n + rows)[:, None] * K
