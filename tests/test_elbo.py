@@ -208,3 +208,16 @@ def test_packed_terms_equal_unpacked_terms(backend, fused):
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit rows"):
         packed_elbo_terms(model, ids, resp, draw, mask_id, lengths=lengths, row_length=6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_terms_are_float32_when_the_model_runs_in_bf16(fused):
+    from vrpo.models import build_tiny_llada
+
+    model = build_tiny_llada(seed=1, vocab_size=128, dtype=torch.bfloat16)
+    ids, resp = toy_batch([2, 3], [5, 4], vocab=100, seed=1)
+    draw = draw_masks(resp, SamplingPlan(n_t=3), generator=torch.Generator().manual_seed(0))
+    terms = elbo_terms(model, ids, resp, draw, model.config.mask_token_id, fused=fused, impl="torch")
+    reference = elbo_terms(model.float(), ids, resp, draw, model.config.mask_token_id, fused=False)
+    assert terms.dtype == torch.float32
+    torch.testing.assert_close(terms, reference, rtol=0.05, atol=0.5)  # bf16 weights, fp32 log-softmax
