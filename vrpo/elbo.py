@@ -70,6 +70,11 @@ def _check_mask_id(mask_token_id: int, vocab: int):
         )
 
 
+def _check_draw(draw: MaskDraw, response_mask: torch.Tensor):
+    if (draw.masked & ~response_mask[:, None, :]).any():
+        raise ValueError("draw.masked marks positions outside response_mask: draw it from this batch's mask")
+
+
 def _check_finite(terms: torch.Tensor, n: int):
     bad = ~torch.isfinite(terms)
     if bad.any():
@@ -166,8 +171,7 @@ def elbo_terms(
             f"input_ids {tuple(input_ids.shape)} and response_mask {tuple(response_mask.shape)} must both be "
             f"[B, L] = {(B, L)} to match draw.masked {tuple(draw.masked.shape)}"
         )
-    if (draw.masked & ~response_mask[:, None, :]).any():
-        raise ValueError("draw.masked marks positions outside response_mask: draw it from this batch's mask")
+    _check_draw(draw, response_mask)
     per_token = masked_token_logprobs(
         model,
         noisy_inputs(input_ids, draw.masked, mask_token_id).view(B * n, L),
@@ -216,8 +220,7 @@ def packed_elbo_terms(
     from .models.packing import pack_rows, packing_kwargs, segment_positions
 
     B, n, L = draw.masked.shape
-    if (draw.masked & ~response_mask[:, None, :]).any():
-        raise ValueError("draw.masked marks positions outside response_mask: draw it from this batch's mask")
+    _check_draw(draw, response_mask)
     sizes = [int(x) for x in lengths.tolist()]
     if max(sizes) > row_length:
         raise ValueError(f"packing: a sequence of {max(sizes)} tokens does not fit rows of row_length={row_length}")

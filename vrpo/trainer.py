@@ -114,12 +114,12 @@ class VRPOTrainer:
         self.is_main = acc.is_main_process
 
         # Everything that can be wrong with the data or the model is found before anything is written.
-        from . import loading as setup
+        from . import loading
 
-        self.tokenizer = tokenizer if tokenizer is not None else setup.load_tokenizer(cfg)
-        self.mask_token_id = setup.mask_token_id(cfg, self.tokenizer)
+        self.tokenizer = tokenizer if tokenizer is not None else loading.load_tokenizer(cfg)
+        self.mask_token_id = loading.mask_token_id(cfg, self.tokenizer)
         if train_pairs is None:
-            train_pairs, eval_pairs, self.data_stats = setup.load_pairs(cfg, self.tokenizer)
+            train_pairs, eval_pairs, self.data_stats = loading.load_pairs(cfg, self.tokenizer)
         else:
             self.data_stats = {}
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
@@ -146,11 +146,11 @@ class VRPOTrainer:
                 "to continue that run or --overwrite_output_dir to start over"
             )
 
-        policy = model if model is not None else setup.load_policy(cfg)
+        policy = model if model is not None else loading.load_policy(cfg)
         if ref_model is None and not cfg.use_lora:
-            ref_model = setup.load_reference(cfg, policy)
+            ref_model = loading.load_reference(cfg, policy)
         if cfg.use_lora:
-            policy = setup.add_lora(cfg, policy)
+            policy = loading.add_lora(cfg, policy)
         if cfg.gradient_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.train()
@@ -302,7 +302,7 @@ class VRPOTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        metrics = {k: v for k, v in sums.items()}
+        metrics = dict(sums)
         if acc.num_processes > 1 and metrics:
             keys = sorted(metrics)
             t = acc.reduce(torch.tensor([metrics[k] for k in keys], device=acc.device, dtype=torch.float64), "mean")
@@ -350,9 +350,6 @@ class VRPOTrainer:
         return metrics, policy
 
     # --- the run --------------------------------------------------------------------------------
-
-    def state(self, step: int, extra: dict) -> dict:
-        return {"step": step, "max_steps": self.max_steps, "seed": self.config.seed, **extra}
 
     def train(self) -> dict:
         cfg, acc = self.config, self.accelerator
@@ -462,7 +459,7 @@ class VRPOTrainer:
         def fault():
             fault_point("checkpoint", step)
 
-        state = self.state(step, {k: v for k, v in st.items()})
+        state = {"step": step, "max_steps": self.max_steps, "seed": self.config.seed, **st}
         path = self.checkpoints.save(step, state, fault=fault, extra_tensors={"eval_reference.pt": ref_eval})
         return path
 
