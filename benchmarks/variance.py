@@ -98,7 +98,7 @@ SETTINGS = (
 )
 BASE = Setting(4, 1, True)
 
-# Table 2 of Zhu et al. (2025), LLaDA 8B, 128 pairs x 8 repeats (SPEC.md section 3).
+# Table 2 of Zhu et al. (2025), LLaDA 8B, 128 pairs x 8 repeats.
 PAPER = {
     "(4,1,✓)": dict(var_score=2.2, var_loss=3.1e-3, var_grad=2.5),
     "(1,1,✓)": dict(var_score=44.0, var_loss=8.7e-2, var_grad=13.0),

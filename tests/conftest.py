@@ -25,12 +25,11 @@ settings.load_profile("vrpo")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+# Checkpoints and metadata the tests read; tests/fixtures/README.md says what each one is.
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture
-def shared_dir() -> pathlib.Path:
-    """``../shared`` beside the checkout (fixtures and the spec)."""
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the tests need ../shared beside the checkout")
-    return SHARED
+def fixtures_dir() -> pathlib.Path:
+    """``tests/fixtures``: the tiny checkpoints and real-release metadata."""
+    return FIXTURES

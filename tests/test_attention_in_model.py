@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from vrpo.models import attention_impl, load_llada, pack_rows, packing_kwargs
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "llada-tiny"
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "llada-tiny"
 EOS = 251
 
 pytestmark = pytest.mark.interpreter

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from vrpo.models.config import LLADA_CONFIG_TEMPLATE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "llada-tiny"
+FIXTURE = ROOT / "tests" / "fixtures" / "llada-tiny"
 
 _PROBE = r"""
 import json, sys

@@ -35,14 +35,14 @@ from vrpo.models import (
 from vrpo.sampling import MaskDraw, SamplingPlan, draw_masks
 from vrpo_kernels import bidirectional_attention
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 CPU_BACKENDS = ("sdpa", "eager", "vrpo_triton")
 MASK, EOS = 250, 251
 
 
 @pytest.fixture(scope="module")
 def tiny_dir():
-    path = SHARED / "fixtures" / "llada-tiny"
+    path = FIXTURES / "llada-tiny"
     if not path.is_dir():
         pytest.fail(f"{path} is missing")
     return path
@@ -98,10 +98,10 @@ def test_default_backend_is_sdpa_and_config_is_mapped(tiny_dir):
     assert all(layer.self_attn.is_causal is False for layer in model.model.layers)
 
 
-def test_real_llada_8b_config_and_keys_map_onto_llama(shared_dir):
+def test_real_llada_8b_config_and_keys_map_onto_llama(fixtures_dir):
     from accelerate import init_empty_weights
 
-    meta = shared_dir / "fixtures" / "llada-8b-instruct-meta"
+    meta = fixtures_dir / "llada-8b-instruct-meta"
     config = llada_to_llama_config(json.loads((meta / "config.json").read_text()))
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (4096, 32, 12288)
     assert (config.vocab_size, config.mask_token_id, config.eos_token_id) == (126464, 126336, 126081)

@@ -22,8 +22,8 @@ from vrpo.tokenization import (
     load_tokenizer,
 )
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-META = SHARED / "fixtures" / "llada-8b-instruct-meta"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+META = FIXTURES / "llada-8b-instruct-meta"
 BOS, EOS, MASK, EOT = 252, 251, 250, 255
 HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
@@ -189,7 +189,7 @@ def test_collate_pads_with_eos_outside_response_and_attention(tok):
 
 def test_elbo_of_a_collated_batch_matches_each_example_alone(tok):
     """Padding EOS is neither scored nor attended to: a row's ELBO equals the example's ELBO alone."""
-    model = load_llada(SHARED / "fixtures" / "llada-tiny")
+    model = load_llada(FIXTURES / "llada-tiny")
     examples = [encode_example(tok, "2+2?", "4"), encode_example(tok, "Say hi to the cat.", "Hi, cat!")]
     batch = collate(examples, tok.pad_token_id)
     plan = SamplingPlan(n_t=4, n_yt=1)

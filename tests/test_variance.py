@@ -87,8 +87,9 @@ def test_larger_budget_lowers_variance():
 
 
 def test_stratified_timesteps_lower_variance():
-    # Checked for l-uniform, the default. Unfloored t-Bernoulli has an infinite variance (SPEC.md
-    # section 1), so its sample variances are ruled by the rarest tiny t and compare nothing.
+    # Checked for l-uniform, the default. Unfloored t-Bernoulli has an infinite variance (one masked
+    # token carries weight 1/t with probability about L*t, so E[term^2] grows like the integral of
+    # L/t dt), so its sample variances are ruled by the rarest tiny t and compare nothing.
     iid = score_variance(POLICY, REF, SamplingPlan(n_t=4), seed=7)
     strat = score_variance(POLICY, REF, SamplingPlan(n_t=4, stratified=True), seed=7)
     assert strat < 0.93 * iid, (strat, iid)

@@ -1,6 +1,6 @@
 """``VRPOConfig``: every setting of a VRPO run, parsed from the command line and/or a YAML file.
 
-Defaults follow the LLaDA 1.5 recipe (SPEC.md section 3). Fields left at ``None`` are resolved by
+Defaults follow the LLaDA 1.5 recipe (Zhu et al. 2025, Section 4 and Appendix B). Fields left at ``None`` are resolved by
 :meth:`VRPOConfig.resolved`: the paper's value for a real checkpoint, or a CPU-sized value for the
 embedded toy run (no ``--model_name_or_path``), which starts from a random tiny model and so needs
 a far larger learning rate than fine-tuning an 8B model.

@@ -1,7 +1,7 @@
 """Sampling plans for the Monte Carlo ELBO: timesteps, masks and their weights.
 
 A masked diffusion LM's log-likelihood is bounded below by an ELBO that is an expectation over a
-noise level and a random mask of the response (``../shared/SPEC.md`` section 1). VRPO estimates it
+noise level and a random mask of the response (LLaDA 1.5, Zhu et al. 2025, Section 2, Eq. 2). VRPO estimates it
 with ``n = n_t * n_yt`` samples per response: ``n_t`` noise levels, ``n_yt`` masks per level.
 
 Two unbiased estimators are available:
