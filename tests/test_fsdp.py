@@ -92,3 +92,15 @@ def test_fsdp_two_processes_match_one_resume_and_gather_the_model(tmp_path):
     w3 = weights(resumed / "model")
     for name in w2:
         torch.testing.assert_close(w3[name], w2[name], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp_lora_reference_with_adapters_off_matches_one_process(tmp_path):
+    """LoRA under FSDP2: the reference is the sharded policy with its adapters off; the gathered model merges them."""
+    flags = FLAGS + ["--num_samples", "0", "--max_steps", "4", "--save_steps", "2", "--use_lora", "--learning_rate", "1e-2"]
+    one = run(flags + ["--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    two = fsdp(tmp_path, flags + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")], 29533)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])
+    torch.testing.assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)
+    w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)

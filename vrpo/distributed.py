@@ -104,3 +104,15 @@ def root_gathered(accelerator, policy_elbo: nn.Module):
         yield
     finally:
         policy_elbo.reshard()
+
+
+def check_supported(accelerator):
+    """Refuse DeepSpeed before anything is loaded: the trainer does not run under it yet (README, "Scaling out")."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "DeepSpeed is not supported by vrpo.train yet: its engine steps the optimizer inside backward, "
+            "which bypasses VRPO's gradient accumulation and its skipping of non-finite steps, and it needs a "
+            "dataloader the trainer does not use. Launch with examples/accelerate_fsdp.yaml (FSDP2) instead"
+        )
