@@ -17,8 +17,6 @@ the fused head's working set and the step time are estimates; their formulas are
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
 import sys
@@ -96,17 +94,17 @@ FAMILIES = {
 
 def read_model_config(path: str) -> tuple[dict, str]:
     """``(config.json dict, its path)`` for a checkpoint directory or a ``config.json`` file."""
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise FileNotFoundError(f"--model_name_or_path {path}: cannot read {file}: {e.strerror}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON: {e}") from e
+    from pathlib import Path
+
+    from .models.checkpoint import _read_json
+
+    file = Path(path) / "config.json" if os.path.isdir(path) else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--model_name_or_path {path}: no such file {file}")
+    raw = _read_json(file)
     if not isinstance(raw, dict):
         raise ValueError(f"{file}: expected a JSON object")
-    return raw, file
+    return raw, str(file)
 
 
 def family_of(raw: dict, source: str) -> Family:
