@@ -1,5 +1,5 @@
 """FSDP2 through accelerate, on 2 CPU processes (gloo) with the tiny LLaDA: the same losses and final model as one
-process, sharded checkpoints that resume, a sharded reference; and the DeepSpeed ZeRO-3 example config accepted.
+process, sharded checkpoints that resume, a sharded reference, LoRA with its adapters-off reference.
 
 accelerate only selects FSDP on GPU backends, so the runs go through ``tests/fsdp_cpu.py``, which switches
 accelerate's state to FSDP with the plugin ``accelerate launch`` built from the example config (see its docstring).
@@ -77,7 +77,8 @@ def test_fsdp_two_processes_match_one_resume_and_gather_the_model(tmp_path):
     # Checkpoints hold the sharded state: one file per process for the model and the optimizer.
     ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-00000003"
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):
-        assert sorted(p.name for p in (ckpt / part).iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+        shards = sorted(p.name for p in (ckpt / part).iterdir() if p.suffix == ".distcp")
+        assert shards == ["__0_0.distcp", "__1_0.distcp"], shards
     assert not [p for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
     # Resume from step 3's sharded checkpoint: the same losses for steps 4-6 and the same final model.
@@ -96,7 +97,8 @@ def test_fsdp_two_processes_match_one_resume_and_gather_the_model(tmp_path):
 
 def test_fsdp_lora_reference_with_adapters_off_matches_one_process(tmp_path):
     """LoRA under FSDP2: the reference is the sharded policy with its adapters off; the gathered model merges them."""
-    flags = FLAGS + ["--num_samples", "0", "--max_steps", "4", "--save_steps", "2", "--use_lora", "--learning_rate", "1e-2"]
+    flags = FLAGS + ["--num_samples", "0", "--max_steps", "4", "--save_steps", "2", "--use_lora",
+                     "--learning_rate", "1e-2"]
     one = run(flags + ["--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
     two = fsdp(tmp_path, flags + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")], 29533)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])

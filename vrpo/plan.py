@@ -145,7 +145,8 @@ def lora_shapes(model: nn.Module, cfg: VRPOConfig) -> list[torch.Size]:
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             shapes += [torch.Size((cfg.lora_r, module.in_features)), torch.Size((module.out_features, cfg.lora_r))]
     if not shapes:
-        raise ValueError(f"--lora_target_modules {' '.join(cfg.lora_target_modules)}: no nn.Linear of the model matches")
+        names = " ".join(cfg.lora_target_modules)
+        raise ValueError(f"--lora_target_modules {names}: no nn.Linear of the model matches")
     return shapes
 
 
@@ -510,19 +511,23 @@ def report(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> str:
     verdict = "FITS" if mem.peak <= room else "DOES NOT FIT"
     lines += [
         f"  {'peak (' + mem.phase + ', upper bound)':<40}{_gb(mem.peak)}",
-        f"  {verdict}: {_gb(room).strip()} usable ({setup.capacity / 1e9:.0f} GB less {setup.reserve_gb:g} GB reserve), "
+        f"  {verdict}: {_gb(room).strip()} usable ({setup.capacity / 1e9:.0f} GB less "
+        f"{setup.reserve_gb:g} GB reserve), "
         f"margin {(room - mem.peak) / 1e9:+.2f} GB",
         "",
-        f"Per optimizer step (global batch {comp.global_batch} pairs, mean sequence {setup.mean_length or cfg.max_length} "
+        f"Per optimizer step (global batch {comp.global_batch} pairs, mean sequence "
+        f"{setup.mean_length or cfg.max_length} "
         f"tokens, response fraction {setup.response_fraction:g})",
         f"  tokens through the policy     {comp.tokens_policy:,}",
         f"  tokens through the reference  {comp.tokens_reference:,}"
         + ("  (in the precompute pass, once per pair)" if cfg.precompute_ref else ""),
         f"  model FLOPs                   {comp.flops:.3e}"
         + (f"  (+{comp.flops_recompute:.3e} recomputed by checkpointing)" if comp.flops_recompute else ""),
-        f"  time at {setup.mfu:.0%} MFU            {comp.step_s:.1f} s   ({gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak per GPU)",
+        f"  time at {setup.mfu:.0%} MFU            {comp.step_s:.1f} s   "
+        f"({gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16 peak per GPU)",
         f"Whole run: {comp.steps:,} steps ({setup.run_pairs:,} pairs / {comp.global_batch} per step x "
-        f"{cfg.num_train_epochs} epoch(s)): {comp.steps * comp.step_s / 3600:.1f} h wall, {comp.gpu_hours:,.0f} GPU-hours",
+        f"{cfg.num_train_epochs} epoch(s)): {comp.steps * comp.step_s / 3600:.1f} h wall, "
+        f"{comp.gpu_hours:,.0f} GPU-hours",
     ]
     return "\n".join(lines)
 
