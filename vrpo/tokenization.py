@@ -23,6 +23,8 @@ response alone is still too long, drops response tokens from the right; a respon
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -108,6 +110,37 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt, *, chat_template: 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of user text, where a special token's spelling (``<|eot_id|>``, ``<|mdm_mask|>``, ...) is
+    plain text: user content must not inject control tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt, chat_template: bool) -> list[int]:
+    """Token ids of :func:`format_prompt`: the template's own text may hold special tokens, the messages'
+    content never does. The template is rendered with a placeholder per message, and each message's
+    content is tokenized apart from the template text around it. Those boundaries are special tokens and
+    newlines in LLaDA's and Qwen's templates, so the ids are the whole string's, except that content
+    starting with a newline is not merged with the template's newline before it."""
+    if not chat_template:
+        return text_ids(tokenizer, format_prompt(tokenizer, prompt, chat_template=False))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, "prompt")
+    tag = f"vrpo{secrets.token_hex(8)}"
+    # Spaces around each placeholder show whether the template trims content (LLaDA's: `| trim`).
+    holes = [{**m, "content": f" {tag}{i}{tag} "} for i, m in enumerate(messages)]
+    pieces = re.split(f"( ?){tag}(\\d+){tag}( ?)", format_prompt(tokenizer, holes))
+    if [int(i) for i in pieces[2::4]] != list(range(len(messages))):
+        raise ValueError("the tokenizer's chat_template does not place each message's content exactly once")
+    ids = tokenizer(pieces[0], add_special_tokens=False)["input_ids"] if pieces[0] else []
+    for k in range(1, len(pieces), 4):
+        left, index, right, after = pieces[k : k + 4]
+        content = messages[int(index)]["content"]
+        ids += text_ids(tokenizer, content if left and right else content.strip())
+        if after:
+            ids += tokenizer(after, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def _response_text(response) -> str:
     if isinstance(response, str):
         return response
@@ -138,8 +171,7 @@ def encode_example(
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATION}")
     eos = _eos_id(tokenizer)
-    text = format_prompt(tokenizer, prompt, chat_template=chat_template)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = _prompt_ids(tokenizer, prompt, chat_template)
     if not chat_template and tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     answer = _response_text(response)
@@ -148,7 +180,7 @@ def encode_example(
         end = [_special_id(tokenizer, EOT_TOKEN, "end of turn"), eos]
     else:
         end = [eos]
-    response_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + end
+    response_ids = text_ids(tokenizer, answer) + end
 
     if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
         total = len(prompt_ids) + len(response_ids)
