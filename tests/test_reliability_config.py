@@ -1,6 +1,7 @@
 """Issue 12, numbers that are not numbers and model paths: every bad flag is an argparse-style error
 naming the flag, before anything loads (``--beta nan`` used to run, skip every step and exit 0)."""
 
+import pathlib
 import time
 
 import pytest
@@ -74,3 +75,36 @@ def test_good_flags_still_parse(tmp_path):
     cfg = parse_config(["--beta", "0.1", "--max_steps", "-1", "--save_steps", "0", "--warmup_steps", "0",
                         "--model_name_or_path", str(tmp_path)])
     assert cfg.beta == 0.1 and cfg.max_steps == -1
+
+
+def test_a_model_config_too_big_for_memory_is_refused_before_building(tmp_path):
+    import json
+    import shutil
+
+    from vrpo.models import CheckpointError, load_llada
+
+    fixture = pathlib.Path(__file__).parent / "fixtures" / "llada-tiny"
+    shutil.copytree(fixture, tmp_path / "huge")
+    config = json.loads((tmp_path / "huge" / "config.json").read_text())
+    config["n_layers"] = 1_000_000
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"huge/config\.json: the config describes [\d,]+ parameters .* more than"):
+        load_llada(tmp_path / "huge", dtype="float32")
+    assert time.perf_counter() - t0 < 5  # refused from the count, not after building a million layers
+
+
+def test_the_parameter_count_is_exact():
+    import json
+
+    from vrpo.models import load_llada
+    from vrpo.models.checkpoint import check_fits
+    from vrpo.models.config import llada_to_llama_config
+
+    fixtures = pathlib.Path(__file__).parent / "fixtures"
+    model = load_llada(fixtures / "llada-tiny")
+    counted = check_fits(model.config, None, "cpu", "tiny")
+    assert counted == sum(p.numel() for p in model.parameters())
+    meta = fixtures / "llada-8b-instruct-meta" / "config.json"
+    big = llada_to_llama_config(json.loads(meta.read_text()), source=str(meta))
+    assert 8.0e9 < check_fits(big, None, "cpu", meta) < 8.1e9  # LLaDA-8B: 8.02B parameters
