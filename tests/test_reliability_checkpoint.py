@@ -111,6 +111,9 @@ def test_latest_cannot_point_outside_the_run(run, tmp_path):
     latest.write_text("checkpoint-00000009\n")
     with pytest.raises(CheckpointError, match="not a checkpoint-N directory inside"):
         resume(run_dir, data)
+    # nor is it the newest complete checkpoint when there is no pointer
+    latest.unlink()
+    assert CheckpointManager(str(run_dir), accelerator=None).latest() == str(run_dir / "checkpoints" / "checkpoint-00000002")
 
 
 def truncate(path):

@@ -181,8 +181,10 @@ class CheckpointManager:
         """Complete checkpoint directories, oldest first."""
         if not os.path.isdir(self.root):
             return []
-        names = [n for n in os.listdir(self.root) if n.startswith(CHECKPOINT_PREFIX)]
-        names = [n for n in names if os.path.isfile(os.path.join(self.root, n, STATE_FILE))]
+        root = os.path.realpath(self.root)
+        names = [n for n in os.listdir(self.root) if _NAME.match(n)]
+        names = [n for n in names if os.path.isfile(os.path.join(self.root, n, STATE_FILE))
+                 and os.path.dirname(os.path.realpath(os.path.join(self.root, n))) == root]  # no links out
         return [os.path.join(self.root, n) for n in sorted(names)]
 
     def latest(self) -> str | None:
