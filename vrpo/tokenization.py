@@ -24,7 +24,6 @@ response alone is still too long, drops response tokens from the right; a respon
 from __future__ import annotations
 
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -33,6 +32,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vrpo.models.config import LLADA_MASK_TOKEN
 
 EOT_TOKEN = "<|eot_id|>"
+_HOLE = "vrpo7f3a9c1e"  # marks where a message's content goes in a rendered chat template
+_HOLES = re.compile(f"( ?){_HOLE}(\\d+){_HOLE}( ?)")
 TRUNCATION = ("error", "truncate")
 
 
@@ -125,19 +126,18 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt, chat_template: bool)
     if not chat_template:
         return text_ids(tokenizer, format_prompt(tokenizer, prompt, chat_template=False))
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, "prompt")
-    tag = f"vrpo{secrets.token_hex(8)}"
     # Spaces around each placeholder show whether the template trims content (LLaDA's: `| trim`).
-    holes = [{**m, "content": f" {tag}{i}{tag} "} for i, m in enumerate(messages)]
-    pieces = re.split(f"( ?){tag}(\\d+){tag}( ?)", format_prompt(tokenizer, holes))
+    holes = [{**m, "content": f" {_HOLE}{i}{_HOLE} "} for i, m in enumerate(messages)]
+    pieces = _HOLES.split(format_prompt(tokenizer, holes))
     if [int(i) for i in pieces[2::4]] != list(range(len(messages))):
         raise ValueError("the tokenizer's chat_template does not place each message's content exactly once")
-    ids = tokenizer(pieces[0], add_special_tokens=False)["input_ids"] if pieces[0] else []
-    for k in range(1, len(pieces), 4):
-        left, index, right, after = pieces[k : k + 4]
-        content = messages[int(index)]["content"]
-        ids += text_ids(tokenizer, content if left and right else content.strip())
-        if after:
-            ids += tokenizer(after, add_special_tokens=False)["input_ids"]
+    template = tokenizer(pieces[::4], add_special_tokens=False)["input_ids"]  # one call each: they are slow
+    contents = [messages[int(index)]["content"] for index in pieces[2::4]]
+    trimmed = [c if left and right else c.strip() for c, left, right in zip(contents, pieces[1::4], pieces[3::4])]
+    contents = tokenizer(trimmed, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = list(template[0])
+    for content, after in zip(contents, template[1:]):
+        ids += content + after
     return ids
 
 
@@ -170,8 +170,13 @@ def encode_example(
     """
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATION}")
-    eos = _eos_id(tokenizer)
     prompt_ids = _prompt_ids(tokenizer, prompt, chat_template)
+    return _with_response(tokenizer, prompt_ids, response, max_length, truncation, chat_template)
+
+
+def _with_response(tokenizer, prompt_ids: list[int], response, max_length, truncation: str, chat_template: bool):
+    """:func:`encode_example` once the prompt is tokenized (a preference pair's two sides share it)."""
+    eos = _eos_id(tokenizer)
     if not chat_template and tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     answer = _response_text(response)
@@ -258,9 +263,16 @@ def encode_preference(tokenizer: PreTrainedTokenizerBase, example: Mapping, **kw
         raise ValueError("a standard (string) preference example needs an explicit 'prompt'")
     else:
         prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    max_length, truncation = kwargs.pop("max_length", None), kwargs.pop("truncation", "error")
+    chat_template = kwargs.pop("chat_template", True)
+    if kwargs:
+        raise TypeError(f"encode_preference got unexpected keyword arguments {sorted(kwargs)}")
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATION}")
+    prompt_ids = _prompt_ids(tokenizer, prompt, chat_template)
     out = {}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        enc = encode_example(tokenizer, prompt, response, **kwargs)
+        enc = _with_response(tokenizer, prompt_ids, response, max_length, truncation, chat_template)
         out[f"{name}_input_ids"] = enc["input_ids"]
         out[f"{name}_response_mask"] = enc["response_mask"]
     return out
