@@ -52,14 +52,18 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
+def _read_json(file: str):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); the checkpoint is corrupt") from None
+
+
 def read_state(path: str) -> dict:
     """The trainer state of checkpoint ``path``: a JSON object with an integer ``step``."""
     file = os.path.join(path, STATE_FILE)
-    try:
-        with open(file, encoding="utf-8") as f:
-            state = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e}); the checkpoint is corrupt") from None
+    state = _read_json(file)
     step = state.get("step") if isinstance(state, dict) else None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{file}: expected a JSON object with a non-negative integer 'step', got {state!r:.80}")
@@ -122,16 +126,8 @@ def verify_checkpoint(path: str) -> dict:
     return state
 
 
-def _read_json(file: str):
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e}); the checkpoint is corrupt") from None
-
-
-def _check_shapes(path: str, models: list, optimizers: list):
-    """The checkpoint's tensors have the shapes of the run's model and optimizer state."""
+def _check_model_shapes(path: str, models: list):
+    """The checkpoint's model tensors have the shapes of the run's models (before they are loaded)."""
     from safetensors import safe_open
 
     for i, model in enumerate(models):
@@ -146,6 +142,10 @@ def _check_shapes(path: str, models: list, optimizers: list):
                     raise CheckpointError(
                         f"{file}: tensor {key!r} has shape {shape}, but this run's model has {expected[key]}"
                     )
+
+
+def _check_optimizer_shapes(path: str, optimizers: list):
+    """The loaded optimizer state has the shapes of its parameters (``load_state_dict`` does not check)."""
     for i, opt in enumerate(optimizers):
         file = os.path.join(path, f"optimizer{f'_{i}' if i else ''}.bin")
         params = [p for group in opt.param_groups for p in group["params"]]
@@ -287,11 +287,11 @@ class CheckpointManager:
                 raise CheckpointError(f"{path}: no {CUSTOM_STATE.format(i)} (the LR scheduler's state)")
         acc._custom_objects = []  # read below from JSON, not by accelerate's weights_only=False load
         try:
-            _check_shapes(path, [acc.unwrap_model(m) for m in acc._models], [])
+            _check_model_shapes(path, [acc.unwrap_model(m) for m in acc._models])
             acc.load_state(path, load_kwargs={"weights_only": True})
         finally:
             acc._custom_objects = customs
-        _check_shapes(path, [], acc._optimizers)
+        _check_optimizer_shapes(path, acc._optimizers)
         for i, obj in enumerate(customs):
             file = os.path.join(path, CUSTOM_STATE.format(i))
             try:
