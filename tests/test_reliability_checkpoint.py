@@ -172,3 +172,36 @@ def test_manager_resolve_rejects_outside_latest_without_accelerate(tmp_path):
     pathlib.Path(mgr.latest_file).write_text("../x\n")
     with pytest.raises(CheckpointError, match="inside"):
         mgr.resolve("latest")
+
+
+def sharded_checkpoint(root, extra) -> pathlib.Path:
+    """A checkpoint directory with a torch.distributed.checkpoint folder, as FSDP's sharded state writes."""
+    import torch.distributed.checkpoint as dcp
+
+    root.mkdir()
+    (root / "trainer_state.json").write_text('{"step": 1}')
+    dcp.save({"w": torch.arange(6.0), "param_groups": [{"lr": 0.1}], **extra},
+             checkpoint_id=str(root / "optimizer_0"), no_dist=True)
+    return root / "optimizer_0"
+
+
+def test_a_sharded_checkpoint_is_verified_without_unpickling_it(tmp_path, monkeypatch):
+    from vrpo.checkpoint import verify_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    clean = sharded_checkpoint(tmp_path / "clean", {})
+    assert verify_checkpoint(str(clean.parent))["step"] == 1
+    # A payload among the non-tensor items (torch would load it with weights_only=False).
+    bad = sharded_checkpoint(tmp_path / "item", {"x": Payload(str(tmp_path / MARKER))})
+    with pytest.raises(CheckpointError, match=r"optimizer_0/__0_0\.distcp \(item 'x'\): refusing to unpickle"):
+        verify_checkpoint(str(bad.parent))
+    # A payload as the shard index (torch reads it with pickle.load).
+    with open(clean / ".metadata", "wb") as f:
+        pickle.dump(Payload(str(tmp_path / MARKER)), f)
+    with pytest.raises(CheckpointError, match=r"optimizer_0/\.metadata: refusing to unpickle"):
+        verify_checkpoint(str(clean.parent))
+    assert not (tmp_path / MARKER).exists()
+    cut = sharded_checkpoint(tmp_path / "cut", {})
+    truncate(cut / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: truncated"):
+        verify_checkpoint(str(cut.parent))

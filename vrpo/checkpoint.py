@@ -14,6 +14,7 @@ naming it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -87,11 +88,12 @@ def _accelerate_safe_globals() -> list:
     return list(TORCH_SAFE_GLOBALS)
 
 
-def _check_pickle(file: str):
-    """``file`` loads with ``weights_only=True`` (memory-mapped: nothing is read twice)."""
+def _check_pickle(source, file: str):
+    """``source`` (a path, memory-mapped so nothing is read twice, or a buffer) loads with
+    ``weights_only=True``; ``file`` names it in errors."""
     try:
         with torch.serialization.safe_globals(_accelerate_safe_globals()):
-            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(source, str))
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -100,6 +102,47 @@ def _check_pickle(file: str):
         ) from None
     except Exception as e:  # truncation and format errors: RuntimeError, EOFError, ValueError, OSError
         raise CheckpointError(f"{file}: not a readable torch file ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's ``.metadata`` (a plain pickle that torch reads with
+    ``pickle.load``), allowing only the classes that describe shards."""
+
+    ALLOWED = {("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED
+                or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _check_sharded(folder: str):
+    """A torch.distributed.checkpoint folder (FSDP's sharded state): its ``.metadata`` holds only shard
+    descriptions, and the non-tensor items of its ``.distcp`` files (which torch loads with
+    ``weights_only=False``) load with ``weights_only=True``; each shard file covers its items."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    file = os.path.join(folder, ".metadata")
+    try:
+        with open(file, "rb") as f:
+            metadata = _DCPMetadataUnpickler(f).load()
+        storage, items = metadata.storage_data, metadata.state_dict_metadata
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refusing to unpickle it ({e}); vrpo never loads it") from None
+    except Exception as e:  # truncation and format errors
+        raise CheckpointError(f"{file}: not a readable shard index ({type(e).__name__}: {e})") from None
+    for index, info in storage.items():
+        shard = os.path.join(folder, str(info.relative_path))
+        if os.path.dirname(os.path.realpath(shard)) != os.path.realpath(folder) or not os.path.isfile(shard):
+            raise CheckpointError(f"{file}: names shard {info.relative_path!r}, which is not a file beside it")
+        if info.offset + info.length > os.path.getsize(shard):
+            raise CheckpointError(f"{shard}: truncated (item {index.fqn!r} ends past the end of the file)")
+        if isinstance(items.get(index.fqn), BytesStorageMetadata):
+            with open(shard, "rb") as f:
+                f.seek(info.offset)
+                _check_pickle(io.BytesIO(f.read(info.length)), f"{shard} (item {index.fqn!r})")
 
 
 def verify_checkpoint(path: str) -> dict:
@@ -121,8 +164,13 @@ def verify_checkpoint(path: str) -> dict:
                     _read_json(file)
             elif name.endswith(".safetensors"):
                 _check_safetensors(file)
+            elif name == ".metadata":
+                _check_sharded(folder)
+            elif name.endswith(".distcp"):
+                if not os.path.isfile(os.path.join(folder, ".metadata")):
+                    raise CheckpointError(f"{file}: a shard without the .metadata that describes it")
             else:
-                _check_pickle(file)
+                _check_pickle(file, file)
     return state
 
 
