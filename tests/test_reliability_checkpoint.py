@@ -205,3 +205,27 @@ def test_a_sharded_checkpoint_is_verified_without_unpickling_it(tmp_path, monkey
     truncate(cut / "__0_0.distcp")
     with pytest.raises(CheckpointError, match=r"__0_0\.distcp: truncated"):
         verify_checkpoint(str(cut.parent))
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(run):
+    run_dir, data = run
+    log = run_dir / "logs" / "metrics.jsonl"
+    before = log.read_text()
+    log.write_text(before + '{"step": 3, "loss/vr')  # killed mid-write
+    resume(run_dir, data)
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # every line is JSON again
+    assert max(r["step"] for r in records) == 2
+    log.write_text('{"step": 1}\nnot json\n' + before)
+    with pytest.raises(CheckpointError, match=rf"{log}:2: not a JSON record"):
+        resume(run_dir, data)
+
+
+def test_non_finite_evaluation_is_a_clear_stop_not_a_traceback(made, tmp_path):
+    from vrpo.trainer import TrainingDiverged
+
+    _, data = made
+    trainer = VRPOTrainer(config(tmp_path / "nan", data))
+    with torch.no_grad():
+        trainer.policy_model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="held-out evaluation at step 0: .*last checkpoint: none"):
+        trainer.train()
