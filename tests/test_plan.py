@@ -133,8 +133,10 @@ def test_cli_errors_name_the_flag_or_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--mfu", "2"])
     assert "--mfu must be in (0, 1]" in capsys.readouterr().err
-    assert main(["--model_name_or_path", str(tmp_path / "nope")]) == 2
-    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the training flags' own check, before planning
+        main(["--model_name_or_path", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2
+    assert "nope: no such directory" in capsys.readouterr().err
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["--model_name_or_path", str(bad)]) == 2
@@ -145,7 +147,7 @@ def test_peak_memory_bytes_of_a_loaded_model_grows_with_the_batch():
     from vrpo.models import build_tiny_llada
 
     model = build_tiny_llada(seed=0, d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab_size=136)
-    base = VRPOConfig(model_name_or_path="loaded", per_device_train_batch_size=1, max_length=64)
+    base = VRPOConfig(per_device_train_batch_size=1, max_length=64)
     one = peak_memory_bytes(base, model=model)
     two = peak_memory_bytes(dataclasses.replace(base, per_device_train_batch_size=2), model=model)
     weights = sum(p.numel() * 4 for p in model.parameters())

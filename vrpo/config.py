@@ -289,6 +289,8 @@ def _check_local_dir(name: str, path: str):
     path = os.fspath(path)
     if os.path.isdir(path):
         return
+    if name == "model_name_or_path" and os.path.basename(path) == "config.json" and os.path.isfile(path):
+        return  # a model's config alone: enough for `python -m vrpo.plan`; loading weights names it later
     if os.path.exists(path):
         raise ValueError(f"--{name} {path}: not a directory (expected a checkpoint directory)")
     if _HUB_ID.match(path):
