@@ -152,7 +152,8 @@ class VRPOTrainer:
         if cfg.use_lora:
             policy = loading.add_lora(cfg, policy)
         if cfg.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
+            enable({"use_reentrant": False})  # transformers renamed it; the checkpoint kwargs come first in both
         policy.train()
         self.policy = policy
         fused = "auto" if cfg.fused_head else False
