@@ -71,8 +71,9 @@ def _inputs(B, Hq, Hkv, S, D, dtype, seed, requires_grad=True):
     return q, k, v
 
 
-def segment_softmax_reference(q, k, v, segment_ids=None, scale=None):
-    """float64 attention written out segment by segment, independent of the library's code paths.
+def attention_reference(q, k, v, segment_ids=None, scale=None):
+    """float64 attention written out segment by segment, independent of the library's code paths
+    (it deliberately shadows ``vrpo_kernels.attention.attention_reference``, which runs attention_eager).
 
     For each row and each non-negative id, the queries holding that id attend to the keys holding it:
     ``softmax(q k^T * scale) v`` over those keys only (ids need not be contiguous). Tokens with a
@@ -101,7 +102,7 @@ def segment_softmax_reference(q, k, v, segment_ids=None, scale=None):
 
 
 def _check_against_reference(out, q, k, v, segment_ids, scale, atol, rtol, grad_atol, grad_rtol, seed=0):
-    ref = segment_softmax_reference(q, k, v, segment_ids, scale)
+    ref = attention_reference(q, k, v, segment_ids, scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
@@ -221,7 +222,7 @@ def test_triton_skips_blocks_outside_the_segments(clean):
         t.requires_grad_()
     tiles = KernelConfig(16, 16, 4, 1)
     out = attention_triton(q, k, v, segment_ids, config=AttentionConfig(tiles, tiles, tiles, tiles))
-    ref = segment_softmax_reference(q[:, :, clean], k[:, :, clean], v[:, :, clean])
+    ref = attention_reference(q[:, :, clean], k[:, :, clean], v[:, :, clean])
     torch.testing.assert_close(out[:, :, clean].double(), ref, atol=2e-6, rtol=1e-5)
     assert torch.all(out[:, :, 32:48] == 0)  # padding queries: nothing visited, exact zeros
     g = torch.zeros_like(out)
@@ -264,7 +265,7 @@ def test_triton_partial_gradients(wants):
     for name in wants:
         leaves[name].requires_grad_()
     out = bidirectional_attention(q, k, v, segment_ids, impl="triton")
-    ref = segment_softmax_reference(q, k, v, segment_ids)
+    ref = attention_reference(q, k, v, segment_ids)
     inputs = [leaves[name] for name in wants]
     got = torch.autograd.grad(out, inputs, torch.ones_like(out))
     want = torch.autograd.grad(ref, inputs, torch.ones_like(ref))
