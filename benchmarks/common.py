@@ -62,7 +62,8 @@ def memory_probe_env(mmap_threshold: int = 65536) -> dict:
     that much free memory, so freed tensors go back to the OS and the RSS tracks live tensors (cached
     arenas would hide a call's peak from the RSS delta). The repository goes first on PYTHONPATH.
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(mmap_threshold), MALLOC_TRIM_THRESHOLD_=str(mmap_threshold))
+    threshold = str(mmap_threshold)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=threshold, MALLOC_TRIM_THRESHOLD_=threshold)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(RESULTS.parents[1]), env.get("PYTHONPATH")]))
     return env
 

@@ -51,7 +51,9 @@ import time
 
 import torch
 
-from benchmarks.common import machine, median_p20_p80, memory_probe_env, output_dir, peak_extra_bytes, write_csv
+from benchmarks.common import (
+    machine, median_p20_p80, memory_probe_env, output_dir, peak_extra_bytes, write_csv,
+)
 from vrpo.config import VRPOConfig
 from vrpo.loading import TOY_MODEL
 
@@ -263,7 +265,8 @@ def run(out_dir=RESULTS_DIR, quick=False, models=None, reps=None, warmup=None, b
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model at 2 pairs, 2 repeats (smoke test)")
-    parser.add_argument("--out", default=RESULTS_DIR, help="output directory (default: benchmarks/results; --quick: a temporary one)")
+    parser.add_argument("--out", default=RESULTS_DIR,
+                        help="output directory (default: benchmarks/results; --quick: a temporary one)")
     parser.add_argument("--models", nargs="+", default=None, help=f"of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--reps", type=int, default=None, help=f"timed repeats per implementation ({FULL['reps']})")
     parser.add_argument("--warmup", type=int, default=None,

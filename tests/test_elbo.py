@@ -260,4 +260,4 @@ def test_terms_are_float32_when_the_model_runs_in_bf16(fused):
     assert terms.dtype == torch.float32
     assert (0.01 * reference.abs() > bound).all(), "the bound must be tight enough to see a 1% weight error"
     error = (terms.double() - reference).abs()
-    assert (error <= bound).all(), f"error {error.max().item():.3g} over the fp32 bound {bound.min().item():.3g}"
+    assert (error <= bound).all(), f"error {error.max().item():.3g} over the bound {bound.min().item():.3g}"

@@ -110,7 +110,8 @@ def test_exact_count_positions_are_uniform_in_long_rows(impl):
     S, L, start, L_b, count = 48, 110, 5, 100, 30
     resp = torch.zeros(S, L, dtype=torch.bool)
     resp[:, start : start + L_b] = True
-    masked = sample_masks(resp, counts=torch.full((S, 1), count), generator=gen(7), impl=impl)[:, 0, start : start + L_b]
+    masked = sample_masks(resp, counts=torch.full((S, 1), count), generator=gen(7), impl=impl)
+    masked = masked[:, 0, start : start + L_b]
     per_pos = masked.sum(0)
     assert chi2_pvalue(per_pos, torch.full((L_b,), S * count / L_b)) > 1e-3
     # Response positions in the kernel's first chunk (row positions < BLOCK_L) and in the later ones:

@@ -51,7 +51,8 @@ def test_readme_has_python_blocks_to_run():
 
 def test_extractor_sees_markers_and_line_numbers():
     text = "intro\n```python\nx = 1\n```\n<!-- not-run: needs a GPU -->\n```python\ny = 2\ny += 1\n```\n"
-    assert readme_python_blocks(text) == [Block(3, "x = 1\n", None), Block(7, "y = 2\ny += 1\n", "needs a GPU")]
+    want = [Block(3, "x = 1\n", None), Block(7, "y = 2\ny += 1\n", "needs a GPU")]
+    assert readme_python_blocks(text) == want
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: f"README.md:{b.line}")

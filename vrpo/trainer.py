@@ -152,8 +152,9 @@ class VRPOTrainer:
         if cfg.use_lora:
             policy = loading.add_lora(cfg, policy)
         if cfg.gradient_checkpointing:
-            enable = getattr(policy, "activation_checkpointing_enable", None) or policy.gradient_checkpointing_enable
-            enable({"use_reentrant": False})  # transformers renamed it; the checkpoint kwargs come first in both
+            # transformers renamed it; the checkpoint kwargs come first under both names
+            enable = getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)
+            enable({"use_reentrant": False})
         policy.train()
         self.policy = policy
         fused = "auto" if cfg.fused_head else False
