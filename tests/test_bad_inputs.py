@@ -79,7 +79,7 @@ def test_parquet_and_save_to_disk_sources(tmp_path):
     "name, message",
     [
         ("config_bad_n_t.yaml", "--n_t must be a positive integer, got 0"),
-        ("config_bad_beta.yaml", "--beta must be > 0, got -0.1"),
+        ("config_bad_beta.yaml", "--beta must be > 0 and finite, got -0.1"),
         ("config_bad_loss_type.yaml", "--loss_type must be one of sigmoid, ipo, hinge, robust, got 'kto'"),
         ("config_bad_estimator.yaml", "--estimator must be one of l_uniform, t_bernoulli, got 'uniform'"),
         ("config_not_yaml.yaml", "not valid YAML"),

@@ -3,18 +3,33 @@
 A run killed at any moment leaves either a complete checkpoint or a ``.tmp-*`` directory that is
 ignored (and cleaned up by the next save). ``latest`` is a one-line file naming the newest complete
 checkpoint; it is replaced atomically after the rename, so it never points at a partial one.
+
+Checkpoints are shared and downloaded, so resuming treats them as untrusted: nothing in them is
+unpickled with ``weights_only=False``. State registered with ``accelerator.register_for_checkpointing``
+(the LR scheduler) is written as JSON rather than accelerate's pickle, and before accelerate reads a
+checkpoint every file is checked: JSON parses, safetensors headers cover their files, and every other
+file loads under ``torch.load(weights_only=True)``. A file that fails is a :class:`CheckpointError`
+naming it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import re
 import shutil
 
 import torch
 
+from .models import CheckpointError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+CUSTOM_STATE = "custom_state_{}.json"  # state of the i-th object registered for checkpointing
+_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}\d+$")
+_ACCELERATE_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
 def atomic_write_text(path: str, text: str):
@@ -36,6 +51,159 @@ def _fsync_dir(path: str):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_json(file: str):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); the checkpoint is corrupt") from None
+
+
+def read_state(path: str) -> dict:
+    """The trainer state of checkpoint ``path``: a JSON object with an integer ``step``."""
+    file = os.path.join(path, STATE_FILE)
+    state = _read_json(file)
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{file}: expected a JSON object with a non-negative integer 'step', got {state!r:.80}")
+    return state
+
+
+def _check_safetensors(file: str):
+    from safetensors import safe_open
+
+    try:  # safetensors checks that the header's offsets cover the file exactly
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except Exception as e:  # the Rust binding raises SafetensorError, or OSError for I/O
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+
+
+def _accelerate_safe_globals() -> list:
+    """What accelerate's own ``load`` allows under ``weights_only``: numpy arrays of its RNG states."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    return list(TORCH_SAFE_GLOBALS)
+
+
+def _check_pickle(source, file: str):
+    """``source`` (a path, memory-mapped so nothing is read twice, or a buffer) loads with
+    ``weights_only=True``; ``file`` names it in errors."""
+    try:
+        with torch.serialization.safe_globals(_accelerate_safe_globals()):
+            torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(source, str))
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{file}: refusing to unpickle it: it holds more than tensors and plain data ({reason}). "
+            "A checkpoint from an untrusted source can run code this way; vrpo never loads it"
+        ) from None
+    except Exception as e:  # truncation and format errors: RuntimeError, EOFError, ValueError, OSError
+        raise CheckpointError(f"{file}: not a readable torch file ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch.distributed.checkpoint's ``.metadata`` (a plain pickle that torch reads with
+    ``pickle.load``), allowing only the classes that describe shards."""
+
+    ALLOWED = {("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED
+                or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def _check_sharded(folder: str):
+    """A torch.distributed.checkpoint folder (FSDP's sharded state): its ``.metadata`` holds only shard
+    descriptions, and the non-tensor items of its ``.distcp`` files (which torch loads with
+    ``weights_only=False``) load with ``weights_only=True``; each shard file covers its items."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    file = os.path.join(folder, ".metadata")
+    try:
+        with open(file, "rb") as f:
+            metadata = _DCPMetadataUnpickler(f).load()
+        storage, items = metadata.storage_data, metadata.state_dict_metadata
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refusing to unpickle it ({e}); vrpo never loads it") from None
+    except Exception as e:  # truncation and format errors
+        raise CheckpointError(f"{file}: not a readable shard index ({type(e).__name__}: {e})") from None
+    for index, info in storage.items():
+        shard = os.path.join(folder, str(info.relative_path))
+        if os.path.dirname(os.path.realpath(shard)) != os.path.realpath(folder) or not os.path.isfile(shard):
+            raise CheckpointError(f"{file}: names shard {info.relative_path!r}, which is not a file beside it")
+        if info.offset + info.length > os.path.getsize(shard):
+            raise CheckpointError(f"{shard}: truncated (item {index.fqn!r} ends past the end of the file)")
+        if isinstance(items.get(index.fqn), BytesStorageMetadata):
+            with open(shard, "rb") as f:
+                f.seek(info.offset)
+                _check_pickle(io.BytesIO(f.read(info.length)), f"{shard} (item {index.fqn!r})")
+
+
+def verify_checkpoint(path: str) -> dict:
+    """Check every file of checkpoint ``path`` without running anything in it; return its trainer state.
+
+    Raises :class:`CheckpointError` naming the first bad file.
+    """
+    state = read_state(path)
+    for folder, _, files in os.walk(path):
+        for name in sorted(files):
+            file = os.path.join(folder, name)
+            if _ACCELERATE_PICKLE.match(name):
+                raise CheckpointError(
+                    f"{file}: accelerate's pickled custom state is not loaded (it would be unpickled with "
+                    f"weights_only=False); vrpo writes {CUSTOM_STATE.format('<i>')} instead"
+                )
+            if name.endswith(".json"):
+                if name != STATE_FILE:
+                    _read_json(file)
+            elif name.endswith(".safetensors"):
+                _check_safetensors(file)
+            elif name == ".metadata":
+                _check_sharded(folder)
+            elif name.endswith(".distcp"):
+                if not os.path.isfile(os.path.join(folder, ".metadata")):
+                    raise CheckpointError(f"{file}: a shard without the .metadata that describes it")
+            else:
+                _check_pickle(file, file)
+    return state
+
+
+def _check_model_shapes(path: str, models: list):
+    """The checkpoint's model tensors have the shapes of the run's models (before they are loaded)."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(models):
+        file = os.path.join(path, f"model{f'_{i}' if i else ''}.safetensors")
+        if not os.path.exists(file):
+            continue
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} has shape {shape}, but this run's model has {expected[key]}"
+                    )
+
+
+def _check_optimizer_shapes(path: str, optimizers: list):
+    """The loaded optimizer state has the shapes of its parameters (``load_state_dict`` does not check)."""
+    for i, opt in enumerate(optimizers):
+        file = os.path.join(path, f"optimizer{f'_{i}' if i else ''}.bin")
+        params = [p for group in opt.param_groups for p in group["params"]]
+        for p in params:
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    raise CheckpointError(
+                        f"{file}: optimizer state {key!r} has shape {tuple(value.shape)}, but its parameter has "
+                        f"{tuple(p.shape)}"
+                    )
 
 
 class CheckpointManager:
@@ -61,19 +229,34 @@ class CheckpointManager:
         """Complete checkpoint directories, oldest first."""
         if not os.path.isdir(self.root):
             return []
-        names = [n for n in os.listdir(self.root) if n.startswith(CHECKPOINT_PREFIX)]
-        names = [n for n in names if os.path.isfile(os.path.join(self.root, n, STATE_FILE))]
+        root = os.path.realpath(self.root)
+        names = [n for n in os.listdir(self.root) if _NAME.match(n)]
+        names = [n for n in names if os.path.isfile(os.path.join(self.root, n, STATE_FILE))
+                 and os.path.dirname(os.path.realpath(os.path.join(self.root, n))) == root]  # no links out
         return [os.path.join(self.root, n) for n in sorted(names)]
 
     def latest(self) -> str | None:
+        """The checkpoint ``latest`` names (it must be one inside :attr:`root`), else the newest complete one."""
         if os.path.isfile(self.latest_file):
-            with open(self.latest_file, encoding="utf-8") as f:
-                name = f.read().strip()
-            path = os.path.join(self.root, name)
+            path = os.path.join(self.root, self._latest_name())
             if os.path.isfile(os.path.join(path, STATE_FILE)):
                 return path
         done = self.complete()  # the pointer is missing or stale: fall back to the newest complete one
         return done[-1] if done else None
+
+    def _latest_name(self) -> str:
+        with open(self.latest_file, "rb") as f:
+            raw = f.read(4096)
+        try:
+            name = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.latest_file}: not a checkpoint name (binary data); delete it to use the newest checkpoint") from None
+        inside = os.path.realpath(os.path.join(self.root, name))
+        if not _NAME.match(name) or os.path.dirname(inside) != os.path.realpath(self.root):
+            raise CheckpointError(
+                f"{self.latest_file}: names {name[:100]!r}, not a {CHECKPOINT_PREFIX}N directory inside {self.root}"
+            )
+        return name
 
     def resolve(self, spec: str) -> str:
         """``'latest'`` or a path -> a complete checkpoint directory. Raises FileNotFoundError/ValueError."""
@@ -108,6 +291,8 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.root, leftover), ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(output_dir=tmp)
+        if acc.is_main_process:
+            self._custom_states_to_json(tmp)
         if fault is not None:
             fault()
         acc.wait_for_everyone()
@@ -126,8 +311,39 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
+    def _custom_states_to_json(self, folder: str):
+        """Replace accelerate's pickles of the registered objects with JSON of their state dicts."""
+        for i, obj in enumerate(self.accelerator._custom_objects):
+            try:
+                text = json.dumps(obj.state_dict(), indent=1)
+            except TypeError as e:
+                raise TypeError(f"the state of {type(obj).__name__} (registered for checkpointing) is not JSON: {e}") from None
+            atomic_write_text(os.path.join(folder, CUSTOM_STATE.format(i)), text)
+            os.remove(os.path.join(folder, f"custom_checkpoint_{i}.pkl"))
+
     def load(self, path: str) -> dict:
-        """Restore model, optimizer, scheduler and RNG states from ``path``; return the trainer state."""
-        self.accelerator.load_state(path)
-        with open(os.path.join(path, STATE_FILE), encoding="utf-8") as f:
-            return json.load(f)
+        """Restore model, optimizer, scheduler and RNG states from ``path``; return the trainer state.
+
+        Every file is verified first (:func:`verify_checkpoint`); nothing is unpickled beyond tensors
+        and plain data. Raises :class:`CheckpointError` naming a bad file.
+        """
+        acc = self.accelerator
+        state = verify_checkpoint(path)
+        customs = acc._custom_objects
+        for i in range(len(customs)):
+            if not os.path.isfile(os.path.join(path, CUSTOM_STATE.format(i))):
+                raise CheckpointError(f"{path}: no {CUSTOM_STATE.format(i)} (the LR scheduler's state)")
+        acc._custom_objects = []  # read below from JSON, not by accelerate's weights_only=False load
+        try:
+            _check_model_shapes(path, [acc.unwrap_model(m) for m in acc._models])
+            acc.load_state(path, load_kwargs={"weights_only": True})
+        finally:
+            acc._custom_objects = customs
+        _check_optimizer_shapes(path, acc._optimizers)
+        for i, obj in enumerate(customs):
+            file = os.path.join(path, CUSTOM_STATE.format(i))
+            try:
+                obj.load_state_dict(_read_json(file))
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{file}: not the state of a {type(obj).__name__} ({e})") from None
+        return state

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -182,44 +185,7 @@ class VRPOConfig:
     block_length: int | None = _help("Semi-autoregressive block length for generation. Default: gen_length.", default=None)
 
     def __post_init__(self):
-        def positive(name):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or value < 1):
-                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
-
-        for name in ("n_t", "n_yt", "gradient_accumulation_steps", "num_train_epochs", "max_nonfinite_steps",
-                     "eval_n_t", "per_device_train_batch_size", "lora_r"):
-            positive(name)
-        if self.max_length is not None and self.max_length < 4:
-            raise ValueError(f"--max_length must be at least 4, got {self.max_length}")
-        if self.beta <= 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"--loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if not 0.0 <= self.t_floor < 1.0:
-            raise ValueError(f"--t_floor must be in [0, 1), got {self.t_floor}")
-        if self.truncation not in ("truncate", "skip", "error"):
-            raise ValueError(f"--truncation must be truncate, skip or error, got {self.truncation!r}")
-        if self.on_bad_rows not in ("error", "skip"):
-            raise ValueError(f"--on_bad_rows must be error or skip, got {self.on_bad_rows!r}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        if self.sft_weight < 0:
-            raise ValueError(f"--sft_weight must be >= 0, got {self.sft_weight}")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ValueError(f"--report_to must be tensorboard or none, got {self.report_to!r}")
-        if self.torch_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--torch_dtype must be auto, float32, bfloat16 or float16, got {self.torch_dtype!r}")
-        if self.kernel_impl not in ("auto", "triton", "torch", "eager"):
-            raise ValueError(f"--kernel_impl must be auto, triton, torch or eager, got {self.kernel_impl!r}")
-        if self.precompute_ref and self.use_lora:
-            raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        validate(self)
 
     @property
     def toy(self) -> bool:
@@ -264,6 +230,105 @@ class VRPOConfig:
             stratified=self.stratified,
             t_floor=self.t_floor,
         )
+
+
+# Flag -> (lowest, highest, lowest included, highest included); None values are "resolve later".
+_FLOAT_RANGES = {
+    "beta": (0.0, math.inf, False, False),
+    "learning_rate": (0.0, math.inf, False, False),
+    "label_smoothing": (0.0, 0.5, True, False),
+    "sft_weight": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "max_grad_norm": (0.0, math.inf, True, False),
+    "adam_beta1": (0.0, 1.0, True, False),
+    "adam_beta2": (0.0, 1.0, True, False),
+    "adam_epsilon": (0.0, math.inf, False, False),
+    "t_floor": (0.0, 1.0, True, False),
+    "lora_dropout": (0.0, 1.0, True, False),
+}
+# Counts where 0 means something (off / none / only at the end) ...
+_COUNTS_FROM_0 = ("warmup_steps", "save_steps", "eval_steps", "eval_size", "num_samples", "mask_token_id", "seed")
+# ... and counts that must be at least 1.
+_COUNTS_FROM_1 = ("n_t", "n_yt", "gradient_accumulation_steps", "num_train_epochs", "max_nonfinite_steps", "eval_n_t",
+                  "per_device_train_batch_size", "lora_r", "lora_alpha", "logging_steps", "save_total_limit",
+                  "gen_length", "gen_steps", "block_length")
+_CHOICES = {
+    "loss_type": LOSS_TYPES,
+    "estimator": ESTIMATORS,
+    "truncation": ("truncate", "skip", "error"),
+    "on_bad_rows": ("error", "skip"),
+    "report_to": ("tensorboard", "none"),
+    "torch_dtype": ("auto", "float32", "bfloat16", "float16"),
+    "kernel_impl": ("auto", "triton", "torch", "eager"),
+    "mixed_precision": (None, "no", "bf16", "fp16"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _check_float(name: str, value, low: float, high: float, low_ok: bool, high_ok: bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"--{name} must be a number, got {value!r}")
+    above = value >= low if low_ok else value > low
+    below = value <= high if high_ok else value < high
+    if not (math.isfinite(value) and above and below):
+        if high == math.inf:
+            want = f"{'>=' if low_ok else '>'} {low:g} and finite"
+        else:
+            want = f"in {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+        raise ValueError(f"--{name} must be {want}, got {value!r}")
+
+
+def _check_count(name: str, value, lowest: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        kind = "a positive integer" if lowest == 1 else f"an integer >= {lowest}"
+        raise ValueError(f"--{name} must be {kind}, got {value!r}")
+
+
+def _check_local_dir(name: str, path: str):
+    """A model or tokenizer path is a local directory: never a silent download attempt."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"--{name} {path}: not a directory (expected a checkpoint directory)")
+    if _HUB_ID.match(path):
+        local = path.rsplit("/", 1)[1]
+        raise ValueError(
+            f"--{name} {path}: no such local directory. vrpo reads local checkpoints only; to use the hub model "
+            f"{path}, download it first (`hf download {path} --local-dir {local}`) and pass --{name} {local}"
+        )
+    raise ValueError(f"--{name} {path}: no such directory")
+
+
+def validate(cfg: VRPOConfig):
+    """Raise ``ValueError`` naming the flag for the first setting out of range (argparse reports it)."""
+    for name, bounds in _FLOAT_RANGES.items():
+        if getattr(cfg, name) is not None:
+            _check_float(name, getattr(cfg, name), *bounds)
+    for lowest, names in ((0, _COUNTS_FROM_0), (1, _COUNTS_FROM_1)):
+        for name in names:
+            if getattr(cfg, name) is not None:
+                _check_count(name, getattr(cfg, name), lowest)
+    if cfg.seed >= 2**63:
+        raise ValueError(f"--seed must be below 2**63, got {cfg.seed}")
+    if cfg.max_steps is not None and (isinstance(cfg.max_steps, bool) or not (cfg.max_steps == -1 or cfg.max_steps >= 1)):
+        raise ValueError(f"--max_steps must be -1 (one pass per epoch) or a positive integer, got {cfg.max_steps!r}")
+    if cfg.max_length is not None and (isinstance(cfg.max_length, bool) or cfg.max_length < 4):
+        raise ValueError(f"--max_length must be at least 4, got {cfg.max_length}")
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            shown = ", ".join(c for c in choices if c is not None)
+            raise ValueError(f"--{name} must be one of {shown}, got {getattr(cfg, name)!r}")
+    from transformers import SchedulerType
+
+    if cfg.lr_scheduler_type not in {t.value for t in SchedulerType}:
+        shown = ", ".join(t.value for t in SchedulerType)
+        raise ValueError(f"--lr_scheduler_type must be one of {shown}, got {cfg.lr_scheduler_type!r}")
+    if cfg.precompute_ref and cfg.use_lora:
+        raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
+    for name in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
+        if getattr(cfg, name) is not None:
+            _check_local_dir(name, getattr(cfg, name))
 
 
 def parse_config(argv: list[str] | None = None) -> VRPOConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -43,10 +44,19 @@ class DataStats:
         return {"rows": self.rows, "kept": self.kept, "truncated": self.truncated, "skipped": dict(self.skipped)}
 
 
+def _check_unicode(text: str, what: str, where: str):
+    """JSON can spell lone surrogates (``"\\ud800"``), which no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {what} is not valid Unicode ({e.reason} {text[e.start]!r} at character {e.start})") from None
+
+
 def _check_text_or_messages(value, name: str, where: str, assistant_only: bool):
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field '{name}' is empty")
+        _check_unicode(value, f"field '{name}'", where)
         return
     if not isinstance(value, list):
         raise DataError(
@@ -68,15 +78,39 @@ def _check_text_or_messages(value, name: str, where: str, assistant_only: bool):
             )
         if not content.strip():
             raise DataError(f"{where}: message {i} of '{name}' has empty content")
+        _check_unicode(content, f"message {i} of '{name}'", where)
+    if assistant_only and len(value) != 1:
+        raise DataError(f"{where}: field '{name}' must be one assistant message, got {len(value)} messages")
+
+
+def _split_implicit_prompt(row: dict, where: str) -> dict:
+    """TRL's implicit-prompt format: no ``prompt``; ``chosen`` and ``rejected`` are message lists that
+    share their leading messages, which are the prompt (as TRL's ``extract_prompt`` does)."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        _check_text_or_messages(value, name, where, assistant_only=False)
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: no 'prompt', and 'chosen' and 'rejected' share no leading messages to use as one")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def validate_row(row, where: str) -> dict:
-    """Check one row; return ``{"prompt", "chosen", "rejected"}``. Raises :class:`DataError`."""
+    """Check one row; return ``{"prompt", "chosen", "rejected"}``. Raises :class:`DataError`.
+
+    A row without ``prompt`` whose ``chosen`` and ``rejected`` are message lists has an implicit prompt
+    (their shared leading messages), as in TRL.
+    """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with {FIELDS}, got {type(row).__name__}")
-    missing = [f for f in FIELDS if row.get(f) is None]
+    implicit = row.get("prompt") is None and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list)
+    missing = [f for f in FIELDS if row.get(f) is None and not (implicit and f == "prompt")]
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(repr(m) for m in missing)}")
+    if implicit:
+        row = _split_implicit_prompt(row, where)
     _check_text_or_messages(row["prompt"], "prompt", where, assistant_only=False)
     _check_text_or_messages(row["chosen"], "chosen", where, assistant_only=True)
     _check_text_or_messages(row["rejected"], "rejected", where, assistant_only=True)
@@ -91,7 +125,7 @@ def _jsonl_rows(path: str):
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is allowed
             except UnicodeDecodeError as e:
                 yield where, DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
                 continue
@@ -105,8 +139,18 @@ def _jsonl_rows(path: str):
 
 def _raw_rows(path: str):
     """Yield ``(where, row_or_error)`` for any supported source."""
+    try:
+        yield from _source_rows(path)
+    except OSError as e:  # permissions, I/O errors: the file, not a traceback
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _source_rows(path: str):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
+    if not (os.path.isdir(path) or stat.S_ISREG(os.stat(path).st_mode)):
+        # Reading a FIFO, socket or device would block or never end.
+        raise DataError(f"{path}: not a regular file or directory (a FIFO, socket or device)")
     if os.path.isdir(path):
         import datasets
 
@@ -125,17 +169,20 @@ def _raw_rows(path: str):
     if suffix == "parquet":
         import datasets
 
-        ds = datasets.Dataset.from_parquet(path)
+        try:
+            ds = datasets.Dataset.from_parquet(path)
+        except Exception as e:  # pyarrow raises several types for a file that is not parquet
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from e
         for i, row in enumerate(ds):
             yield f"{path} row {i}", row
     elif suffix == "jsonl":
         yield from _jsonl_rows(path)
     elif suffix == "json":
         with open(path, "rb") as f:
-            head = f.read(1024).lstrip()
+            head = f.read(1024).removeprefix(b"\xef\xbb\xbf").lstrip()
         if head.startswith(b"["):
             try:
-                with open(path, encoding="utf-8") as f:
+                with open(path, encoding="utf-8-sig") as f:
                     rows = json.load(f)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: not valid UTF-8 (at byte {e.start})") from e
@@ -238,8 +285,25 @@ class TokenizedPairs:
         return out
 
 
+def _encode_row(tokenizer, example: dict, where: str, max_length: int, truncation: str, stats: DataStats):
+    """``encode_preference`` of one row under the truncation policy; None when it is skipped as too long."""
+    from .tokenization import encode_preference
+
+    try:
+        return encode_preference(tokenizer, example, max_length=max_length, truncation="error")
+    except ValueError as e:
+        if "max_length" not in str(e):
+            raise
+        if truncation == "error":
+            raise DataError(f"{where}: {e}") from e
+    if truncation == "skip":
+        return None
+    stats.truncated += 1
+    return encode_preference(tokenizer, example, max_length=max_length, truncation="truncate")
+
+
 def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str = "skip",
-                   stats: DataStats | None = None, progress: bool = True) -> TokenizedPairs:
+                   stats: DataStats | None = None, progress: bool = True, on_bad_rows: str = "error") -> TokenizedPairs:
     """Tokenize validated rows with the chat template (:func:`vrpo.tokenization.encode_preference`).
 
     Args:
@@ -247,6 +311,11 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str
         max_length: tokens of prompt + response per sequence.
         truncation: over-long pairs are ``"skip"``-ped (counted as ``too_long``), ``"truncate"``-d (the
             prompt from the left, then the response from the right; counted as truncated) or an ``"error"``.
+        on_bad_rows: a row the tokenizer rejects is an ``"error"`` naming its file and line, or ``"skip"``-ped
+            and counted as ``malformed``.
+
+    Pairs whose chosen and rejected tokenize to the same ids are skipped and counted as
+    ``chosen_equals_rejected``. Raises :class:`DataError` when every pair is longer than ``max_length``.
     """
     from tqdm.auto import tqdm
 
@@ -254,23 +323,40 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str
 
     stats = stats if stats is not None else DataStats()
     out = TokenizedPairs()
+    shortest_skipped: tuple[int, str] | None = None  # (tokens, file:line) of the shortest over-long pair
     for row in tqdm(rows, desc="tokenizing", disable=not progress, mininterval=2):
         example = {k: row[k] for k in FIELDS}
+        where = row.get("source", "?")
         try:
-            enc = encode_preference(tokenizer, example, max_length=max_length, truncation="error")
-        except ValueError as e:
-            if "max_length" not in str(e):
-                raise DataError(f"{row.get('source', '?')}: {e}") from e
-            if truncation == "error":
-                raise DataError(f"{row.get('source', '?')}: {e}") from e
-            if truncation == "skip":
-                stats.skipped["too_long"] += 1
-                continue
-            enc = encode_preference(tokenizer, example, max_length=max_length, truncation="truncate")
-            stats.truncated += 1
+            enc = _encode_row(tokenizer, example, where, max_length, truncation, stats)
+        except DataError:
+            raise
+        except Exception as e:  # the tokenizer's own rejections (TypeError, ValueError, its Rust Exception)
+            error = DataError(f"{where}: the tokenizer rejects this row ({type(e).__name__}: {e})")
+            if on_bad_rows == "error":
+                raise error from e
+            logger.warning("skipping %s", error)
+            stats.skipped["malformed"] += 1
+            continue
+        if enc is None:
+            stats.skipped["too_long"] += 1
+            full = encode_preference(tokenizer, example)
+            need = max(len(full["chosen_input_ids"]), len(full["rejected_input_ids"]))
+            shortest_skipped = min(shortest_skipped or (need, where), (need, where))
+            continue
+        if enc["chosen_input_ids"] == enc["rejected_input_ids"]:
+            logger.warning("%s: chosen and rejected are identical after tokenization; skipping the pair", where)
+            stats.skipped["chosen_equals_rejected"] += 1
+            continue
         out.append(enc["chosen_input_ids"], enc["chosen_response_mask"],
-                   enc["rejected_input_ids"], enc["rejected_response_mask"], row.get("source", "?"))
+                   enc["rejected_input_ids"], enc["rejected_response_mask"], where)
     stats.kept = len(out)
     if stats.skipped.get("too_long"):
         logger.warning("skipped %d pairs longer than max_length=%d", stats.skipped["too_long"], max_length)
+        if not len(out):
+            need, where = shortest_skipped
+            raise DataError(
+                f"every pair is longer than --max_length {max_length} ({stats.skipped['too_long']} skipped; the "
+                f"shortest, {where}, needs {need} tokens): raise --max_length or pass --truncation truncate"
+            )
     return out

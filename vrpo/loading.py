@@ -61,12 +61,13 @@ def load_pairs(cfg: VRPOConfig, tokenizer):
     stats = DataStats()
     path = cfg.dataset or toy_dataset_path()
     rows = read_preference_rows(path, on_bad_rows=cfg.on_bad_rows, stats=stats)
-    pairs = tokenize_pairs(rows, tokenizer, cfg.max_length, cfg.truncation, stats)
+    pairs = tokenize_pairs(rows, tokenizer, cfg.max_length, cfg.truncation, stats, on_bad_rows=cfg.on_bad_rows)
     result = {"train": stats.as_dict()}
     if cfg.eval_dataset:
         eval_stats = DataStats()
         eval_rows = read_preference_rows(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows, stats=eval_stats)
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, cfg.max_length, cfg.truncation, eval_stats)
+        eval_pairs = tokenize_pairs(eval_rows, tokenizer, cfg.max_length, cfg.truncation, eval_stats,
+                                    on_bad_rows=cfg.on_bad_rows)
         result["eval"] = eval_stats.as_dict()
         return pairs, eval_pairs, result
     n_eval = min(cfg.eval_size, len(pairs) // 5)

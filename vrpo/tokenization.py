@@ -23,6 +23,7 @@ response alone is still too long, drops response tokens from the right; a respon
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,6 +32,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vrpo.models.config import LLADA_MASK_TOKEN
 
 EOT_TOKEN = "<|eot_id|>"
+_HOLE = "vrpo7f3a9c1e"  # marks where a message's content goes in a rendered chat template
+_HOLES = re.compile(f"( ?){_HOLE}(\\d+){_HOLE}( ?)")
 TRUNCATION = ("error", "truncate")
 
 
@@ -108,6 +111,36 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt, *, chat_template: 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of user text, where a special token's spelling (``<|eot_id|>``, ``<|mdm_mask|>``, ...) is
+    plain text: user content must not inject control tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt, chat_template: bool) -> list[int]:
+    """Token ids of :func:`format_prompt`: the template's own text may hold special tokens, the messages'
+    content never does. The template is rendered with a placeholder per message, and each message's
+    content is tokenized apart from the template text around it. Those boundaries are special tokens and
+    newlines in LLaDA's and Qwen's templates, so the ids are the whole string's, except that content
+    starting with a newline is not merged with the template's newline before it."""
+    if not chat_template:
+        return text_ids(tokenizer, format_prompt(tokenizer, prompt, chat_template=False))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, "prompt")
+    # Spaces around each placeholder show whether the template trims content (LLaDA's: `| trim`).
+    holes = [{**m, "content": f" {_HOLE}{i}{_HOLE} "} for i, m in enumerate(messages)]
+    pieces = _HOLES.split(format_prompt(tokenizer, holes))
+    if [int(i) for i in pieces[2::4]] != list(range(len(messages))):
+        raise ValueError("the tokenizer's chat_template does not place each message's content exactly once")
+    template = tokenizer(pieces[::4], add_special_tokens=False)["input_ids"]  # one call each: they are slow
+    contents = [messages[int(index)]["content"] for index in pieces[2::4]]
+    trimmed = [c if left and right else c.strip() for c, left, right in zip(contents, pieces[1::4], pieces[3::4])]
+    contents = tokenizer(trimmed, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = list(template[0])
+    for content, after in zip(contents, template[1:]):
+        ids += content + after
+    return ids
+
+
 def _response_text(response) -> str:
     if isinstance(response, str):
         return response
@@ -137,9 +170,13 @@ def encode_example(
     """
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATION}")
+    prompt_ids = _prompt_ids(tokenizer, prompt, chat_template)
+    return _with_response(tokenizer, prompt_ids, response, max_length, truncation, chat_template)
+
+
+def _with_response(tokenizer, prompt_ids: list[int], response, max_length, truncation: str, chat_template: bool):
+    """:func:`encode_example` once the prompt is tokenized (a preference pair's two sides share it)."""
     eos = _eos_id(tokenizer)
-    text = format_prompt(tokenizer, prompt, chat_template=chat_template)
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not chat_template and tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     answer = _response_text(response)
@@ -148,7 +185,7 @@ def encode_example(
         end = [_special_id(tokenizer, EOT_TOKEN, "end of turn"), eos]
     else:
         end = [eos]
-    response_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + end
+    response_ids = text_ids(tokenizer, answer) + end
 
     if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
         total = len(prompt_ids) + len(response_ids)
@@ -226,9 +263,16 @@ def encode_preference(tokenizer: PreTrainedTokenizerBase, example: Mapping, **kw
         raise ValueError("a standard (string) preference example needs an explicit 'prompt'")
     else:
         prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    max_length, truncation = kwargs.pop("max_length", None), kwargs.pop("truncation", "error")
+    chat_template = kwargs.pop("chat_template", True)
+    if kwargs:
+        raise TypeError(f"encode_preference got unexpected keyword arguments {sorted(kwargs)}")
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATION}")
+    prompt_ids = _prompt_ids(tokenizer, prompt, chat_template)
     out = {}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        enc = encode_example(tokenizer, prompt, response, **kwargs)
+        enc = _with_response(tokenizer, prompt_ids, response, max_length, truncation, chat_template)
         out[f"{name}_input_ids"] = enc["input_ids"]
         out[f"{name}_response_mask"] = enc["response_mask"]
     return out

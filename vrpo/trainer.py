@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, loading
-from .checkpoint import CheckpointManager, atomic_write_text
+from .checkpoint import CheckpointError, CheckpointManager, atomic_write_text
 from .config import VRPOConfig
 from .elbo import ELBOModule, NonFiniteELBOError
 from .losses import mdm_sft_loss, vrpo_loss
@@ -66,6 +66,27 @@ def reward_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> t
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
+def records_until(path: str, step: int) -> list[str]:
+    """The lines of a metrics log up to ``step``. A torn last line (the run was killed while writing it)
+    is dropped; any other line that is not a JSON record is a :class:`CheckpointError` naming it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+    kept = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                logger.warning("%s:%d: dropping a torn last line (the run stopped while writing it)", path, n)
+                break
+            raise CheckpointError(f"{path}:{n}: not a JSON record; repair or delete the log to resume") from None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{path}:{n}: not a JSON object; repair or delete the log to resume")
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
 class MetricsLogger:
     """JSONL (always) and TensorBoard (optional) logs under ``<output_dir>/logs``; main process only.
 
@@ -80,9 +101,7 @@ class MetricsLogger:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         if resume_step is not None and os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(kept))
+            atomic_write_text(self.path, "".join(records_until(self.path, resume_step)))
         elif os.path.exists(self.path):
             os.remove(self.path)
         if tensorboard:
@@ -480,7 +499,12 @@ class VRPOTrainer:
     def evaluate(self, ref_eval: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
         """Held-out preference accuracy: the policy's ELBO margin > 0, and (given the reference's
         terms) the implicit reward margin > 0."""
-        policy = self.eval_terms(self._policy_module, self.eval_pairs)
+        try:
+            policy = self.eval_terms(self._policy_module, self.eval_pairs)
+        except NonFiniteELBOError as e:
+            raise TrainingDiverged(
+                f"held-out evaluation at step {self.state.step}: {e}; last checkpoint: {self.checkpoints.latest() or 'none'}"
+            ) from e
         est = policy.mean(-1)
         metrics = {"eval/pref_acc": (est[:, 0] > est[:, 1]).float().mean().item()}
         if ref_eval is not None:

@@ -154,6 +154,29 @@ def _config_for(path: Path, mask_token_id: int | None) -> tuple[LlamaConfig, str
     )
 
 
+def check_fits(config: LlamaConfig, dtype: torch.dtype | None, device: str, source) -> int:
+    """The parameter count of ``config``; raises :class:`CheckpointError` naming ``source`` when the weights
+    alone (in ``dtype``; None: 2 bytes each, the smallest float type) exceed ``device``'s memory, before
+    anything is built (``n_layers: 1000000`` would otherwise build a million layers first)."""
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    kv = config.num_key_value_heads or config.num_attention_heads
+    attention = 2 * d * config.num_attention_heads * head_dim + 2 * d * kv * head_dim
+    per_layer = attention + 3 * d * config.intermediate_size + 2 * d
+    params = layers * per_layer + vocab * d * (1 if config.tie_word_embeddings else 2) + d
+    if device.startswith("cuda"):
+        memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = params * (dtype.itemsize if dtype is not None else 2)
+    if need > memory:
+        raise CheckpointError(
+            f"{source}: the config describes {params:,} parameters ({need / 2**30:,.1f} GiB of weights), more than "
+            f"the {memory / 2**30:,.1f} GiB of {device} memory (layers={layers}, hidden size={d}, vocab={vocab})"
+        )
+    return params
+
+
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -195,6 +218,7 @@ def load_llada(path, dtype=None, attn_implementation=None, **kwargs) -> Bidirect
         setattr(config, name, value)
     attn = check_backend(attn_implementation, device)
     dtype = _resolve_dtype(dtype)
+    check_fits(config, dtype, device, path / CONFIG_NAME)
     config._name_or_path = str(path.resolve())
 
     files = _weight_files(path)
