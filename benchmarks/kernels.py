@@ -29,7 +29,6 @@ import gc
 import importlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -39,7 +38,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine, median_p20_p80
+from benchmarks.common import (
+    cpu_peak_memory_available, machine, median_p20_p80, memory_probe_env, output_dir, peak_extra_bytes,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -102,28 +103,11 @@ def max_abs_err(got, ref) -> float:
     return float((got.detach().double() - ref.double()).abs().max()) if got.numel() else 0.0
 
 
-def _rss_bytes() -> tuple[int, int]:
-    """(current RSS, peak RSS since the last reset) of this process, from /proc."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields["VmRSS"], fields["VmHWM"]
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-
-
 def probe_memory(op: str, impl: str, shape: dict, dtype: str) -> float | None:
     """Peak extra RSS (MB) of one call of ``impl`` in a fresh process (see the module docstring)."""
-    if not os.path.exists("/proc/self/clear_refs"):
+    if not cpu_peak_memory_available():
         return None
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env = memory_probe_env()
     cmd = [sys.executable, "-m", "benchmarks.kernels", "--probe", json.dumps(dict(op=op, impl=impl, shape=shape, dtype=dtype))]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if run.returncode != 0:
@@ -137,27 +121,12 @@ def _probe_main(spec: dict):
     impl = {i.name: i for i in bench.impls("cpu")}[spec["impl"]]
     fn = impl.setup(inputs)
     fn()  # warm-up: compiles, fills caches
-    gc.collect()
-    _reset_peak_rss()
-    rest, _ = _rss_bytes()
-    result = fn()
-    _, peak = _rss_bytes()
-    del result
-    print(json.dumps(dict(peak_extra_mb=(peak - rest) / 2**20)))
+    print(json.dumps(dict(peak_extra_mb=peak_extra_bytes(fn) / 2**20)))
 
 
 def cuda_peak_memory(impl: Impl, x: dict) -> float:
     """MB allocated on the GPU by one call of ``impl`` on top of its inputs."""
-    fn = impl.setup(x)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del result
-    return (peak - base) / 2**20
+    return peak_extra_bytes(impl.setup(x), "cuda") / 2**20
 
 
 def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
@@ -741,6 +710,7 @@ def main(argv=None) -> int:
     args.impls = [s for s in args.impls.split(",") if s]
     if args.quick:
         args.repeats = min(args.repeats, 2)
+    args.out = output_dir(args.out, args.quick)
     for op in [s for s in args.ops.split(",") if s]:
         if op not in OPS:
             parser.error(f"--ops: unknown op {op!r}; choose from {list(OPS)}")

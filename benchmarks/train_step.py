@@ -32,7 +32,8 @@ minus the memory allocated before it.
     python -m benchmarks.train_step            # ~2 CPU minutes
     python -m benchmarks.train_step --quick    # seconds, for the smoke test
 
-Writes ``train_step.csv`` and ``train_step.md`` under ``--out`` (default ``benchmarks/results``).
+Writes ``train_step.csv`` and ``train_step.md`` under ``--out`` (default ``benchmarks/results``; a
+``--quick`` run without ``--out`` writes to a temporary folder, never over the committed results).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ import time
 
 import torch
 
-from benchmarks.common import machine, median_p20_p80, write_csv
+from benchmarks.common import (
+    machine, median_p20_p80, memory_probe_env, output_dir, peak_extra_bytes, write_csv,
+)
 from vrpo.config import VRPOConfig
 from vrpo.loading import TOY_MODEL
 
@@ -113,33 +116,9 @@ def timed_step(trainer) -> tuple[float, int]:
 
 # --- memory -----------------------------------------------------------------------------------------
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def cpu_step_memory(trainer) -> int:
-    """Bytes: peak RSS during one step minus RSS before it (call after a warm-up step)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    before = _proc_status_kib("VmRSS")
-    trainer.train_step(0)
-    return (_proc_status_kib("VmHWM") - before) * 1024
-
-
-def cuda_step_memory(trainer) -> int:
-    """Bytes: ``max_memory_allocated`` during one step minus what was allocated before it."""
-    gc.collect()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    trainer.train_step(0)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+def step_memory(trainer, device: str = "cpu") -> int:
+    """Bytes: the peak memory of one step above what was in use before it (call after a warm-up step)."""
+    return peak_extra_bytes(lambda: trainer.train_step(0), device)
 
 
 def memory_child(model_name: str, impl: str, batch: int, seed: int) -> dict:
@@ -147,16 +126,12 @@ def memory_child(model_name: str, impl: str, batch: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="vrpo-train-step-") as workdir:
         trainer, _ = build_trainer(model_name, impl, workdir, batch, seed)
         trainer.train_step(0)
-        return {"peak_mem_bytes": cpu_step_memory(trainer)}
+        return {"peak_mem_bytes": step_memory(trainer)}
 
 
 def cpu_memory_in_subprocess(model_name: str, impl: str, batch: int, seed: int) -> int:
-    env = dict(os.environ)
-    # A fixed mmap threshold: large blocks are mmapped and unmapped on free, so the RSS tracks live
-    # tensors instead of glibc's cached arenas (which would hide the step's peak from the delta).
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    env = memory_probe_env(131072)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--_memory_child", model_name, impl,
            "--batch", str(batch), "--seed", str(seed)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
@@ -185,7 +160,7 @@ def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int
             for impl in names if r % 2 == 0 else names[::-1]:
                 dt, tokens[impl] = timed_step(trainers[impl])
                 times[impl].append(dt)
-        gpu_mem = {impl: cuda_step_memory(t) for impl, t in trainers.items()} if on_gpu else {}
+        gpu_mem = {impl: step_memory(t, "cuda") for impl, t in trainers.items()} if on_gpu else {}
         from vrpo_kernels.dispatch import resolve_impl
 
         probe = next(trainers["fused"].policy_model.parameters())
@@ -290,7 +265,8 @@ def run(out_dir=RESULTS_DIR, quick=False, models=None, reps=None, warmup=None, b
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model at 2 pairs, 2 repeats (smoke test)")
-    parser.add_argument("--out", default=RESULTS_DIR, help="output directory (default: benchmarks/results)")
+    parser.add_argument("--out", default=RESULTS_DIR,
+                        help="output directory (default: benchmarks/results; --quick: a temporary one)")
     parser.add_argument("--models", nargs="+", default=None, help=f"of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--reps", type=int, default=None, help=f"timed repeats per implementation ({FULL['reps']})")
     parser.add_argument("--warmup", type=int, default=None,
@@ -304,6 +280,7 @@ def main(argv=None):
         model_name, impl = args._memory_child
         print(json.dumps(memory_child(model_name, impl, args.batch or MODELS[model_name]["batch"], args.seed)))
         return None
+    args.out = output_dir(args.out, args.quick)
     argv_str = " ".join(["python -m benchmarks.train_step", *(argv if argv is not None else sys.argv[1:])])
     rows = run(args.out, args.quick, args.models, args.reps, args.warmup, args.batch, args.seed,
                memory=not args.no_memory, command=argv_str)

@@ -1,13 +1,15 @@
 """Bidirectional varlen attention: the Triton kernels (interpreter), the PyTorch paths, the AOT build.
 
-Every implementation is checked against the float64 reference, forward and backward. The Triton
-kernels run under TRITON_INTERPRET=1 (set in conftest.py) with small shapes and the interpreter
-tiles (16/32 rows), so that the shapes below cross block boundaries, have sequences shorter than a
-block and lengths that are not multiples of one.
+Every implementation is checked, forward and backward, against a float64 reference written out
+segment by segment in this file (not the library's own eager path). The Triton kernels run under
+TRITON_INTERPRET=1 (set in conftest.py) with small shapes and the interpreter tiles (16/32 rows), so
+that the shapes below cross block boundaries, have sequences shorter than a block and lengths that
+are not multiples of one.
 """
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -19,7 +21,6 @@ from vrpo_kernels.attention import (
     AttentionConfig,
     FlashAttentionFunction,
     KernelConfig,
-    attention_reference,
     attention_triton,
     segment_layout,
 )
@@ -68,6 +69,36 @@ def _inputs(B, Hq, Hkv, S, D, dtype, seed, requires_grad=True):
     k = torch.randn(B, Hkv, S, D, generator=g).to(dtype).requires_grad_(requires_grad)
     v = torch.randn(B, Hkv, S, D, generator=g).to(dtype).requires_grad_(requires_grad)
     return q, k, v
+
+
+def attention_reference(q, k, v, segment_ids=None, scale=None):
+    """float64 attention written out segment by segment, independent of the library's code paths
+    (it deliberately shadows ``vrpo_kernels.attention.attention_reference``, which runs attention_eager).
+
+    For each row and each non-negative id, the queries holding that id attend to the keys holding it:
+    ``softmax(q k^T * scale) v`` over those keys only (ids need not be contiguous). Tokens with a
+    negative id (padding) get zeros. Query head ``h`` reads key/value head ``h // (Hq // Hkv)``.
+    ``scale`` defaults to ``1 / sqrt(D)``. Differentiable; gradients reach q, k, v in their dtypes.
+    """
+    B, Hq, S, D = q.shape
+    group = Hq // k.shape[1]
+    q64 = q.double()
+    k64, v64 = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    ids = torch.zeros(B, S, dtype=torch.int64) if segment_ids is None else segment_ids
+    rows = []
+    for b in range(B):
+        out = q64.new_zeros(Hq, S, D)
+        for sid in ids[b].unique().tolist():
+            if sid < 0:
+                continue
+            idx = (ids[b] == sid).nonzero()[:, 0]
+            scores = (q64[b][:, idx] @ k64[b][:, idx].transpose(-1, -2)) * scale
+            weights = (scores - scores.amax(-1, keepdim=True)).exp()
+            weights = weights / weights.sum(-1, keepdim=True)
+            out = out.index_copy(1, idx, weights @ v64[b][:, idx])
+        rows.append(out)
+    return torch.stack(rows)
 
 
 def _check_against_reference(out, q, k, v, segment_ids, scale, atol, rtol, grad_atol, grad_rtol, seed=0):

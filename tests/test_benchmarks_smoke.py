@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import pathlib
+import re
+import shutil
 import sys
 import types
 
@@ -92,3 +95,18 @@ def test_flash_attn_glue_with_a_stand_in_kernel(monkeypatch):
     assert calls[0] == [0] + lengths.cumsum(0).tolist()
     out_err, grad_err = kernels.Attention.errors(result, kernels.Attention.reference(x))
     assert out_err < 1e-5 and grad_err < 1e-5
+
+
+def test_quick_runs_never_write_over_the_committed_results(tmp_path, capsys):
+    from benchmarks.common import RESULTS, output_dir
+
+    assert output_dir(tmp_path, quick=True) == tmp_path  # an explicit --out is used as given
+    assert output_dir(RESULTS, quick=False) == RESULTS
+    committed = {p.name: p.read_bytes() for p in RESULTS.glob("kernels_mask_sampling.*")}
+    assert kernels.main(["--quick", "--ops", "mask_sampling", "--impls", "eager", "--no-memory"]) == 0
+    assert {p.name: p.read_bytes() for p in RESULTS.glob("kernels_mask_sampling.*")} == committed
+    written = re.search(r"--quick: results go to (\S+),", capsys.readouterr().err)
+    assert written, "a --quick run without --out must say where its results went"
+    folder = pathlib.Path(written.group(1))
+    assert (folder / "kernels_mask_sampling.csv").exists()
+    shutil.rmtree(folder)

@@ -105,13 +105,21 @@ def test_exact_count_subsets_are_uniform(impl):
 def test_exact_count_positions_are_uniform_in_long_rows(impl):
     # A 100-position response spans two interpreter chunks: each position is masked with
     # probability count / L_b whatever its chunk.
-    S, L = 48, 110
+    from vrpo_kernels.mask_sampling import _INTERPRETER_CONFIG
+
+    S, L, start, L_b, count = 48, 110, 5, 100, 30
     resp = torch.zeros(S, L, dtype=torch.bool)
-    resp[:, 5:105] = True
-    masked = sample_masks(resp, counts=torch.full((S, 1), 30), generator=gen(7), impl=impl)[:, 0, 5:105]
+    resp[:, start : start + L_b] = True
+    masked = sample_masks(resp, counts=torch.full((S, 1), count), generator=gen(7), impl=impl)
+    masked = masked[:, 0, start : start + L_b]
     per_pos = masked.sum(0)
-    assert chi2_pvalue(per_pos, torch.full((100,), S * 30 / 100)) > 1e-3
-    assert chi2_pvalue(torch.stack([per_pos[:59].sum(), per_pos[59:].sum()]), torch.tensor([S * 17.7, S * 12.3])) > 1e-3
+    assert chi2_pvalue(per_pos, torch.full((L_b,), S * count / L_b)) > 1e-3
+    # Response positions in the kernel's first chunk (row positions < BLOCK_L) and in the later ones:
+    # each side gets its share count * (positions on that side) / L_b of the masks.
+    in_first = _INTERPRETER_CONFIG["BLOCK_L"] - start
+    assert 0 < in_first < L_b, "the response must span two chunks"
+    sides = torch.stack([per_pos[:in_first].sum(), per_pos[in_first:].sum()])
+    assert chi2_pvalue(sides, S * count * torch.tensor([in_first, L_b - in_first]) / L_b) > 1e-3
 
 
 @pytest.mark.parametrize("impl", IMPLS)

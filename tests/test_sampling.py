@@ -60,11 +60,27 @@ def test_same_seed_same_draw_and_different_seed_differs():
 
 def test_single_response_token_is_always_masked_with_weight_one():
     _, resp = toy_batch([3], [1])
-    for estimator in ("l_uniform", "t_bernoulli"):
-        draw = draw_masks(resp, SamplingPlan(n_t=6, estimator=estimator), generator=torch.Generator().manual_seed(0))
-        if estimator == "l_uniform":
-            assert draw.masked.sum(-1).eq(1).all() and torch.equal(draw.weight, torch.ones(1, 6))
-        assert draw.masked[0, :, 3].any() or estimator == "t_bernoulli"
+    draw = draw_masks(resp, SamplingPlan(n_t=6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(draw.masked[0, :, 3], torch.ones(6, dtype=torch.bool))
+    assert draw.masked.sum().item() == 6 and torch.equal(draw.weight, torch.ones(1, 6))
+
+
+def test_t_bernoulli_masks_a_single_token_with_probability_p_and_weight_one_over_p():
+    # One response token: sample j masks it with probability p_j (its level) and carries weight 1 / p_j.
+    n = 4000
+    _, resp = toy_batch([3], [1])
+    plan = SamplingPlan(n_t=n, estimator="t_bernoulli")
+    draw = draw_masks(resp, plan, generator=torch.Generator().manual_seed(0))
+    p = draw.levels[0].double()
+    torch.testing.assert_close(draw.weight[0], 1.0 / draw.levels[0], rtol=0, atol=0)
+    assert not draw.masked[0, :, :3].any()
+    hit = draw.masked[0, :, 3].double()
+    # Per quarter of [0, 1]: the masked count equals sum(p) within 5 binomial standard errors
+    # (~1000 samples per quarter: sd <= sqrt(1000 / 4) ~ 16 against gaps of ~250 for p -> 1 - p or p -> 1).
+    for lo in (0.0, 0.25, 0.5, 0.75):
+        q = (p > lo) & (p <= lo + 0.25)
+        expected, sd = p[q].sum(), (p[q] * (1 - p[q])).sum().sqrt()
+        assert (hit[q].sum() - expected).abs() <= 5 * sd, (lo, hit[q].sum().item(), expected.item())
 
 
 def test_empty_row_is_a_clear_error_naming_the_row():

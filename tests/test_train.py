@@ -95,7 +95,8 @@ def test_same_seed_same_checkpoint_bytes_and_other_seed_differs(tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     flags = [f for f in FAST_FLAGS] + ["--max_steps", "5", "--save_steps", "0"]
     one = run_cli(flags + ["--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    # --standalone: torchrun's own rendezvous on a free port, so parallel runs cannot collide on one.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = run_cli(flags + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")],
                   env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=torchrun)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])

@@ -152,7 +152,9 @@ def load_models(cfg: VRPOConfig, policy=None, reference=None) -> Models:
     if cfg.use_lora:
         policy = add_lora(cfg, policy)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers renamed it; the checkpoint kwargs come first under both names
+        enable = getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)
+        enable({"use_reentrant": False})
     policy.train()
     return Models(policy, reference, initial)
 

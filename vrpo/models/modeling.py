@@ -42,9 +42,7 @@ class BidirectionalLlamaModel(LlamaModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
         segment_ids: torch.Tensor | None = None,
         **kwargs,
     ):
@@ -68,9 +66,7 @@ class BidirectionalLlamaModel(LlamaModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
             **kwargs,
         )
 
