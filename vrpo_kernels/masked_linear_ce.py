@@ -105,11 +105,14 @@ def masked_linear_ce_eager(hidden, weight, targets, row_weight, row_mask, bias=N
 # Chunked PyTorch path (the CPU path)
 # --------------------------------------------------------------------------------------------------
 
-# Elements of one [vocab, rows] logits chunk when the logits are recomputed: 8M fp32 = 32 MB. Every
-# parallel op on a chunk ends in a thread barrier, which stalls whenever another process holds a core,
-# so few large chunks beat many small ones: measured interleaved on a 2-core x86 CPU, 4M took ~1.3x as
-# long as 8M, and 16M was no faster than 8M while using 32 MB more.
-_CHUNK_ELEMS = 1 << 23
+# Elements of one [vocab, rows] chunk: 16M fp32 = 64 MB when recomputed (within the budget), 32M when
+# kept (the kept chunks add up to the same buffer whatever their size). Every parallel op on a chunk ends
+# in a thread barrier, which stalls whenever another process holds a core, so few large chunks beat many
+# small ones: measured interleaved on a loaded 2-core x86 CPU at n = 1024, H = 256, V = 126,464,
+# forward + backward took 1.6x as long with 2M-element chunks as with 8M, 8M took 1.15x as long as 16M,
+# and 32M was no faster than 16M when recomputing.
+_CHUNK_ELEMS = 1 << 24
+_KEPT_CHUNK_ELEMS = 1 << 25
 # Logits are scaled by log2(e) inside the GEMM so that the chunk passes use exp2, which torch
 # vectorises at several times the speed of exp (same 1-ulp accuracy class).
 _LOG2E = 1.4426950408889634
@@ -123,7 +126,7 @@ _FLOOR = -torch.finfo(torch.float32).max
 def _chunks(n: int, vocab: int, max_buffer_bytes: int, all_rows: bool = False) -> tuple[int, int]:
     """(rows, vocab) per chunk: at most ``max_buffer_bytes`` and _CHUNK_ELEMS fp32 elements, rows up to
     _MAX_CHUNK_ROWS (all ``n`` with ``all_rows``, the kept path), vocab a multiple of 256 (at least 256)."""
-    elems = max(256, min(_CHUNK_ELEMS, max_buffer_bytes // 4))
+    elems = max(256, min(_KEPT_CHUNK_ELEMS if all_rows else _CHUNK_ELEMS, max_buffer_bytes // 4))
     rows = max(1, n if all_rows else min(n, _MAX_CHUNK_ROWS, elems // 256))
     cols = max(256, (elems // rows) // 256 * 256)
     return rows, min(cols, vocab)
