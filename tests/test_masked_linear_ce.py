@@ -202,6 +202,17 @@ def test_bool_mask_and_index_selector_agree(impl):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
+def _find_node(node, attr):
+    """The first autograd node upstream of ``node`` (breadth first) that has the attribute ``attr``."""
+    queue = [node]
+    while queue:
+        node = queue.pop(0)
+        if hasattr(node, attr):
+            return node
+        queue += [nxt for nxt, _ in node.next_functions if nxt is not None]
+    raise AssertionError(f"no autograd node with {attr!r}")
+
+
 def _count_saved(fn):
     saved = []
 
@@ -234,10 +245,27 @@ def test_no_grad_saves_nothing_and_grad_saves_within_budget(impl):
     assert out.grad_fn is not None
     assert saved and all(t.numel() < N * V for t in saved), [tuple(t.shape) for t in saved]
     # The default budget: the torch path keeps the softmax numerators [V, N] (one GEMM fewer in the
-    # backward); the Triton path never keeps them.
+    # backward) on the autograd node, and its backward frees them; the Triton path never keeps them.
     out, saved = _count_saved(call)
-    big = [t for t in saved if t.numel() >= N * V]
-    assert [tuple(t.shape) for t in big] == ([(V, N)] if impl == "torch" else [])
+    assert all(t.numel() < N * V for t in saved)
+    kept = _find_node(out.grad_fn, "kept")  # the op's autograd node
+    chunks = kept.kept.chunks if kept.kept is not None else []
+    assert [tuple(c.shape) for c in chunks] == ([(V, N)] if impl == "torch" else [])
+    out.sum().backward()
+    assert kept.kept is None
+
+
+def test_second_backward_through_kept_softmax_is_a_clear_error():
+    hidden, weight, b, targets, row_weight, mask, _ = make_inputs(6, 5, 40, torch.float32, select=1.0)
+    hidden.requires_grad_()
+    out = masked_linear_ce(hidden, weight, targets, row_weight, mask, b, impl="torch")
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward.*max_buffer_bytes"):
+        out.sum().backward()
+    # With a budget below the logits' size nothing is kept, and retain_graph works as usual.
+    out = masked_linear_ce(hidden, weight, targets, row_weight, mask, b, impl="torch", max_buffer_bytes=6 * 40 * 4 - 1)
+    out.sum().backward(retain_graph=True)
+    out.sum().backward()
 
 
 def test_row_weight_gradient():

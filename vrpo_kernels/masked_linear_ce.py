@@ -377,7 +377,8 @@ def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None
 
     With ``P = softmax`` and ``g = grad_logp``: ``dz = g * (onehot - P)``, ``d_h = dz @ W``,
     ``d_W = dz^T @ h``, ``d_b = sum_rows(dz)``. The softmax chunks come from ``kept`` (two GEMMs per
-    chunk) or are recomputed (three); the one-hot part is added at the end."""
+    chunk; each chunk is released from ``kept`` once used) or are recomputed (three); the one-hot part
+    is added at the end."""
     need_h, need_w, need_b = needs
     n, H = h.shape
     V = weight.shape[0]
@@ -400,6 +401,8 @@ def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None
             else:
                 e, neg_gs = _shifted_logits_t(w, b, h32[r0:r1] * _LOG2E, lse2[r0:r1]).exp2_(), -g[r0:r1]
             _chunk_grads(e, w, neg_gs, h32[r0:r1], grads, v0, first_rows=r0 == 0, first_vocab=v0 == 0)
+            if kept is not None:  # free each kept chunk once used: d_weight grows as the kept softmax shrinks
+                kept.chunks[k] = e = None
         if need_h:
             dh[r0:r1] = grads.dh_t.T
     _add_onehot(g, h32, weight, targets, dh, grads)
@@ -637,22 +640,27 @@ class _StreamedLinearCE(torch.autograd.Function):
             else:
                 logp, lse, kept = linear_ce_torch_forward(h, weight, bias, targets, max_buffer_bytes, keep=True)
         ctx.impl, ctx.max_buffer_bytes = impl, max_buffer_bytes
-        ctx.n_kept = len(kept.chunks) if kept is not None else -1
-        extra = (*kept.chunks, *kept.shifts) if kept is not None else ()
-        ctx.save_for_backward(h, weight, bias, targets, lse, *extra)
+        # The kept chunks are intermediates, held on ctx (not save_for_backward) so that the backward can
+        # free each one once used; that peak then stays near the kept buffer instead of buffer + d_weight.
+        ctx.kept, ctx.had_kept = kept, kept is not None
+        ctx.save_for_backward(h, weight, bias, targets, lse)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        h, weight, bias, targets, lse, *extra = ctx.saved_tensors
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        if ctx.had_kept and ctx.kept is None:
+            raise RuntimeError(
+                "masked_linear_ce: a second backward through a call that kept its softmax (the first one freed "
+                "it); for retain_graph=True pass a max_buffer_bytes below the logits' size (4 * n_selected * V)"
+            )
+        kept, ctx.kept = ctx.kept, None
         needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4])
         with torch.autocast(h.device.type, enabled=False):
             if ctx.impl == "triton":
                 dh, dw, db = linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs,
                                                        ctx.max_buffer_bytes)
             else:
-                k = ctx.n_kept
-                kept = _Kept(list(extra[:k]), list(extra[k:])) if k >= 0 else None
                 dh, dw, db = linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept, needs,
                                                       ctx.max_buffer_bytes)
         return None, None, dh, dw, db, None
