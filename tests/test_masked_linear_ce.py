@@ -339,13 +339,18 @@ def test_elbo_through_the_triton_kernel_matches_generic_path():
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
+def _small_chunks(monkeypatch, n_rows):
+    """256-vocab chunks on the torch path, 4 rows each when recomputed, all ``n_rows`` when kept."""
+    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", n_rows * 256)
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_huge_logits_in_a_late_vocab_chunk(monkeypatch, impl):
     # The torch path shifts each chunk by the running log-sum-exp; a logit ~300 above it in the last
     # chunk overflows that shift and must take the max-shifted path. Logits are large but finite.
-    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
-    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
-    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", 6 * 256)  # the kept path: 3 vocab chunks too
+    _small_chunks(monkeypatch, 6)
     hidden, weight, b, targets, row_weight, mask, cot = make_inputs(6, 8, 600, torch.float32, select=1.0)
     weight[590] = hidden[2] / hidden[2].norm() ** 2 * 300  # row 2's logit for token 590 is ~300
     weight[5] = -hidden[3] / hidden[3].norm() ** 2 * 300  # and a very negative one early on
@@ -372,9 +377,7 @@ def test_deterministic(impl):
 def test_first_vocab_tile_all_minus_inf(monkeypatch, impl):
     # A -inf bias on padded vocabulary: when a row's first vocab tile (Triton) or chunk (torch) is all
     # -inf, a running max that starts at -inf gives exp(-inf - -inf) = NaN. Targets avoid the -inf ids.
-    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
-    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
-    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", 7 * 256)  # the kept path: 3 vocab chunks too
+    _small_chunks(monkeypatch, 7)
     hidden, weight, b, targets, row_weight, mask, cot = make_inputs(7, 8, 600, torch.float32, select=1.0)
     b[:300] = float("-inf")  # the interpreter's first vocab tiles and the torch path's first chunk
     targets = 300 + targets % 300
