@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -658,8 +659,6 @@ class VRPOTrainer:
         """SIGTERM/SIGINT ask the loop to stop after the current step with a checkpoint (a second one acts
         at once, as usual). Handlers can only be set from the main thread; elsewhere signals act as usual."""
         self._signal = None
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield
             return
