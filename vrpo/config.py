@@ -295,6 +295,7 @@ def _check_count(name: str, value, lowest: int):
 
 def _check_local_dir(name: str, path: str):
     """A model or tokenizer path is a local directory: never a silent download attempt."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         return
     if os.path.exists(path):
