@@ -21,6 +21,7 @@ from vrpo.train import main
 from vrpo.trainer import VRPOTrainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each builds a run (tokenizes the toy set); two run the CLI in subprocesses
 SMALL = dict(max_steps=2, per_device_train_batch_size=4, n_t=1, eval_size=8, eval_n_t=2, num_samples=0,
              report_to="none", logging_steps=1, save_steps=1)
 FLAGS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--n_t", "1", "--eval_size", "8", "--eval_n_t",

@@ -362,7 +362,8 @@ class VRPOTrainer:
             logger.warning("%s predates saved run settings; they are not compared", self.resume_path)
             return
         if not isinstance(saved, dict):
-            raise CheckpointError(f"{self.resume_path}/trainer_state.json: 'run' is not a JSON object; the checkpoint is corrupt")
+            raise CheckpointError(f"{self.resume_path}/trainer_state.json: 'run' is not a JSON object; "
+                                  "the checkpoint is corrupt")
         now = self._definition = self.run_definition()
         diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k, v) != v]
         if diffs and not cfg.allow_config_change:
