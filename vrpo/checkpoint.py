@@ -221,6 +221,11 @@ class CheckpointManager:
         self.accelerator = accelerator
         self.save_total_limit = save_total_limit
 
+    @staticmethod
+    def name(step: int) -> str:
+        """The directory name of ``step``'s checkpoint."""
+        return f"{CHECKPOINT_PREFIX}{step:08d}"
+
     @property
     def latest_file(self) -> str:
         return os.path.join(self.root, "latest")
@@ -281,7 +286,7 @@ class CheckpointManager:
         called in the middle of the write.
         """
         acc = self.accelerator
-        name = f"{CHECKPOINT_PREFIX}{step:08d}"
+        name = self.name(step)
         final = os.path.join(self.root, name)
         tmp = os.path.join(self.root, f".tmp-{name}")
         if acc.is_main_process:

@@ -168,7 +168,16 @@ class VRPOConfig:
 
     # --- run, logging, checkpoints ---
     output_dir: str | None = _help("Where logs, checkpoints and the final model go. Default: outputs/vrpo-<time>.", default=None)
-    overwrite_output_dir: bool = _help("Allow an output directory that already holds a run.", default=False)
+    overwrite_output_dir: bool = _help(
+        "Start a new run in an output directory that holds an earlier vrpo run: the earlier run is first moved to "
+        "<output_dir>.old-<time>. A directory of other files is refused even with this flag (never deleted).",
+        default=False,
+    )
+    allow_config_change: bool = _help(
+        "Resume although settings that change the maths or the data order (n_t, estimator, seed, batch sizes, "
+        "learning rate, the data's content, ...) differ from the checkpoint's; the new values are used.",
+        default=False,
+    )
     seed: int = _help("Seed of the data order, the masks and the initialisation of the toy model.", default=42)
     logging_steps: int | None = _help("Log every N steps. Default: 10 (toy run: 5).", default=None)
     eval_steps: int | None = _help("Evaluate preference accuracy every N steps (0: only before and after).", default=None)

@@ -12,6 +12,7 @@ counted, always.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -270,6 +271,14 @@ class TokenizedPairs:
 
     def __len__(self) -> int:
         return len(self._spans)
+
+    def content_hash(self) -> str:
+        """sha256 of the token ids, response masks and pair boundaries: the data a run trains on."""
+        ids, masks = self._flat()
+        h = hashlib.sha256(ids.tobytes())
+        h.update(masks.tobytes())
+        h.update(np.asarray(self._spans, dtype=np.int64).tobytes())
+        return h.hexdigest()
 
     def sequence(self, i: int, side: int) -> dict[str, np.ndarray]:
         """``{"input_ids", "response_mask"}`` of pair ``i``'s chosen (side 0) or rejected (side 1)."""

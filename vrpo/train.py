@@ -20,17 +20,21 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .data import DataError
     from .models import CheckpointError
-    from .trainer import TrainingDiverged, VRPOTrainer
+    from .trainer import Interrupted, TrainingDiverged, VRPOTrainer
 
     try:
         trainer = VRPOTrainer(config)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
         summary = trainer.train()  # the loop, then the outputs
-    except (DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            ValueError) as e:
         print(f"vrpo.train: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"vrpo.train: stopped: {e}", file=sys.stderr)
         return 3
+    except Interrupted as e:
+        print(f"vrpo.train: interrupted: {e}", file=sys.stderr)
+        return e.exit_code
     if trainer.is_main:
         print_summary(summary)
     return 0

@@ -16,7 +16,9 @@ One optimizer step (``train_step``):
 3. run the policy on its draws (with gradients) and the reference on the same draws (antithetic) or
    fresh ones, without gradients; chosen and rejected go through in one batch;
 4. VRPO loss (+ the SFT term), backward, gradient accumulation, clipping;
-5. skip the step if the loss or gradient norm is not finite; stop after too many in a row.
+5. skip the step if the learning rate, loss or gradient norm is not finite; after the update, check
+   the weights (one fused norm) and roll back to the last checkpoint if they are not; stop after too
+   many bad steps in a row.
 
 Checkpoints are atomic (:mod:`vrpo.checkpoint`), and a resumed run continues bit for bit on the CPU.
 """
@@ -31,13 +33,14 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, loading
+from . import distributed, loading, run_dir
 from .checkpoint import CheckpointError, CheckpointManager, atomic_write_text
 from .config import VRPOConfig
 from .elbo import ELBOModule, NonFiniteELBOError
@@ -53,11 +56,31 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+# What changes the maths or the data order of a run: resuming with another value is refused
+# (``--allow_config_change`` overrides; the optimizer's settings are then applied to the restored state).
+RUN_DEFINING = ("model_name_or_path", "ref_model_name_or_path", "use_lora", "lora_r", "lora_alpha", "lora_dropout",
+                "torch_dtype", "mixed_precision", "max_length", "truncation", "packing", "n_t", "n_yt", "antithetic",
+                "estimator", "stratified", "t_floor", "beta", "loss_type", "label_smoothing", "sft_weight",
+                "learning_rate", "warmup_steps", "lr_scheduler_type", "weight_decay", "adam_beta1", "adam_beta2",
+                "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "num_train_epochs", "max_steps", "seed", "eval_n_t", "precompute_ref")
+
+
 def fault_point(name: str, step: int):
-    """Test hook: ``VRPO_KILL_AT=<name>:<step>`` sends SIGKILL to this process at that point."""
-    spec = os.environ.get("VRPO_KILL_AT")
-    if spec and spec == f"{name}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Test hook: ``VRPO_KILL_AT=<name>:<step>[:<SIGNAL>]`` sends SIGKILL (or the named signal, e.g.
+    ``SIGTERM``) to this process at that point."""
+    spec = os.environ.get("VRPO_KILL_AT", "")
+    where, _, sig = spec.partition(":SIG")
+    if spec and where == f"{name}:{step}":
+        os.kill(os.getpid(), getattr(signal, "SIG" + sig) if sig else signal.SIGKILL)
 
 
 def reward_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
@@ -137,17 +160,19 @@ class RunState:
     consecutive_nonfinite: int = 0
     last_losses: list[float] = field(default_factory=list)  # the VRPO loss of the last applied steps
     pref_acc_before: float | None = None
+    final_eval: dict | None = None  # logged before the final checkpoint: not repeated when resuming from it
 
     def to_checkpoint(self, max_steps: int, seed: int) -> dict:
         return {"step": self.step, "max_steps": max_steps, "seed": seed, "skipped_steps": self.skipped_steps,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "last_losses": self.last_losses,
-                "pref_acc_before": self.pref_acc_before}
+                "pref_acc_before": self.pref_acc_before, "final_eval": self.final_eval}
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> RunState:
         return cls(step=saved["step"], skipped_steps=saved.get("skipped_steps", 0),
                    consecutive_nonfinite=saved.get("consecutive_nonfinite", 0),
-                   last_losses=saved.get("last_losses", []), pref_acc_before=saved.get("pref_acc_before"))
+                   last_losses=saved.get("last_losses", []), pref_acc_before=saved.get("pref_acc_before"),
+                   final_eval=saved.get("final_eval"))
 
 
 @dataclass
@@ -198,13 +223,23 @@ class VRPOTrainer:
         distributed.check_supported(self.accelerator)
         set_seed(cfg.seed)
         self.is_main = self.accelerator.is_main_process
+        run_dir.check_writable(cfg.output_dir)  # before the (slow) loading, but nothing written yet
         self._report_presets(config)
         self._load_tokenizer(tokenizer)
         self._load_data(train_pairs, eval_pairs)
         self._plan_batches()
         self._open_output_dir()
-        self._prepare_optimization(self._load_models(model, ref_model))
-        self._restore()
+        try:
+            self._prepare_optimization(self._load_models(model, ref_model))
+            self._restore()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Release the output directory (``train`` does this when it returns or raises)."""
+        if self.run_dir is not None:
+            self.run_dir.close()
 
     def _report_presets(self, config: VRPOConfig):
         note = config.preset_note()
@@ -242,8 +277,18 @@ class VRPOTrainer:
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.num_train_epochs
 
     def _open_output_dir(self):
+        """Lock the output directory for this run (:mod:`vrpo.run_dir`: never a user's files, one run at a
+        time, an overwritten run moved aside first); find the checkpoint to resume from."""
         cfg = self.config
         self.resume_path = None
+        self.run_dir = None
+        if self.is_main:
+            self.run_dir = run_dir.RunDir(cfg.output_dir, cfg.overwrite_output_dir,
+                                          resuming=bool(cfg.resume_from_checkpoint))
+            if self.run_dir.moved_to:
+                logger.warning("--overwrite_output_dir: the previous run in %s was moved to %s", cfg.output_dir,
+                               self.run_dir.moved_to)
+        self.accelerator.wait_for_everyone()
         self.checkpoints = CheckpointManager(cfg.output_dir, self.accelerator, cfg.save_total_limit)
         if cfg.resume_from_checkpoint:
             self.resume_path = self.checkpoints.resolve(cfg.resume_from_checkpoint)
@@ -288,14 +333,56 @@ class VRPOTrainer:
 
     def _restore(self):
         """The run state: fresh, or restored with the model, optimizer, scheduler and RNG states."""
-        self.state, self.ref_eval = RunState(), None
+        self.state, self.ref_eval, self._definition = RunState(), None, None
         if self.resume_path:
-            self.state = RunState.from_checkpoint(self.checkpoints.load(self.resume_path))
+            saved = self.checkpoints.load(self.resume_path)
+            self._check_same_run(saved.get("run"))
+            self.state = RunState.from_checkpoint(saved)
             saved = os.path.join(self.resume_path, "eval_reference.pt")
             self.ref_eval = torch.load(saved, weights_only=True) if os.path.exists(saved) else None
             if self.is_main:
                 logger.info("resumed from %s at step %d", self.resume_path, self.state.step)
         self.start_step = self.state.step
+
+    def run_definition(self) -> dict:
+        """What makes this run this run (saved with each checkpoint): the :data:`RUN_DEFINING` flags, the
+        process count and the content of the data."""
+        cfg = self.config
+        out = {name: getattr(cfg, name) for name in RUN_DEFINING}
+        out["num_processes"] = self.accelerator.num_processes
+        out["train_data"] = self.train_pairs.content_hash()
+        out["eval_data"] = self.eval_pairs.content_hash() if self.eval_pairs is not None else None
+        return out
+
+    def _check_same_run(self, saved: dict | None):
+        """Refuse to resume with settings or data that differ from the checkpoint's, unless
+        ``--allow_config_change``; then the optimizer's current settings replace the restored ones."""
+        cfg = self.config
+        if saved is None:
+            logger.warning("%s predates saved run settings; they are not compared", self.resume_path)
+            return
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{self.resume_path}/trainer_state.json: 'run' is not a JSON object; "
+                                  "the checkpoint is corrupt")
+        now = self._definition = self.run_definition()
+        diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k, v) != v]
+        if diffs and not cfg.allow_config_change:
+            raise ValueError(
+                f"--resume_from_checkpoint {self.resume_path}: this run differs from the checkpoint's "
+                f"({'; '.join(diffs)}); resume with the same settings and data, or pass --allow_config_change "
+                "to continue with the new ones"
+            )
+        if diffs:
+            logger.warning("resuming with changed settings (--allow_config_change): %s", "; ".join(diffs))
+        for group in self.optimizer.param_groups:  # the restored optimizer state carries the old settings
+            group.update(weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+        sched = self.scheduler
+        if not hasattr(sched, "lr_lambdas"):
+            return
+        sched.base_lrs = [cfg.learning_rate] * len(sched.base_lrs)
+        for group, lam in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["initial_lr"], group["lr"] = cfg.learning_rate, cfg.learning_rate * lam(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     @property
     def policy_model(self) -> torch.nn.Module:
@@ -451,16 +538,47 @@ class VRPOTrainer:
                 sums[key] = sums.get(key, 0.0) + float(v) / len(micro)
         params = [p for p in self.policy_elbo.parameters() if p.requires_grad]
         grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        bad = bad or not all(math.isfinite(g["lr"]) for g in self.optimizer.param_groups)
         flag = torch.tensor([1.0 if bad or not torch.isfinite(torch.as_tensor(grad_norm)) else 0.0], device=acc.device)
         bad = bool(acc.reduce(flag, reduction="sum").item() > 0)
         if not bad:
             self.optimizer.step()
+            if not self.weights_finite(params):
+                self._roll_back(step)
+                bad = True
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         metrics = self._mean_over_processes(sums)
         metrics["grad_norm"] = float(grad_norm)
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         return not bad, metrics, tokens
+
+    def weights_finite(self, params=None) -> bool:
+        """All of the policy's trainable weights are finite, on every process: one fused norm per device
+        (it reads the weights once; no copy)."""
+        params = params if params is not None else [p for p in self.policy_elbo.parameters() if p.requires_grad]
+        norms = torch._foreach_norm([p.detach() for p in params])
+        bad = (~torch.isfinite(torch.stack(norms))).any().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bool(bad.item() == 0)
+
+    def _roll_back(self, step: int):
+        """The update of ``step`` made weights non-finite: restore the weights and optimizer state of the
+        last checkpoint (never written from non-finite weights) and keep the schedule where it is.
+
+        Keeping a copy to undo one step would cost the weights and optimizer state again in memory at every
+        step; this costs nothing until it happens, and then the steps since that checkpoint."""
+        last = self.checkpoints.latest()
+        if last is None:
+            raise TrainingDiverged(f"step {step}: the update made weights non-finite and there is no checkpoint "
+                                   "to go back to; lower --learning_rate")
+        schedule = self.scheduler.state_dict()
+        self.checkpoints.load(last)
+        self.scheduler.load_state_dict(schedule)
+        if self.is_main:
+            logger.warning("step %d: the update made weights non-finite; weights and optimizer state rolled back "
+                           "to %s", step, last)
 
     def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         acc = self.accelerator
@@ -529,13 +647,64 @@ class VRPOTrainer:
     def train(self) -> dict:
         """Run from the current step to ``max_steps``; return the summary (also in ``summary.json``)."""
         t0 = time.time()
-        log = self._open_logs()
-        if self.resume_path is None and self.has_eval:
-            log.log(0, self.evaluate_initial())
-        if self.config.precompute_ref:
-            self.precompute_reference()
-        self._loop(log)
-        return self.finish(log, t0)
+        try:
+            with self._signals_stop_the_loop():
+                log = self._open_logs()
+                if self.resume_path is None and self.has_eval:
+                    log.log(0, self.evaluate_initial())
+                if self.config.precompute_ref:
+                    self.precompute_reference()
+                self._loop(log)
+            return self.finish(log, t0)
+        finally:
+            self.close()
+
+    @contextlib.contextmanager
+    def _signals_stop_the_loop(self):
+        """SIGTERM/SIGINT ask the loop to stop after the current step with a checkpoint (a second one acts
+        at once, as usual). Handlers can only be set from the main thread; elsewhere signals act as usual."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            self._signal = signum
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            logger.warning("%s: finishing the current step, then writing a checkpoint (send it again to stop at "
+                           "once)", signal.Signals(signum).name)
+
+        for sig in previous:
+            signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_requested(self) -> bool:
+        """A signal reached this process (or, with several processes, any of them)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._signal is not None
+        flag = torch.tensor([1.0 if self._signal else 0.0], device=acc.device)
+        if acc.reduce(flag, reduction="sum").item() == 0:
+            return False
+        self._signal = self._signal or signal.SIGTERM  # another process got it (a launcher forwards SIGTERM)
+        return True
+
+    def _stop_for_signal(self, log: MetricsLogger):
+        """Checkpoint the step reached and raise :class:`Interrupted` saying how to resume."""
+        path = self.save_checkpoint()
+        log.close()
+        name = signal.Signals(self._signal).name
+        raise Interrupted(
+            f"{name} at step {self.state.step}/{self.max_steps}; checkpoint: {path or 'none (weights not finite)'}. "
+            f"Resume with the same command plus --output_dir {self.config.output_dir} --resume_from_checkpoint latest",
+            self._signal,
+        )
 
     def _open_logs(self) -> MetricsLogger:
         cfg = self.config
@@ -550,6 +719,9 @@ class VRPOTrainer:
                    dynamic_ncols=True)
         window = LogWindow()
         while self.state.step < self.max_steps:
+            if self._stop_requested():
+                bar.close()
+                self._stop_for_signal(log)
             fault_point("step", self.state.step)
             applied, metrics, tokens = self.train_step(self.state.step)
             self.state.step += 1
@@ -572,11 +744,11 @@ class VRPOTrainer:
         st.skipped_steps += 1
         st.consecutive_nonfinite += 1
         if self.is_main:
-            logger.warning("step %d skipped: non-finite loss or gradient norm", st.step)
+            logger.warning("step %d skipped: non-finite learning rate, loss, gradient norm or weights", st.step)
         log.log(st.step, {"train/skipped": 1, "train/consecutive_nonfinite": st.consecutive_nonfinite})
         if st.consecutive_nonfinite >= cfg.max_nonfinite_steps:
             raise TrainingDiverged(
-                f"{st.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
+                f"{st.consecutive_nonfinite} consecutive steps had a non-finite loss, gradient norm or weights "
                 f"(--max_nonfinite_steps {cfg.max_nonfinite_steps}); stopping at step {st.step}. "
                 f"Last good checkpoint: {self.checkpoints.latest() or 'none'}"
             )
@@ -593,14 +765,24 @@ class VRPOTrainer:
 
     # --- checkpoints and outputs ----------------------------------------------------------------
 
-    def save_checkpoint(self) -> str:
-        """An atomic checkpoint of the current step (every process calls this)."""
+    def save_checkpoint(self) -> str | None:
+        """An atomic checkpoint of the current step (every process calls this); the existing one when the
+        step already has one; none (an error logged) when the weights are not finite."""
         step = self.state.step
+        latest = self.checkpoints.latest()
+        if latest is not None and os.path.basename(latest) == self.checkpoints.name(step):
+            return latest
+        if not self.weights_finite():
+            logger.error("step %d: weights are not finite; no checkpoint written (last: %s)", step, latest or "none")
+            return None
 
         def fault():
             fault_point("checkpoint", step)
 
-        return self.checkpoints.save(step, self.state.to_checkpoint(self.max_steps, self.config.seed), fault=fault,
+        if self._definition is None:
+            self._definition = self.run_definition()
+        state = {**self.state.to_checkpoint(self.max_steps, self.config.seed), "run": self._definition}
+        return self.checkpoints.save(step, state, fault=fault,
                                      extra_tensors={"eval_reference.pt": self.ref_eval})
 
     def save_final_model(self) -> str:
@@ -609,6 +791,7 @@ class VRPOTrainer:
         acc.wait_for_everyone()
         model = distributed.gathered_policy(acc, self.policy_elbo)  # collective when sharded
         path = os.path.join(self.config.output_dir, "model")
+        fault_point("model", self.state.step)
         if acc.is_main_process:
             if self.config.use_lora:
                 model = copy.deepcopy(model).merge_and_unload()
@@ -638,8 +821,10 @@ class VRPOTrainer:
         cfg, st = self.config, self.state
         summary = {"steps": st.step, "skipped_steps": st.skipped_steps}
         if self.has_eval:
-            after, _ = self.evaluate(self.ref_eval)
-            log.log(st.step, after)
+            if st.final_eval is None:  # else: resumed from the final checkpoint, evaluated and logged before it
+                st.final_eval, _ = self.evaluate(self.ref_eval)
+                log.log(st.step, st.final_eval)
+            after = st.final_eval
             summary.update(pref_acc_before=st.pref_acc_before, pref_acc_after=after["eval/pref_acc"],
                            reward_acc_after=after.get("eval/reward_acc"))
         self.save_checkpoint()

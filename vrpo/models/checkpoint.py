@@ -458,6 +458,9 @@ def save_llada(model, path, *, max_shard_size: int | str = "5GB") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the renamed checkpoint gets ordinary permissions
     try:
         meta = {k: torch.empty(shape, dtype=dt, device="meta") for k, (_, shape, dt) in tensors.items()}
         split = split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)

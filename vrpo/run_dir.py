@@ -1,0 +1,122 @@
+"""A run's output directory: one run per directory, never over a user's files.
+
+A directory vrpo writes a run into carries a marker, ``.vrpo-run`` (JSON: the format version and when
+the run was created), and a lock file, ``.vrpo-run.lock``, that the running process holds with
+``fcntl.flock`` for the run's life. The rules (README, "What happens when things go wrong"):
+
+- a new or empty directory becomes a run;
+- a non-empty directory without the marker (and without checkpoints of an older vrpo) is a user's
+  directory and is refused, even with ``--overwrite_output_dir``: vrpo never deletes files it did not write;
+- ``--overwrite_output_dir`` over an older run moves that run aside to ``<dir>.old-<time>`` before the new
+  run writes anything, so the new run's checkpoints can never mix with (or be rotated away by) the old ones;
+- a second run on a directory that a live run holds fails at once, naming the holder's pid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import shutil
+
+MARKER = ".vrpo-run"
+LOCK = ".vrpo-run.lock"
+VERSION = 1
+_TEMPORARIES = (".model.tmp-", ".model.old-")  # left by a kill during the final model save
+
+
+class OutputDirError(FileExistsError):
+    """``--output_dir`` cannot be used for this run (someone else's files, or a live run holds it)."""
+
+
+def check_writable(path: str):
+    """Raise ``PermissionError`` naming ``--output_dir`` unless ``path`` (or the nearest existing parent that
+    would hold it) is a writable directory. Writes nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(f"--output_dir {path}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output_dir {path}: {probe} is not writable")
+
+
+def is_run(path: str) -> bool:
+    """``path`` holds a vrpo run: our marker, or (a run from before the marker) a ``checkpoints/latest``."""
+    return os.path.isfile(os.path.join(path, MARKER)) or os.path.isfile(os.path.join(path, "checkpoints", "latest"))
+
+
+class RunDir:
+    """The locked output directory of one run (main process only). ``close`` releases the lock."""
+
+    def __init__(self, path: str, overwrite: bool, resuming: bool):
+        self.path = path
+        self.moved_to: str | None = None
+        self._lock_fd: int | None = None
+        if os.path.isdir(path) and os.listdir(path):
+            if not is_run(path):
+                raise OutputDirError(
+                    f"--output_dir {path} exists and holds files that are not a vrpo run (no {MARKER}); vrpo never "
+                    "writes over or deletes them, even with --overwrite_output_dir. Choose a new or empty directory"
+                )
+            held = self._lock()  # the old run must not be live, whether we continue it or move it aside
+            if overwrite and not resuming:
+                self.moved_to = self._move_aside(held)
+        if self._lock_fd is None:
+            os.makedirs(path, exist_ok=True)
+            self._lock()
+        self._write_marker()
+        self._remove_temporaries()
+
+    def _lock(self) -> int:
+        fd = os.open(os.path.join(self.path, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise OutputDirError(
+                    f"--output_dir {self.path} is in use by another vrpo run (pid {holder}); one run per directory"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        return fd
+
+    def _move_aside(self, held: int) -> str:
+        """Rename the old run to ``<dir>.old-<time>`` (holding its lock), then lock a fresh directory."""
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        aside = f"{self.path.rstrip(os.sep)}.old-{stamp}"
+        os.rename(self.path, aside)
+        self._lock_fd = None
+        os.makedirs(self.path)
+        self._lock()
+        os.close(held)  # the moved run's lock, released only once the new directory is ours
+        return aside
+
+    def _write_marker(self):
+        from .checkpoint import atomic_write_text
+
+        marker = os.path.join(self.path, MARKER)
+        if not os.path.isfile(marker):
+            created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            atomic_write_text(marker, json.dumps({"version": VERSION, "created": created}) + "\n")
+
+    def _remove_temporaries(self):
+        for name in os.listdir(self.path):
+            if name.startswith(_TEMPORARIES):
+                shutil.rmtree(os.path.join(self.path, name), ignore_errors=True)
+
+    def close(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    __del__ = close
