@@ -27,10 +27,12 @@ import re
 import torch
 from transformers import LlamaConfig
 
+from .dtypes import DTYPES
+
 LLADA_MODEL_TYPE = "llada"
 LLADA_MASK_TOKEN = "<|mdm_mask|>"
 
-# LLaDA-8B-Instruct's config.json (shared/fixtures/llada-8b-instruct-meta): the schema save_llada writes when
+# LLaDA-8B-Instruct's config.json: the schema save_llada writes when
 # a model does not carry the config it was loaded from. Dimensions and ids are overwritten on save.
 LLADA_CONFIG_TEMPLATE: dict = {
     "activation_type": "silu",
@@ -105,8 +107,6 @@ _LLADA_REQUIRED = {
     "clip_qkv": None,
 }
 
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _llada_int(cfg: dict, name: str, source: str) -> int:
     value = cfg.get(name)
@@ -178,8 +178,8 @@ def llada_to_llama_config(
         mask_token_id=int(mask_token_id),
         llada_config=copy.deepcopy(llada),
     )
-    if dtype in _DTYPE_NAMES:
-        config.dtype = _DTYPE_NAMES[dtype]
+    if dtype in DTYPES:
+        config.dtype = DTYPES[dtype]
     return config
 
 
@@ -187,8 +187,8 @@ def llama_to_llada_config(config: LlamaConfig, dtype: torch.dtype | None = None)
     """LLaDA's ``config.json`` schema (a dict, ``model_type="llada"``) for a Llama-schema ``config``.
 
     Fields LLaDA shares with Llama come from ``config``; the rest come from the LLaDA config the model was
-    loaded from (``config.llada_config``) or, failing that, from LLaDA-8B's. ``auto_map`` is kept so that the
-    official remote code reads the result.
+    loaded from (``config.llada_config``) or, failing that, from LLaDA-8B's. ``auto_map`` is kept here;
+    :func:`~vrpo.models.save_mdm` drops it unless the remote-code files it names are written alongside.
     """
     if getattr(config, "is_causal", True):
         raise ValueError(
