@@ -12,10 +12,9 @@ import torch
 
 from .config import VRPOConfig
 from .data import DataStats, read_preference_rows, tokenize_pairs
+from .models.dtypes import DTYPES
 
 logger = logging.getLogger("vrpo")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The embedded model: big enough to learn the toy task in a couple of CPU minutes.
 TOY_MODEL = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab_size=128 + 8, max_sequence_length=128)
