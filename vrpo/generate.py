@@ -37,6 +37,35 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     return (logits.double() / temperature + gumbel).argmax(-1)
 
 
+def _block_plan(gen_length: int, steps: int | None, block_length: int | None) -> tuple[int, int, int]:
+    """``(block_length, num_blocks, steps_per_block)`` with the defaults (one block, ``gen_length`` steps)."""
+    steps = steps or gen_length
+    block_length = block_length or gen_length
+    if gen_length % block_length:
+        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
+    return block_length, num_blocks, steps // num_blocks
+
+
+def _canvas(prompt_ids: torch.Tensor, gen_length: int, mask_token_id: int) -> torch.Tensor:
+    """int64 [B, P + gen_length]: the prompts followed by mask tokens."""
+    B, P = prompt_ids.shape
+    x = torch.full((B, P + gen_length), mask_token_id, dtype=torch.long, device=prompt_ids.device)
+    x[:, :P] = prompt_ids
+    return x
+
+
+def _attention(x: torch.Tensor, prompt_attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The [B, L] attention mask of the canvas ``x`` when the prompts are padded, else None."""
+    if prompt_attention_mask is None:
+        return None
+    attention = torch.ones_like(x)
+    attention[:, : prompt_attention_mask.shape[1]] = prompt_attention_mask
+    return attention
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -66,26 +95,15 @@ def generate(
     Returns:
         int64 [B, P + gen_length]: the prompts followed by the generated answers.
     """
-    steps = steps or gen_length
-    block_length = block_length or gen_length
-    if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
+    block_length, num_blocks, steps_per_block = _block_plan(gen_length, steps, block_length)
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
-    steps_per_block = steps // num_blocks
 
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    x = torch.full((B, P + gen_length), mask_token_id, dtype=torch.long, device=device)
-    x[:, :P] = prompt_ids
-    kwargs = {}
-    if prompt_attention_mask is not None:
-        attention = torch.ones_like(x)
-        attention[:, :P] = prompt_attention_mask
-        kwargs["attention_mask"] = attention
+    x = _canvas(prompt_ids, gen_length, mask_token_id)
+    attention = _attention(x, prompt_attention_mask)
+    kwargs = {} if attention is None else {"attention_mask": attention}
 
     for block in range(num_blocks):
         start, end = P + block * block_length, P + (block + 1) * block_length
@@ -210,30 +228,20 @@ def generate_dream(
     Returns:
         int64 [B, P + gen_length]: the prompts followed by the generated answers.
     """
-    steps = steps or gen_length
-    block_length = block_length or gen_length
     if alg not in DREAM_ALGORITHMS:
         raise ValueError(f"alg={alg!r} is not one of {DREAM_ALGORITHMS}")
-    if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} must be a multiple of block_length={block_length}")
-    num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
     if not 0 < eps < 1:
         raise ValueError(f"eps={eps} must be in (0, 1)")
-    steps_per_block = steps // num_blocks
+    block_length, num_blocks, steps_per_block = _block_plan(gen_length, steps, block_length)
     opts = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "alg": alg, "alg_temp": alg_temp}
 
-    B, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     device = prompt_ids.device
-    x = torch.full((B, P + gen_length), mask_token_id, dtype=torch.long, device=device)
-    x[:, :P] = prompt_ids
+    x = _canvas(prompt_ids, gen_length, mask_token_id)
+    attention = _attention(x, prompt_attention_mask)
     kwargs = {}
-    if prompt_attention_mask is not None and not bool(prompt_attention_mask.all()):
-        attention = torch.ones_like(x)
-        attention[:, :P] = prompt_attention_mask
-        kwargs["attention_mask"] = attention
-        kwargs["position_ids"] = (attention.cumsum(-1) - 1).clamp(min=0)
+    if attention is not None:  # positions count real tokens only, as Dream's sampler's do
+        kwargs = {"attention_mask": attention, "position_ids": (attention.cumsum(-1) - 1).clamp(min=0)}
     timesteps = torch.linspace(1, eps, steps_per_block + 1, device=device, dtype=torch.float64)
     column = torch.arange(x.shape[1], device=device)
 

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .attention import check_backend
+from .config import checked_mask_token_id
 from .dtypes import SAFETENSORS_DTYPES, resolve_dtype
 from .modeling import BidirectionalLlamaForCausalLM, BidirectionalQwen2ForCausalLM
 from .families import DREAM, FAMILY_ATTR, LLADA, ModelFamily, family_of, family_of_config
@@ -121,15 +122,11 @@ def _config_for(path: Path, mask_token_id: int | None, caller: str) -> tuple[Pre
     else:
         raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
         config = family.config_class(**raw)
-        if mask_token_id is not None:
-            config.mask_token_id = int(mask_token_id)
-        if getattr(config, "mask_token_id", None) is None:
-            raise ValueError(
-                f"{config_file} has no mask_token_id; pass mask_token_id=... explicitly "
-                f"({family.display_name}: {family.mask_token_id}, token {family.mask_token!r})"
-            )
-        if not 0 <= int(config.mask_token_id) < config.vocab_size:
-            raise ValueError(f"{config_file}: mask_token_id={config.mask_token_id} is outside the vocabulary")
+        config.mask_token_id = checked_mask_token_id(
+            getattr(config, "mask_token_id", None) if mask_token_id is None else mask_token_id,
+            config.vocab_size, str(config_file),
+            f"{family.display_name}: {family.mask_token_id}, token {family.mask_token!r}",
+        )
     setattr(config, FAMILY_ATTR, family.name)
     return config, family, native
 

@@ -108,11 +108,22 @@ _LLADA_REQUIRED = {
 }
 
 
-def _llada_int(cfg: dict, name: str, source: str) -> int:
+def positive_int(cfg: dict, name: str, source: str) -> int:
+    """``cfg[name]`` when it is a positive integer; ``ValueError`` naming ``source`` and the field otherwise."""
     value = cfg.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
     return value
+
+
+def checked_mask_token_id(mask_token_id, vocab: int, source: str, hint: str) -> int:
+    """``mask_token_id`` as an int inside the vocabulary; ``ValueError`` naming ``source`` (and, when it is
+    missing, ``hint``: the family's mask token) otherwise."""
+    if mask_token_id is None:
+        raise ValueError(f"{source} has no mask_token_id; pass mask_token_id=... explicitly ({hint})")
+    if not 0 <= int(mask_token_id) < vocab:
+        raise ValueError(f"{source}: mask_token_id={mask_token_id} is outside the embedding of {vocab} rows")
+    return int(mask_token_id)
 
 
 def llada_to_llama_config(
@@ -130,9 +141,9 @@ def llada_to_llama_config(
                 f"{source}: LLaDA option {name}={llada[name]!r} is not supported (only {required!r}); "
                 "the Llama implementation would compute a different model"
             )
-    d_model = _llada_int(llada, "d_model", source)
-    n_heads = _llada_int(llada, "n_heads", source)
-    n_layers = _llada_int(llada, "n_layers", source)
+    d_model = positive_int(llada, "d_model", source)
+    n_heads = positive_int(llada, "n_heads", source)
+    n_layers = positive_int(llada, "n_layers", source)
     if d_model % n_heads:
         raise ValueError(f"{source}: d_model={d_model} is not divisible by n_heads={n_heads}")
     if llada.get("multi_query_attention"):
@@ -142,16 +153,11 @@ def llada_to_llama_config(
     if n_heads % n_kv_heads:
         raise ValueError(f"{source}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     mlp = llada.get("mlp_hidden_size") or llada.get("mlp_ratio", 4) * d_model
-    vocab = llada.get("embedding_size") or _llada_int(llada, "vocab_size", source)
-    if mask_token_id is None:
-        mask_token_id = llada.get("mask_token_id")
-    if mask_token_id is None:
-        raise ValueError(
-            f"{source} has no mask_token_id; pass mask_token_id=... explicitly "
-            f"(LLaDA: 126336, token {LLADA_MASK_TOKEN!r})"
-        )
-    if not 0 <= int(mask_token_id) < vocab:
-        raise ValueError(f"{source}: mask_token_id={mask_token_id} is outside the embedding of {vocab} rows")
+    vocab = llada.get("embedding_size") or positive_int(llada, "vocab_size", source)
+    mask_token_id = checked_mask_token_id(
+        llada.get("mask_token_id") if mask_token_id is None else mask_token_id, vocab, source,
+        f"LLaDA: 126336, token {LLADA_MASK_TOKEN!r}",
+    )
     dtype = llada.get("torch_dtype")
     config = LlamaConfig(
         vocab_size=vocab,

@@ -12,6 +12,7 @@ import copy
 
 from transformers import Qwen2Config
 
+from .config import checked_mask_token_id, positive_int
 from .dtypes import DTYPES
 
 DREAM_MODEL_TYPE = "Dream"
@@ -57,13 +58,6 @@ DREAM_CONFIG_TEMPLATE: dict = {
 _DREAM_REQUIRED = {"use_sliding_window": False, "use_mrope": False, "hidden_act": "silu", "rope_scaling": None}
 
 
-def _positive_int(cfg: dict, name: str, source: str) -> int:
-    value = cfg.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
-    return value
-
-
 def dream_to_qwen2_config(
     dream: dict, *, source: str = "config.json", mask_token_id: int | None = None
 ) -> Qwen2Config:
@@ -78,28 +72,23 @@ def dream_to_qwen2_config(
                 f"{source}: Dream option {name}={dream[name]!r} is not supported (only {required!r}); "
                 "the Qwen2 implementation would compute a different model"
             )
-    hidden = _positive_int(dream, "hidden_size", source)
-    heads = _positive_int(dream, "num_attention_heads", source)
+    hidden = positive_int(dream, "hidden_size", source)
+    heads = positive_int(dream, "num_attention_heads", source)
     kv_heads = dream.get("num_key_value_heads") or heads
     if hidden % heads:
         raise ValueError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
     if heads % kv_heads:
         raise ValueError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    vocab = _positive_int(dream, "vocab_size", source)
-    if mask_token_id is None:
-        mask_token_id = dream.get("mask_token_id")
-    if mask_token_id is None:
-        raise ValueError(
-            f"{source} has no mask_token_id; pass mask_token_id=... explicitly "
-            f"(Dream: 151666, token {DREAM_MASK_TOKEN!r})"
-        )
-    if not 0 <= int(mask_token_id) < vocab:
-        raise ValueError(f"{source}: mask_token_id={mask_token_id} is outside the embedding of {vocab} rows")
+    vocab = positive_int(dream, "vocab_size", source)
+    mask_token_id = checked_mask_token_id(
+        dream.get("mask_token_id") if mask_token_id is None else mask_token_id, vocab, source,
+        f"Dream: 151666, token {DREAM_MASK_TOKEN!r}",
+    )
     config = Qwen2Config(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=_positive_int(dream, "intermediate_size", source),
-        num_hidden_layers=_positive_int(dream, "num_hidden_layers", source),
+        intermediate_size=positive_int(dream, "intermediate_size", source),
+        num_hidden_layers=positive_int(dream, "num_hidden_layers", source),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         hidden_act="silu",
