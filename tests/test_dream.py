@@ -157,6 +157,24 @@ def test_saved_folder_loads_with_autotokenizer_without_remote_code(family_dir, t
     assert again(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
 
 
+def test_lora_adapters_are_merged_into_dreams_format(expected, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(load_dream(TINY), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    assert family_of(peft) is DREAM
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        want = peft(expected["input_ids"]).logits
+    out = save_mdm(peft, tmp_path / "merged")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "Dream"
+    with torch.no_grad():
+        got = load_dream(out)(expected["input_ids"]).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - expected["logits"]).abs().max() > 1e-3, "the adapters changed the model"
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
@@ -286,8 +304,10 @@ def test_shifted_elbo_refuses_a_token_with_nothing_before_it(model):
         packed_elbo_terms(model, ids, resp, draw, MASK, lengths=torch.tensor([6]), row_length=12)
 
 
-def test_packed_shifted_rows_never_score_across_segments(model):
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "vrpo_triton"])
+def test_packed_shifted_rows_never_score_across_segments(backend):
     """Two segments per packed row: each equals its row run alone (a score across the boundary would not)."""
+    model = load_mdm(TINY, attn_implementation=backend)
     lengths = [6, 6, 6, 6]
     ids, resp, _ = _batch(lengths, prompt_len=1, seed=5)
     draw = draw_masks(resp, SamplingPlan(n_t=1), generator=torch.Generator().manual_seed(5))
