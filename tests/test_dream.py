@@ -444,3 +444,12 @@ def test_sample_uses_the_family_sampler(model):
     want = generate_dream(model, prompt, MASK, gen_length=4, steps=2, temperature=1.0,
                           generator=torch.Generator().manual_seed(3))
     assert torch.equal(out, want)
+
+
+def test_last_user_message_follows_the_family_template(tokenizer):
+    case = EXPECTED_TOKENS["chats"][1]
+    prompt = tokenizer.decode(case["prompt_ids"])
+    assert DREAM.last_user_message(prompt) == "Name a color."
+    llada_prompt = format_prompt(build_tiny_tokenizer(), case["messages"][:-1])
+    assert LLADA.last_user_message(llada_prompt) == "Name a color."
+    assert LLADA.last_user_message(prompt) == prompt.strip(), "no LLaDA user header in a Dream prompt"

@@ -82,6 +82,13 @@ class ModelFamily:
     sampler: Callable
     sampler_name: str
 
+    def last_user_message(self, prompt_text: str) -> str:
+        """The content of the last user turn of a prompt rendered with this family's chat template (the
+        stripped text itself when it has no user turn)."""
+        if self.user_header not in prompt_text:
+            return prompt_text.strip()
+        return prompt_text.rsplit(self.user_header, 1)[1].split(self.end_of_turn, 1)[0].strip()
+
 
 LLADA = ModelFamily(
     name="llada",
