@@ -1,12 +1,15 @@
-"""What a run loads, from its config: the tokenizer, the data, the policy and the reference.
+"""What a run loads, from its config, in the order a run needs it: the tokenizer, the data, the models;
+and how the trained model is saved.
 
-Kept apart from the trainer so that the loop stays thin and each piece can be used on its own.
+Kept apart from the trainer so that the loop stays thin and each piece can be used on its own; the
+trainer reaches model checkpoints (loading and saving) only through this module.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -20,10 +23,13 @@ logger = logging.getLogger("vrpo")
 TOY_MODEL = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab_size=128 + 8, max_sequence_length=128)
 
 
+# --- 1. the tokenizer ---------------------------------------------------------------------------
+
 def load_tokenizer(cfg: VRPOConfig):
     """The run's tokenizer, with a mask token (raises ValueError naming the directory otherwise)."""
-    from .models.tiny import build_tiny_tokenizer
     from .tokenization import load_tokenizer as load
+
+    from .models import build_tiny_tokenizer
 
     if cfg.toy and cfg.tokenizer_name_or_path is None:
         return build_tiny_tokenizer(vocab_size=TOY_MODEL["vocab_size"])
@@ -37,12 +43,15 @@ def load_tokenizer(cfg: VRPOConfig):
 
 
 def mask_token_id(cfg: VRPOConfig, tokenizer) -> int:
+    """``--mask_token_id``, else the tokenizer's mask token."""
     from .tokenization import get_mask_token_id
 
     if cfg.mask_token_id is not None:
         return cfg.mask_token_id
     return get_mask_token_id(tokenizer)
 
+
+# --- 2. the data --------------------------------------------------------------------------------
 
 def load_pairs(cfg: VRPOConfig, tokenizer):
     """``(train, eval, stats)``: tokenized pairs; eval is ``--eval_dataset`` or split off the training data."""
@@ -71,6 +80,8 @@ def load_pairs(cfg: VRPOConfig, tokenizer):
     return train_pairs, eval_pairs, result
 
 
+# --- 3. the models ------------------------------------------------------------------------------
+
 def _dtype(cfg: VRPOConfig):
     return None if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
 
@@ -85,26 +96,46 @@ def attention_backend(cfg: VRPOConfig) -> str:
 
 
 def load_policy(cfg: VRPOConfig):
-    """The model to train: a LLaDA checkpoint, or the embedded tiny model (seeded)."""
-    from .models import build_tiny_llada, load_llada
+    """The model to train: a checkpoint of any supported family (recognised from its config.json by
+    :func:`vrpo.models.load_mdm`), or the embedded tiny LLaDA (seeded)."""
+    from .models import build_tiny_llada, load_mdm
 
     if cfg.toy:
         model = build_tiny_llada(seed=cfg.seed, attn_implementation=attention_backend(cfg), **TOY_MODEL)
         dtype = _dtype(cfg)
         return model.to(dtype) if dtype is not None else model
-    return load_llada(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id)
+    return load_mdm(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
+                    mask_token_id=cfg.mask_token_id)
 
 
 def load_reference(cfg: VRPOConfig, policy):
     """The frozen reference: ``--ref_model_name_or_path``, or a copy of the initial policy."""
-    from .models import load_llada
+    from .models import load_mdm
 
     if cfg.ref_model_name_or_path:
-        ref = load_llada(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
-                         mask_token_id=cfg.mask_token_id)
+        ref = load_mdm(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
+                       mask_token_id=cfg.mask_token_id)
     else:
         ref = copy.deepcopy(policy)
     return ref.eval().requires_grad_(False)
+
+
+def model_family(model, tokenizer):
+    """The model's family (:func:`vrpo.models.family_of`, read from the model); ``ValueError`` when it has
+    none, or when the tokenizer is another family's (its chat template and end-of-turn token would not be
+    the ones the model was trained with)."""
+    from .models import family_of, family_of_tokenizer
+
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a model of a known family; load it with vrpo.models.load_mdm")
+    tok_family = family_of_tokenizer(tokenizer)
+    if tok_family is not None and tok_family is not family:
+        raise ValueError(
+            f"the tokenizer is {tok_family.display_name}'s but the model is {family.display_name}'s; "
+            "pass --tokenizer_name_or_path with the model's own tokenizer"
+        )
+    return family
 
 
 def add_lora(cfg: VRPOConfig, policy):
@@ -116,41 +147,39 @@ def add_lora(cfg: VRPOConfig, policy):
     return get_peft_model(policy, lora)
 
 
-def last_user_message(prompt_text: str) -> str:
-    """The content of the last user turn of a prompt rendered with LLaDA's chat template."""
-    head = "<|start_header_id|>user<|end_header_id|>"
-    if head not in prompt_text:
-        return prompt_text.strip()
-    return prompt_text.rsplit(head, 1)[1].split("<|eot_id|>", 1)[0].strip()
+@dataclass
+class Models:
+    """The run's models. ``reference`` is None with LoRA (the policy with its adapters off is the
+    reference); ``reference_is_initial_policy`` says whether the reference equals the policy as loaded
+    (a copy of it, or LoRA), so that terms computed with the initial policy can stand for it."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    reference_is_initial_policy: bool
 
 
-@torch.no_grad()
-def sample_answers(trainer, k: int) -> list[dict]:
-    """Generate answers for the first ``k`` held-out prompts with LLaDA's sampler."""
-    from .generate import generate
-    from .toy import is_correct
+def load_models(cfg: VRPOConfig, policy=None, reference=None) -> Models:
+    """The policy (loaded unless given; with LoRA adapters and gradient checkpointing as configured,
+    in training mode) and its frozen reference (given, ``--ref_model_name_or_path``, or a copy)."""
+    policy = policy if policy is not None else load_policy(cfg)
+    # LoRA's reference is the policy with its adapters off, whatever --ref_model_name_or_path says.
+    initial = reference is None and (cfg.use_lora or not cfg.ref_model_name_or_path)
+    if reference is None and not cfg.use_lora:
+        reference = load_reference(cfg, policy)
+    if cfg.use_lora:
+        policy = add_lora(cfg, policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    return Models(policy, reference, initial)
 
-    cfg, acc = trainer.config, trainer.accelerator
-    if not acc.is_main_process:
-        return []
-    model = acc.unwrap_model(trainer.policy_elbo).model
-    was_training = model.training
-    model.eval()
-    pairs = trainer.eval_pairs
-    out = []
-    tok = trainer.tokenizer
-    for i in range(min(k, len(pairs))):
-        seq = pairs.sequence(i, 0)
-        resp = seq["response_mask"]
-        start = int(resp.argmax())
-        prompt = torch.as_tensor(seq["input_ids"][:start], dtype=torch.long, device=acc.device)[None]
-        gen_length = cfg.gen_length or (int(resp.sum()) if cfg.toy else 128)
-        ids = generate(model, prompt, trainer.mask_token_id, gen_length=gen_length,
-                       steps=cfg.gen_steps or gen_length, block_length=cfg.block_length or gen_length)
-        answer = tok.decode(ids[0, start:].tolist(), skip_special_tokens=True).strip()
-        record = {"prompt": last_user_message(tok.decode(prompt[0].tolist())), "answer": answer}
-        if cfg.toy:
-            record["correct"] = is_correct(record["prompt"], answer)
-        out.append(record)
-    model.train(was_training)
-    return out
+
+# --- 4. the output ------------------------------------------------------------------------------
+
+def save_model(model, tokenizer, path: str):
+    """The trained model in its family's checkpoint format, with the tokenizer, under ``path``: a folder
+    that ``AutoTokenizer.from_pretrained`` reads without remote code."""
+    from .models import save_mdm
+
+    save_mdm(model, path)
+    tokenizer.save_pretrained(path)
