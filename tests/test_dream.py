@@ -453,3 +453,22 @@ def test_last_user_message_follows_the_family_template(tokenizer):
     llada_prompt = format_prompt(build_tiny_tokenizer(), case["messages"][:-1])
     assert LLADA.last_user_message(llada_prompt) == "Name a color."
     assert LLADA.last_user_message(prompt) == prompt.strip(), "no LLaDA user header in a Dream prompt"
+
+
+def test_unfused_head_is_logged_once_at_warning(model, caplog):
+    """A model whose head cannot be fused materialises full logits: said once per model class, at WARNING."""
+    import vrpo.elbo as elbo
+
+    class LogitsOnly(torch.nn.Module):  # no get_output_embeddings: the generic path
+        def forward(self, x, **kwargs):
+            return model(x).logits
+
+    ids, resp, _ = _batch([8])
+    draw = draw_masks(resp, SamplingPlan(n_t=2), generator=torch.Generator().manual_seed(0))
+    elbo._warned_unfused.discard("LogitsOnly")
+    with caplog.at_level("WARNING", logger="vrpo.elbo"), torch.no_grad():
+        for _ in range(2):
+            elbo_terms(LogitsOnly(), ids, resp, draw, MASK, logit_shift=1)
+        elbo_terms(LogitsOnly(), ids, resp, draw, MASK, logit_shift=1, fused=False)  # asked for: no warning
+    warnings = [r for r in caplog.records if "cannot be fused" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"

@@ -67,6 +67,8 @@ def test_twenty_steps_learn_the_preference(dream_dir, pairs, tmp_path):
                       "--save_steps", "0"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
+    print(f"Dream 20 steps: held-out preference accuracy {summary['pref_acc_before']:.3f} -> "
+          f"{summary['pref_acc_after']:.3f}")
     assert summary["pref_acc_after"] >= summary["pref_acc_before"] + 0.1, summary
     assert "Dream" in result.stdout, "the summary names the family's sampler"
     assert len(summary["samples"]) == 2 and "correct" not in summary["samples"][0]
