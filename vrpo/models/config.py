@@ -116,6 +116,17 @@ def positive_int(cfg: dict, name: str, source: str) -> int:
     return value
 
 
+def check_supported(cfg: dict, required: dict, source: str, family: str, implementation: str) -> None:
+    """``ValueError`` naming ``source`` when ``cfg`` sets an option of ``required`` to another value: the
+    transformers ``implementation`` would compute a different model than ``family``'s code."""
+    for name, value in required.items():
+        if name in cfg and cfg[name] != value:
+            raise ValueError(
+                f"{source}: {family} option {name}={cfg[name]!r} is not supported (only {value!r}); "
+                f"the {implementation} implementation would compute a different model"
+            )
+
+
 def checked_mask_token_id(mask_token_id, vocab: int, source: str, hint: str) -> int:
     """``mask_token_id`` as an int inside the vocabulary; ``ValueError`` naming ``source`` (and, when it is
     missing, ``hint``: the family's mask token) otherwise."""
@@ -135,12 +146,7 @@ def llada_to_llama_config(
     vocabulary), so that is the Llama ``vocab_size``. The original dict is kept as ``config.llada_config`` for
     :func:`llama_to_llada_config`. ``mask_token_id`` overrides (or supplies) the config's mask id.
     """
-    for name, required in _LLADA_REQUIRED.items():
-        if name in llada and llada[name] != required:
-            raise ValueError(
-                f"{source}: LLaDA option {name}={llada[name]!r} is not supported (only {required!r}); "
-                "the Llama implementation would compute a different model"
-            )
+    check_supported(llada, _LLADA_REQUIRED, source, "LLaDA", "Llama")
     d_model = positive_int(llada, "d_model", source)
     n_heads = positive_int(llada, "n_heads", source)
     n_layers = positive_int(llada, "n_layers", source)

@@ -12,7 +12,7 @@ import copy
 
 from transformers import Qwen2Config
 
-from .config import checked_mask_token_id, positive_int
+from .config import check_supported, checked_mask_token_id, positive_int
 from .dtypes import DTYPES
 
 DREAM_MODEL_TYPE = "Dream"
@@ -66,12 +66,7 @@ def dream_to_qwen2_config(
     The original dict is kept as ``config.dream_config`` for :func:`qwen2_to_dream_config`.
     ``mask_token_id`` overrides (or supplies) the config's mask id.
     """
-    for name, required in _DREAM_REQUIRED.items():
-        if name in dream and dream[name] != required:
-            raise ValueError(
-                f"{source}: Dream option {name}={dream[name]!r} is not supported (only {required!r}); "
-                "the Qwen2 implementation would compute a different model"
-            )
+    check_supported(dream, _DREAM_REQUIRED, source, "Dream", "Qwen2")
     hidden = positive_int(dream, "hidden_size", source)
     heads = positive_int(dream, "num_attention_heads", source)
     kv_heads = dream.get("num_key_value_heads") or heads
