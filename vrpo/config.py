@@ -42,8 +42,10 @@ class VRPOConfig:
 
     # --- model ---
     model_name_or_path: str | None = _help(
-        "Local LLaDA checkpoint directory (LLaDA's own format or HF/Llama format). Omitted: the embedded "
-        "tiny model, a CPU demo that trains in minutes.",
+        "Local checkpoint directory of a supported model family: LLaDA (model_type llada, or a Llama export) "
+        "or Dream (model_type Dream, or a Qwen2 export), recognised from its config.json; adding a family is "
+        "one entry in vrpo/models/families.py (README: Adding a model family). Omitted: the embedded tiny "
+        "LLaDA, a CPU demo that trains in minutes.",
         default=None,
     )
     ref_model_name_or_path: str | None = _help(
@@ -51,7 +53,7 @@ class VRPOConfig:
     )
     tokenizer_name_or_path: str | None = _help("Tokenizer directory. Default: the model directory.", default=None)
     mask_token_id: int | None = _help(
-        "Mask token id. Default: the checkpoint config's mask_token_id (LLaDA: 126336).", default=None
+        "Mask token id. Default: the tokenizer's mask token (LLaDA: 126336, Dream: 151666).", default=None
     )
     attn_implementation: str | None = _help(
         "Attention backend: sdpa, eager, flash_attention_2 or vrpo_triton. Default: vrpo_triton on CUDA, "
@@ -189,7 +191,10 @@ class VRPOConfig:
     )
     report_to: str = _help("tensorboard or none. JSONL logs are always written.", default="tensorboard")
     num_samples: int = _help("Held-out prompts to generate answers for at the end (0: none).", default=4)
-    gen_length: int | None = _help("Tokens generated per sample. Default: 128 (toy run: the reference length).", default=None)
+    gen_length: int | None = _help(
+        "Tokens generated per sample, with the sampler of the model's family (LLaDA's low-confidence remasking, "
+        "Dream's 'origin'). Default: 128 (toy run: the reference length).", default=None
+    )
     gen_steps: int | None = _help("Denoising steps for generation. Default: gen_length.", default=None)
     block_length: int | None = _help("Semi-autoregressive block length for generation. Default: gen_length.", default=None)
 

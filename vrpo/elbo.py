@@ -8,16 +8,23 @@ model bidirectionally on ``[prompt, masked response]``, and scores the hidden to
 ``B_hat[b]`` is the mean of ``term[b, :]``. Log-probabilities are always computed in float32, whatever
 the model's dtype.
 
+**Shifted families.** Where a model's family has ``logit_shift = 1`` (Dream: the output at position
+``i - 1`` predicts token ``i``, :mod:`vrpo.models.families`), token ``i`` is scored with the output at
+``i - 1``; everything else (weights, antithetic sharing, the DPO score) is unchanged. The shift is read from
+the model (or given as ``logit_shift=``); a token at a row's (or a packed segment's) first position has no
+output before it and is refused.
+
 Two paths give the same numbers:
 
 * **generic**: any callable ``LongTensor [N, L] -> logits [N, L, V]`` (or an output with ``.logits``);
 * **fused**: a ``transformers`` causal LM whose head is a plain ``nn.Linear``: the body gives hidden
-  states and :func:`vrpo_kernels.masked_linear_ce` applies the head only to the masked positions,
-  never materialising ``[N, L, V]`` logits.
+  states and :func:`vrpo_kernels.masked_linear_ce` applies the head only to the masked positions
+  (for a shifted family, to the hidden state before each), never materialising ``[N, L, V]`` logits.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import torch
@@ -25,7 +32,11 @@ from torch import nn
 
 from vrpo_kernels import masked_linear_ce
 
+from .models.families import logit_shift as family_logit_shift
 from .sampling import MaskDraw
+
+logger = logging.getLogger(__name__)
+_warned_unfused: set[str] = set()
 
 
 class NonFiniteELBOError(FloatingPointError):
@@ -75,6 +86,35 @@ def _check_draw(draw: MaskDraw, response_mask: torch.Tensor):
         raise ValueError("draw.masked marks positions outside response_mask: draw it from this batch's mask")
 
 
+def _shift(model, logit_shift: int | None) -> int:
+    shift = family_logit_shift(model) if logit_shift is None else logit_shift
+    if shift not in (0, 1):
+        raise ValueError(f"logit_shift={shift} is not 0 or 1")
+    return shift
+
+
+def _check_first_positions(masked: torch.Tensor, first: torch.Tensor, what: str):
+    """A shifted family cannot score a token with no output before it (a row's or segment's first token)."""
+    bad = masked & first
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"a masked token is at the first position of {what} {row}: the model's family predicts token i from "
+            "the output at i - 1 (logit_shift=1), so the response must follow a non-empty prompt"
+        )
+
+
+def _warn_unfused(model, fused):
+    name = type(model).__name__
+    if fused == "auto" and name not in _warned_unfused:
+        _warned_unfused.add(name)
+        logger.warning(
+            "ELBO of %s: the head cannot be fused (no plain nn.Linear head reachable through "
+            "get_output_embeddings/get_decoder), so full [N, L, vocab] logits are materialised; at a 126k "
+            "vocabulary that is the largest tensor of the step", name,
+        )
+
+
 def _check_finite(terms: torch.Tensor, n: int):
     bad = ~torch.isfinite(terms)
     if bad.any():
@@ -97,6 +137,7 @@ def masked_token_logprobs(
     model_kwargs: Mapping | None = None,
     fused: bool | str = "auto",
     impl: str = "auto",
+    logit_shift: int | None = None,
 ) -> torch.Tensor:
     """The core of every ELBO: ``token_weight * log p(target)`` at the masked positions, 0 elsewhere.
 
@@ -108,11 +149,22 @@ def masked_token_logprobs(
         token_weight: float [N, S], the estimator weight of each position's sample.
         model_kwargs: extra model inputs, already [N, ...].
         fused, impl: see :func:`elbo_terms`.
+        logit_shift: 1 when the output at i - 1 predicts token i; None reads it from the model's family.
 
     Returns:
-        float32 [N, S].
+        float32 [N, S], indexed by the scored token's position.
     """
     N, S = noisy_ids.shape
+    shift = _shift(model, logit_shift)
+    if shift:
+        first = torch.zeros_like(masked)
+        first[:, :shift] = True
+        _check_first_positions(masked, first, "row")
+        # The output at position p scores the token at p + shift: move targets, masks and weights back by
+        # `shift` so that everything below is per output position, then move the result forward again.
+        targets, masked, token_weight = (t.roll(-shift, dims=1) for t in (targets, masked, token_weight))
+        masked = masked.clone()
+        masked[:, S - shift :] = False
     split = fusable_head(model) if fused else None
     if fused is True and split is None:
         raise ValueError(f"fused=True needs a transformers LM with a plain nn.Linear head, got {type(model).__name__}")
@@ -128,16 +180,18 @@ def masked_token_logprobs(
             masked.reshape(-1),
             bias=head.bias,
             impl=impl,
-        )
-        return out.view(N, S)
-    out = model(noisy_ids, **(model_kwargs or {}))
-    logits = out.logits if hasattr(out, "logits") else out
-    _check_mask_id(mask_token_id, logits.shape[-1])
-    rows, cols = masked.nonzero(as_tuple=True)
-    logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)
-    logp = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
-    result = torch.zeros(N, S, device=logp.device, dtype=torch.float32)
-    return result.index_put((rows, cols), logp * token_weight[rows, cols].float())
+        ).view(N, S)
+    else:
+        _warn_unfused(model, fused)
+        logits = model(noisy_ids, **(model_kwargs or {}))
+        logits = logits.logits if hasattr(logits, "logits") else logits
+        _check_mask_id(mask_token_id, logits.shape[-1])
+        rows, cols = masked.nonzero(as_tuple=True)
+        logp = torch.log_softmax(logits[rows, cols].float(), dim=-1)
+        logp = logp.gather(-1, targets[rows, cols][:, None])[:, 0]
+        out = torch.zeros(N, S, device=logp.device, dtype=torch.float32)
+        out = out.index_put((rows, cols), logp * token_weight[rows, cols].float())
+    return out.roll(shift, dims=1) if shift else out
 
 
 def elbo_terms(
@@ -150,6 +204,7 @@ def elbo_terms(
     model_kwargs: Mapping | None = None,
     fused: bool | str = "auto",
     impl: str = "auto",
+    logit_shift: int | None = None,
 ) -> torch.Tensor:
     """Per-sample ELBO terms, float32 [B, n].
 
@@ -164,6 +219,8 @@ def elbo_terms(
         fused: ``"auto"`` fuses the head when :func:`fusable_head` allows it; ``True`` requires it;
             ``False`` uses the generic logits path.
         impl: passed to :func:`vrpo_kernels.masked_linear_ce` on the fused path.
+        logit_shift: 1 when the output at i - 1 predicts token i (Dream), 0 when the output at i does
+            (LLaDA); None (the default) reads it from the model's family, 0 for a model of no known family.
     """
     B, n, L = draw.masked.shape
     if input_ids.shape != (B, L) or response_mask.shape != (B, L):
@@ -182,6 +239,7 @@ def elbo_terms(
         model_kwargs=_repeat_rows(model_kwargs, n),
         fused=fused,
         impl=impl,
+        logit_shift=logit_shift,
     )
     terms = per_token.view(B, n, L).sum(-1)
     _check_finite(terms, n)
@@ -199,20 +257,23 @@ def packed_elbo_terms(
     row_length: int,
     fused: bool | str = "auto",
     impl: str = "auto",
+    logit_shift: int | None = None,
 ) -> torch.Tensor:
     """:func:`elbo_terms` with the ``B * n`` masked copies packed into rows of ``row_length`` tokens.
 
     Each copy is one segment of a packed row: attention is blocked across segments and positions
     restart at 0 per segment (:func:`vrpo.models.packing_kwargs`), so the terms equal the unpacked
     ones while padding costs nothing but the tail of the last rows. This is how the paper runs VRPO
-    (rows of 4096 tokens).
+    (rows of 4096 tokens). For a shifted family a token is scored with the output before it, which is
+    in its own segment: a masked token at a segment's first position is refused (``ValueError``).
 
     Args:
-        input_ids, response_mask, draw, mask_token_id: as in :func:`elbo_terms` (right-padded rows).
+        input_ids, response_mask, draw, mask_token_id, fused, impl, logit_shift: as in :func:`elbo_terms`
+            (right-padded rows).
         lengths: int [B], the real (unpadded) length of each row.
         row_length: tokens per packed row; at least the longest sequence.
         model: must accept ``segment_ids=`` and ``position_ids=`` (models from
-            :func:`vrpo.models.load_llada` do, for every attention backend).
+            :func:`vrpo.models.load_mdm` do, for every attention backend).
 
     Returns:
         float32 [B, n].
@@ -235,9 +296,12 @@ def packed_elbo_terms(
     b, j = item // n, item % n
     pos = torch.where(valid, segment_positions(seg), 0)
     masked = draw.masked[b, j, pos] & valid
+    shift = _shift(model, logit_shift)
+    if shift:
+        _check_first_positions(masked, pos < shift, "packed row")
     per_token = masked_token_logprobs(
         model, ids, torch.where(valid, input_ids[b, pos], 0), masked, draw.weight.float()[b, j], mask_token_id,
-        model_kwargs=packing_kwargs(seg), fused=fused, impl=impl,
+        model_kwargs=packing_kwargs(seg), fused=fused, impl=impl, logit_shift=shift,
     )
     terms = torch.zeros(B * n, device=device, dtype=torch.float32).index_add(0, item[masked], per_token[masked])
     terms = terms.view(B, n)
@@ -262,11 +326,15 @@ def elbo_estimate(
 def exact_elbo(logp_fn: Callable, input_ids: torch.Tensor, response_mask: torch.Tensor, mask_token_id: int):
     """The exact ELBO by enumerating every non-empty mask of the response (tiny ``L_b`` only).
 
+    ``logp_fn`` gives per-position log-probabilities of the token at that position: for a shifted family
+    (Dream) shift the model's output before returning it (position i from the output at i - 1).
+
     ``B = sum_m 1 / (|m| C(L_b, |m|)) * sum_{i in m} log p(y_i | y with m masked, x)``.
 
     Args:
         logp_fn: maps LongTensor [N, L] -> log-probabilities [N, L, V] (float64 preferred).
-        input_ids: int64 [B, L]; response_mask: bool [B, L] with at most ~12 response tokens per row.
+        input_ids: int64 [B, L]; response_mask: bool [B, L] with at most 16 response tokens per row
+            (2^16 masks: enumeration beyond that is too slow to be useful).
 
     Returns:
         float64 [B].

@@ -15,10 +15,9 @@ import torch
 
 from .config import VRPOConfig
 from .data import DataStats, read_preference_rows, tokenize_pairs
+from .models.dtypes import DTYPES
 
 logger = logging.getLogger("vrpo")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The embedded model: big enough to learn the toy task in a couple of CPU minutes.
 TOY_MODEL = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab_size=128 + 8, max_sequence_length=128)
@@ -98,27 +97,46 @@ def attention_backend(cfg: VRPOConfig) -> str:
 
 
 def load_policy(cfg: VRPOConfig):
-    """The model to train: a LLaDA checkpoint, or the embedded tiny model (seeded)."""
-    from .models import build_tiny_llada, load_llada
+    """The model to train: a checkpoint of any supported family (recognised from its config.json by
+    :func:`vrpo.models.load_mdm`), or the embedded tiny LLaDA (seeded)."""
+    from .models import build_tiny_llada, load_mdm
 
     if cfg.toy:
         model = build_tiny_llada(seed=cfg.seed, attn_implementation=attention_backend(cfg), **TOY_MODEL)
         dtype = _dtype(cfg)
         return model.to(dtype) if dtype is not None else model
-    return load_llada(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
-                      mask_token_id=cfg.mask_token_id)
+    return load_mdm(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
+                    mask_token_id=cfg.mask_token_id)
 
 
 def load_reference(cfg: VRPOConfig, policy):
     """The frozen reference: ``--ref_model_name_or_path``, or a copy of the initial policy."""
-    from .models import load_llada
+    from .models import load_mdm
 
     if cfg.ref_model_name_or_path:
-        ref = load_llada(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
-                         mask_token_id=cfg.mask_token_id)
+        ref = load_mdm(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
+                       mask_token_id=cfg.mask_token_id)
     else:
         ref = copy.deepcopy(policy)
     return ref.eval().requires_grad_(False)
+
+
+def model_family(model, tokenizer):
+    """The model's family (:func:`vrpo.models.family_of`, read from the model); ``ValueError`` when it has
+    none, or when the tokenizer is another family's (its chat template and end-of-turn token would not be
+    the ones the model was trained with)."""
+    from .models import family_of, family_of_tokenizer
+
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is not a model of a known family; load it with vrpo.models.load_mdm")
+    tok_family = family_of_tokenizer(tokenizer)
+    if tok_family is not None and tok_family is not family:
+        raise ValueError(
+            f"the tokenizer is {tok_family.display_name}'s but the model is {family.display_name}'s; "
+            "pass --tokenizer_name_or_path with the model's own tokenizer"
+        )
+    return family
 
 
 def add_lora(cfg: VRPOConfig, policy):
@@ -162,8 +180,9 @@ def load_models(cfg: VRPOConfig, policy=None, reference=None) -> Models:
 # --- 4. the output ------------------------------------------------------------------------------
 
 def save_model(model, tokenizer, path: str):
-    """The trained model in its checkpoint format (LLaDA's), with the tokenizer, under ``path``."""
-    from .models import save_llada
+    """The trained model in its family's checkpoint format, with the tokenizer, under ``path``: a folder
+    that ``AutoTokenizer.from_pretrained`` reads without remote code."""
+    from .models import save_mdm
 
-    save_llada(model, path)
+    save_mdm(model, path)
     tokenizer.save_pretrained(path)

@@ -1,15 +1,18 @@
-"""Tokenization for LLaDA: chat template, response masks, EOS and truncation policy, padding.
+"""Tokenization for masked diffusion LMs: chat template, response masks, EOS and truncation policy, padding.
 
-An example is a prompt and a response, TRL-style: the prompt is a string or a list of chat messages
+The conventions come from the tokenizer's model family (:func:`vrpo.models.family_of_tokenizer`: LLaDA,
+Dream). An example is a prompt and a response, TRL-style: the prompt is a string or a list of chat messages
 (``{"role", "content"}``), the response a string or an assistant message (or a one-message list).
 
-* **Prompt**: LLaDA's chat template applied to the prompt's messages (a string prompt is one user message),
-  which ends with the assistant header ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``.
-* **Response**: the answer text (stripped, as the template strips every message) followed by ``<|eot_id|>``
-  and one ``<|endoftext|>`` (EOS). With ``chat_template=False`` the prompt is the raw text after BOS and the
-  response ends with EOS alone.
+* **Prompt**: the tokenizer's chat template applied to the prompt's messages (a string prompt is one user
+  message), ending with the assistant header (LLaDA: ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``;
+  Dream: ``<|im_start|>assistant\\n``, after Dream's default system prompt when there is no system message).
+* **Response**: the answer text (stripped when the family's template strips every message, as LLaDA's does)
+  followed by the family's end-of-turn token (LLaDA ``<|eot_id|>``, Dream ``<|im_end|>``) and one
+  ``<|endoftext|>`` (EOS). With ``chat_template=False`` the prompt is the raw text (after BOS for LLaDA) and
+  the response ends with EOS alone.
 
-**EOS policy.** ``response_mask`` is True on the answer tokens, its ``<|eot_id|>`` and its one EOS: these
+**EOS policy.** ``response_mask`` is True on the answer tokens, its end-of-turn token and its one EOS: these
 are the tokens the ELBO masks and scores. The EOS tokens that :func:`collate` appends to pad a batch are
 neither scored (``response_mask`` False) nor attended to (``attention_mask`` 0), so a sequence's ELBO does
 not depend on how much padding its batch has (LLaDA 1.5: padded EOS is excluded from the VRPO terms).
@@ -18,62 +21,120 @@ not depend on how much padding its batch has (LLaDA 1.5: padded EOS is excluded 
 than ``max_length``: silently cutting a chosen or rejected answer changes what is preferred.
 ``truncation="truncate"`` first drops prompt tokens from the left (keeping a leading BOS), then, if the
 response alone is still too long, drops response tokens from the right; a response cut this way loses its
-``<|eot_id|>`` and EOS, so the model is not taught that the answer ends there.
+end-of-turn token and EOS, so the model is not taught that the answer ends there.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from vrpo.models.config import LLADA_MASK_TOKEN
+from vrpo.models.families import FAMILIES, ModelFamily, family_of_config, family_of_tokenizer, token_id
 
-EOT_TOKEN = "<|eot_id|>"
 _HOLE = "vrpo7f3a9c1e"  # marks where a message's content goes in a rendered chat template
 _HOLES = re.compile(f"( ?){_HOLE}(\\d+){_HOLE}( ?)")
 TRUNCATION = ("error", "truncate")
 
 
-def load_tokenizer(path, *, mask_token: str = LLADA_MASK_TOKEN, **kwargs) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer.from_pretrained(path, **kwargs)`` with a mask token registered.
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _remote_code_family(path: Path) -> ModelFamily | None:
+    """The family whose tokenizer to build when ``path``'s tokenizer_config.json names remote code, else None."""
+    file = path / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    tok_cfg = _read_json(file)
+    if "AutoTokenizer" not in (tok_cfg.get("auto_map") or {}):
+        return None
+    candidates = [f for f in FAMILIES.values() if f.tokenizer_class is not None]
+    mask = _token_text(tok_cfg.get("mask_token"))
+    for family in candidates:
+        if mask == family.mask_token:
+            return family
+    if (path / "config.json").is_file():
+        family, _ = family_of_config(_read_json(path / "config.json"), str(path / "config.json"))
+        if family.tokenizer_class is not None:
+            return family
+    raise ValueError(
+        f"{file}: the tokenizer is remote code ({tok_cfg['auto_map']['AutoTokenizer']}), which vrpo does not run, "
+        f"and it is not the tokenizer of a known family ({', '.join(f.display_name for f in candidates)})"
+    )
+
+
+def load_tokenizer(path, *, mask_token: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
+    """The tokenizer in directory ``path``, with a mask token registered and no remote code.
+
+    A tokenizer whose ``tokenizer_config.json`` names remote code (Dream's ``auto_map``) is built as its
+    family's standard transformers class (Dream: ``Qwen2Tokenizer`` from ``vocab.json``/``merges.txt``, which
+    gives the same ids), and the ``auto_map`` is dropped so that ``save_pretrained`` writes a folder that
+    ``AutoTokenizer`` loads without remote code. Any other tokenizer is ``AutoTokenizer.from_pretrained(path,
+    **kwargs)``.
 
     LLaDA's released tokenizer has ``<|mdm_mask|>`` in its vocabulary but does not name it ``mask_token``;
-    this registers it (no new token is added) so that ``tokenizer.mask_token_id`` works. Raises ``ValueError``
-    when the tokenizer has neither a mask token nor ``mask_token`` in its vocabulary.
+    this registers the family's mask token (or ``mask_token``; no new token is added) so that
+    ``tokenizer.mask_token_id`` works. Raises ``ValueError`` when the tokenizer has no mask token.
     """
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    family = _remote_code_family(Path(path)) if Path(path).is_dir() else None
+    if family is not None:
+        tokenizer = getattr(transformers, family.tokenizer_class).from_pretrained(path, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    tokenizer.init_kwargs.pop("auto_map", None)
     if tokenizer.mask_token_id is None:
-        get_mask_token_id(tokenizer, mask_token)
-        tokenizer.add_special_tokens({"mask_token": mask_token})
+        tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(get_mask_token_id(tokenizer, mask_token))})
     return tokenizer
 
 
-def get_mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str = LLADA_MASK_TOKEN) -> int:
-    """The mask token's id: ``tokenizer.mask_token_id``, else the id of ``mask_token`` in the vocabulary."""
+def _known_masks() -> str:
+    return "; ".join(f"{f.display_name}: {f.mask_token!r}, id {f.mask_token_id}" for f in FAMILIES.values())
+
+
+def get_mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token: str | None = None) -> int:
+    """The mask token's id: ``tokenizer.mask_token_id``, else the id of ``mask_token`` (default: a known
+    family's mask token) in the vocabulary."""
     if tokenizer.mask_token_id is not None:
         return int(tokenizer.mask_token_id)
-    token_id = tokenizer.get_vocab().get(mask_token)
-    if token_id is None:
+    candidates = [mask_token] if mask_token is not None else [f.mask_token for f in FAMILIES.values()]
+    for candidate in candidates:
+        tid = token_id(tokenizer, candidate)
+        if tid is not None:
+            return tid
+    raise ValueError(
+        f"the tokenizer has no mask token: tokenizer.mask_token is not set and none of {candidates} is in its "
+        f"vocabulary ({_known_masks()}); a masked diffusion LM needs one"
+    )
+
+
+def tokenizer_family(tokenizer: PreTrainedTokenizerBase) -> ModelFamily:
+    """The tokenizer's model family (:func:`vrpo.models.family_of_tokenizer`); ``ValueError`` if none."""
+    family = family_of_tokenizer(tokenizer)
+    if family is None:
+        known = "; ".join(f"{f.display_name}: {f.end_of_turn!r} and {f.mask_token!r}" for f in FAMILIES.values())
         raise ValueError(
-            f"the tokenizer has no mask token: tokenizer.mask_token is not set and {mask_token!r} is not in "
-            f"its vocabulary (LLaDA's is {LLADA_MASK_TOKEN!r}, id 126336); a masked diffusion LM needs one"
+            f"the tokenizer ({type(tokenizer).__name__}) is not a known model family's: it lacks the end-of-turn "
+            f"and mask tokens of each ({known})"
         )
-    return int(token_id)
-
-
-def _special_id(tokenizer: PreTrainedTokenizerBase, token: str, role: str) -> int:
-    token_id = tokenizer.get_vocab().get(token)
-    if token_id is None:
-        raise ValueError(f"the tokenizer has no {token!r} token ({role}); is this LLaDA's tokenizer?")
-    return int(token_id)
+    return family
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token (LLaDA's is '<|endoftext|>')")
+        raise ValueError("the tokenizer has no eos_token (LLaDA's and Dream's is '<|endoftext|>')")
     return int(tokenizer.eos_token_id)
 
 
@@ -166,7 +227,7 @@ def encode_example(
     """Token ids of ``[prompt, response]`` and which of them are the response.
 
     Returns ``{"input_ids": list[int], "response_mask": list[bool]}``; ``response_mask`` is True on the answer
-    tokens, ``<|eot_id|>`` and one EOS (see the module docstring for the EOS and truncation policies).
+    tokens, the end-of-turn token and one EOS (see the module docstring for the EOS and truncation policies).
     """
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation={truncation!r} is not one of {TRUNCATION}")
@@ -177,12 +238,13 @@ def encode_example(
 def _with_response(tokenizer, prompt_ids: list[int], response, max_length, truncation: str, chat_template: bool):
     """:func:`encode_example` once the prompt is tokenized (a preference pair's two sides share it)."""
     eos = _eos_id(tokenizer)
-    if not chat_template and tokenizer.bos_token_id is not None:
+    family = tokenizer_family(tokenizer)
+    if not chat_template and family.raw_text_bos and tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     answer = _response_text(response)
     if chat_template:
-        answer = answer.strip()
-        end = [_special_id(tokenizer, EOT_TOKEN, "end of turn"), eos]
+        answer = answer.strip() if family.trims_messages else answer
+        end = [token_id(tokenizer, family.end_of_turn), eos]
     else:
         end = [eos]
     response_ids = text_ids(tokenizer, answer) + end
@@ -290,7 +352,7 @@ def collate(
 
     Args:
         examples: mappings with ``input_key`` (token ids) and ``mask_key`` (response mask) of equal lengths.
-        pad_token_id: the padding id (LLaDA: EOS, 126081; ``tokenizer.pad_token_id``).
+        pad_token_id: the padding id (``tokenizer.pad_token_id``; LLaDA: EOS, 126081; Dream: EOS, 151643).
         pad_to_multiple_of: round the padded length up to a multiple of this.
 
     Returns:

@@ -1,8 +1,8 @@
 """``python -m vrpo.train``: VRPO preference optimization of a masked diffusion LM.
 
 With no arguments it trains the embedded tiny LLaDA on the bundled toy sorting task on the CPU in a
-few minutes, and reports held-out preference accuracy before and after. Point it at a real LLaDA
-checkpoint and a preference dataset for the real thing; see ``--help`` and the README.
+few minutes, and reports held-out preference accuracy before and after. Point it at a real LLaDA or
+Dream checkpoint and a preference dataset for the real thing; see ``--help`` and the README.
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ def print_summary(summary: dict):
         f"  held-out reward accuracy (implicit reward margin > 0): {pct(summary.get('reward_acc_after'))}",
     ]
     if summary.get("samples"):
-        lines.append("  samples from LLaDA's sampler (a tiny model trained for minutes ranks answers long before it "
-                     "writes them well):")
+        lines.append(f"  samples from {summary['sampler']} (a tiny model trained for minutes ranks answers long "
+                     "before it writes them well):")
     for sample in summary.get("samples", []):
         mark = {True: " [correct]", False: " [wrong]"}.get(sample.get("correct"), "")
         lines.append(f"    {sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}{mark}")
     lines += [
-        f"  model (LLaDA format): {summary['model_dir']}",
+        f"  model ({summary['family']} format): {summary['model_dir']}",
         f"  logs: {summary['logs']} (metrics.jsonl; tensorboard --logdir {summary['logs']})",
         f"  summary: {summary['output_dir']}/summary.json",
     ]

@@ -300,6 +300,7 @@ class VRPOTrainer:
 
     def _load_models(self, model, ref_model) -> loading.Models:
         models = loading.load_models(self.config, model, ref_model)
+        self.family = loading.model_family(models.policy, self.tokenizer)
         self.reference_is_initial_policy = models.reference_is_initial_policy
         return models
 
@@ -836,6 +837,8 @@ class VRPOTrainer:
             output_dir=cfg.output_dir,
             model_dir=model_dir,
             logs=os.path.join(cfg.output_dir, "logs"),
+            family=self.family.display_name,
+            sampler=self.family.sampler_name,
             estimator={"n_t": self.plan.n_t, "n_yt": self.plan.n_yt, "antithetic": self.plan.antithetic,
                        "estimator": self.plan.estimator, "stratified": self.plan.stratified},
             data=self.data_stats,

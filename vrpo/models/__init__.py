@@ -1,13 +1,18 @@
-"""LLaDA on transformers: exact loading of real checkpoints (no remote code), saving back, attention backends.
+"""Masked diffusion LMs on transformers: exact loading of real checkpoints (no remote code), saving back,
+attention backends, one table entry per model family (:mod:`vrpo.models.families`: LLaDA, Dream).
 
-Load a LLaDA checkpoint directory (e.g. GSAI-ML/LLaDA-8B-Instruct downloaded beforehand)::
+Load a checkpoint directory (e.g. GSAI-ML/LLaDA-8B-Instruct or Dream-org/Dream-v0-Instruct-7B downloaded
+beforehand); the family comes from its ``config.json``::
 
-    from vrpo.models import load_llada, save_llada
+    from vrpo.models import family_of, load_mdm, save_mdm
 
-    model = load_llada("/ckpt/LLaDA-8B-Instruct", dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = load_mdm("/ckpt/Dream-v0-Instruct-7B", dtype=torch.bfloat16, attn_implementation="sdpa")
     logits = model(input_ids).logits                  # [B, S, vocab], bidirectional attention
-    model.config.mask_token_id                        # 126336
-    save_llada(model, "/ckpt/my-llada")               # LLaDA's format, readable by its official code
+    model.config.mask_token_id                        # 151666 (LLaDA: 126336)
+    family_of(model).logit_shift                      # 1: Dream's output at i - 1 predicts token i (LLaDA: 0)
+    save_mdm(model, "/ckpt/my-dream")                 # the family's format, readable by its official code
+
+``load_llada``/``save_llada`` and ``load_dream``/``save_dream`` do the same for one family.
 
 Attention backends (``attn_implementation=``): ``"sdpa"`` (default), ``"eager"``, ``"flash_attention_2"``
 (flash-attn + CUDA) and ``"vrpo_triton"`` (:func:`vrpo_kernels.bidirectional_attention`; force its kernel with
@@ -24,7 +29,7 @@ from .attention import (
     current_attention_impl,
     register_vrpo_attention,
 )
-from .checkpoint import CheckpointError, load_llada, save_llada
+from .checkpoint import CheckpointError, load_dream, load_llada, load_mdm, save_dream, save_llada, save_mdm
 from .config import (
     LLADA_MASK_TOKEN,
     hf_to_llada_key,
@@ -32,7 +37,24 @@ from .config import (
     llada_to_llama_config,
     llama_to_llada_config,
 )
-from .modeling import BidirectionalLlamaForCausalLM, BidirectionalLlamaModel
+from .dream import DREAM_MASK_TOKEN, dream_to_qwen2_config, qwen2_to_dream_config
+from .dtypes import DTYPES, resolve_dtype
+from .families import (
+    DREAM,
+    FAMILIES,
+    LLADA,
+    ModelFamily,
+    family_of,
+    family_of_config,
+    family_of_tokenizer,
+    logit_shift,
+)
+from .modeling import (
+    BidirectionalLlamaForCausalLM,
+    BidirectionalLlamaModel,
+    BidirectionalQwen2ForCausalLM,
+    BidirectionalQwen2Model,
+)
 from .packing import (
     BACKENDS,
     block_diagonal_mask,
@@ -48,7 +70,15 @@ __all__ = [
     "BACKENDS",
     "BidirectionalLlamaForCausalLM",
     "BidirectionalLlamaModel",
+    "BidirectionalQwen2ForCausalLM",
+    "BidirectionalQwen2Model",
     "CheckpointError",
+    "DREAM",
+    "DREAM_MASK_TOKEN",
+    "DTYPES",
+    "FAMILIES",
+    "LLADA",
+    "ModelFamily",
     "LLADA_CHAT_TEMPLATE",
     "LLADA_MASK_TOKEN",
     "VRPO_TRITON",
@@ -59,16 +89,27 @@ __all__ = [
     "canonical_segments",
     "check_backend",
     "current_attention_impl",
+    "dream_to_qwen2_config",
+    "family_of",
+    "family_of_config",
+    "family_of_tokenizer",
     "flash_varlen_kwargs",
     "hf_to_llada_key",
     "llada_to_hf_key",
     "llada_to_llama_config",
     "llama_to_llada_config",
+    "load_dream",
     "load_llada",
+    "load_mdm",
+    "logit_shift",
     "pack_rows",
     "packing_kwargs",
+    "qwen2_to_dream_config",
     "register_vrpo_attention",
+    "resolve_dtype",
+    "save_dream",
     "save_llada",
+    "save_mdm",
     "segment_positions",
     "tiny_llada_config",
 ]

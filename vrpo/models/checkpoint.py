@@ -1,14 +1,16 @@
-"""Load LLaDA checkpoints into transformers (no remote code) and save them back in LLaDA's format.
+"""Load masked diffusion LM checkpoints into transformers (no remote code) and save them back in their format.
 
-:func:`load_llada` reads a local directory holding ``config.json`` and ``model.safetensors`` or a sharded
-``model.safetensors.index.json``, in LLaDA's own format (``model_type="llada"``, keys
-``model.transformer.*``) or in transformers' Llama format (``model_type="llama"``). The model is built on
-the meta device and every tensor is read with ``safetensors.safe_open`` into its parameter, one tensor at a
-time, so loading never holds two copies of the weights (peak RSS is the model plus about one tensor).
+:func:`load_mdm` reads a local directory holding ``config.json`` and ``model.safetensors`` or a sharded
+``model.safetensors.index.json``, in a family's own format (LLaDA: ``model_type="llada"``, keys
+``model.transformer.*``; Dream: ``model_type="Dream"``, Qwen2 keys) or as a transformers export
+(``model_type="llama"`` / ``"qwen2"``); the family comes from the config (:mod:`vrpo.models.families`). The
+model is built on the meta device and every tensor is read with ``safetensors.safe_open`` into its
+parameter, one tensor at a time, so loading never holds two copies of the weights (peak RSS is the model
+plus about one tensor).
 
-:func:`save_llada` writes LLaDA's format back: renamed keys, LLaDA's config schema with its ``auto_map``,
-safetensors shards with an index when the model is large, all written to a temporary directory that is
-renamed into place.
+:func:`save_mdm` writes the family's format back: its keys, its config schema, safetensors shards with an
+index when the model is large, all written to a temporary directory that is renamed into place.
+:func:`load_llada`/:func:`save_llada` and :func:`load_dream`/:func:`save_dream` are the same for one family.
 """
 
 from __future__ import annotations
@@ -27,29 +29,18 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 
 from .attention import check_backend
-from .config import (
-    LLADA_MASK_TOKEN,
-    hf_to_llada_key,
-    llada_to_hf_key,
-    llada_to_llama_config,
-    llama_to_llada_config,
-)
-from .modeling import BidirectionalLlamaForCausalLM
+from .config import checked_mask_token_id
+from .dtypes import SAFETENSORS_DTYPES, resolve_dtype
+from .modeling import BidirectionalLlamaForCausalLM, BidirectionalQwen2ForCausalLM
+from .families import DREAM, FAMILY_ATTR, LLADA, ModelFamily, family_of, family_of_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
-_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class CheckpointError(ValueError):
@@ -64,16 +55,6 @@ def _read_json(file: Path) -> dict:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"load_llada: dtype={dtype!r} is not a torch dtype, 'auto' or one of {sorted(_DTYPES)}")
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -124,34 +105,30 @@ def _headers(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def _config_for(path: Path, mask_token_id: int | None) -> tuple[LlamaConfig, str]:
+def _config_for(path: Path, mask_token_id: int | None, caller: str) -> tuple[PretrainedConfig, ModelFamily, bool]:
+    """``(transformers config, family, native format?)`` of the checkpoint directory ``path``."""
     if not path.is_dir():
-        raise FileNotFoundError(f"load_llada: {path} is not a directory")
+        raise FileNotFoundError(f"{caller}: {path} is not a directory")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(
-            f"{path}: no {CONFIG_NAME}; expected a LLaDA (or transformers Llama) checkpoint directory"
+            f"{path}: no {CONFIG_NAME}; expected a masked diffusion LM checkpoint directory (LLaDA or Dream, "
+            "in its own format or as a transformers Llama/Qwen2 export)"
         )
     raw = _read_json(config_file)
-    model_type = raw.get("model_type")
-    if model_type == "llada":
-        return llada_to_llama_config(raw, source=str(config_file), mask_token_id=mask_token_id), "llada"
-    if model_type == "llama":
-        raw.pop("model_type")
-        config = LlamaConfig(**raw)
-        if mask_token_id is not None:
-            config.mask_token_id = int(mask_token_id)
-        if getattr(config, "mask_token_id", None) is None:
-            raise ValueError(
-                f"{config_file} has no mask_token_id; pass mask_token_id=... explicitly "
-                f"(LLaDA: 126336, token {LLADA_MASK_TOKEN!r})"
-            )
-        if not 0 <= int(config.mask_token_id) < config.vocab_size:
-            raise ValueError(f"{config_file}: mask_token_id={config.mask_token_id} is outside the vocabulary")
-        return config, "hf"
-    raise ValueError(
-        f"{config_file}: model_type={model_type!r} is not supported (expected 'llada' or 'llama')"
-    )
+    family, native = family_of_config(raw, str(config_file))
+    if native:
+        config = family.to_hf_config(raw, source=str(config_file), mask_token_id=mask_token_id)
+    else:
+        raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
+        config = family.config_class(**raw)
+        config.mask_token_id = checked_mask_token_id(
+            getattr(config, "mask_token_id", None) if mask_token_id is None else mask_token_id,
+            config.vocab_size, str(config_file),
+            f"{family.display_name}: {family.mask_token_id}, token {family.mask_token!r}",
+        )
+    setattr(config, FAMILY_ATTR, family.name)
+    return config, family, native
 
 
 def check_fits(config: LlamaConfig, dtype: torch.dtype | None, device: str, source) -> int:
@@ -183,59 +160,88 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
 
 
-def load_llada(path, dtype=None, attn_implementation=None, **kwargs) -> BidirectionalLlamaForCausalLM:
-    """Load a local LLaDA checkpoint as a bidirectional transformers Llama (no remote code).
+def load_mdm(path, dtype=None, attn_implementation=None, **kwargs) -> nn.Module:
+    """Load a local masked diffusion LM checkpoint as a bidirectional transformers model (no remote code).
+
+    The family (LLaDA, Dream, ...) is recognised from ``config.json``: the family's own ``model_type`` or a
+    transformers export (``"llama"``/``"qwen2"``, with ``mdm_family`` when set).
 
     Args:
         path: a directory with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``
-            plus its shards, in LLaDA's format or transformers' Llama format.
+            plus its shards.
         dtype: the parameters' dtype (``torch.bfloat16``, ``"float32"``, ...); ``None``/``"auto"`` keeps the
             stored dtype.
         attn_implementation: ``"sdpa"`` (default), ``"eager"``, ``"flash_attention_2"`` or ``"vrpo_triton"``.
         **kwargs: ``mask_token_id`` (required when the config lacks one), ``device`` (where the weights are
-            read to, default ``"cpu"``), and any ``LlamaConfig`` attribute to override (e.g.
-            ``attention_dropout``).
+            read to, default ``"cpu"``), and any attribute of the family's transformers config to override
+            (e.g. ``attention_dropout``).
 
     Returns:
-        :class:`BidirectionalLlamaForCausalLM` in eval mode; ``model(input_ids).logits`` is [B, S, vocab] and
-        ``model.config.mask_token_id`` is the mask token.
+        The family's ``model_class`` (:class:`BidirectionalLlamaForCausalLM` for LLaDA,
+        :class:`BidirectionalQwen2ForCausalLM` for Dream) in eval mode; ``model(input_ids).logits`` is
+        [B, S, vocab], ``model.config.mask_token_id`` the mask token, ``model.config.mdm_family`` the family.
 
     Raises:
         FileNotFoundError: no directory, no ``config.json`` or no weights, or a shard of the index is missing.
         CheckpointError: a missing, unexpected or wrongly shaped tensor (named with its file).
-        ValueError: an unknown ``model_type``, no ``mask_token_id``, or a LLaDA option Llama cannot express.
+        ValueError: an unknown ``model_type``, no ``mask_token_id``, or an option the family's transformers
+            class cannot express.
     """
+    return _load(path, dtype, attn_implementation, kwargs, caller="load_mdm", expect=None)
+
+
+def load_llada(path, dtype=None, attn_implementation=None, **kwargs) -> BidirectionalLlamaForCausalLM:
+    """:func:`load_mdm` for a LLaDA checkpoint (LLaDA's format or a transformers Llama export); another
+    family's checkpoint is a ``ValueError``."""
+    return _load(path, dtype, attn_implementation, kwargs, caller="load_llada", expect=LLADA)
+
+
+def load_dream(path, dtype=None, attn_implementation=None, **kwargs) -> BidirectionalQwen2ForCausalLM:
+    """:func:`load_mdm` for a Dream checkpoint (Dream's format or a transformers Qwen2 export); another
+    family's checkpoint is a ``ValueError``."""
+    return _load(path, dtype, attn_implementation, kwargs, caller="load_dream", expect=DREAM)
+
+
+def _load(path, dtype, attn_implementation, kwargs: dict, *, caller: str, expect: ModelFamily | None):
     path = Path(path)
+    kwargs = dict(kwargs)
     mask_token_id = kwargs.pop("mask_token_id", None)
     device = str(torch.device(kwargs.pop("device", "cpu")))
-    config, fmt = _config_for(path, mask_token_id)
+    config, family, native = _config_for(path, mask_token_id, caller)
+    if expect is not None and family is not expect:
+        raise ValueError(
+            f"{caller}: {path / CONFIG_NAME} is a {family.display_name} checkpoint, not {expect.display_name}; "
+            "use load_mdm, which loads any supported family"
+        )
     for name, value in kwargs.items():
         if not hasattr(config, name):
             raise TypeError(
-                f"load_llada got an unexpected keyword argument {name!r} "
-                "(not mask_token_id, device, or a LlamaConfig field)"
+                f"{caller} got an unexpected keyword argument {name!r} "
+                f"(not mask_token_id, device, or a {type(config).__name__} field)"
             )
         setattr(config, name, value)
     attn = check_backend(attn_implementation, device)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, f"{caller}: dtype")
     check_fits(config, dtype, device, path / CONFIG_NAME)
     config._name_or_path = str(path.resolve())
+    to_hf = family.to_hf_key if native else (lambda k: k)
+    to_file = family.to_native_key if native else (lambda k: k)
 
     files = _weight_files(path)
     headers = _headers(files)
     with init_empty_weights(include_buffers=False):
-        model = BidirectionalLlamaForCausalLM(config)
+        model = family.model_class(config)
     expected = dict(model.named_parameters())
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)  # the embedding, tied below
 
     plan: dict[str, str] = {}  # checkpoint key -> parameter name
     for key in files:
-        name = llada_to_hf_key(key) if fmt == "llada" else key
+        name = to_hf(key)
         if name == "lm_head.weight" and config.tie_word_embeddings:
-            if fmt == "llada":
+            if native:
                 raise CheckpointError(
-                    f"{files[key]}: {key!r} is present but config.json sets weight_tying=true"
+                    f"{files[key]}: {key!r} is present but config.json ties the embeddings and the head"
                 )
             continue  # transformers may store the tied head as well; it is the embedding.
         if name is None or name not in expected:
@@ -248,7 +254,7 @@ def load_llada(path, dtype=None, attn_implementation=None, **kwargs) -> Bidirect
                 f"{files[key]}: tensor {key!r} has shape {headers[key][0]}, but config.json implies {shape} "
                 f"for {name}"
             )
-        if headers[key][1] not in _ST_DTYPES:
+        if headers[key][1] not in SAFETENSORS_DTYPES:
             raise CheckpointError(
                 f"{files[key]}: tensor {key!r} has dtype {headers[key][1]}, not a float type"
             )
@@ -256,7 +262,7 @@ def load_llada(path, dtype=None, attn_implementation=None, **kwargs) -> Bidirect
     loaded = set(plan.values())
     for name in expected:
         if name not in loaded:
-            key = (hf_to_llada_key(name) if fmt == "llada" else name) or name
+            key = to_file(name) or name
             where = path / INDEX_NAME if (path / INDEX_NAME).is_file() else path / WEIGHTS_NAME
             raise CheckpointError(f"{where}: missing tensor {key!r} (parameter {name})")
 
@@ -294,8 +300,8 @@ def _unwrap(model) -> tuple[nn.Module, bool]:
     if PeftModel and isinstance(model, PeftModel):
         if model.peft_config[model.active_adapter].is_prompt_learning:
             raise ValueError(
-                f"save_llada: a {model.peft_config[model.active_adapter].peft_type} adapter "
-                "(prompt learning) has no equivalent in LLaDA's weights; save it with "
+                f"save_mdm: a {model.peft_config[model.active_adapter].peft_type} adapter "
+                "(prompt learning) has no equivalent in the checkpoint's weights; save it with "
                 "model.save_pretrained instead"
             )
         return model.get_base_model(), True
@@ -338,7 +344,7 @@ def _merged_weights(
             )
             if not isinstance(module, LoraLayer) or variant:
                 raise ValueError(
-                    f"save_llada: cannot merge the adapter on {mod_name} ({type(module).__name__}); only "
+                    f"save_mdm: cannot merge the adapter on {mod_name} ({type(module).__name__}); only "
                     "plain LoRA (no DoRA or other variant, no LoRA bias) is merged on save. Call "
                     "model.merge_and_unload() first, or save the adapter with model.save_pretrained"
                 )
@@ -373,14 +379,15 @@ def _to_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
-def _remote_code_files(config, llada_cfg: dict) -> list[Path]:
-    """LLaDA's modeling/config .py files next to the checkpoint the model was loaded from, if any."""
+def _remote_code_files(config, native_cfg: dict) -> list[Path]:
+    """The remote-code .py files named by ``auto_map`` next to the checkpoint the model was loaded from."""
     source = getattr(config, "_name_or_path", None)
     if not source or not Path(source).is_dir():
         return []
-    modules = {
-        ref.split(".")[0] for ref in (llada_cfg.get("auto_map") or {}).values() if isinstance(ref, str)
-    }
+    refs = []
+    for ref in (native_cfg.get("auto_map") or {}).values():
+        refs += ref if isinstance(ref, list) else [ref]
+    modules = {ref.split(".")[0] for ref in refs if isinstance(ref, str)}
     return [Path(source) / f"{m}.py" for m in sorted(modules) if (Path(source) / f"{m}.py").is_file()]
 
 
@@ -395,7 +402,7 @@ def _write_into_place(tmp: Path, path: Path) -> None:
         os.rename(tmp, path)
         return
     if not path.is_dir():
-        raise FileExistsError(f"save_llada: {path} exists and is not a directory")
+        raise FileExistsError(f"save_mdm: {path} exists and is not a directory")
     for entry in path.iterdir():
         if _is_checkpoint_file(entry.name) or (tmp / entry.name).exists():
             continue
@@ -421,39 +428,60 @@ def _link_or_copy(src, dst):
     return dst
 
 
-def save_llada(model, path, *, max_shard_size: int | str = "5GB") -> Path:
-    """Write ``model`` as a LLaDA checkpoint: ``config.json`` (``model_type="llada"``, ``auto_map`` kept) and
-    safetensors weights with LLaDA's keys, sharded with ``model.safetensors.index.json`` when larger than
-    ``max_shard_size``.
+def save_mdm(model, path, *, max_shard_size: int | str = "5GB") -> Path:
+    """Write ``model`` in its family's own checkpoint format: ``config.json`` (the family's schema, e.g.
+    ``model_type="llada"`` or ``"Dream"``) and safetensors weights with the family's keys, sharded with
+    ``model.safetensors.index.json`` when larger than ``max_shard_size``.
 
-    ``model`` is a model from :func:`load_llada` (or any bidirectional transformers Llama with
-    ``config.mask_token_id``) on any device and in any dtype; tensors are written in the model's dtype. A PEFT
-    model with LoRA adapters is saved with the adapters merged into the weights (the model itself is left
-    unchanged); other adapter types are refused. LLaDA's remote-code files are copied from the directory the
-    model was loaded from when they are there. The directory is written under a temporary name in the same
-    parent and renamed into place; non-checkpoint files already in ``path`` (a tokenizer) are kept.
+    ``model`` is a model from :func:`load_mdm` (or any model of a known family, see
+    :func:`~vrpo.models.families.family_of`) on any device and in any dtype; tensors are written in the
+    model's dtype. A PEFT model with LoRA adapters is saved with the adapters merged into the weights (the
+    model itself is left unchanged); other adapter types are refused. The family's remote-code files are
+    copied from the directory the model was loaded from when they are there, and ``config.json`` keeps its
+    ``auto_map`` only then: an ``auto_map`` naming files that are not in the folder would make
+    ``AutoTokenizer``/``AutoConfig`` ask for remote code. The directory is written under a temporary name in
+    the same parent and renamed into place; non-checkpoint files already in ``path`` (a tokenizer) are kept.
 
     Returns the checkpoint directory.
     """
+    return _save(model, path, max_shard_size, caller="save_mdm", expect=None)
+
+
+def save_llada(model, path, *, max_shard_size: int | str = "5GB") -> Path:
+    """:func:`save_mdm` for a LLaDA model (LLaDA's format, readable by its official code)."""
+    return _save(model, path, max_shard_size, caller="save_llada", expect=LLADA)
+
+
+def save_dream(model, path, *, max_shard_size: int | str = "5GB") -> Path:
+    """:func:`save_mdm` for a Dream model (Dream's format, readable by its official code)."""
+    return _save(model, path, max_shard_size, caller="save_dream", expect=DREAM)
+
+
+def _save(model, path, max_shard_size, *, caller: str, expect: ModelFamily | None) -> Path:
     base, is_peft = _unwrap(model)
+    family = family_of(base)
     config = getattr(base, "config", None)
-    if not isinstance(config, LlamaConfig):
+    if family is None or not isinstance(config, family.config_class):
         raise TypeError(
-            f"save_llada: expected a transformers Llama model (from load_llada), got {type(base).__name__}"
+            f"{caller}: expected a masked diffusion LM of a known family (from load_mdm), got {type(base).__name__}"
         )
+    if expect is not None and family is not expect:
+        raise ValueError(f"{caller}: the model is {family.display_name}, not {expect.display_name}; use save_mdm")
     if getattr(config, "mask_token_id", None) is None:
-        raise ValueError("save_llada: model.config.mask_token_id is not set; LLaDA's config needs it")
+        raise ValueError(f"{caller}: model.config.mask_token_id is not set; {family.display_name}'s config needs it")
 
     tensors: dict[str, tuple] = {}
     for name, thunk, shape, dt in _merged_weights(base, is_peft):
-        key = hf_to_llada_key(name)
-        if key is None:
-            raise ValueError(f"save_llada: parameter {name!r} has no LLaDA counterpart")
-        if key == "model.transformer.ff_out.weight" and config.tie_word_embeddings:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
+        key = family.to_native_key(name)
+        if key is None:
+            raise ValueError(f"{caller}: parameter {name!r} has no {family.display_name} counterpart")
         tensors[key] = (thunk, shape, dt)
-    dtype = tensors["model.transformer.wte.weight"][2]
-    llada_cfg = llama_to_llada_config(config, dtype=dtype)
+    native_cfg = family.to_native_config(config, dtype=base.get_input_embeddings().weight.dtype)
+    remote_code = _remote_code_files(config, native_cfg)
+    if not remote_code:
+        native_cfg.pop("auto_map", None)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -472,8 +500,8 @@ def save_llada(model, path, *, max_shard_size: int | str = "5GB") -> Path:
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(llada_cfg, indent=2) + "\n")
-        for file in _remote_code_files(config, llada_cfg):
+        (tmp / CONFIG_NAME).write_text(json.dumps(native_cfg, indent=2) + "\n")
+        for file in remote_code:
             shutil.copy2(file, tmp / file.name)
         _write_into_place(tmp, path)
     except BaseException:

@@ -27,10 +27,12 @@ import re
 import torch
 from transformers import LlamaConfig
 
+from .dtypes import DTYPES
+
 LLADA_MODEL_TYPE = "llada"
 LLADA_MASK_TOKEN = "<|mdm_mask|>"
 
-# LLaDA-8B-Instruct's config.json (shared/fixtures/llada-8b-instruct-meta): the schema save_llada writes when
+# LLaDA-8B-Instruct's config.json: the schema save_llada writes when
 # a model does not carry the config it was loaded from. Dimensions and ids are overwritten on save.
 LLADA_CONFIG_TEMPLATE: dict = {
     "activation_type": "silu",
@@ -105,14 +107,34 @@ _LLADA_REQUIRED = {
     "clip_qkv": None,
 }
 
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def _llada_int(cfg: dict, name: str, source: str) -> int:
+def positive_int(cfg: dict, name: str, source: str) -> int:
+    """``cfg[name]`` when it is a positive integer; ``ValueError`` naming ``source`` and the field otherwise."""
     value = cfg.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
     return value
+
+
+def check_supported(cfg: dict, required: dict, source: str, family: str, implementation: str) -> None:
+    """``ValueError`` naming ``source`` when ``cfg`` sets an option of ``required`` to another value: the
+    transformers ``implementation`` would compute a different model than ``family``'s code."""
+    for name, value in required.items():
+        if name in cfg and cfg[name] != value:
+            raise ValueError(
+                f"{source}: {family} option {name}={cfg[name]!r} is not supported (only {value!r}); "
+                f"the {implementation} implementation would compute a different model"
+            )
+
+
+def checked_mask_token_id(mask_token_id, vocab: int, source: str, hint: str) -> int:
+    """``mask_token_id`` as an int inside the vocabulary; ``ValueError`` naming ``source`` (and, when it is
+    missing, ``hint``: the family's mask token) otherwise."""
+    if mask_token_id is None:
+        raise ValueError(f"{source} has no mask_token_id; pass mask_token_id=... explicitly ({hint})")
+    if not 0 <= int(mask_token_id) < vocab:
+        raise ValueError(f"{source}: mask_token_id={mask_token_id} is outside the embedding of {vocab} rows")
+    return int(mask_token_id)
 
 
 def llada_to_llama_config(
@@ -124,15 +146,10 @@ def llada_to_llama_config(
     vocabulary), so that is the Llama ``vocab_size``. The original dict is kept as ``config.llada_config`` for
     :func:`llama_to_llada_config`. ``mask_token_id`` overrides (or supplies) the config's mask id.
     """
-    for name, required in _LLADA_REQUIRED.items():
-        if name in llada and llada[name] != required:
-            raise ValueError(
-                f"{source}: LLaDA option {name}={llada[name]!r} is not supported (only {required!r}); "
-                "the Llama implementation would compute a different model"
-            )
-    d_model = _llada_int(llada, "d_model", source)
-    n_heads = _llada_int(llada, "n_heads", source)
-    n_layers = _llada_int(llada, "n_layers", source)
+    check_supported(llada, _LLADA_REQUIRED, source, "LLaDA", "Llama")
+    d_model = positive_int(llada, "d_model", source)
+    n_heads = positive_int(llada, "n_heads", source)
+    n_layers = positive_int(llada, "n_layers", source)
     if d_model % n_heads:
         raise ValueError(f"{source}: d_model={d_model} is not divisible by n_heads={n_heads}")
     if llada.get("multi_query_attention"):
@@ -142,16 +159,11 @@ def llada_to_llama_config(
     if n_heads % n_kv_heads:
         raise ValueError(f"{source}: n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
     mlp = llada.get("mlp_hidden_size") or llada.get("mlp_ratio", 4) * d_model
-    vocab = llada.get("embedding_size") or _llada_int(llada, "vocab_size", source)
-    if mask_token_id is None:
-        mask_token_id = llada.get("mask_token_id")
-    if mask_token_id is None:
-        raise ValueError(
-            f"{source} has no mask_token_id; pass mask_token_id=... explicitly "
-            f"(LLaDA: 126336, token {LLADA_MASK_TOKEN!r})"
-        )
-    if not 0 <= int(mask_token_id) < vocab:
-        raise ValueError(f"{source}: mask_token_id={mask_token_id} is outside the embedding of {vocab} rows")
+    vocab = llada.get("embedding_size") or positive_int(llada, "vocab_size", source)
+    mask_token_id = checked_mask_token_id(
+        llada.get("mask_token_id") if mask_token_id is None else mask_token_id, vocab, source,
+        f"LLaDA: 126336, token {LLADA_MASK_TOKEN!r}",
+    )
     dtype = llada.get("torch_dtype")
     config = LlamaConfig(
         vocab_size=vocab,
@@ -178,8 +190,8 @@ def llada_to_llama_config(
         mask_token_id=int(mask_token_id),
         llada_config=copy.deepcopy(llada),
     )
-    if dtype in _DTYPE_NAMES:
-        config.dtype = _DTYPE_NAMES[dtype]
+    if dtype in DTYPES:
+        config.dtype = DTYPES[dtype]
     return config
 
 
@@ -187,8 +199,8 @@ def llama_to_llada_config(config: LlamaConfig, dtype: torch.dtype | None = None)
     """LLaDA's ``config.json`` schema (a dict, ``model_type="llada"``) for a Llama-schema ``config``.
 
     Fields LLaDA shares with Llama come from ``config``; the rest come from the LLaDA config the model was
-    loaded from (``config.llada_config``) or, failing that, from LLaDA-8B's. ``auto_map`` is kept so that the
-    official remote code reads the result.
+    loaded from (``config.llada_config``) or, failing that, from LLaDA-8B's. ``auto_map`` is kept here;
+    :func:`~vrpo.models.save_mdm` drops it unless the remote-code files it names are written alongside.
     """
     if getattr(config, "is_causal", True):
         raise ValueError(

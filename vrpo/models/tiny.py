@@ -1,6 +1,6 @@
 """A tiny LLaDA-shaped model and tokenizer, built in-process (no downloads): for tests and CPU demos.
 
-The default sizes match ``shared/fixtures/llada-tiny``: d_model 64, 4 heads, 2 layers, FFN 96, vocabulary
+The default sizes match the tiny LLaDA test checkpoint (``tests/fixtures/llada-tiny``): d_model 64, 4 heads, 2 layers, FFN 96, vocabulary
 256 with LLaDA's special tokens at the top (mask 250, EOS/pad 251), so the tiny tokenizer and that fixture's
 weights fit together.
 """
@@ -14,7 +14,7 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 from .config import LLADA_CONFIG_TEMPLATE, LLADA_MASK_TOKEN, llada_to_llama_config
 from .modeling import BidirectionalLlamaForCausalLM
 
-# LLaDA-8B-Instruct's chat template (tokenizer_config.json in shared/fixtures/llada-8b-instruct-meta).
+# LLaDA-8B-Instruct's chat template (from its tokenizer_config.json).
 LLADA_CHAT_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
