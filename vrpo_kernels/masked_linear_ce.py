@@ -4,31 +4,87 @@ For every selected row ``i``::
 
     out[i] = row_weight[i] * log_softmax(hidden[i] @ weight.T + bias)[targets[i]]
 
-and ``out[i] = 0`` for rows that are not selected. At LLaDA's vocabulary (V = 126,464) the logits
-of a few thousand rows are gigabytes; this op never holds them. It gathers the selected rows, streams
-the head weight in vocabulary tiles with an online (running max + rescaled sum) logsumexp in fp32,
-saves only the logsumexp per row, and recomputes the tiles in the backward pass.
+and ``out[i] = 0`` for rows that are not selected. Only the selected rows ever reach a matmul. At
+LLaDA's vocabulary (V = 126,464) the logits of a few thousand rows are gigabytes, so the op bounds
+the largest intermediate it holds by ``max_buffer_bytes`` (default :data:`DEFAULT_MAX_BUFFER_BYTES`,
+1 GiB).
 
 Three implementations behind one entry point, :func:`masked_linear_ce` (``impl=``):
 
 * ``"eager"``: :func:`masked_linear_ce_eager`, full logits, the readable reference;
-* ``"torch"``: the streamed algorithm in chunked PyTorch (the CPU path);
-* ``"triton"``: the same algorithm as fused Triton kernels (``_lse_forward_kernel``,
-  ``_grad_hidden_kernel``, ``_grad_weight_kernel``);
+* ``"torch"``: chunked PyTorch (the CPU path, also correct on CUDA);
+* ``"triton"``: a Triton forward and a GEMM-based backward with one fused Triton pass (CUDA);
 
-both through one autograd Function, :class:`_StreamedLinearCE`.
+both streamed ones through one autograd Function, :class:`_StreamedLinearCE`. Gradients flow to
+``hidden``, ``weight``, ``bias`` (and ``row_weight``, applied outside the fused part). Under
+``torch.no_grad()`` (the reference model) nothing is saved for backward.
 
-Gradients flow to ``hidden``, ``weight``, ``bias`` (and ``row_weight``, applied outside the fused
-part). Under ``torch.no_grad()`` (the reference model) nothing is saved for backward.
+**Triton path (CUDA).** Launches, for ``n`` selected rows, ``H`` hidden, ``V`` vocabulary:
+
+* forward: ``_lse_forward_kernel``, grid (row blocks of BLOCK_M, vocabulary splits): logit tiles
+  ``[BLOCK_M, BLOCK_V]`` accumulated in registers over ``H`` (``tl.dot``), an online max / rescaled
+  sum per row, and the target logit; the splits' partials are merged by a few small PyTorch ops.
+  Saved for backward: the log-sum-exp per row (fp32 ``[n]``), nothing ``[n, V]``.
+* backward, per chunk of ``R`` rows (in order), into one reused fp32 buffer ``[R, V]``:
+
+  1. ``logits = h[rows] @ W.T``: one cuBLAS GEMM, operands in the compute dtype, fp32 out
+     (``torch.mm(..., out_dtype=torch.float32)``);
+  2. ``_softmax_grad_kernel``, grid (R,): ``dz = g * (onehot - exp(logits + b - lse))`` in place,
+     written in the compute dtype over the same storage (see the kernel for why that is safe);
+  3. ``d_hidden[rows] = dz @ W``: one GEMM;
+  4. ``d_weight (+)= dz.T @ h[rows]``: one GEMM (fp32 accumulator when there is more than one chunk);
+  5. ``d_bias += dz.sum(0)`` (with a bias).
+
+  ``R = max_buffer_bytes // (4 V)``: at the default budget and V = 126,464 that is 2,122 rows, so
+  a typical VRPO micro-batch (a few thousand masked tokens) runs in one or two chunks.
+
+Why this backward (the choice between recomputing the logits with cuBLAS and a fused kernel that
+keeps dW tiles in registers with a two-stage reduction): at n = 4096, H = 4096, V = 126,464 in bf16,
+the three backward GEMMs are ``3 * 2nHV = 12.7 TFLOP``, 12.9 ms at an H100's 989 TFLOP/s, at the
+arithmetic intensity of large GEMMs (cuBLAS reaches ~70-80 % of peak there). The extra traffic of
+materialising the chunk is ``nV * (4 + 4 + 2 + 2 + 2) = 14 nV`` bytes (logits written, read, dz
+written, read by each GEMM): 7.3 GB, 2.2 ms at 3.35 TB/s, and the dW accumulator adds
+``(chunks - 1) * 8VH`` bytes (4 GB per extra chunk of 2,122 rows). A fused dW kernel avoids the
+logits traffic but must still reduce over rows either with atomics (non-deterministic) or with a
+``[row splits, V, H]`` partial buffer (the same order of bytes), and needs a hand-tuned tile schedule
+per GPU; cuBLAS already is at the roofline. Every GEMM is one call and chunks run in order, so the
+gradients are bit-reproducible: no atomics anywhere.
+
+**Precision.** The logits are fp32 (cuBLAS accumulates in fp32 and writes fp32), the softmax and
+``dz`` are computed in fp32 and rounded once to the compute dtype, like the reference's ``dz`` tiles.
+fp32 inputs: the forward kernel's ``tl.dot`` uses TF32 tensor cores (10-bit mantissa) and the
+backward's cuBLAS GEMMs follow ``torch.backends.cuda.matmul``; ``impl="auto"`` sends fp32 to the Triton
+path only when TF32 is allowed (``torch.set_float32_matmul_precision("high")``) and to the torch path
+(IEEE fp32 cuBLAS GEMMs) otherwise. Under ``torch.autocast`` the Triton path runs in the autocast
+dtype (the head weight is cast once per call, as autocast does for ``nn.Linear``).
+
+**Torch path (CPU).** When the selected rows' logits fit in ``max_buffer_bytes`` (fp32
+``[V, n]``), the forward keeps ``exp(logits - rowmax)`` and the backward runs two GEMMs on it
+(``dz @ W`` and ``dz.T @ h``): three GEMMs in all, as a compiled eager implementation. Otherwise it
+streams vocabulary chunks of at most ``max_buffer_bytes`` with an online log-sum-exp and recomputes
+them in the backward (four GEMMs, memory independent of ``n``). The GEMM is oneDNN's or
+``torch.mm``'s, chosen once per process by a timed probe (:func:`_cpu_gemm`). Deterministic for a
+given thread count: the one-hot part of ``dz`` is written into the softmax chunk (unique positions)
+rather than scattered with ``index_put_(accumulate=True)``, whose CPU kernel adds atomically from
+several threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
+from dataclasses import dataclass
 
 import torch
 
 from .dispatch import resolve_impl, triton_available
+
+logger = logging.getLogger(__name__)
+
+#: Default of ``masked_linear_ce(max_buffer_bytes=None)``: the largest intermediate the op may hold.
+DEFAULT_MAX_BUFFER_BYTES = 1 << 30
 
 # --------------------------------------------------------------------------------------------------
 # Reference
@@ -48,52 +104,46 @@ def masked_linear_ce_eager(hidden, weight, targets, row_weight, row_mask, bias=N
 # Chunked PyTorch path (the CPU path)
 # --------------------------------------------------------------------------------------------------
 
-# Elements of one [vocab, rows] logits chunk: 8M fp32 = 32 MB, a quarter of a 256-wide head weight at
-# LLaDA's vocabulary. On this shared 2-core machine every parallel op pays for OpenMP barriers that
-# stall whenever another process holds a core, so fewer, larger chunks win: measured interleaved, 4M
-# took ~1.3x as long as 8M, and 16M was no faster than 8M while using 32 MB more.
+# Elements of one [vocab, rows] logits chunk when the logits are recomputed: 8M fp32 = 32 MB. Every
+# parallel op on the chunk ends in a thread barrier, so few large chunks beat many small ones; measured
+# interleaved on a 2-core CPU (benchmarks/README.md), 4M took ~1.3x as long as 8M and 16M was no faster.
 _CHUNK_ELEMS = 1 << 23
-# Logits are scaled by log2(e) inside the GEMM so that the chunk passes use exp2, several times faster
-# than exp on this CPU (torch's vectorised exp2 vs exp, same 1-ulp accuracy class).
+# Elements per block of the elementwise passes over a kept [V, n] buffer: small enough that the
+# block stays in cache between its subtract, exp2 and sum.
+_PASS_ELEMS = 1 << 20
+# Logits are scaled by log2(e) inside the GEMM so that the chunk passes use exp2, which torch
+# vectorises at several times the speed of exp (same 1-ulp accuracy class).
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _MAX_CHUNK_ROWS = 2048
+# The running max starts here, not at -inf: a row whose first tile is all -inf (a -inf bias on padded
+# vocabulary) would otherwise compute exp(-inf - -inf) = NaN. Every finite logit is >= this floor.
+_FLOOR = -torch.finfo(torch.float32).max
 
 
-def _chunks(n: int, vocab: int) -> tuple[int, int]:
-    """(rows, vocab) per chunk: all rows up to _MAX_CHUNK_ROWS, vocab a multiple of 256."""
-    rows = max(1, min(n, _MAX_CHUNK_ROWS))
-    cols = max(256, (_CHUNK_ELEMS // rows) // 256 * 256)
+def _chunks(n: int, vocab: int, max_buffer_bytes: int) -> tuple[int, int]:
+    """(rows, vocab) per recomputed chunk: at most ``max_buffer_bytes`` and _CHUNK_ELEMS fp32 elements,
+    rows up to _MAX_CHUNK_ROWS, vocab a multiple of 256 (at least 256)."""
+    elems = max(256, min(_CHUNK_ELEMS, max_buffer_bytes // 4))
+    rows = max(1, min(n, _MAX_CHUNK_ROWS, elems // 256))
+    cols = max(256, (elems // rows) // 256 * 256)
     return rows, min(cols, vocab)
 
 
-# The chunk GEMMs are most of the cost of this path: four [rows x H x vocab] products per forward +
-# backward. On x86 CPUs oneDNN's fp32 GEMM (what torch.compile uses for packed linears) runs at about
-# twice the speed of torch.mm's MKL sgemm on this machine's AMD cores (measured side by side under the
-# same load: ~100-150 vs ~50-65 GFLOP/s), at fp32 accuracy; it reads transposed operands in place and
-# adds a per-column bias in the same pass. It is reached through a private op, so it is probed once
-# (against torch.addmm, with transposed views) and torch.addmm is the fallback. VRPO_CPU_GEMM=mkl
-# forces the fallback.
-_ONEDNN: bool | None = None
+def _keeps_logits(n: int, vocab: int, max_buffer_bytes: int) -> bool:
+    """True when the selected rows' fp32 logits [V, n] fit in the budget (the three-GEMM path)."""
+    return n * vocab * 4 <= max_buffer_bytes
 
 
-def _onednn_gemm_available() -> bool:
-    global _ONEDNN
-    if _ONEDNN is None:
-        _ONEDNN = False
-        if os.environ.get("VRPO_CPU_GEMM", "onednn") != "mkl":
-            try:
-                g = torch.Generator().manual_seed(0)
-                a, b, c = torch.randn(37, 19, generator=g), torch.randn(23, 19, generator=g), torch.randn(23, generator=g)
-                a_t, b_t = torch.randn(19, 37, generator=g).T, torch.randn(19, 23, generator=g).T
-                acc = torch.randn(37, 23, generator=g)
-                _ONEDNN = all(
-                    torch.allclose(_onednn_linear(x, w, bias), x @ w.T + (0 if bias is None else bias), rtol=1e-5, atol=1e-5)
-                    for x, w, bias in ((a, b, None), (a_t, b, None), (a, b_t, c), (a_t, b_t, c))
-                ) and torch.allclose(_onednn_linear_add(a_t, b_t, acc), acc + a_t @ b_t.T, rtol=1e-5, atol=1e-5)
-            except Exception:  # no oneDNN in this build, or the private op changed
-                _ONEDNN = False
-    return _ONEDNN
+# The chunk GEMMs are most of the cost of this path. On x86 CPUs two fp32 GEMMs are at hand: oneDNN's
+# (what torch.compile uses for packed linears; it reads transposed operands in place and adds a
+# per-column bias in the same pass), reached through a private op, and torch.mm (MKL or OpenBLAS).
+# Which is faster depends on the CPU (measured: ~2x apart on some AMD cores, alike on others), so a
+# short timed probe picks one, once per process. The two round differently, so results are
+# bit-reproducible across runs only while the choice is stable: the probe keeps oneDNN unless torch.mm
+# is clearly faster, and VRPO_CPU_GEMM=onednn|mm pins it.
+_CPU_GEMM: str | None = None
+_GEMM_MARGIN = 1.25
 
 
 def _onednn_linear(x, w, bias):
@@ -104,24 +154,83 @@ def _onednn_linear_add(x, w, acc):
     return torch.ops.mkldnn._linear_pointwise.binary(x, acc, w, None, "add")
 
 
+def _onednn_agrees() -> bool:
+    """oneDNN's GEMM against torch.addmm on every operand layout this path uses."""
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(37, 19, generator=g), torch.randn(23, 19, generator=g), torch.randn(23, generator=g)
+    a_t, b_t = torch.randn(19, 37, generator=g).T, torch.randn(19, 23, generator=g).T
+    acc = torch.randn(37, 23, generator=g)
+    return all(
+        torch.allclose(_onednn_linear(x, w, bias), x @ w.T + (0 if bias is None else bias), rtol=1e-5, atol=1e-5)
+        for x, w, bias in ((a, b, None), (a_t, b, None), (a, b_t, c), (a_t, b_t, c))
+    ) and torch.allclose(_onednn_linear_add(a_t, b_t, acc), acc + a_t @ b_t.T, rtol=1e-5, atol=1e-5)
+
+
+def _best_seconds(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _probe_cpu_gemm() -> str:
+    """"onednn" or "mm": the faster fp32 GEMM on this CPU at a chunk's shape (best of 3, interleaved)."""
+    forced = os.environ.get("VRPO_CPU_GEMM", "")
+    if forced in ("mm", "mkl"):
+        return "mm"
+    try:
+        ok = _onednn_agrees()
+    except Exception as exc:  # no oneDNN in this torch build, or the private op changed
+        logger.warning("masked_linear_ce: oneDNN's fp32 GEMM is unavailable (%s: %s); using torch.mm on the CPU",
+                       type(exc).__name__, exc)
+        return "mm"
+    if not ok:
+        logger.warning("masked_linear_ce: oneDNN's fp32 GEMM disagrees with torch.mm; using torch.mm on the CPU")
+        return "mm"
+    if forced == "onednn":
+        return "onednn"
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4096, 256, generator=g), torch.randn(512, 256, generator=g)
+    runs = {"onednn": lambda: _onednn_linear(x, w, None), "mm": lambda: x @ w.T}
+    for fn in runs.values():
+        fn()  # warm-up: oneDNN builds its kernel on the first call
+    best = {name: float("inf") for name in runs}
+    for _ in range(3):
+        for name, fn in runs.items():
+            best[name] = min(best[name], _best_seconds(fn, 1))
+    return "mm" if best["mm"] * _GEMM_MARGIN < best["onednn"] else "onednn"
+
+
+def _cpu_gemm() -> str:
+    """The CPU fp32 GEMM of this process ("onednn" or "mm"), probed on first use and cached."""
+    global _CPU_GEMM
+    if _CPU_GEMM is None:
+        _CPU_GEMM = _probe_cpu_gemm()
+    return _CPU_GEMM
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and _cpu_gemm() == "onednn"
+
+
 def _linear_add(x: torch.Tensor, w: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """``acc + x @ w.T`` as a new tensor, the addition fused into the GEMM."""
-    if x.device.type == "cpu" and _onednn_gemm_available():
-        try:
-            return _onednn_linear_add(x, w, acc)
-        except RuntimeError:
-            pass
+    if _use_onednn(x):
+        return _onednn_linear_add(x, w, acc)
     return torch.addmm(acc, x, w.T)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w.T (+ bias)``, bias per output column: fp32 matrices, transposed views welcome."""
-    if x.device.type == "cpu" and _onednn_gemm_available():
-        try:
-            return _onednn_linear(x, w, bias)
-        except RuntimeError:  # a layout oneDNN rejects (exotic strides): torch.addmm takes anything
-            pass
-    return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out=None) -> torch.Tensor:
+    """``x @ w.T (+ bias)``, bias per output column, into ``out`` when given: fp32 matrices, transposed
+    views welcome."""
+    if _use_onednn(x):
+        y = _onednn_linear(x, w, bias)
+        return y if out is None else out.copy_(y)
+    if bias is None:
+        return torch.mm(x, w.T, out=out) if out is not None else x @ w.T
+    return torch.addmm(bias, x, w.T, out=out) if out is not None else torch.addmm(bias, x, w.T)
 
 
 class _WeightChunks:
@@ -140,6 +249,13 @@ class _WeightChunks:
             w = self.buf[: w.numel()].view(w.shape).copy_(w)
         b = self.bias[v0:v1].float() * self.scale if self.bias is not None else None
         return w, b
+
+
+def _vocab_cols(weight: torch.Tensor, n: int, max_buffer_bytes: int) -> int:
+    """Vocabulary chunk of the kept path: the whole head when it is fp32 (one GEMM), else chunks of
+    the recompute path's size (each upcast into one reused buffer)."""
+    V = weight.shape[0]
+    return V if weight.dtype == torch.float32 else _chunks(n, V, max_buffer_bytes)[1]
 
 
 def _shifted_logits_t(w, b, h, shift):
@@ -169,20 +285,53 @@ def _chunk_lse2(w, b, h2, running):
         if bool(torch.isfinite(s).all()):
             return running + s.log2()
     zt = _shifted_logits_t(w, b, h2, None)
-    top = zt.amax(dim=0)
+    top = zt.amax(dim=0).clamp_min_(_FLOOR)
     return top + zt.sub_(top).exp2_().sum(dim=0).log2()
 
 
-def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets):
-    """Streamed forward on gathered rows. h [n, H] (any float dtype), weight [V, H], bias [V] or None,
-    targets int64 [n]. Returns ``(logp, lse)``, both fp32 [n]."""
-    n, V = h.shape[0], weight.shape[0]
-    lse = torch.empty(n, dtype=torch.float32, device=h.device)
-    if n == 0:
-        return lse, lse.clone()
-    rows, cols = _chunks(n, V)
+@dataclass
+class _Kept:
+    """What the kept (three-GEMM) forward leaves for the backward: ``exp_t`` fp32 [V, n] holds
+    ``2^(z2 - top)`` (z2 the base-2 logits, top the per-row max), ``total`` fp32 [n] its column sums,
+    so that ``softmax = exp_t.T / total``."""
+
+    exp_t: torch.Tensor
+    total: torch.Tensor
+
+
+def _forward_kept(h32, weight, bias, targets, max_buffer_bytes):
+    """Forward that keeps the softmax numerators (see :class:`_Kept`). Returns (logp, lse, kept)."""
+    n, V = h32.shape[0], weight.shape[0]
+    h2 = h32 * _LOG2E
+    cols = _vocab_cols(weight, n, max_buffer_bytes)
     chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
-    h32 = h.float()
+    exp_t = None if cols == V else torch.empty(V, n, dtype=torch.float32, device=h32.device)
+    for v0 in range(0, V, cols):
+        w, b = chunk(v0, min(V, v0 + cols))
+        if exp_t is None:
+            exp_t = _linear(w, h2)  # the whole head in one GEMM, no copy
+        else:
+            _linear(w, h2, out=exp_t[v0 : v0 + w.shape[0]])
+        if b is not None:
+            exp_t[v0 : v0 + w.shape[0]].add_(b[:, None])
+    cols_n = torch.arange(n, device=h32.device)
+    target2 = exp_t[targets, cols_n]
+    top = exp_t.amax(dim=0).clamp_min_(_FLOOR)
+    total = torch.zeros(n, dtype=torch.float32, device=h32.device)
+    step = max(1, _PASS_ELEMS // max(n, 1))
+    for v0 in range(0, V, step):
+        block = exp_t[v0 : v0 + step].sub_(top).exp2_()
+        total += block.sum(dim=0)
+    lse = (top + total.log2()) * _LN2
+    return target2 * _LN2 - lse, lse, _Kept(exp_t, total)
+
+
+def _forward_streamed(h32, weight, bias, max_buffer_bytes):
+    """Online log-sum-exp over vocabulary chunks, nothing kept. Returns lse fp32 [n]."""
+    n, V = h32.shape[0], weight.shape[0]
+    lse = torch.empty(n, dtype=torch.float32, device=h32.device)
+    rows, cols = _chunks(n, V, max_buffer_bytes)
+    chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
     h2 = h32 * _LOG2E
     for r0 in range(0, n, rows):
         running = None
@@ -190,7 +339,23 @@ def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets):
             part = _chunk_lse2(*chunk(v0, min(V, v0 + cols)), h2[r0 : r0 + rows], running)
             running = part if running is None else torch.logaddexp2(running, part)
         lse[r0 : r0 + rows] = running * _LN2
-    return _target_logits(h32, weight, bias, targets) - lse, lse
+    return lse
+
+
+def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets, max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES,
+                            keep: bool = False):
+    """Forward on gathered rows. h [n, H] (any float dtype), weight [V, H], bias [V] or None, targets
+    int64 [n]. Returns ``(logp, lse, kept)``: fp32 [n] twice, and a :class:`_Kept` when ``keep`` and the
+    logits fit in ``max_buffer_bytes`` (else None)."""
+    n, V = h.shape[0], weight.shape[0]
+    h32 = h.float()
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=h.device)
+        return empty, empty.clone(), None
+    if keep and _keeps_logits(n, V, max_buffer_bytes):
+        return _forward_kept(h32, weight, bias, targets, max_buffer_bytes)
+    lse = _forward_streamed(h32, weight, bias, max_buffer_bytes)
+    return _target_logits(h32, weight, bias, targets) - lse, lse, None
 
 
 def _accumulate(out: torch.Tensor, part: torch.Tensor, first: bool):
@@ -200,62 +365,104 @@ def _accumulate(out: torch.Tensor, part: torch.Tensor, first: bool):
         out.add_(part)
 
 
-def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, needs=(True, True, True)):
-    """Gradients of ``sum(grad_logp * logp)`` for :func:`linear_ce_torch_forward`, recomputing the logits
-    chunk by chunk. Returns ``(d_h, d_weight, d_bias)`` in the inputs' dtypes (None where not needed).
+def _subtract_onehot(pt: torch.Tensor, targets: torch.Tensor, v0: int, amount) -> None:
+    """``pt[targets[i] - v0, i] -= amount[i]`` for the rows whose target lies in this vocabulary chunk
+    ``pt`` [vocab, rows]. Each (target, row) position is unique: a plain, deterministic write."""
+    inside = ((targets >= v0) & (targets < v0 + pt.shape[0])).nonzero()[:, 0]
+    if inside.numel():
+        idx = (targets[inside] - v0, inside)
+        pt.index_put_(idx, pt[idx] - (amount[inside] if torch.is_tensor(amount) else amount))
 
-    With ``P = softmax`` and ``g = grad_logp``: ``dZ = g * (onehot - P)``, so
-    ``d_h = g * (W[y] - P @ W)``, ``d_W = P^T @ (-g * h) + scatter(y, g * h)``,
-    ``d_b = P^T @ (-g) + scatter(y, g)``. Only ``P^T`` is streamed through the chunks, each one a
-    GEMM with ``-lse`` as its bias and one in-place exp; the per-row ``g`` is folded into the small
-    operands, and the one-hot part touches the targets only.
-    """
+
+def _backward_kept(g, h32, weight, bias, targets, kept: _Kept, needs, max_buffer_bytes):
+    """Two GEMMs on the kept numerators. With ``c = g / total`` the buffer, its targets lowered by
+    ``total``, is ``-dz^T / c``; so ``d_h = -c * (buf^T @ W)``, ``d_W = buf @ (-c h)``, ``d_b = buf @ -c``.
+    The buffer is restored afterwards (a second backward with retain_graph sees it unchanged)."""
     need_h, need_w, need_b = needs
-    n, H = h.shape
+    exp_t, total = kept.exp_t, kept.total
+    n, H = h32.shape
     V = weight.shape[0]
-    dev = h.device
-    g = grad_logp.float()
-    h32 = h.float()
-    # (P @ W)^T per row chunk, [H, rows] each: accumulated by GEMMs with a fused add.
-    pw_t = {} if need_h else None
+    neg_c = -(g / total)
+    cols_n = torch.arange(n, device=h32.device)
+    at_targets = exp_t[targets, cols_n]
+    exp_t.index_put_((targets, cols_n), at_targets - total)
+    try:
+        cols = _vocab_cols(weight, n, max_buffer_bytes)
+        chunk = _WeightChunks(weight, None, cols)
+        neg_ch_t = (h32 * neg_c[:, None]).T.contiguous()  # [H, n]
+        acc_t = None
+        dw = torch.empty(V, H, dtype=torch.float32, device=h32.device) if need_w else None
+        for v0 in range(0, V, cols):
+            w, _ = chunk(v0, min(V, v0 + cols))
+            part = exp_t[v0 : v0 + w.shape[0]]
+            if need_h:  # (buf^T @ W)^T accumulated over vocab chunks, [H, n]
+                acc_t = _linear(w.T, part.T) if acc_t is None else _linear_add(w.T, part.T, acc_t)
+            if need_w:
+                _linear(part, neg_ch_t, out=dw[v0 : v0 + w.shape[0]])
+        dh = (acc_t.T * neg_c[:, None]) if need_h else None
+        db = torch.mv(exp_t, neg_c) if need_b else None
+    finally:
+        exp_t.index_put_((targets, cols_n), at_targets)
+    return dh, dw, db
+
+
+def _backward_streamed(g, h32, weight, bias, targets, lse, needs, max_buffer_bytes):
+    """Recomputes the softmax chunk by chunk: ``pt = (P - onehot)^T`` per chunk, then ``d_W += pt @ (-g h)``,
+    ``d_b += pt @ (-g)``, and ``(pt^T @ W)^T`` accumulated over the chunks by GEMMs with a fused add,
+    ``d_h = -g * that``. Returns fp32 (d_h, d_W, d_b), None where not needed."""
+    need_h, need_w, need_b = needs
+    n, H = h32.shape
+    V = weight.shape[0]
+    dev = h32.device
+    dh = torch.empty(n, H, dtype=torch.float32, device=dev) if need_h else None
     # Every element of dw / db is written by the first row chunk (n > 0), so they start empty.
-    alloc = torch.empty if n else torch.zeros
-    dw = alloc(V, H, dtype=torch.float32, device=dev) if need_w else None
-    db = alloc(V, dtype=torch.float32, device=dev) if need_b else None
-    rows, cols = _chunks(max(n, 1), V)
+    dw = torch.empty(V, H, dtype=torch.float32, device=dev) if need_w else None
+    db = torch.empty(V, dtype=torch.float32, device=dev) if need_b else None
+    rows, cols = _chunks(n, V, max_buffer_bytes)
     chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
     h2, lse2 = h32 * _LOG2E, lse * _LOG2E
     for r0 in range(0, n, rows):
-        hr, h2r, lr2 = h32[r0 : r0 + rows], h2[r0 : r0 + rows], lse2[r0 : r0 + rows]
-        neg_g = -g[r0 : r0 + rows]
-        neg_gh_t = (hr * neg_g[:, None]).T.contiguous()  # [H, rows]
-        first = r0 == 0
-        r = r0
-        if need_h:
-            pw_t[r] = torch.zeros(H, hr.shape[0], dtype=torch.float32, device=dev)
+        r1 = min(n, r0 + rows)
+        neg_g = -g[r0:r1]
+        neg_gh_t = (h32[r0:r1] * neg_g[:, None]).T.contiguous()  # [H, rows]
+        acc_t = None
         for v0 in range(0, V, cols):
-            v1 = min(V, v0 + cols)
-            w, b = chunk(v0, v1)
-            pt = _shifted_logits_t(w, b, h2r, lr2).exp2_()  # softmax chunk, transposed [vocab, rows]
-            # Both products keep P^T as it lies in memory ([vocab, rows]), the fast operand layout.
+            w, b = chunk(v0, min(V, v0 + cols))
+            pt = _shifted_logits_t(w, b, h2[r0:r1], lse2[r0:r1]).exp2_()  # softmax chunk, [vocab, rows]
+            _subtract_onehot(pt, targets[r0:r1], v0, 1.0)
+            # Both products keep pt as it lies in memory ([vocab, rows]), the fast operand layout.
             if need_h:
-                pw_t[r] = _linear_add(w.T, pt.T, pw_t[r])  # += W^T @ P^T
+                acc_t = _linear(w.T, pt.T) if acc_t is None else _linear_add(w.T, pt.T, acc_t)
             if need_w:
-                _accumulate(dw[v0:v1], _linear(pt, neg_gh_t), first)  # P^T @ (-g h)
+                _accumulate(dw[v0 : v0 + w.shape[0]], _linear(pt, neg_gh_t), r0 == 0)
             if need_b:
-                _accumulate(db[v0:v1], pt @ neg_g, first)
-    dh = None
-    if need_h:
-        pw = torch.cat([pw_t[r].T for r in sorted(pw_t)]) if n else torch.zeros(0, H, device=dev)
-        dh = (weight[targets].float() - pw).mul_(g[:, None]).to(h.dtype)
-    # The one-hot part; index_put_ accumulates serially on the CPU (deterministic) and is far faster
-    # there than index_add_.
-    if need_w:
-        dw.index_put_((targets,), g[:, None] * h32, accumulate=True)
-    if need_b:
-        db.index_put_((targets,), g, accumulate=True)
+                _accumulate(db[v0 : v0 + w.shape[0]], pt @ neg_g, r0 == 0)
+        if need_h:
+            torch.mul(acc_t.T, neg_g[:, None], out=dh[r0:r1])
+    return dh, dw, db
+
+
+def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None, needs=(True, True, True),
+                             max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES):
+    """Gradients of ``sum(grad_logp * logp)`` for :func:`linear_ce_torch_forward`. Returns
+    ``(d_h, d_weight, d_bias)`` in the inputs' dtypes (None where not needed).
+
+    With ``P = softmax`` and ``g = grad_logp``: ``dz = g * (onehot - P)``, ``d_h = dz @ W``,
+    ``d_W = dz^T @ h``, ``d_b = sum_rows(dz)``; from the kept numerators (two GEMMs) or recomputed
+    chunk by chunk (three)."""
+    need_h, need_w, need_b = needs
+    n, H = h.shape
+    V = weight.shape[0]
+    if n == 0:
+        dh, dw, db = (torch.zeros(n, H, device=h.device), torch.zeros(V, H, device=h.device),
+                      torch.zeros(V, device=h.device))
+    elif kept is not None:
+        dh, dw, db = _backward_kept(grad_logp.float(), h.float(), weight, bias, targets, kept, needs, max_buffer_bytes)
+    else:
+        dh, dw, db = _backward_streamed(grad_logp.float(), h.float(), weight, bias, targets, lse, needs,
+                                        max_buffer_bytes)
     return (
-        dh,
+        dh.to(h.dtype) if need_h else None,
         dw.to(weight.dtype) if need_w else None,
         db.to(bias.dtype) if need_b else None,
     )
@@ -264,29 +471,6 @@ def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, needs=(Tr
 # --------------------------------------------------------------------------------------------------
 # Triton path
 # --------------------------------------------------------------------------------------------------
-#
-# Three kernels, all on the gathered rows (n of them), each recomputing logit tiles [rows x vocab]
-# with tl.dot over the hidden dimension in BLOCK_K steps:
-#
-# * _lse_forward_kernel, grid (row blocks, vocab splits): online max / rescaled sum per row over its
-#   split's vocab tiles, plus the target logit when the target falls in the split. The splits' partial
-#   (max, sum) are merged by a tiny logsumexp in PyTorch. Splitting the vocabulary keeps the GPU busy
-#   when there are few row blocks (n / BLOCK_M is often below the SM count).
-# * _grad_hidden_kernel, grid (row blocks, vocab splits): dZ = g * (onehot - softmax) per tile, then
-#   dH[rows] += dZ @ W[tile] into a partial buffer [splits, n, H] owned by (row block, split);
-#   the splits are summed afterwards.
-# * _grad_weight_kernel, grid (vocab blocks): the same dZ tile, then dW[tile] += dZ^T @ H[rows] and
-#   d_bias[tile] += sum(dZ) over all row blocks, into rows of dW that only this program touches.
-#
-# Why two passes and partial buffers rather than atomics: with one fused backward kernel over
-# (row block, vocab block) tiles, both dH and dW would need fp32 atomic adds from many programs.
-# Atomic accumulation order depends on scheduling, so gradients would change bit-for-bit from run to
-# run; vrpo relies on reproducible runs (same seed, same numbers) to compare policy and reference and
-# to debug training. With each output element owned by exactly one program, accumulation is
-# race-free and deterministic. The price is one extra recompute of the logit tiles (five matmul
-# passes instead of four) and the [splits, n, H] fp32 partial buffer, used (splits > 1) only when there
-# are too few row blocks to fill the GPU, and capped at _PARTIAL_BYTES. dW needs no split:
-# V / BLOCK_V programs are plenty.
 
 if triton_available():
     import triton
@@ -309,35 +493,20 @@ if triton_available():
         return acc
 
     @triton.jit
-    def _dlogit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, tgt, lse, g, K, stride_h, stride_w,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """d(g * log p[target]) / d(logits) on one recomputed [rows x cols] tile: g * (onehot - softmax),
-        0 outside the rows and the vocabulary. float32 [BLOCK_M, BLOCK_V]."""
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
-                        HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-        dz = g[:, None] * (onehot - tl.exp(z - lse[:, None]))
-        return tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
-
-    @triton.jit
-    def _row_block(t_ptr, n, BLOCK_M: tl.constexpr):
-        """This program's vocabulary split, its BLOCK_M rows (of n), which of them exist, their targets."""
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n
-        return tl.program_id(1), rows, row_ok, tl.load(t_ptr + rows, mask=row_ok, other=-1)
-
-    @triton.jit
     def _lse_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_max_ptr, part_sum_ptr, part_tgt_ptr,
-                            n, V, K, stride_h, stride_w, tiles_per_split,
+                            n, V, K, stride_h, stride_w, tiles_per_split, floor,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        split, rows, row_ok, tgt = _row_block(t_ptr, n, BLOCK_M)
-        run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        """Per (row block, vocabulary split): running max, rescaled sum of exp, and target logit."""
+        split = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n
+        tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
+        # A finite floor, not -inf: a tile whose logits are all -inf (padding columns, a -inf bias)
+        # then adds exp(-inf - floor) = 0 instead of exp(-inf - -inf) = NaN.
+        run_max = tl.zeros((BLOCK_M,), dtype=tl.float32) + floor
         run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         tgt_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        # The host makes every split start on a valid tile, so run_max is finite after the first
-        # tile and a later all-padding tile contributes exp(-inf) = 0 instead of NaN.
         v_begin = split * tiles_per_split * BLOCK_V
         for t in range(tiles_per_split):
             cols = v_begin + t * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -355,109 +524,72 @@ if triton_available():
         tl.store(part_tgt_ptr + out, tgt_logit, mask=row_ok)
 
     @triton.jit
-    def _grad_hidden_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dh_part_ptr,
-                            n, V, K, stride_h, stride_w, tiles_per_split,
-                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        split, rows, row_ok, tgt = _row_block(t_ptr, n, BLOCK_M)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        dh_rows = dh_part_ptr + (split * n + rows)[:, None] * K
-        v_begin = split * tiles_per_split * BLOCK_V
-        for t in range(tiles_per_split):
-            cols = v_begin + t * BLOCK_V + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
-            dz = _dlogit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, tgt, lse, g, K, stride_h, stride_w,
-                              HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION).to(w_ptr.dtype.element_ty)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                mask = row_ok[:, None] & k_ok[None, :]
-                acc = tl.load(dh_rows + ks[None, :], mask=mask, other=0.0)
-                acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
-                tl.store(dh_rows + ks[None, :], acc, mask=mask)
+    def _softmax_grad_kernel(z_ptr, dz_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, V, stride_z, stride_dz,
+                             HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+        """One row per program: ``dz = g * (onehot - exp(z + b - lse))`` over its V logits, left to right.
 
-    @triton.jit
-    def _grad_weight_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, dw_ptr, db_ptr,
-                            n, V, K, stride_h, stride_w,
-                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        pid_v = tl.program_id(0)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        db = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for r0 in range(0, n, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < n
-            tgt = tl.load(t_ptr + rows, mask=row_ok, other=-1)
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-            dz = _dlogit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, tgt, lse, g, K, stride_h, stride_w,
-                              HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            db += tl.sum(dz, axis=0)
-            dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < K
-                h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                mask = col_ok[:, None] & k_ok[None, :]
-                dw_tile = dw_ptr + cols[:, None] * K + ks[None, :]
-                acc = tl.load(dw_tile, mask=mask, other=0.0)
-                acc = tl.dot(dzt, h, acc, input_precision=DOT_PRECISION)
-                tl.store(dw_tile, acc, mask=mask)
-        if HAS_BIAS:
-            tl.store(db_ptr + cols, db, mask=col_ok)
+        ``dz`` may be ``z``'s own storage viewed in a 16-bit dtype (same row start, row stride 2V): the
+        store of tile [v0, v0 + BLOCK_V) then overwrites the bytes of fp32 logits [v0/2, v0/2 + BLOCK_V/2),
+        which this program has already loaded (this tile or earlier ones), never one it loads later. The
+        barrier makes every warp's loads of the tile complete before any warp stores it (PTX bar.sync
+        orders the CTA's memory accesses); with num_stages=1 no load is issued early.
+        """
+        row = tl.program_id(0).to(tl.int64)
+        tgt = tl.load(t_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        g = tl.load(g_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            ok = cols < V
+            z = tl.load(z_ptr + row * stride_z + cols, mask=ok, other=float("-inf"))
+            if HAS_BIAS:
+                z += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            dz = g * (tl.where(cols == tgt, 1.0, 0.0) - tl.exp(z - lse))
+            tl.debug_barrier()
+            tl.store(dz_ptr + row * stride_dz + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
-# Block sizes per (kernel, dtype) on a GPU. fp32 inputs use IEEE fp32 dots (no TF32) so that the fp32
-# path is as exact as the CPU one; its tiles are smaller because fp32 operands take twice the
-# registers and shared memory. Every entry compiles for sm_90 with 0 spills (python -m vrpo_kernels.inspect).
+# Block sizes per (kernel, dtype) on a GPU. The forward's fp32 configuration runs TF32 dots (see the
+# module docstring); its tiles are smaller because fp32 operands take twice the registers and shared
+# memory. The softmax-gradient pass is bandwidth-bound: one row per program, 2048-wide tiles, 8 fp32
+# values per thread. Every entry compiles for sm_90 with 0 spills (python -m vrpo_kernels.inspect).
 _GPU_CONFIGS = {
     ("forward", "fp16"): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
     ("forward", "bf16"): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
     ("forward", "fp32"): dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
-    ("grad_hidden", "fp16"): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
-    ("grad_hidden", "bf16"): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
-    ("grad_hidden", "fp32"): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
-    ("grad_weight", "fp16"): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
-    ("grad_weight", "bf16"): dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=2),
-    ("grad_weight", "fp32"): dict(BLOCK_M=32, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    ("softmax_grad", "fp16"): dict(BLOCK_V=2048, num_warps=8, num_stages=1),
+    ("softmax_grad", "bf16"): dict(BLOCK_V=2048, num_warps=8, num_stages=1),
+    ("softmax_grad", "fp32"): dict(BLOCK_V=2048, num_warps=8, num_stages=1),
 }
 # Under TRITON_INTERPRET=1 every program is simulated with numpy: few, large blocks are fastest. The
 # vocab tile stays small enough that the tests' V spans several tiles and splits.
-_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1)
+_INTERPRETER_CONFIGS = {
+    "forward": dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    "softmax_grad": dict(BLOCK_V=32, num_warps=4, num_stages=1),
+}
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_H100_SMS = 132
 
 
 def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda":
-        return dict(_INTERPRETER_CONFIG)
+        return dict(_INTERPRETER_CONFIGS[kernel])
     return dict(_GPU_CONFIGS[(kernel, _DTYPE_NAMES[dtype])])
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-# Cap on the fp32 [splits, n, H] partial buffer of the d_hidden pass: past it, fewer splits (and a less
-# full GPU) rather than memory that grows with n.
-_PARTIAL_BYTES = 256 << 20
-
-
-def _vocab_split(n_row_blocks: int, n_tiles: int, device: torch.device, bytes_per_split: int = 0) -> tuple[int, int]:
-    """(splits, tiles per split): enough programs to fill the GPU (about 4 per SM), every split non-empty,
-    and at most ``_PARTIAL_BYTES`` of partial buffers when each split needs ``bytes_per_split``."""
+def _vocab_split(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split): enough programs to fill the GPU (about 4 per SM), every split non-empty."""
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: still exercise the split and merge logic
     splits = max(1, min(n_tiles, -(-target // n_row_blocks)))
-    if bytes_per_split:
-        splits = max(1, min(splits, _PARTIAL_BYTES // bytes_per_split))
     per_split = -(-n_tiles // splits)
     return -(-n_tiles // per_split), per_split
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def linear_ce_triton_forward(h, weight, bias, targets):
@@ -472,77 +604,110 @@ def linear_ce_triton_forward(h, weight, bias, targets):
     m_blocks = triton.cdiv(n, bm)
     splits, per_split = _vocab_split(m_blocks, triton.cdiv(V, bv), h.device)
     part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)
-    _lse_forward_kernel[(m_blocks, splits)](
-        h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2],
-        n, V, K, h.stride(0), weight.stride(0), per_split,
-        HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(h.dtype), **cfg,
-    )
+    with _on_device(h):
+        _lse_forward_kernel[(m_blocks, splits)](
+            h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2],
+            n, V, K, h.stride(0), weight.stride(0), per_split, _FLOOR,
+            HAS_BIAS=bias is not None, DOT_PRECISION="tf32", **cfg,
+        )
     run_max, run_sum, tgt = part[0], part[1], part[2]
     top = run_max.amax(dim=0)
     lse = top + (run_sum * torch.exp(run_max - top)).sum(dim=0).log()
     return tgt.sum(dim=0) - lse, lse
 
 
-def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(True, True, True)):
-    """Triton backward; returns (d_h, d_weight, d_bias) in the inputs' dtypes (None where not needed)."""
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """``out (+)= a @ b`` in one GEMM with fp32 accumulation, written in ``out``'s dtype. On CUDA one
+    cuBLAS call (``out_dtype`` lets fp16/bf16 operands write fp32); elsewhere (Triton's interpreter, in
+    the tests) the operands are upcast."""
+    if a.is_cuda:
+        kw = {} if out.dtype == a.dtype else {"out_dtype": out.dtype}
+        return torch.addmm(out, a, b, out=out, **kw) if accumulate else torch.mm(a, b, out=out, **kw)
+    product = a.float() @ b.float()
+    return out.add_(product) if accumulate else out.copy_(product)
+
+
+def _grad_chunk_rows(n: int, vocab: int, max_buffer_bytes: int) -> int:
+    """Rows per backward chunk: the fp32 [rows, V] logits buffer stays within the budget."""
+    return max(1, min(n, max_buffer_bytes // (4 * vocab)))
+
+
+def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(True, True, True),
+                              max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES):
+    """Backward of the Triton path (launches in the module docstring); returns (d_h, d_weight, d_bias)
+    in the inputs' dtypes (None where not needed)."""
     need_h, need_w, need_b = needs
     n, K = h.shape
     V = weight.shape[0]
-    g = grad_logp.float().contiguous()
-    b_arg = bias if bias is not None else h
-    dh = dw = db = None
     if n == 0:
         return (
             torch.zeros_like(h) if need_h else None,
             torch.zeros_like(weight) if need_w else None,
             torch.zeros_like(bias) if need_b else None,
         )
-    if need_h:
-        cfg = _config("grad_hidden", h.dtype, h.device)
-        m_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-        splits, per_split = _vocab_split(m_blocks, triton.cdiv(V, cfg["BLOCK_V"]), h.device, n * K * 4)
-        part = torch.zeros(splits, n, K, dtype=torch.float32, device=h.device)
-        _grad_hidden_kernel[(m_blocks, splits)](
-            h, weight, b_arg, targets, lse, g, part, n, V, K, h.stride(0), weight.stride(0), per_split,
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(h.dtype), **cfg,
-        )
-        dh = (part[0] if splits == 1 else part.sum(dim=0)).to(h.dtype)
-    if need_w or need_b:
-        cfg = _config("grad_weight", h.dtype, h.device)
-        dw32 = torch.zeros(V, K, dtype=torch.float32, device=h.device)
-        db32 = torch.zeros(V, dtype=torch.float32, device=h.device)
-        _grad_weight_kernel[(triton.cdiv(V, cfg["BLOCK_V"]),)](
-            h, weight, b_arg, targets, lse, g, dw32, db32, n, V, K, h.stride(0), weight.stride(0),
-            HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(h.dtype), **cfg,
-        )
-        dw = dw32.to(weight.dtype) if need_w else None
-        db = db32.to(bias.dtype) if need_b else None
-    return dh, dw, db
-
-
-_STREAMED = {
-    "torch": (linear_ce_torch_forward, linear_ce_torch_backward),
-    "triton": (linear_ce_triton_forward, linear_ce_triton_backward),
-}
+    g = grad_logp.float().contiguous()
+    rows = _grad_chunk_rows(n, V, max_buffer_bytes)
+    one_chunk = rows >= n
+    buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if need_h else None
+    dw = None
+    if need_w:  # one chunk writes d_weight directly; several accumulate in fp32
+        dw = torch.empty_like(weight) if one_chunk else torch.empty(V, K, dtype=torch.float32, device=h.device)
+    db = torch.zeros(V, dtype=torch.float32, device=h.device) if need_b else None
+    cfg = _config("softmax_grad", h.dtype, h.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        hr, z = h[r0:r1], buf[: r1 - r0]
+        _gemm(hr, weight.T, out=z)
+        dz = z if h.dtype == torch.float32 else z.view(h.dtype)[:, :V]
+        with _on_device(h):
+            _softmax_grad_kernel[(r1 - r0,)](
+                z, dz, bias if bias is not None else z, targets[r0:r1], lse[r0:r1], g[r0:r1], V, z.stride(0),
+                dz.stride(0), HAS_BIAS=bias is not None, **cfg,
+            )
+        if need_h:
+            _gemm(dz, weight, out=dh[r0:r1])
+        if need_w:
+            _gemm(dz.T, hr, out=dw, accumulate=r0 > 0)
+        if need_b:
+            db += dz.sum(dim=0, dtype=torch.float32)
+    return (
+        dh,
+        dw.to(weight.dtype) if need_w else None,
+        db.to(bias.dtype) if need_b else None,
+    )
 
 
 class _StreamedLinearCE(torch.autograd.Function):
-    """log p(target) of gathered rows, streamed over the vocabulary by the ``impl`` kernels (chunked
-    PyTorch or Triton); saves h and the LSE per row (and references to weight, bias, targets)."""
+    """log p(target) of gathered rows by the ``impl`` path (chunked PyTorch or Triton); saves h, the LSE
+    per row, references to weight, bias, targets and, on the torch path when they fit the budget, the
+    softmax numerators (:class:`_Kept`)."""
 
     @staticmethod
-    def forward(ctx, impl, h, weight, bias, targets):
-        logp, lse = _STREAMED[impl][0](h, weight, bias, targets)
-        ctx.impl = impl
-        ctx.save_for_backward(h, weight, bias, targets, lse)
+    def forward(ctx, impl, max_buffer_bytes, h, weight, bias, targets):
+        with torch.autocast(h.device.type, enabled=False):
+            if impl == "triton":
+                (logp, lse), kept = linear_ce_triton_forward(h, weight, bias, targets), None
+            else:
+                logp, lse, kept = linear_ce_torch_forward(h, weight, bias, targets, max_buffer_bytes, keep=True)
+        ctx.impl, ctx.max_buffer_bytes, ctx.kept = impl, max_buffer_bytes, kept is not None
+        extra = (kept.exp_t, kept.total) if kept is not None else ()
+        ctx.save_for_backward(h, weight, bias, targets, lse, *extra)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2], bias is not None and ctx.needs_input_grad[3])
-        dh, dw, db = _STREAMED[ctx.impl][1](grad_logp, h, weight, bias, targets, lse, needs)
-        return None, dh, dw, db, None
+        h, weight, bias, targets, lse, *extra = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4])
+        with torch.autocast(h.device.type, enabled=False):
+            if ctx.impl == "triton":
+                dh, dw, db = linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs,
+                                                       ctx.max_buffer_bytes)
+            else:
+                kept = _Kept(*extra) if ctx.kept else None
+                dh, dw, db = linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept, needs,
+                                                      ctx.max_buffer_bytes)
+        return None, None, dh, dw, db, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,7 +736,7 @@ def _selected_rows(row_mask: torch.Tensor, n: int) -> torch.Tensor:
     return rows
 
 
-def _check(hidden, weight, targets, row_weight, bias):
+def _check(hidden, weight, targets, row_weight, bias, max_buffer_bytes):
     if hidden.dim() != 2:
         raise ValueError(f"masked_linear_ce: hidden must be [N, H], got {tuple(hidden.shape)}")
     n, H = hidden.shape
@@ -586,6 +751,21 @@ def _check(hidden, weight, targets, row_weight, bias):
         raise ValueError(f"masked_linear_ce: row_weight must be [N] = [{n}], got {tuple(row_weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"masked_linear_ce: bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if isinstance(max_buffer_bytes, bool) or not isinstance(max_buffer_bytes, int) or max_buffer_bytes <= 0:
+        raise ValueError(f"masked_linear_ce: max_buffer_bytes must be a positive int (bytes) or None, got {max_buffer_bytes!r}")
+
+
+def _triton_operands(hidden_rows, weight, bias):
+    """(h, weight, bias) for the Triton path: contiguous, in the autocast dtype under autocast, else in
+    the weight's dtype. The casts are differentiable, so gradients reach the original tensors."""
+    device = hidden_rows.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    h = hidden_rows.to(dtype).contiguous()
+    return h, weight.to(dtype).contiguous(), bias.to(dtype).contiguous() if bias is not None else None
+
+
+def _tf32_allowed() -> bool:
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def masked_linear_ce(
@@ -597,8 +777,7 @@ def masked_linear_ce(
     bias: torch.Tensor | None = None,
     impl: str = "auto",
     *,
-    segment_ids: torch.Tensor | None = None,
-    num_segments: int | None = None,
+    max_buffer_bytes: int | None = None,
 ) -> torch.Tensor:
     """Weighted target log-probabilities of the selected rows under a linear head.
 
@@ -608,54 +787,57 @@ def masked_linear_ce(
         targets: int [N] target ids (only selected rows are read; they must lie in [0, V)).
         row_weight: [N] per-row weights (e.g. the ELBO weight ``L/l`` of the row's sample).
         row_mask: bool [N], or an integer index [n_sel] of the selected rows.
-        impl: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :mod:`vrpo_kernels.dispatch`).
-        segment_ids: optional int [N]: also sum the rows per segment (e.g. per (sequence, sample)).
-        num_segments: the number of segments (default ``segment_ids.max() + 1``).
+        impl: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :mod:`vrpo_kernels.dispatch`);
+            ``"auto"`` with fp32 operands on CUDA takes the Triton path only when TF32 is allowed.
+        max_buffer_bytes: the largest intermediate the op may hold, in bytes (default
+            :data:`DEFAULT_MAX_BUFFER_BYTES`, 1 GiB). The torch path keeps the selected rows' logits
+            from the forward for the backward (one GEMM fewer) when they fit, and otherwise recomputes
+            them in chunks of at most this size; the Triton backward sizes its row chunks by it.
+            ``"eager"`` ignores it.
 
     Returns:
         float32 [N], ``row_weight[i] * log_softmax(hidden[i] @ weight.T + bias)[targets[i]]`` on the
-        selected rows and 0 elsewhere; or float32 [num_segments] of their per-segment sums when
-        ``segment_ids`` is given. Differentiable w.r.t. hidden, weight, bias and row_weight.
+        selected rows and 0 elsewhere. Differentiable w.r.t. hidden, weight, bias and row_weight.
     """
+    auto = impl == "auto"
     impl = resolve_impl(impl, hidden, "masked_linear_ce")
-    _check(hidden, weight, targets, row_weight, bias)
+    budget = DEFAULT_MAX_BUFFER_BYTES if max_buffer_bytes is None else max_buffer_bytes
+    _check(hidden, weight, targets, row_weight, bias, budget)
     n = hidden.shape[0]
     rows = _selected_rows(row_mask, n)
     if impl == "eager":
         mask = torch.zeros(n, dtype=torch.bool, device=hidden.device).index_fill_(0, rows, True)
-        out = masked_linear_ce_eager(hidden, weight, targets, row_weight, mask, bias)
+        return masked_linear_ce_eager(hidden, weight, targets, row_weight, mask, bias)
+    tgt = targets[rows].long()
+    if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= weight.shape[0]):
+        raise ValueError(f"masked_linear_ce: targets of selected rows must lie in [0, {weight.shape[0]})")
+    h, weight_c, bias_c = hidden[rows], weight, bias  # only the selected rows ever reach a matmul
+    if impl == "triton":
+        h, weight_c, bias_c = _triton_operands(h, weight, bias)
+        if auto and weight_c.dtype == torch.float32 and not _tf32_allowed():
+            impl, h, weight_c, bias_c = "torch", hidden[rows], weight, bias
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if grads:
+        logp = _StreamedLinearCE.apply(impl, budget, h, weight_c, bias_c, tgt)
+    elif impl == "triton":  # the reference model's path: a plain call, nothing kept for backward
+        logp = linear_ce_triton_forward(h, weight_c, bias_c, tgt)[0]
     else:
-        tgt = targets[rows].long()
-        if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= weight.shape[0]):
-            raise ValueError(f"masked_linear_ce: targets of selected rows must lie in [0, {weight.shape[0]})")
-        h = hidden[rows]  # only the selected rows ever reach a matmul
-        weight_c, bias_c = weight, bias
-        if impl == "triton":
-            weight_c = weight.contiguous()
-            h = h.to(weight.dtype).contiguous()
-            bias_c = bias.contiguous() if bias is not None else None
-        grads = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (hidden, weight, bias)
-        )
-        if grads:
-            logp = _StreamedLinearCE.apply(impl, h, weight_c, bias_c, tgt)
-        else:
-            # The reference model's path: a plain call, so nothing can be kept for backward.
-            logp = _STREAMED[impl][0](h, weight_c, bias_c, tgt)[0]
-        vals = logp * row_weight[rows].float()
-        out = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_put((rows,), vals)
-    if segment_ids is None:
-        return out
-    if segment_ids.shape != (n,) or segment_ids.dtype.is_floating_point:
-        raise ValueError(f"masked_linear_ce: segment_ids must be an integer tensor [N] = [{n}], got {tuple(segment_ids.shape)}")
-    if num_segments is None:
-        num_segments = int(segment_ids.max()) + 1 if n else 0
-    return torch.zeros(num_segments, dtype=torch.float32, device=out.device).index_add(0, segment_ids.long(), out)
+        logp = linear_ce_torch_forward(h, weight_c, bias_c, tgt, budget)[0]
+    vals = logp * row_weight[rows].float()
+    return torch.zeros(n, dtype=torch.float32, device=hidden.device).index_put((rows,), vals)
 
 
 # --------------------------------------------------------------------------------------------------
 # Ahead-of-time configurations (python -m vrpo_kernels.inspect)
 # --------------------------------------------------------------------------------------------------
+
+# Pointer arguments of each kernel: "in" (the compute dtype), fp32, or int64.
+_AOT_POINTERS = {
+    "forward": ("_lse_forward_kernel", {"h": "in", "w": "in", "b": "in", "t": "i64", "pmax": "fp32",
+                                        "psum": "fp32", "ptgt": "fp32"}),
+    "softmax_grad": ("_softmax_grad_kernel", {"z": "fp32", "dz": "in", "b": "in", "t": "i64", "lse": "fp32",
+                                              "g": "fp32"}),
+}
 
 
 def aot_specs() -> list[dict]:
@@ -666,34 +848,29 @@ def aot_specs() -> list[dict]:
     if not triton_available():
         return []
     H, V = 4096, 126464
-    kinds = {
-        "forward": (_lse_forward_kernel, ["h", "w", "b", "t", "pmax", "psum", "ptgt"]),
-        "grad_hidden": (_grad_hidden_kernel, ["h", "w", "b", "t", "lse", "g", "dh"]),
-        "grad_weight": (_grad_weight_kernel, ["h", "w", "b", "t", "lse", "g", "dw", "db"]),
-    }
-    fp32_ptrs = {"pmax", "psum", "ptgt", "lse", "g", "dh", "dw", "db"}
     specs = []
     for (kind, dtype), cfg in _GPU_CONFIGS.items():
-        fn, ptrs = kinds[kind]
+        fn_name, ptrs = _AOT_POINTERS[kind]
+        fn = globals()[fn_name]
         for has_bias in (False, True):
             sig, attrs = {}, {}
             for i, p in enumerate(fn.arg_names):
                 if i < len(ptrs):
-                    name = ptrs[i]
-                    sig[p] = "*fp32" if name in fp32_ptrs else ("*i64" if name == "t" else f"*{dtype}")
+                    kind_of = list(ptrs.values())[i]
+                    sig[p] = {"in": f"*{dtype}", "fp32": "*fp32", "i64": "*i64"}[kind_of]
                     attrs[(i,)] = [["tt.divisibility", 16]]
                 elif p in ("n", "tiles_per_split"):
                     sig[p] = "i32"
-                elif p in ("V", "K", "stride_h", "stride_w"):
+                elif p == "floor":
+                    sig[p] = "fp32"
+                elif p in ("V", "K", "stride_h", "stride_w", "stride_z", "stride_dz"):
                     sig[p] = "i32"
-                    attrs[(i,)] = [["tt.divisibility", 16]]  # 126464 and 4096 are multiples of 16
+                    attrs[(i,)] = [["tt.divisibility", 16]]  # 126464, 2 * 126464 and 4096 are multiples of 16
                 else:
                     sig[p] = "constexpr"
-            const = {
-                "HAS_BIAS": has_bias,
-                "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                **{k: cfg[k] for k in ("BLOCK_M", "BLOCK_V", "BLOCK_K")},
-            }
+            const = {"HAS_BIAS": has_bias, **{k: v for k, v in cfg.items() if k.startswith("BLOCK_")}}
+            if kind == "forward":
+                const["DOT_PRECISION"] = "tf32"
             specs.append(dict(
                 name=f"masked_linear_ce.{kind}[{dtype},bias={int(has_bias)},H={H},V={V}]",
                 fn=fn, signature=sig, constexprs=const, attrs=attrs,
