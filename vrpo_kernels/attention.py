@@ -564,7 +564,12 @@ def attention_config(head_dim: int, device: torch.device) -> AttentionConfig:
     if interpreting() or device.type != "cuda":
         return _INTERPRETER_CONFIG
     major, _ = torch.cuda.get_device_capability(device)
-    return _SM90_CONFIGS[max(_block_d(head_dim), 64)] if major == 9 else _GENERIC_CONFIG
+    return sm90_config(head_dim) if major == 9 else _GENERIC_CONFIG
+
+
+def sm90_config(head_dim: int) -> AttentionConfig:
+    """The Hopper tiles for this head dim (16 and 32 use the 64 tiles)."""
+    return _SM90_CONFIGS[max(_block_d(head_dim), 64)]
 
 
 # --------------------------------------------------------------------------------------------------
