@@ -3,6 +3,7 @@
     python -m benchmarks.kernels                 # every op at its CPU shape (and GPU shape on CUDA)
     python -m benchmarks.kernels --quick         # toy sizes, seconds (what the smoke test runs)
     python -m benchmarks.kernels --ops masked_ce --repeats 5 --impls eager,vrpo_torch
+    python -m benchmarks.kernels --device cuda    # the GPU rows only (no CPU rows first)
 
 Per op and shape, every implementation is timed with interleaved repeats (one call of each
 implementation per round, the order rotating between rounds) after one warm-up call each (which is
@@ -14,6 +15,11 @@ its warm-up call the kernel's peak-RSS counter is reset (``/proc/self/clear_refs
 runs and the peak RSS above the resting RSS is reported; glibc is told to return every allocation
 over 64 KB to the OS on free (``MALLOC_MMAP_THRESHOLD_``), so buffers freed after the warm-up cannot
 hide in the resting RSS. On CUDA it is ``torch.cuda.max_memory_allocated`` above the inputs.
+
+Each implementation runs in its own try/except: one that fails (a peer that is not installed right,
+an out-of-memory) is logged with its error and left out, and the others still run. The CPU results
+say which CPU they come from: its model, its vector ISA (AVX2, AVX-512, AMX) and the fp32 GEMM rate
+that oneDNN and ``torch.mm`` reach on it, since the GEMMs decide the masked-CE timings.
 
 Results go to ``benchmarks/results/kernels_<op>.{csv,md,png}`` (``--out`` to change the folder).
 
@@ -33,6 +39,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,14 +95,27 @@ def interleaved_times(runners: dict[str, Callable], repeats: int, device: str) -
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            if name not in times:
+                continue
             gc.collect()
             _sync(device)
             t0 = time.perf_counter()
-            result = runners[name]()
+            try:
+                result = runners[name]()
+            except Exception as exc:  # one implementation failing must not end the run
+                _report_failure(name, "timing", exc)
+                del times[name]
+                continue
             _sync(device)
             times[name].append(time.perf_counter() - t0)
             del result
     return times
+
+
+def _report_failure(impl: str, stage: str, exc: BaseException):
+    """Log an implementation's failure (the run goes on without it)."""
+    last = traceback.format_exception(type(exc), exc, exc.__traceback__)[-3:]
+    print(f"[{impl}] failed during {stage}: {type(exc).__name__}: {exc}\n{''.join(last)}", file=sys.stderr)
 
 
 def max_abs_err(got, ref) -> float:
@@ -170,7 +190,7 @@ def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
         w.writerow(keys)
         for r in rows:
             w.writerow([getattr(r, k) for k in keys])
-    lines = [f"# {title}", "", machine_line(), ""]
+    lines = [f"# {title}", "", machine_line(rows[0].device), ""]
     for shape in dict.fromkeys(r.shape for r in rows):
         group = [r for r in rows if r.shape == shape]
         ref = next((r for r in group if r.impl == "eager"), None)
@@ -216,15 +236,74 @@ def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
     plt.close(fig)
 
 
-def machine_line() -> str:
-    return f"Measured {datetime.date.today().isoformat()} on {machine()}."
+def machine_line(device: str = "cpu") -> str:
+    line = f"Measured {datetime.date.today().isoformat()} on {machine()}."
+    return line + (f" {cpu_description()}." if device == "cpu" else "")
+
+
+def cpu_isa() -> tuple[str, str]:
+    """(CPU model name, its widest vector ISA: "AMX", "AVX-512", "AVX2" or "pre-AVX2") from /proc/cpuinfo."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        return model, "unknown ISA"
+    if "amx_tile" in flags:
+        isa = "AMX" + (" (bf16)" if "amx_bf16" in flags else "") + " + AVX-512"
+    elif "avx512f" in flags:
+        isa = "AVX-512"
+    elif "avx2" in flags:
+        isa = "AVX2"
+    else:
+        isa = "pre-AVX2"
+    return model, isa
+
+
+def gemm_gflops(rows: int = 1024, hidden: int = 256, vocab: int = 16384, repeats: int = 3) -> dict[str, float]:
+    """fp32 GFLOP/s of oneDNN's GEMM and torch.mm at a masked-CE chunk's shape ([rows, hidden] x
+    [hidden, vocab]), best of ``repeats`` interleaved; oneDNN is absent where this torch has none."""
+    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(vocab, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+    runs = {"torch.mm": lambda: w @ x.T}
+    try:
+        mlce._onednn_linear(w, x, None)
+        runs["oneDNN"] = lambda: mlce._onednn_linear(w, x, None)
+    except Exception as exc:
+        print(f"oneDNN GEMM unavailable here: {type(exc).__name__}: {exc}", file=sys.stderr)
+    best = {k: float("inf") for k in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {k: 2 * rows * hidden * vocab / t / 1e9 for k, t in best.items()}
+
+
+def cpu_description() -> str:
+    """CPU model, ISA, fp32 GEMM GFLOP/s of both GEMMs and the one masked_linear_ce's probe chose."""
+    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
+    model, isa = cpu_isa()
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in gemm_gflops().items())
+    return f"CPU: {model}, {isa}; fp32 GEMM GFLOP/s (best of 3, 1024x256x16384): {rates}; masked_linear_ce uses {mlce._cpu_gemm()}"
 
 
 def run_op(op: str, args) -> list[Row]:
     """Time, probe memory and check errors for every implementation of ``op`` at each of its shapes."""
     bench = OPS[op]
     rows = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.quick else [])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.quick else [])
+    else:
+        devices = [args.device]
     for device in devices:
         for shape in bench.shapes(device, args.quick):
             dtype = bench.dtype(device)
@@ -237,13 +316,17 @@ def run_op(op: str, args) -> list[Row]:
                 if why:
                     print(f"[{op}] skipping {impl.name}: {why}", file=sys.stderr)
                     continue
-                fn = impl.setup(inputs)
-                _sync(device)
-                t0 = time.perf_counter()
-                result = fn()
-                _sync(device)
-                first[impl.name] = time.perf_counter() - t0
-                errors[impl.name] = bench.errors(result, reference)
+                try:
+                    fn = impl.setup(inputs)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    result = fn()
+                    _sync(device)
+                    first[impl.name] = time.perf_counter() - t0
+                    errors[impl.name] = bench.errors(result, reference)
+                except Exception as exc:  # one implementation failing must not end the run
+                    _report_failure(impl.name, "its first call", exc)
+                    continue
                 runners[impl.name] = fn
                 del result
                 print(f"[{op}] {impl.name}: first call {first[impl.name]:.2f} s", file=sys.stderr)
@@ -256,10 +339,14 @@ def run_op(op: str, args) -> list[Row]:
             del runners
             gc.collect()
             for name, ts in times.items():
-                if device == "cuda":
-                    mem = cuda_peak_memory({i.name: i for i in impls}[name], inputs)
-                else:
-                    mem = None if args.no_memory else probe_memory(op, name, shape, str(dtype).split(".")[-1])
+                try:
+                    if device == "cuda":
+                        mem = cuda_peak_memory({i.name: i for i in impls}[name], inputs)
+                    else:
+                        mem = None if args.no_memory else probe_memory(op, name, shape, str(dtype).split(".")[-1])
+                except Exception as exc:
+                    _report_failure(name, "the memory probe", exc)
+                    mem = None
                 rows.append(Row(
                     op=op, impl=name, shape=bench.describe(shape, dtype), device=device,
                     median_s=median_p20_p80(ts)[0], p20_s=median_p20_p80(ts)[1], p80_s=median_p20_p80(ts)[2],
@@ -286,7 +373,10 @@ class MaskedCE:
         "eager": "full logits [N, V] on all rows, log_softmax, gather",
         "eager_gathered": "the same on the selected rows only",
         "compiled_gathered": "torch.compile of eager_gathered",
-        "vrpo_torch": "vrpo_kernels.masked_linear_ce(impl='torch'): streamed, chunked",
+        "vrpo_torch": "vrpo_kernels.masked_linear_ce(impl='torch'), default max_buffer_bytes (1 GiB): "
+                      "keeps the selected rows' softmax numerators when they fit",
+        "vrpo_torch_256mb": "vrpo_kernels.masked_linear_ce(impl='torch', max_buffer_bytes=256 << 20): "
+                            "streamed, recomputed when the logits exceed 256 MB",
         "cce_torch_compile": "cut_cross_entropy.linear_cross_entropy(impl='torch_compile') on the selected rows",
         "vrpo_triton": "vrpo_kernels.masked_linear_ce(impl='triton')",
         "cce_triton": "cut_cross_entropy.linear_cross_entropy(impl='cce') on the selected rows",
@@ -387,11 +477,10 @@ class MaskedCE:
         def compiled(x):
             return gathered(torch.compile(gathered_fn, dynamic=False))(x)
 
-        def ours(impl):
+        def ours(impl, max_buffer_bytes=None):
             def setup(x):
-                return cls._runner(
-                    x, lambda h, W: masked_linear_ce(h, W, x["targets"], x["row_weight"], x["mask"], impl=impl)
-                )
+                return cls._runner(x, lambda h, W: masked_linear_ce(
+                    h, W, x["targets"], x["row_weight"], x["mask"], impl=impl, max_buffer_bytes=max_buffer_bytes))
 
             return setup
 
@@ -427,6 +516,7 @@ class MaskedCE:
         if device == "cpu":
             impls += [
                 Impl("vrpo_torch", ours("torch")),
+                Impl("vrpo_torch_256mb", ours("torch", 256 << 20)),
                 Impl("cce_torch_compile", cce("torch_compile"), installed("cut_cross_entropy")),
             ]
         else:
@@ -732,6 +822,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds on CPU")
     parser.add_argument("--quick", action="store_true", help="toy sizes, 2 repeats: a smoke run in seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the CPU rows, then the GPU rows when CUDA is there; cpu or cuda: only those")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess
     args = parser.parse_args(argv)

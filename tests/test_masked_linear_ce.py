@@ -118,8 +118,8 @@ def test_torch_path_across_row_and_vocab_chunks(monkeypatch, gemm, keep):
     monkeypatch.setattr(mlce, "_CPU_GEMM", gemm)
     monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
     monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
-    monkeypatch.setattr(mlce, "_PASS_ELEMS", 15 * 64)  # the kept buffer's passes in blocks of 64 vocab rows
     assert mlce._chunks(15, 700, 1 << 30) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
+    assert mlce._chunks(15, 700, 1 << 30, all_rows=True) == (15, 256)  # kept: all rows, 3 vocab chunks
     # 15 rows x 700 vocab fp32 = 42,000 bytes: kept within 1 MB, recomputed under 40,000 bytes.
     budget = (1 << 20) if keep else 40_000
     assert mlce._keeps_logits(15, 700, budget) is keep

@@ -58,11 +58,12 @@ path only when TF32 is allowed (``torch.set_float32_matmul_precision("high")``) 
 (IEEE fp32 cuBLAS GEMMs) otherwise. Under ``torch.autocast`` the Triton path runs in the autocast
 dtype (the head weight is cast once per call, as autocast does for ``nn.Linear``).
 
-**Torch path (CPU).** When the selected rows' logits fit in ``max_buffer_bytes`` (fp32
-``[V, n]``), the forward keeps ``exp(logits - rowmax)`` and the backward runs two GEMMs on it
-(``dz @ W`` and ``dz.T @ h``): three GEMMs in all, as a compiled eager implementation. Otherwise it
-streams vocabulary chunks of at most ``max_buffer_bytes`` with an online log-sum-exp and recomputes
-them in the backward (four GEMMs, memory independent of ``n``). The GEMM is oneDNN's or
+**Torch path (CPU).** The forward streams vocabulary chunks (one GEMM each, then exp2 and a sum while
+the chunk is in cache) with an online log-sum-exp. When the selected rows' softmax numerators fit in
+``max_buffer_bytes`` (fp32 ``[V, n]``), it keeps each chunk's ``2^(logits - shift)`` and the backward
+runs two GEMMs per chunk on it (for ``d_weight`` and ``d_hidden``): three GEMMs in all, as a compiled
+eager implementation. Otherwise the chunks hold at most ``max_buffer_bytes`` and the backward
+recomputes them (four GEMMs, memory independent of ``n``). The GEMM is oneDNN's or
 ``torch.mm``'s, chosen once per process by a timed probe (:func:`_cpu_gemm`). Deterministic for a
 given thread count: the one-hot part of ``dz`` is written into the softmax chunk (unique positions)
 rather than scattered with ``index_put_(accumulate=True)``, whose CPU kernel adds atomically from
@@ -105,12 +106,10 @@ def masked_linear_ce_eager(hidden, weight, targets, row_weight, row_mask, bias=N
 # --------------------------------------------------------------------------------------------------
 
 # Elements of one [vocab, rows] logits chunk when the logits are recomputed: 8M fp32 = 32 MB. Every
-# parallel op on the chunk ends in a thread barrier, so few large chunks beat many small ones; measured
-# interleaved on a 2-core CPU (benchmarks/README.md), 4M took ~1.3x as long as 8M and 16M was no faster.
+# parallel op on a chunk ends in a thread barrier, which stalls whenever another process holds a core,
+# so few large chunks beat many small ones: measured interleaved on a 2-core x86 CPU, 4M took ~1.3x as
+# long as 8M, and 16M was no faster than 8M while using 32 MB more.
 _CHUNK_ELEMS = 1 << 23
-# Elements per block of the elementwise passes over a kept [V, n] buffer: small enough that the
-# block stays in cache between its subtract, exp2 and sum.
-_PASS_ELEMS = 1 << 20
 # Logits are scaled by log2(e) inside the GEMM so that the chunk passes use exp2, which torch
 # vectorises at several times the speed of exp (same 1-ulp accuracy class).
 _LOG2E = 1.4426950408889634
@@ -121,17 +120,17 @@ _MAX_CHUNK_ROWS = 2048
 _FLOOR = -torch.finfo(torch.float32).max
 
 
-def _chunks(n: int, vocab: int, max_buffer_bytes: int) -> tuple[int, int]:
-    """(rows, vocab) per recomputed chunk: at most ``max_buffer_bytes`` and _CHUNK_ELEMS fp32 elements,
-    rows up to _MAX_CHUNK_ROWS, vocab a multiple of 256 (at least 256)."""
+def _chunks(n: int, vocab: int, max_buffer_bytes: int, all_rows: bool = False) -> tuple[int, int]:
+    """(rows, vocab) per chunk: at most ``max_buffer_bytes`` and _CHUNK_ELEMS fp32 elements, rows up to
+    _MAX_CHUNK_ROWS (all ``n`` with ``all_rows``, the kept path), vocab a multiple of 256 (at least 256)."""
     elems = max(256, min(_CHUNK_ELEMS, max_buffer_bytes // 4))
-    rows = max(1, min(n, _MAX_CHUNK_ROWS, elems // 256))
+    rows = max(1, n if all_rows else min(n, _MAX_CHUNK_ROWS, elems // 256))
     cols = max(256, (elems // rows) // 256 * 256)
     return rows, min(cols, vocab)
 
 
 def _keeps_logits(n: int, vocab: int, max_buffer_bytes: int) -> bool:
-    """True when the selected rows' fp32 logits [V, n] fit in the budget (the three-GEMM path)."""
+    """True when the selected rows' fp32 softmax numerators [V, n] fit in the budget (three GEMMs)."""
     return n * vocab * 4 <= max_buffer_bytes
 
 
@@ -141,9 +140,10 @@ def _keeps_logits(n: int, vocab: int, max_buffer_bytes: int) -> bool:
 # Which is faster depends on the CPU (measured: ~2x apart on some AMD cores, alike on others), so a
 # short timed probe picks one, once per process. The two round differently, so results are
 # bit-reproducible across runs only while the choice is stable: the probe keeps oneDNN unless torch.mm
-# is clearly faster, and VRPO_CPU_GEMM=onednn|mm pins it.
+# is clearly faster (best of 5 interleaved rounds, by _GEMM_MARGIN), so that a loaded machine's noise
+# does not flip it; VRPO_CPU_GEMM=onednn|mm pins it.
 _CPU_GEMM: str | None = None
-_GEMM_MARGIN = 1.25
+_GEMM_MARGIN = 1.5
 
 
 def _onednn_linear(x, w, bias):
@@ -166,18 +166,11 @@ def _onednn_agrees() -> bool:
     ) and torch.allclose(_onednn_linear_add(a_t, b_t, acc), acc + a_t @ b_t.T, rtol=1e-5, atol=1e-5)
 
 
-def _best_seconds(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _probe_cpu_gemm() -> str:
-    """"onednn" or "mm": the faster fp32 GEMM on this CPU at a chunk's shape (best of 3, interleaved)."""
+    """"onednn" or "mm": the faster fp32 GEMM on this CPU at a chunk's shape (best of 5, interleaved)."""
     forced = os.environ.get("VRPO_CPU_GEMM", "")
+    if forced not in ("", "mm", "mkl", "onednn"):
+        raise ValueError(f"VRPO_CPU_GEMM={forced!r}: use 'onednn' or 'mm' (or leave it unset for the timed probe)")
     if forced in ("mm", "mkl"):
         return "mm"
     try:
@@ -197,9 +190,11 @@ def _probe_cpu_gemm() -> str:
     for fn in runs.values():
         fn()  # warm-up: oneDNN builds its kernel on the first call
     best = {name: float("inf") for name in runs}
-    for _ in range(3):
+    for _ in range(5):
         for name, fn in runs.items():
-            best[name] = min(best[name], _best_seconds(fn, 1))
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
     return "mm" if best["mm"] * _GEMM_MARGIN < best["onednn"] else "onednn"
 
 
@@ -251,13 +246,6 @@ class _WeightChunks:
         return w, b
 
 
-def _vocab_cols(weight: torch.Tensor, n: int, max_buffer_bytes: int) -> int:
-    """Vocabulary chunk of the kept path: the whole head when it is fp32 (one GEMM), else chunks of
-    the recompute path's size (each upcast into one reused buffer)."""
-    V = weight.shape[0]
-    return V if weight.dtype == torch.float32 else _chunks(n, V, max_buffer_bytes)[1]
-
-
 def _shifted_logits_t(w, b, h, shift):
     """fp32 [vocab, rows]: ``h @ w.T + b`` transposed, minus a per-row ``shift`` (or None). The callers
     pass ``h`` and ``b`` pre-scaled by log2(e), so these are base-2 logits."""
@@ -275,87 +263,57 @@ def _target_logits(h32: torch.Tensor, weight, bias, targets) -> torch.Tensor:
     return z
 
 
-def _chunk_lse2(w, b, h2, running):
-    """Base-2 log-sum-exp over the chunk's vocabulary per row, fp32 [rows], for base-2 logits; shifted
-    by ``running`` (the base-2 log-sum-exp of the chunks so far, or None for the first chunk)."""
+def _chunk_exp2(w, b, h2, running):
+    """One vocabulary chunk of the forward: ``(e, shift, lse2)`` with ``e = 2^(z2 - shift)`` fp32
+    [vocab, rows] for the chunk's base-2 logits ``z2``, and ``lse2`` its base-2 log-sum-exp per row.
+    ``shift`` is ``running`` (the log-sum-exp of the chunks so far, None for the first chunk), which keeps
+    every exp2 <= 2^127 unless this chunk holds a logit that far above everything seen so far; only then
+    (a non-finite sum) is the chunk recomputed and shifted by its own row max."""
     if running is not None:
-        # Shifting by the running log-sum-exp keeps every exp2 <= 2^127 unless this chunk holds a logit
-        # that far above everything seen so far; only then (a non-finite sum) take the max-shifted path.
-        s = _shifted_logits_t(w, b, h2, running).exp2_().sum(dim=0)
+        e = _shifted_logits_t(w, b, h2, running).exp2_()
+        s = e.sum(dim=0)
         if bool(torch.isfinite(s).all()):
-            return running + s.log2()
+            return e, running, running + s.log2()
     zt = _shifted_logits_t(w, b, h2, None)
     top = zt.amax(dim=0).clamp_min_(_FLOOR)
-    return top + zt.sub_(top).exp2_().sum(dim=0).log2()
+    e = zt.sub_(top).exp2_()
+    return e, top, top + e.sum(dim=0).log2()
 
 
 @dataclass
 class _Kept:
-    """What the kept (three-GEMM) forward leaves for the backward: ``exp_t`` fp32 [V, n] holds
-    ``2^(z2 - top)`` (z2 the base-2 logits, top the per-row max), ``total`` fp32 [n] its column sums,
-    so that ``softmax = exp_t.T / total``."""
+    """The forward's softmax numerators, kept for the backward when they fit the budget: per vocabulary
+    chunk ``k`` (all rows), ``chunks[k] = 2^(z2 - shifts[k])`` fp32 [vocab_k, n], so that the softmax
+    (transposed) is ``chunks[k] * 2^(shifts[k] - lse2)``."""
 
-    exp_t: torch.Tensor
-    total: torch.Tensor
-
-
-def _forward_kept(h32, weight, bias, targets, max_buffer_bytes):
-    """Forward that keeps the softmax numerators (see :class:`_Kept`). Returns (logp, lse, kept)."""
-    n, V = h32.shape[0], weight.shape[0]
-    h2 = h32 * _LOG2E
-    cols = _vocab_cols(weight, n, max_buffer_bytes)
-    chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
-    exp_t = None if cols == V else torch.empty(V, n, dtype=torch.float32, device=h32.device)
-    for v0 in range(0, V, cols):
-        w, b = chunk(v0, min(V, v0 + cols))
-        if exp_t is None:
-            exp_t = _linear(w, h2)  # the whole head in one GEMM, no copy
-        else:
-            _linear(w, h2, out=exp_t[v0 : v0 + w.shape[0]])
-        if b is not None:
-            exp_t[v0 : v0 + w.shape[0]].add_(b[:, None])
-    cols_n = torch.arange(n, device=h32.device)
-    target2 = exp_t[targets, cols_n]
-    top = exp_t.amax(dim=0).clamp_min_(_FLOOR)
-    total = torch.zeros(n, dtype=torch.float32, device=h32.device)
-    step = max(1, _PASS_ELEMS // max(n, 1))
-    for v0 in range(0, V, step):
-        block = exp_t[v0 : v0 + step].sub_(top).exp2_()
-        total += block.sum(dim=0)
-    lse = (top + total.log2()) * _LN2
-    return target2 * _LN2 - lse, lse, _Kept(exp_t, total)
+    chunks: list[torch.Tensor]
+    shifts: list[torch.Tensor]
 
 
-def _forward_streamed(h32, weight, bias, max_buffer_bytes):
-    """Online log-sum-exp over vocabulary chunks, nothing kept. Returns lse fp32 [n]."""
-    n, V = h32.shape[0], weight.shape[0]
-    lse = torch.empty(n, dtype=torch.float32, device=h32.device)
-    rows, cols = _chunks(n, V, max_buffer_bytes)
+def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets, max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES,
+                            keep: bool = False):
+    """Streamed forward on gathered rows: an online log-sum-exp over vocabulary chunks. h [n, H] (any
+    float dtype), weight [V, H], bias [V] or None, targets int64 [n]. Returns ``(logp, lse, kept)``: fp32
+    [n] twice, and a :class:`_Kept` when ``keep`` and the logits fit in ``max_buffer_bytes`` (else None)."""
+    n, V = h.shape[0], weight.shape[0]
+    h32 = h.float()
+    lse2 = torch.empty(n, dtype=torch.float32, device=h.device)
+    keep = keep and n > 0 and _keeps_logits(n, V, max_buffer_bytes)
+    rows, cols = _chunks(n, V, max_buffer_bytes, all_rows=keep)
+    kept = _Kept([], []) if keep else None
     chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
     h2 = h32 * _LOG2E
     for r0 in range(0, n, rows):
         running = None
         for v0 in range(0, V, cols):
-            part = _chunk_lse2(*chunk(v0, min(V, v0 + cols)), h2[r0 : r0 + rows], running)
+            e, shift, part = _chunk_exp2(*chunk(v0, min(V, v0 + cols)), h2[r0 : r0 + rows], running)
             running = part if running is None else torch.logaddexp2(running, part)
-        lse[r0 : r0 + rows] = running * _LN2
-    return lse
-
-
-def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets, max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES,
-                            keep: bool = False):
-    """Forward on gathered rows. h [n, H] (any float dtype), weight [V, H], bias [V] or None, targets
-    int64 [n]. Returns ``(logp, lse, kept)``: fp32 [n] twice, and a :class:`_Kept` when ``keep`` and the
-    logits fit in ``max_buffer_bytes`` (else None)."""
-    n, V = h.shape[0], weight.shape[0]
-    h32 = h.float()
-    if n == 0:
-        empty = torch.empty(0, dtype=torch.float32, device=h.device)
-        return empty, empty.clone(), None
-    if keep and _keeps_logits(n, V, max_buffer_bytes):
-        return _forward_kept(h32, weight, bias, targets, max_buffer_bytes)
-    lse = _forward_streamed(h32, weight, bias, max_buffer_bytes)
-    return _target_logits(h32, weight, bias, targets) - lse, lse, None
+            if keep:
+                kept.chunks.append(e)
+                kept.shifts.append(shift)
+        lse2[r0 : r0 + rows] = running
+    lse = lse2 * _LN2
+    return _target_logits(h32, weight, bias, targets) - lse, lse, kept
 
 
 def _accumulate(out: torch.Tensor, part: torch.Tensor, first: bool):
@@ -365,81 +323,43 @@ def _accumulate(out: torch.Tensor, part: torch.Tensor, first: bool):
         out.add_(part)
 
 
-def _subtract_onehot(pt: torch.Tensor, targets: torch.Tensor, v0: int, amount) -> None:
-    """``pt[targets[i] - v0, i] -= amount[i]`` for the rows whose target lies in this vocabulary chunk
-    ``pt`` [vocab, rows]. Each (target, row) position is unique: a plain, deterministic write."""
-    inside = ((targets >= v0) & (targets < v0 + pt.shape[0])).nonzero()[:, 0]
-    if inside.numel():
-        idx = (targets[inside] - v0, inside)
-        pt.index_put_(idx, pt[idx] - (amount[inside] if torch.is_tensor(amount) else amount))
+@dataclass
+class _Grads:
+    """fp32 gradient accumulators of the torch path (None where not needed): ``dh_t`` [H, rows] of the
+    current row chunk, ``dw`` [V, H], ``db`` [V]."""
+
+    dh_t: torch.Tensor | None
+    dw: torch.Tensor | None
+    db: torch.Tensor | None
 
 
-def _backward_kept(g, h32, weight, bias, targets, kept: _Kept, needs, max_buffer_bytes):
-    """Two GEMMs on the kept numerators. With ``c = g / total`` the buffer, its targets lowered by
-    ``total``, is ``-dz^T / c``; so ``d_h = -c * (buf^T @ W)``, ``d_W = buf @ (-c h)``, ``d_b = buf @ -c``.
-    The buffer is restored afterwards (a second backward with retain_graph sees it unchanged)."""
-    need_h, need_w, need_b = needs
-    exp_t, total = kept.exp_t, kept.total
-    n, H = h32.shape
-    V = weight.shape[0]
-    neg_c = -(g / total)
-    cols_n = torch.arange(n, device=h32.device)
-    at_targets = exp_t[targets, cols_n]
-    exp_t.index_put_((targets, cols_n), at_targets - total)
-    try:
-        cols = _vocab_cols(weight, n, max_buffer_bytes)
-        chunk = _WeightChunks(weight, None, cols)
-        neg_ch_t = (h32 * neg_c[:, None]).T.contiguous()  # [H, n]
-        acc_t = None
-        dw = torch.empty(V, H, dtype=torch.float32, device=h32.device) if need_w else None
-        for v0 in range(0, V, cols):
-            w, _ = chunk(v0, min(V, v0 + cols))
-            part = exp_t[v0 : v0 + w.shape[0]]
-            if need_h:  # (buf^T @ W)^T accumulated over vocab chunks, [H, n]
-                acc_t = _linear(w.T, part.T) if acc_t is None else _linear_add(w.T, part.T, acc_t)
-            if need_w:
-                _linear(part, neg_ch_t, out=dw[v0 : v0 + w.shape[0]])
-        dh = (acc_t.T * neg_c[:, None]) if need_h else None
-        db = torch.mv(exp_t, neg_c) if need_b else None
-    finally:
-        exp_t.index_put_((targets, cols_n), at_targets)
-    return dh, dw, db
+def _chunk_grads(e, w, neg_gs, hr, grads: _Grads, v0: int, first_rows: bool, first_vocab: bool):
+    """Add one chunk's softmax part: with ``e`` [vocab, rows] and ``neg_gs`` [rows] such that
+    ``-g * softmax^T = e * neg_gs``: ``d_W[chunk] += e @ (neg_gs h)``, ``d_b[chunk] += e @ neg_gs``,
+    ``d_h^T += (W[chunk]^T @ e) * neg_gs``. The products keep ``e`` as it lies in memory."""
+    v1 = v0 + e.shape[0]
+    if grads.dw is not None:
+        _accumulate(grads.dw[v0:v1], _linear(e, (hr * neg_gs[:, None]).T.contiguous()), first_rows)
+    if grads.db is not None:
+        _accumulate(grads.db[v0:v1], torch.mv(e, neg_gs), first_rows)
+    if grads.dh_t is not None:
+        prod = _linear(w.T, e.T)  # [H, rows]
+        if first_vocab:
+            torch.mul(prod, neg_gs[None, :], out=grads.dh_t)
+        else:
+            grads.dh_t.addcmul_(prod, neg_gs[None, :])
 
 
-def _backward_streamed(g, h32, weight, bias, targets, lse, needs, max_buffer_bytes):
-    """Recomputes the softmax chunk by chunk: ``pt = (P - onehot)^T`` per chunk, then ``d_W += pt @ (-g h)``,
-    ``d_b += pt @ (-g)``, and ``(pt^T @ W)^T`` accumulated over the chunks by GEMMs with a fused add,
-    ``d_h = -g * that``. Returns fp32 (d_h, d_W, d_b), None where not needed."""
-    need_h, need_w, need_b = needs
-    n, H = h32.shape
-    V = weight.shape[0]
-    dev = h32.device
-    dh = torch.empty(n, H, dtype=torch.float32, device=dev) if need_h else None
-    # Every element of dw / db is written by the first row chunk (n > 0), so they start empty.
-    dw = torch.empty(V, H, dtype=torch.float32, device=dev) if need_w else None
-    db = torch.empty(V, dtype=torch.float32, device=dev) if need_b else None
-    rows, cols = _chunks(n, V, max_buffer_bytes)
-    chunk = _WeightChunks(weight, bias, cols, scale=_LOG2E)
-    h2, lse2 = h32 * _LOG2E, lse * _LOG2E
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        neg_g = -g[r0:r1]
-        neg_gh_t = (h32[r0:r1] * neg_g[:, None]).T.contiguous()  # [H, rows]
-        acc_t = None
-        for v0 in range(0, V, cols):
-            w, b = chunk(v0, min(V, v0 + cols))
-            pt = _shifted_logits_t(w, b, h2[r0:r1], lse2[r0:r1]).exp2_()  # softmax chunk, [vocab, rows]
-            _subtract_onehot(pt, targets[r0:r1], v0, 1.0)
-            # Both products keep pt as it lies in memory ([vocab, rows]), the fast operand layout.
-            if need_h:
-                acc_t = _linear(w.T, pt.T) if acc_t is None else _linear_add(w.T, pt.T, acc_t)
-            if need_w:
-                _accumulate(dw[v0 : v0 + w.shape[0]], _linear(pt, neg_gh_t), r0 == 0)
-            if need_b:
-                _accumulate(db[v0 : v0 + w.shape[0]], pt @ neg_g, r0 == 0)
-        if need_h:
-            torch.mul(acc_t.T, neg_g[:, None], out=dh[r0:r1])
-    return dh, dw, db
+def _add_onehot(g, h32, weight, targets, dh, grads: _Grads):
+    """The one-hot part of ``dz = g * (onehot - softmax)``: ``d_h += g W[y]``, ``d_W[y] += g h``,
+    ``d_b[y] += g``. index_add_ adds the rows in index order on the CPU (deterministic), unlike
+    index_put_(accumulate=True), whose CPU kernel adds atomically from several threads."""
+    if dh is not None:
+        dh.add_(weight[targets].float() * g[:, None])
+    if grads.dw is not None:
+        grads.dw.index_add_(0, targets, h32 * g[:, None])
+    if grads.db is not None:
+        grads.db.index_add_(0, targets, g)
 
 
 def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None, needs=(True, True, True),
@@ -448,23 +368,37 @@ def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None
     ``(d_h, d_weight, d_bias)`` in the inputs' dtypes (None where not needed).
 
     With ``P = softmax`` and ``g = grad_logp``: ``dz = g * (onehot - P)``, ``d_h = dz @ W``,
-    ``d_W = dz^T @ h``, ``d_b = sum_rows(dz)``; from the kept numerators (two GEMMs) or recomputed
-    chunk by chunk (three)."""
+    ``d_W = dz^T @ h``, ``d_b = sum_rows(dz)``. The softmax chunks come from ``kept`` (two GEMMs per
+    chunk) or are recomputed (three); the one-hot part is added at the end."""
     need_h, need_w, need_b = needs
     n, H = h.shape
     V = weight.shape[0]
-    if n == 0:
-        dh, dw, db = (torch.zeros(n, H, device=h.device), torch.zeros(V, H, device=h.device),
-                      torch.zeros(V, device=h.device))
-    elif kept is not None:
-        dh, dw, db = _backward_kept(grad_logp.float(), h.float(), weight, bias, targets, kept, needs, max_buffer_bytes)
-    else:
-        dh, dw, db = _backward_streamed(grad_logp.float(), h.float(), weight, bias, targets, lse, needs,
-                                        max_buffer_bytes)
+    dev = h.device
+    g, h32 = grad_logp.float(), h.float()
+    lse2 = lse * _LOG2E
+    dh = torch.empty(n, H, dtype=torch.float32, device=dev) if need_h else None
+    # Every element of dw / db is written by the first row chunk, so they start empty (zeros if n == 0).
+    alloc = torch.empty if n else torch.zeros
+    grads = _Grads(None, alloc(V, H, device=dev) if need_w else None, alloc(V, device=dev) if need_b else None)
+    rows, cols = _chunks(n, V, max_buffer_bytes, all_rows=kept is not None)
+    chunk = _WeightChunks(weight, None if kept is not None else bias, cols, scale=_LOG2E)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        grads.dh_t = torch.empty(H, r1 - r0, device=dev) if need_h else None
+        for k, v0 in enumerate(range(0, V, cols)):
+            w, b = chunk(v0, min(V, v0 + cols))
+            if kept is not None:
+                e, neg_gs = kept.chunks[k], -g * torch.exp2(kept.shifts[k] - lse2)
+            else:
+                e, neg_gs = _shifted_logits_t(w, b, h32[r0:r1] * _LOG2E, lse2[r0:r1]).exp2_(), -g[r0:r1]
+            _chunk_grads(e, w, neg_gs, h32[r0:r1], grads, v0, first_rows=r0 == 0, first_vocab=v0 == 0)
+        if need_h:
+            dh[r0:r1] = grads.dh_t.T
+    _add_onehot(g, h32, weight, targets, dh, grads)
     return (
         dh.to(h.dtype) if need_h else None,
-        dw.to(weight.dtype) if need_w else None,
-        db.to(bias.dtype) if need_b else None,
+        grads.dw.to(weight.dtype) if need_w else None,
+        grads.db.to(bias.dtype) if need_b else None,
     )
 
 
@@ -553,6 +487,10 @@ if triton_available():
 # module docstring); its tiles are smaller because fp32 operands take twice the registers and shared
 # memory. The softmax-gradient pass is bandwidth-bound: one row per program, 2048-wide tiles, 8 fp32
 # values per thread. Every entry compiles for sm_90 with 0 spills (python -m vrpo_kernels.inspect).
+# Occupancy: the 16-bit forward without bias compiles to 254 registers (184 with bias) at 8 warps, so
+# one block per SM; its 3-stage pipeline (96 KB of shared memory) would allow two. ptxas takes what the
+# one-block budget allows rather than spilling. The forward is a quarter of the op's FLOPs; the first GPU
+# run (python -m benchmarks.gpu_check) times the op against CCE's kernel before any retuning.
 _GPU_CONFIGS = {
     ("forward", "fp16"): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
     ("forward", "bf16"): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -690,8 +628,9 @@ class _StreamedLinearCE(torch.autograd.Function):
                 (logp, lse), kept = linear_ce_triton_forward(h, weight, bias, targets), None
             else:
                 logp, lse, kept = linear_ce_torch_forward(h, weight, bias, targets, max_buffer_bytes, keep=True)
-        ctx.impl, ctx.max_buffer_bytes, ctx.kept = impl, max_buffer_bytes, kept is not None
-        extra = (kept.exp_t, kept.total) if kept is not None else ()
+        ctx.impl, ctx.max_buffer_bytes = impl, max_buffer_bytes
+        ctx.n_kept = len(kept.chunks) if kept is not None else -1
+        extra = (*kept.chunks, *kept.shifts) if kept is not None else ()
         ctx.save_for_backward(h, weight, bias, targets, lse, *extra)
         return logp
 
@@ -704,7 +643,8 @@ class _StreamedLinearCE(torch.autograd.Function):
                 dh, dw, db = linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs,
                                                        ctx.max_buffer_bytes)
             else:
-                kept = _Kept(*extra) if ctx.kept else None
+                k = ctx.n_kept
+                kept = _Kept(list(extra[:k]), list(extra[k:])) if k >= 0 else None
                 dh, dw, db = linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept, needs,
                                                       ctx.max_buffer_bytes)
         return None, None, dh, dw, db, None
