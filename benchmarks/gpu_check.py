@@ -92,7 +92,7 @@ DRY_PLAN = Plan(
     attn_head_dims=(24,), attn_groups=(1, 2), attn_lengths=(1, 21),
     attn_batch_heads=(1, 2),
     mask_lengths=(1, 40),
-    step_models=(("tiny LLaDA", TINY_STEP_MODEL, 1, 2),),
+    step_models=(("tiny LLaDA, one layer", dict(TINY_STEP_MODEL, n_layers=1), 1, 2),),
     bench_ce=(16, 32, 70),
     bench_ce_dtype=torch.float32,
     bench_attn=(1, 24, 2, 16),
