@@ -118,6 +118,7 @@ def test_torch_path_across_row_and_vocab_chunks(monkeypatch, gemm, keep):
     monkeypatch.setattr(mlce, "_CPU_GEMM", gemm)
     monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
     monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", 15 * 256)
     assert mlce._chunks(15, 700, 1 << 30) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
     assert mlce._chunks(15, 700, 1 << 30, all_rows=True) == (15, 256)  # kept: all rows, 3 vocab chunks
     # 15 rows x 700 vocab fp32 = 42,000 bytes: kept within 1 MB, recomputed under 40,000 bytes.
@@ -175,16 +176,17 @@ def test_triton_random_shapes(N, H, V, dtype, bias, select, seed, chunk_rows):
     bias=st.booleans(),
     select=st.sampled_from([0.0, 0.5, 1.0]),
     seed=st.integers(0, 2**16),
-    path=st.sampled_from(["kept", "recomputed", "recomputed-small-chunks"]),
+    path=st.sampled_from(["kept", "recomputed"]),
+    small=st.booleans(),
 )
-def test_torch_random_shapes(N, H, V, dtype, bias, select, seed, path):
-    # kept: the default budget holds the logits (two backward GEMMs on the kept softmax). recomputed: a
-    # 1-byte budget forces the streamed path; small chunks (3 rows x 256 vocab) exercise the streamed
-    # logsumexp and the accumulation of the gradients across chunks on these small shapes too.
-    small = path == "recomputed-small-chunks"
+def test_torch_random_shapes(N, H, V, dtype, bias, select, seed, path, small):
+    # kept: the default budget holds the softmax numerators (two backward GEMMs per chunk). recomputed:
+    # a 1-byte budget forces the streamed path. small: 256-vocab chunks (3 rows each when recomputed),
+    # so the online logsumexp and the accumulation across chunks run on these small shapes too.
     budget = None if path == "kept" else 1
     with mock.patch.object(mlce, "_MAX_CHUNK_ROWS", 3 if small else mlce._MAX_CHUNK_ROWS), \
-            mock.patch.object(mlce, "_CHUNK_ELEMS", 3 * 256 if small else mlce._CHUNK_ELEMS):
+            mock.patch.object(mlce, "_CHUNK_ELEMS", 3 * 256 if small else mlce._CHUNK_ELEMS), \
+            mock.patch.object(mlce, "_KEPT_CHUNK_ELEMS", N * 256 if small else mlce._KEPT_CHUNK_ELEMS):
         check("torch", dtype, N, H, V, bias=bias, select=select, seed=seed, max_buffer_bytes=budget)
 
 
@@ -315,6 +317,7 @@ def test_huge_logits_in_a_late_vocab_chunk(monkeypatch, impl):
     # chunk overflows that shift and must take the max-shifted path. Logits are large but finite.
     monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
     monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", 6 * 256)  # the kept path: 3 vocab chunks too
     hidden, weight, b, targets, row_weight, mask, cot = make_inputs(6, 8, 600, torch.float32, select=1.0)
     weight[590] = hidden[2] / hidden[2].norm() ** 2 * 300  # row 2's logit for token 590 is ~300
     weight[5] = -hidden[3] / hidden[3].norm() ** 2 * 300  # and a very negative one early on
@@ -343,6 +346,7 @@ def test_first_vocab_tile_all_minus_inf(monkeypatch, impl):
     # -inf, a running max that starts at -inf gives exp(-inf - -inf) = NaN. Targets avoid the -inf ids.
     monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
     monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", 7 * 256)  # the kept path: 3 vocab chunks too
     hidden, weight, b, targets, row_weight, mask, cot = make_inputs(7, 8, 600, torch.float32, select=1.0)
     b[:300] = float("-inf")  # the interpreter's first vocab tiles and the torch path's first chunk
     targets = 300 + targets % 300

@@ -38,17 +38,22 @@ both streamed ones through one autograd Function, :class:`_StreamedLinearCE`. Gr
   ``R = max_buffer_bytes // (4 V)``: at the default budget and V = 126,464 that is 2,122 rows, so
   a typical VRPO micro-batch (a few thousand masked tokens) runs in one or two chunks.
 
-Why this backward (the choice between recomputing the logits with cuBLAS and a fused kernel that
-keeps dW tiles in registers with a two-stage reduction): at n = 4096, H = 4096, V = 126,464 in bf16,
-the three backward GEMMs are ``3 * 2nHV = 12.7 TFLOP``, 12.9 ms at an H100's 989 TFLOP/s, at the
-arithmetic intensity of large GEMMs (cuBLAS reaches ~70-80 % of peak there). The extra traffic of
-materialising the chunk is ``nV * (4 + 4 + 2 + 2 + 2) = 14 nV`` bytes (logits written, read, dz
-written, read by each GEMM): 7.3 GB, 2.2 ms at 3.35 TB/s, and the dW accumulator adds
-``(chunks - 1) * 8VH`` bytes (4 GB per extra chunk of 2,122 rows). A fused dW kernel avoids the
-logits traffic but must still reduce over rows either with atomics (non-deterministic) or with a
-``[row splits, V, H]`` partial buffer (the same order of bytes), and needs a hand-tuned tile schedule
-per GPU; cuBLAS already is at the roofline. Every GEMM is one call and chunks run in order, so the
-gradients are bit-reproducible: no atomics anywhere.
+Why this backward rather than a fused kernel with register-resident tiles over V (counts at n = 4096,
+H = 4096, V = 126,464, bf16, H100: 989 TFLOP/s, 3.35 TB/s):
+
+* here the three backward GEMMs are ``3 * 2nHV = 12.7 TFLOP`` (12.9 ms at peak; cuBLAS runs large
+  GEMMs near it). The chunk adds ``nV * (4 + 4 + 2 + 2 + 2) = 14 nV`` bytes (fp32 logits written and
+  read, dz written, dz read by each GEMM): 7.3 GB, 2.2 ms, and each extra chunk re-reads and re-writes
+  the fp32 dW accumulator (``8VH`` = 4 GB, 1.2 ms; none with one chunk). At peak rates that is ~15 ms
+  for the backward (two chunks at the default budget) against a floor of 12.9 ms.
+* a fused dW kernel must hold a ``[BLOCK_V, H]`` fp32 accumulator per vocabulary tile while it sweeps
+  the rows: 2 MB at BLOCK_V = 128, H = 4096, against ~228 KB of shared memory per SM. So it either
+  tiles H as well and recomputes every logit tile ``H / BLOCK_H = 32`` times (32x the logits GEMM's
+  4.2 TFLOP), or streams the accumulator through global memory at every K step (the old kernels: ~265
+  GB for dW and ~133 GB for dH, ~120 ms); a deterministic two-stage reduction over row splits adds a
+  ``[splits, V, H]`` fp32 partial buffer on top.
+
+Every GEMM is one call and chunks run in order, so the gradients are bit-reproducible: no atomics.
 
 **Precision.** The logits are fp32 (cuBLAS accumulates in fp32 and writes fp32), the softmax and
 ``dz`` are computed in fp32 and rounded once to the compute dtype, like the reference's ``dz`` tiles.
@@ -65,9 +70,9 @@ runs two GEMMs per chunk on it (for ``d_weight`` and ``d_hidden``): three GEMMs 
 eager implementation. Otherwise the chunks hold at most ``max_buffer_bytes`` and the backward
 recomputes them (four GEMMs, memory independent of ``n``). The GEMM is oneDNN's or
 ``torch.mm``'s, chosen once per process by a timed probe (:func:`_cpu_gemm`). Deterministic for a
-given thread count: the one-hot part of ``dz`` is written into the softmax chunk (unique positions)
-rather than scattered with ``index_put_(accumulate=True)``, whose CPU kernel adds atomically from
-several threads.
+given thread count whatever the load: chunk sizes do not depend on threads, and the one-hot part of
+``dz`` is added by ``index_add_`` (in index order) rather than ``index_put_(accumulate=True)``, whose
+CPU kernel adds atomically from several threads.
 """
 
 from __future__ import annotations
@@ -105,11 +110,14 @@ def masked_linear_ce_eager(hidden, weight, targets, row_weight, row_mask, bias=N
 # Chunked PyTorch path (the CPU path)
 # --------------------------------------------------------------------------------------------------
 
-# Elements of one [vocab, rows] logits chunk when the logits are recomputed: 8M fp32 = 32 MB. Every
-# parallel op on a chunk ends in a thread barrier, which stalls whenever another process holds a core,
-# so few large chunks beat many small ones: measured interleaved on a 2-core x86 CPU, 4M took ~1.3x as
-# long as 8M, and 16M was no faster than 8M while using 32 MB more.
-_CHUNK_ELEMS = 1 << 23
+# Elements of one [vocab, rows] chunk: 16M fp32 = 64 MB when recomputed (within the budget), 32M when
+# kept (the kept chunks add up to the same buffer whatever their size). Every parallel op on a chunk ends
+# in a thread barrier, which stalls whenever another process holds a core, so few large chunks beat many
+# small ones: measured interleaved on a loaded 2-core x86 CPU at n = 1024, H = 256, V = 126,464,
+# forward + backward took 1.6x as long with 2M-element chunks as with 8M, 8M took 1.15x as long as 16M,
+# and 32M was no faster than 16M when recomputing.
+_CHUNK_ELEMS = 1 << 24
+_KEPT_CHUNK_ELEMS = 1 << 25
 # Logits are scaled by log2(e) inside the GEMM so that the chunk passes use exp2, which torch
 # vectorises at several times the speed of exp (same 1-ulp accuracy class).
 _LOG2E = 1.4426950408889634
@@ -123,7 +131,7 @@ _FLOOR = -torch.finfo(torch.float32).max
 def _chunks(n: int, vocab: int, max_buffer_bytes: int, all_rows: bool = False) -> tuple[int, int]:
     """(rows, vocab) per chunk: at most ``max_buffer_bytes`` and _CHUNK_ELEMS fp32 elements, rows up to
     _MAX_CHUNK_ROWS (all ``n`` with ``all_rows``, the kept path), vocab a multiple of 256 (at least 256)."""
-    elems = max(256, min(_CHUNK_ELEMS, max_buffer_bytes // 4))
+    elems = max(256, min(_KEPT_CHUNK_ELEMS if all_rows else _CHUNK_ELEMS, max_buffer_bytes // 4))
     rows = max(1, n if all_rows else min(n, _MAX_CHUNK_ROWS, elems // 256))
     cols = max(256, (elems // rows) // 256 * 256)
     return rows, min(cols, vocab)
