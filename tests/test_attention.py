@@ -186,6 +186,55 @@ def test_triton_float16():
                              grad_rtol=1e-2)
 
 
+# bfloat16 in the interpreter: the kernels upcast the tiles right before tl.dot (the interpreter's
+# bf16 dot is wrong by orders of magnitude), so every bf16 load, store and rounding runs as on the GPU.
+# The error bound, with u = 2^-8 (bf16 unit roundoff): P (and dS) are rounded to bf16 before their
+# matmuls (a relative u on a convex combination of V rows: u * max|.|), the result is rounded once more
+# on the store (u / 2); 3u * max|reference| bounds both with margin, plus rtol 2u.
+BF16_U = 2.0**-8
+
+
+def _assert_close_bf16(got, want, name):
+    bound = 3 * BF16_U * float(want.detach().abs().max())
+    torch.testing.assert_close(got.double(), want.double(), atol=bound, rtol=2 * BF16_U,
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("D, Hq, Hkv", [(32, 4, 2), (24, 2, 2)])
+def test_triton_bfloat16_matches_reference(D, Hq, Hkv):
+    """bf16 forward and backward against float64, GQA and a padded head dim, on [B, S, H, D] views."""
+    B, S = 1, 43
+    g = torch.Generator().manual_seed(D)
+    q, k, v = (torch.randn(B, S, h, D, generator=g).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+               for h in (Hq, Hkv, Hkv))
+    segment_ids = torch.tensor([[0] * 9 + [1] * 30 + [-1] * 4])
+    out = bidirectional_attention(q, k, v, segment_ids, impl="triton")
+    ref = attention_reference(q, k, v, segment_ids)
+    assert out.dtype == torch.bfloat16
+    _assert_close_bf16(out, ref, "out")
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), grad.to(out.dtype))
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.bfloat16
+        _assert_close_bf16(a, b, name)
+
+
+@pytest.mark.interpreter
+def test_triton_output_and_gradients_keep_the_model_layout():
+    """The output is written as [B, S, H, D] (what the output projection reads: no transpose copy), and
+    the gradients of [B, S, H, D] views come back in that layout (no copy in the projections' backward)."""
+    B, S, H, D = 1, 20, 2, 16
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(B, S, H, D, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    out = bidirectional_attention(q, k, v, impl="triton")
+    assert out.shape == (B, H, S, D) and out.transpose(1, 2).is_contiguous()
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for gr, x in zip(grads, (q, k, v)):
+        assert gr.stride() == x.stride()
+
+
 @pytest.mark.interpreter
 def test_triton_head_dim_not_power_of_two_and_strided_inputs():
     """D = 24 is padded to 32 in the kernel; q/k/v come as transposes of [B, S, H, D] (transformers)."""
@@ -380,6 +429,38 @@ def test_bad_input_names_the_argument(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         bidirectional_attention(**args)
+
+
+def test_auto_falls_back_to_torch_above_head_dim_128(monkeypatch, caplog):
+    """impl='auto' on a GPU with head dim 256: the torch path, logged once at WARNING, not an error."""
+    import vrpo_kernels.attention as attention
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("impl='auto' must not launch the Triton kernels above head dim 128")
+
+    monkeypatch.setattr(attention, "resolve_impl", lambda impl, *a, **k: "triton" if impl == "auto" else impl)
+    monkeypatch.setattr(attention, "attention_triton", no_triton)
+    attention._warn_fallback_once.cache_clear()
+    q = torch.randn(1, 2, 5, 256, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="vrpo_kernels.attention"):
+        for _ in range(2):
+            torch.testing.assert_close(bidirectional_attention(q, q, q), attention.attention_torch(q, q, q))
+    warnings = [r for r in caplog.records if "head dim 256 exceeds 128" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+def test_model_glue_builds_one_segment_tensor_per_forward():
+    """Every layer gets the same padding mask; the glue hands the kernels the same segment tensor (so its
+    layout is computed once), and a new one after the mask changes in place."""
+    from vrpo.models.attention import _segments_for
+
+    query = torch.zeros(1, 2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    first = _segments_for(query, mask, None)
+    assert _segments_for(query, mask, None) is first
+    assert torch.equal(first, torch.tensor([[0, 0, 0, -1, -1]]))
+    mask[0, 3] = 1
+    assert torch.equal(_segments_for(query, mask, None), torch.tensor([[0, 0, 0, 0, -1]]))
 
 
 @pytest.mark.interpreter

@@ -74,7 +74,9 @@ def test_bernoulli_frequencies_match_t(impl):
     resp = torch.zeros(B, L, dtype=torch.bool)
     resp[:, 4:28] = True
     probs = torch.tensor([0.05, 0.3, 0.5, 0.85]).expand(B, 4).contiguous()
-    masked = sample_masks(resp, probs=probs, generator=gen(5), impl=impl)
+    # A fixed draw: each level's check fails by chance with probability 1e-3 (the Triton bits changed
+    # with its 32-bit Philox counters, and seed 5 fell at z = 3.5 there; over 20 seeds z has sd 1.04).
+    masked = sample_masks(resp, probs=probs, generator=gen(6), impl=impl)
     trials = B * 24
     for j, p in enumerate(probs[0].tolist()):
         hits = masked[:, j].sum()
@@ -138,23 +140,29 @@ def test_same_seed_same_masks_different_seed_different(impl, kind):
     assert not torch.equal(a, c)
 
 
-def test_triton_noisy_ids_written_in_the_same_pass():
-    resp = ragged_response(2, 70, seed=9)
-    ids = torch.randint(0, 50, (2, 70), generator=gen(0))
-    for level in (dict(counts=torch.tensor([[5, 1], [2, 3]])), dict(probs=torch.tensor([[0.3, 0.6], [0.1, 0.9]]))):
-        masked, noisy = sample_masks(resp, **level, generator=gen(13), impl="triton", input_ids=ids, mask_token_id=99)
-        again = sample_masks(resp, **level, generator=gen(13), impl="triton")
-        assert torch.equal(masked, again)
-        assert noisy.dtype == torch.int64 and noisy.shape == (2, 2, 70)
-        assert torch.equal(noisy, torch.where(masked, torch.tensor(99), ids[:, None, :]))
+@pytest.mark.interpreter
+@pytest.mark.parametrize("L", [1, 1023, 1024, 1025, pytest.param(8192, marks=pytest.mark.slow)])
+def test_triton_exact_counts_with_the_gpu_block(L):
+    """The GPU's 1024-position block: rows of one block (L <= 1024, in-register search) and of several
+    (each bisection step regenerates the keys). Counts at both ends and inside, with a response that
+    skips position 0 and ends before the row does. Rows over one block cost 33 passes each in the
+    interpreter, so they get two samples."""
+    from vrpo_kernels.mask_sampling import _GPU_CONFIG, sample_masks_triton
 
-
-def test_torch_noisy_ids():
-    resp = ragged_response(2, 20)
-    ids = torch.randint(0, 50, (2, 20), generator=gen(0))
-    masked, noisy = sample_masks(resp, counts=torch.tensor([[2], [3]]), generator=gen(1), impl="torch",
-                                 input_ids=ids, mask_token_id=7)
-    assert torch.equal(noisy, torch.where(masked, torch.tensor(7), ids[:, None, :]))
+    resp = torch.ones(2, L, dtype=torch.bool)
+    if L > 2:
+        resp[1, 0] = resp[1, -1] = False
+    if L > _GPU_CONFIG["BLOCK_L"]:
+        resp = resp[1:]
+    lengths = resp.sum(-1).tolist()
+    per_row = (lambda lb: [lb // 2, lb - 1]) if L > _GPU_CONFIG["BLOCK_L"] else (lambda lb: [0, lb, lb // 2, max(lb - 1, 0)])
+    counts = torch.tensor([per_row(lb) for lb in lengths])
+    masked = sample_masks_triton(resp, counts=counts, generator=gen(L), config=_GPU_CONFIG)
+    assert torch.equal(masked.sum(-1), counts)
+    assert not (masked & ~resp[:, None, :]).any()
+    if L >= 1023:  # a half-full row: the masked positions spread over the whole row, not a prefix
+        half = masked[-1, counts.shape[1] - 2 if L > _GPU_CONFIG["BLOCK_L"] else 2].nonzero()[:, 0]
+        assert half.min() < L // 8 and half.max() > L - L // 8
 
 
 def test_torch_path_keeps_its_bits():
@@ -187,9 +195,6 @@ def test_draw_masks_through_the_triton_kernel(estimator):
         (dict(counts=torch.tensor([[1.0], [1.0]])), "counts must be an integer"),
         (dict(probs=torch.tensor([[0.5], [1.5]])), r"probs must lie in \[0, 1\]"),
         (dict(counts=torch.tensor([[1]])), "counts must be"),
-        (dict(counts=torch.tensor([[1], [1]]), input_ids=torch.zeros(2, 10, dtype=torch.long)), "needs mask_token_id"),
-        (dict(counts=torch.tensor([[1], [1]]), input_ids=torch.zeros(2, 9, dtype=torch.long), mask_token_id=3),
-         "input_ids must be"),
     ],
 )
 def test_bad_inputs_name_the_argument(impl, kwargs, match):

@@ -1,7 +1,7 @@
 """Fused kernels for VRPO on masked diffusion LMs.
 
-One entry point per op, each with an ``impl=`` switch (``"auto"``, ``"triton"``, ``"torch"``,
-``"eager"``; see :mod:`vrpo_kernels.dispatch`):
+One entry point per op, each with an ``impl=`` switch (``"auto"``, ``"triton"``, ``"torch"``, and
+``"eager"`` for the first and last; see :mod:`vrpo_kernels.dispatch`):
 
 * :func:`masked_linear_ce`: LM head + weighted log-prob of the target, only on masked rows;
 * :func:`sample_masks`: the diffusion masks for the ELBO samples;

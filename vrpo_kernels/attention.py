@@ -29,20 +29,27 @@ tiles are tuned for 64 and 128 (LLaDA 8B) on sm_90, and 16 and 32 use the 64 til
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import logging
 import math
 import weakref
 
 import torch
 import torch.nn.functional as F
 
+from ._triton_utils import aot_spec, on_device, upcast_dots
 from .dispatch import interpreting, resolve_impl, triton_available
 
 if triton_available():
     import triton
     import triton.language as tl
+
+    from ._triton_utils import dot
 else:  # pragma: no cover - platforms without triton wheels
     triton = None
+
+logger = logging.getLogger(__name__)
 
 _IMPLS = ("auto", "triton", "torch", "eager")
 _LOG2E = 1.4426950408889634
@@ -197,28 +204,51 @@ def segment_layout(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return seg, lo, hi
 
 
-# The last segment_ids tensor seen and its layout: every layer of a model gets the same tensor, so
-# the layout is computed once per batch, not once per layer. Keyed on the object (held weakly) and
-# its version counter, so that an in-place change is noticed.
-_last_layout: tuple = (None, -1, None)
+class LastCallCache:
+    """``fn`` of tensors (or None), remembering its result for the last arguments.
+
+    Every layer of a model passes the same mask tensors, so a layout derived from them is computed
+    once per forward, not once per layer. The arguments are held weakly and keyed with their version
+    counters, so an in-place change is noticed; inference tensors have no version counter and are
+    never cached.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._key: tuple = ()
+        self._value = None
+        functools.update_wrapper(self, fn)
+
+    def _hit(self, tensors) -> bool:
+        if len(self._key) != len(tensors):
+            return False
+        for entry, t in zip(self._key, tensors):
+            if (entry is None) != (t is None):
+                return False
+            if t is not None and (entry[0]() is not t or entry[1] != t._version):
+                return False
+        return True
+
+    def __call__(self, *tensors):
+        if any(t is not None and t.is_inference() for t in tensors):
+            return self.fn(*tensors)
+        if not self._hit(tensors):
+            self._value = self.fn(*tensors)
+            self._key = tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors)
+        return self._value
+
+
+_cached_segment_layout = LastCallCache(segment_layout)
 
 
 def _kernel_segments(segment_ids, B, S, device):
     """(seg, lo, hi) for the kernels; None means one segment per row."""
-    global _last_layout
     if segment_ids is None:
         seg = torch.zeros(B, S, dtype=torch.int32, device=device)
         lo = torch.zeros(B, S, dtype=torch.int32, device=device)
         hi = torch.full((B, S), S, dtype=torch.int32, device=device)
         return seg, lo, hi
-    if segment_ids.is_inference():  # inference tensors have no version counter
-        return segment_layout(segment_ids)
-    ref, version, layout = _last_layout
-    if ref is not None and ref() is segment_ids and version == segment_ids._version:
-        return layout
-    layout = segment_layout(segment_ids)
-    _last_layout = (weakref.ref(segment_ids), segment_ids._version, layout)
-    return layout
+    return _cached_segment_layout(segment_ids)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,13 +302,13 @@ if triton is not None:
 
     @triton.jit
     def _key_block_scores(q, seg_q, k_base, seg_row, offs_n, offs_d, stride_ks, S, qk_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
         """One key block: its keys, and the scaled base-2 scores of the query block against them,
         -inf where a query may not attend (another sample, or padding)."""
         k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, BLOCK_D)
         seg_k = tl.load(seg_row + offs_n, mask=offs_n < S, other=-1)
         allowed = (seg_q[:, None] == seg_k[None, :]) & (seg_q[:, None] >= 0)
-        return k, tl.where(allowed, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        return k, tl.where(allowed, dot(q, tl.trans(k), None, UPCAST_DOT) * qk_scale, float("-inf"))
 
     @triton.jit
     def _attn_fwd(
@@ -289,7 +319,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_os,
         S, H, GROUP, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        STORE_LSE: tl.constexpr,
+        STORE_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (batch, query head); cdiv(S, BLOCK_M) * B * H programs.
 
@@ -315,13 +345,13 @@ if triton is not None:
         for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
             offs_n = start_n + offs_n0
             k, s = _key_block_scores(q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale,
-                                     HEAD_DIM, BLOCK_D)
+                                     HEAD_DIM, BLOCK_D, UPCAST_DOT)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, BLOCK_D)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT)
             m_i = m_new
 
         has_keys = l_i > 0.0
@@ -371,6 +401,7 @@ if triton is not None:
         stride_dkb, stride_dkh, stride_dks,
         S, H, GROUP, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """One program: BLOCK_N keys of one (batch, KV head); cdiv(S, BLOCK_N) * B * H/GROUP programs.
 
@@ -408,15 +439,15 @@ if triton is not None:
                 q = _load_rows(q_base, offs_m, offs_d, stride_qs, S, HEAD_DIM, BLOCK_D)
                 seg_q = tl.load(SEG + row + offs_m, mask=in_rows, other=-1)
                 lse = tl.load(LSE + stat_base + offs_m, mask=in_rows, other=float("inf"))
-                qk_t = tl.dot(k, tl.trans(q))
+                qk_t = dot(k, tl.trans(q), None, UPCAST_DOT)
                 allowed = (seg_k[:, None] == seg_q[None, :]) & (seg_k[:, None] >= 0)
                 p_t = tl.math.exp2(tl.where(allowed, qk_t * qk_scale, float("-inf")) - lse[None, :])
                 do = _load_rows(do_base, offs_m, offs_d, stride_dos, S, HEAD_DIM, BLOCK_D)
-                dv = tl.dot(p_t.to(do.dtype), do, dv)
+                dv = dot(p_t.to(do.dtype), do, dv, UPCAST_DOT)
                 delta = tl.load(DELTA + stat_base + offs_m, mask=in_rows, other=0.0)
-                dp_t = tl.dot(v, tl.trans(do))
+                dp_t = dot(v, tl.trans(do), None, UPCAST_DOT)
                 ds_t = p_t * (dp_t - delta[None, :])
-                dk = tl.dot(ds_t.to(q.dtype), q, dk)
+                dk = dot(ds_t.to(q.dtype), q, dk, UPCAST_DOT)
 
         out_base = b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
         _store_rows(DK + out_base, (dk * scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dks, S,
@@ -434,6 +465,7 @@ if triton is not None:
         stride_dqb, stride_dqh, stride_dqs,
         S, H, GROUP, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (batch, query head); cdiv(S, BLOCK_M) * B * H programs."""
         pid_bh, b, h, hk, offs_m, in_rows, row, seg_q, kv_lo, kv_hi = _query_block(
@@ -454,12 +486,12 @@ if triton is not None:
         for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
             offs_n = start_n + offs_n0
             k, s = _key_block_scores(q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale,
-                                     HEAD_DIM, BLOCK_D)
+                                     HEAD_DIM, BLOCK_D, UPCAST_DOT)
             p = tl.math.exp2(s - lse[:, None])
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, BLOCK_D)
-            dp = tl.dot(do, tl.trans(v))
+            dp = dot(do, tl.trans(v), None, UPCAST_DOT)
             ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq)
+            dq = dot(ds.to(k.dtype), k, dq, UPCAST_DOT)
 
         _store_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh,
                     (dq * scale).to(DQ.dtype.element_ty), offs_m, offs_d, stride_dqs, S, HEAD_DIM, BLOCK_D)
@@ -490,7 +522,7 @@ class AttentionConfig:
 
 # Hopper (sm_90), float16/bfloat16, keyed by the padded head dim. Chosen with the ptxas report of
 # `aot_specs()` (0 spill bytes, shared memory under 227 KB, and some register headroom: configs at
-# the 255-register cap were passed over); see tests/test_attention.py::test_aot_sm90_no_spills.
+# the 255-register cap were passed over); tests/test_aot.py checks every one of them.
 _SM90_CONFIGS = {
     64: AttentionConfig(
         fwd=KernelConfig(128, 64, 8, 3),
@@ -532,7 +564,12 @@ def attention_config(head_dim: int, device: torch.device) -> AttentionConfig:
     if interpreting() or device.type != "cuda":
         return _INTERPRETER_CONFIG
     major, _ = torch.cuda.get_device_capability(device)
-    return _SM90_CONFIGS[max(_block_d(head_dim), 64)] if major == 9 else _GENERIC_CONFIG
+    return sm90_config(head_dim) if major == 9 else _GENERIC_CONFIG
+
+
+def sm90_config(head_dim: int) -> AttentionConfig:
+    """The Hopper tiles for this head dim (16 and 32 use the 64 tiles)."""
+    return _SM90_CONFIGS[max(_block_d(head_dim), 64)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -545,12 +582,24 @@ def _last_dim_contiguous(t):
 
 
 def _flash_forward(q, k, v, seg, lo, hi, scale, store_lse, config=None):
-    """Launch _attn_fwd. Returns (out [B, Hq, S, D] in q's dtype, lse float32 [B, Hq, S] or None)."""
+    """Launch _attn_fwd. Returns (out [B, Hq, S, D] in q's dtype, lse float32 [B, Hq, S] or None).
+
+    ``out`` is a [B, Hq, S, D] view of a contiguous [B, S, Hq, D] buffer: the layout the model's
+    output projection reads, so that ``out.transpose(1, 2)`` needs no copy.
+    """
     B, H, S, D = q.shape
     cfg = (config or attention_config(D, q.device)).fwd
-    out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device) if store_lse else None
     grid = (triton.cdiv(S, cfg.block_m) * B * H,)
+    with on_device(q):
+        _launch_fwd(grid, q, k, v, seg, lo, hi, out, lse, scale, cfg)
+    return out, lse
+
+
+def _launch_fwd(grid, q, k, v, seg, lo, hi, out, lse, scale, cfg):
+    B, H, S, D = q.shape
+    store_lse = lse is not None
     _attn_fwd[grid](
         q, k, v, seg, lo, hi, out, lse if store_lse else out.new_empty(0, dtype=torch.float32),
         q.stride(0), q.stride(1), q.stride(2),
@@ -559,17 +608,23 @@ def _flash_forward(q, k, v, seg, lo, hi, scale, store_lse, config=None):
         out.stride(0), out.stride(1), out.stride(2),
         S, H, H // k.shape[1], scale * _LOG2E,
         HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        STORE_LSE=store_lse,
+        STORE_LSE=store_lse, UPCAST_DOT=upcast_dots(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse
 
 
 def _flash_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config=None, need_dq=True, need_dkdv=True):
     """Launch the backward kernels: delta, then dK/dV and dQ (each only if needed).
 
-    Returns dq, dk, dv: fresh contiguous tensors in the inputs' dtype, None where not needed.
+    Returns dq, dk, dv in the inputs' dtypes and memory layouts (a transposed [B, S, H, D] input gets
+    a gradient in that layout, so the projection's backward reads it without a copy), None where not
+    needed.
     """
+    with on_device(q):
+        return _launch_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config, need_dq, need_dkdv)
+
+
+def _launch_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config, need_dq, need_dkdv):
     B, H, S, D = q.shape
     cfgs = config or attention_config(D, q.device)
 
@@ -595,8 +650,8 @@ def _flash_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config=None, need
 def _launch_dkdv(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
     B, H, S, D = q.shape
     group = H // k.shape[1]
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(dk)  # the kernel writes both with dk's strides
     _attn_bwd_dkdv[(triton.cdiv(S, c.block_n) * B * (H // group),)](
         q, k, v, do, lse, delta, seg, lo, hi, dk, dv,
         q.stride(0), q.stride(1), q.stride(2),
@@ -605,7 +660,7 @@ def _launch_dkdv(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         S, H, group, scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n, UPCAST_DOT=upcast_dots(q.dtype),
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return dk, dv
@@ -613,7 +668,7 @@ def _launch_dkdv(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
 
 def _launch_dq(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
     B, H, S, D = q.shape
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = torch.empty_like(q)
     _attn_bwd_dq[(triton.cdiv(S, c.block_m) * B * H,)](
         q, k, v, do, lse, delta, seg, lo, hi, dq,
         q.stride(0), q.stride(1), q.stride(2),
@@ -622,7 +677,7 @@ def _launch_dq(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         S, H, H // k.shape[1], scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n, UPCAST_DOT=upcast_dots(q.dtype),
         num_warps=c.num_warps, num_stages=c.num_stages,
     )
     return dq
@@ -680,22 +735,34 @@ def attention_triton(q, k, v, segment_ids=None, scale=None, config: AttentionCon
     return _flash_forward(q, k, v, seg, lo, hi, scale, store_lse=False, config=config)[0]
 
 
+@functools.cache
+def _warn_fallback_once(reason: str) -> None:
+    logger.warning("bidirectional_attention: impl='auto' runs the torch path (SDPA): %s", reason)
+
+
 def bidirectional_attention(q, k, v, segment_ids=None, scale=None, impl="auto"):
     """Non-causal attention over packed rows.
 
     q [B, Hq, S, D]; k, v [B, Hkv, S, D] with Hq % Hkv == 0 (grouped-query attention: query head h
     uses KV head h // (Hq // Hkv)); segment_ids int [B, S] or None (see the module docstring);
-    scale: softmax scale, default 1/sqrt(D). impl: "auto" (Triton for float16/bfloat16 CUDA tensors,
-    else "torch"), "triton",
-    "torch" (SDPA with the block-diagonal mask) or "eager" (matmul / softmax, for comparisons).
+    scale: softmax scale, default 1/sqrt(D). impl: "auto" (Triton for float16/bfloat16 CUDA tensors
+    with head dim <= 128, else "torch"; a head dim above 128 is logged once), "triton", "torch"
+    (SDPA with the block-diagonal mask) or "eager" (matmul / softmax, for comparisons).
 
-    Returns [B, Hq, S, D] in q's dtype.
+    Returns [B, Hq, S, D] in q's dtype. The Triton path returns it as a view of a contiguous
+    [B, S, Hq, D] buffer (``out.transpose(1, 2)`` is contiguous), the layout a transformer's output
+    projection reads.
     """
     _check_inputs(q, k, v, segment_ids, scale)
     requested = impl
     impl = resolve_impl(impl, q, "bidirectional_attention", _IMPLS)
-    if requested == "auto" and impl == "triton" and q.dtype not in (torch.float16, torch.bfloat16):
-        impl = "torch"
+    if requested == "auto" and impl == "triton":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            impl = "torch"  # float32 on CUDA: by design (see the module docstring)
+        elif q.shape[-1] > MAX_TRITON_HEAD_DIM:
+            _warn_fallback_once(f"head dim {q.shape[-1]} exceeds {MAX_TRITON_HEAD_DIM}, the largest the Triton "
+                                "kernels support")
+            impl = "torch"
     if impl == "triton":
         return attention_triton(q, k, v, segment_ids, scale)
     if impl == "eager":
@@ -710,46 +777,11 @@ def bidirectional_attention(q, k, v, segment_ids=None, scale=None, impl="auto"):
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _scalar_spec(value):
-    """Triton's own specialisation of a scalar argument: (type, divisible by 16, constexpr value)."""
-    if isinstance(value, float):
-        return "fp32", False
-    if value == 1:
-        return "constexpr", False
-    return ("i32" if -(2**31) <= value < 2**31 else "i64"), value % 16 == 0
-
-
-def _spec(name, fn, pointers, scalars, constexprs, cfg):
-    """One aot_specs() entry, specialised as the JIT would specialise a call with these arguments.
-
-    pointers: arg -> triton element type (the pointers are assumed 16-byte aligned, as torch
-    allocations are); scalars: arg -> a representative value (strides and sizes of the benchmark
-    shape), from which the type, the divisibility hint and the value-1 constexpr are derived.
-    """
-    signature, attrs, consts = {}, {}, dict(constexprs)
-    for i, arg in enumerate(fn.arg_names):
-        if arg in pointers:
-            signature[arg] = "*" + pointers[arg]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg in scalars:
-            ty, div16 = _scalar_spec(scalars[arg])
-            signature[arg] = ty
-            if ty == "constexpr":
-                consts[arg] = scalars[arg]
-            elif div16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif arg in constexprs:
-            signature[arg] = "constexpr"
-        else:
-            raise KeyError(f"aot_specs: no type for argument {arg!r} of {fn.__name__}")
-    return {
-        "name": name, "fn": fn, "signature": signature, "constexprs": consts, "attrs": attrs,
-        "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-    }
-
-
-def _strides(prefix, strides):
-    return {f"stride_{prefix}{axis}": value for axis, value in strides.items()}
+def _bshd_strides(prefix, n_heads, seq_len, head_dim):
+    """Strides of a [B, heads, S, D] view of a contiguous [B, S, heads, D] tensor, as transformers passes
+    q/k/v (and as the forward writes its output), named like the kernels' stride arguments."""
+    return {f"stride_{prefix}b": seq_len * n_heads * head_dim, f"stride_{prefix}h": head_dim,
+            f"stride_{prefix}s": n_heads * head_dim}
 
 
 def aot_specs(seq_len=4096, n_heads=32, n_kv_heads=32):
@@ -761,8 +793,8 @@ def aot_specs(seq_len=4096, n_heads=32, n_kv_heads=32):
     Each entry: name, fn (the @triton.jit function), signature (arg -> triton type), constexprs
     (arg -> value), attrs (the 16-divisibility hints the JIT attaches for 16-byte-aligned contiguous
     tensors of this shape; pass them to ASTSource to compile exactly what runs), num_warps,
-    num_stages. Scalars are specialised as Triton's JIT specialises a contiguous
-    [B, heads, seq_len, D] call, so that GROUP = 1 (no GQA, as in LLaDA 8B) becomes a constexpr as
+    num_stages. Scalars are specialised as Triton's JIT specialises the call a transformers model
+    makes (q/k/v as [B, heads, seq_len, D] views of [B, seq_len, heads, D]), so that GROUP = 1 (no GQA, as in LLaDA 8B) becomes a constexpr as
     it does at run time. Compile in a process without TRITON_INTERPRET (the interpreter replaces
     @triton.jit functions), and read registers and spills with triton's own sm_90 ptxas
     (``triton.backends.nvidia.compiler.get_ptxas(90)``: the PTX that triton 3.9 emits is version
@@ -776,34 +808,36 @@ def aot_specs(seq_len=4096, n_heads=32, n_kv_heads=32):
         cfgs = _SM90_CONFIGS[head_dim]
         ty = _TRITON_DTYPES[dtype]
         tag = f"d{head_dim}_{ty}"
-        q_strides = {"b": n_heads * seq_len * head_dim, "h": seq_len * head_dim, "s": head_dim}
-        kv_strides = {"b": n_kv_heads * seq_len * head_dim, "h": seq_len * head_dim, "s": head_dim}
-        tiles = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
+        q_layout = functools.partial(_bshd_strides, n_heads=n_heads, seq_len=seq_len, head_dim=head_dim)
+        kv_layout = functools.partial(_bshd_strides, n_heads=n_kv_heads, seq_len=seq_len, head_dim=head_dim)
+        tiles = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "UPCAST_DOT": False}
         sizes = {"S": seq_len, "H": n_heads}
 
         c = cfgs.fwd
         fwd_ptrs = {"Q": ty, "K": ty, "V": ty, "OUT": ty, "SEG": "i32", "SPAN_LO": "i32", "SPAN_HI": "i32",
                     "LSE": "fp32"}
-        fwd_scalars = {**_strides("q", q_strides), **_strides("k", kv_strides), **_strides("v", kv_strides),
-                       **_strides("o", q_strides), **sizes, "GROUP": group, "qk_scale": 1.0}
+        fwd_scalars = {**q_layout("q"), **kv_layout("k"), **kv_layout("v"), **q_layout("o"), **sizes,
+                       "GROUP": group, "qk_scale": 1.0}
         for store_lse in (True, False):
-            specs.append(_spec(
+            specs.append(aot_spec(
                 f"attn_fwd_{'lse' if store_lse else 'nolse'}_{tag}", _attn_fwd, fwd_ptrs, fwd_scalars,
-                {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "STORE_LSE": store_lse}, c))
+                {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "STORE_LSE": store_lse},
+                c.num_warps, c.num_stages))
 
         c = cfgs.delta
-        specs.append(_spec(
+        delta_tiles = {k: v for k, v in tiles.items() if k != "UPCAST_DOT"}
+        specs.append(aot_spec(
             f"attn_bwd_delta_{tag}", _attn_bwd_delta, {"OUT": ty, "DO": ty, "DELTA": "fp32"},
-            {**_strides("o", q_strides), **_strides("do", q_strides), **sizes},
-            {**tiles, "BLOCK_M": c.block_m}, c))
+            {**q_layout("o"), **q_layout("do"), **sizes}, {**delta_tiles, "BLOCK_M": c.block_m},
+            c.num_warps, c.num_stages))
 
+        # The gradients come back in the inputs' layouts (empty_like), dO in the output's.
         bwd_ptrs = {"Q": ty, "K": ty, "V": ty, "DO": ty, "LSE": "fp32", "DELTA": "fp32", "SEG": "i32",
                     "SPAN_LO": "i32", "SPAN_HI": "i32", "DK": ty, "DV": ty, "DQ": ty}
-        bwd_scalars = {**_strides("q", q_strides), **_strides("k", kv_strides), **_strides("v", kv_strides),
-                       **_strides("do", q_strides), **_strides("dk", kv_strides), **_strides("dq", q_strides),
-                       **sizes, "GROUP": group, "qk_scale": 1.0, "scale": 1.0}
+        bwd_scalars = {**q_layout("q"), **kv_layout("k"), **kv_layout("v"), **q_layout("do"), **kv_layout("dk"),
+                       **q_layout("dq"), **sizes, "GROUP": group, "qk_scale": 1.0, "scale": 1.0}
         for kname, fn, c in (("dkdv", _attn_bwd_dkdv, cfgs.dkdv), ("dq", _attn_bwd_dq, cfgs.dq)):
-            specs.append(_spec(
+            specs.append(aot_spec(
                 f"attn_bwd_{kname}_{tag}", fn, bwd_ptrs, bwd_scalars,
-                {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, c))
+                {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, c.num_warps, c.num_stages))
     return specs

@@ -4,27 +4,46 @@ Each op has one public entry point with an ``impl=`` switch (as in Apple's cut-c
 
 * ``"triton"``: the fused Triton kernel. Runs on CUDA tensors, or on CPU tensors when
   ``TRITON_INTERPRET=1`` is set (slow; used by the tests).
-* ``"torch"``: a chunked PyTorch implementation of the same algorithm, the fast CPU path.
-* ``"eager"``: the plain PyTorch reference, written for clarity, not speed.
-* ``"auto"``: ``"triton"`` on CUDA when Triton imports, ``"torch"`` otherwise.
+* ``"torch"``: a PyTorch implementation, the fast CPU path.
+* ``"eager"`` (``masked_linear_ce`` and ``bidirectional_attention`` only): the plain PyTorch
+  reference, written for clarity, not speed. ``sample_masks`` has no separate reference: its
+  ``"torch"`` path is already the plain one.
+* ``"auto"``: ``"triton"`` on CUDA when Triton imports, ``"torch"`` otherwise (each op may send
+  inputs its kernels do not cover to ``"torch"``, and logs that once).
+
+A Triton that is installed but fails to import, or is missing where a CUDA device could use it, is
+logged once at WARNING; the ops then run their ``"torch"`` paths.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 IMPLS = ("auto", "triton", "torch", "eager")
 
 
 @functools.cache
 def triton_available() -> bool:
-    """True when ``import triton`` works (Linux x86_64 wheels; absent on macOS/Windows)."""
+    """True when ``import triton`` works (Linux x86_64 wheels; absent on macOS/Windows).
+
+    A failed import loses the fast CUDA path, so it is logged at WARNING (once: the result is cached)
+    unless the package is simply absent on a machine without CUDA, where nothing is lost.
+    """
     try:
         import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the platform
+    except ModuleNotFoundError as exc:
+        if exc.name != "triton" or torch.cuda.is_available():
+            logger.warning("vrpo_kernels: triton is unavailable (%s); every op runs its 'torch' path", exc)
+        return False
+    except Exception as exc:  # a broken install: import errors of any kind
+        logger.warning("vrpo_kernels: `import triton` failed (%s: %s); every op runs its 'torch' path",
+                       type(exc).__name__, exc)
         return False
     return True
 

@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from vrpo_kernels import bidirectional_attention
+from vrpo_kernels.attention import LastCallCache
 
 from .packing import BACKENDS
 
@@ -80,9 +81,16 @@ def _segments_for(query: torch.Tensor, attention_mask, segment_ids) -> torch.Ten
         )
     if attention_mask is None:
         return segment_ids
-    base = (
-        segment_ids if segment_ids is not None else torch.zeros((B, S), dtype=torch.long, device=query.device)
-    )
+    # One tensor per forward: every layer gets the same one, so the kernels' segment layout (cached
+    # on that tensor) is computed once, not once per layer.
+    return _padded_segments(attention_mask, segment_ids)
+
+
+@LastCallCache
+def _padded_segments(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """segment_ids (zeros when None) with -1 where the 2D padding mask is 0."""
+    base = segment_ids if segment_ids is not None else torch.zeros(
+        attention_mask.shape, dtype=torch.long, device=attention_mask.device)
     return torch.where(attention_mask.to(device=base.device, dtype=torch.bool), base, -1)
 
 
@@ -124,6 +132,7 @@ def vrpo_triton_attention(
     out = bidirectional_attention(
         query, key, value, segment_ids=seg, scale=scaling, impl=current_attention_impl()
     )
+    # The Triton path writes [B, S, H, D] directly, so this is a view; the torch path may copy.
     return out.transpose(1, 2).contiguous(), None
 
 

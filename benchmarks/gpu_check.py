@@ -1,0 +1,700 @@
+"""One command on the first GPU: preflight, correctness, determinism, training steps, timings.
+
+    python -m benchmarks.gpu_check             # one H100/H200, under 8 minutes
+    python -m benchmarks.gpu_check --dry-run   # the same code on the CPU: interpreter, tiny shapes
+
+Sections (each check in its own try/except, so one failure does not end the run):
+
+1. preflight: ``TRITON_INTERPRET`` unset and ``impl="auto"`` resolving to Triton for every op;
+2. correctness against float64 chunked references: ``masked_linear_ce`` in bf16/fp16/fp32, with and
+   without a bias, at (1, 4096, 126464), (300 of 1000 rows, 4096, 126464), (37, 4095, 50257),
+   (5000, 64, 7), a ``-inf`` bias over the first vocabulary tile, a forward-only 65,536-row call;
+   ``bidirectional_attention`` at head dims 32/64/80/96/128, GQA 1 and 4, S in {1, 127, 1000, 4096},
+   packed segments with padding, [B, S, H, D] inputs as transformers passes them; ``sample_masks``
+   counts exact at L in {1, 1023, 1024, 1025, 8192};
+3. determinism: each op twice, ``torch.equal``;
+4. one full VRPO training step (``VRPOTrainer.train_step``) on the tiny LLaDA and on a random
+   LLaDA-architecture model of about 1B parameters in bf16 (head dim 128, V = 126,464: the real tile
+   sizes), with ``torch.cuda.max_memory_allocated`` of the 1B step (:func:`llada_step_memory`);
+5. timings (``triton.testing.do_bench``, median ms, forward + backward) against CCE's Triton kernel,
+   Liger's fused linear CE, flash-attn's varlen kernel and SDPA, beside the cost model's predictions
+   (:mod:`vrpo_kernels.roofline`).
+
+Tolerances: the error, max |got - ref| / max(max |ref|, 0.01) against float64, must stay under 8 units of
+roundoff of the arithmetic that runs: bf16 2^-8, fp16 2^-11, and fp32 inputs, whose Triton dots
+use TF32 (10-bit mantissa), 2^-11.
+
+Writes ``gpu_check.md`` (device, driver, torch and triton versions, every check and timing) into
+``--out``: ``benchmarks/results`` for the GPU run, a temporary directory for ``--dry-run`` (never over
+the committed results). Exit status 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# A LLaDA-architecture model of about 1.1B parameters: LLaDA 8B's head dim (128), vocabulary and
+# embedding, 12 layers of width 2048 (untied head: 2 x 259M embedding parameters + 12 x 51M).
+LLADA_1B = dict(d_model=2048, n_heads=16, n_layers=12, mlp_hidden_size=5632, vocab_size=126464,
+                max_sequence_length=4096)
+TINY_STEP_MODEL = dict(d_model=64, n_heads=2, n_layers=2, mlp_hidden_size=96, vocab_size=256, max_sequence_length=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What to run: the GPU plan, or the CPU dry run's tiny version of each item."""
+
+    ce_cases: tuple  # (rows N, selected rows, H, V)
+    ce_dtypes: tuple
+    ce_forward_only: tuple  # (rows N, H, V, rows compared with the reference)
+    attn_head_dims: tuple
+    attn_groups: tuple
+    attn_lengths: tuple
+    attn_batch_heads: tuple  # (B, query heads)
+    mask_lengths: tuple
+    step_models: tuple  # (name, model spec, pairs per step, n_t)
+    bench_ce: tuple  # (N, H, V)
+    bench_ce_dtype: torch.dtype
+    bench_attn: tuple  # (B, S, H, D)
+
+
+GPU_PLAN = Plan(
+    ce_cases=((1, 1, 4096, 126464), (1000, 300, 4096, 126464), (37, 37, 4095, 50257), (5000, 5000, 64, 7)),
+    ce_dtypes=(torch.bfloat16, torch.float16, torch.float32),
+    ce_forward_only=(65536, 4096, 126464, 512),
+    attn_head_dims=(32, 64, 80, 96, 128), attn_groups=(1, 4), attn_lengths=(1, 127, 1000, 4096),
+    attn_batch_heads=(2, 8),
+    mask_lengths=(1, 1023, 1024, 1025, 8192),
+    step_models=(("tiny LLaDA", TINY_STEP_MODEL, 4, 8), ("LLaDA-architecture 1.1B, bf16", LLADA_1B, 2, 8)),
+    bench_ce=(4096, 4096, 126464),
+    bench_ce_dtype=torch.bfloat16,
+    bench_attn=(8, 4096, 32, 128),
+)
+DRY_PLAN = Plan(
+    ce_cases=((1, 1, 32, 70), (12, 5, 32, 70), (7, 7, 31, 33)),
+    # fp32 only: the interpreter's bf16 tl.dot is wrong, and masked_linear_ce's forward kernel does not
+    # take the UPCAST_DOT flag of vrpo_kernels._triton_utils yet (attention does, see its bf16 case).
+    ce_dtypes=(torch.float32,),
+    ce_forward_only=(40, 32, 70, 8),
+    attn_head_dims=(24,), attn_groups=(1, 2), attn_lengths=(1, 21),
+    attn_batch_heads=(1, 2),
+    mask_lengths=(1, 40),
+    step_models=(("tiny LLaDA, one layer", dict(TINY_STEP_MODEL, n_layers=1), 1, 2),),
+    bench_ce=(16, 32, 70),
+    bench_ce_dtype=torch.float32,
+    bench_attn=(1, 24, 2, 16),
+)
+
+_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-11}
+_ERROR_UNITS = 8
+
+
+class Skipped(Exception):
+    """A check that cannot run here (a peer library that is not installed, a CUDA-only peer in the dry
+    run): recorded as skipped, not failed."""
+
+
+@dataclasses.dataclass
+class Result:
+    section: str
+    name: str
+    ok: bool
+    detail: str
+    seconds: float
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.skipped else ("ok" if self.ok else "**FAIL**")
+
+
+@dataclasses.dataclass
+class Report:
+    device: torch.device
+    results: list[Result] = dataclasses.field(default_factory=list)
+
+    def check(self, section: str, name: str, fn) -> None:
+        """Run ``fn() -> detail``; an exception is a failed check, recorded with its message."""
+        t0 = time.perf_counter()
+        skipped = False
+        try:
+            detail, ok = fn(), True
+        except Skipped as exc:
+            detail, ok, skipped = str(exc), True, True
+        except Exception as exc:  # every failure is recorded and reported, none ends the run
+            detail, ok = f"{type(exc).__name__}: {exc}".strip()[:500], False
+            traceback.print_exc(file=sys.stderr)
+        res = Result(section, name, ok, str(detail or ""), time.perf_counter() - t0, skipped)
+        self.results.append(res)
+        print(f"[{res.status.strip('*')}] {section}: {name} ({res.seconds:.1f} s) {res.detail}", flush=True)
+
+    @property
+    def failed(self) -> list[Result]:
+        return [r for r in self.results if not r.ok]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Errors are relative to max |reference|, but at least to this: a gradient that is exactly 0 in exact
+# arithmetic (attention over one key: dQ = P (dP - delta) = 0) is rounding noise in any dtype.
+_SCALE_FLOOR = 1e-2
+
+
+def _rel_err(got, ref) -> float:
+    ref = ref.double()
+    return float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(_SCALE_FLOOR))
+
+
+def _assert_close(name, got, ref, dtype) -> float:
+    err = _rel_err(got, ref)
+    bound = _ERROR_UNITS * _ROUNDOFF[dtype]
+    if not err <= bound:
+        raise AssertionError(f"{name}: relative max error {err:.2e} > {bound:.2e}")
+    return err
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. preflight
+# --------------------------------------------------------------------------------------------------
+
+
+def preflight(report: Report, dry_run: bool) -> None:
+    from vrpo_kernels.dispatch import interpreting, resolve_impl, triton_available
+
+    def interpreter_state():
+        if dry_run and not interpreting():
+            raise AssertionError("--dry-run needs TRITON_INTERPRET=1 (set before triton is imported)")
+        if not dry_run and interpreting():
+            raise AssertionError("TRITON_INTERPRET is set: the kernels would run in the CPU interpreter; unset it")
+        return f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}, triton importable: {triton_available()}"
+
+    def auto_resolves():
+        probe = torch.zeros(1, device=report.device, dtype=torch.bfloat16)
+        want = "triton" if not dry_run else "torch"  # on the CPU "auto" is the torch path by design
+        got = {op: resolve_impl("auto", probe, op) for op in ("masked_linear_ce", "sample_masks", "bidirectional_attention")}
+        wrong = {op: impl for op, impl in got.items() if impl != want}
+        if wrong:
+            raise AssertionError(f"impl='auto' resolves to {wrong}, expected {want!r}")
+        return f"impl='auto' -> {want} for {sorted(got)}"
+
+    report.check("preflight", "interpreter", interpreter_state)
+    report.check("preflight", "auto dispatch", auto_resolves)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. correctness
+# --------------------------------------------------------------------------------------------------
+
+
+def ce_inputs(N, n_sel, H, V, dtype, device, bias=False, seed=0, minus_inf_tile=0):
+    """Random masked-CE inputs; ``minus_inf_tile`` > 0 puts -inf bias on the first that many columns
+    (targets avoid them)."""
+    g = torch.Generator().manual_seed(seed)
+    x = dict(
+        hidden=torch.randn(N, H, generator=g).to(device=device, dtype=dtype),
+        weight=(torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dtype),
+        targets=torch.randint(minus_inf_tile, V, (N,), generator=g).to(device),
+        row_weight=(torch.rand(N, generator=g) * 4).to(device),
+        rows=torch.randperm(N, generator=g)[:n_sel].sort().values.to(device),
+        cot=torch.randn(N, generator=g).to(device),
+        bias=None,
+    )
+    if bias or minus_inf_tile:
+        b = torch.randn(V, generator=g)
+        b[:minus_inf_tile] = float("-inf")
+        x["bias"] = b.to(device=device, dtype=dtype)
+    return x
+
+
+def ce_reference(x, rows=None, rows_per_chunk=128):
+    """float64 output [N] and gradients (hidden, weight, bias or None) on ``rows`` (default the selected
+    rows), row chunk by row chunk: never [N, V]."""
+    h, W = x["hidden"].double(), x["weight"].double()
+    b = x["bias"].double() if x["bias"] is not None else None
+    out = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
+    dh, dW = torch.zeros_like(h), torch.zeros_like(W)
+    db = torch.zeros_like(b) if b is not None else None
+    rows = x["rows"] if rows is None else rows
+    for i in range(0, rows.numel(), rows_per_chunk):
+        r = rows[i : i + rows_per_chunk]
+        z = h[r] @ W.T
+        if b is not None:
+            z += b
+        logp = torch.log_softmax(z, dim=-1)
+        wr = x["row_weight"][r].double()
+        out[r] = wr * logp.gather(-1, x["targets"][r, None])[:, 0]
+        gr = wr * x["cot"][r].double()
+        dz = logp.exp_().mul_(-gr[:, None])
+        dz[torch.arange(r.numel(), device=h.device), x["targets"][r]] += gr
+        dh[r] = dz @ W
+        dW += dz.T @ h[r]
+        if db is not None:
+            db += dz.sum(0)
+    return out, dh, dW, db
+
+
+def ce_run(x, impl, grad=True):
+    from vrpo_kernels import masked_linear_ce
+
+    h = x["hidden"].detach().requires_grad_(grad)
+    W = x["weight"].detach().requires_grad_(grad)
+    b = x["bias"].detach().requires_grad_(grad) if x["bias"] is not None else None
+    if not grad:
+        with torch.no_grad():
+            return masked_linear_ce(h, W, x["targets"], x["row_weight"], x["rows"], bias=b, impl=impl), None, None, None
+    out = masked_linear_ce(h, W, x["targets"], x["row_weight"], x["rows"], bias=b, impl=impl)
+    leaves = [h, W] + ([b] if b is not None else [])
+    grads = torch.autograd.grad((out * x["cot"]).sum(), leaves)
+    return out.detach(), grads[0], grads[1], grads[2] if b is not None else None
+
+
+def check_ce_case(x, dtype) -> str:
+    got = ce_run(x, "triton")
+    ref = ce_reference(x)
+    errs = []
+    for name, a, r in zip(("out", "d_hidden", "d_weight", "d_bias"), got, ref):
+        if r is None:
+            continue
+        if not torch.isfinite(a).all():
+            raise AssertionError(f"{name} has non-finite values")
+        errs.append(f"{name} {_assert_close(name, a, r, dtype):.1e}")
+    return ", ".join(errs)
+
+
+def correctness_ce(report: Report, plan: Plan) -> None:
+    dev = report.device
+    for (N, n_sel, H, V) in plan.ce_cases:
+        for dtype in plan.ce_dtypes:
+            for bias in (False, True):
+                name = f"masked_linear_ce {n_sel} of {N} rows, H={H}, V={V}, {str(dtype)[6:]}, bias={bias}"
+                report.check("correctness", name, lambda: check_ce_case(ce_inputs(N, n_sel, H, V, dtype, dev, bias), dtype))
+    from vrpo_kernels.masked_linear_ce import _config
+
+    N, n_sel, H, V = plan.ce_cases[1]
+    dtype = plan.bench_ce_dtype
+    tile = _config("forward", dtype, dev)["BLOCK_V"]
+    report.check("correctness", f"masked_linear_ce -inf bias on the first vocabulary tile ({tile} columns), "
+                 f"{str(dtype)[6:]}",
+                 lambda: check_ce_case(ce_inputs(N, n_sel, H, V, dtype, dev, minus_inf_tile=tile), dtype))
+
+    def forward_only():
+        N, H, V, compared = plan.ce_forward_only
+        x = ce_inputs(N, N, H, V, dtype, dev, seed=1)
+        out = ce_run(x, "triton", grad=False)[0]
+        rows = torch.linspace(0, N - 1, compared, device=dev).long()
+        ref = ce_reference(x, rows=rows)[0]
+        if not torch.isfinite(out).all():
+            raise AssertionError("non-finite output")
+        return f"out {_assert_close('out', out[rows], ref[rows], dtype):.1e} on {compared} rows"
+
+    report.check("correctness", f"masked_linear_ce forward only, {plan.ce_forward_only[0]} rows, no_grad, "
+                 f"{str(dtype)[6:]}", forward_only)
+
+
+def attn_inputs(B, S, Hq, Hkv, D, dtype, device, seed=0):
+    """q/k/v as [B, H, S, D] views of [B, S, H, D] (as transformers passes them), packed segments with
+    a padding tail."""
+    from benchmarks.kernels import packed_segments
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, S, h, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+               for h in (Hq, Hkv, Hkv))
+    seg = packed_segments(B, S, 1, max(1, (S * 2) // 5), seed=seed).to(device)
+    return q, k, v, seg
+
+
+def check_attention_case(B, S, Hq, Hkv, D, dtype, device) -> str:
+    from vrpo_kernels.attention import attention_reference, bidirectional_attention
+
+    q, k, v, seg = attn_inputs(B, S, Hq, Hkv, D, dtype, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = bidirectional_attention(*leaves, seg, impl="triton")
+    ref = attention_reference(*leaves, seg)
+    cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    got = torch.autograd.grad(out, leaves, cot.to(dtype))
+    want = torch.autograd.grad(ref, leaves, cot)
+    errs = [f"out {_assert_close('out', out.detach(), ref.detach(), dtype):.1e}"]
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        errs.append(f"{name} {_assert_close(name, a, r, dtype):.1e}")
+    if not out.transpose(1, 2).is_contiguous():
+        raise AssertionError("the output is not a view of a [B, S, H, D] buffer")
+    return ", ".join(errs)
+
+
+def correctness_attention(report: Report, plan: Plan) -> None:
+    B, Hq = plan.attn_batch_heads
+    dtypes = (torch.bfloat16, torch.float16)
+    for D in plan.attn_head_dims:
+        for group in plan.attn_groups:
+            for S in plan.attn_lengths:
+                dtype = dtypes[(D + S) % 2]  # both dtypes across the grid, one per case
+                name = f"attention D={D}, GQA {group}, S={S}, B={B}, {Hq} heads, {str(dtype)[6:]}"
+                report.check("correctness", name,
+                             lambda: check_attention_case(B, S, Hq, Hq // group, D, dtype, report.device))
+
+
+def check_mask_counts(L, device) -> str:
+    from vrpo_kernels import sample_masks
+
+    g = torch.Generator(device=device).manual_seed(L)
+    resp = torch.ones(4, L, dtype=torch.bool, device=device)
+    resp[1:, : L // 3] = False
+    lengths = resp.sum(-1, keepdim=True)
+    counts = (torch.rand(4, 8, generator=g, device=device) * (lengths + 1)).long().clamp(max=lengths)
+    counts[:, 0], counts[:, 1] = 0, lengths[:, 0]
+    masked = sample_masks(resp, counts=counts, generator=g, impl="triton")
+    if not torch.equal(masked.sum(-1), counts):
+        raise AssertionError(f"counts differ: {(masked.sum(-1) != counts).sum().item()} of {counts.numel()}")
+    if (masked & ~resp[:, None, :]).any():
+        raise AssertionError("a position outside the response was masked")
+    probs = torch.full((4, 8), 0.3, device=device)
+    bern = sample_masks(resp, probs=probs, generator=g, impl="triton")
+    trials = int(lengths.sum()) * 8
+    z = (bern.sum().item() - 0.3 * trials) / (0.21 * trials) ** 0.5
+    if abs(z) > 5:
+        raise AssertionError(f"t-Bernoulli frequency off by {z:.1f} sigma")
+    return f"exact counts on {counts.numel()} samples; Bernoulli(0.3) z = {z:+.2f}"
+
+
+def correctness_masks(report: Report, plan: Plan) -> None:
+    for L in plan.mask_lengths:
+        report.check("correctness", f"sample_masks L={L}", lambda: check_mask_counts(L, report.device))
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. determinism
+# --------------------------------------------------------------------------------------------------
+
+
+def _same_twice(run) -> str:
+    a, b = run(), run()
+    for i, (x, y) in enumerate(zip(a, b)):
+        if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+            raise AssertionError(f"output {i} differs between two runs")
+    return f"{len(a)} outputs bitwise equal"
+
+
+def determinism(report: Report, plan: Plan) -> None:
+    dev = report.device
+    N, H, V = plan.bench_ce
+    x = ce_inputs(N, N, H, V, plan.bench_ce_dtype, dev, bias=True)
+    report.check("determinism", f"masked_linear_ce {N}x{H}x{V} {str(plan.bench_ce_dtype)[6:]} fwd+bwd", lambda: _same_twice(lambda: ce_run(x, "triton")))
+    B, S, Hh, D = plan.bench_attn
+    q, k, v, seg = attn_inputs(B, S, Hh, Hh, D, torch.bfloat16, dev)
+
+    def attention():
+        from vrpo_kernels import bidirectional_attention
+
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = bidirectional_attention(*leaves, seg, impl="triton")
+        return (out.detach(), *torch.autograd.grad(out, leaves, torch.ones_like(out)))
+
+    report.check("determinism", f"attention {B}x{S}, {Hh} heads, D={D} bf16 fwd+bwd", lambda: _same_twice(attention))
+
+    def masks():
+        from vrpo_kernels import sample_masks
+
+        L = plan.mask_lengths[-1]
+        resp = torch.ones(4, L, dtype=torch.bool, device=dev)
+        counts = torch.arange(4, device=dev)[:, None].expand(4, 2) * (L // 4)
+        return (sample_masks(resp, counts=counts, generator=torch.Generator(device=dev).manual_seed(3), impl="triton"),)
+
+    report.check("determinism", "sample_masks same seed", lambda: _same_twice(masks))
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. training steps
+# --------------------------------------------------------------------------------------------------
+
+
+def build_step_trainer(spec: dict, pairs: int, n_t: int, workdir: str, dtype=None, seed: int = 0):
+    """A ``VRPOTrainer`` on the toy preference task with a random LLaDA-architecture model ``spec``, the
+    fused head and every kernel on ``impl="triton"`` (vrpo_triton attention)."""
+    from vrpo import loading
+    from vrpo.config import VRPOConfig
+    from vrpo.models import build_tiny_llada, build_tiny_tokenizer
+    from vrpo.trainer import VRPOTrainer
+
+    cfg = VRPOConfig(
+        output_dir=workdir, overwrite_output_dir=True, report_to="none", num_samples=0, save_steps=0, seed=seed,
+        eval_size=0, per_device_train_batch_size=pairs, n_t=n_t, n_yt=1, max_steps=10, fused_head=True,
+        kernel_impl="triton", attn_implementation="vrpo_triton",
+    ).resolved()
+    tokenizer = build_tiny_tokenizer(vocab_size=spec["vocab_size"])
+    train_pairs, _, _ = loading.load_pairs(cfg, tokenizer)
+    model = build_tiny_llada(seed=seed, attn_implementation="vrpo_triton", dtype=dtype or torch.float32, **spec)
+    return VRPOTrainer(cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None)
+
+
+def _policy_parameters(trainer):
+    return trainer.accelerator.unwrap_model(trainer.policy_elbo).parameters()
+
+
+def llada_step_memory(spec: dict = LLADA_1B, pairs: int = 2, n_t: int = 8, dtype=torch.bfloat16) -> dict:
+    """Peak CUDA memory of one VRPO training step of a random LLaDA-architecture model (``spec``, default
+    about 1.1B parameters in bf16): a warm-up step (optimizer state, lazy initialisation), then
+    ``torch.cuda.max_memory_allocated`` over a second step. Returns parameters, step seconds, the
+    allocated bytes before the step, the peak, and the peak minus the before."""
+    from vrpo.models.attention import attention_impl
+
+    with tempfile.TemporaryDirectory() as workdir, attention_impl("triton"):
+        trainer = build_step_trainer(spec, pairs, n_t, workdir, dtype=dtype)
+        params = sum(p.numel() for p in _policy_parameters(trainer))
+        applied, metrics, _ = trainer.train_step(0)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        applied2, metrics, _ = trainer.train_step(1)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated()
+    if not (applied and applied2):
+        raise RuntimeError(f"train_step was skipped (non-finite loss or gradient): {metrics}")
+    return dict(params=params, seconds=seconds, before_bytes=before, peak_bytes=peak, step_bytes=peak - before)
+
+
+def training_steps(report: Report, plan: Plan) -> None:
+    from vrpo.models.attention import attention_impl
+
+    for name, spec, pairs, n_t in plan.step_models:
+        def step(spec=spec, pairs=pairs, n_t=n_t):
+            if report.device.type == "cuda" and spec is LLADA_1B:
+                m = llada_step_memory(spec, pairs, n_t)
+                return (f"{m['params'] / 1e9:.2f}B params, step {m['seconds']:.2f} s, max_memory_allocated "
+                        f"{m['peak_bytes'] / 2**30:.2f} GiB (step adds {m['step_bytes'] / 2**30:.2f} GiB)")
+            with tempfile.TemporaryDirectory() as workdir, attention_impl("triton"):
+                trainer = build_step_trainer(spec, pairs, n_t, workdir)
+                if report.device.type == "cuda":
+                    trainer_device = next(_policy_parameters(trainer)).device
+                    if trainer_device.type != "cuda":
+                        raise AssertionError(f"the trainer put the model on {trainer_device}")
+                applied, metrics, tokens = trainer.train_step(0)
+            if not applied:
+                raise AssertionError(f"the step was skipped (non-finite loss or gradient): {metrics}")
+            return f"applied, {tokens} tokens, VRPO loss {float(metrics['loss/vrpo']):.4f}, grad norm {metrics['grad_norm']:.3g}"
+
+        report.check("training step", name, step)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. timings
+# --------------------------------------------------------------------------------------------------
+
+
+def bench_ms(fn, device) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on CUDA, wall clock on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _gathered_ce(x, loss_fn):
+    """fwd + bwd of a peer's per-row loss on the selected rows (peers take gathered rows)."""
+
+    def run():
+        h = x["hidden"][x["rows"]].detach().requires_grad_()
+        W = x["weight"].detach().requires_grad_()
+        out = loss_fn(h, W, x["targets"][x["rows"]]) * x["row_weight"][x["rows"]]
+        torch.autograd.grad((out * x["cot"][x["rows"]]).sum(), [h, W])
+
+    return run
+
+
+def timings(report: Report, plan: Plan) -> dict:
+    """Times every implementation it can import; returns the measured ms per (op, impl)."""
+    from vrpo_kernels.attention import bidirectional_attention
+
+    dev = report.device
+    measured = {}
+
+    def timed(op, impl, make, peer=True):
+        def run():
+            if peer and dev.type != "cuda":
+                raise Skipped("a CUDA kernel: not run in the dry run")
+            try:
+                fn = make()
+            except ImportError as exc:
+                raise Skipped(f"not installed ({exc}); pip install '.[bench]'") from exc
+            ms = bench_ms(fn, dev)
+            measured[(op, impl)] = ms
+            return f"{ms:.3f} ms"
+
+        report.check("timing", f"{op}: {impl}", run)
+
+    N, H, V = plan.bench_ce
+    x = ce_inputs(N, N, H, V, plan.bench_ce_dtype, dev)
+    timed("masked_ce", "vrpo triton", lambda: (lambda: ce_run(x, "triton")), peer=False)
+
+    def cce():
+        from cut_cross_entropy import linear_cross_entropy
+
+        return _gathered_ce(x, lambda h, W, t: -linear_cross_entropy(h, W, t, reduction="none", impl="cce").float())
+
+    def liger():
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return _gathered_ce(x, lambda h, W, t: -loss(W, h, t).float())
+
+    timed("masked_ce", "CCE (impl='cce')", cce)
+    timed("masked_ce", "Liger fused linear CE", liger)
+
+    B, S, Hh, D = plan.bench_attn
+    q, k, v, _ = attn_inputs(B, S, Hh, Hh, D, torch.bfloat16, dev)
+    one_segment = torch.zeros(B, S, dtype=torch.long, device=dev)
+
+    def attention_fn(forward):
+        def run():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = forward(*leaves)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+        return run
+
+    timed("attention", "vrpo triton", lambda: attention_fn(
+        lambda a, b, c: bidirectional_attention(a, b, c, one_segment, impl="triton")), peer=False)
+
+    def flash():
+        from benchmarks.kernels import flash_attn_forward
+
+        pack, forward, _ = flash_attn_forward(q, k, v, one_segment)
+        pq, pk, pv = (pack(t).contiguous() for t in (q, k, v))
+
+        def run():
+            leaves = [t.detach().requires_grad_() for t in (pq, pk, pv)]
+            out = forward(*leaves)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+        return run
+
+    timed("attention", "flash-attn varlen", flash)
+    timed("attention", "SDPA", lambda: attention_fn(torch.nn.functional.scaled_dot_product_attention), peer=False)
+    return measured
+
+
+def predictions(plan: Plan, device) -> tuple[str, object]:
+    from vrpo_kernels import roofline
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    gpu = roofline.GPUS["h200" if "H200" in name else "h100"]
+    return gpu.name, roofline.predict(gpu, plan.bench_ce, plan.bench_attn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def environment(device) -> list[str]:
+    import triton
+
+    lines = [f"- python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}"]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"- device: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+                     f"capability {props.major}.{props.minor}")
+        lines.append(f"- CUDA {torch.version.cuda}, driver {_driver_version()}")
+    else:
+        lines.append(f"- device: CPU ({platform.processor() or platform.machine()}), Triton interpreter (dry run)")
+    return lines
+
+
+def _driver_version() -> str:
+    try:
+        run = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return run.stdout.strip().splitlines()[0] if run.returncode == 0 and run.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({type(exc).__name__})"
+
+
+def markdown(report: Report, plan: Plan, measured: dict, pred, gpu_name: str, seconds: float, dry_run: bool) -> str:
+    out = ["# GPU check" + (" (dry run on the CPU: interpreter, tiny shapes)" if dry_run else ""), ""]
+    out += environment(report.device)
+    skipped = sum(r.skipped for r in report.results)
+    out += [f"- {len(report.results) - len(report.failed) - skipped} of {len(report.results)} checks passed, "
+            f"{skipped} skipped, in {seconds:.0f} s", ""]
+    out += ["| section | check | result | s | detail |", "|---|---|---|---|---|"]
+    for r in report.results:
+        out.append(f"| {r.section} | {r.name} | {r.status} | {r.seconds:.1f} | "
+                   f"{r.detail.replace('|', '/')} |")
+    N, H, V = plan.bench_ce
+    B, S, Hh, D = plan.bench_attn
+    out += ["", f"## Measured against the cost model ({gpu_name} peaks; `python -m vrpo_kernels.roofline`)", "",
+            f"masked CE fwd+bwd at N={N}, H={H}, V={V} bf16; attention fwd+bwd at {B} x {S}, {Hh} heads, D={D} bf16, "
+            "one sample per row. Median ms of `triton.testing.do_bench`.", "",
+            "| op | implementation | measured ms | predicted ms (ours) | ideal ms | measured / predicted |",
+            "|---|---|---|---|---|---|"]
+    for (op, impl), ms in measured.items():
+        p, ideal = ((pred.masked_ce_s, pred.masked_ce_ideal_s) if op == "masked_ce"
+                    else (pred.attention_s, pred.attention_ideal_s))
+        out.append(f"| {op} | {impl} | {ms:.3f} | {p * 1e3:.3f} | {ideal * 1e3:.3f} | {ms / (p * 1e3):.2f} |")
+    out += ["", pred.summary(), ""]
+    return "\n".join(out)
+
+
+def run(dry_run: bool = False, out_dir: str | None = None) -> tuple[Report, str]:
+    """Run every section; write ``gpu_check.md`` into ``out_dir``. Returns (report, path)."""
+    plan = DRY_PLAN if dry_run else GPU_PLAN
+    device = torch.device("cpu" if dry_run else "cuda")
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device; use --dry-run to run the same code on the CPU")
+    report = Report(device)
+    t0 = time.perf_counter()
+    preflight(report, dry_run)
+    correctness_ce(report, plan)
+    correctness_attention(report, plan)
+    correctness_masks(report, plan)
+    determinism(report, plan)
+    training_steps(report, plan)
+    measured = timings(report, plan)
+    gpu_name, pred = predictions(plan, device)
+    text = markdown(report, plan, measured, pred, gpu_name, time.perf_counter() - t0, dry_run)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "gpu_check.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return report, path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the same code on the CPU under the Triton interpreter, with tiny shapes")
+    parser.add_argument("--out", help="directory for gpu_check.md (default: benchmarks/results; a temporary "
+                                      "directory with --dry-run)")
+    args = parser.parse_args(argv)
+    if args.dry_run and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    out_dir = args.out or (tempfile.mkdtemp(prefix="gpu_check-") if args.dry_run else RESULTS_DIR)
+    report, path = run(args.dry_run, out_dir)
+    print(f"wrote {path}; {len(report.failed)} of {len(report.results)} checks failed")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Helpers shared by the Triton kernel files: the launch device, the interpreter's 16-bit dots, and
+the ahead-of-time specification of a kernel configuration (``aot_specs()``, read by
+:mod:`vrpo_kernels.inspect`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .dispatch import interpreting, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - platforms without triton wheels
+    triton = None
+
+
+def on_device(t: torch.Tensor):
+    """Context manager that makes ``t``'s CUDA device current for a launch (a no-op on the CPU).
+
+    Triton launches on the *current* device; a tensor on ``cuda:1`` while ``cuda:0`` is current
+    would otherwise be read from the wrong device.
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """The value of a kernel's ``UPCAST_DOT`` constexpr for inputs of ``dtype``.
+
+    True only under ``TRITON_INTERPRET=1`` for 16-bit floats: the interpreter computes a bfloat16
+    ``tl.dot`` wrongly, so :func:`dot` converts the tiles to float32 right before the product. The
+    product of two 16-bit floats is exact in float32 and the accumulator is float32 on the GPU too,
+    so the result is what the tensor cores compute, and every 16-bit load, store and conversion
+    around the dot still runs as on the GPU. False on the GPU (the flag then compiles away).
+    """
+    return interpreting() and dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def dot(a, b, acc, UPCAST_DOT: tl.constexpr):
+        """``tl.dot(a, b, acc)``; with UPCAST_DOT (interpreter only, see :func:`upcast_dots`) on float32
+        copies of the tiles. ``acc`` may be None."""
+        if UPCAST_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            return tl.dot(a, b, acc)
+
+
+def _scalar_spec(value) -> tuple[str, bool]:
+    """Triton's own specialisation of a scalar argument: (type, divisible by 16)."""
+    if isinstance(value, bool):
+        raise TypeError("aot_spec: pass booleans as constexprs")
+    if isinstance(value, float):
+        return "fp32", False
+    if value == 1:
+        return "constexpr", False
+    return ("i32" if -(2**31) <= value < 2**31 else "i64"), value % 16 == 0
+
+
+def aot_spec(name: str, fn, pointers: dict, scalars: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """One ``aot_specs()`` entry, specialised as the JIT specialises a call with these arguments.
+
+    pointers: argument -> triton element type (``"bf16"``, ``"fp32"``, ``"i64"``...); torch allocations
+    are 16-byte aligned, so each gets the divisibility hint the JIT gives it. scalars: argument -> a
+    representative value (the strides and sizes of the shape being inspected), from which the type,
+    the divisibility-by-16 hint and the value-1 constexpr are derived as the JIT derives them.
+    constexprs: argument -> value. Every argument of ``fn`` must appear in exactly one of the three.
+
+    Returns a dict with name, fn, signature, constexprs, attrs, num_warps, num_stages.
+    """
+    signature, attrs, consts = {}, {}, dict(constexprs)
+    for i, arg in enumerate(fn.arg_names):
+        if arg in pointers:
+            signature[arg] = "*" + pointers[arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in scalars:
+            ty, div16 = _scalar_spec(scalars[arg])
+            signature[arg] = ty
+            if ty == "constexpr":
+                consts[arg] = scalars[arg]
+            elif div16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in constexprs:
+            signature[arg] = "constexpr"
+        else:
+            raise KeyError(f"aot_spec({name}): no type for argument {arg!r} of {fn.__name__}")
+    return {
+        "name": name, "fn": fn, "signature": signature, "constexprs": consts, "attrs": attrs,
+        "num_warps": num_warps, "num_stages": num_stages,
+    }

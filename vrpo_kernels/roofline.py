@@ -1,0 +1,389 @@
+"""A cost model of the GPU kernels, runnable without a GPU.
+
+    python -m vrpo_kernels.roofline [--gpu h100|h200] [--shape N,H,V] [--attn-shape B,S,H,D]
+
+For every kernel launch of the masked linear cross-entropy (forward + backward, N selected rows,
+hidden H, vocabulary V, bf16) and of the attention (forward + backward, B sequences of S tokens, H
+heads of dim D, bf16, one sample per row) it prints the FLOPs, the HBM bytes and the predicted time
+``max(FLOPs / peak, bytes / bandwidth)``, then the ideal floor:
+
+* masked CE: four GEMM-equivalents, ``8 N H V`` FLOPs, at peak (the forward's logits, and in the
+  backward dlogits' two products plus the logits again, or any other schedule: four is the least);
+* attention: seven matmuls of ``2 B H S^2 D`` FLOPs at peak (forward QK^T and PV; backward QK^T
+  again, dV, dP, dQ, dK), FlashAttention-2's count.
+
+The counts come from the code that runs: the grids, tiles and loops of the Triton kernels (tile
+sizes read from the kernels' own configurations and launch helpers), and the GEMMs that
+``masked_linear_ce``'s backward sends to cuBLAS. The model's assumptions:
+
+* tensor-core FLOPs only (``2 M N K`` per ``tl.dot`` of padded tiles, as launched); softmax
+  exponentials and other element-wise work are not counted;
+* a Triton kernel's programs run in launch order in waves of one program per SM (the tuned tiles
+  use 8 warps and most of the register file) -- elementwise kernels without ``tl.dot``: as many as
+  the SM's 64 warps allow; within a wave every distinct row of an operand is read from HBM once
+  (the L2 serves the other programs), nothing is assumed to survive from one wave to the next;
+* a cuBLAS GEMM reads each operand once and writes (or reads and writes, when accumulating) its
+  output once;
+* every launch runs at whichever of the two peaks binds, and launches do not overlap.
+
+Peaks are public datasheet figures (dense bf16 tensor core FLOP/s, HBM bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import io
+import sys
+from collections.abc import Iterable, Iterator
+from unittest import mock
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_flops: float  # dense bf16 tensor-core FLOP/s
+    bandwidth: float  # HBM bytes/s
+    sms: int
+    warps_per_sm: int = 64
+
+
+# NVIDIA's datasheets: H100 SXM5 989 TFLOP/s dense bf16 and 3.35 TB/s HBM3; H200 989 TFLOP/s and
+# 4.8 TB/s HBM3e (same GH100 die, 132 SMs).
+GPUS = {
+    "h100": GPU("H100 SXM", 989e12, 3.35e12, 132),
+    "h200": GPU("H200", 989e12, 4.8e12, 132),
+}
+
+_ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch (or ``count`` identical ones): what it computes and moves."""
+
+    name: str
+    flops: float
+    bytes: float
+    grid: str = ""
+    count: int = 1
+
+    def seconds(self, gpu: GPU) -> float:
+        return self.count * max(self.flops / gpu.peak_flops, self.bytes / gpu.bandwidth)
+
+    def bound(self, gpu: GPU) -> str:
+        return "compute" if self.flops / gpu.peak_flops >= self.bytes / gpu.bandwidth else "memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What one Triton program does. reads: (operand key, first row, end row, bytes per row); the
+    same key names the same tensor (and rows) across programs."""
+
+    reads: tuple[tuple[tuple, int, int, int], ...]
+    write_bytes: int
+    flops: int
+
+
+def _union_length(intervals: list[tuple[int, int]]) -> int:
+    total, end = 0, None
+    for lo, hi in sorted(intervals):
+        if end is None or lo > end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
+
+
+def triton_launch(name: str, programs: Iterable[Program], per_wave: int, grid: str) -> Launch:
+    """A Triton launch from its programs in launch order, with the wave model of the module docstring."""
+    flops = writes = reads = 0
+    wave: dict[tuple, list[tuple[int, int]]] = {}
+    row_bytes: dict[tuple, int] = {}
+
+    def flush():
+        nonlocal reads
+        reads += sum(_union_length(iv) * row_bytes[key] for key, iv in wave.items())
+        wave.clear()
+
+    for i, prog in enumerate(programs):
+        if i and i % per_wave == 0:
+            flush()
+        flops += prog.flops
+        writes += prog.write_bytes
+        for key, lo, hi, nbytes in prog.reads:
+            if hi > lo:
+                wave.setdefault(key, []).append((lo, hi))
+                row_bytes[key] = nbytes
+    flush()
+    return Launch(name, flops, reads + writes, grid)
+
+
+def gemm_launch(name: str, m: int, n: int, k: int, a_bytes: int, b_bytes: int, out_bytes: int,
+                accumulate: bool = False) -> Launch:
+    """cuBLAS ``out[m, n] (+)= a[m, k] @ b[k, n]``; *_bytes are bytes per element."""
+    traffic = m * k * a_bytes + k * n * b_bytes + m * n * out_bytes * (2 if accumulate else 1)
+    return Launch(name, 2 * m * n * k, traffic, f"cuBLAS {m}x{n}x{k}")
+
+
+def elementwise_launch(name: str, nbytes: float) -> Launch:
+    return Launch(name, 0, nbytes, "torch")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pad(x: int, block: int) -> int:
+    return _cdiv(x, block) * block
+
+
+# --------------------------------------------------------------------------------------------------
+# masked_linear_ce (vrpo_kernels.masked_linear_ce: its Triton forward, its cuBLAS + Triton backward)
+# --------------------------------------------------------------------------------------------------
+
+
+def _gpu_device_properties(gpu: GPU):
+    """Stands in for ``torch.cuda.get_device_properties`` so that the module's own launch helpers
+    (the vocabulary split) plan for ``gpu`` without one."""
+    return lambda device=None: type("Props", (), {"multi_processor_count": gpu.sms})()
+
+
+def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, bias: bool = False,
+                       max_buffer_bytes: int | None = None) -> list[Launch]:
+    """The launches of ``masked_linear_ce(impl="triton")`` forward + backward on ``n`` selected rows."""
+    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")  # the package exports the function
+
+    es = _ELEMENT_BYTES[dtype]
+    cuda = torch.device("cuda")
+    budget = mlce.DEFAULT_MAX_BUFFER_BYTES if max_buffer_bytes is None else max_buffer_bytes
+    launches = []
+
+    # Forward: _lse_forward_kernel, grid (row blocks, vocabulary splits), row blocks fastest.
+    cfg = mlce._config("forward", dtype, cuda)
+    bm, bv, bk = cfg["BLOCK_M"], cfg["BLOCK_V"], cfg["BLOCK_K"]
+    m_blocks, n_tiles = _cdiv(n, bm), _cdiv(V, bv)
+    with mock.patch.object(torch.cuda, "get_device_properties", _gpu_device_properties(gpu)):
+        splits, per_split = mlce._vocab_split(m_blocks, n_tiles, cuda)
+
+    def forward_programs() -> Iterator[Program]:
+        for split in range(splits):
+            t0 = split * per_split
+            tiles = max(0, min(n_tiles, t0 + per_split) - t0)
+            v0, v1 = t0 * bv, min(V, (t0 + tiles) * bv)
+            for mb in range(m_blocks):
+                r0, r1 = mb * bm, min(n, (mb + 1) * bm)
+                reads = [(("h",), r0, r1, H * es), (("W",), v0, v1, H * es), (("targets",), r0, r1, 8)]
+                if bias:
+                    reads.append((("bias",), v0, v1, es))
+                yield Program(tuple(reads), 3 * 4 * (r1 - r0), 2 * bm * tiles * bv * _pad(H, bk))
+
+    launches.append(triton_launch("ce fwd: _lse_forward_kernel", forward_programs(), gpu.sms,
+                                  f"({m_blocks}, {splits}) x {cfg['num_warps']} warps"))
+    # The splits' partials (3 x [splits, n] fp32) merged by torch: read twice, lse and logp written.
+    launches.append(elementwise_launch("ce fwd: merge splits (torch)", 2 * 3 * splits * n * 4 + 2 * n * 4))
+
+    # Backward: chunks of `rows` selected rows, each: logits GEMM (fp32 out), the in-place softmax
+    # gradient pass, dH GEMM, dW GEMM (fp32 accumulator over chunks when there are several).
+    rows = mlce._grad_chunk_rows(n, V, budget)
+    gcfg = mlce._config("softmax_grad", dtype, cuda)
+    chunks = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+    one_chunk = len(chunks) == 1
+    for i, (r0, r1) in enumerate(chunks):
+        r = r1 - r0
+        tag = f"ce bwd chunk {i + 1}/{len(chunks)} ({r} rows)"
+        launches.append(gemm_launch(f"{tag}: logits = h W^T", r, V, H, es, es, 4))
+
+        def grad_programs(r=r):
+            for row in range(r):
+                reads = [(("logits",), row, row + 1, V * 4), (("row stats",), row, row + 1, 8 + 4 + 4)]
+                if bias:
+                    reads.append((("bias",), 0, V, es))
+                yield Program(tuple(reads), V * es, 0)
+
+        per_wave = gpu.sms * (gpu.warps_per_sm // gcfg["num_warps"])
+        launches.append(triton_launch(f"{tag}: _softmax_grad_kernel", grad_programs(), per_wave,
+                                      f"({r},) x {gcfg['num_warps']} warps"))
+        launches.append(gemm_launch(f"{tag}: dH = dz W", r, H, V, es, es, es))
+        launches.append(gemm_launch(f"{tag}: dW (+)= dz^T h", V, H, r, es, es, es if one_chunk else 4,
+                                    accumulate=i > 0))
+        if bias:
+            launches.append(elementwise_launch(f"{tag}: db += dz.sum(0)", r * V * es + 2 * V * 4))
+    if not one_chunk:
+        launches.append(elementwise_launch("ce bwd: dW fp32 -> compute dtype", V * H * (4 + es)))
+    return launches
+
+
+def masked_ce_ideal_seconds(n: int, H: int, V: int, gpu: GPU) -> float:
+    return 8 * n * H * V / gpu.peak_flops
+
+
+# --------------------------------------------------------------------------------------------------
+# bidirectional_attention (vrpo_kernels.attention, one sample per row, [B, S, H, D] views)
+# --------------------------------------------------------------------------------------------------
+
+
+def attention_launches(B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int | None = None,
+                       dtype=torch.bfloat16) -> list[Launch]:
+    """The launches of ``bidirectional_attention(impl="triton")`` forward + backward on Hopper tiles,
+    every row one sample (each query block visits every key block)."""
+    from .attention import _block_d, sm90_config
+
+    Hkv = n_kv_heads or H
+    group = H // Hkv
+    es = _ELEMENT_BYTES[dtype]
+    cfgs = sm90_config(D)
+    bd = _block_d(D)
+    row = D * es  # bytes of one token's head vector (masked loads read only the HEAD_DIM columns)
+    launches = []
+
+    def query_programs(c, dots, extra_q_operands, stats_reads, out_row_bytes):
+        """Programs of the forward and dQ kernels: one query block of one (batch, head), tiles fastest."""
+        n_tiles = _cdiv(S, c.block_m)
+        kv_end = min(S, _pad(S, c.block_n))
+        n_kblocks = _cdiv(S, c.block_n)
+        for bh in range(B * H):
+            b, h = divmod(bh, H)
+            hk = h // group
+            for t in range(n_tiles):
+                r0, r1 = t * c.block_m, min(S, (t + 1) * c.block_m)
+                reads = [(("q", b, h), r0, r1, row), (("seg", b), r0, r1, 4), (("span", b), r0, r1, 8),
+                         (("seg", b), 0, kv_end, 4), (("k", b, hk), 0, kv_end, row), (("v", b, hk), 0, kv_end, row)]
+                reads += [((name, b, h), r0, r1, row) for name in extra_q_operands]
+                reads += [((name, b, h), r0, r1, 4) for name in stats_reads]
+                yield Program(tuple(reads), (r1 - r0) * out_row_bytes, n_kblocks * dots * 2 * c.block_m * c.block_n * bd)
+
+    c = cfgs.fwd
+    launches.append(triton_launch("attn fwd: _attn_fwd (+LSE)", query_programs(c, 2, (), (), row + 4), gpu.sms,
+                                  f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps"))
+
+    c = cfgs.delta
+
+    def delta_programs():
+        for bh in range(B * H):
+            b, h = divmod(bh, H)
+            for t in range(_cdiv(S, c.block_m)):
+                r0, r1 = t * c.block_m, min(S, (t + 1) * c.block_m)
+                yield Program(((("out", b, h), r0, r1, row), (("do", b, h), r0, r1, row)), (r1 - r0) * 4, 0)
+
+    launches.append(triton_launch("attn bwd: _attn_bwd_delta", delta_programs(),
+                                  gpu.sms * (gpu.warps_per_sm // c.num_warps),
+                                  f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps"))
+
+    c = cfgs.dkdv
+
+    def dkdv_programs():
+        n_qblocks = _cdiv(S, c.block_m)
+        q_end = min(S, _pad(S, c.block_m))
+        for bhk in range(B * Hkv):
+            b, hk = divmod(bhk, Hkv)
+            for t in range(_cdiv(S, c.block_n)):
+                r0, r1 = t * c.block_n, min(S, (t + 1) * c.block_n)
+                reads = [(("k", b, hk), r0, r1, row), (("v", b, hk), r0, r1, row), (("seg", b), r0, r1, 4),
+                         (("span", b), r0, r1, 8), (("seg", b), 0, q_end, 4)]
+                for h in range(hk * group, (hk + 1) * group):
+                    reads += [(("q", b, h), 0, q_end, row), (("do", b, h), 0, q_end, row),
+                              (("lse", b, h), 0, q_end, 4), (("delta", b, h), 0, q_end, 4)]
+                flops = group * n_qblocks * 4 * 2 * c.block_n * c.block_m * bd
+                yield Program(tuple(reads), 2 * (r1 - r0) * row, flops)
+
+    launches.append(triton_launch("attn bwd: _attn_bwd_dkdv", dkdv_programs(), gpu.sms,
+                                  f"({_cdiv(S, c.block_n) * B * Hkv},) x {c.num_warps} warps"))
+
+    c = cfgs.dq
+    launches.append(triton_launch("attn bwd: _attn_bwd_dq", query_programs(c, 3, ("do",), ("lse", "delta"), row),
+                                  gpu.sms, f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps"))
+    return launches
+
+
+def attention_ideal_seconds(B: int, S: int, H: int, D: int, gpu: GPU) -> float:
+    return 7 * 2 * B * H * S * S * D / gpu.peak_flops
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def _table(launches: list[Launch], gpu: GPU, out) -> float:
+    width = max(len(x.name) for x in launches)
+    print(f"  {'launch':<{width}}  {'grid':<26} {'GFLOP':>10} {'HBM MB':>10} {'ms':>8}  bound", file=out)
+    total = 0.0
+    for x in launches:
+        t = x.seconds(gpu)
+        total += t
+        print(f"  {x.name:<{width}}  {x.grid:<26} {x.flops * x.count / 1e9:>10.1f} {x.bytes * x.count / 1e6:>10.1f} "
+              f"{t * 1e3:>8.3f}  {x.bound(gpu)}", file=out)
+    flops = sum(x.flops * x.count for x in launches)
+    nbytes = sum(x.bytes * x.count for x in launches)
+    print(f"  {'total':<{width}}  {'':<26} {flops / 1e9:>10.1f} {nbytes / 1e6:>10.1f} {total * 1e3:>8.3f}", file=out)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    masked_ce_s: float
+    masked_ce_ideal_s: float
+    attention_s: float
+    attention_ideal_s: float
+
+    def summary(self) -> str:
+        return (f"masked_ce predicted {self.masked_ce_s * 1e3:.2f} ms, ideal {self.masked_ce_ideal_s * 1e3:.2f} ms, "
+                f"ratio {self.masked_ce_s / self.masked_ce_ideal_s:.2f}; attention predicted "
+                f"{self.attention_s * 1e3:.2f} ms, ideal {self.attention_ideal_s * 1e3:.2f} ms, "
+                f"ratio {self.attention_s / self.attention_ideal_s:.2f}")
+
+
+def predict(gpu: GPU, ce_shape=(4096, 4096, 126464), attn_shape=(8, 4096, 32, 128), out=None) -> Prediction:
+    """Print both tables to ``out`` (when given) and return the totals."""
+    sink = out if out is not None else io.StringIO()
+    N, H, V = ce_shape
+    B, S, Hh, D = attn_shape
+    print(f"masked linear CE forward + backward, impl='triton', bf16, N_sel={N}, H={H}, V={V}:", file=sink)
+    ce = _table(masked_ce_launches(N, H, V, gpu), gpu, sink)
+    ce_ideal = masked_ce_ideal_seconds(N, H, V, gpu)
+    print(f"  ideal: 8*N*H*V = {8 * N * H * V / 1e12:.2f} TFLOP at peak = {ce_ideal * 1e3:.3f} ms\n", file=sink)
+    print(f"bidirectional attention forward + backward, impl='triton', bf16, {B} x {S} tokens, {Hh} heads, "
+          f"head dim {D}:", file=sink)
+    at = _table(attention_launches(B, S, Hh, D, gpu), gpu, sink)
+    at_ideal = attention_ideal_seconds(B, S, Hh, D, gpu)
+    print(f"  ideal: 7 matmuls x 2*B*H*S^2*D = {14 * B * Hh * S * S * D / 1e12:.2f} TFLOP at peak = "
+          f"{at_ideal * 1e3:.3f} ms\n", file=sink)
+    return Prediction(ce, ce_ideal, at, at_ideal)
+
+
+def _ints(text: str, n: int, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{flag} takes {n} positive integers separated by commas, got {text!r}")
+    return values
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vrpo_kernels.roofline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--shape", default="4096,4096,126464", type=lambda s: _ints(s, 3, "--shape"),
+                        help="masked CE: selected rows N, hidden H, vocabulary V (default %(default)s)")
+    parser.add_argument("--attn-shape", default="8,4096,32,128", type=lambda s: _ints(s, 4, "--attn-shape"),
+                        help="attention: sequences B, tokens S, heads H, head dim D (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.attn_shape[3] > 128:
+        parser.error(f"--attn-shape: head dim {args.attn_shape[3]} exceeds 128, the largest the kernels support")
+    gpu = GPUS[args.gpu]
+    print(f"{gpu.name}: public peaks {gpu.peak_flops / 1e12:.0f} TFLOP/s dense bf16, {gpu.bandwidth / 1e12:.2f} TB/s "
+          f"HBM (NVIDIA datasheet), {gpu.sms} SMs; time per launch = max(FLOPs / peak, bytes / bandwidth)\n")
+    pred = predict(gpu, args.shape, args.attn_shape, out=sys.stdout)
+    print(pred.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
