@@ -128,8 +128,15 @@ def toy_pairs_path() -> str:
 
 
 def toy_sft_path() -> str:
-    """Directory of the bundled SFT model (LLaDA's checkpoint format, with its tokenizer)."""
+    """Directory of the bundled SFT model (LLaDA's checkpoint format; its tokenizer is :func:`toy_tokenizer`)."""
     return data_file(SFT_DIR)
+
+
+def toy_tokenizer():
+    """The toy model's character-level tokenizer with LLaDA's special tokens (built, not loaded)."""
+    from .models import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(vocab_size=MODEL_SHAPE["vocab_size"])
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -252,11 +259,11 @@ def train_sft(settings: SFTSettings, log=print):
 
     from .elbo import elbo_terms
     from .losses import mdm_sft_loss
-    from .models import build_tiny_llada, build_tiny_tokenizer
+    from .models import build_tiny_llada
     from .sampling import SamplingPlan, draw_masks
     from .tokenization import collate, encode_example
 
-    tokenizer = build_tiny_tokenizer(vocab_size=MODEL_SHAPE["vocab_size"])
+    tokenizer = toy_tokenizer()
     model = build_tiny_llada(seed=settings.seed, attn_implementation="sdpa", **MODEL_SHAPE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.95),
                             weight_decay=settings.weight_decay)
@@ -296,7 +303,7 @@ def _refuse_overwrite(path: str, overwrite: bool):
 
 
 def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False) -> dict:
-    """Train, check on the dev prompts, and write the model (LLaDA's format) with its tokenizer and settings."""
+    """Train, check on the dev prompts, and write the model (LLaDA's format) and its settings."""
     from .checkpoint import atomic_write_text
     from .models import save_llada
 
@@ -309,7 +316,6 @@ def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False)
               "dev_accuracy": dev.accuracy, "dev_credit": dev.credit,
               "parameters": sum(p.numel() for p in model.parameters())}
     save_llada(model, output_dir)
-    tokenizer.save_pretrained(output_dir)
     atomic_write_text(os.path.join(output_dir, SFT_SETTINGS_FILE), json.dumps(record, indent=1) + "\n")
     return record
 
@@ -366,12 +372,11 @@ def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite
     """Sample, grade, pair; write the JSONL and its ``.meta.json`` (settings, statistics, model hash)."""
     from .checkpoint import atomic_write_text
     from .models import load_llada
-    from .tokenization import load_tokenizer
 
     _refuse_overwrite(output, overwrite)
     deterministic_cpu(settings.seed)
     model = load_llada(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = toy_tokenizer()
     prompts = pair_prompts(settings)
     sampler = SamplerSettings(temperature=settings.temperature, seed=settings.seed)
     answers = sample_answers(model, tokenizer, prompts, sampler, n=settings.samples)
