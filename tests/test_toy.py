@@ -38,6 +38,9 @@ def test_rank_pair_prefers_exact_then_credit():
     assert toy.rank_pair(prompt, ["1 3 4 4", "1 3 4", "4 3 1"])["rejected"] == "4 3 1"
     assert toy.rank_pair(prompt, ["1 3 4", "1 3 4"]) is None  # nothing to prefer
     assert toy.rank_pair(prompt, ["3 1 4", "4 3 1"]) is None  # equal grades: no preference either
+    # An empty answer (the turn ended at once) cannot be a preference row's side.
+    assert toy.rank_pair(prompt, ["", "1 3 4", "3 1 4"])["rejected"] == "3 1 4"
+    assert toy.rank_pair(prompt, ["", "1 3 4"]) is None
 
 
 def _run(args, tmp_path):
@@ -113,3 +116,30 @@ def test_package_data_globs_cover_the_shipped_files():
     shipped = [p.relative_to(ROOT / "vrpo").as_posix() for p in DATA.rglob("*") if p.is_file()]
     missing = [f for f in shipped if not any(fnmatch.fnmatch(f, g) for g in globs)]
     assert not missing, f"pyproject.toml's package-data misses {missing}"
+
+
+def test_held_out_prompts_and_graded_samples():
+    from vrpo.data import tokenize_pairs
+
+    tok = toy.toy_tokenizer()
+    rows = [{"prompt": "sort 5 2 8", "chosen": "2 5 8", "rejected": "2 8 5"},
+            {"prompt": "sort 9 0 4 4", "chosen": "0 4 4 9", "rejected": "0 4 9"}]
+    pairs = tokenize_pairs(rows, tok, max_length=64, progress=False)
+    assert toy.held_out_prompts(pairs, tok) == ["sort 5 2 8", "sort 9 0 4 4"]
+    right = {"prompt": "sort 5 2 8", "answer": "2 5 8", "correct": True, "credit": 1.0}
+    wrong = {"prompt": "sort 5 2 8", "answer": "2 8 5", "correct": False, "credit": 1 / 3}
+    assert toy.describe_sample(right) == "'sort 5 2 8' -> '2 5 8' [correct]"
+    assert toy.describe_sample(wrong) == "'sort 5 2 8' -> '2 8 5' [wrong, credit 0.33]"
+
+
+def test_training_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vrpo.plots import plot_training
+
+    records = [{"step": 0, "eval/pref_acc": 0.6}] + [
+        {"step": s, "loss/vrpo": 0.7 - 0.01 * s, "rewards/accuracies": 0.5 + 0.01 * s, "score/var": 0.1 / s}
+        for s in range(1, 11)] + [{"step": 10, "eval/pref_acc": 0.8}]
+    summary = {"gen_acc_before": 0.4, "gen_acc_after": 0.6, "gen_credit_before": 0.8, "gen_credit_after": 0.9}
+    path = plot_training(records, summary, str(tmp_path / "plots" / "training.png"))
+    assert path and pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["training.png"]  # no temporary left behind

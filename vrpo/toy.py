@@ -25,7 +25,7 @@ import json
 import os
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -155,13 +155,6 @@ class SamplerSettings:
 EVAL_SAMPLER = SamplerSettings(temperature=0.0)  # what the run reports: greedy, so seed-free
 
 
-def answer_length(tokenizer, prompt: str) -> int:
-    """Tokens of the right answer, ``<|eot_id|>`` and EOS: the length the sampler fills."""
-    from .tokenization import encode_example
-
-    return sum(encode_example(tokenizer, prompt, reference_answer(prompt))["response_mask"])
-
-
 def _cut_answer(tokenizer, ids: list[int]) -> str:
     """The answer text: the tokens before the first special token (``<|eot_id|>``, EOS or a mask)."""
     special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids("<|eot_id|>")}
@@ -227,6 +220,40 @@ def evaluate_generations(model, tokenizer, prompts: Sequence[str], sampler: Samp
                for p, a, g in zip(prompts, answers, grades)]
     n = max(len(prompts), 1)
     return GenerationReport(sum(g.correct for g in grades) / n, sum(g.credit for g in grades) / n, samples)
+
+
+def held_out_prompts(pairs, tokenizer) -> list[str]:
+    """The user message of every pair's prompt (:class:`~vrpo.data.TokenizedPairs`: the chosen
+    sequence before its response)."""
+    from .loading import last_user_message
+
+    out = []
+    for i in range(len(pairs)):
+        seq = pairs.sequence(i, 0)
+        start = int(seq["response_mask"].argmax())
+        out.append(last_user_message(tokenizer.decode(seq["input_ids"][:start].tolist())))
+    return out
+
+
+def describe_sample(sample: dict) -> str:
+    """One graded sample for the closing summary: ``'sort 5 2 8' -> '2 5 8' [correct]``."""
+    verdict = "correct" if sample["correct"] else f"wrong, credit {sample['credit']:.2f}"
+    return f"{sample['prompt']!r} -> {sample['answer']!r} [{verdict}]"
+
+
+@dataclass(frozen=True)
+class GradedTask:
+    """A bundled task with a verifier: the model and data the default run starts from, and how it
+    grades the policy's generations on held-out prompts (see :func:`evaluate_generations`)."""
+
+    name: str
+    model_dir: Callable[[], str]
+    dataset: Callable[[], str]
+    tokenizer: Callable[[], object]
+    evaluate: Callable[..., GenerationReport]
+
+
+SORT_TASK = GradedTask("sort digits", toy_sft_path, toy_pairs_path, toy_tokenizer, evaluate_generations)
 
 
 # --------------------------------------------------------------------------------------------- SFT
@@ -348,10 +375,13 @@ def pair_prompts(settings: PairSettings) -> list[str]:
 
 def rank_pair(prompt: str, answers: Sequence[str]) -> dict | None:
     """``{"prompt", "chosen", "rejected"}``: the best- against the worst-graded answer (exactness first,
-    then credit; ties go to the earliest sample), or None when every answer grades the same."""
-    keyed = [((grade(prompt, a).correct, grade(prompt, a).credit), -j, a) for j, a in enumerate(answers)]
+    then credit; ties go to the earliest sample), or None when every answer grades the same. Empty
+    answers (the model ended its turn at once) are left out: a preference row needs text on both sides."""
+    keyed = [((g.correct, g.credit), -j, a) for j, a in enumerate(answers) if a for g in [grade(prompt, a)]]
+    if not keyed:
+        return None
     best, worst = max(keyed), min(keyed, key=lambda k: (k[0], -k[1]))
-    if best[0] == worst[0] or best[2] == worst[2]:
+    if best[0] == worst[0]:
         return None
     return {"prompt": prompt, "chosen": best[2], "rejected": worst[2]}
 
