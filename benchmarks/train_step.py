@@ -188,7 +188,7 @@ def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int
         gpu_mem = {impl: cuda_step_memory(t) for impl, t in trainers.items()} if on_gpu else {}
         from vrpo_kernels.dispatch import resolve_impl
 
-        probe = next(trainers["fused"].policy.parameters())
+        probe = next(trainers["fused"].policy_model.parameters())
         kernel = resolve_impl(trainers["fused"].config.kernel_impl, probe, "masked_linear_ce")
         del trainers
     gc.collect()

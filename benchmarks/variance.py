@@ -62,7 +62,7 @@ import torch
 from benchmarks.common import machine, write_csv
 from vrpo.config import VRPOConfig
 from vrpo.losses import preference_loss
-from vrpo.sampling import SamplingPlan, draw_key, draw_masks_keyed
+from vrpo.sampling import SamplingPlan
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -150,7 +150,7 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
         summary = base.train()
         info.update(base_acc_before=summary.get("pref_acc_before"),
                     base_acc_after=summary.get("pref_acc_after"))
-        model = base.accelerator.unwrap_model(base.policy_elbo).model
+        model = base.policy_model
         tokenizer, train_pairs, eval_pairs = base.tokenizer, base.train_pairs, base.eval_pairs
         del base
     changes = {} if learning_rate is None else dict(learning_rate=learning_rate)
@@ -175,32 +175,24 @@ def gradient_matrices(model) -> dict[str, torch.nn.Parameter]:
 def replicate(trainer, setting: Setting, pair_ids: list[int], repeat: int, seed: int, chunk: int,
               beta: float):
     """One repeat of one setting over all pairs: scores [P], losses [P] and the gradients of the summed
-    loss w.r.t. the chosen matrices (float64)."""
-    policy_elbo = trainer.accelerator.unwrap_model(trainer.policy_elbo)
-    ref_elbo = trainer.ref_elbo
+    loss w.r.t. the chosen matrices (float64). The draws, the reference's terms (on the policy's draw or
+    an independent one) and the margins are the trainer's own."""
+    cfg = trainer.config
     plan = setting.plan
-    mats = gradient_matrices(policy_elbo.model)
+    mats = gradient_matrices(trainer.policy_model)
     for p in mats.values():
         p.grad = None
     scores, losses = [], []
     for start in range(0, len(pair_ids), chunk):
         ids = pair_ids[start : start + chunk]
-        items = [(0, i) for i in ids]
+        # Keyed by (seed, "variance", repeat, pair, side): the repeat stands in for the epoch.
+        items = [(repeat, i) for i in ids]
         batch = trainer.batch_of(trainer.eval_pairs, items)
-        keys = [draw_key(seed, "variance", repeat, i, side) for side in (0, 1) for i in ids]
-        draw = draw_masks_keyed(batch["response_mask"], plan, keys)
-        if plan.antithetic:
-            ref_draw = draw
-        else:
-            ref_keys = [draw_key(seed, "variance-ref", repeat, i, side) for side in (0, 1) for i in ids]
-            ref_draw = draw_masks_keyed(batch["response_mask"], plan, ref_keys)
-        args = (batch["input_ids"], batch["response_mask"])
-        pol = policy_elbo(*args, draw, attention_mask=batch["attention_mask"]).mean(-1)
-        with torch.no_grad():
-            ref = ref_elbo(*args, ref_draw, attention_mask=batch["attention_mask"]).mean(-1)
-        B = len(ids)
-        margin = (pol[:B] - ref[:B]) - (pol[B:] - ref[B:])
-        loss = preference_loss(margin, beta, "sigmoid", 0.0)
+        draw, ref_draw = trainer.draws(batch, items, "variance", "variance-ref", plan=plan, seed=seed)
+        policy_terms = trainer.policy_terms(batch, draw)
+        ref_terms, _ = trainer.reference_terms(batch, items, ref_draw)
+        margin = trainer.pair_margins(policy_terms, ref_terms)
+        loss = preference_loss(margin, beta, cfg.loss_type, cfg.label_smoothing)
         loss.sum().backward()
         scores.append(beta * margin.detach().double())
         losses.append(loss.detach().double())
@@ -249,7 +241,7 @@ def measure(trainer, settings, pairs: int, repeats: int, seed: int, chunk: int,
     if pairs > n_pairs:
         raise ValueError(f"--pairs {pairs}: only {n_pairs} held-out pairs are available")
     pair_ids = list(range(pairs))
-    model = trainer.accelerator.unwrap_model(trainer.policy_elbo).model
+    model = trainer.policy_model
     # Only the measured matrices need gradients: backward then stops at the last layer (the values are
     # the same, the cost far lower).
     wanted = {id(p) for p in gradient_matrices(model).values()}
@@ -293,7 +285,7 @@ def _measure(trainer, settings, pair_ids, repeats, seed, chunk, beta, progress):
 @contextlib.contextmanager
 def interpolated_policy(trainer, alpha: float):
     """Within the block, the policy's weights are ``ref + alpha * (policy - ref)``."""
-    policy = trainer.accelerator.unwrap_model(trainer.policy_elbo).model
+    policy = trainer.policy_model
     ref = trainer.ref_elbo.model
     pairs = list(zip(policy.named_parameters(), ref.named_parameters()))
     if len(pairs) != len(list(ref.parameters())) or any(a[0] != b[0] for a, b in pairs):
@@ -547,8 +539,7 @@ def run(out_dir=RESULTS_DIR, quick=False, seed=42, progress=True, settings=SETTI
         rows = measure(trainer, settings, sizes["pairs"], sizes["repeats"], seed, sizes["chunk"], progress)
         rows += distance_sweep(trainer, sizes["alphas"], sizes["pairs"], sizes["repeats"], seed, sizes["chunk"],
                                progress)
-    model = trainer.accelerator.unwrap_model(trainer.policy_elbo).model
-    mats = gradient_matrices(model)
+    mats = gradient_matrices(trainer.policy_model)
     meta = dict(
         command=command, date=datetime.date.today().isoformat(), machine=machine(),
         seconds=time.perf_counter() - t0, seed=seed, beta=trainer.config.beta, **sizes, **info,

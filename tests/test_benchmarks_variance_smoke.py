@@ -15,7 +15,6 @@ import torch
 
 from benchmarks import train_step as step_bench
 from benchmarks import variance as var_bench
-from vrpo.elbo import ELBOModule
 
 
 def read_csv(path):
@@ -74,8 +73,7 @@ def test_replicates_are_seeded_and_antithetic_draws_cancel(trained):
     assert c[0]["var_score"] != a[0]["var_score"]
     # With the policy as its own reference, antithetic scores are exactly 0; independent draws are not.
     ref = trained.ref_elbo
-    policy = trained.accelerator.unwrap_model(trained.policy_elbo)
-    trained.ref_elbo = ELBOModule(policy.model, policy.mask_token_id, policy.fused, policy.impl)
+    trained.ref_elbo = trained.elbo_module(trained.policy_model)
     try:
         same = var_bench.measure(trained, settings, pairs=3, repeats=3, seed=1, chunk=3, progress=False)
     finally:
@@ -112,7 +110,7 @@ def test_variance_benchmark_quick_writes_its_outputs(tmp_path):
 
 
 def test_interpolated_policy_restores_the_weights(trained):
-    policy = trained.accelerator.unwrap_model(trained.policy_elbo).model
+    policy = trained.policy_model
     ref = trained.ref_elbo.model
     before = [p.detach().clone() for p in policy.parameters()]
     with var_bench.interpolated_policy(trained, 0.25):

@@ -118,7 +118,7 @@ def test_lora_reference_with_adapters_off_matches_a_frozen_copy(tmp_path):
     cfg = VRPOConfig(**{**FAST, "max_steps": 4, "learning_rate": 1e-2}, use_lora=True, output_dir=str(tmp_path / "lora"))
     trainer = VRPOTrainer(cfg)
     trainer.train()
-    lora = trainer.accelerator.unwrap_model(trainer.policy_elbo).model
+    lora = trainer.policy_model
     assert any(p.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_B" in n)  # the adapters moved
     frozen = ELBOModule(load_policy(trainer.config), trainer.mask_token_id)  # the same seeded initial weights
     items = [(0, i) for i in range(4)]
@@ -218,3 +218,36 @@ def test_packed_training_matches_unpacked(tmp_path):
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "packed")
     torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-4, atol=1e-5)
     assert packed["pref_acc_after"] == pytest.approx(plain["pref_acc_after"])
+
+
+def test_eval_reward_uses_the_reference_given_through_the_api(tmp_path):
+    """The implicit reward is measured against ``ref_model=``, not against the policy's initial weights."""
+    from vrpo.loading import TOY_MODEL
+    from vrpo.models import build_tiny_llada
+
+    policy = build_tiny_llada(seed=0, attn_implementation="sdpa", **TOY_MODEL)
+    reference = build_tiny_llada(seed=1, attn_implementation="sdpa", **TOY_MODEL)  # not the policy's start
+    cfg = VRPOConfig(**{**FAST, "max_steps": 2}, output_dir=str(tmp_path / "run"))
+    trainer = VRPOTrainer(cfg, model=policy, ref_model=reference)
+    summary = trainer.train()
+    ref = trainer.eval_terms(ELBOModule(reference, trainer.mask_token_id), trainer.eval_pairs).mean(-1)
+    pol = trainer.eval_terms(ELBOModule(trainer.policy_model, trainer.mask_token_id), trainer.eval_pairs).mean(-1)
+    margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+    records = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["eval/reward_margin"] for r in records if "eval/reward_margin" in r][-1]
+    assert logged == pytest.approx(trainer.config.beta * margin.mean().item(), rel=1e-5, abs=1e-6)
+    assert summary["reward_acc_after"] == pytest.approx((margin > 0).float().mean().item())
+
+
+def test_a_user_dataset_on_the_embedded_model_is_told_its_presets_and_not_graded(tmp_path, caplog):
+    data = tmp_path / "mine.jsonl"
+    rows = (ROOT / "vrpo" / "data_files" / "toy_sort.jsonl").read_text().splitlines()[:60]
+    data.write_text("\n".join(rows) + "\n")
+    cfg = VRPOConfig(**{**FAST, "max_steps": 1, "num_samples": 1}, dataset=str(data), output_dir=str(tmp_path / "run"))
+    with caplog.at_level("INFO", logger="vrpo"):
+        summary = VRPOTrainer(cfg).train()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "presets" in r.getMessage()]
+    assert warned and "learning_rate=0.002" in warned[0] and "max_length=64" in warned[0], warned
+    assert f"--dataset {data}" in warned[0]
+    # The sorting task's checker says nothing about a user's data, even when it happens to be sorting.
+    assert len(summary["samples"]) == 1 and "correct" not in summary["samples"][0]

@@ -226,6 +226,23 @@ class VRPOConfig:
         """The embedded demo: no checkpoint given."""
         return self.model_name_or_path is None
 
+    @property
+    def toy_task(self) -> bool:
+        """The bundled sorting task: no ``--dataset`` given (its answers can be graded)."""
+        return self.dataset is None
+
+    def preset_note(self) -> str | None:
+        """Which of the embedded model's presets :meth:`resolved` fills in, and why; None when none do."""
+        if not self.toy:
+            return None
+        applied = [f"{name}={values[1]}" for name, values in PRESETS.items() if getattr(self, name) is None]
+        if not applied:
+            return None
+        why = "no --model_name_or_path: the embedded tiny model, randomly initialised, uses its demo presets"
+        if not self.toy_task:
+            why += f" (sized for the bundled sorting task, not for --dataset {self.dataset})"
+        return f"{why}: {', '.join(applied)}; pass a flag to override one"
+
     def resolved(self) -> VRPOConfig:
         """A copy with every ``None`` default filled in (paper values, or toy-run values)."""
         which = 1 if self.toy else 0

@@ -97,3 +97,48 @@ def generate(
             keep = (rank < schedule[:, step : step + 1]) & masked
             x = torch.where(keep, guess, x)
     return x
+
+
+def last_user_message(prompt_text: str) -> str:
+    """The content of the last user turn of a prompt rendered with LLaDA's chat template."""
+    head = "<|start_header_id|>user<|end_header_id|>"
+    if head not in prompt_text:
+        return prompt_text.strip()
+    return prompt_text.rsplit(head, 1)[1].split("<|eot_id|>", 1)[0].strip()
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, pairs, mask_token_id: int, k: int, gen_length: int | None = None,
+                   steps: int | None = None, block_length: int | None = None, grade=None,
+                   sampler=generate) -> list[dict]:
+    """Greedy answers of ``model`` to the prompts of the first ``k`` of ``pairs`` (LLaDA's sampler).
+
+    Args:
+        pairs: :class:`~vrpo.data.TokenizedPairs`; a prompt is its chosen sequence before the response.
+        gen_length: tokens generated per prompt (default: the length of the pair's chosen response).
+        steps, block_length: see :func:`generate`.
+        grade: optional ``(prompt, answer) -> bool``, recorded as ``"correct"`` (a task's own checker).
+        sampler: the model family's sampler, called like :func:`generate`.
+
+    Returns:
+        ``[{"prompt": the last user message, "answer": decoded text, ["correct": bool]}]``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(min(k, len(pairs))):
+        seq = pairs.sequence(i, 0)
+        resp = seq["response_mask"]
+        start = int(resp.argmax())
+        prompt = torch.as_tensor(seq["input_ids"][:start], dtype=torch.long, device=device)[None]
+        length = gen_length or int(resp.sum())
+        ids = sampler(model, prompt, mask_token_id, gen_length=length, steps=steps or length,
+                       block_length=block_length or length)
+        answer = tokenizer.decode(ids[0, start:].tolist(), skip_special_tokens=True).strip()
+        record = {"prompt": last_user_message(tokenizer.decode(prompt[0].tolist())), "answer": answer}
+        if grade is not None:
+            record["correct"] = grade(record["prompt"], answer)
+        out.append(record)
+    model.train(was_training)
+    return out

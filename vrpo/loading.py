@@ -1,12 +1,15 @@
-"""What a run loads, from its config: the tokenizer, the data, the policy and the reference.
+"""What a run loads, from its config, in the order a run needs it: the tokenizer, the data, the models;
+and how the trained model is saved.
 
-Kept apart from the trainer so that the loop stays thin and each piece can be used on its own.
+Kept apart from the trainer so that the loop stays thin and each piece can be used on its own; the
+trainer reaches model checkpoints (loading and saving) only through this module.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -21,10 +24,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOY_MODEL = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab_size=128 + 8, max_sequence_length=128)
 
 
+# --- 1. the tokenizer ---------------------------------------------------------------------------
+
 def load_tokenizer(cfg: VRPOConfig):
     """The run's tokenizer, with a mask token (raises ValueError naming the directory otherwise)."""
-    from .models.tiny import build_tiny_tokenizer
     from .tokenization import load_tokenizer as load
+
+    from .models import build_tiny_tokenizer
 
     if cfg.toy and cfg.tokenizer_name_or_path is None:
         return build_tiny_tokenizer(vocab_size=TOY_MODEL["vocab_size"])
@@ -38,12 +44,15 @@ def load_tokenizer(cfg: VRPOConfig):
 
 
 def mask_token_id(cfg: VRPOConfig, tokenizer) -> int:
+    """``--mask_token_id``, else the tokenizer's mask token."""
     from .tokenization import get_mask_token_id
 
     if cfg.mask_token_id is not None:
         return cfg.mask_token_id
     return get_mask_token_id(tokenizer)
 
+
+# --- 2. the data --------------------------------------------------------------------------------
 
 def load_pairs(cfg: VRPOConfig, tokenizer):
     """``(train, eval, stats)``: tokenized pairs; eval is ``--eval_dataset`` or split off the training data."""
@@ -72,6 +81,8 @@ def load_pairs(cfg: VRPOConfig, tokenizer):
     return train_pairs, eval_pairs, result
 
 
+# --- 3. the models ------------------------------------------------------------------------------
+
 def _dtype(cfg: VRPOConfig):
     return None if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
 
@@ -93,7 +104,8 @@ def load_policy(cfg: VRPOConfig):
         model = build_tiny_llada(seed=cfg.seed, attn_implementation=attention_backend(cfg), **TOY_MODEL)
         dtype = _dtype(cfg)
         return model.to(dtype) if dtype is not None else model
-    return load_llada(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id)
+    return load_llada(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
+                      mask_token_id=cfg.mask_token_id)
 
 
 def load_reference(cfg: VRPOConfig, policy):
@@ -117,41 +129,38 @@ def add_lora(cfg: VRPOConfig, policy):
     return get_peft_model(policy, lora)
 
 
-def last_user_message(prompt_text: str) -> str:
-    """The content of the last user turn of a prompt rendered with LLaDA's chat template."""
-    head = "<|start_header_id|>user<|end_header_id|>"
-    if head not in prompt_text:
-        return prompt_text.strip()
-    return prompt_text.rsplit(head, 1)[1].split("<|eot_id|>", 1)[0].strip()
+@dataclass
+class Models:
+    """The run's models. ``reference`` is None with LoRA (the policy with its adapters off is the
+    reference); ``reference_is_initial_policy`` says whether the reference equals the policy as loaded
+    (a copy of it, or LoRA), so that terms computed with the initial policy can stand for it."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    reference_is_initial_policy: bool
 
 
-@torch.no_grad()
-def sample_answers(trainer, k: int) -> list[dict]:
-    """Generate answers for the first ``k`` held-out prompts with LLaDA's sampler."""
-    from .generate import generate
-    from .toy import is_correct
+def load_models(cfg: VRPOConfig, policy=None, reference=None) -> Models:
+    """The policy (loaded unless given; with LoRA adapters and gradient checkpointing as configured,
+    in training mode) and its frozen reference (given, ``--ref_model_name_or_path``, or a copy)."""
+    policy = policy if policy is not None else load_policy(cfg)
+    # LoRA's reference is the policy with its adapters off, whatever --ref_model_name_or_path says.
+    initial = reference is None and (cfg.use_lora or not cfg.ref_model_name_or_path)
+    if reference is None and not cfg.use_lora:
+        reference = load_reference(cfg, policy)
+    if cfg.use_lora:
+        policy = add_lora(cfg, policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    return Models(policy, reference, initial)
 
-    cfg, acc = trainer.config, trainer.accelerator
-    if not acc.is_main_process:
-        return []
-    model = acc.unwrap_model(trainer.policy_elbo).model
-    was_training = model.training
-    model.eval()
-    pairs = trainer.eval_pairs
-    out = []
-    tok = trainer.tokenizer
-    for i in range(min(k, len(pairs))):
-        seq = pairs.sequence(i, 0)
-        resp = seq["response_mask"]
-        start = int(resp.argmax())
-        prompt = torch.as_tensor(seq["input_ids"][:start], dtype=torch.long, device=acc.device)[None]
-        gen_length = cfg.gen_length or (int(resp.sum()) if cfg.toy else 128)
-        ids = generate(model, prompt, trainer.mask_token_id, gen_length=gen_length,
-                       steps=cfg.gen_steps or gen_length, block_length=cfg.block_length or gen_length)
-        answer = tok.decode(ids[0, start:].tolist(), skip_special_tokens=True).strip()
-        record = {"prompt": last_user_message(tok.decode(prompt[0].tolist())), "answer": answer}
-        if cfg.toy:
-            record["correct"] = is_correct(record["prompt"], answer)
-        out.append(record)
-    model.train(was_training)
-    return out
+
+# --- 4. the output ------------------------------------------------------------------------------
+
+def save_model(model, tokenizer, path: str):
+    """The trained model in its checkpoint format (LLaDA's), with the tokenizer, under ``path``."""
+    from .models import save_llada
+
+    save_llada(model, path)
+    tokenizer.save_pretrained(path)

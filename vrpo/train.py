@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import TrainingDiverged, VRPOTrainer
 
     try:
-        trainer = VRPOTrainer(config)
-        summary = trainer.train()
+        trainer = VRPOTrainer(config)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
+        summary = trainer.train()  # the loop, then the outputs
     except (DataError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"vrpo.train: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,14 @@
 """``VRPOTrainer``: the loop around the library's maths (sampling, ELBO, loss).
 
-One optimizer step:
+A run, top-down (each a method of :class:`VRPOTrainer`, in this order):
+
+1. build (``__init__``): resolve the config; load the tokenizer, then read and tokenize the data, then
+   load the models (:mod:`vrpo.loading`); the optimizer and scheduler; restore a checkpoint if resuming;
+2. ``train``: evaluate the initial policy (and the reference's terms), precompute the reference if
+   asked, then the loop of ``train_step``, with logging, evaluation and checkpoints;
+3. ``finish``: the final evaluation, checkpoint, model, samples and ``summary.json``.
+
+One optimizer step (``train_step``):
 
 1. take this process's share of the step's global batch of pairs (a seeded permutation per epoch);
 2. draw masks for every chosen and rejected sequence, keyed by ``(seed, epoch, pair, side)`` so a
@@ -24,15 +32,17 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from . import loading
 from .checkpoint import CheckpointManager, atomic_write_text
 from .config import VRPOConfig
 from .elbo import ELBOModule, NonFiniteELBOError
 from .losses import mdm_sft_loss, vrpo_loss
-from .sampling import SamplingPlan, draw_key, draw_masks_keyed
+from .sampling import MaskDraw, SamplingPlan, draw_key, draw_masks_keyed
 
 logger = logging.getLogger("vrpo")
 
@@ -48,6 +58,12 @@ def fault_point(name: str, step: int):
     spec = os.environ.get("VRPO_KILL_AT")
     if spec and spec == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def reward_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """``(B_pi(y_w) - B_ref(y_w)) - (B_pi(y_l) - B_ref(y_l))`` from ELBO estimates [B]: the score
+    without ``beta``: DPO's log-ratio margin with ELBOs in place of log-likelihoods (Zhu et al. 2025)."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
 class MetricsLogger:
@@ -93,15 +109,65 @@ class MetricsLogger:
             self.writer.close()
 
 
+@dataclass
+class RunState:
+    """What a run carries from step to step and through a checkpoint (``trainer_state.json``)."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    last_losses: list[float] = field(default_factory=list)  # the VRPO loss of the last applied steps
+    pref_acc_before: float | None = None
+
+    def to_checkpoint(self, max_steps: int, seed: int) -> dict:
+        return {"step": self.step, "max_steps": max_steps, "seed": seed, "skipped_steps": self.skipped_steps,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "last_losses": self.last_losses,
+                "pref_acc_before": self.pref_acc_before}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> RunState:
+        return cls(step=saved["step"], skipped_steps=saved.get("skipped_steps", 0),
+                   consecutive_nonfinite=saved.get("consecutive_nonfinite", 0),
+                   last_losses=saved.get("last_losses", []), pref_acc_before=saved.get("pref_acc_before"))
+
+
+@dataclass
+class LogWindow:
+    """Step metrics and tokens since the last log record."""
+
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    tokens: int = 0
+    t0: float = field(default_factory=time.time)
+
+    def add(self, metrics: dict, tokens: int):
+        self.tokens += tokens
+        for key, v in metrics.items():
+            self.metrics.setdefault(key, []).append(v)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.time() - self.t0, 1e-9)
+
+    def record(self, skipped_steps: int) -> dict:
+        """The window's means (non-finite ones left out), throughput and skips; then start a new window."""
+        out = {k: sum(v) / len(v) for k, v in self.metrics.items() if v and all(math.isfinite(x) for x in v)}
+        out["train/tokens_per_s"] = self.tokens_per_s()
+        out["train/skipped_steps"] = skipped_steps
+        self.metrics, self.tokens, self.t0 = {}, 0, time.time()
+        return out
+
+
 class VRPOTrainer:
     """Train a masked diffusion LM with VRPO.
 
     Args:
         config: the run's :class:`~vrpo.config.VRPOConfig` (``None`` fields are resolved).
         model, ref_model, tokenizer: optional objects to use instead of loading them from the config
-            (the API route; the command line loads them).
+            (the API route; the command line loads them). ``ref_model`` defaults to a frozen copy of
+            the initial policy (or, with LoRA, the policy with its adapters off).
         train_pairs, eval_pairs: optional :class:`~vrpo.data.TokenizedPairs`.
     """
+
+    # --- build the run: everything that can be wrong is found before anything is written ----------
 
     def __init__(self, config: VRPOConfig, model=None, ref_model=None, tokenizer=None, train_pairs=None, eval_pairs=None):
         from accelerate import Accelerator
@@ -109,35 +175,56 @@ class VRPOTrainer:
 
         self.config = cfg = config.resolved()
         self.plan = cfg.sampling_plan()
-        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
         set_seed(cfg.seed)
-        self.is_main = acc.is_main_process
+        self.is_main = self.accelerator.is_main_process
+        self._report_presets(config)
+        self._load_tokenizer(tokenizer)
+        self._load_data(train_pairs, eval_pairs)
+        self._plan_batches()
+        self._open_output_dir()
+        self._prepare_optimization(self._load_models(model, ref_model))
+        self._restore()
 
-        # Everything that can be wrong with the data or the model is found before anything is written.
-        from . import loading
+    def _report_presets(self, config: VRPOConfig):
+        note = config.preset_note()
+        if note and self.is_main:
+            # A user's dataset on the embedded model gets presets made for the sorting task: say so loudly.
+            logger.log(logging.INFO if config.toy_task else logging.WARNING, note)
 
-        self.tokenizer = tokenizer if tokenizer is not None else loading.load_tokenizer(cfg)
-        self.mask_token_id = loading.mask_token_id(cfg, self.tokenizer)
+    def _load_tokenizer(self, tokenizer):
+        self.tokenizer = tokenizer if tokenizer is not None else loading.load_tokenizer(self.config)
+        self.mask_token_id = loading.mask_token_id(self.config, self.tokenizer)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _load_data(self, train_pairs, eval_pairs):
         if train_pairs is None:
-            train_pairs, eval_pairs, self.data_stats = loading.load_pairs(cfg, self.tokenizer)
+            train_pairs, eval_pairs, self.data_stats = loading.load_pairs(self.config, self.tokenizer)
         else:
             self.data_stats = {}
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-        world = acc.num_processes
+    @property
+    def has_eval(self) -> bool:
+        return self.eval_pairs is not None and len(self.eval_pairs) > 0
+
+    def _plan_batches(self):
+        cfg = self.config
         self.local_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-        self.global_batch = self.local_batch * world
-        self.steps_per_epoch = len(train_pairs) // self.global_batch
+        self.global_batch = self.local_batch * self.accelerator.num_processes
+        self.steps_per_epoch = len(self.train_pairs) // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{len(train_pairs)} training pairs do not fill one global batch of {self.global_batch} "
+                f"{len(self.train_pairs)} training pairs do not fill one global batch of {self.global_batch} "
                 f"(per-device batch x processes x accumulation); lower --per_device_train_batch_size"
             )
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch * cfg.num_train_epochs
 
+    def _open_output_dir(self):
+        cfg = self.config
         self.resume_path = None
-        self.checkpoints = CheckpointManager(cfg.output_dir, acc, cfg.save_total_limit)
+        self.checkpoints = CheckpointManager(cfg.output_dir, self.accelerator, cfg.save_total_limit)
         if cfg.resume_from_checkpoint:
             self.resume_path = self.checkpoints.resolve(cfg.resume_from_checkpoint)
         elif self.checkpoints.complete() and not cfg.overwrite_output_dir:
@@ -146,17 +233,21 @@ class VRPOTrainer:
                 "to continue that run or --overwrite_output_dir to start over"
             )
 
-        policy = model if model is not None else loading.load_policy(cfg)
-        if ref_model is None and not cfg.use_lora:
-            ref_model = loading.load_reference(cfg, policy)
-        if cfg.use_lora:
-            policy = loading.add_lora(cfg, policy)
-        if cfg.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.train()
-        self.policy = policy
-        fused = "auto" if cfg.fused_head else False
-        params = [p for p in policy.parameters() if p.requires_grad]
+    def _load_models(self, model, ref_model) -> loading.Models:
+        models = loading.load_models(self.config, model, ref_model)
+        self.reference_is_initial_policy = models.reference_is_initial_policy
+        return models
+
+    def elbo_module(self, model) -> ELBOModule:
+        """``model`` wrapped so that its forward returns the run's ELBO terms (fused head, kernels, packing)."""
+        cfg = self.config
+        return ELBOModule(model, self.mask_token_id, "auto" if cfg.fused_head else False, cfg.kernel_impl,
+                          pack_length=cfg.max_length if cfg.packing else None)
+
+    def _prepare_optimization(self, models: loading.Models):
+        """AdamW and the schedule; the policy's ELBO module through accelerate, the reference's beside it."""
+        cfg, acc = self.config, self.accelerator
+        params = [p for p in models.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
@@ -166,18 +257,35 @@ class VRPOTrainer:
         # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per
         # process), and saved with the checkpoints.
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, self.max_steps)
-        pack = cfg.max_length if cfg.packing else None
-        self.policy_elbo, self.optimizer = acc.prepare(
-            ELBOModule(policy, self.mask_token_id, fused, cfg.kernel_impl, pack_length=pack), optimizer
-        )
+        self.policy_elbo, self.optimizer = acc.prepare(self.elbo_module(models.policy), optimizer)
         acc.register_for_checkpointing(self.scheduler)
         self.ref_elbo = None
-        if ref_model is not None:
+        if models.reference is not None:
             # Not handed to accelerate: it has no gradients to synchronise, and its frozen weights
             # must not be written into every checkpoint. Under FSDP/DeepSpeed it stays whole per device.
-            ref_model.eval().requires_grad_(False).to(acc.device)
-            self.ref_elbo = ELBOModule(ref_model, self.mask_token_id, fused, cfg.kernel_impl, pack_length=pack)
+            models.reference.eval().requires_grad_(False).to(acc.device)
+            self.ref_elbo = self.elbo_module(models.reference)
         self.ref_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _restore(self):
+        """The run state: fresh, or restored with the model, optimizer, scheduler and RNG states."""
+        self.state, self.ref_eval = RunState(), None
+        if self.resume_path:
+            self.state = RunState.from_checkpoint(self.checkpoints.load(self.resume_path))
+            saved = os.path.join(self.resume_path, "eval_reference.pt")
+            self.ref_eval = torch.load(saved, weights_only=True) if os.path.exists(saved) else None
+            if self.is_main:
+                logger.info("resumed from %s at step %d", self.resume_path, self.state.step)
+        self.start_step = self.state.step
+
+    @property
+    def policy_model(self) -> torch.nn.Module:
+        """The policy LM itself (unwrapped from accelerate and from its ELBO module)."""
+        return self._policy_module.model
+
+    @property
+    def _policy_module(self) -> ELBOModule:
+        return self.accelerator.unwrap_model(self.policy_elbo)
 
     # --- data order ---------------------------------------------------------------------------
 
@@ -205,26 +313,38 @@ class VRPOTrainer:
         batch = collate(seqs, self.pad_id)
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
-    def keyed_draw(self, batch, items, stream: str, plan: SamplingPlan | None = None):
-        keys = [draw_key(self.config.seed, stream, e, i, side) for side in (CHOSEN, REJECTED) for e, i in items]
+    def keyed_draw(self, batch, items, stream: str, plan: SamplingPlan | None = None,
+                   seed: int | None = None) -> MaskDraw:
+        """Masks [2B, n, L] for ``batch``, keyed by ``(seed, stream, epoch, pair, side)`` (seed: the run's)."""
+        seed = self.config.seed if seed is None else seed
+        keys = [draw_key(seed, stream, e, i, side) for side in (CHOSEN, REJECTED) for e, i in items]
         return draw_masks_keyed(batch["response_mask"], plan or self.plan, keys)
 
-    def reference_terms(self, batch, items, policy_draw):
-        """float32 [2B, n] reference terms on the same draw (antithetic) or a fresh one, and whether
-        the reference model ran (False when the terms were precomputed)."""
+    def draws(self, batch, items, stream: str = "train", ref_stream: str = "ref", plan: SamplingPlan | None = None,
+              seed: int | None = None) -> tuple[MaskDraw, MaskDraw]:
+        """The policy's draw and the reference's: the same one (antithetic sampling) or an independent one."""
+        plan = plan or self.plan
+        draw = self.keyed_draw(batch, items, stream, plan, seed)
+        return draw, draw if plan.antithetic else self.keyed_draw(batch, items, ref_stream, plan, seed)
+
+    def policy_terms(self, batch, draw: MaskDraw) -> torch.Tensor:
+        """float32 [2B, n] policy ELBO terms, with gradients."""
+        return self.policy_elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])
+
+    def reference_terms(self, batch, items, draw: MaskDraw) -> tuple[torch.Tensor, bool]:
+        """float32 [2B, n] reference terms on ``draw``, and whether the reference model ran (False when
+        the terms were precomputed)."""
         cached = [self.ref_cache.get(item) for item in items]
         if all(c is not None for c in cached):
             terms = torch.cat([torch.stack([c[0] for c in cached]), torch.stack([c[1] for c in cached])])
             return terms.to(self.accelerator.device), False
-        draw = policy_draw if self.plan.antithetic else self.keyed_draw(batch, items, "ref")
+        args = (batch["input_ids"], batch["response_mask"], draw)
         with torch.inference_mode(), self.accelerator.autocast():
             if self.ref_elbo is not None:
-                terms = self.ref_elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])
+                terms = self.ref_elbo(*args, attention_mask=batch["attention_mask"])
             else:  # LoRA: the reference is the policy with its adapters off
-                with self.accelerator.unwrap_model(self.policy_elbo).model.disable_adapter():
-                    terms = self.accelerator.unwrap_model(self.policy_elbo)(
-                        batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"]
-                    )
+                with self.policy_model.disable_adapter():
+                    terms = self._policy_module(*args, attention_mask=batch["attention_mask"])
         return terms.clone(), True  # clone: an ordinary tensor, usable next to autograd ones
 
     def precompute_reference(self):
@@ -235,7 +355,7 @@ class VRPOTrainer:
         for i in bar:
             items = todo[i : i + size]
             batch = self.batch_of(self.train_pairs, items)
-            terms = self.reference_terms(batch, items, self.keyed_draw(batch, items, "train"))[0].cpu()
+            terms = self.reference_terms(batch, items, self.draws(batch, items)[1])[0].cpu()
             B = len(items)
             for b, item in enumerate(items):
                 self.ref_cache[item] = torch.stack([terms[b], terms[B + b]])
@@ -244,19 +364,27 @@ class VRPOTrainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # --- one step -----------------------------------------------------------------------------
-
-    def grouped(self, terms: torch.Tensor) -> torch.Tensor:
+    def grouped(self, terms: torch.Tensor, plan: SamplingPlan | None = None) -> torch.Tensor:
         """[B, n] -> [B, n_t]: the n_yt masks of a timestep are averaged, so that samples are
         independent for the ``score/var`` estimate (the mean, hence the loss, is unchanged)."""
-        return terms.view(terms.shape[0], self.plan.n_t, self.plan.n_yt).mean(-1)
+        plan = plan or self.plan
+        return terms.view(terms.shape[0], plan.n_t, plan.n_yt).mean(-1)
+
+    def pair_margins(self, policy_terms: torch.Tensor, ref_terms: torch.Tensor) -> torch.Tensor:
+        """[B] :func:`reward_margin` of the pairs of [2B, n] terms (chosen rows first)."""
+        pol, ref = policy_terms.mean(-1), ref_terms.mean(-1)
+        B = pol.shape[0] // 2
+        return reward_margin(pol[:B], pol[B:], ref[:B], ref[B:])
+
+    # --- one step -------------------------------------------------------------------------------
 
     def loss_on(self, items):
+        """(loss, metrics, tokens through the models) of one micro-batch of pairs."""
         cfg = self.config
         batch = self.batch_of(self.train_pairs, items)
-        draw = self.keyed_draw(batch, items, "train")
-        policy_terms = self.policy_elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])
-        ref_terms, ref_ran = self.reference_terms(batch, items, draw)
+        draw, ref_draw = self.draws(batch, items)
+        policy_terms = self.policy_terms(batch, draw)
+        ref_terms, ref_ran = self.reference_terms(batch, items, ref_draw)
         B = len(items)
         pc, pr = self.grouped(policy_terms[:B]), self.grouped(policy_terms[B:])
         rc, rr = self.grouped(ref_terms[:B]), self.grouped(ref_terms[B:])
@@ -270,6 +398,25 @@ class VRPOTrainer:
         tokens = int(batch["attention_mask"].sum()) * self.plan.n * (2 if ref_ran else 1)
         return loss, metrics, tokens
 
+    def _backward_micro_batch(self, items, n_micro: int, sync: bool, step: int) -> tuple[dict, int, bool]:
+        """Loss and backward (scaled by 1 / n_micro) of one of n_micro micro-batches; returns (metrics,
+        tokens, whether the loss was not finite)."""
+        acc = self.accelerator
+        bad = False
+        with acc.no_sync(self.policy_elbo) if not sync else contextlib.nullcontext():
+            try:
+                loss, metrics, tokens = self.loss_on(items)
+            except NonFiniteELBOError as e:
+                logger.warning("step %d: %s", step, e)
+                bad = True
+                # Every process must still run backward (DDP), so backward a zero.
+                loss = sum(p.sum() for p in self.policy_elbo.parameters() if p.requires_grad) * 0.0
+                metrics, tokens = {}, 0
+            if not torch.isfinite(loss.detach()):
+                bad = True
+            acc.backward(loss / n_micro)
+        return metrics, tokens, bad
+
     def train_step(self, step: int) -> tuple[bool, dict, int]:
         """One optimizer step. Returns (applied, metrics, tokens processed)."""
         acc, cfg = self.accelerator, self.config
@@ -277,20 +424,8 @@ class VRPOTrainer:
         sums: dict[str, float] = {}
         tokens, bad = 0, False
         for k, items in enumerate(micro):
-            sync = k == len(micro) - 1
-            ctx = acc.no_sync(self.policy_elbo) if not sync else contextlib.nullcontext()
-            with ctx:
-                try:
-                    loss, metrics, n_tok = self.loss_on(items)
-                except NonFiniteELBOError as e:
-                    logger.warning("step %d: %s", step, e)
-                    bad = True
-                    # Every process must still run backward (DDP), so backward a zero.
-                    loss = sum(p.sum() for p in self.policy_elbo.parameters() if p.requires_grad) * 0.0
-                    metrics, n_tok = {}, 0
-                if not torch.isfinite(loss.detach()):
-                    bad = True
-                acc.backward(loss / len(micro))
+            metrics, n_tok, bad_micro = self._backward_micro_batch(items, len(micro), k == len(micro) - 1, step)
+            bad = bad or bad_micro
             tokens += n_tok
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(v) / len(micro)
@@ -302,14 +437,18 @@ class VRPOTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        metrics = dict(sums)
-        if acc.num_processes > 1 and metrics:
-            keys = sorted(metrics)
-            t = acc.reduce(torch.tensor([metrics[k] for k in keys], device=acc.device, dtype=torch.float64), "mean")
-            metrics = dict(zip(keys, t.tolist()))
+        metrics = self._mean_over_processes(sums)
         metrics["grad_norm"] = float(grad_norm)
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         return not bad, metrics, tokens
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        acc = self.accelerator
+        if acc.num_processes == 1 or not metrics:
+            return dict(metrics)
+        keys = sorted(metrics)
+        t = acc.reduce(torch.tensor([metrics[k] for k in keys], device=acc.device, dtype=torch.float64), "mean")
+        return dict(zip(keys, t.tolist()))
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -339,102 +478,145 @@ class VRPOTrainer:
     def evaluate(self, ref_eval: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
         """Held-out preference accuracy: the policy's ELBO margin > 0, and (given the reference's
         terms) the implicit reward margin > 0."""
-        policy = self.eval_terms(self.accelerator.unwrap_model(self.policy_elbo), self.eval_pairs)
+        policy = self.eval_terms(self._policy_module, self.eval_pairs)
         est = policy.mean(-1)
         metrics = {"eval/pref_acc": (est[:, 0] > est[:, 1]).float().mean().item()}
         if ref_eval is not None:
             ref = ref_eval.to(est.device).mean(-1)
-            margin = (est[:, 0] - ref[:, 0]) - (est[:, 1] - ref[:, 1])
+            margin = reward_margin(est[:, 0], est[:, 1], ref[:, 0], ref[:, 1])
             metrics["eval/reward_acc"] = (margin > 0).float().mean().item()
             metrics["eval/reward_margin"] = (self.config.beta * margin).mean().item()
         return metrics, policy
 
-    # --- the run --------------------------------------------------------------------------------
+    def evaluate_initial(self) -> dict:
+        """Evaluate the initial policy; keep the reference's eval terms for the reward accuracy."""
+        before, policy_eval = self.evaluate(None)
+        self.state.pref_acc_before = before["eval/pref_acc"]
+        if self.reference_is_initial_policy:  # its terms are the ones just computed
+            self.ref_eval = policy_eval
+        else:
+            self.ref_eval = self.eval_terms(self.ref_elbo, self.eval_pairs)
+        return before
+
+    # --- the run: the loop ----------------------------------------------------------------------
 
     def train(self) -> dict:
-        cfg, acc = self.config, self.accelerator
+        """Run from the current step to ``max_steps``; return the summary (also in ``summary.json``)."""
         t0 = time.time()
-        self.start_step = 0
-        st: dict = {"skipped_steps": 0, "consecutive_nonfinite": 0, "last_losses": []}
-        ref_eval = None
-        if self.resume_path:
-            loaded = self.checkpoints.load(self.resume_path)
-            self.start_step = loaded["step"]
-            st.update({k: loaded[k] for k in st if k in loaded})
-            st["pref_acc_before"] = loaded.get("pref_acc_before")
-            extra = os.path.join(self.resume_path, "eval_reference.pt")
-            ref_eval = torch.load(extra) if os.path.exists(extra) else None
-            if self.is_main:
-                logger.info("resumed from %s at step %d", self.resume_path, self.start_step)
+        log = self._open_logs()
+        if self.resume_path is None and self.has_eval:
+            log.log(0, self.evaluate_initial())
+        if self.config.precompute_ref:
+            self.precompute_reference()
+        self._loop(log)
+        return self.finish(log, t0)
+
+    def _open_logs(self) -> MetricsLogger:
+        cfg = self.config
         if self.is_main:
             os.makedirs(cfg.output_dir, exist_ok=True)
             atomic_write_text(os.path.join(cfg.output_dir, "config.json"), json.dumps(vars(cfg), indent=1, default=str))
-        log = MetricsLogger(cfg.output_dir, self.is_main, cfg.report_to == "tensorboard", self.start_step if self.resume_path else None)
+        return MetricsLogger(cfg.output_dir, self.is_main, cfg.report_to == "tensorboard",
+                             self.start_step if self.resume_path else None)
 
-        if self.resume_path is None and self.eval_pairs is not None and len(self.eval_pairs):
-            before, policy_eval = self.evaluate(None)
-            st["pref_acc_before"] = before["eval/pref_acc"]
-            if self.ref_elbo is not None and cfg.ref_model_name_or_path:
-                ref_eval = self.eval_terms(self.ref_elbo, self.eval_pairs)
-            else:  # the reference is the initial policy: its terms are the ones just computed
-                ref_eval = policy_eval
-            log.log(0, before)
-        if cfg.precompute_ref:
-            self.precompute_reference()
-
-        bar = tqdm(total=self.max_steps, initial=self.start_step, desc="VRPO", disable=not self.is_main, dynamic_ncols=True)
-        window: dict[str, list[float]] = {}
-        tok_count, tok_t0 = 0, time.time()
-        step = self.start_step
-        while step < self.max_steps:
-            fault_point("step", step)
-            applied, metrics, tokens = self.train_step(step)
-            step += 1
-            tok_count += tokens
-            if applied:
-                st["consecutive_nonfinite"] = 0
-                st["last_losses"] = (st["last_losses"] + [metrics["loss/vrpo"]])[-max(cfg.logging_steps, 1):]
-            else:
-                st["skipped_steps"] += 1
-                st["consecutive_nonfinite"] += 1
-                if self.is_main:
-                    logger.warning("step %d skipped: non-finite loss or gradient norm", step)
-                log.log(step, {"train/skipped": 1, "train/consecutive_nonfinite": st["consecutive_nonfinite"]})
-                if st["consecutive_nonfinite"] >= cfg.max_nonfinite_steps:
-                    last = self.checkpoints.latest()
-                    raise TrainingDiverged(
-                        f"{st['consecutive_nonfinite']} consecutive steps had a non-finite loss or gradient norm "
-                        f"(--max_nonfinite_steps {cfg.max_nonfinite_steps}); stopping at step {step}. "
-                        f"Last good checkpoint: {last or 'none'}"
-                    )
-            for key, v in metrics.items():
-                window.setdefault(key, []).append(v)
+    def _loop(self, log: MetricsLogger):
+        bar = tqdm(total=self.max_steps, initial=self.state.step, desc="VRPO", disable=not self.is_main,
+                   dynamic_ncols=True)
+        window = LogWindow()
+        while self.state.step < self.max_steps:
+            fault_point("step", self.state.step)
+            applied, metrics, tokens = self.train_step(self.state.step)
+            self.state.step += 1
+            self._account(applied, metrics, log)
+            window.add(metrics, tokens)
             bar.update(1)
             if applied:
-                elapsed = max(time.time() - tok_t0, 1e-9)
                 bar.set_postfix(loss=f"{metrics['loss/vrpo']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                                tok_s=f"{tok_count / elapsed:.0f}")
-            if step % cfg.logging_steps == 0 or step == self.max_steps:
-                record = {k: sum(v) / len(v) for k, v in window.items() if v and all(math.isfinite(x) for x in v)}
-                record["train/tokens_per_s"] = tok_count / max(time.time() - tok_t0, 1e-9)
-                record["train/skipped_steps"] = st["skipped_steps"]
-                log.log(step, record)
-                window, tok_count, tok_t0 = {}, 0, time.time()
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.max_steps and self.eval_pairs is not None:
-                log.log(step, self.evaluate(ref_eval)[0])
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < self.max_steps:
-                self.save_checkpoint(step, st, ref_eval)
+                                tok_s=f"{window.tokens_per_s():.0f}")
+            self._periodic(log, window)
         bar.close()
 
-        summary = {"steps": step, "skipped_steps": st["skipped_steps"]}
-        if self.eval_pairs is not None and len(self.eval_pairs):
-            after, _ = self.evaluate(ref_eval)
-            log.log(step, after)
-            summary.update(pref_acc_before=st.get("pref_acc_before"), pref_acc_after=after["eval/pref_acc"],
+    def _account(self, applied: bool, metrics: dict, log: MetricsLogger):
+        """Update the run state after a step; raise :class:`TrainingDiverged` after too many skips."""
+        st, cfg = self.state, self.config
+        if applied:
+            st.consecutive_nonfinite = 0
+            st.last_losses = (st.last_losses + [metrics["loss/vrpo"]])[-max(cfg.logging_steps, 1):]
+            return
+        st.skipped_steps += 1
+        st.consecutive_nonfinite += 1
+        if self.is_main:
+            logger.warning("step %d skipped: non-finite loss or gradient norm", st.step)
+        log.log(st.step, {"train/skipped": 1, "train/consecutive_nonfinite": st.consecutive_nonfinite})
+        if st.consecutive_nonfinite >= cfg.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{st.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient norm "
+                f"(--max_nonfinite_steps {cfg.max_nonfinite_steps}); stopping at step {st.step}. "
+                f"Last good checkpoint: {self.checkpoints.latest() or 'none'}"
+            )
+
+    def _periodic(self, log: MetricsLogger, window: LogWindow):
+        """Log, evaluate and checkpoint when the step calls for it (the last step is ``finish``'s)."""
+        cfg, step = self.config, self.state.step
+        if step % cfg.logging_steps == 0 or step == self.max_steps:
+            log.log(step, window.record(self.state.skipped_steps))
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.max_steps and self.has_eval:
+            log.log(step, self.evaluate(self.ref_eval)[0])
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < self.max_steps:
+            self.save_checkpoint()
+
+    # --- checkpoints and outputs ----------------------------------------------------------------
+
+    def save_checkpoint(self) -> str:
+        """An atomic checkpoint of the current step (every process calls this)."""
+        step = self.state.step
+
+        def fault():
+            fault_point("checkpoint", step)
+
+        return self.checkpoints.save(step, self.state.to_checkpoint(self.max_steps, self.config.seed), fault=fault,
+                                     extra_tensors={"eval_reference.pt": self.ref_eval})
+
+    def save_final_model(self) -> str:
+        """The trained policy (LoRA merged) and the tokenizer under ``<output_dir>/model``."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = self.policy_model
+        path = os.path.join(self.config.output_dir, "model")
+        if acc.is_main_process:
+            if self.config.use_lora:
+                model = copy.deepcopy(model).merge_and_unload()
+            loading.save_model(model, self.tokenizer, path)
+        acc.wait_for_everyone()
+        return path
+
+    def sample_answers(self) -> list[dict]:
+        """``--num_samples`` held-out prompts answered by the policy (main process; others get [])."""
+        from .generate import sample_answers
+        from .toy import is_correct
+
+        cfg = self.config
+        if not self.is_main:
+            return []
+        # The embedded model answers at the reference's length (its context is short); only the sorting
+        # task has a checker for the answers.
+        return sample_answers(self.policy_model, self.tokenizer, self.eval_pairs, self.mask_token_id,
+                              cfg.num_samples, gen_length=cfg.gen_length or (None if cfg.toy else 128),
+                              steps=cfg.gen_steps, block_length=cfg.block_length,
+                              grade=is_correct if cfg.toy_task else None)
+
+    def finish(self, log: MetricsLogger, t0: float) -> dict:
+        """The final evaluation, checkpoint and model, the samples, and ``summary.json``."""
+        cfg, st = self.config, self.state
+        summary = {"steps": st.step, "skipped_steps": st.skipped_steps}
+        if self.has_eval:
+            after, _ = self.evaluate(self.ref_eval)
+            log.log(st.step, after)
+            summary.update(pref_acc_before=st.pref_acc_before, pref_acc_after=after["eval/pref_acc"],
                            reward_acc_after=after.get("eval/reward_acc"))
-        self.save_checkpoint(step, st, ref_eval)
+        self.save_checkpoint()
         model_dir = self.save_final_model()
-        losses = st["last_losses"]
+        losses = st.last_losses
         summary.update(
             final_loss=sum(losses) / len(losses) if losses else None,
             wall_s=time.time() - t0,
@@ -445,37 +627,10 @@ class VRPOTrainer:
                        "estimator": self.plan.estimator, "stratified": self.plan.stratified},
             data=self.data_stats,
         )
-        if cfg.num_samples and self.eval_pairs is not None and len(self.eval_pairs):
-            from .loading import sample_answers
-
-            summary["samples"] = sample_answers(self, cfg.num_samples)
+        if cfg.num_samples and self.has_eval:
+            summary["samples"] = self.sample_answers()
         if self.is_main:
             atomic_write_text(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=1))
         log.close()
-        acc.end_training()
+        self.accelerator.end_training()
         return summary
-
-    def save_checkpoint(self, step: int, st: dict, ref_eval):
-        def fault():
-            fault_point("checkpoint", step)
-
-        state = {"step": step, "max_steps": self.max_steps, "seed": self.config.seed, **st}
-        path = self.checkpoints.save(step, state, fault=fault, extra_tensors={"eval_reference.pt": ref_eval})
-        return path
-
-    def save_final_model(self) -> str | None:
-        from .models import save_llada
-
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        model = acc.unwrap_model(self.policy_elbo).model
-        path = os.path.join(self.config.output_dir, "model")
-        if acc.is_main_process:
-            if self.config.use_lora:
-                model = copy.deepcopy(model).merge_and_unload()
-            save_llada(model, path)
-            self.tokenizer.save_pretrained(path)
-        acc.wait_for_everyone()
-        return path
-
-
