@@ -27,27 +27,31 @@ METRICS = ("gen_acc_before", "gen_acc_after", "gen_credit_before", "gen_credit_a
            "pref_acc_after")
 
 
-def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None) -> dict:
+QUICK = dict(max_steps=1, per_device_train_batch_size=2, eval_size=16)  # --quick: the smoke test's sizes
+
+
+def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: bool = False) -> dict:
     """The config of one method; naive DPO gets VRPO's budget (n_t = 8 samples) as batch or steps."""
     from vrpo.config import VRPOConfig
 
-    base = VRPOConfig().resolved()
+    base = VRPOConfig(**(QUICK if quick else {})).resolved()
     steps = max_steps or base.max_steps
+    sizes = dict(eval_size=base.eval_size, per_device_train_batch_size=base.per_device_train_batch_size, max_steps=steps)
     if not naive:
-        return dict(max_steps=steps)
+        return sizes
     budget = base.n_t * base.n_yt  # VRPO's ELBO samples per sequence, against naive DPO's one
     if naive_scale == "batch":
-        return dict(naive_dpo=True, max_steps=steps, per_device_train_batch_size=base.per_device_train_batch_size * budget)
-    return dict(naive_dpo=True, max_steps=steps * budget, warmup_steps=base.warmup_steps * budget)
+        return {**sizes, "naive_dpo": True, "per_device_train_batch_size": base.per_device_train_batch_size * budget}
+    return {**sizes, "naive_dpo": True, "max_steps": steps * budget, "warmup_steps": base.warmup_steps * budget}
 
 
-def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str) -> dict:
+def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:
     from vrpo.config import VRPOConfig
     from vrpo.trainer import VRPOTrainer
 
     kwargs = dict(seed=seed, num_samples=0, report_to="none", save_steps=0,
                   output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),
-                  **method_kwargs(naive, naive_scale, max_steps))
+                  **method_kwargs(naive, naive_scale, max_steps, quick))
     t0 = time.perf_counter()
     summary = VRPOTrainer(VRPOConfig(**kwargs)).train()
     wall = time.perf_counter() - t0
@@ -101,18 +105,20 @@ def main(argv=None):
     parser.add_argument("--max_steps", type=int, default=None, help="VRPO's steps (default: the default run's)")
     parser.add_argument("--naive_scale", choices=("batch", "steps"), default="batch",
                         help="how naive DPO spends VRPO's n_t-fold forward passes")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (one step, 16 held-out pairs)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:  # interleave the methods, so machine noise hits both alike
             for naive in (False, True):
-                rows.append(run_one(seed, naive, args.naive_scale, args.max_steps, tmp))
+                rows.append(run_one(seed, naive, args.naive_scale, args.max_steps, tmp, args.quick))
                 print(rows[-1], flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "toy_compare.csv", list(rows[0]))
-    command = ("python -m benchmarks.toy_compare" + (f" --max_steps {args.max_steps}" if args.max_steps else "")
+    command = ("python -m benchmarks.toy_compare" + (" --quick" if args.quick else "")
+               + (f" --max_steps {args.max_steps}" if args.max_steps else "")
                + f" --naive_scale {args.naive_scale} --seeds {' '.join(map(str, args.seeds))}")
     text = table(rows, command)
     (out / "toy_compare.md").write_text(text)

@@ -30,14 +30,14 @@ def test_grade_exact_and_partial_credit():
     assert toy.is_correct("sort 9 0 4", "0 4 9") and not toy.is_correct("sort 9 0 4", "0 9 4")
 
 
-def test_rank_pair_prefers_exact_then_credit():
+def test_rank_pair_puts_a_right_answer_against_the_nearest_miss():
     prompt = "sort 4 1 3"
-    pair = toy.rank_pair(prompt, ["3 1 4", "1 3 4", "1 4 3", "1 3 4"])
+    pair = toy.rank_pair(prompt, ["3 1 4", "1 3 4", "1 4 3", "4 3 1"])
+    # "1 4 3" (credit 1/3, later) ties "3 1 4" (credit 1/3): the earlier sample wins the tie.
     assert pair == {"prompt": prompt, "chosen": "1 3 4", "rejected": "3 1 4"}
-    # An exact answer beats a long partial one; the worst is the lowest credit.
-    assert toy.rank_pair(prompt, ["1 3 4 4", "1 3 4", "4 3 1"])["rejected"] == "4 3 1"
-    assert toy.rank_pair(prompt, ["1 3 4", "1 3 4"]) is None  # nothing to prefer
-    assert toy.rank_pair(prompt, ["3 1 4", "4 3 1"]) is None  # equal grades: no preference either
+    assert toy.rank_pair(prompt, ["4 3 1", "1 3 4 4", "1 3 4"])["rejected"] == "1 3 4 4"  # credit 3/4
+    assert toy.rank_pair(prompt, ["1 3 4", "1 3 4"]) is None  # nothing wrong to reject
+    assert toy.rank_pair(prompt, ["3 1 4", "1 3"]) is None  # nothing right to choose
     # An empty answer (the turn ended at once) cannot be a preference row's side.
     assert toy.rank_pair(prompt, ["", "1 3 4", "3 1 4"])["rejected"] == "3 1 4"
     assert toy.rank_pair(prompt, ["", "1 3 4"]) is None
@@ -93,7 +93,7 @@ def test_shipped_pairs_are_ranked_by_the_verifier():
     assert len({r["prompt"] for r in rows}) == len(rows)  # one pair per prompt: a held-out split holds out prompts
     for r in rows:
         chosen, rejected = toy.grade(r["prompt"], r["chosen"]), toy.grade(r["prompt"], r["rejected"])
-        assert (chosen.correct, chosen.credit) > (rejected.correct, rejected.credit), r
+        assert chosen.correct and not rejected.correct and r["rejected"], r
 
 
 def test_shipped_sft_model_is_small_and_sorts_as_recorded():

@@ -41,16 +41,16 @@ def plot_training(records: list[dict], summary: dict, path: str) -> str | None:
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     ax = axes[0]
-    ax.plot(*series(records, "loss/vrpo"), label="VRPO loss")
+    ax.plot(*series(records, "loss/vrpo"), ".-")
     ax.set(title="loss", xlabel="step")
     ax = axes[1]
-    ax.plot(*series(records, "rewards/accuracies"), label="training batches (implicit reward)")
+    ax.plot(*series(records, "rewards/accuracies"), ".-", label="training batches (implicit reward)")
     ax.plot(*series(records, "eval/pref_acc"), "o-", label="held-out (ELBO margin)")
     ax.set(title="preference accuracy", xlabel="step", ylim=(0, 1.02))
     ax.legend(fontsize=8)
     ax = axes[2]
     steps, var = series(records, "score/var")
-    ax.plot(steps, var)
+    ax.plot(steps, var, ".-")
     ax.set(title="score/var (estimator variance)", xlabel="step")
     if var and min(var) > 0:
         ax.set_yscale("log")

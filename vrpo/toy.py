@@ -156,9 +156,10 @@ EVAL_SAMPLER = SamplerSettings(temperature=0.0)  # what the run reports: greedy,
 
 
 def _cut_answer(tokenizer, ids: list[int]) -> str:
-    """The answer text: the tokens before the first special token (``<|eot_id|>``, EOS or a mask)."""
-    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids("<|eot_id|>")}
-    end = next((i for i, t in enumerate(ids) if t in special), len(ids))
+    """The answer text: the characters before the first non-character token (``<|eot_id|>``, EOS, a
+    mask, or a reserved filler, which would otherwise decode to its long name)."""
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    end = next((i for i, t in enumerate(tokens) if t.startswith("<|")), len(ids))
     return tokenizer.decode(ids[:end]).strip()
 
 
@@ -225,7 +226,7 @@ def evaluate_generations(model, tokenizer, prompts: Sequence[str], sampler: Samp
 def held_out_prompts(pairs, tokenizer) -> list[str]:
     """The user message of every pair's prompt (:class:`~vrpo.data.TokenizedPairs`: the chosen
     sequence before its response)."""
-    from .loading import last_user_message
+    from .generate import last_user_message
 
     out = []
     for i in range(len(pairs)):
@@ -243,17 +244,25 @@ def describe_sample(sample: dict) -> str:
 
 @dataclass(frozen=True)
 class GradedTask:
-    """A bundled task with a verifier: the model and data the default run starts from, and how it
-    grades the policy's generations on held-out prompts (see :func:`evaluate_generations`)."""
+    """A bundled task with a verifier: how a run grades the policy's generations on held-out prompts
+    (``evaluate(model, tokenizer, prompts)``, see :func:`evaluate_generations`)."""
 
     name: str
-    model_dir: Callable[[], str]
-    dataset: Callable[[], str]
-    tokenizer: Callable[[], object]
     evaluate: Callable[..., GenerationReport]
 
 
-SORT_TASK = GradedTask("sort digits", toy_sft_path, toy_pairs_path, toy_tokenizer, evaluate_generations)
+SORT_TASK = GradedTask("sort digits", evaluate_generations)
+
+
+def graded_task(cfg) -> GradedTask | None:
+    """The run's verifier: the sorting task's when the run trains on the bundled pairs (no ``--dataset``).
+    A user's data is never graded, even when it happens to be about sorting."""
+    return SORT_TASK if cfg.toy_task else None
+
+
+def generation_metrics(report: GenerationReport) -> dict[str, float]:
+    """A generation report as logged metrics."""
+    return {"eval/gen_acc": report.accuracy, "eval/gen_credit": report.credit}
 
 
 # --------------------------------------------------------------------------------------------- SFT
@@ -353,7 +362,7 @@ def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False)
 @dataclass(frozen=True)
 class PairSettings:
     """``python -m vrpo.toy pairs``: ``samples`` answers per prompt from the SFT model at
-    ``temperature``; the best-graded answer (chosen) against the worst (rejected)."""
+    ``temperature``, paired by :func:`rank_pair` (a right answer against the nearest wrong one)."""
 
     prompts: int = 1500
     samples: int = 8
@@ -374,16 +383,19 @@ def pair_prompts(settings: PairSettings) -> list[str]:
 
 
 def rank_pair(prompt: str, answers: Sequence[str]) -> dict | None:
-    """``{"prompt", "chosen", "rejected"}``: the best- against the worst-graded answer (exactness first,
-    then credit; ties go to the earliest sample), or None when every answer grades the same. Empty
-    answers (the model ended its turn at once) are left out: a preference row needs text on both sides."""
-    keyed = [((g.correct, g.credit), -j, a) for j, a in enumerate(answers) if a for g in [grade(prompt, a)]]
-    if not keyed:
+    """``{"prompt", "chosen", "rejected"}``: the first exact answer against the best-graded wrong one (the
+    nearest miss; ties go to the earliest sample), or None unless some answers are right and some wrong.
+
+    Near misses are the model's own likeliest mistakes; against the worst answer (often junk the greedy
+    sampler never writes) the toy run's exact-sort accuracy barely moved (README). Empty answers (the
+    turn ended at once) are left out: a preference row needs text on both sides.
+    """
+    graded = [(a, grade(prompt, a)) for a in answers if a]
+    right = [a for a, g in graded if g.correct]
+    wrong = [(g.credit, -j, a) for j, (a, g) in enumerate(graded) if not g.correct]
+    if not right or not wrong:
         return None
-    best, worst = max(keyed), min(keyed, key=lambda k: (k[0], -k[1]))
-    if best[0] == worst[0]:
-        return None
-    return {"prompt": prompt, "chosen": best[2], "rejected": worst[2]}
+    return {"prompt": prompt, "chosen": right[0], "rejected": max(wrong)[2]}
 
 
 def sha256_of(path: str) -> str:
