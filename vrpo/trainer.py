@@ -14,7 +14,7 @@ One optimizer step (``train_step``):
 2. draw masks for every chosen and rejected sequence, keyed by ``(seed, epoch, pair, side)`` so a
    draw never depends on batching, padding, process count or resumption;
 3. run the policy on its draws (with gradients) and the reference on the same draws (antithetic) or
-   fresh ones, under ``inference_mode``; chosen and rejected go through in one batch;
+   fresh ones, without gradients; chosen and rejected go through in one batch;
 4. VRPO loss (+ the SFT term), backward, gradient accumulation, clipping;
 5. skip the step if the loss or gradient norm is not finite; stop after too many in a row.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import loading
+from . import distributed, loading
 from .checkpoint import CheckpointManager, atomic_write_text
 from .config import VRPOConfig
 from .elbo import ELBOModule, NonFiniteELBOError
@@ -181,6 +181,7 @@ class VRPOTrainer:
         self.config = cfg = config.resolved()
         self.plan = cfg.sampling_plan()
         self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+        distributed.check_supported(self.accelerator)
         set_seed(cfg.seed)
         self.is_main = self.accelerator.is_main_process
         self._report_presets(config)
@@ -267,10 +268,9 @@ class VRPOTrainer:
         acc.register_for_checkpointing(self.scheduler)
         self.ref_elbo = None
         if models.reference is not None:
-            # Not handed to accelerate: it has no gradients to synchronise, and its frozen weights
-            # must not be written into every checkpoint. Under FSDP/DeepSpeed it stays whole per device.
-            models.reference.eval().requires_grad_(False).to(acc.device)
-            self.ref_elbo = self.elbo_module(models.reference)
+            # Not handed to accelerate.prepare: it has no gradients to synchronise, and its frozen weights
+            # must not be written into every checkpoint. Sharded like the policy under FSDP2.
+            self.ref_elbo = distributed.place_reference(acc, self.elbo_module(models.reference))
         self.ref_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def _restore(self):
@@ -345,7 +345,8 @@ class VRPOTrainer:
             terms = torch.cat([torch.stack([c[0] for c in cached]), torch.stack([c[1] for c in cached])])
             return terms.to(self.accelerator.device), False
         args = (batch["input_ids"], batch["response_mask"], draw)
-        with torch.inference_mode(), self.accelerator.autocast():
+        # no_grad, not inference_mode: FSDP2 reuses its gathered-parameter buffers in the training forward.
+        with torch.no_grad(), self.accelerator.autocast():
             if self.ref_elbo is not None:
                 terms = self.ref_elbo(*args, attention_mask=batch["attention_mask"])
             else:  # LoRA: the reference is the policy with its adapters off
@@ -464,7 +465,8 @@ class VRPOTrainer:
         plan = SamplingPlan(n_t=self.config.eval_n_t, stratified=True, estimator=self.config.estimator)
         acc = self.accelerator
         N = len(pairs_data)
-        mine = list(range(acc.process_index, N, acc.num_processes))
+        # Sharded models gather in every forward: every process runs the same number of batches.
+        mine, real = distributed.balanced_share(N, acc.process_index, acc.num_processes)
         size = max(1, self.config.per_device_train_batch_size)
         out = torch.zeros(N, 2, plan.n, device=acc.device)
         was_training = elbo.training
@@ -475,9 +477,9 @@ class VRPOTrainer:
             draw = self.keyed_draw(batch, items, "eval", plan)
             with acc.autocast():
                 terms = elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])
-            B = len(items)
-            idx = torch.tensor([j for _, j in items], device=acc.device)
-            out[idx, 0], out[idx, 1] = terms[:B].float(), terms[B:].float()
+            B, keep = len(items), max(0, min(len(items), real - i))  # padding items are not kept
+            idx = torch.tensor([j for _, j in items[:keep]], device=acc.device, dtype=torch.long)
+            out[idx, 0], out[idx, 1] = terms[:B][:keep].float(), terms[B:][:keep].float()
         elbo.train(was_training)
         return acc.reduce(out, reduction="sum") if acc.num_processes > 1 else out
 
@@ -510,10 +512,14 @@ class VRPOTrainer:
 
     def grade_generations(self) -> GenerationReport | None:
         """The policy's greedy answers to the held-out prompts, graded by the task's verifier. None
-        without a graded task (a user's --dataset) or held-out pairs, and on all but the main process."""
-        if self.task is None or not self.has_eval or not self.is_main:
+        without a graded task (a user's --dataset) or held-out pairs, and on all but the main process
+        (which, when the model is sharded, still take part in the forwards)."""
+        acc = self.accelerator
+        if self.task is None or not self.has_eval or not (self.is_main or distributed.is_sharded(acc)):
             return None
-        return self.task.evaluate(self.policy_model, self.tokenizer, held_out_prompts(self.eval_pairs, self.tokenizer))
+        with distributed.root_gathered(acc, self.policy_elbo):  # a sharded model's forwards need every process
+            report = self.task.evaluate(self.policy_model, self.tokenizer, held_out_prompts(self.eval_pairs, self.tokenizer))
+        return report if self.is_main else None
 
     # --- the run: the loop ----------------------------------------------------------------------
 
@@ -598,7 +604,7 @@ class VRPOTrainer:
         """The trained policy (LoRA merged) and the tokenizer under ``<output_dir>/model``."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        model = self.policy_model
+        model = distributed.gathered_policy(acc, self.policy_elbo)  # collective when sharded
         path = os.path.join(self.config.output_dir, "model")
         if acc.is_main_process:
             if self.config.use_lora:
@@ -612,15 +618,17 @@ class VRPOTrainer:
         graded task's own answers with the verifier's verdicts, else ungraded answers from LLaDA's sampler."""
         from .generate import sample_answers
 
-        cfg = self.config
-        if not self.is_main:
+        cfg, acc = self.config, self.accelerator
+        if not (self.is_main or distributed.is_sharded(acc)):  # a sharded model's forwards need every process
             return []
         if graded is not None:
-            return graded.samples[: cfg.num_samples]
+            return graded.samples[: cfg.num_samples] if self.is_main else []
         # The embedded model answers at the reference's length (its context is short).
-        return sample_answers(self.policy_model, self.tokenizer, self.eval_pairs, self.mask_token_id,
-                              cfg.num_samples, gen_length=cfg.gen_length or (None if cfg.toy else 128),
-                              steps=cfg.gen_steps, block_length=cfg.block_length)
+        with distributed.root_gathered(acc, self.policy_elbo):
+            samples = sample_answers(self.policy_model, self.tokenizer, self.eval_pairs, self.mask_token_id,
+                                     cfg.num_samples, gen_length=cfg.gen_length or (None if cfg.toy else 128),
+                                     steps=cfg.gen_steps, block_length=cfg.block_length)
+        return samples if self.is_main else []
 
     def outputs(self) -> dict[str, str]:
         """What the run writes, by name: the closing summary lists every one."""
