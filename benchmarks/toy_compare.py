@@ -1,10 +1,13 @@
-"""VRPO against naive DPO on the embedded toy task, over several seeds.
+"""VRPO against naive DPO at equal compute on the embedded toy task, over several seeds.
 
-``python -m benchmarks.toy_compare [--seeds 1 2 3] [--max_steps N]`` runs the embedded default run
-(``python -m vrpo.train`` with no model or data) once per seed with VRPO's defaults (n_t = 8,
-antithetic) and once with ``--naive_dpo`` (n_t = n_yt = 1, independent reference draws), and writes
-``benchmarks/results/toy_compare.{csv,md}``: held-out preference accuracy before/after, the final
-loss, the mean ``score/var`` over training (VRPO only: one sample cannot estimate it), and wall time.
+``python -m benchmarks.toy_compare [--seeds 1 2 3] [--max_steps N] [--naive_scale batch|steps]`` runs the
+default run (``python -m vrpo.train`` with no model or data: the bundled SFT model on its own ranked
+answers) once per seed with VRPO's defaults (n_t = 8, antithetic) and once with ``--naive_dpo``
+(n_t = n_yt = 1, independent reference draws) given the same number of model forward passes: 8x the
+batch (default; same steps and schedule) or 8x the steps. It writes
+``benchmarks/results/toy_compare.{csv,md}``: held-out exact-sort accuracy and mean partial credit of
+greedy generations before/after, held-out preference accuracy before/after, the mean ``score/var``
+over training (VRPO only: one sample cannot estimate it), and wall time.
 """
 
 from __future__ import annotations
@@ -20,64 +23,106 @@ import time
 from benchmarks.common import machine, write_csv
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+METRICS = ("gen_acc_before", "gen_acc_after", "gen_credit_before", "gen_credit_after", "pref_acc_before",
+           "pref_acc_after")
 
 
-def run_one(seed: int, naive: bool, max_steps: int | None, out_root: str) -> dict:
+QUICK = dict(max_steps=1, per_device_train_batch_size=2, eval_size=16)  # --quick: the smoke test's sizes
+
+
+def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: bool = False) -> dict:
+    """The config of one method; naive DPO gets VRPO's budget (n_t = 8 samples) as batch or steps."""
+    from vrpo.config import VRPOConfig
+
+    base = VRPOConfig(**(QUICK if quick else {})).resolved()
+    steps = max_steps or base.max_steps
+    sizes = dict(eval_size=base.eval_size, per_device_train_batch_size=base.per_device_train_batch_size, max_steps=steps)
+    if not naive:
+        return sizes
+    budget = base.n_t * base.n_yt  # VRPO's ELBO samples per sequence, against naive DPO's one
+    if naive_scale == "batch":
+        return {**sizes, "naive_dpo": True, "per_device_train_batch_size": base.per_device_train_batch_size * budget}
+    return {**sizes, "naive_dpo": True, "max_steps": steps * budget, "warmup_steps": base.warmup_steps * budget}
+
+
+def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:
     from vrpo.config import VRPOConfig
     from vrpo.trainer import VRPOTrainer
 
-    kwargs = dict(seed=seed, naive_dpo=naive, num_samples=0, report_to="none",
-                  output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"))
-    if max_steps:
-        kwargs["max_steps"] = max_steps
+    kwargs = dict(seed=seed, num_samples=0, report_to="none", save_steps=0,
+                  output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),
+                  **method_kwargs(naive, naive_scale, max_steps, quick))
     t0 = time.perf_counter()
     summary = VRPOTrainer(VRPOConfig(**kwargs)).train()
     wall = time.perf_counter() - t0
-    records = [json.loads(line) for line in open(os.path.join(kwargs["output_dir"], "logs", "metrics.jsonl"))]
+    with open(os.path.join(kwargs["output_dir"], "logs", "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
     score_var = [r["score/var"] for r in records if isinstance(r.get("score/var"), float)]
     return {
         "method": "naive DPO" if naive else "VRPO",
         "seed": seed,
-        "pref_acc_before": summary["pref_acc_before"],
-        "pref_acc_after": summary["pref_acc_after"],
-        "final_loss": summary["final_loss"],
+        "steps": summary["steps"],
+        **{key: summary[key] for key in METRICS},
         "mean_score_var": statistics.fmean(score_var) if score_var else float("nan"),
         "wall_s": wall,
     }
 
 
+def table(rows: list[dict], command: str) -> str:
+    lines = [
+        f"# VRPO vs naive DPO at equal forward passes on the toy task ({time.strftime('%Y-%m-%d')}, {machine()})",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Held-out prompts, greedy LLaDA sampling: exact-sort accuracy (gen acc) and mean partial credit; "
+        "preference accuracy (pref acc) of the policy's ELBO margin.",
+        "",
+        "| method | seed | steps | gen acc before | gen acc after | credit before | credit after | "
+        "pref acc before | pref acc after | mean score/var | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['steps']} | {r['gen_acc_before']:.3f} | {r['gen_acc_after']:.3f} | "
+            f"{r['gen_credit_before']:.3f} | {r['gen_credit_after']:.3f} | {r['pref_acc_before']:.3f} | "
+            f"{r['pref_acc_after']:.3f} | {r['mean_score_var']:.4f} | {r['wall_s']:.0f} |"
+        )
+    for method in ("VRPO", "naive DPO"):
+        mine = [r for r in rows if r["method"] == method]
+        if mine:
+            mean = {k: statistics.fmean(r[k] for r in mine) for k in METRICS}
+            lines.append(
+                f"| **{method} mean** | | | {mean['gen_acc_before']:.3f} | **{mean['gen_acc_after']:.3f}** | "
+                f"{mean['gen_credit_before']:.3f} | **{mean['gen_credit_after']:.3f}** | {mean['pref_acc_before']:.3f} | "
+                f"**{mean['pref_acc_after']:.3f}** | | |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--max_steps", type=int, default=None, help="default: the embedded run's")
+    parser.add_argument("--max_steps", type=int, default=None, help="VRPO's steps (default: the default run's)")
+    parser.add_argument("--naive_scale", choices=("batch", "steps"), default="batch",
+                        help="how naive DPO spends VRPO's n_t-fold forward passes")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (one step, 16 held-out pairs)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:  # interleave the methods, so machine noise hits both alike
             for naive in (False, True):
-                rows.append(run_one(seed, naive, args.max_steps, tmp))
+                rows.append(run_one(seed, naive, args.naive_scale, args.max_steps, tmp, args.quick))
                 print(rows[-1], flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "toy_compare.csv", list(rows[0]))
-    lines = [
-        f"# VRPO vs naive DPO on the toy task ({time.strftime('%Y-%m-%d')}, {machine()})",
-        "",
-        "Command: `python -m benchmarks.toy_compare" + (f" --max_steps {args.max_steps}" if args.max_steps else "")
-        + f" --seeds {' '.join(map(str, args.seeds))}`",
-        "",
-        "| method | seed | pref. acc. before | pref. acc. after | final loss | mean score/var | wall s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['seed']} | {r['pref_acc_before']:.3f} | {r['pref_acc_after']:.3f} | "
-                     f"{r['final_loss']:.4f} | {r['mean_score_var']:.4f} | {r['wall_s']:.0f} |")
-    for method in ("VRPO", "naive DPO"):
-        acc = [r["pref_acc_after"] for r in rows if r["method"] == method]
-        lines.append(f"| **{method} mean** | | | **{statistics.fmean(acc):.3f}** | | | |")
-    (out / "toy_compare.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    command = ("python -m benchmarks.toy_compare" + (" --quick" if args.quick else "")
+               + (f" --max_steps {args.max_steps}" if args.max_steps else "")
+               + f" --naive_scale {args.naive_scale} --seeds {' '.join(map(str, args.seeds))}")
+    text = table(rows, command)
+    (out / "toy_compare.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import torch
 from .config import VRPOConfig
 from .data import DataStats, read_preference_rows, tokenize_pairs
 from .models.dtypes import DTYPES
+from .toy import MODEL_SHAPE
 
 logger = logging.getLogger("vrpo")
 
-# The embedded model: big enough to learn the toy task in a couple of CPU minutes.
-TOY_MODEL = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab_size=128 + 8, max_sequence_length=128)
+# The embedded model's shape (the bundled SFT model has it): one table, in vrpo.toy.
+TOY_MODEL = MODEL_SHAPE
 
 
 # --- 1. the tokenizer ---------------------------------------------------------------------------
@@ -28,11 +29,10 @@ TOY_MODEL = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab_s
 def load_tokenizer(cfg: VRPOConfig):
     """The run's tokenizer, with a mask token (raises ValueError naming the directory otherwise)."""
     from .tokenization import load_tokenizer as load
-
-    from .models import build_tiny_tokenizer
+    from .toy import toy_tokenizer
 
     if cfg.toy and cfg.tokenizer_name_or_path is None:
-        return build_tiny_tokenizer(vocab_size=TOY_MODEL["vocab_size"])
+        return toy_tokenizer()
     path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     try:
         return load(path)
@@ -55,10 +55,10 @@ def mask_token_id(cfg: VRPOConfig, tokenizer) -> int:
 
 def load_pairs(cfg: VRPOConfig, tokenizer):
     """``(train, eval, stats)``: tokenized pairs; eval is ``--eval_dataset`` or split off the training data."""
-    from .toy import toy_dataset_path
+    from .toy import toy_pairs_path
 
     stats = DataStats()
-    path = cfg.dataset or toy_dataset_path()
+    path = cfg.dataset or toy_pairs_path()
     rows = read_preference_rows(path, on_bad_rows=cfg.on_bad_rows, stats=stats)
     pairs = tokenize_pairs(rows, tokenizer, cfg.max_length, cfg.truncation, stats, on_bad_rows=cfg.on_bad_rows)
     result = {"train": stats.as_dict()}
@@ -98,15 +98,12 @@ def attention_backend(cfg: VRPOConfig) -> str:
 
 def load_policy(cfg: VRPOConfig):
     """The model to train: a checkpoint of any supported family (recognised from its config.json by
-    :func:`vrpo.models.load_mdm`), or the embedded tiny LLaDA (seeded)."""
-    from .models import build_tiny_llada, load_mdm
+    :func:`vrpo.models.load_mdm`), or the bundled tiny SFT LLaDA (``python -m vrpo.toy sft``)."""
+    from .models import load_mdm
+    from .toy import toy_sft_path
 
-    if cfg.toy:
-        model = build_tiny_llada(seed=cfg.seed, attn_implementation=attention_backend(cfg), **TOY_MODEL)
-        dtype = _dtype(cfg)
-        return model.to(dtype) if dtype is not None else model
-    return load_mdm(cfg.model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
-                    mask_token_id=cfg.mask_token_id)
+    path = toy_sft_path() if cfg.toy else cfg.model_name_or_path
+    return load_mdm(path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id)
 
 
 def load_reference(cfg: VRPOConfig, policy):

@@ -1,8 +1,9 @@
 """``python -m vrpo.train``: VRPO preference optimization of a masked diffusion LM.
 
-With no arguments it trains the embedded tiny LLaDA on the bundled toy sorting task on the CPU in a
-few minutes, and reports held-out preference accuracy before and after. Point it at a real LLaDA or
-Dream checkpoint and a preference dataset for the real thing; see ``--help`` and the README.
+With no arguments it trains the bundled tiny SFT LLaDA on its own answers to the toy sorting task,
+ranked by a verifier, on the CPU in a few minutes, and reports held-out exact-sort accuracy of its
+generations and preference accuracy before and after. Point it at a real LLaDA or Dream checkpoint
+and a preference dataset for the real thing; see ``--help`` and the README.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(summary: dict):
+    """The closing summary: the figures before and after, graded samples, and every output."""
+    from .toy import describe_sample
+
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -50,21 +54,33 @@ def print_summary(summary: dict):
         f"({summary['skipped_steps']} skipped), final loss {summary['final_loss']:.4f}"
         if summary.get("final_loss") is not None
         else f"VRPO finished: {summary['steps']} steps in {summary['wall_s']:.0f} s",
+    ]
+    if summary.get("gen_acc_after") is not None:
+        lines.append(f"  held-out exact-sort accuracy of greedy generations: {pct(summary['gen_acc_before'])} -> "
+                     f"{pct(summary['gen_acc_after'])} (mean partial credit {summary['gen_credit_before']:.3f} -> "
+                     f"{summary['gen_credit_after']:.3f})")
+    lines += [
         f"  held-out preference accuracy (ELBO margin > 0): {pct(summary.get('pref_acc_before'))} -> "
         f"{pct(summary.get('pref_acc_after'))}",
         f"  held-out reward accuracy (implicit reward margin > 0): {pct(summary.get('reward_acc_after'))}",
     ]
     if summary.get("samples"):
-        lines.append(f"  samples from {summary['sampler']} (a tiny model trained for minutes ranks answers long "
-                     "before it writes them well):")
+        lines.append(f"  samples from {summary['sampler']} (held-out prompts):")
     for sample in summary.get("samples", []):
-        mark = {True: " [correct]", False: " [wrong]"}.get(sample.get("correct"), "")
-        lines.append(f"    {sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}{mark}")
+        graded = "correct" in sample
+        lines.append("    " + (describe_sample(sample) if graded
+                               else f"{sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}"))
+    outputs = summary["outputs"]
     lines += [
-        f"  model ({summary['family']} format): {summary['model_dir']}",
-        f"  logs: {summary['logs']} (metrics.jsonl; tensorboard --logdir {summary['logs']})",
-        f"  summary: {summary['output_dir']}/summary.json",
+        f"  model ({summary['family']} format): {outputs['model']}",
+        f"  checkpoints: {outputs['checkpoints']}",
+        f"  metrics: {outputs['metrics']}",
     ]
+    if "tensorboard" in outputs:
+        lines.append(f"  TensorBoard: tensorboard --logdir {outputs['tensorboard']}")
+    if "plot" in outputs:
+        lines.append(f"  plot: {outputs['plot']}")
+    lines.append(f"  summary: {outputs['summary']}")
     print("\n".join(lines))
 
 

@@ -46,6 +46,7 @@ from .config import VRPOConfig
 from .elbo import ELBOModule, NonFiniteELBOError
 from .losses import mdm_sft_loss, vrpo_loss
 from .sampling import MaskDraw, SamplingPlan, draw_key, draw_masks_keyed
+from .toy import GenerationReport, generation_metrics, graded_task, held_out_prompts
 
 logger = logging.getLogger("vrpo")
 
@@ -161,18 +162,22 @@ class RunState:
     last_losses: list[float] = field(default_factory=list)  # the VRPO loss of the last applied steps
     pref_acc_before: float | None = None
     final_eval: dict | None = None  # logged before the final checkpoint: not repeated when resuming from it
+    gen_acc_before: float | None = None  # graded tasks only: the initial policy's held-out generations
+    gen_credit_before: float | None = None
 
     def to_checkpoint(self, max_steps: int, seed: int) -> dict:
         return {"step": self.step, "max_steps": max_steps, "seed": seed, "skipped_steps": self.skipped_steps,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "last_losses": self.last_losses,
-                "pref_acc_before": self.pref_acc_before, "final_eval": self.final_eval}
+                "pref_acc_before": self.pref_acc_before, "final_eval": self.final_eval,
+                "gen_acc_before": self.gen_acc_before, "gen_credit_before": self.gen_credit_before}
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> RunState:
         return cls(step=saved["step"], skipped_steps=saved.get("skipped_steps", 0),
                    consecutive_nonfinite=saved.get("consecutive_nonfinite", 0),
                    last_losses=saved.get("last_losses", []), pref_acc_before=saved.get("pref_acc_before"),
-                   final_eval=saved.get("final_eval"))
+                   final_eval=saved.get("final_eval"), gen_acc_before=saved.get("gen_acc_before"),
+                   gen_credit_before=saved.get("gen_credit_before"))
 
 
 @dataclass
@@ -259,6 +264,7 @@ class VRPOTrainer:
         else:
             self.data_stats = {}
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
+        self.task = graded_task(self.config)
 
     @property
     def has_eval(self) -> bool:
@@ -641,7 +647,22 @@ class VRPOTrainer:
             self.ref_eval = policy_eval
         else:
             self.ref_eval = self.eval_terms(self.ref_elbo, self.eval_pairs)
+        generations = self.grade_generations()
+        if generations is not None:
+            self.state.gen_acc_before, self.state.gen_credit_before = generations.accuracy, generations.credit
+            before.update(generation_metrics(generations))
         return before
+
+    def grade_generations(self) -> GenerationReport | None:
+        """The policy's greedy answers to the held-out prompts, graded by the task's verifier. None
+        without a graded task (a user's --dataset) or held-out pairs, and on all but the main process
+        (which, when the model is sharded, still take part in the forwards)."""
+        acc = self.accelerator
+        if self.task is None or not self.has_eval or not (self.is_main or distributed.is_sharded(acc)):
+            return None
+        with distributed.root_gathered(acc, self.policy_elbo):  # a sharded model's forwards need every process
+            report = self.task.evaluate(self.policy_model, self.tokenizer, held_out_prompts(self.eval_pairs, self.tokenizer))
+        return report if self.is_main else None
 
     # --- the run: the loop ----------------------------------------------------------------------
 
@@ -800,22 +821,41 @@ class VRPOTrainer:
         acc.wait_for_everyone()
         return path
 
-    def sample_answers(self) -> list[dict]:
-        """``--num_samples`` held-out prompts answered by the policy (main process; others get [])."""
+    def sample_answers(self, graded: GenerationReport | None) -> list[dict]:
+        """``--num_samples`` held-out prompts answered by the policy (main process; others get []): a
+        graded task's own answers with the verifier's verdicts, else ungraded answers from LLaDA's sampler."""
         from .generate import sample_answers
-        from .toy import is_correct
 
         cfg, acc = self.config, self.accelerator
         if not (self.is_main or distributed.is_sharded(acc)):  # a sharded model's forwards need every process
             return []
-        # The embedded model answers at the reference's length (its context is short); only the sorting
-        # task has a checker for the answers.
+        if graded is not None:
+            return graded.samples[: cfg.num_samples] if self.is_main else []
+        # The embedded model answers at the reference's length (its context is short).
         with distributed.root_gathered(acc, self.policy_elbo):
             samples = sample_answers(self.policy_model, self.tokenizer, self.eval_pairs, self.mask_token_id,
                                      cfg.num_samples, gen_length=cfg.gen_length or (None if cfg.toy else 128),
-                                     steps=cfg.gen_steps, block_length=cfg.block_length,
-                                     grade=is_correct if cfg.toy_task else None)
+                                     steps=cfg.gen_steps, block_length=cfg.block_length)
         return samples if self.is_main else []
+
+    def outputs(self) -> dict[str, str]:
+        """What the run writes, by name: the closing summary lists every one."""
+        cfg = self.config
+        logs = os.path.join(cfg.output_dir, "logs")
+        out = {"model": os.path.join(cfg.output_dir, "model"), "checkpoints": self.checkpoints.root,
+               "metrics": os.path.join(logs, "metrics.jsonl"), "summary": os.path.join(cfg.output_dir, "summary.json")}
+        if cfg.report_to == "tensorboard":
+            out["tensorboard"] = os.path.join(logs, "tensorboard")
+        return out
+
+    def write_plot(self, summary: dict) -> str | None:
+        """``plots/training.png`` from the logged metrics and the summary (main process, with matplotlib)."""
+        from .plots import PLOT_FILE, plot_training, read_metrics
+
+        if not self.is_main:
+            return None
+        path = os.path.join(self.config.output_dir, PLOT_FILE)
+        return plot_training(read_metrics(self.outputs()["metrics"]), summary, path)
 
     def finish(self, log: MetricsLogger, t0: float) -> dict:
         """The final evaluation, checkpoint and model, the samples, and ``summary.json``."""
@@ -828,6 +868,11 @@ class VRPOTrainer:
             after = st.final_eval
             summary.update(pref_acc_before=st.pref_acc_before, pref_acc_after=after["eval/pref_acc"],
                            reward_acc_after=after.get("eval/reward_acc"))
+        generations = self.grade_generations()
+        if generations is not None:
+            log.log(st.step, generation_metrics(generations))
+            summary.update(gen_acc_before=st.gen_acc_before, gen_acc_after=generations.accuracy,
+                           gen_credit_before=st.gen_credit_before, gen_credit_after=generations.credit)
         self.save_checkpoint()
         model_dir = self.save_final_model()
         losses = st.last_losses
@@ -844,9 +889,13 @@ class VRPOTrainer:
             data=self.data_stats,
         )
         if cfg.num_samples and self.has_eval:
-            summary["samples"] = self.sample_answers()
-        if self.is_main:
-            atomic_write_text(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=1))
+            summary["samples"] = self.sample_answers(generations)
         log.close()
+        summary["outputs"] = self.outputs()
+        plot = self.write_plot(summary)
+        if plot:
+            summary["outputs"]["plot"] = plot
+        if self.is_main:
+            atomic_write_text(summary["outputs"]["summary"], json.dumps(summary, indent=1))
         self.accelerator.end_training()
         return summary
