@@ -303,8 +303,12 @@ def packed_elbo_terms(
         model, ids, torch.where(valid, input_ids[b, pos], 0), masked, draw.weight.float()[b, j], mask_token_id,
         model_kwargs=packing_kwargs(seg), fused=fused, impl=impl, logit_shift=shift,
     )
-    terms = torch.zeros(B * n, device=device, dtype=torch.float32).index_add(0, item[masked], per_token[masked])
-    terms = terms.view(B, n)
+    # Back to the unpacked layout [B * n, L] (each (sample, position) holds at most one token, so the
+    # write has unique indices and needs no accumulation), then the same sum as elbo_terms. Not
+    # index_add over samples: on CUDA that adds atomically, in no fixed order.
+    dense = torch.zeros(B * n, L, device=device, dtype=torch.float32)
+    dense = dense.index_put((item[masked], pos[masked]), per_token[masked])
+    terms = dense.sum(-1).view(B, n)
     _check_finite(terms, n)
     return terms
 

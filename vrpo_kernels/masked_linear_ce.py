@@ -71,8 +71,8 @@ eager implementation. Otherwise the chunks hold at most ``max_buffer_bytes`` and
 recomputes them (four GEMMs, memory independent of ``n``). The GEMM is oneDNN's or
 ``torch.mm``'s, chosen once per process by a timed probe (:func:`_cpu_gemm`). Deterministic for a
 given thread count whatever the load: chunk sizes do not depend on threads, and the one-hot part of
-``dz`` is added by ``index_add_`` (in index order) rather than ``index_put_(accumulate=True)``, whose
-CPU kernel adds atomically from several threads.
+``dz`` is added in a fixed order (``index_add_`` on the CPU, ``index_put_(accumulate=True)`` on CUDA,
+where the torch path serves fp32 without TF32; each device's other op adds atomically).
 """
 
 from __future__ import annotations
@@ -358,16 +358,26 @@ def _chunk_grads(e, w, neg_gs, hr, grads: _Grads, v0: int, first_rows: bool, fir
             grads.dh_t.addcmul_(prod, neg_gs[None, :])
 
 
+def _add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``out[index[i]] += src[i]`` in a fixed order, duplicates included. On the CPU index_add_ adds the
+    rows in index order, while index_put_(accumulate=True) adds atomically from several threads; on
+    CUDA it is the other way round: index_add_ is atomic and index_put_(accumulate=True) sorts the
+    indices and adds each one's rows in turn (PyTorch's list of nondeterministic operations)."""
+    if out.is_cuda:
+        out.index_put_((index,), src, accumulate=True)
+    else:
+        out.index_add_(0, index, src)
+
+
 def _add_onehot(g, h32, weight, targets, dh, grads: _Grads):
     """The one-hot part of ``dz = g * (onehot - softmax)``: ``d_h += g W[y]``, ``d_W[y] += g h``,
-    ``d_b[y] += g``. index_add_ adds the rows in index order on the CPU (deterministic), unlike
-    index_put_(accumulate=True), whose CPU kernel adds atomically from several threads."""
+    ``d_b[y] += g``, deterministically (:func:`_add_rows`)."""
     if dh is not None:
         dh.add_(weight[targets].float() * g[:, None])
     if grads.dw is not None:
-        grads.dw.index_add_(0, targets, h32 * g[:, None])
+        _add_rows(grads.dw, targets, h32 * g[:, None])
     if grads.db is not None:
-        grads.db.index_add_(0, targets, g)
+        _add_rows(grads.db, targets, g)
 
 
 def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None, needs=(True, True, True),
