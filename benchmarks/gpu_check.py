@@ -85,16 +85,16 @@ GPU_PLAN = Plan(
 )
 DRY_PLAN = Plan(
     ce_cases=((1, 1, 32, 70), (12, 5, 32, 70), (7, 7, 31, 33)),
-    # fp32 only: the interpreter's bf16 tl.dot is wrong, and masked_linear_ce's forward kernel does not
-    # take the UPCAST_DOT flag of vrpo_kernels._triton_utils yet (attention does, see its bf16 case).
-    ce_dtypes=(torch.float32,),
+    # bf16 (the GPU plan's dtype; its forward kernel upcasts the tiles before tl.dot in the interpreter,
+    # see vrpo_kernels._triton_utils.upcast_dots) and fp32 (the TF32 configuration).
+    ce_dtypes=(torch.bfloat16, torch.float32),
     ce_forward_only=(40, 32, 70, 8),
     attn_head_dims=(24,), attn_groups=(1, 2), attn_lengths=(1, 21),
     attn_batch_heads=(1, 2),
     mask_lengths=(1, 40),
     step_models=(("tiny LLaDA, one layer", dict(TINY_STEP_MODEL, n_layers=1), 1, 2),),
     bench_ce=(16, 32, 70),
-    bench_ce_dtype=torch.float32,
+    bench_ce_dtype=torch.bfloat16,
     bench_attn=(1, 24, 2, 16),
 )
 

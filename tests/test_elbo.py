@@ -261,3 +261,34 @@ def test_terms_are_float32_when_the_model_runs_in_bf16(fused):
     assert (0.01 * reference.abs() > bound).all(), "the bound must be tight enough to see a 1% weight error"
     error = (terms.double() - reference).abs()
     assert (error <= bound).all(), f"error {error.max().item():.3g} over the bound {bound.min().item():.3g}"
+
+
+@pytest.mark.parametrize("flags, budget", [([], None), (["--ce_max_buffer_mb", "3"], 3 << 20),
+                                           (["--ce_max_buffer_mb", "3", "--packing", "--max_length", "16"], 3 << 20)],
+                         ids=["default", "set", "set-packed"])
+def test_ce_max_buffer_mb_reaches_the_op(monkeypatch, flags, budget):
+    """--ce_max_buffer_mb -> VRPOTrainer.elbo_module -> ELBOModule -> (packed_)elbo_terms -> masked_linear_ce,
+    in bytes; None (the op's own 1 GiB default) when unset."""
+    from types import SimpleNamespace
+
+    import vrpo.elbo
+    from vrpo.config import parse_config
+    from vrpo.models import build_tiny_llada
+    from vrpo.trainer import VRPOTrainer
+
+    seen, real = [], vrpo.elbo.masked_linear_ce
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["max_buffer_bytes"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vrpo.elbo, "masked_linear_ce", spy)
+    model = build_tiny_llada(seed=3, vocab_size=128)
+    mask_id = model.config.mask_token_id
+    module = VRPOTrainer.elbo_module(SimpleNamespace(config=parse_config(flags), mask_token_id=mask_id), model)
+    ids, resp = toy_batch([3, 1], [4, 3], vocab=100, seed=4, pad_to=7)
+    draw = draw_masks(resp, SamplingPlan(n_t=2), generator=torch.Generator().manual_seed(0))
+    attention = (torch.arange(7)[None] < torch.tensor([7, 4])[:, None]).long()
+    terms = module(ids, resp, draw, attention_mask=attention)
+    assert terms.shape == (2, 2) and seen == [budget]
+    assert (module.pack_length is not None) == ("--packing" in flags)

@@ -1,7 +1,8 @@
 """masked_linear_ce against a float64 eager reference: values and gradients, every impl.
 
 The Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by conftest) on tiny shapes with
-fp32 and fp16 (the interpreter's bf16 tl.dot is wrong); the chunked torch path is also checked in bf16.
+fp32 and fp16, and in bf16 (with the tiles upcast right before tl.dot, see the bf16 test); the chunked
+torch path is checked in fp32, fp16 and bf16.
 
 Tolerances (absolute and relative, on outputs and gradients). The reference sees the same
 low-precision inputs, upcast to float64, so only the implementation's own rounding counts:
@@ -10,8 +11,8 @@ low-precision inputs, upcast to float64, so only the implementation's own roundi
 * fp16: 2e-3 on the output (fp32 accumulation of exactly-representable inputs), 1e-2 on the gradients,
   which are returned in fp16 (unit roundoff 4.9e-4) and, in the Triton kernels, are built from
   dZ tiles rounded to fp16 before the tl.dot.
-* bf16 (torch path only): 2e-3 on the output (computed in fp32), 3e-2 on the gradients, returned
-  in bf16 (unit roundoff 3.9e-3).
+* bf16 (torch path; the Triton path's bound is derived at its test): 2e-3 on the output (computed
+  in fp32), 3e-2 on the gradients, returned in bf16 (unit roundoff 3.9e-3).
 """
 
 from __future__ import annotations
@@ -99,6 +100,48 @@ def check(impl, dtype, N, H, V, max_buffer_bytes=None, **kw):
 )
 def test_matches_float64_reference(impl, dtype, shape, kw):
     check(impl, dtype, *shape, **kw)
+
+
+# bfloat16 on the Triton path in the interpreter: the forward kernel upcasts its tiles right before
+# tl.dot (the interpreter's bf16 dot is wrong: log p off by ~1e10 without it), so every bf16 load and
+# rounding runs as on the GPU. Bounds, with u = 2^-8 (bf16 unit roundoff) and the reference on the
+# same bf16 inputs in float64:
+# * log p: the forward rounds nothing to bf16 (fp32 sums of exact bf16 products, fp32 log-sum-exp),
+#   so it meets the fp32 tolerance; one logit rounded to bf16 (u * |logit|, ~1e-2 here) would not.
+# * gradients: dz = g (onehot - softmax) is computed in fp32 and stored as bf16 (a relative error of u
+#   per entry on the GPU, which rounds to nearest; 2u in the interpreter, whose fp32 -> bf16 cast
+#   truncates), the GEMMs accumulate its exact products with the bf16 operand in fp32, and torch rounds
+#   the result to bf16 (u / 2 of |result|). So |error| <= 2.5u * sum |dz| |operand| elementwise (e.g.
+#   (|dz| @ |W|) for d_hidden), plus fp32 terms ~1e-5 times smaller; the test allows 3u times it.
+BF16_U = 2.0**-8
+
+
+def _abs_grad_terms(hidden, weight, b, targets, row_weight, mask, cot):
+    """float64 sum |dz| |operand| for d_hidden, d_weight, d_bias (the bound's scale, see above)."""
+    h, w = hidden.double(), weight.double()
+    logits = h @ w.T + (b.double() if b is not None else 0)
+    onehot = torch.nn.functional.one_hot(targets, w.shape[0]).double()
+    g = torch.where(mask, cot.double() * row_weight.double(), torch.zeros_like(cot, dtype=torch.float64))
+    dz = (g[:, None] * (onehot - torch.softmax(logits, -1))).abs()
+    return dz @ w.abs(), dz.T @ h.abs(), dz.sum(0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape,kw", [((9, 19, 100), {}), ((10, 12, 40), dict(bias=False, select=1.0))],
+                         ids=["oddH-raggedV", "no-bias"])
+def test_triton_bfloat16_matches_reference(shape, kw):
+    args = make_inputs(*shape, torch.bfloat16, **kw)
+    ref_out, ref_grads = reference64(*args)
+    out, grads = run("triton", *args)
+    tol = TOL[torch.float32]["out"]
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=tol, rtol=tol)
+    for name, g, r, terms in zip(("hidden", "weight", "bias"), grads, ref_grads, _abs_grad_terms(*args)):
+        assert g.dtype == torch.bfloat16
+        err = (g.double() - r).abs()
+        worst = int((err - 3 * BF16_U * terms).argmax())
+        assert (err <= 3 * BF16_U * terms).all(), (
+            f"d_{name}: error {float(err.flatten()[worst]):.3g} above 3u * {float(terms.flatten()[worst]):.3g}"
+        )
 
 
 @pytest.mark.interpreter

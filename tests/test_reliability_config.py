@@ -32,6 +32,7 @@ from vrpo.config import parse_config
         (["--logging_steps", "0"], "--logging_steps must be a positive integer, got 0"),
         (["--eval_size=-3"], "--eval_size must be an integer >= 0, got -3"),
         (["--gen_length", "0"], "--gen_length must be a positive integer, got 0"),
+        (["--ce_max_buffer_mb", "0"], "--ce_max_buffer_mb must be a positive integer, got 0"),
         (["--seed=-1"], "--seed must be an integer >= 0, got -1"),
         (["--lr_scheduler_type", "cosin"], "--lr_scheduler_type must be one of linear, cosine"),
     ],

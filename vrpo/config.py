@@ -172,6 +172,13 @@ class VRPOConfig:
         default=True,
     )
     kernel_impl: str = _help("Kernel implementation: auto, triton, torch or eager.", default="auto")
+    ce_max_buffer_mb: int | None = _help(
+        "Memory budget (MiB) of the fused masked cross-entropy's largest intermediate (its fp32 logits buffer). "
+        "Default: 1024. It trades memory for compute: on the torch path, masked tokens' logits that exceed it "
+        "are recomputed in the backward (one extra GEMM over the head) instead of kept from the forward; the "
+        "Triton backward runs in row chunks of this size.",
+        default=None,
+    )
 
     # --- run, logging, checkpoints ---
     output_dir: str | None = _help("Where logs, checkpoints and the final model go. Default: outputs/vrpo-<time>.", default=None)
@@ -270,7 +277,7 @@ _COUNTS_FROM_0 = ("warmup_steps", "save_steps", "eval_steps", "eval_size", "num_
 # ... and counts that must be at least 1.
 _COUNTS_FROM_1 = ("n_t", "n_yt", "gradient_accumulation_steps", "num_train_epochs", "max_nonfinite_steps", "eval_n_t",
                   "per_device_train_batch_size", "lora_r", "lora_alpha", "logging_steps", "save_total_limit",
-                  "gen_length", "gen_steps", "block_length")
+                  "gen_length", "gen_steps", "block_length", "ce_max_buffer_mb")
 _CHOICES = {
     "loss_type": LOSS_TYPES,
     "estimator": ESTIMATORS,

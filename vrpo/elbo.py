@@ -137,6 +137,7 @@ def masked_token_logprobs(
     model_kwargs: Mapping | None = None,
     fused: bool | str = "auto",
     impl: str = "auto",
+    max_buffer_bytes: int | None = None,
     logit_shift: int | None = None,
 ) -> torch.Tensor:
     """The core of every ELBO: ``token_weight * log p(target)`` at the masked positions, 0 elsewhere.
@@ -148,7 +149,7 @@ def masked_token_logprobs(
         masked: bool [N, S], where a log-probability is wanted.
         token_weight: float [N, S], the estimator weight of each position's sample.
         model_kwargs: extra model inputs, already [N, ...].
-        fused, impl: see :func:`elbo_terms`.
+        fused, impl, max_buffer_bytes: see :func:`elbo_terms`.
         logit_shift: 1 when the output at i - 1 predicts token i; None reads it from the model's family.
 
     Returns:
@@ -180,6 +181,7 @@ def masked_token_logprobs(
             masked.reshape(-1),
             bias=head.bias,
             impl=impl,
+            max_buffer_bytes=max_buffer_bytes,
         ).view(N, S)
     else:
         _warn_unfused(model, fused)
@@ -204,6 +206,7 @@ def elbo_terms(
     model_kwargs: Mapping | None = None,
     fused: bool | str = "auto",
     impl: str = "auto",
+    max_buffer_bytes: int | None = None,
     logit_shift: int | None = None,
 ) -> torch.Tensor:
     """Per-sample ELBO terms, float32 [B, n].
@@ -219,6 +222,9 @@ def elbo_terms(
         fused: ``"auto"`` fuses the head when :func:`fusable_head` allows it; ``True`` requires it;
             ``False`` uses the generic logits path.
         impl: passed to :func:`vrpo_kernels.masked_linear_ce` on the fused path.
+        max_buffer_bytes: the fused path's memory budget, passed to :func:`vrpo_kernels.masked_linear_ce`
+            (None: its default, 1 GiB). Below the selected rows' fp32 logits the op recomputes them in
+            chunks in the backward (one more GEMM) instead of keeping them.
         logit_shift: 1 when the output at i - 1 predicts token i (Dream), 0 when the output at i does
             (LLaDA); None (the default) reads it from the model's family, 0 for a model of no known family.
     """
@@ -239,6 +245,7 @@ def elbo_terms(
         model_kwargs=_repeat_rows(model_kwargs, n),
         fused=fused,
         impl=impl,
+        max_buffer_bytes=max_buffer_bytes,
         logit_shift=logit_shift,
     )
     terms = per_token.view(B, n, L).sum(-1)
@@ -257,6 +264,7 @@ def packed_elbo_terms(
     row_length: int,
     fused: bool | str = "auto",
     impl: str = "auto",
+    max_buffer_bytes: int | None = None,
     logit_shift: int | None = None,
 ) -> torch.Tensor:
     """:func:`elbo_terms` with the ``B * n`` masked copies packed into rows of ``row_length`` tokens.
@@ -268,7 +276,8 @@ def packed_elbo_terms(
     in its own segment: a masked token at a segment's first position is refused (``ValueError``).
 
     Args:
-        input_ids, response_mask, draw, mask_token_id, fused, impl, logit_shift: as in :func:`elbo_terms`
+        input_ids, response_mask, draw, mask_token_id, fused, impl, max_buffer_bytes, logit_shift: as in
+            :func:`elbo_terms`
             (right-padded rows).
         lengths: int [B], the real (unpadded) length of each row.
         row_length: tokens per packed row; at least the longest sequence.
@@ -301,10 +310,15 @@ def packed_elbo_terms(
         _check_first_positions(masked, pos < shift, "packed row")
     per_token = masked_token_logprobs(
         model, ids, torch.where(valid, input_ids[b, pos], 0), masked, draw.weight.float()[b, j], mask_token_id,
-        model_kwargs=packing_kwargs(seg), fused=fused, impl=impl, logit_shift=shift,
+        model_kwargs=packing_kwargs(seg), fused=fused, impl=impl, max_buffer_bytes=max_buffer_bytes,
+        logit_shift=shift,
     )
-    terms = torch.zeros(B * n, device=device, dtype=torch.float32).index_add(0, item[masked], per_token[masked])
-    terms = terms.view(B, n)
+    # Back to the unpacked layout [B * n, L] (each (sample, position) holds at most one token, so the
+    # write has unique indices and needs no accumulation), then the same sum as elbo_terms. Not
+    # index_add over samples: on CUDA that adds atomically, in no fixed order.
+    dense = torch.zeros(B * n, L, device=device, dtype=torch.float32)
+    dense = dense.index_put((item[masked], pos[masked]), per_token[masked])
+    terms = dense.sum(-1).view(B, n)
     _check_finite(terms, n)
     return terms
 
@@ -371,13 +385,14 @@ class ELBOModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, mask_token_id: int, fused: bool | str = "auto", impl: str = "auto",
-                 pack_length: int | None = None):
+                 pack_length: int | None = None, max_buffer_bytes: int | None = None):
         super().__init__()
         self.model = model
         self.mask_token_id = mask_token_id
         self.fused = fused
         self.impl = impl
         self.pack_length = pack_length
+        self.max_buffer_bytes = max_buffer_bytes
 
     def forward(self, input_ids, response_mask, draw: MaskDraw, attention_mask=None, **model_kwargs) -> torch.Tensor:
         """float32 [B, n]; see :func:`elbo_terms` (or :func:`packed_elbo_terms` with ``pack_length``).
@@ -390,10 +405,11 @@ class ELBOModule(nn.Module):
             return packed_elbo_terms(
                 self.model, input_ids, response_mask, draw, self.mask_token_id,
                 lengths=lengths, row_length=self.pack_length, fused=self.fused, impl=self.impl,
+                max_buffer_bytes=self.max_buffer_bytes,
             )
         if attention_mask is not None:
             model_kwargs["attention_mask"] = attention_mask
         return elbo_terms(
             self.model, input_ids, response_mask, draw, self.mask_token_id,
-            model_kwargs=model_kwargs, fused=self.fused, impl=self.impl,
+            model_kwargs=model_kwargs, fused=self.fused, impl=self.impl, max_buffer_bytes=self.max_buffer_bytes,
         )

@@ -313,8 +313,9 @@ class VRPOTrainer:
     def elbo_module(self, model) -> ELBOModule:
         """``model`` wrapped so that its forward returns the run's ELBO terms (fused head, kernels, packing)."""
         cfg = self.config
+        budget = cfg.ce_max_buffer_mb << 20 if cfg.ce_max_buffer_mb is not None else None
         return ELBOModule(model, self.mask_token_id, "auto" if cfg.fused_head else False, cfg.kernel_impl,
-                          pack_length=cfg.max_length if cfg.packing else None)
+                          pack_length=cfg.max_length if cfg.packing else None, max_buffer_bytes=budget)
 
     def _prepare_optimization(self, models: loading.Models):
         """AdamW and the schedule; the policy's ELBO module through accelerate, the reference's beside it."""

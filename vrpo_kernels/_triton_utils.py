@@ -41,13 +41,14 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 if triton is not None:
 
     @triton.jit
-    def dot(a, b, acc, UPCAST_DOT: tl.constexpr):
-        """``tl.dot(a, b, acc)``; with UPCAST_DOT (interpreter only, see :func:`upcast_dots`) on float32
-        copies of the tiles. ``acc`` may be None."""
+    def dot(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr = None):
+        """``tl.dot(a, b, acc, input_precision=INPUT_PRECISION)``; with UPCAST_DOT (interpreter only, see
+        :func:`upcast_dots`) on float32 copies of the tiles. ``acc`` may be None; INPUT_PRECISION (e.g.
+        ``"tf32"``) matters for fp32 tiles on the GPU only, None is Triton's default."""
         if UPCAST_DOT:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
-            return tl.dot(a, b, acc)
+            return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 def _scalar_spec(value) -> tuple[str, bool]:

@@ -71,13 +71,12 @@ eager implementation. Otherwise the chunks hold at most ``max_buffer_bytes`` and
 recomputes them (four GEMMs, memory independent of ``n``). The GEMM is oneDNN's or
 ``torch.mm``'s, chosen once per process by a timed probe (:func:`_cpu_gemm`). Deterministic for a
 given thread count whatever the load: chunk sizes do not depend on threads, and the one-hot part of
-``dz`` is added by ``index_add_`` (in index order) rather than ``index_put_(accumulate=True)``, whose
-CPU kernel adds atomically from several threads.
+``dz`` is added in a fixed order (``index_add_`` on the CPU, ``index_put_(accumulate=True)`` on CUDA,
+where the torch path serves fp32 without TF32; each device's other op adds atomically).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -85,6 +84,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._triton_utils import aot_spec, on_device, upcast_dots
 from .dispatch import resolve_impl, triton_available
 
 logger = logging.getLogger(__name__)
@@ -358,16 +358,26 @@ def _chunk_grads(e, w, neg_gs, hr, grads: _Grads, v0: int, first_rows: bool, fir
             grads.dh_t.addcmul_(prod, neg_gs[None, :])
 
 
+def _add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``out[index[i]] += src[i]`` in a fixed order, duplicates included. On the CPU index_add_ adds the
+    rows in index order, while index_put_(accumulate=True) adds atomically from several threads; on
+    CUDA it is the other way round: index_add_ is atomic and index_put_(accumulate=True) sorts the
+    indices and adds each one's rows in turn (PyTorch's list of nondeterministic operations)."""
+    if out.is_cuda:
+        out.index_put_((index,), src, accumulate=True)
+    else:
+        out.index_add_(0, index, src)
+
+
 def _add_onehot(g, h32, weight, targets, dh, grads: _Grads):
     """The one-hot part of ``dz = g * (onehot - softmax)``: ``d_h += g W[y]``, ``d_W[y] += g h``,
-    ``d_b[y] += g``. index_add_ adds the rows in index order on the CPU (deterministic), unlike
-    index_put_(accumulate=True), whose CPU kernel adds atomically from several threads."""
+    ``d_b[y] += g``, deterministically (:func:`_add_rows`)."""
     if dh is not None:
         dh.add_(weight[targets].float() * g[:, None])
     if grads.dw is not None:
-        grads.dw.index_add_(0, targets, h32 * g[:, None])
+        _add_rows(grads.dw, targets, h32 * g[:, None])
     if grads.db is not None:
-        grads.db.index_add_(0, targets, g)
+        _add_rows(grads.db, targets, g)
 
 
 def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None, needs=(True, True, True),
@@ -421,10 +431,12 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from ._triton_utils import dot
+
     @triton.jit
     def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         """fp32 [BLOCK_M, BLOCK_V] logits of rows x cols (masked rows/cols give garbage, not NaN)."""
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -432,7 +444,7 @@ if triton_available():
             k_ok = ks < K
             a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = dot(a, b, acc, UPCAST_DOT, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         return acc
@@ -441,7 +453,7 @@ if triton_available():
     def _lse_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_max_ptr, part_sum_ptr, part_tgt_ptr,
                             n, V, K, stride_h, stride_w, tiles_per_split, floor,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
         """Per (row block, vocabulary split): running max, rescaled sum of exp, and target logit."""
         split = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -457,7 +469,7 @@ if triton_available():
             cols = v_begin + t * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = cols < V
             z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
-                            HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+                            HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
             z = tl.where(col_ok[None, :], z, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(z, axis=1))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
@@ -498,10 +510,14 @@ if triton_available():
 # module docstring); its tiles are smaller because fp32 operands take twice the registers and shared
 # memory. The softmax-gradient pass is bandwidth-bound: one row per program, 2048-wide tiles, 8 fp32
 # values per thread. Every entry compiles for sm_90 with 0 spills (python -m vrpo_kernels.inspect).
-# Occupancy: the 16-bit forward without bias compiles to 254 registers (184 with bias) at 8 warps, so
-# one block per SM; its 3-stage pipeline (96 KB of shared memory) would allow two. ptxas takes what the
-# one-block budget allows rather than spilling. The forward is a quarter of the op's FLOPs; the first GPU
-# run (python -m benchmarks.gpu_check) times the op against CCE's kernel before any retuning.
+# Occupancy: the 16-bit forward without bias compiles to 254 registers (184 with bias) at 8 warps: 254
+# rounds up to 256 per thread, x 256 threads = 65,536, sm_90's whole register file, so one block (8 of
+# 64 warps, 12.5% occupancy) per SM; its 3-stage pipeline (96 KB of shared memory) would allow two.
+# Acceptable because the tile loop is a GEMM mainloop whose load latency the 3-stage pipeline hides
+# within the block (as in CUTLASS/FlashAttention kernels at one block per SM), and a second block would
+# need <= 128 registers per thread, of which the 128 x 128 fp32 accumulator alone takes 64. ptxas takes
+# what the one-block budget allows rather than spilling. The forward is a quarter of the op's FLOPs; the
+# first GPU run (python -m benchmarks.gpu_check) times the op against CCE's kernel before any retuning.
 _GPU_CONFIGS = {
     ("forward", "fp16"): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
     ("forward", "bf16"): dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -528,17 +544,15 @@ def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
 def _vocab_split(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
     """(splits, tiles per split): enough programs to fill the GPU (about 4 per SM), every split non-empty."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4  # the interpreter: still exercise the split and merge logic
+        return _split(n_row_blocks, n_tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return _split(n_row_blocks, n_tiles, 4)  # the interpreter: still exercise the split and merge logic
+
+
+def _split(n_row_blocks: int, n_tiles: int, target: int) -> tuple[int, int]:
+    """(splits, tiles per split) for about ``target`` programs in all."""
     splits = max(1, min(n_tiles, -(-target // n_row_blocks)))
     per_split = -(-n_tiles // splits)
     return -(-n_tiles // per_split), per_split
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on ``t``'s GPU, not the current one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def linear_ce_triton_forward(h, weight, bias, targets):
@@ -553,11 +567,11 @@ def linear_ce_triton_forward(h, weight, bias, targets):
     m_blocks = triton.cdiv(n, bm)
     splits, per_split = _vocab_split(m_blocks, triton.cdiv(V, bv), h.device)
     part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)
-    with _on_device(h):
+    with on_device(h):
         _lse_forward_kernel[(m_blocks, splits)](
             h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2],
             n, V, K, h.stride(0), weight.stride(0), per_split, _FLOOR,
-            HAS_BIAS=bias is not None, DOT_PRECISION="tf32", **cfg,
+            HAS_BIAS=bias is not None, DOT_PRECISION="tf32", UPCAST_DOT=upcast_dots(h.dtype), **cfg,
         )
     run_max, run_sum, tgt = part[0], part[1], part[2]
     top = run_max.amax(dim=0)
@@ -609,7 +623,7 @@ def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(T
         hr, z = h[r0:r1], buf[: r1 - r0]
         _gemm(hr, weight.T, out=z)
         dz = z if h.dtype == torch.float32 else z.view(h.dtype)[:, :V]
-        with _on_device(h):
+        with on_device(h):
             _softmax_grad_kernel[(r1 - r0,)](
                 z, dz, bias if bias is not None else z, targets[r0:r1], lse[r0:r1], g[r0:r1], V, z.stride(0),
                 dz.stride(0), HAS_BIAS=bias is not None, **cfg,
@@ -789,47 +803,43 @@ def masked_linear_ce(
 
 # Pointer arguments of each kernel: "in" (the compute dtype), fp32, or int64.
 _AOT_POINTERS = {
-    "forward": ("_lse_forward_kernel", {"h": "in", "w": "in", "b": "in", "t": "i64", "pmax": "fp32",
-                                        "psum": "fp32", "ptgt": "fp32"}),
-    "softmax_grad": ("_softmax_grad_kernel", {"z": "fp32", "dz": "in", "b": "in", "t": "i64", "lse": "fp32",
-                                              "g": "fp32"}),
+    "forward": {"h_ptr": "in", "w_ptr": "in", "b_ptr": "in", "t_ptr": "i64", "part_max_ptr": "fp32",
+                "part_sum_ptr": "fp32", "part_tgt_ptr": "fp32"},
+    "softmax_grad": {"z_ptr": "fp32", "dz_ptr": "in", "b_ptr": "in", "t_ptr": "i64", "lse_ptr": "fp32",
+                     "g_ptr": "fp32"},
 }
 
 
+def _aot_scalars(kind: str, dtype: str, cfg: dict, n: int, H: int, V: int, sms: int) -> dict:
+    """The scalar arguments a call on ``n`` selected rows passes, as the launchers above compute them."""
+    if kind == "forward":
+        _, per_split = _split(-(-n // cfg["BLOCK_M"]), -(-V // cfg["BLOCK_V"]), 4 * sms)
+        return {"n": n, "V": V, "K": H, "stride_h": H, "stride_w": H, "tiles_per_split": per_split,
+                "floor": _FLOOR}
+    # The fp32 logits buffer [rows, V]; 16-bit dz is its storage viewed in the compute dtype.
+    return {"V": V, "stride_z": V, "stride_dz": V if dtype == "fp32" else 2 * V}
+
+
 def aot_specs() -> list[dict]:
-    """Every kernel configuration the dispatch launches on an H100 at LLaDA's head (H=4096, V=126464).
+    """Every kernel configuration the dispatch launches on an H100 (132 SMs) at LLaDA's head (H=4096,
+    V=126464), for a batch of 4001 selected rows (not a multiple of 16, as the JIT would see most calls).
 
     Each entry: name, fn (the jit function), signature, constexprs, attrs, num_warps, num_stages.
     """
     if not triton_available():
         return []
-    H, V = 4096, 126464
+    H, V, n, sms = 4096, 126464, 4001, 132
     specs = []
     for (kind, dtype), cfg in _GPU_CONFIGS.items():
-        fn_name, ptrs = _AOT_POINTERS[kind]
-        fn = globals()[fn_name]
+        fn = _lse_forward_kernel if kind == "forward" else _softmax_grad_kernel
+        ptrs = {arg: dtype if ty == "in" else ty for arg, ty in _AOT_POINTERS[kind].items()}
+        tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+        if kind == "forward":
+            tiles.update(DOT_PRECISION="tf32", UPCAST_DOT=False)
         for has_bias in (False, True):
-            sig, attrs = {}, {}
-            for i, p in enumerate(fn.arg_names):
-                if i < len(ptrs):
-                    kind_of = list(ptrs.values())[i]
-                    sig[p] = {"in": f"*{dtype}", "fp32": "*fp32", "i64": "*i64"}[kind_of]
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-                elif p in ("n", "tiles_per_split"):
-                    sig[p] = "i32"
-                elif p == "floor":
-                    sig[p] = "fp32"
-                elif p in ("V", "K", "stride_h", "stride_w", "stride_z", "stride_dz"):
-                    sig[p] = "i32"
-                    attrs[(i,)] = [["tt.divisibility", 16]]  # 126464, 2 * 126464 and 4096 are multiples of 16
-                else:
-                    sig[p] = "constexpr"
-            const = {"HAS_BIAS": has_bias, **{k: v for k, v in cfg.items() if k.startswith("BLOCK_")}}
-            if kind == "forward":
-                const["DOT_PRECISION"] = "tf32"
-            specs.append(dict(
-                name=f"masked_linear_ce.{kind}[{dtype},bias={int(has_bias)},H={H},V={V}]",
-                fn=fn, signature=sig, constexprs=const, attrs=attrs,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            specs.append(aot_spec(
+                f"masked_linear_ce.{kind}[{dtype},bias={int(has_bias)},H={H},V={V}]", fn, ptrs,
+                _aot_scalars(kind, dtype, cfg, n, H, V, sms), {"HAS_BIAS": has_bias, **tiles},
+                cfg["num_warps"], cfg["num_stages"],
             ))
     return specs
