@@ -226,13 +226,14 @@ def evaluate_generations(model, tokenizer, prompts: Sequence[str], sampler: Samp
 def held_out_prompts(pairs, tokenizer) -> list[str]:
     """The user message of every pair's prompt (:class:`~vrpo.data.TokenizedPairs`: the chosen
     sequence before its response)."""
-    from .generate import last_user_message
+    from .tokenization import tokenizer_family
 
+    family = tokenizer_family(tokenizer)
     out = []
     for i in range(len(pairs)):
         seq = pairs.sequence(i, 0)
         start = int(seq["response_mask"].argmax())
-        out.append(last_user_message(tokenizer.decode(seq["input_ids"][:start].tolist())))
+        out.append(family.last_user_message(tokenizer.decode(seq["input_ids"][:start].tolist())))
     return out
 
 
