@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -170,7 +171,9 @@ def test_resume_with_other_settings_or_data_is_refused_unless_allowed(tmp_path):
     out = str(tmp_path / "run")
     VRPOTrainer(VRPOConfig(**SMALL, output_dir=out)).train()
     resume = dict(SMALL, output_dir=out, resume_from_checkpoint="latest")
-    with pytest.raises(ValueError, match=r"n_t: 1 -> 3; learning_rate: 0\.002 -> 0\.01\).*--allow_config_change"):
+    preset_lr = VRPOConfig(**SMALL).resolved().learning_rate  # the toy run's preset
+    changed = rf"n_t: 1 -> 3; learning_rate: {re.escape(f'{preset_lr:g}')} -> 0\.01\).*--allow_config_change"
+    with pytest.raises(ValueError, match=changed):
         VRPOTrainer(VRPOConfig(**{**resume, "n_t": 3, "learning_rate": 1e-2}))
     with pytest.raises(ValueError, match="train_data: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
         VRPOTrainer(VRPOConfig(**{**resume, "eval_size": 12}))  # another split: other training pairs
@@ -179,5 +182,5 @@ def test_resume_with_other_settings_or_data_is_refused_unless_allowed(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * lam)  # honoured, not ignored
     trainer.close()
     same = VRPOTrainer(VRPOConfig(**resume))
-    assert same.optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * lam)
+    assert same.optimizer.param_groups[0]["lr"] == pytest.approx(preset_lr * lam)
     same.close()

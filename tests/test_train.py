@@ -46,7 +46,10 @@ def digest(path) -> str:
 
 
 def test_embedded_default_learns_the_toy_task_and_grades_its_generations(tmp_path):
-    cfg = VRPOConfig(max_steps=40, n_t=4, eval_size=64, num_samples=2, report_to="tensorboard", save_steps=0,
+    # The default recipe (n_t 8, demo presets), shortened to 100 of its 300 steps: held-out preference
+    # accuracy rises from 48/64 to 51/64 pairs with this seed (deterministic on the CPU); a broken loss
+    # sign or a reference that tracks the policy leaves it flat or lower.
+    cfg = VRPOConfig(max_steps=100, eval_size=64, num_samples=2, report_to="tensorboard", save_steps=0,
                      output_dir=str(tmp_path / "run"))
     summary = VRPOTrainer(cfg).train()
     assert summary["pref_acc_after"] > summary["pref_acc_before"] + 0.03, summary
