@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import shutil
+import re
 import subprocess
 import sys
 
@@ -231,6 +232,12 @@ def test_help_explains_every_field():
     for field in dataclasses.fields(VRPOConfig):
         assert f"--{field.name}" in result.stdout
         assert field.metadata.get("help"), field.name
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert text.startswith("usage: python -m vrpo.train ")
+    assert "``" not in text, "RST markup in --help"
+    assert "--no_antithetic, --no-antithetic Turn off --antithetic" in text
+    # One default per flag: a help text that states its default does not get argparse's as well.
+    assert not re.search(r"Default[^()]*\(default: ", text), re.findall(r"Default[^()]*\(default: [^)]*\)", text)[:3]
 
 
 def test_packed_training_matches_unpacked(tmp_path):

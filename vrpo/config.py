@@ -9,6 +9,7 @@ couple of minutes.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import math
@@ -359,6 +360,24 @@ def validate(cfg: VRPOConfig):
             _check_local_dir(name, getattr(cfg, name))
 
 
+PROG = "python -m vrpo.train"  # the usage line and the one prefix of every CLI error
+DESCRIPTION = ("VRPO preference optimization of a masked diffusion LM (LLaDA, Dream). Every setting below can "
+               "also come from a YAML file (--config); flags given after it override it.")
+
+
+def _tidy_help(parser: argparse.ArgumentParser):
+    """One default per flag (a help text that states its own default keeps it; others get argparse's), and
+    the ``--no_<flag>`` switches say what they turn off instead of repeating the flag's help."""
+    for action in parser._actions:
+        if not action.help or action.help == argparse.SUPPRESS or not action.option_strings:
+            continue
+        name = action.option_strings[0]
+        if name.startswith("--no_"):
+            action.help = f"Turn off --{name[len('--no_'):]} (on by default)."
+        elif "Default" not in action.help and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = f"{action.help} (default: {action.default})"
+
+
 def parse_config(argv: list[str] | None = None) -> VRPOConfig:
     """Parse ``argv`` (default: ``sys.argv[1:]``). ``--config FILE.yaml`` supplies defaults that
     later command-line flags override. Raises ``SystemExit`` with argparse's message on bad flags.
@@ -367,8 +386,9 @@ def parse_config(argv: list[str] | None = None) -> VRPOConfig:
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(VRPOConfig, description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(VRPOConfig, prog=PROG, description=DESCRIPTION, formatter_class=argparse.HelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of field: value pairs; flags override it.")
+    _tidy_help(parser)
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

@@ -296,13 +296,11 @@ class TokenizedPairs:
 
 def _encode_row(tokenizer, example: dict, where: str, max_length: int, truncation: str, stats: DataStats):
     """``encode_preference`` of one row under the truncation policy; None when it is skipped as too long."""
-    from .tokenization import encode_preference
+    from .tokenization import TruncationError, encode_preference
 
     try:
         return encode_preference(tokenizer, example, max_length=max_length, truncation="error")
-    except ValueError as e:
-        if "max_length" not in str(e):
-            raise
+    except TruncationError as e:
         if truncation == "error":
             raise DataError(f"{where}: {e}") from e
     if truncation == "skip":

@@ -42,6 +42,10 @@ _HOLES = re.compile(f"( ?){_HOLE}(\\d+){_HOLE}( ?)")
 TRUNCATION = ("error", "truncate")
 
 
+class TruncationError(ValueError):
+    """An example is longer than ``max_length`` under ``truncation="error"``."""
+
+
 def _read_json(file: Path) -> dict:
     try:
         return json.loads(file.read_text())
@@ -252,7 +256,7 @@ def _with_response(tokenizer, prompt_ids: list[int], response, max_length, trunc
     if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
         total = len(prompt_ids) + len(response_ids)
         if truncation == "error":
-            raise ValueError(
+            raise TruncationError(
                 f"example has {total} tokens ({len(prompt_ids)} prompt + {len(response_ids)} response), "
                 f"more than max_length={max_length}; raise max_length or pass truncation='truncate'"
             )

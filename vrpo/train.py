@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from .config import parse_config
+from .config import PROG, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.train()  # the loop, then the outputs
     except (DataError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
             ValueError) as e:
-        print(f"vrpo.train: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
-        print(f"vrpo.train: stopped: {e}", file=sys.stderr)
+        print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 3
     except Interrupted as e:
-        print(f"vrpo.train: interrupted: {e}", file=sys.stderr)
+        print(f"{PROG}: interrupted: {e}", file=sys.stderr)
         return e.exit_code
     if trainer.is_main:
         print_summary(summary)
