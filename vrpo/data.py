@@ -25,7 +25,6 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")
-ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -59,29 +58,14 @@ def _check_text_or_messages(value, name: str, where: str, assistant_only: bool):
             raise DataError(f"{where}: field '{name}' is empty")
         _check_unicode(value, f"field '{name}'", where)
         return
-    if not isinstance(value, list):
-        raise DataError(
-            f"{where}: field '{name}' must be a string or a list of messages, got {type(value).__name__}"
-        )
-    if not value:
-        raise DataError(f"{where}: field '{name}' is an empty list of messages")
+    from .tokenization import check_messages
+
+    try:
+        check_messages(value, name, assistant_only)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: message {i} of '{name}' must be an object with 'role' and 'content'")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise DataError(f"{where}: message {i} of '{name}' has unknown role {role!r} (expected one of {ROLES})")
-        if assistant_only and role != "assistant":
-            raise DataError(f"{where}: message {i} of '{name}' has role {role!r}; responses must be 'assistant' turns")
-        if not isinstance(content, str):
-            raise DataError(
-                f"{where}: message {i} of '{name}' has content of type {type(content).__name__}, expected a string"
-            )
-        if not content.strip():
-            raise DataError(f"{where}: message {i} of '{name}' has empty content")
-        _check_unicode(content, f"message {i} of '{name}'", where)
-    if assistant_only and len(value) != 1:
-        raise DataError(f"{where}: field '{name}' must be one assistant message, got {len(value)} messages")
+        _check_unicode(message["content"], f"message {i} of '{name}'", where)
 
 
 def _split_implicit_prompt(row: dict, where: str) -> dict:

@@ -142,16 +142,31 @@ def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _check_messages(messages, name: str) -> list[dict]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"{name} must be a non-empty list of {{'role', 'content'}} messages")
-    for i, m in enumerate(messages):
-        if (
-            not isinstance(m, Mapping)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise ValueError(f"{name}[{i}] must be a {{'role': str, 'content': str}} message, got {m!r}")
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages, name: str, assistant_only: bool = False) -> list[dict]:
+    """The one chat-message validator (the data reader adds the file and line): a non-empty list of
+    ``{'role', 'content'}`` messages with a known role and non-empty string content; ``assistant_only``: a
+    response, one assistant message. Raises ``ValueError`` naming the message; returns plain dicts."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"field '{name}' must be a string or a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError(f"field '{name}' is an empty list of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i} of '{name}' must be an object with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise ValueError(f"message {i} of '{name}' has unknown role {role!r} (expected one of {ROLES})")
+        if assistant_only and role != "assistant":
+            raise ValueError(f"message {i} of '{name}' has role {role!r}; responses must be 'assistant' turns")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} of '{name}' has content of type {type(content).__name__}, expected a string")
+        if not content.strip():
+            raise ValueError(f"message {i} of '{name}' has empty content")
+    if assistant_only and len(messages) != 1:
+        raise ValueError(f"field '{name}' must be one assistant message, got {len(messages)} messages")
     return [dict(m) for m in messages]
 
 
@@ -167,7 +182,7 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt, *, chat_template: 
     messages = (
         [{"role": "user", "content": prompt}]
         if isinstance(prompt, str)
-        else _check_messages(prompt, "prompt")
+        else check_messages(prompt, "prompt")
     )
     if messages[-1]["role"] == "assistant":
         raise ValueError(
@@ -190,7 +205,7 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt, chat_template: bool)
     starting with a newline is not merged with the template's newline before it."""
     if not chat_template:
         return text_ids(tokenizer, format_prompt(tokenizer, prompt, chat_template=False))
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _check_messages(prompt, "prompt")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, "prompt")
     # Spaces around each placeholder show whether the template trims content (LLaDA's: `| trim`).
     holes = [{**m, "content": f" {_HOLE}{i}{_HOLE} "} for i, m in enumerate(messages)]
     pieces = _HOLES.split(format_prompt(tokenizer, holes))
@@ -211,7 +226,7 @@ def _response_text(response) -> str:
         return response
     if isinstance(response, Mapping):
         response = [response]
-    messages = _check_messages(response, "response")
+    messages = check_messages(response, "response")
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         raise ValueError(
             f"the response must be one assistant message, got roles {[m['role'] for m in messages]}"
@@ -282,7 +297,7 @@ def split_example(example: Mapping) -> tuple[object, object]:
     ``{"messages": [..., assistant]}``.
     """
     if "messages" in example:
-        messages = _check_messages(example["messages"], "messages")
+        messages = check_messages(example["messages"], "messages")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise ValueError(
                 "'messages' must end with an assistant message after at least one prompt message"
@@ -303,8 +318,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, example: Mapping, **kwargs) -> di
 
 
 def _implicit_prompt(chosen, rejected) -> tuple[list, list, list]:
-    chosen = _check_messages(chosen, "chosen")
-    rejected = _check_messages(rejected, "rejected")
+    chosen = check_messages(chosen, "chosen")
+    rejected = check_messages(rejected, "rejected")
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
