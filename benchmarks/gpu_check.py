@@ -456,6 +456,7 @@ def llada_step_memory(spec: dict = LLADA_1B, pairs: int = 2, n_t: int = 8, dtype
     with tempfile.TemporaryDirectory() as workdir, attention_impl("triton"):
         trainer = build_step_trainer(spec, pairs, n_t, workdir, dtype=dtype)
         params = sum(p.numel() for p in _policy_parameters(trainer))
+        planned = planned_peak_bytes(trainer)
         applied, metrics, _ = trainer.train_step(0)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -467,7 +468,17 @@ def llada_step_memory(spec: dict = LLADA_1B, pairs: int = 2, n_t: int = 8, dtype
         peak = torch.cuda.max_memory_allocated()
     if not (applied and applied2):
         raise RuntimeError(f"train_step was skipped (non-finite loss or gradient): {metrics}")
-    return dict(params=params, seconds=seconds, before_bytes=before, peak_bytes=peak, step_bytes=peak - before)
+    return dict(params=params, seconds=seconds, before_bytes=before, peak_bytes=peak, step_bytes=peak - before,
+                planned_bytes=planned)
+
+
+def planned_peak_bytes(trainer) -> int:
+    """``python -m vrpo.plan``'s per-GPU peak for the trainer's run and model (one GPU, no sharding): the
+    figure that ``max_memory_allocated`` is compared with (the plan is an upper bound: it assumes every
+    sequence is ``max_length`` tokens)."""
+    from vrpo.plan import peak_memory_bytes
+
+    return peak_memory_bytes(trainer.config, model=trainer.policy_model)
 
 
 def training_steps(report: Report, plan: Plan) -> None:
@@ -478,7 +489,8 @@ def training_steps(report: Report, plan: Plan) -> None:
             if report.device.type == "cuda" and spec is LLADA_1B:
                 m = llada_step_memory(spec, pairs, n_t)
                 return (f"{m['params'] / 1e9:.2f}B params, step {m['seconds']:.2f} s, max_memory_allocated "
-                        f"{m['peak_bytes'] / 2**30:.2f} GiB (step adds {m['step_bytes'] / 2**30:.2f} GiB)")
+                        f"{m['peak_bytes'] / 2**30:.2f} GiB (step adds {m['step_bytes'] / 2**30:.2f} GiB); "
+                        f"vrpo.plan's peak {m['planned_bytes'] / 2**30:.2f} GiB")
             with tempfile.TemporaryDirectory() as workdir, attention_impl("triton"):
                 trainer = build_step_trainer(spec, pairs, n_t, workdir)
                 if report.device.type == "cuda":
@@ -486,9 +498,11 @@ def training_steps(report: Report, plan: Plan) -> None:
                     if trainer_device.type != "cuda":
                         raise AssertionError(f"the trainer put the model on {trainer_device}")
                 applied, metrics, tokens = trainer.train_step(0)
+                planned = planned_peak_bytes(trainer)
             if not applied:
                 raise AssertionError(f"the step was skipped (non-finite loss or gradient): {metrics}")
-            return f"applied, {tokens} tokens, VRPO loss {float(metrics['loss/vrpo']):.4f}, grad norm {metrics['grad_norm']:.3g}"
+            return (f"applied, {tokens} tokens, VRPO loss {float(metrics['loss/vrpo']):.4f}, grad norm "
+                    f"{metrics['grad_norm']:.3g}; vrpo.plan's peak {planned / 2**20:.1f} MiB")
 
         report.check("training step", name, step)
 
