@@ -565,7 +565,9 @@ class VRPOTrainer:
         """All of the policy's trainable weights are finite, on every process: one fused norm per device
         (it reads the weights once; no copy)."""
         params = params if params is not None else [p for p in self.policy_elbo.parameters() if p.requires_grad]
-        norms = torch._foreach_norm([p.detach() for p in params])
+        # Sharded (FSDP2 DTensor) weights: each process checks its own shard; the reduce below joins them.
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        norms = torch._foreach_norm([t.detach() for t in local])
         bad = (~torch.isfinite(torch.stack(norms))).any().float().reshape(1)
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
@@ -830,7 +832,7 @@ class VRPOTrainer:
         cfg, acc = self.config, self.accelerator
         if not (self.is_main or distributed.is_sharded(acc)):  # a sharded model's forwards need every process
             return []
-        if graded is not None:
+        if self.task is not None and self.has_eval:  # graded: the samples are the graded generations
             return graded.samples[: cfg.num_samples] if self.is_main else []
         # The embedded model answers at the reference's length (its context is short).
         with distributed.root_gathered(acc, self.policy_elbo):
