@@ -26,7 +26,6 @@ end-of-turn token and EOS, so the model is not taught that the answer ends there
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from vrpo.models.checkpoint import _read_json  # the models' config reader, one of it
 from vrpo.models.families import FAMILIES, ModelFamily, family_of_config, family_of_tokenizer, token_id
 
 _HOLE = "vrpo7f3a9c1e"  # marks where a message's content goes in a rendered chat template
@@ -44,13 +44,6 @@ TRUNCATION = ("error", "truncate")
 
 class TruncationError(ValueError):
     """An example is longer than ``max_length`` under ``truncation="error"``."""
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def _token_text(value) -> str | None:
