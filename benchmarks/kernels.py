@@ -35,6 +35,7 @@ import gc
 import importlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -255,10 +256,19 @@ def gemm_gflops(rows: int = 1024, hidden: int = 256, vocab: int = 16384, repeats
     return {k: 2 * rows * hidden * vocab / t / 1e9 for k, t in best.items()}
 
 
+# Environment variables that cap the ISA the libraries use (ATen and Inductor, oneDNN, MKL): with them
+# an AVX-512 CPU runs the code paths of an AVX2 one, so both can be measured on one machine.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def cpu_description() -> str:
-    """CPU model, ISA, fp32 GEMM GFLOP/s of both GEMMs and the one masked_linear_ce's probe chose."""
+    """CPU model, ISA (and any ISA cap set in the environment), fp32 GEMM GFLOP/s of both GEMMs and the
+    one masked_linear_ce's probe chose."""
     mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
     model, isa = cpu_isa()
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
+    if caps:
+        isa += f" (capped: {', '.join(caps)})"
     rates = ", ".join(f"{k} {v:.0f}" for k, v in gemm_gflops().items())
     return f"CPU: {model}, {isa}; fp32 GEMM GFLOP/s (best of 3, 1024x256x16384): {rates}; masked_linear_ce uses {mlce._cpu_gemm()}"
 

@@ -2,11 +2,10 @@
 change the variance of the VRPO score, loss and gradient, on the embedded tiny LLaDA.
 
 1. Make a reference and a policy close to it, as in the paper (LLaDA 8B Instruct and its VRPO
-   fine-tune): stage 1 trains the embedded tiny LLaDA from random init on the bundled toy sorting task
-   (``VRPOTrainer``, the run ``python -m vrpo.train`` makes, ``--base_steps`` steps): that model is the
+   fine-tune): stage 1 is the default run (``python -m vrpo.train``: ``VRPOTrainer`` on the bundled SFT
+   model and its own ranked answers to the sorting task) for ``--base_steps`` steps: that model is the
    reference. Stage 2 continues with VRPO from it for ``--train_steps`` steps at a lower learning rate:
-   that is the policy. (``--base_steps 0``: the reference is the random initial model; see the README
-   for why that regime hides the benefit of antithetic sampling.)
+   that is the policy. (``--base_steps 0``: the reference is the bundled SFT model itself.)
 2. Take ``--pairs`` held-out pairs (the trainer's evaluation split, never trained on). For every
    sampling configuration and every repeat ``r = 0..R-1``, draw fresh masks (keyed by
    ``(seed, r, pair, side)``, so every number here is reproducible), and compute for every pair
@@ -135,11 +134,11 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
                  eval_size: int, quick: bool = False):
     """Train the reference, then the policy from it; returns ``(trainer, info)``.
 
-    Stage 1 (``base_steps`` > 0): ``python -m vrpo.train``'s toy run (random init, its learning rate) for
-    ``base_steps`` steps gives a model that knows the task: the reference, as LLaDA 8B Instruct is in the
-    paper. Stage 2: VRPO from that model for ``train_steps`` steps at ``learning_rate`` gives the policy;
-    its frozen initial copy is the reference. With ``base_steps = 0`` the reference is the random
-    initial model. The trainer of stage 2 holds the policy, the reference and the held-out pairs.
+    Stage 1 (``base_steps`` > 0): ``python -m vrpo.train``'s default run (the bundled SFT model, its
+    learning rate) for ``base_steps`` steps gives a model tuned on the task: the reference, as LLaDA 8B
+    Instruct is in the paper. Stage 2: VRPO from that model for ``train_steps`` steps at
+    ``learning_rate`` gives the policy; its frozen initial copy is the reference. With ``base_steps = 0``
+    the reference is the bundled SFT model. The trainer of stage 2 holds the policy, the reference and the held-out pairs.
     """
     from vrpo.trainer import VRPOTrainer
 
@@ -360,13 +359,13 @@ def _pct(x):
 def setup_text(meta) -> str:
     """The paragraph that says what was measured."""
     if meta["base_steps"] > 0:
-        ref = (f"Reference: the embedded tiny LLaDA (`vrpo.loading.TOY_MODEL`) after {meta['base_steps']} steps of the "
-               f"toy run (`VRPOTrainer` on the toy sorting task from random init; held-out preference accuracy "
+        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.toy.toy_sft_path()`) after {meta['base_steps']} steps of "
+               f"the default run (`VRPOTrainer` on its own ranked answers to the sorting task; held-out preference accuracy "
                f"{_pct(meta.get('base_acc_before'))} -> {_pct(meta.get('base_acc_after'))}), the stand-in for LLaDA "
                f"8B Instruct. Policy: VRPO from the reference for {meta['train_steps']} more steps at learning rate "
                f"{meta['learning_rate']:g}")
     else:
-        ref = (f"Reference: the randomly initialised embedded tiny LLaDA (`vrpo.loading.TOY_MODEL`). Policy: VRPO "
+        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.toy.toy_sft_path()`). Policy: VRPO "
                f"from it for {meta['train_steps']} steps at learning rate {meta['learning_rate']:g}")
     return (
         f"{ref} (held-out preference accuracy {_pct(meta.get('acc_before'))} -> {_pct(meta.get('acc_after'))}, "
@@ -561,8 +560,8 @@ def main(argv=None):
     parser.add_argument("--out", default=RESULTS_DIR, help="output directory (default: benchmarks/results)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the training run and of every mask draw")
     parser.add_argument("--base_steps", type=int, default=None,
-                        help=f"stage 1: toy-run steps that train the reference from random init "
-                             f"({FULL['base_steps']}; 0: the reference is the random initial model)")
+                        help=f"stage 1: default-run steps that train the reference from the bundled SFT model "
+                             f"({FULL['base_steps']}; 0: the reference is the SFT model)")
     parser.add_argument("--train_steps", type=int, default=None,
                         help=f"stage 2: VRPO steps from the reference to the policy ({FULL['train_steps']})")
     parser.add_argument("--learning_rate", type=float, default=None,

@@ -72,6 +72,16 @@ def test_commands_reproduce_their_outputs_bit_for_bit(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
+def test_synthetic_command_reproduces_the_shipped_file_and_keeps_user_files(tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    assert toy.main(["synthetic", str(out)]) == 0
+    assert out.read_bytes() == (DATA / toy.TOY_FILE).read_bytes()
+    out.write_text("mine\n")
+    assert toy.main(["synthetic", str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "mine\n"
+    assert toy.main(["synthetic", str(out), "--overwrite"]) == 0 and out.read_bytes() == (DATA / toy.TOY_FILE).read_bytes()
+
+
 def test_shipped_files_record_the_commands_defaults():
     sft = json.loads((DATA / toy.SFT_DIR / toy.SFT_SETTINGS_FILE).read_text())
     assert sft["settings"] == dataclasses.asdict(toy.SFTSettings())
@@ -111,6 +121,16 @@ def test_shipped_sft_model_is_small_and_sorts_as_recorded():
     assert len(report.samples) == len(prompts) and all("credit" in s for s in report.samples)
 
 
+def test_shipped_sft_folder_is_what_save_llada_writes_today(tmp_path):
+    # The SFT command writes the folder with save_llada; a shipped file left from an older save_llada
+    # (a config.json with a stale key, say) would not be what the command reproduces.
+    from vrpo.models import load_llada, save_llada
+
+    save_llada(load_llada(toy.toy_sft_path(), attn_implementation="sdpa"), tmp_path / "m")
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "m" / name).read_bytes() == (DATA / toy.SFT_DIR / name).read_bytes(), name
+
+
 def test_package_data_globs_cover_the_shipped_files():
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vrpo"]
     shipped = [p.relative_to(ROOT / "vrpo").as_posix() for p in DATA.rglob("*") if p.is_file()]
@@ -118,14 +138,18 @@ def test_package_data_globs_cover_the_shipped_files():
     assert not missing, f"pyproject.toml's package-data misses {missing}"
 
 
-def test_held_out_prompts_and_graded_samples():
-    from vrpo.data import tokenize_pairs
+def test_test_prompts_are_fixed_distinct_and_never_trained_on():
+    prompts = toy.test_prompts()
+    assert prompts == toy.test_prompts() and len(set(prompts)) == len(prompts) == toy.TEST_PROMPTS
+    shipped = {json.loads(line)["prompt"] for line in (DATA / toy.PAIRS_FILE).read_text().splitlines()}
+    assert not shipped & set(prompts)  # neither trained on nor held out for preference accuracy
+    assert not set(toy.dev_prompts(toy.SFTSettings.seed, toy.SFTSettings.dev_prompts)) & set(prompts)
+    lengths = [len(p.split()) - 1 for p in prompts]
+    assert [lengths.count(k) for k in range(3, 7)] == [toy.TEST_PROMPTS // 4] * 4  # the task's lengths, uniform
+    assert len(set(lengths[:8])) > 1  # shuffled, not grouped by length
 
-    tok = toy.toy_tokenizer()
-    rows = [{"prompt": "sort 5 2 8", "chosen": "2 5 8", "rejected": "2 8 5"},
-            {"prompt": "sort 9 0 4 4", "chosen": "0 4 4 9", "rejected": "0 4 9"}]
-    pairs = tokenize_pairs(rows, tok, max_length=64, progress=False)
-    assert toy.held_out_prompts(pairs, tok) == ["sort 5 2 8", "sort 9 0 4 4"]
+
+def test_graded_samples_are_described():
     right = {"prompt": "sort 5 2 8", "answer": "2 5 8", "correct": True, "credit": 1.0}
     wrong = {"prompt": "sort 5 2 8", "answer": "2 8 5", "correct": False, "credit": 1 / 3}
     assert toy.describe_sample(right) == "'sort 5 2 8' -> '2 5 8' [correct]"

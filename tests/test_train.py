@@ -17,6 +17,7 @@ import torch
 from vrpo.config import VRPOConfig
 from vrpo.elbo import ELBOModule, NonFiniteELBOError
 from vrpo.models import load_llada
+from vrpo import toy
 from vrpo.toy import grade, is_correct
 from vrpo.trainer import TrainingDiverged, VRPOTrainer
 
@@ -46,6 +47,18 @@ def digest(path) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
+def test_toy_run_grades_generations_without_held_out_pairs(tmp_path):
+    # Generations are graded on the task's own test prompts, not on the held-out pairs' prompts: with no
+    # pairs held out there is no preference accuracy, but the before/after grades are still there.
+    cfg = VRPOConfig(max_steps=1, eval_size=0, num_samples=1, report_to="none", save_steps=0,
+                     output_dir=str(tmp_path / "run"))
+    summary = VRPOTrainer(cfg).train()
+    assert summary.get("pref_acc_before") is None
+    assert summary["gen_prompts"] == len(toy.test_prompts())
+    assert summary["gen_acc_before"] is not None and summary["gen_acc_after"] is not None
+    assert summary["samples"][0]["prompt"] == toy.test_prompts()[0]
+
+
 def test_embedded_default_learns_the_toy_task_and_grades_its_generations(tmp_path):
     # The default recipe (n_t 8, demo presets), shortened to 100 of its 300 steps: held-out preference
     # accuracy rises from 48/64 to 51/64 pairs with this seed (deterministic on the CPU); a broken loss
@@ -55,10 +68,10 @@ def test_embedded_default_learns_the_toy_task_and_grades_its_generations(tmp_pat
     summary = VRPOTrainer(cfg).train()
     assert summary["pref_acc_after"] > summary["pref_acc_before"] + 0.03, summary
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("steps", "wall_s", "final_loss", "pref_acc_before", "pref_acc_after", "gen_acc_before",
+    for key in ("steps", "wall_s", "final_loss", "pref_acc_before", "pref_acc_after", "gen_prompts", "gen_acc_before",
                 "gen_acc_after", "gen_credit_before", "gen_credit_after"):
         assert written[key] is not None, key
-    # The starting policy writes: some held-out prompts are sorted right, some not.
+    # The starting policy writes: some test prompts are sorted right, some not.
     assert 0.2 < written["gen_acc_before"] < 0.9 and written["gen_acc_before"] < written["gen_credit_before"]
     samples = written["samples"]
     assert len(samples) == 2 and all(s["correct"] == is_correct(s["prompt"], s["answer"]) for s in samples)

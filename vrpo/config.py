@@ -203,7 +203,9 @@ class VRPOConfig:
         "Resume from a checkpoint directory, or 'latest' for the newest one in --output_dir.", default=None
     )
     report_to: str = _help("tensorboard or none. JSONL logs are always written.", default="tensorboard")
-    num_samples: int = _help("Held-out prompts to generate answers for at the end (0: none).", default=4)
+    num_samples: int = _help(
+        "Prompts to generate answers for at the end (0: none): held-out pairs' prompts, or the bundled task's "
+        "graded test prompts.", default=4)
     gen_length: int | None = _help(
         "Tokens generated per sample, with the sampler of the model's family (LLaDA's low-confidence remasking, "
         "Dream's 'origin'). Default: 128 (toy run: the reference length).", default=None

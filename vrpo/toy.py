@@ -10,7 +10,7 @@ verifier. Both are package data, and both are rebuilt bit for bit by this module
 
     python -m vrpo.toy sft --output_dir vrpo/data_files/toy_sft --overwrite
     python -m vrpo.toy pairs --model vrpo/data_files/toy_sft --output vrpo/data_files/toy_pairs.jsonl --overwrite
-    python -m vrpo.toy synthetic OUT.jsonl      # the older synthetic pairs (toy_sort.jsonl)
+    python -m vrpo.toy synthetic OUT.jsonl      # the older synthetic pairs (toy_sort.jsonl); --overwrite to replace
 
 The commands fix the seed, the number of CPU threads and deterministic algorithms, so the same
 command gives the same bytes on the same CPU and torch build.
@@ -44,9 +44,12 @@ MODEL_SHAPE = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab
 # --------------------------------------------------------------------------------------------- the task
 
 
-def random_digits(rng: random.Random) -> list[int]:
-    """3 to 6 digits, not all equal."""
-    k = rng.randint(3, 6)
+LENGTHS = (3, 6)  # a prompt has 3 to 6 digits
+
+
+def random_digits(rng: random.Random, k: int | None = None) -> list[int]:
+    """``k`` digits (default: 3 to 6, uniform), not all equal."""
+    k = rng.randint(*LENGTHS) if k is None else k
     digits = [rng.randint(0, 9) for _ in range(k)]
     while len(set(digits)) == 1:
         digits = [rng.randint(0, 9) for _ in range(k)]
@@ -223,20 +226,6 @@ def evaluate_generations(model, tokenizer, prompts: Sequence[str], sampler: Samp
     return GenerationReport(sum(g.correct for g in grades) / n, sum(g.credit for g in grades) / n, samples)
 
 
-def held_out_prompts(pairs, tokenizer) -> list[str]:
-    """The user message of every pair's prompt (:class:`~vrpo.data.TokenizedPairs`: the chosen
-    sequence before its response)."""
-    from .tokenization import tokenizer_family
-
-    family = tokenizer_family(tokenizer)
-    out = []
-    for i in range(len(pairs)):
-        seq = pairs.sequence(i, 0)
-        start = int(seq["response_mask"].argmax())
-        out.append(family.last_user_message(tokenizer.decode(seq["input_ids"][:start].tolist())))
-    return out
-
-
 def describe_sample(sample: dict) -> str:
     """One graded sample for the closing summary: ``'sort 5 2 8' -> '2 5 8' [correct]``."""
     verdict = "correct" if sample["correct"] else f"wrong, credit {sample['credit']:.2f}"
@@ -245,20 +234,12 @@ def describe_sample(sample: dict) -> str:
 
 @dataclass(frozen=True)
 class GradedTask:
-    """A bundled task with a verifier: how a run grades the policy's generations on held-out prompts
-    (``evaluate(model, tokenizer, prompts)``, see :func:`evaluate_generations`)."""
+    """A bundled task with a verifier: how a run grades the policy's generations (``evaluate(model,
+    tokenizer, prompts)``, see :func:`evaluate_generations`) on the task's own test prompts (``test_prompts()``)."""
 
     name: str
     evaluate: Callable[..., GenerationReport]
-
-
-SORT_TASK = GradedTask("sort digits", evaluate_generations)
-
-
-def graded_task(cfg) -> GradedTask | None:
-    """The run's verifier: the sorting task's when the run trains on the bundled pairs (no ``--dataset``).
-    A user's data is never graded, even when it happens to be about sorting."""
-    return SORT_TASK if cfg.toy_task else None
+    test_prompts: Callable[[], list[str]]
 
 
 def generation_metrics(report: GenerationReport) -> dict[str, float]:
@@ -332,6 +313,40 @@ def dev_prompts(seed: int, n: int) -> list[str]:
     """Prompts for checking a command's output, from their own seed (never the run's held-out split)."""
     rng = random.Random(f"dev/{seed}")
     return [prompt_of(random_digits(rng)) for _ in range(n)]
+
+
+TEST_PROMPTS = 1024
+
+
+def test_prompts(n: int = TEST_PROMPTS) -> list[str]:
+    """The held-out test set on which a run grades generations before and after training: ``n`` distinct
+    prompts from their own seed stream, as many of each length as the task has (it draws the length
+    uniformly), none of them a prompt of the bundled pairs (trained on or held out for preference
+    accuracy) or an SFT dev prompt. The same for every run and seed, and never used to choose a setting.
+    (Drawing distinct unseen prompts without fixing the lengths would under-represent 3 digits: there
+    are only 990 such prompts, and the pairs hold a third of them.)"""
+    seen = set(pair_prompts(PairSettings())) | set(dev_prompts(SFTSettings.seed, SFTSettings.dev_prompts))
+    rng = random.Random("test/0")
+    lengths = range(LENGTHS[0], LENGTHS[1] + 1)
+    out = []
+    for i, k in enumerate(lengths):
+        want = len(out) + (n * (i + 1)) // len(lengths) - (n * i) // len(lengths)
+        while len(out) < want:
+            prompt = prompt_of(random_digits(rng, k))
+            if prompt not in seen:
+                seen.add(prompt)
+                out.append(prompt)
+    random.Random("test/order").shuffle(out)  # so that the first samples shown are of every length
+    return out
+
+
+SORT_TASK = GradedTask("sort digits", evaluate_generations, test_prompts)
+
+
+def graded_task(cfg) -> GradedTask | None:
+    """The run's verifier: the sorting task's when the run trains on the bundled pairs (no ``--dataset``).
+    A user's data is never graded, even when it happens to be about sorting."""
+    return SORT_TASK if cfg.toy_task else None
 
 
 def _refuse_overwrite(path: str, overwrite: bool):
@@ -466,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     syn = sub.add_parser("synthetic", help="the synthetic pairs of toy_sort.jsonl")
     syn.add_argument("output")
     syn.add_argument("--n", type=int, default=2000)
+    syn.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "sft":
@@ -476,8 +492,10 @@ def main(argv: list[str] | None = None) -> int:
             record = pairs_command(args.model, args.output, _settings(PairSettings, args), args.overwrite)
             print(f"wrote {args.output}: {json.dumps(record['stats'])}")
         else:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(pair) + "\n" for pair in make_pairs(args.n, seed=0))
+            from .checkpoint import atomic_write_text
+
+            _refuse_overwrite(args.output, args.overwrite)
+            atomic_write_text(args.output, "".join(json.dumps(pair) + "\n" for pair in make_pairs(args.n, seed=0)))
             print(f"wrote {args.n} pairs to {args.output}")
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"vrpo.toy: error: {e}", file=sys.stderr)

@@ -56,7 +56,8 @@ def print_summary(summary: dict):
         else f"VRPO finished: {summary['steps']} steps in {summary['wall_s']:.0f} s",
     ]
     if summary.get("gen_acc_after") is not None:
-        lines.append(f"  held-out exact-sort accuracy of greedy generations: {pct(summary['gen_acc_before'])} -> "
+        lines.append(f"  exact-sort accuracy of greedy generations on {summary['gen_prompts']} test prompts: "
+                     f"{pct(summary['gen_acc_before'])} -> "
                      f"{pct(summary['gen_acc_after'])} (mean partial credit {summary['gen_credit_before']:.3f} -> "
                      f"{summary['gen_credit_after']:.3f})")
     lines += [
@@ -65,7 +66,8 @@ def print_summary(summary: dict):
         f"  held-out reward accuracy (implicit reward margin > 0): {pct(summary.get('reward_acc_after'))}",
     ]
     if summary.get("samples"):
-        lines.append(f"  samples from {summary['sampler']} (held-out prompts):")
+        where = "test prompts" if summary.get("gen_acc_after") is not None else "held-out prompts"
+        lines.append(f"  samples from {summary['sampler']} ({where}):")
     for sample in summary.get("samples", []):
         graded = "correct" in sample
         lines.append("    " + (describe_sample(sample) if graded

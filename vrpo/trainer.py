@@ -46,7 +46,7 @@ from .config import VRPOConfig
 from .elbo import ELBOModule, NonFiniteELBOError
 from .losses import mdm_sft_loss, vrpo_loss
 from .sampling import MaskDraw, SamplingPlan, draw_key, draw_masks_keyed
-from .toy import GenerationReport, generation_metrics, graded_task, held_out_prompts
+from .toy import GenerationReport, generation_metrics, graded_task
 
 logger = logging.getLogger("vrpo")
 
@@ -643,13 +643,16 @@ class VRPOTrainer:
         return metrics, policy
 
     def evaluate_initial(self) -> dict:
-        """Evaluate the initial policy; keep the reference's eval terms for the reward accuracy."""
-        before, policy_eval = self.evaluate(None)
-        self.state.pref_acc_before = before["eval/pref_acc"]
-        if self.reference_is_initial_policy:  # its terms are the ones just computed
-            self.ref_eval = policy_eval
-        else:
-            self.ref_eval = self.eval_terms(self.ref_elbo, self.eval_pairs)
+        """Evaluate the initial policy (held-out pairs and graded generations, where there are any); keep
+        the reference's eval terms for the reward accuracy."""
+        before = {}
+        if self.has_eval:
+            before, policy_eval = self.evaluate(None)
+            self.state.pref_acc_before = before["eval/pref_acc"]
+            if self.reference_is_initial_policy:  # its terms are the ones just computed
+                self.ref_eval = policy_eval
+            else:
+                self.ref_eval = self.eval_terms(self.ref_elbo, self.eval_pairs)
         generations = self.grade_generations()
         if generations is not None:
             self.state.gen_acc_before, self.state.gen_credit_before = generations.accuracy, generations.credit
@@ -657,14 +660,14 @@ class VRPOTrainer:
         return before
 
     def grade_generations(self) -> GenerationReport | None:
-        """The policy's greedy answers to the held-out prompts, graded by the task's verifier. None
-        without a graded task (a user's --dataset) or held-out pairs, and on all but the main process
-        (which, when the model is sharded, still take part in the forwards)."""
+        """The policy's greedy answers to the task's test prompts, graded by its verifier. None without
+        a graded task (a user's --dataset), and on all but the main process (which, when the model is
+        sharded, still take part in the forwards)."""
         acc = self.accelerator
-        if self.task is None or not self.has_eval or not (self.is_main or distributed.is_sharded(acc)):
+        if self.task is None or not (self.is_main or distributed.is_sharded(acc)):
             return None
         with distributed.root_gathered(acc, self.policy_elbo):  # a sharded model's forwards need every process
-            report = self.task.evaluate(self.policy_model, self.tokenizer, held_out_prompts(self.eval_pairs, self.tokenizer))
+            report = self.task.evaluate(self.policy_model, self.tokenizer, self.task.test_prompts())
         return report if self.is_main else None
 
     # --- the run: the loop ----------------------------------------------------------------------
@@ -675,8 +678,8 @@ class VRPOTrainer:
         try:
             with self._signals_stop_the_loop():
                 log = self._open_logs()
-                if self.resume_path is None and self.has_eval:
-                    log.log(0, self.evaluate_initial())
+                if self.resume_path is None and (initial := self.evaluate_initial()):
+                    log.log(0, initial)
                 if self.config.precompute_ref:
                     self.precompute_reference()
                 self._loop(log)
@@ -825,14 +828,14 @@ class VRPOTrainer:
         return path
 
     def sample_answers(self, graded: GenerationReport | None) -> list[dict]:
-        """``--num_samples`` held-out prompts answered by the policy (main process; others get []): a
-        graded task's own answers with the verifier's verdicts, else ungraded answers from LLaDA's sampler."""
+        """``--num_samples`` prompts answered by the policy (main process; others get []): a graded task's
+        test answers with the verifier's verdicts, else ungraded answers to held-out pairs' prompts."""
         from .generate import sample_answers
 
         cfg, acc = self.config, self.accelerator
         if not (self.is_main or distributed.is_sharded(acc)):  # a sharded model's forwards need every process
             return []
-        if self.task is not None and self.has_eval:  # graded: the samples are the graded generations
+        if self.task is not None:  # graded: the samples are the graded generations
             return graded.samples[: cfg.num_samples] if self.is_main else []
         # The embedded model answers at the reference's length (its context is short).
         with distributed.root_gathered(acc, self.policy_elbo):
@@ -874,7 +877,8 @@ class VRPOTrainer:
         generations = self.grade_generations()
         if generations is not None:
             log.log(st.step, generation_metrics(generations))
-            summary.update(gen_acc_before=st.gen_acc_before, gen_acc_after=generations.accuracy,
+            summary.update(gen_prompts=len(generations.samples), gen_acc_before=st.gen_acc_before,
+                           gen_acc_after=generations.accuracy,
                            gen_credit_before=st.gen_credit_before, gen_credit_after=generations.credit)
         self.save_checkpoint()
         model_dir = self.save_final_model()
@@ -891,7 +895,7 @@ class VRPOTrainer:
                        "estimator": self.plan.estimator, "stratified": self.plan.stratified},
             data=self.data_stats,
         )
-        if cfg.num_samples and self.has_eval:
+        if cfg.num_samples and (self.has_eval or generations is not None):
             summary["samples"] = self.sample_answers(generations)
         log.close()
         summary["outputs"] = self.outputs()
