@@ -139,6 +139,36 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-5, atol=1e-6)
 
 
+RAISE_EVERYWHERE = """
+import os, sys
+from accelerate import Accelerator
+from vrpo.distributed import raise_everywhere
+
+acc = Accelerator(cpu=True)
+try:
+    raise_everywhere(acc, PermissionError("--output_dir /x: /x is not writable") if acc.is_main_process else None)
+    got = "nothing"
+except BaseException as e:
+    got = f"{type(e).__name__}: {e}"
+with open(os.path.join(sys.argv[1], f"rank{acc.process_index}.txt"), "w") as f:
+    f.write(got)
+"""
+
+
+def test_an_error_of_the_main_process_is_raised_on_every_process(tmp_path):
+    # A refused --output_dir is found on the main process only; the others must stop too, with its
+    # message, instead of waiting at the next collective until the launcher gives up.
+    script = tmp_path / "raise_everywhere.py"
+    script.write_text(RAISE_EVERYWHERE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert (tmp_path / "rank0.txt").read_text() == "PermissionError: --output_dir /x: /x is not writable"
+    assert (tmp_path / "rank1.txt").read_text() == (
+        "RuntimeError: the main process stopped the run: PermissionError: --output_dir /x: /x is not writable")
+
+
 def test_precomputed_reference_equals_online_reference(tmp_path):
     online = VRPOTrainer(VRPOConfig(**FAST, output_dir=str(tmp_path / "online"))).train()
     pre = VRPOTrainer(VRPOConfig(**FAST, precompute_ref=True, output_dir=str(tmp_path / "pre"))).train()

@@ -106,6 +106,23 @@ def root_gathered(accelerator, policy_elbo: nn.Module):
         policy_elbo.reshard()
 
 
+def raise_everywhere(accelerator, error: BaseException | None):
+    """Raise the main process's ``error`` (None: no error) on every process: the main process re-raises it,
+    the others raise a RuntimeError that carries its message. Without this the others would wait at the
+    next collective until the launcher's timeout. Collective: every process must call it."""
+    message = None
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [None if error is None else f"{type(error).__name__}: {error}"]
+        broadcast_object_list(box, from_process=0)  # our own processes' strings, not a file's bytes
+        message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"the main process stopped the run: {message}")
+
+
 def check_supported(accelerator):
     """Refuse DeepSpeed before anything is loaded: the trainer does not run under it yet (README, "Scaling out")."""
     from accelerate.utils import DistributedType

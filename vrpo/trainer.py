@@ -288,13 +288,17 @@ class VRPOTrainer:
         cfg = self.config
         self.resume_path = None
         self.run_dir = None
+        refused = None
         if self.is_main:
-            self.run_dir = run_dir.RunDir(cfg.output_dir, cfg.overwrite_output_dir,
-                                          resuming=bool(cfg.resume_from_checkpoint))
-            if self.run_dir.moved_to:
-                logger.warning("--overwrite_output_dir: the previous run in %s was moved to %s", cfg.output_dir,
-                               self.run_dir.moved_to)
-        self.accelerator.wait_for_everyone()
+            try:
+                self.run_dir = run_dir.RunDir(cfg.output_dir, cfg.overwrite_output_dir,
+                                              resuming=bool(cfg.resume_from_checkpoint))
+            except OSError as e:  # someone else's files, a live run, not writable
+                refused = e
+        distributed.raise_everywhere(self.accelerator, refused)  # also the barrier: the directory is ready
+        if self.run_dir is not None and self.run_dir.moved_to:
+            logger.warning("--overwrite_output_dir: the previous run in %s was moved to %s", cfg.output_dir,
+                           self.run_dir.moved_to)
         self.checkpoints = CheckpointManager(cfg.output_dir, self.accelerator, cfg.save_total_limit)
         if cfg.resume_from_checkpoint:
             self.resume_path = self.checkpoints.resolve(cfg.resume_from_checkpoint)
