@@ -309,6 +309,18 @@ def train_sft(settings: SFTSettings, log=print):
     return model.eval(), tokenizer
 
 
+def distinct_prompts(rng: random.Random, n: int, seen: set[str], k: int | None = None) -> list[str]:
+    """``n`` prompts drawn from ``rng`` (``k`` digits, default any length) that are not in ``seen`` and
+    not repeated; ``seen`` grows by the ones returned."""
+    out = []
+    while len(out) < n:
+        prompt = prompt_of(random_digits(rng, k))
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
+
+
 def dev_prompts(seed: int, n: int) -> list[str]:
     """Prompts for checking a command's output, from their own seed (never the run's held-out split)."""
     rng = random.Random(f"dev/{seed}")
@@ -330,12 +342,7 @@ def test_prompts(n: int = TEST_PROMPTS) -> list[str]:
     lengths = range(LENGTHS[0], LENGTHS[1] + 1)
     out = []
     for i, k in enumerate(lengths):
-        want = len(out) + (n * (i + 1)) // len(lengths) - (n * i) // len(lengths)
-        while len(out) < want:
-            prompt = prompt_of(random_digits(rng, k))
-            if prompt not in seen:
-                seen.add(prompt)
-                out.append(prompt)
+        out += distinct_prompts(rng, (n * (i + 1)) // len(lengths) - (n * i) // len(lengths), seen, k)
     random.Random("test/order").shuffle(out)  # so that the first samples shown are of every length
     return out
 
@@ -388,14 +395,7 @@ class PairSettings:
 
 def pair_prompts(settings: PairSettings) -> list[str]:
     """Distinct prompts, from the pairs' own seed stream."""
-    rng = random.Random(f"pairs/{settings.seed}")
-    seen, out = set(), []
-    while len(out) < settings.prompts:
-        prompt = prompt_of(random_digits(rng))
-        if prompt not in seen:
-            seen.add(prompt)
-            out.append(prompt)
-    return out
+    return distinct_prompts(random.Random(f"pairs/{settings.seed}"), settings.prompts, seen=set())
 
 
 def rank_pair(prompt: str, answers: Sequence[str]) -> dict | None:
