@@ -426,10 +426,9 @@ def determinism(report: Report, plan: Plan) -> None:
 def build_step_trainer(spec: dict, pairs: int, n_t: int, workdir: str, dtype=None, seed: int = 0):
     """A ``VRPOTrainer`` on the toy preference task with a random LLaDA-architecture model ``spec``, the
     fused head and every kernel on ``impl="triton"`` (vrpo_triton attention)."""
-    from vrpo import loading
-    from vrpo.config import VRPOConfig
     from vrpo.models import build_tiny_llada, build_tiny_tokenizer
-    from vrpo.trainer import VRPOTrainer
+    from vrpo.training import VRPOTrainer, loading
+    from vrpo.training.config import VRPOConfig
 
     cfg = VRPOConfig(
         output_dir=workdir, overwrite_output_dir=True, report_to="none", num_samples=0, save_steps=0, seed=seed,

@@ -47,7 +47,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
-    cpu_peak_memory_available, machine, median_p20_p80, memory_probe_env, output_dir, peak_extra_bytes,
+    cpu_peak_memory_available,
+    machine,
+    median_p20_p80,
+    memory_probe_env,
+    output_dir,
+    peak_extra_bytes,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -717,7 +722,7 @@ class MaskSampling:
 
     No gradients and no float64 reference: a mask is right when its count is exact and it stays inside
     the response. ``max_err_out`` counts the (sample) masks that break either rule, so it must be 0;
-    ``max_err_grad`` is always 0. Uniformity is checked statistically in tests/test_mask_sampling.py.
+    ``max_err_grad`` is always 0. Uniformity is checked statistically in tests/kernels/test_mask_sampling.py.
     """
 
     title = "mask sampling (l-uniform, exact counts)"

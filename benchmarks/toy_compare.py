@@ -33,7 +33,7 @@ QUICK = dict(max_steps=1, per_device_train_batch_size=2, eval_size=16)  # --quic
 
 def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: bool = False) -> dict:
     """The config of one method; naive DPO gets VRPO's budget (n_t = 8 samples) as batch or steps."""
-    from vrpo.config import VRPOConfig
+    from vrpo.training.config import VRPOConfig
 
     base = VRPOConfig(**(QUICK if quick else {})).resolved()
     steps = max_steps or base.max_steps
@@ -47,8 +47,8 @@ def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: b
 
 
 def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:
-    from vrpo.config import VRPOConfig
-    from vrpo.trainer import VRPOTrainer
+    from vrpo.training import VRPOTrainer
+    from vrpo.training.config import VRPOConfig
 
     kwargs = dict(seed=seed, num_samples=0, report_to="none", save_steps=0,
                   output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),

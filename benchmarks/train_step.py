@@ -12,7 +12,7 @@ Two implementations of the same estimator, each in its own trainer built from th
 * ``eager``: ``fused_head=False``: the model returns full logits ``[N, L, V]`` and the log-softmax is
   taken at the masked positions.
 
-Models: ``tiny`` is the embedded toy model (``vrpo.loading.TOY_MODEL``: d_model 64, 2 layers,
+Models: ``tiny`` is the embedded toy model (``vrpo.tasks.sort.task.MODEL_SHAPE``: d_model 64, 2 layers,
 vocabulary 136) at the toy run's batch of 16 pairs; ``tiny-v32k`` is a slightly larger body (d_model
 128) with a 32,768-token vocabulary, where the head dominates, at 4 pairs.
 
@@ -52,10 +52,15 @@ import time
 import torch
 
 from benchmarks.common import (
-    machine, median_p20_p80, memory_probe_env, output_dir, peak_extra_bytes, write_csv,
+    machine,
+    median_p20_p80,
+    memory_probe_env,
+    output_dir,
+    peak_extra_bytes,
+    write_csv,
 )
-from vrpo.config import VRPOConfig
-from vrpo.loading import TOY_MODEL
+from vrpo.tasks.sort.task import MODEL_SHAPE as TOY_MODEL
+from vrpo.training.config import VRPOConfig
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -78,9 +83,8 @@ def build_trainer(model_name: str, impl: str, workdir: str, batch: int, seed: in
 
     ``data = (tokenizer, train_pairs)`` reuses a tokenization (same model config) instead of redoing it.
     """
-    from vrpo import loading
     from vrpo.models import build_tiny_llada, build_tiny_tokenizer
-    from vrpo.trainer import VRPOTrainer
+    from vrpo.training import VRPOTrainer, loading
 
     spec = MODELS[model_name]["model"]
     cfg = VRPOConfig(

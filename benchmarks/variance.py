@@ -59,9 +59,9 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import machine, write_csv
-from vrpo.config import VRPOConfig
-from vrpo.losses import preference_loss
-from vrpo.sampling import SamplingPlan
+from vrpo.estimator.losses import preference_loss
+from vrpo.estimator.sampling import SamplingPlan
+from vrpo.training.config import VRPOConfig
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -140,7 +140,7 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
     ``learning_rate`` gives the policy; its frozen initial copy is the reference. With ``base_steps = 0``
     the reference is the bundled SFT model. The trainer of stage 2 holds the policy, the reference and the held-out pairs.
     """
-    from vrpo.trainer import VRPOTrainer
+    from vrpo.training import VRPOTrainer
 
     info = {}
     model = tokenizer = train_pairs = eval_pairs = None

@@ -7,8 +7,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pathlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -25,11 +23,10 @@ settings.load_profile("vrpo")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# Checkpoints and metadata the tests read; tests/fixtures/README.md says what each one is.
-FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+from .helpers import FIXTURES  # noqa: E402
 
 
 @pytest.fixture
-def fixtures_dir() -> pathlib.Path:
+def fixtures_dir():
     """``tests/fixtures``: the tiny checkpoints and real-release metadata."""
     return FIXTURES

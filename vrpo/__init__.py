@@ -8,18 +8,37 @@ The core API::
     draw = draw_masks(response_mask, plan, generator=g)          # masks [B, n, L], weights [B, n]
     est = elbo_estimate(model, input_ids, response_mask, draw, mask_token_id=126336)   # [B]
     loss, metrics = vrpo_loss(pc, pr, rc, rr, beta=0.2)
+
+A run: ``VRPOTrainer(VRPOConfig(model_name_or_path=..., dataset=...)).train()`` (or ``python -m vrpo.train``).
+
+The packages, from the ground up (each imports only from those below it): ``vrpo_kernels`` (fused kernels),
+:mod:`vrpo.estimator` (the maths), :mod:`vrpo.models` (LLaDA, Dream), :mod:`vrpo.training` (config, trainer),
+:mod:`vrpo.tasks` (demo tasks), then the entry points ``vrpo.train`` and ``vrpo.plan``.
 """
 
-from .elbo import NonFiniteELBOError, elbo_estimate, elbo_terms, exact_elbo
-from .losses import mdm_sft_loss, vrpo_loss
-from .sampling import MaskDraw, SamplingPlan, draw_masks
+from .errors import NonFiniteELBOError
+from .estimator import (
+    HeadOptions,
+    MaskDraw,
+    SamplingPlan,
+    draw_masks,
+    elbo_estimate,
+    elbo_terms,
+    exact_elbo,
+    mdm_sft_loss,
+    vrpo_loss,
+)
+from .training import VRPOConfig, VRPOTrainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "HeadOptions",
     "MaskDraw",
     "NonFiniteELBOError",
     "SamplingPlan",
+    "VRPOConfig",
+    "VRPOTrainer",
     "draw_masks",
     "elbo_estimate",
     "elbo_terms",

@@ -21,11 +21,15 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import VRPOConfig, parse_config
+from .files import read_json
+from .models import DTYPES, ModelFamily, family_of, family_of_config
+from .tasks.sort import SORT_TASK
+from .training.config import VRPOConfig, parse_config
 
 GIB = 1024**3
 
@@ -44,40 +48,20 @@ GPUS = {
 }
 DISTRIBUTED = ("ddp", "fsdp", "zero3")
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- the model, on the meta device -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Family:
-    """How a checkpoint family's ``config.json`` becomes a transformers model with the same parameters."""
-
-    name: str
-    decoder_layer: str  # the class FSDP wraps one unit per (examples/accelerate_fsdp.yaml)
-    build: object  # (config.json dict, source) -> nn.Module on the current (meta) device
-
-
-def _build_llada(raw: dict, source: str) -> nn.Module:
-    from .models import BidirectionalLlamaForCausalLM, llada_to_llama_config
-
-    return BidirectionalLlamaForCausalLM(llada_to_llama_config(raw, source=source))
-
-
-def _build_llama(raw: dict, source: str) -> nn.Module:
-    from transformers import LlamaConfig
-
-    from .models import BidirectionalLlamaForCausalLM
-
-    return BidirectionalLlamaForCausalLM(LlamaConfig(**_hf_fields(raw)))
-
-
-def _build_dream(raw: dict, source: str) -> nn.Module:
-    # Dream's modeling is Qwen2's (GQA, q/k/v biases) with bidirectional attention: the same parameters.
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM(Qwen2Config(**_hf_fields(raw)))
+def read_model_config(path: str) -> tuple[dict, str]:
+    """``(config.json dict, its path)`` for a checkpoint directory or a ``config.json`` file."""
+    file = Path(path) / "config.json" if os.path.isdir(path) else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--model_name_or_path {path}: no such file {file}")
+    raw = read_json(file)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return raw, str(file)
 
 
 def _hf_fields(raw: dict) -> dict:
@@ -85,52 +69,17 @@ def _hf_fields(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if k not in skip}
 
 
-FAMILIES = {
-    "llada": Family("LLaDA", "LlamaDecoderLayer", _build_llada),
-    "llama": Family("LLaDA (transformers Llama format)", "LlamaDecoderLayer", _build_llama),
-    "dream": Family("Dream", "Qwen2DecoderLayer", _build_dream),
-}
-
-
-def read_model_config(path: str) -> tuple[dict, str]:
-    """``(config.json dict, its path)`` for a checkpoint directory or a ``config.json`` file."""
-    from pathlib import Path
-
-    from .models.checkpoint import _read_json
-
-    file = Path(path) / "config.json" if os.path.isdir(path) else Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--model_name_or_path {path}: no such file {file}")
-    raw = _read_json(file)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return raw, str(file)
-
-
-def family_of(raw: dict, source: str) -> Family:
-    kind = str(raw.get("model_type", "")).lower()
-    if kind not in FAMILIES:
-        raise ValueError(f"{source}: model_type {raw.get('model_type')!r} is not one of {', '.join(FAMILIES)}")
-    return FAMILIES[kind]
-
-
-def meta_model(cfg: VRPOConfig) -> tuple[nn.Module, Family]:
-    """The policy of ``cfg`` on the meta device, in the dtype training would load it in (LoRA not applied)."""
-    if cfg.toy:
-        from .loading import TOY_MODEL
-        from .models import BidirectionalLlamaForCausalLM, tiny_llada_config
-
-        toy = {k: v for k, v in TOY_MODEL.items()}
-        with torch.device("meta"):
-            model = BidirectionalLlamaForCausalLM(tiny_llada_config(**toy))
-        raw, family = {"torch_dtype": "float32"}, FAMILIES["llada"]
-    else:
-        raw, source = read_model_config(cfg.model_name_or_path)
-        family = family_of(raw, source)
-        with torch.device("meta"):
-            model = family.build(raw, source)
-    stored = _DTYPES.get(str(raw.get("torch_dtype", "float32")), torch.float32)
-    dtype = stored if cfg.torch_dtype == "auto" else _DTYPES[cfg.torch_dtype]
+def meta_model(cfg: VRPOConfig) -> tuple[nn.Module, ModelFamily]:
+    """The policy of ``cfg`` (``--model_name_or_path``, else the demo task's model) on the meta device, built
+    through its family's table entry (:mod:`vrpo.models.families`: the family's own format or a transformers
+    export), in the dtype training would load it in (LoRA not applied)."""
+    raw, source = read_model_config(cfg.model_name_or_path or SORT_TASK.model_path())
+    family, native = family_of_config(raw, source)
+    config = family.to_hf_config(raw, source=source) if native else family.config_class(**_hf_fields(raw))
+    with torch.device("meta"):
+        model = family.model_class(config)
+    stored = DTYPES.get(str(raw.get("torch_dtype", "float32")), torch.float32)
+    dtype = stored if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
     return model.to(dtype), family
 
 
@@ -160,7 +109,6 @@ def shard_numel(shape: torch.Size, num_shards: int) -> int:
 @dataclass(frozen=True)
 class Tensors:
     """A group of tensors: their shapes and one dtype."""
-
     shapes: tuple[torch.Size, ...]
     dtype: torch.dtype
 
@@ -179,7 +127,6 @@ class Tensors:
 @dataclass(frozen=True)
 class ModelFacts:
     """What the plan needs to know about a model: its tensors and its dimensions."""
-
     family: str
     decoder_layer: str
     base: Tensors  # every parameter of the checkpoint
@@ -196,11 +143,12 @@ class ModelFacts:
     matmul_params: int  # weights of the decoder layers' linear layers (FLOPs per token = 2 x this)
 
 
-def model_facts(cfg: VRPOConfig, model: nn.Module | None = None, family: Family | None = None) -> ModelFacts:
-    """Facts about the policy of ``cfg``; ``model`` (any device) instead of building it on the meta device."""
+def model_facts(cfg: VRPOConfig, model: nn.Module | None = None) -> ModelFacts:
+    """Facts about the policy of ``cfg`` (its ``model_name_or_path``, else the demo task's model); ``model`` (any
+    device) instead of building it on the meta device."""
     if model is None:
-        model, family = meta_model(cfg)
-    family = family or FAMILIES["llada"]
+        model, _ = meta_model(cfg)
+    family = family_of(model)
     c = model.config
     params = dict(model.named_parameters())
     dtype = next(iter(params.values())).dtype
@@ -213,7 +161,8 @@ def model_facts(cfg: VRPOConfig, model: nn.Module | None = None, family: Family 
     trainable = Tensors(tuple(lora_shapes(model, cfg)), torch.float32) if cfg.use_lora else base
     heads = c.num_attention_heads
     return ModelFacts(
-        family=family.name, decoder_layer=family.decoder_layer, base=base, trainable=trainable,
+        family=family.display_name if family else type(model).__name__,
+        decoder_layer=type(model.model.layers[0]).__name__, base=base, trainable=trainable,
         layer=Tensors(tuple(layer), dtype), root=Tensors(tuple(root), dtype),
         hidden=c.hidden_size, intermediate=c.intermediate_size, layers=c.num_hidden_layers, heads=heads,
         kv_heads=c.num_key_value_heads or heads, head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
@@ -234,7 +183,6 @@ def _first_layer_prefix(params: dict) -> str:
 @dataclass(frozen=True)
 class Setup:
     """The plan's own settings (the training settings are the :class:`~vrpo.config.VRPOConfig`)."""
-
     num_gpus: int = 1
     gpu: str = "h100"
     gpu_memory_gb: float | None = None  # default: the GPU's
@@ -275,7 +223,6 @@ class Setup:
 @dataclass(frozen=True)
 class Item:
     """One line of the plan: a name, bytes (or FLOPs, seconds...) and how it was obtained."""
-
     name: str
     value: float
     how: str
@@ -367,8 +314,10 @@ def activation_memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> dict[
     out["ckpt"] = Item("activations, checkpointing", L * T * b * h + T * a + 2 * T * b * h,
                        f"{L} x {T:,} x {b * h:,} B saved + one layer recomputed ({T:,} x {a:,} B) + gradient in flight")
     head_w = 0 if cfg.use_lora else V * h * (4 + DTYPE_BYTES[facts.base.dtype])
-    out["head"] = Item("fused head working set", rows * h * (2 * b + 4) + head_w,
-                       f"{rows:,} masked rows x h x ({2 * b} + 4) B + fp32 dW accumulator and its cast "
+    buffer = min(rows * V * 4, cfg.head_options().max_buffer_bytes)
+    out["head"] = Item("fused head working set", rows * h * (2 * b + 4) + buffer + head_w,
+                       f"{rows:,} masked rows x h x ({2 * b} + 4) B + fp32 logits buffer min({rows:,} x {V:,} x 4 B, "
+                       f"--ce_max_buffer_mb {cfg.ce_max_buffer_mb}) + fp32 dW accumulator and its cast "
                        f"({'none: the head is frozen' if cfg.use_lora else f'{V:,} x {h:,}'})")
     out["logits"] = Item("logits the fused head avoids", T * V * b + 2 * rows * V * 4,
                          f"[{T:,}, {V:,}] x {b} B + fp32 log-softmax of the masked rows")
@@ -397,7 +346,6 @@ def gathered_units(cfg: VRPOConfig, facts: ModelFacts, setup: Setup, b: int) -> 
 @dataclass(frozen=True)
 class Memory:
     """Per-GPU memory of a run: the exact static parts, the estimated transients, and the peak."""
-
     static: list[Item]
     transient: dict[str, Item]
     peak: int
@@ -426,7 +374,7 @@ def peak_memory_bytes(cfg: VRPOConfig, *, model: nn.Module | None = None, setup:
     """The plan's per-GPU peak in bytes (comparable to ``torch.cuda.max_memory_allocated``) for a run of
     ``cfg``; ``model`` (a loaded policy, before LoRA) instead of ``cfg.model_name_or_path``. One GPU by
     default: ``Setup(num_gpus=1, distributed="ddp")``."""
-    cfg = cfg.resolved()
+    cfg = resolved(cfg)
     setup = setup or Setup(num_gpus=1, distributed="ddp")
     return memory(cfg, model_facts(cfg, model), setup).peak
 
@@ -572,9 +520,14 @@ def parse(argv: list[str]) -> tuple[VRPOConfig, Setup]:
     return cfg, setup
 
 
+def resolved(cfg: VRPOConfig) -> VRPOConfig:
+    """``cfg`` with its ``None`` fields filled as a run would fill them (the demo task's presets for its model)."""
+    return cfg.resolved(SORT_TASK.presets if cfg.model_name_or_path is None else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg, setup = parse(list(sys.argv[1:] if argv is None else argv))
-    cfg = cfg.resolved()
+    cfg = resolved(cfg)
     try:
         facts = model_facts(cfg)
     except (FileNotFoundError, ValueError) as e:

@@ -1,9 +1,10 @@
 """``python -m vrpo.train``: VRPO preference optimization of a masked diffusion LM.
 
-With no arguments it trains the bundled tiny SFT LLaDA on its own answers to the toy sorting task,
-ranked by a verifier, on the CPU in a few minutes, and reports held-out exact-sort accuracy of its
-generations and preference accuracy before and after. Point it at a real LLaDA or Dream checkpoint
-and a preference dataset for the real thing; see ``--help`` and the README.
+With no arguments it trains the bundled tiny SFT LLaDA on its own answers to the sorting demo (the task this
+entry point chooses, :mod:`vrpo.tasks.sort`), ranked by a verifier, on the CPU in a few minutes, and reports
+exact-sort accuracy of its generations on the task's test prompts and held-out preference accuracy before and
+after. Point it at a real LLaDA or Dream checkpoint and a preference dataset for the real thing; see ``--help``
+and the README.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from .config import PROG, parse_config
+from .errors import CheckpointError, DataError, Interrupted, RunLogError, TrainingDiverged
+from .tasks.sort import SORT_TASK
+from .training import VRPOTrainer
+from .training.config import PROG, parse_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,14 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("httpx", "urllib3", "datasets", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .data import DataError
-    from .models import CheckpointError
-    from .trainer import Interrupted, TrainingDiverged, VRPOTrainer
-
     try:
-        trainer = VRPOTrainer(config)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
+        trainer = VRPOTrainer(config, task=SORT_TASK)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
         summary = trainer.train()  # the loop, then the outputs
-    except (DataError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+    except (DataError, CheckpointError, RunLogError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
             ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -37,14 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted: {e}", file=sys.stderr)
         return e.exit_code
     if trainer.is_main:
-        print_summary(summary)
+        print_summary(summary, SORT_TASK.describe)
     return 0
 
 
-def print_summary(summary: dict):
-    """The closing summary: the figures before and after, graded samples, and every output."""
-    from .toy import describe_sample
-
+def print_summary(summary: dict, describe=None):
+    """The closing summary: the figures before and after, graded samples (``describe``: the task's one-line
+    form of a graded sample), and every output."""
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -70,7 +69,7 @@ def print_summary(summary: dict):
         lines.append(f"  samples from {summary['sampler']} ({where}):")
     for sample in summary.get("samples", []):
         graded = "correct" in sample
-        lines.append("    " + (describe_sample(sample) if graded
+        lines.append("    " + (describe(sample) if graded and describe
                                else f"{sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}"))
     outputs = summary["outputs"]
     lines += [

@@ -26,21 +26,73 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import combinations
+from math import comb
 
 import torch
 from torch import nn
 
 from vrpo_kernels import masked_linear_ce
+from vrpo_kernels.masked_linear_ce import DEFAULT_MAX_BUFFER_BYTES
 
-from .models.families import logit_shift as family_logit_shift
+from ..errors import NonFiniteELBOError
+from .packing import pack_rows, packing_kwargs, segment_positions
 from .sampling import MaskDraw
 
 logger = logging.getLogger(__name__)
 _warned_unfused: set[str] = set()
 
 
-class NonFiniteELBOError(FloatingPointError):
-    """The model produced NaN/inf log-probabilities for some masked tokens."""
+@dataclass(frozen=True)
+class HeadOptions:
+    """How the ELBO computes log-probabilities at the LM head (one default for every caller).
+
+    Attributes:
+        fused: ``"auto"`` fuses the head when :func:`fusable_head` allows it; ``True`` requires it;
+            ``False`` uses the generic logits path (full ``[N, L, vocab]`` logits).
+        impl: the :func:`vrpo_kernels.masked_linear_ce` implementation on the fused path
+            (``"auto"``, ``"triton"``, ``"torch"``, ``"eager"``).
+        max_buffer_bytes: the fused path's memory budget for its largest intermediate (the selected rows'
+            fp32 logits). Below what those logits need, the op recomputes them in chunks in the backward
+            (one more GEMM) instead of keeping them.
+    """
+
+    fused: bool | str = "auto"
+    impl: str = "auto"
+    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES
+
+    def __post_init__(self):
+        if self.fused not in ("auto", True, False):
+            raise ValueError(f"HeadOptions: fused must be 'auto', True or False, got {self.fused!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"HeadOptions: impl must be one of {IMPLS}, got {self.impl!r}")
+        if isinstance(self.max_buffer_bytes, bool) or not isinstance(self.max_buffer_bytes, int) \
+                or self.max_buffer_bytes < 1:
+            raise ValueError(f"HeadOptions: max_buffer_bytes must be a positive integer, got {self.max_buffer_bytes!r}")
+
+
+IMPLS = ("auto", "triton", "torch", "eager")
+
+
+def unwrap(model):
+    """The LM inside the wrappers a training run puts around it: :class:`ELBOModule`, PEFT (its base model)
+    and DistributedDataParallel (``.module``). Anything else is returned as it is."""
+    while True:
+        if isinstance(model, ELBOModule):
+            model = model.model
+        elif callable(getattr(model, "get_base_model", None)):  # PEFT
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DistributedDataParallel
+            model = model.module
+        else:
+            return model
+
+
+def model_logit_shift(model) -> int:
+    """The logit shift a model declares (``logit_shift`` on the unwrapped LM; vrpo's model classes set it),
+    0 for one that declares none (logits per position)."""
+    return getattr(unwrap(model), "logit_shift", 0)
 
 
 def noisy_inputs(input_ids: torch.Tensor, masked: torch.Tensor, mask_token_id: int) -> torch.Tensor:
@@ -87,7 +139,7 @@ def _check_draw(draw: MaskDraw, response_mask: torch.Tensor):
 
 
 def _shift(model, logit_shift: int | None) -> int:
-    shift = family_logit_shift(model) if logit_shift is None else logit_shift
+    shift = model_logit_shift(model) if logit_shift is None else logit_shift
     if shift not in (0, 1):
         raise ValueError(f"logit_shift={shift} is not 0 or 1")
     return shift
@@ -135,9 +187,7 @@ def masked_token_logprobs(
     mask_token_id: int,
     *,
     model_kwargs: Mapping | None = None,
-    fused: bool | str = "auto",
-    impl: str = "auto",
-    max_buffer_bytes: int | None = None,
+    head: HeadOptions = HeadOptions(),
     logit_shift: int | None = None,
 ) -> torch.Tensor:
     """The core of every ELBO: ``token_weight * log p(target)`` at the masked positions, 0 elsewhere.
@@ -149,8 +199,8 @@ def masked_token_logprobs(
         masked: bool [N, S], where a log-probability is wanted.
         token_weight: float [N, S], the estimator weight of each position's sample.
         model_kwargs: extra model inputs, already [N, ...].
-        fused, impl, max_buffer_bytes: see :func:`elbo_terms`.
-        logit_shift: 1 when the output at i - 1 predicts token i; None reads it from the model's family.
+        head: the head's options (:class:`HeadOptions`).
+        logit_shift: 1 when the output at i - 1 predicts token i; None reads it from the model.
 
     Returns:
         float32 [N, S], indexed by the scored token's position.
@@ -166,25 +216,25 @@ def masked_token_logprobs(
         targets, masked, token_weight = (t.roll(-shift, dims=1) for t in (targets, masked, token_weight))
         masked = masked.clone()
         masked[:, S - shift :] = False
-    split = fusable_head(model) if fused else None
-    if fused is True and split is None:
+    split = fusable_head(model) if head.fused else None
+    if head.fused is True and split is None:
         raise ValueError(f"fused=True needs a transformers LM with a plain nn.Linear head, got {type(model).__name__}")
     if split is not None:
-        body, head = split
-        _check_mask_id(mask_token_id, head.weight.shape[0])
+        body, lm_head = split
+        _check_mask_id(mask_token_id, lm_head.weight.shape[0])
         hidden = body(input_ids=noisy_ids, **(model_kwargs or {})).last_hidden_state
         out = masked_linear_ce(
             hidden.reshape(N * S, -1),
-            head.weight,
+            lm_head.weight,
             targets.reshape(-1),
             token_weight.reshape(-1).float(),
             masked.reshape(-1),
-            bias=head.bias,
-            impl=impl,
-            max_buffer_bytes=max_buffer_bytes,
+            bias=lm_head.bias,
+            impl=head.impl,
+            max_buffer_bytes=head.max_buffer_bytes,
         ).view(N, S)
     else:
-        _warn_unfused(model, fused)
+        _warn_unfused(model, head.fused)
         logits = model(noisy_ids, **(model_kwargs or {}))
         logits = logits.logits if hasattr(logits, "logits") else logits
         _check_mask_id(mask_token_id, logits.shape[-1])
@@ -204,9 +254,7 @@ def elbo_terms(
     mask_token_id: int,
     *,
     model_kwargs: Mapping | None = None,
-    fused: bool | str = "auto",
-    impl: str = "auto",
-    max_buffer_bytes: int | None = None,
+    head: HeadOptions = HeadOptions(),
     logit_shift: int | None = None,
 ) -> torch.Tensor:
     """Per-sample ELBO terms, float32 [B, n].
@@ -219,14 +267,10 @@ def elbo_terms(
         mask_token_id: the id that replaces masked tokens.
         model_kwargs: extra per-row model inputs ([B, ...] tensors such as ``attention_mask`` or
             ``position_ids``), repeated for the ``n`` samples.
-        fused: ``"auto"`` fuses the head when :func:`fusable_head` allows it; ``True`` requires it;
-            ``False`` uses the generic logits path.
-        impl: passed to :func:`vrpo_kernels.masked_linear_ce` on the fused path.
-        max_buffer_bytes: the fused path's memory budget, passed to :func:`vrpo_kernels.masked_linear_ce`
-            (None: its default, 1 GiB). Below the selected rows' fp32 logits the op recomputes them in
-            chunks in the backward (one more GEMM) instead of keeping them.
+        head: how the head computes log-probabilities (:class:`HeadOptions`: fused or not, the kernel,
+            the fused path's memory budget).
         logit_shift: 1 when the output at i - 1 predicts token i (Dream), 0 when the output at i does
-            (LLaDA); None (the default) reads it from the model's family, 0 for a model of no known family.
+            (LLaDA); None (the default) reads it from the model (:func:`model_logit_shift`).
     """
     B, n, L = draw.masked.shape
     if input_ids.shape != (B, L) or response_mask.shape != (B, L):
@@ -243,9 +287,7 @@ def elbo_terms(
         draw.weight.float().reshape(B * n, 1).expand(B * n, L),
         mask_token_id,
         model_kwargs=_repeat_rows(model_kwargs, n),
-        fused=fused,
-        impl=impl,
-        max_buffer_bytes=max_buffer_bytes,
+        head=head,
         logit_shift=logit_shift,
     )
     terms = per_token.view(B, n, L).sum(-1)
@@ -262,9 +304,7 @@ def packed_elbo_terms(
     *,
     lengths: torch.Tensor,
     row_length: int,
-    fused: bool | str = "auto",
-    impl: str = "auto",
-    max_buffer_bytes: int | None = None,
+    head: HeadOptions = HeadOptions(),
     logit_shift: int | None = None,
 ) -> torch.Tensor:
     """:func:`elbo_terms` with the ``B * n`` masked copies packed into rows of ``row_length`` tokens.
@@ -276,8 +316,7 @@ def packed_elbo_terms(
     in its own segment: a masked token at a segment's first position is refused (``ValueError``).
 
     Args:
-        input_ids, response_mask, draw, mask_token_id, fused, impl, max_buffer_bytes, logit_shift: as in
-            :func:`elbo_terms`
+        input_ids, response_mask, draw, mask_token_id, head, logit_shift: as in :func:`elbo_terms`
             (right-padded rows).
         lengths: int [B], the real (unpadded) length of each row.
         row_length: tokens per packed row; at least the longest sequence.
@@ -287,8 +326,6 @@ def packed_elbo_terms(
     Returns:
         float32 [B, n].
     """
-    from .models.packing import pack_rows, packing_kwargs, segment_positions
-
     B, n, L = draw.masked.shape
     _check_draw(draw, response_mask)
     sizes = [int(x) for x in lengths.tolist()]
@@ -310,8 +347,7 @@ def packed_elbo_terms(
         _check_first_positions(masked, pos < shift, "packed row")
     per_token = masked_token_logprobs(
         model, ids, torch.where(valid, input_ids[b, pos], 0), masked, draw.weight.float()[b, j], mask_token_id,
-        model_kwargs=packing_kwargs(seg), fused=fused, impl=impl, max_buffer_bytes=max_buffer_bytes,
-        logit_shift=shift,
+        model_kwargs=packing_kwargs(seg), head=head, logit_shift=shift,
     )
     # Back to the unpacked layout [B * n, L] (each (sample, position) holds at most one token, so the
     # write has unique indices and needs no accumulation), then the same sum as elbo_terms. Not
@@ -353,9 +389,6 @@ def exact_elbo(logp_fn: Callable, input_ids: torch.Tensor, response_mask: torch.
     Returns:
         float64 [B].
     """
-    from itertools import combinations
-    from math import comb
-
     out = torch.zeros(input_ids.shape[0], dtype=torch.float64)
     for b in range(input_ids.shape[0]):
         positions = response_mask[b].nonzero()[:, 0].tolist()
@@ -384,15 +417,13 @@ class ELBOModule(nn.Module):
     forward, while the fused head path inside still reaches the LM's body and head directly.
     """
 
-    def __init__(self, model: nn.Module, mask_token_id: int, fused: bool | str = "auto", impl: str = "auto",
-                 pack_length: int | None = None, max_buffer_bytes: int | None = None):
+    def __init__(self, model: nn.Module, mask_token_id: int, head: HeadOptions = HeadOptions(),
+                 pack_length: int | None = None):
         super().__init__()
         self.model = model
         self.mask_token_id = mask_token_id
-        self.fused = fused
-        self.impl = impl
+        self.head = head
         self.pack_length = pack_length
-        self.max_buffer_bytes = max_buffer_bytes
 
     def forward(self, input_ids, response_mask, draw: MaskDraw, attention_mask=None, **model_kwargs) -> torch.Tensor:
         """float32 [B, n]; see :func:`elbo_terms` (or :func:`packed_elbo_terms` with ``pack_length``).
@@ -404,12 +435,11 @@ class ELBOModule(nn.Module):
                 (input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
             return packed_elbo_terms(
                 self.model, input_ids, response_mask, draw, self.mask_token_id,
-                lengths=lengths, row_length=self.pack_length, fused=self.fused, impl=self.impl,
-                max_buffer_bytes=self.max_buffer_bytes,
+                lengths=lengths, row_length=self.pack_length, head=self.head,
             )
         if attention_mask is not None:
             model_kwargs["attention_mask"] = attention_mask
         return elbo_terms(
             self.model, input_ids, response_mask, draw, self.mask_token_id,
-            model_kwargs=model_kwargs, fused=self.fused, impl=self.impl, max_buffer_bytes=self.max_buffer_bytes,
+            model_kwargs=model_kwargs, head=self.head,
         )

@@ -14,6 +14,12 @@ import torch.nn.functional as F
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
+def reward_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """``(B_pi(y_w) - B_ref(y_w)) - (B_pi(y_l) - B_ref(y_l))`` from ELBO estimates [B]: the score without
+    ``beta``, DPO's log-ratio margin with ELBOs in place of log-likelihoods (Zhu et al. 2025)."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
 def _as_samples(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() == 1:
         return x[:, None]

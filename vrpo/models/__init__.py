@@ -4,12 +4,14 @@ attention backends, one table entry per model family (:mod:`vrpo.models.families
 Load a checkpoint directory (e.g. GSAI-ML/LLaDA-8B-Instruct or Dream-org/Dream-v0-Instruct-7B downloaded
 beforehand); the family comes from its ``config.json``::
 
-    from vrpo.models import family_of, load_mdm, save_mdm
+    from vrpo.models import family_of, load_mdm, load_tokenizer, sample, save_mdm
 
     model = load_mdm("/ckpt/Dream-v0-Instruct-7B", dtype=torch.bfloat16, attn_implementation="sdpa")
     logits = model(input_ids).logits                  # [B, S, vocab], bidirectional attention
     model.config.mask_token_id                        # 151666 (LLaDA: 126336)
     family_of(model).logit_shift                      # 1: Dream's output at i - 1 predicts token i (LLaDA: 0)
+    ids = sample(model, prompt_ids, model.config.mask_token_id, gen_length=128)   # the family's sampler
+    tokenizer = load_tokenizer("/ckpt/Dream-v0-Instruct-7B")                        # no remote code
     save_mdm(model, "/ckpt/my-dream")                 # the family's format, readable by its official code
 
 ``load_llada``/``save_llada`` and ``load_dream``/``save_dream`` do the same for one family.
@@ -22,22 +24,14 @@ Attention backends (``attn_implementation=``): ``"sdpa"`` (default), ``"eager"``
     logits = model(input_ids, **kwargs).logits
 """
 
+from ..estimator.packing import BACKENDS, pack_rows, packing_kwargs, segment_positions
 from .attention import (
     VRPO_TRITON,
     attention_impl,
-    check_backend,
     current_attention_impl,
     register_vrpo_attention,
 )
-from .checkpoint import CheckpointError, load_dream, load_llada, load_mdm, save_dream, save_llada, save_mdm
-from .config import (
-    LLADA_MASK_TOKEN,
-    hf_to_llada_key,
-    llada_to_hf_key,
-    llada_to_llama_config,
-    llama_to_llada_config,
-)
-from .dream import DREAM_MASK_TOKEN, dream_to_qwen2_config, qwen2_to_dream_config
+from .dream import DREAM_MASK_TOKEN
 from .dtypes import DTYPES, resolve_dtype
 from .families import (
     DREAM,
@@ -47,66 +41,56 @@ from .families import (
     family_of,
     family_of_config,
     family_of_tokenizer,
-    logit_shift,
 )
-from .modeling import (
-    BidirectionalLlamaForCausalLM,
-    BidirectionalLlamaModel,
-    BidirectionalQwen2ForCausalLM,
-    BidirectionalQwen2Model,
+from .io import load_dream, load_llada, load_mdm, save_dream, save_llada, save_mdm
+from .llada import LLADA_CHAT_TEMPLATE, LLADA_MASK_TOKEN
+from .modeling import BidirectionalLlamaForCausalLM, BidirectionalQwen2ForCausalLM
+from .samplers import SAMPLERS, generate, generate_dream, sample
+from .tiny import build_tiny_llada, build_tiny_tokenizer, tiny_llada_config
+from .tokenization import (
+    collate,
+    encode_example,
+    encode_preference,
+    get_mask_token_id,
+    load_tokenizer,
 )
-from .packing import (
-    BACKENDS,
-    block_diagonal_mask,
-    canonical_segments,
-    flash_varlen_kwargs,
-    pack_rows,
-    packing_kwargs,
-    segment_positions,
-)
-from .tiny import LLADA_CHAT_TEMPLATE, build_tiny_llada, build_tiny_tokenizer, tiny_llada_config
 
 __all__ = [
     "BACKENDS",
     "BidirectionalLlamaForCausalLM",
-    "BidirectionalLlamaModel",
     "BidirectionalQwen2ForCausalLM",
-    "BidirectionalQwen2Model",
-    "CheckpointError",
     "DREAM",
     "DREAM_MASK_TOKEN",
     "DTYPES",
     "FAMILIES",
     "LLADA",
-    "ModelFamily",
     "LLADA_CHAT_TEMPLATE",
     "LLADA_MASK_TOKEN",
+    "ModelFamily",
+    "SAMPLERS",
     "VRPO_TRITON",
     "attention_impl",
-    "block_diagonal_mask",
     "build_tiny_llada",
     "build_tiny_tokenizer",
-    "canonical_segments",
-    "check_backend",
+    "collate",
     "current_attention_impl",
-    "dream_to_qwen2_config",
+    "encode_example",
+    "encode_preference",
     "family_of",
     "family_of_config",
     "family_of_tokenizer",
-    "flash_varlen_kwargs",
-    "hf_to_llada_key",
-    "llada_to_hf_key",
-    "llada_to_llama_config",
-    "llama_to_llada_config",
+    "generate",
+    "generate_dream",
+    "get_mask_token_id",
     "load_dream",
     "load_llada",
     "load_mdm",
-    "logit_shift",
+    "load_tokenizer",
     "pack_rows",
     "packing_kwargs",
-    "qwen2_to_dream_config",
     "register_vrpo_attention",
     "resolve_dtype",
+    "sample",
     "save_dream",
     "save_llada",
     "save_mdm",

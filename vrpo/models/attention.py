@@ -28,7 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from vrpo_kernels import bidirectional_attention
 from vrpo_kernels.attention import LastCallCache
 
-from .packing import BACKENDS
+from ..estimator.packing import BACKENDS
 
 VRPO_TRITON = "vrpo_triton"
 IMPL_ENV = "VRPO_ATTENTION_IMPL"

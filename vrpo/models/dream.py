@@ -12,8 +12,8 @@ import copy
 
 from transformers import Qwen2Config
 
-from .config import check_supported, checked_mask_token_id, positive_int
 from .dtypes import DTYPES
+from .llada import check_supported, checked_mask_token_id, positive_int
 
 DREAM_MODEL_TYPE = "Dream"
 DREAM_MASK_TOKEN = "<|mask|>"

@@ -17,12 +17,17 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
-from vrpo.generate import generate, generate_dream
-
-from .config import LLADA_MASK_TOKEN, hf_to_llada_key, llada_to_hf_key, llada_to_llama_config, llama_to_llada_config
+from ..estimator import unwrap
 from .dream import DREAM_MASK_TOKEN, dream_to_qwen2_config, qwen2_to_dream_config
+from .llada import (
+    LLADA_CHAT_TEMPLATE,
+    LLADA_MASK_TOKEN,
+    hf_to_llada_key,
+    llada_to_hf_key,
+    llada_to_llama_config,
+    llama_to_llada_config,
+)
 from .modeling import BidirectionalLlamaForCausalLM, BidirectionalQwen2ForCausalLM
-from .tiny import LLADA_CHAT_TEMPLATE
 
 # The config attribute that names a model's family; written by the loaders, kept in transformers exports.
 FAMILY_ATTR = "mdm_family"
@@ -56,7 +61,8 @@ class ModelFamily:
         chat_template: the released chat template (for tokenizers built in-process).
         tokenizer_class: the transformers tokenizer class to build when the checkpoint's tokenizer names
             remote code (``auto_map``); None: ``AutoTokenizer``.
-        sampler: ``sampler(model, prompt_ids, mask_token_id, gen_length=, steps=, block_length=, ...)``.
+        sampler: the key of its sampler in :data:`vrpo.models.samplers.SAMPLERS`
+            (``sampler(model, prompt_ids, mask_token_id, gen_length=, steps=, block_length=, ...)``).
         sampler_name: what the sampler is, for messages.
     """
 
@@ -70,7 +76,6 @@ class ModelFamily:
     to_native_config: Callable[..., dict]
     to_hf_key: Callable[[str], str | None]
     to_native_key: Callable[[str], str | None]
-    logit_shift: int
     mask_token: str
     mask_token_id: int
     end_of_turn: str
@@ -79,8 +84,14 @@ class ModelFamily:
     raw_text_bos: bool
     chat_template: str | None
     tokenizer_class: str | None
-    sampler: Callable
+    sampler: str
     sampler_name: str
+
+    @property
+    def logit_shift(self) -> int:
+        """0 when the output at i predicts token i (LLaDA); 1 when the output at i - 1 does (Dream, like an
+        autoregressive LM). Declared by the family's model class, which the ELBO reads."""
+        return self.model_class.logit_shift
 
     def last_user_message(self, prompt_text: str) -> str:
         """The content of the last user turn of a prompt rendered with this family's chat template (the
@@ -101,7 +112,6 @@ LLADA = ModelFamily(
     to_native_config=llama_to_llada_config,
     to_hf_key=llada_to_hf_key,
     to_native_key=hf_to_llada_key,
-    logit_shift=0,
     mask_token=LLADA_MASK_TOKEN,
     mask_token_id=126336,
     end_of_turn="<|eot_id|>",
@@ -110,7 +120,7 @@ LLADA = ModelFamily(
     raw_text_bos=True,
     chat_template=LLADA_CHAT_TEMPLATE,
     tokenizer_class=None,
-    sampler=generate,
+    sampler="llada",
     sampler_name="LLaDA's low-confidence remasking sampler",
 )
 
@@ -125,7 +135,6 @@ DREAM = ModelFamily(
     to_native_config=qwen2_to_dream_config,
     to_hf_key=_identity,
     to_native_key=_identity,
-    logit_shift=1,
     mask_token=DREAM_MASK_TOKEN,
     mask_token_id=151666,
     end_of_turn="<|im_end|>",
@@ -134,7 +143,7 @@ DREAM = ModelFamily(
     raw_text_bos=False,
     chat_template=None,  # Dream's tokenizer_config.json carries it
     tokenizer_class="Qwen2Tokenizer",
-    sampler=generate_dream,
+    sampler="dream",
     sampler_name="Dream's sampler (alg='origin')",
 )
 
@@ -171,27 +180,10 @@ def family_of_config(raw: dict, source: str = "config.json") -> tuple[ModelFamil
     raise ValueError(f"{source}: model_type={model_type!r} is not supported (expected one of {known})")
 
 
-def _unwrap(model):
-    """The transformers model inside ELBOModule / DDP / PEFT wrappers."""
-    from torch import nn
-
-    from vrpo.elbo import ELBOModule
-
-    while True:
-        if isinstance(model, ELBOModule):
-            model = model.model
-        elif callable(getattr(model, "get_base_model", None)):  # PEFT
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DistributedDataParallel
-            model = model.module
-        else:
-            return model
-
-
 def family_of(model) -> ModelFamily | None:
     """The family of ``model`` (a loaded MDM, possibly wrapped by PEFT, DDP or ELBOModule): its config's
     ``mdm_family``, else the family whose ``model_class`` it is; None for anything else (a plain callable)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     name = getattr(getattr(model, "config", None), FAMILY_ATTR, None)
     if name is not None:
         return family_named(name, f"{type(model).__name__}.config.{FAMILY_ATTR}")
@@ -199,12 +191,6 @@ def family_of(model) -> ModelFamily | None:
         if isinstance(model, family.model_class):
             return family
     return None
-
-
-def logit_shift(model) -> int:
-    """The logit shift of ``model``'s family (0 when the family is unknown: logits are per position)."""
-    family = family_of(model)
-    return family.logit_shift if family is not None else 0
 
 
 def token_id(tokenizer, token: str) -> int | None:

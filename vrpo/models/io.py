@@ -26,16 +26,29 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from huggingface_hub import split_torch_state_dict_into_shards
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..errors import CheckpointError
+from ..files import read_json
 from .attention import check_backend
-from .config import checked_mask_token_id
 from .dtypes import SAFETENSORS_DTYPES, resolve_dtype
+from .families import (
+    DREAM,
+    FAMILY_ATTR,
+    LLADA,
+    ModelFamily,
+    family_of,
+    family_of_config,
+)
+from .llada import checked_mask_token_id
 from .modeling import BidirectionalLlamaForCausalLM, BidirectionalQwen2ForCausalLM
-from .families import DREAM, FAMILY_ATTR, LLADA, ModelFamily, family_of, family_of_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -43,25 +56,14 @@ INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint's files do not match its config: a missing, unexpected or wrongly shaped tensor."""
-
-
 # --------------------------------------------------------------------------------------------- loading
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
     """Checkpoint key -> the safetensors file holding it, from the index or the single file's header."""
     index_file, single = path / INDEX_NAME, path / WEIGHTS_NAME
     if index_file.is_file():
-        index = _read_json(index_file)
+        index = read_json(index_file)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_file}: no 'weight_map' listing the tensors and their shards")
@@ -115,7 +117,7 @@ def _config_for(path: Path, mask_token_id: int | None, caller: str) -> tuple[Pre
             f"{path}: no {CONFIG_NAME}; expected a masked diffusion LM checkpoint directory (LLaDA or Dream, "
             "in its own format or as a transformers Llama/Qwen2 export)"
         )
-    raw = _read_json(config_file)
+    raw = read_json(config_file)
     family, native = family_of_config(raw, str(config_file))
     if native:
         config = family.to_hf_config(raw, source=str(config_file), mask_token_id=mask_token_id)
@@ -131,7 +133,7 @@ def _config_for(path: Path, mask_token_id: int | None, caller: str) -> tuple[Pre
     return config, family, native
 
 
-def check_fits(config: LlamaConfig, dtype: torch.dtype | None, device: str, source) -> int:
+def check_fits(config: PretrainedConfig, dtype: torch.dtype | None, device: str, source) -> int:
     """The parameter count of ``config``; raises :class:`CheckpointError` naming ``source`` when the weights
     alone (in ``dtype``; None: 2 bytes each, the smallest float type) exceed ``device``'s memory, before
     anything is built (``n_layers: 1000000`` would otherwise build a million layers first)."""
@@ -290,14 +292,11 @@ def _load(path, dtype, attn_implementation, kwargs: dict, *, caller: str, expect
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def _unwrap(model) -> tuple[nn.Module, bool]:
-    """The transformers model inside ``model`` and whether it is a PEFT model."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()
+def _saveable(model) -> tuple[nn.Module, bool]:
+    """The transformers model whose weights ``save_mdm`` writes, and whether LoRA adapters must be merged in
+    (a PEFT model); refuses adapters that have no equivalent in the weights."""
     model = getattr(model, "module", model)  # DistributedDataParallel
-    if PeftModel and isinstance(model, PeftModel):
+    if isinstance(model, PeftModel):
         if model.peft_config[model.active_adapter].is_prompt_learning:
             raise ValueError(
                 f"save_mdm: a {model.peft_config[model.active_adapter].peft_type} adapter "
@@ -320,10 +319,6 @@ def _merged_weights(
         for name, p in model.named_parameters():
             yield name, (lambda p=p: p.detach()), p.shape, p.dtype
         return
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
     skip: set[str] = set()
     for mod_name, module in model.named_modules():
         if any(mod_name == s or mod_name.startswith(s + ".") for s in skip):
@@ -458,7 +453,7 @@ def save_dream(model, path, *, max_shard_size: int | str = "5GB") -> Path:
 
 
 def _save(model, path, max_shard_size, *, caller: str, expect: ModelFamily | None) -> Path:
-    base, is_peft = _unwrap(model)
+    base, is_peft = _saveable(model)
     family = family_of(base)
     config = getattr(base, "config", None)
     if family is None or not isinstance(config, family.config_class):

@@ -32,6 +32,15 @@ from .dtypes import DTYPES
 LLADA_MODEL_TYPE = "llada"
 LLADA_MASK_TOKEN = "<|mdm_mask|>"
 
+# LLaDA-8B-Instruct's chat template (from its tokenizer_config.json).
+LLADA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+)
+
 # LLaDA-8B-Instruct's config.json: the schema save_llada writes when
 # a model does not carry the config it was loaded from. Dimensions and ids are overwritten on save.
 LLADA_CONFIG_TEMPLATE: dict = {

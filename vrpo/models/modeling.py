@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, LlamaModel, PretrainedConfig, Qwen2ForCausalLM, Qwen2Model
+from transformers import (
+    LlamaForCausalLM,
+    LlamaModel,
+    PretrainedConfig,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+)
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
-from .packing import backend_inputs
+from ..estimator.packing import backend_inputs
 
 
 def _make_bidirectional(config: PretrainedConfig) -> PretrainedConfig:
@@ -89,6 +95,8 @@ class BidirectionalLlamaForCausalLM(LlamaForCausalLM):
     ``.logits`` [B, S, vocab] (not shifted: position i predicts token i).
     """
 
+    logit_shift = 0  # read by the ELBO (vrpo.estimator.model_logit_shift) and the family table
+
     def __init__(self, config: PretrainedConfig):
         # LlamaForCausalLM.__init__ with the bidirectional body in place of LlamaModel.
         LlamaPreTrainedModel.__init__(self, _make_bidirectional(config))
@@ -104,6 +112,8 @@ class BidirectionalQwen2ForCausalLM(Qwen2ForCausalLM):
     ``config.mask_token_id`` holds the mask token; ``config.dream_config`` the Dream config it came from.
     ``.logits`` [B, S, vocab] are shifted as Dream's are: position i - 1 predicts token i.
     """
+
+    logit_shift = 1  # read by the ELBO (vrpo.estimator.model_logit_shift) and the family table
 
     def __init__(self, config: PretrainedConfig):
         Qwen2PreTrainedModel.__init__(self, _make_bidirectional(config))

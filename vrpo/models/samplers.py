@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .families import family_of
+
 
 def transfer_schedule(masked_per_row: torch.Tensor, steps: int) -> torch.Tensor:
     """int64 [B, steps]: tokens to unmask at each step, as even as possible (earlier steps get the remainder)."""
@@ -257,53 +259,16 @@ def generate_dream(
     return x
 
 
+# Each family's record (vrpo.models.families) names its sampler by one of these keys.
+SAMPLERS = {"llada": generate, "dream": generate_dream}
+
+
 def sample(model, prompt_ids: torch.Tensor, mask_token_id: int, **kwargs) -> torch.Tensor:
     """Sample answers with the sampler of ``model``'s family (:mod:`vrpo.models.families`); keyword arguments
     as in :func:`generate` (``gen_length``, ``steps``, ``block_length``, ``temperature``, ...)."""
-    from .models.families import family_of
-
     family = family_of(model)
     if family is None:
         raise ValueError(
             f"sample: {type(model).__name__} is not a model of a known family; call generate or generate_dream"
         )
-    return family.sampler(model, prompt_ids, mask_token_id, **kwargs)
-
-
-@torch.no_grad()
-def sample_answers(model, tokenizer, pairs, mask_token_id: int, k: int, gen_length: int | None = None,
-                   steps: int | None = None, block_length: int | None = None, grade=None) -> list[dict]:
-    """Greedy answers of ``model`` to the prompts of the first ``k`` of ``pairs``, with the sampler of the
-    model's family (:func:`sample`).
-
-    Args:
-        pairs: :class:`~vrpo.data.TokenizedPairs`; a prompt is its chosen sequence before the response.
-        gen_length: tokens generated per prompt (default: the length of the pair's chosen response).
-        steps, block_length: see :func:`generate`.
-        grade: optional ``(prompt, answer) -> bool``, recorded as ``"correct"`` (a task's own checker).
-
-    Returns:
-        ``[{"prompt": the last user message, "answer": decoded text, ["correct": bool]}]``.
-    """
-    from .models.families import family_of
-
-    family = family_of(model)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for i in range(min(k, len(pairs))):
-        seq = pairs.sequence(i, 0)
-        resp = seq["response_mask"]
-        start = int(resp.argmax())
-        prompt = torch.as_tensor(seq["input_ids"][:start], dtype=torch.long, device=device)[None]
-        length = gen_length or int(resp.sum())
-        ids = sample(model, prompt, mask_token_id, gen_length=length, steps=steps or length,
-                     block_length=block_length or length)
-        answer = tokenizer.decode(ids[0, start:].tolist(), skip_special_tokens=True).strip()
-        record = {"prompt": family.last_user_message(tokenizer.decode(prompt[0].tolist())), "answer": answer}
-        if grade is not None:
-            record["correct"] = grade(record["prompt"], answer)
-        out.append(record)
-    model.train(was_training)
-    return out
+    return SAMPLERS[family.sampler](model, prompt_ids, mask_token_id, **kwargs)

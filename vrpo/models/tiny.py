@@ -11,17 +11,14 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from .config import LLADA_CONFIG_TEMPLATE, LLADA_MASK_TOKEN, llada_to_llama_config
-from .modeling import BidirectionalLlamaForCausalLM
-
-# LLaDA-8B-Instruct's chat template (from its tokenizer_config.json).
-LLADA_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+from .attention import check_backend
+from .llada import (
+    LLADA_CHAT_TEMPLATE,
+    LLADA_CONFIG_TEMPLATE,
+    LLADA_MASK_TOKEN,
+    llada_to_llama_config,
 )
+from .modeling import BidirectionalLlamaForCausalLM
 
 # LLaDA's special tokens, in the order they take the top ids of the tiny vocabulary.
 TINY_SPECIAL_TOKENS = (
@@ -94,8 +91,6 @@ def build_tiny_llada(
     ``config`` defaults to ``tiny_llada_config(**config_kwargs)``. RMSNorm weights are perturbed away from 1
     so that a test notices a misplaced norm.
     """
-    from .attention import check_backend
-
     if config is None:
         config = tiny_llada_config(**config_kwargs)
     elif config_kwargs:

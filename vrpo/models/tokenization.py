@@ -34,16 +34,19 @@ import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from vrpo.models.checkpoint import _read_json  # the models' config reader, one of it
-from vrpo.models.families import FAMILIES, ModelFamily, family_of_config, family_of_tokenizer, token_id
+from ..errors import TruncationError
+from ..files import read_json
+from .families import (
+    FAMILIES,
+    ModelFamily,
+    family_of_config,
+    family_of_tokenizer,
+    token_id,
+)
 
 _HOLE = "vrpo7f3a9c1e"  # marks where a message's content goes in a rendered chat template
 _HOLES = re.compile(f"( ?){_HOLE}(\\d+){_HOLE}( ?)")
 TRUNCATION = ("error", "truncate")
-
-
-class TruncationError(ValueError):
-    """An example is longer than ``max_length`` under ``truncation="error"``."""
 
 
 def _token_text(value) -> str | None:
@@ -55,7 +58,7 @@ def _remote_code_family(path: Path) -> ModelFamily | None:
     file = path / "tokenizer_config.json"
     if not file.is_file():
         return None
-    tok_cfg = _read_json(file)
+    tok_cfg = read_json(file)
     if "AutoTokenizer" not in (tok_cfg.get("auto_map") or {}):
         return None
     candidates = [f for f in FAMILIES.values() if f.tokenizer_class is not None]
@@ -64,7 +67,7 @@ def _remote_code_family(path: Path) -> ModelFamily | None:
         if mask == family.mask_token:
             return family
     if (path / "config.json").is_file():
-        family, _ = family_of_config(_read_json(path / "config.json"), str(path / "config.json"))
+        family, _ = family_of_config(read_json(path / "config.json"), str(path / "config.json"))
         if family.tokenizer_class is not None:
             return family
     raise ValueError(

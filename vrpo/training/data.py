@@ -20,21 +20,21 @@ import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import DataError, TruncationError
+from ..models.tokenization import check_messages, encode_preference
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("prompt", "chosen", "rejected")
 
 
-class DataError(ValueError):
-    """A preference file or row that cannot be used. The message names the file and line/row."""
-
-
 @dataclass
 class DataStats:
     """What happened to the rows of a dataset; ``skipped`` counts reasons."""
-
     rows: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -58,7 +58,6 @@ def _check_text_or_messages(value, name: str, where: str, assistant_only: bool):
             raise DataError(f"{where}: field '{name}' is empty")
         _check_unicode(value, f"field '{name}'", where)
         return
-    from .tokenization import check_messages
 
     try:
         check_messages(value, name, assistant_only)
@@ -137,7 +136,6 @@ def _source_rows(path: str):
         # Reading a FIFO, socket or device would block or never end.
         raise DataError(f"{path}: not a regular file or directory (a FIFO, socket or device)")
     if os.path.isdir(path):
-        import datasets
 
         try:
             ds = datasets.load_from_disk(path)
@@ -152,7 +150,6 @@ def _source_rows(path: str):
         return
     suffix = path.rsplit(".", 1)[-1].lower()
     if suffix == "parquet":
-        import datasets
 
         try:
             ds = datasets.Dataset.from_parquet(path)
@@ -280,8 +277,6 @@ class TokenizedPairs:
 
 def _encode_row(tokenizer, example: dict, where: str, max_length: int, truncation: str, stats: DataStats):
     """``encode_preference`` of one row under the truncation policy; None when it is skipped as too long."""
-    from .tokenization import TruncationError, encode_preference
-
     try:
         return encode_preference(tokenizer, example, max_length=max_length, truncation="error")
     except TruncationError as e:
@@ -308,9 +303,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str
     Pairs whose chosen and rejected tokenize to the same ids are skipped and counted as
     ``chosen_equals_rejected``. Raises :class:`DataError` when every pair is longer than ``max_length``.
     """
-    from tqdm.auto import tqdm
 
-    from .tokenization import encode_preference
 
     stats = stats if stats is not None else DataStats()
     out = TokenizedPairs()

@@ -15,15 +15,17 @@ import contextlib
 import logging
 
 import torch
+from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from peft import get_peft_model
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 logger = logging.getLogger("vrpo")
 
 
 def is_sharded(accelerator) -> bool:
     """True when the policy's parameters are split across processes (FSDP or DeepSpeed)."""
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
@@ -31,7 +33,6 @@ def place_reference(accelerator, ref_elbo: nn.Module) -> nn.Module:
     """The frozen reference's ELBO module on the run's devices: sharded like the policy under FSDP2, else whole."""
     ref_elbo.eval().requires_grad_(False)
     if getattr(accelerator, "is_fsdp2", False):
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         ref_elbo = fsdp2_prepare_model(accelerator, ref_elbo)
         # No backward follows its forwards: free the gathered root at once, not at the next backward.
@@ -49,8 +50,6 @@ def place_reference(accelerator, ref_elbo: nn.Module) -> nn.Module:
 
 def _plain_class(module: nn.Module) -> type:
     """The model's own class (FSDP2 swaps a sharded module's class for an ``FSDP<class>`` subclass)."""
-    from torch.distributed.fsdp import FSDPModule
-
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
@@ -60,7 +59,6 @@ def _empty_like_model(model: nn.Module) -> nn.Module:
     with torch.device("meta"):
         empty = _plain_class(base)(base.config)
     if hasattr(model, "peft_config"):
-        from peft import get_peft_model
 
         empty = get_peft_model(empty, model.peft_config["default"])
     return empty
@@ -112,7 +110,6 @@ def raise_everywhere(accelerator, error: BaseException | None):
     next collective until the launcher's timeout. Collective: every process must call it."""
     message = None
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
 
         box = [None if error is None else f"{type(error).__name__}: {error}"]
         broadcast_object_list(box, from_process=0)  # our own processes' strings, not a file's bytes
@@ -125,11 +122,30 @@ def raise_everywhere(accelerator, error: BaseException | None):
 
 def check_supported(accelerator):
     """Refuse DeepSpeed before anything is loaded: the trainer does not run under it yet (README, "Scaling out")."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
             "DeepSpeed is not supported by vrpo.train yet: its engine steps the optimizer inside backward, "
             "which bypasses VRPO's gradient accumulation and its skipping of non-finite steps, and it needs a "
             "dataloader the trainer does not use. Launch with examples/accelerate_fsdp.yaml (FSDP2) instead"
         )
+
+
+def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the processes (one reduce for all of them)."""
+    if accelerator.num_processes == 1 or not metrics:
+        return dict(metrics)
+    keys = sorted(metrics)
+    t = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64),
+                           "mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def all_finite(accelerator, params) -> bool:
+    """All of ``params`` are finite, on every process: one fused norm per device (it reads the weights once;
+    no copy). Sharded (FSDP2 DTensor) weights: each process checks its own shard; the reduce joins them."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    norms = torch._foreach_norm([t.detach() for t in local])
+    bad = (~torch.isfinite(torch.stack(norms))).any().float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bool(bad.item() == 0)

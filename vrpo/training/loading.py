@@ -1,8 +1,7 @@
-"""What a run loads, from its config, in the order a run needs it: the tokenizer, the data, the models;
-and how the trained model is saved.
+"""What a run loads, from its config, in the order a run needs it: the tokenizer, the data, the models.
 
-Kept apart from the trainer so that the loop stays thin and each piece can be used on its own; the
-trainer reaches model checkpoints (loading and saving) only through this module.
+Where the config names no model or no data, the run's task (:class:`~vrpo.training.task.GradedTask`) supplies
+them. Kept apart from the trainer so that the loop stays thin and each piece can be used on its own.
 """
 
 from __future__ import annotations
@@ -12,30 +11,34 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig, get_peft_model
 
+from vrpo_kernels import triton_available
+
+from ..models import DTYPES, family_of, family_of_tokenizer, get_mask_token_id, load_mdm
+from ..models import load_tokenizer as load_model_tokenizer
 from .config import VRPOConfig
 from .data import DataStats, read_preference_rows, tokenize_pairs
-from .models.dtypes import DTYPES
-from .toy import MODEL_SHAPE
+from .task import GradedTask
 
 logger = logging.getLogger("vrpo")
 
-# The embedded model's shape (the bundled SFT model has it): one table, in vrpo.toy.
-TOY_MODEL = MODEL_SHAPE
+
+def _needs(task: GradedTask | None, what: str, flag: str) -> GradedTask:
+    if task is None:
+        raise ValueError(f"no {flag} and no task to take {what} from: pass {flag}")
+    return task
 
 
 # --- 1. the tokenizer ---------------------------------------------------------------------------
 
-def load_tokenizer(cfg: VRPOConfig):
+def load_tokenizer(cfg: VRPOConfig, task: GradedTask | None = None):
     """The run's tokenizer, with a mask token (raises ValueError naming the directory otherwise)."""
-    from .tokenization import load_tokenizer as load
-    from .toy import toy_tokenizer
-
-    if cfg.toy and cfg.tokenizer_name_or_path is None:
-        return toy_tokenizer()
+    if cfg.model_name_or_path is None and cfg.tokenizer_name_or_path is None:
+        return _needs(task, "a tokenizer", "--model_name_or_path").tokenizer()
     path = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     try:
-        return load(path)
+        return load_model_tokenizer(path)
     except ValueError as e:
         raise ValueError(f"tokenizer at {path}: {e}") from e
     except OSError as e:
@@ -44,8 +47,6 @@ def load_tokenizer(cfg: VRPOConfig):
 
 def mask_token_id(cfg: VRPOConfig, tokenizer) -> int:
     """``--mask_token_id``, else the tokenizer's mask token."""
-    from .tokenization import get_mask_token_id
-
     if cfg.mask_token_id is not None:
         return cfg.mask_token_id
     return get_mask_token_id(tokenizer)
@@ -53,12 +54,11 @@ def mask_token_id(cfg: VRPOConfig, tokenizer) -> int:
 
 # --- 2. the data --------------------------------------------------------------------------------
 
-def load_pairs(cfg: VRPOConfig, tokenizer):
-    """``(train, eval, stats)``: tokenized pairs; eval is ``--eval_dataset`` or split off the training data."""
-    from .toy import toy_pairs_path
-
+def load_pairs(cfg: VRPOConfig, tokenizer, task: GradedTask | None = None):
+    """``(train, eval, stats)``: tokenized pairs (``--dataset``, else the task's); eval is ``--eval_dataset``
+    or split off the training data."""
     stats = DataStats()
-    path = cfg.dataset or toy_pairs_path()
+    path = cfg.dataset or _needs(task, "pairs", "--dataset").pairs_path()
     rows = read_preference_rows(path, on_bad_rows=cfg.on_bad_rows, stats=stats)
     pairs = tokenize_pairs(rows, tokenizer, cfg.max_length, cfg.truncation, stats, on_bad_rows=cfg.on_bad_rows)
     result = {"train": stats.as_dict()}
@@ -91,25 +91,18 @@ def attention_backend(cfg: VRPOConfig) -> str:
     """The attention backend of a run: --attn_implementation, else vrpo_triton on CUDA, sdpa on CPU."""
     if cfg.attn_implementation:
         return cfg.attn_implementation
-    from vrpo_kernels import triton_available
-
     return "vrpo_triton" if torch.cuda.is_available() and triton_available() else "sdpa"
 
 
-def load_policy(cfg: VRPOConfig):
+def load_policy(cfg: VRPOConfig, task: GradedTask | None = None):
     """The model to train: a checkpoint of any supported family (recognised from its config.json by
-    :func:`vrpo.models.load_mdm`), or the bundled tiny SFT LLaDA (``python -m vrpo.toy sft``)."""
-    from .models import load_mdm
-    from .toy import toy_sft_path
-
-    path = toy_sft_path() if cfg.toy else cfg.model_name_or_path
+    :func:`vrpo.models.load_mdm`), ``--model_name_or_path`` or the task's."""
+    path = cfg.model_name_or_path or _needs(task, "a model", "--model_name_or_path").model_path()
     return load_mdm(path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id)
 
 
 def load_reference(cfg: VRPOConfig, policy):
     """The frozen reference: ``--ref_model_name_or_path``, or a copy of the initial policy."""
-    from .models import load_mdm
-
     if cfg.ref_model_name_or_path:
         ref = load_mdm(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
                        mask_token_id=cfg.mask_token_id)
@@ -122,8 +115,6 @@ def model_family(model, tokenizer):
     """The model's family (:func:`vrpo.models.family_of`, read from the model); ``ValueError`` when it has
     none, or when the tokenizer is another family's (its chat template and end-of-turn token would not be
     the ones the model was trained with)."""
-    from .models import family_of, family_of_tokenizer
-
     family = family_of(model)
     if family is None:
         raise ValueError(f"{type(model).__name__} is not a model of a known family; load it with vrpo.models.load_mdm")
@@ -138,8 +129,6 @@ def model_family(model, tokenizer):
 
 def add_lora(cfg: VRPOConfig, policy):
     """Wrap the policy with LoRA adapters (peft); the base weights are frozen."""
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), bias="none")
     return get_peft_model(policy, lora)
@@ -156,10 +145,10 @@ class Models:
     reference_is_initial_policy: bool
 
 
-def load_models(cfg: VRPOConfig, policy=None, reference=None) -> Models:
+def load_models(cfg: VRPOConfig, task: GradedTask | None = None, policy=None, reference=None) -> Models:
     """The policy (loaded unless given; with LoRA adapters and gradient checkpointing as configured,
     in training mode) and its frozen reference (given, ``--ref_model_name_or_path``, or a copy)."""
-    policy = policy if policy is not None else load_policy(cfg)
+    policy = policy if policy is not None else load_policy(cfg, task)
     # LoRA's reference is the policy with its adapters off, whatever --ref_model_name_or_path says.
     initial = reference is None and (cfg.use_lora or not cfg.ref_model_name_or_path)
     if reference is None and not cfg.use_lora:
@@ -172,14 +161,3 @@ def load_models(cfg: VRPOConfig, policy=None, reference=None) -> Models:
         enable({"use_reentrant": False})
     policy.train()
     return Models(policy, reference, initial)
-
-
-# --- 4. the output ------------------------------------------------------------------------------
-
-def save_model(model, tokenizer, path: str):
-    """The trained model in its family's checkpoint format, with the tokenizer, under ``path``: a folder
-    that ``AutoTokenizer.from_pretrained`` reads without remote code."""
-    from .models import save_mdm
-
-    save_mdm(model, path)
-    tokenizer.save_pretrained(path)

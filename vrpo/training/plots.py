@@ -34,7 +34,7 @@ def plot_training(records: list[dict], summary: dict, path: str) -> str | None:
     if importlib.util.find_spec("matplotlib") is None:
         logger.info("matplotlib is not installed: no %s (pip install matplotlib)", path)
         return None
-    import matplotlib
+    import matplotlib  # optional (the test/bench extras): a run without it just has no plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

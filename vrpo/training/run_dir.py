@@ -18,17 +18,21 @@ import datetime
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
+
+from ..errors import OutputDirError
+from ..files import atomic_write_text
+from .distributed import raise_everywhere
+from .state import CheckpointManager
+
+logger = logging.getLogger("vrpo")
 
 MARKER = ".vrpo-run"
 LOCK = ".vrpo-run.lock"
 VERSION = 1
 _TEMPORARIES = (".model.tmp-", ".model.old-")  # left by a kill during the final model save
-
-
-class OutputDirError(FileExistsError):
-    """``--output_dir`` cannot be used for this run (someone else's files, or a live run holds it)."""
 
 
 def check_writable(path: str):
@@ -102,7 +106,6 @@ class RunDir:
         return aside
 
     def _write_marker(self):
-        from .checkpoint import atomic_write_text
 
         marker = os.path.join(self.path, MARKER)
         if not os.path.isfile(marker):
@@ -120,3 +123,29 @@ class RunDir:
             self._lock_fd = None
 
     __del__ = close
+
+
+def open_run(cfg, accelerator) -> tuple[RunDir | None, CheckpointManager, str | None]:
+    """Lock ``cfg.output_dir`` for this run (main process: never a user's files, one run at a time, an
+    overwritten run moved aside first), and find the checkpoint to resume from. Returns ``(run directory (None
+    on other processes), checkpoints, resume path or None)``."""
+    directory, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            directory = RunDir(cfg.output_dir, cfg.overwrite_output_dir, resuming=bool(cfg.resume_from_checkpoint))
+        except OSError as e:  # someone else's files, a live run, not writable
+            refused = e
+    raise_everywhere(accelerator, refused)  # also the barrier: the directory is ready
+    if directory is not None and directory.moved_to:
+        logger.warning("--overwrite_output_dir: the previous run in %s was moved to %s", cfg.output_dir,
+                       directory.moved_to)
+    checkpoints = CheckpointManager(cfg.output_dir, accelerator, cfg.save_total_limit)
+    resume_path = None
+    if cfg.resume_from_checkpoint:
+        resume_path = checkpoints.resolve(cfg.resume_from_checkpoint)
+    elif checkpoints.complete() and not cfg.overwrite_output_dir:
+        raise FileExistsError(
+            f"--output_dir {cfg.output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
+            "continue that run or --overwrite_output_dir to start over"
+        )
+    return directory, checkpoints, resume_path

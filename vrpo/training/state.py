@@ -22,8 +22,12 @@ import re
 import shutil
 
 import torch
+from accelerate.utils.other import TORCH_SAFE_GLOBALS
+from safetensors import safe_open
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from .models import CheckpointError
+from ..errors import CheckpointError
+from ..files import atomic_write_text, fsync_dir, read_json
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -32,39 +36,10 @@ _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}\d+$")
 _ACCELERATE_PICKLE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
-def atomic_write_text(path: str, text: str):
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a partial one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_json(file: str):
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e}); the checkpoint is corrupt") from None
-
-
 def read_state(path: str) -> dict:
     """The trainer state of checkpoint ``path``: a JSON object with an integer ``step``."""
     file = os.path.join(path, STATE_FILE)
-    state = _read_json(file)
+    state = read_json(file, CheckpointError, "; the checkpoint is corrupt")
     step = state.get("step") if isinstance(state, dict) else None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{file}: expected a JSON object with a non-negative integer 'step', got {state!r:.80}")
@@ -72,7 +47,6 @@ def read_state(path: str) -> dict:
 
 
 def _check_safetensors(file: str):
-    from safetensors import safe_open
 
     try:  # safetensors checks that the header's offsets cover the file exactly
         with safe_open(file, framework="pt") as f:
@@ -83,8 +57,6 @@ def _check_safetensors(file: str):
 
 def _accelerate_safe_globals() -> list:
     """What accelerate's own ``load`` allows under ``weights_only``: numpy arrays of its RNG states."""
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS
-
     return list(TORCH_SAFE_GLOBALS)
 
 
@@ -122,7 +94,6 @@ def _check_sharded(folder: str):
     """A torch.distributed.checkpoint folder (FSDP's sharded state): its ``.metadata`` holds only shard
     descriptions, and the non-tensor items of its ``.distcp`` files (which torch loads with
     ``weights_only=False``) load with ``weights_only=True``; each shard file covers its items."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     file = os.path.join(folder, ".metadata")
     try:
@@ -161,7 +132,7 @@ def verify_checkpoint(path: str) -> dict:
                 )
             if name.endswith(".json"):
                 if name != STATE_FILE:
-                    _read_json(file)
+                    read_json(file, CheckpointError, "; the checkpoint is corrupt")
             elif name.endswith(".safetensors"):
                 _check_safetensors(file)
             elif name == ".metadata":
@@ -176,8 +147,6 @@ def verify_checkpoint(path: str) -> dict:
 
 def _check_model_shapes(path: str, models: list):
     """The checkpoint's model tensors have the shapes of the run's models (before they are loaded)."""
-    from safetensors import safe_open
-
     for i, model in enumerate(models):
         file = os.path.join(path, f"model{f'_{i}' if i else ''}.safetensors")
         if not os.path.exists(file):
@@ -309,7 +278,7 @@ class CheckpointManager:
             if os.path.exists(final):  # a re-run of the same step after a resume
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             atomic_write_text(self.latest_file, name + "\n")
             for old in self.complete()[: -self.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -348,7 +317,7 @@ class CheckpointManager:
         for i, obj in enumerate(customs):
             file = os.path.join(path, CUSTOM_STATE.format(i))
             try:
-                obj.load_state_dict(_read_json(file))
+                obj.load_state_dict(read_json(file, CheckpointError, "; the checkpoint is corrupt"))
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{file}: not the state of a {type(obj).__name__} ({e})") from None
         return state

@@ -6,30 +6,22 @@ which is what makes the effect of preference optimisation visible in the model's
 
 The default run (``python -m vrpo.train``) starts from a small LLaDA that can already sort some
 lists, trained with the masked-diffusion SFT objective, and learns from its own answers ranked by the
-verifier. Both are package data, and both are rebuilt bit for bit by this module's commands::
-
-    python -m vrpo.toy sft --output_dir vrpo/data_files/toy_sft --overwrite
-    python -m vrpo.toy pairs --model vrpo/data_files/toy_sft --output vrpo/data_files/toy_pairs.jsonl --overwrite
-    python -m vrpo.toy synthetic OUT.jsonl      # the older synthetic pairs (toy_sort.jsonl); --overwrite to replace
-
-The commands fix the seed, the number of CPU threads and deterministic algorithms, so the same
-command gives the same bytes on the same CPU and torch build.
+verifier. Both are package data, rebuilt bit for bit by :mod:`vrpo.tasks.sort.build`
+(``python -m vrpo.tasks.sort sft|pairs|synthetic``). :data:`SORT_TASK` is the task as a run sees it
+(:class:`vrpo.training.GradedTask`).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
-import os
 import random
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 
 import torch
+
+from ...models import build_tiny_tokenizer, encode_example, generate, get_mask_token_id
+from ...training.task import GenerationReport
 
 TOY_FILE = "toy_sort.jsonl"
 SFT_DIR = "toy_sft"
@@ -137,8 +129,6 @@ def toy_sft_path() -> str:
 
 def toy_tokenizer():
     """The toy model's character-level tokenizer with LLaDA's special tokens (built, not loaded)."""
-    from .models import build_tiny_tokenizer
-
     return build_tiny_tokenizer(vocab_size=MODEL_SHAPE["vocab_size"])
 
 
@@ -169,15 +159,12 @@ def _cut_answer(tokenizer, ids: list[int]) -> str:
 @torch.no_grad()
 def sample_answers(model, tokenizer, prompts: Sequence[str], sampler: SamplerSettings, n: int = 1,
                    batch_size: int = 256) -> list[list[str]]:
-    """``n`` answers per prompt from LLaDA's sampler (:func:`vrpo.generate.generate`).
+    """``n`` answers per prompt from LLaDA's sampler (:func:`vrpo.models.generate`).
 
     Prompts of one token length are batched together (no padding); each batch draws from its own
     generator, seeded from ``sampler.seed`` and the batch's position, so the answers do not depend on
     anything but the prompts, ``n`` and the settings. Returns ``answers[i][j]``, prompt ``i``'s ``j``-th.
     """
-    from .generate import generate
-    from .tokenization import encode_example, get_mask_token_id
-
     mask_id = get_mask_token_id(tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
@@ -207,15 +194,6 @@ def sample_answers(model, tokenizer, prompts: Sequence[str], sampler: SamplerSet
     return answers
 
 
-@dataclass(frozen=True)
-class GenerationReport:
-    """Held-out generation quality: exact-sort accuracy, mean partial credit, and the graded samples."""
-
-    accuracy: float
-    credit: float
-    samples: list[dict]
-
-
 def evaluate_generations(model, tokenizer, prompts: Sequence[str], sampler: SamplerSettings = EVAL_SAMPLER) -> GenerationReport:
     """Generate one answer per prompt and grade it."""
     answers = [a[0] for a in sample_answers(model, tokenizer, prompts, sampler)]
@@ -232,22 +210,7 @@ def describe_sample(sample: dict) -> str:
     return f"{sample['prompt']!r} -> {sample['answer']!r} [{verdict}]"
 
 
-@dataclass(frozen=True)
-class GradedTask:
-    """A bundled task with a verifier: how a run grades the policy's generations (``evaluate(model,
-    tokenizer, prompts)``, see :func:`evaluate_generations`) on the task's own test prompts (``test_prompts()``)."""
-
-    name: str
-    evaluate: Callable[..., GenerationReport]
-    test_prompts: Callable[[], list[str]]
-
-
-def generation_metrics(report: GenerationReport) -> dict[str, float]:
-    """A generation report as logged metrics."""
-    return {"eval/gen_acc": report.accuracy, "eval/gen_credit": report.credit}
-
-
-# --------------------------------------------------------------------------------------------- SFT
+# --------------------------------------------------------------------------------------------- settings
 
 
 @dataclass(frozen=True)
@@ -262,51 +225,6 @@ class SFTSettings:
     weight_decay: float = 0.01
     seed: int = 0
     dev_prompts: int = 256  # SFT's own validation prompts (seed + 1), reported in sft_settings.json
-
-
-def deterministic_cpu(seed: int):
-    """What the commands' bit-for-bit reproducibility rests on: seed, thread count, deterministic ops."""
-    torch.manual_seed(seed)
-    torch.set_num_threads(THREADS)
-    torch.use_deterministic_algorithms(True)
-
-
-def train_sft(settings: SFTSettings, log=print):
-    """Train the toy SFT model from a seeded random init. Returns ``(model, tokenizer)``."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    from .elbo import elbo_terms
-    from .losses import mdm_sft_loss
-    from .models import build_tiny_llada
-    from .sampling import SamplingPlan, draw_masks
-    from .tokenization import collate, encode_example
-
-    tokenizer = toy_tokenizer()
-    model = build_tiny_llada(seed=settings.seed, attn_implementation="sdpa", **MODEL_SHAPE).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.95),
-                            weight_decay=settings.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)
-    rng = random.Random(settings.seed)
-    g = torch.Generator().manual_seed(settings.seed)
-    plan = SamplingPlan(n_t=1)
-    for step in range(settings.steps):
-        rows = []
-        for _ in range(settings.batch_size):
-            prompt = prompt_of(random_digits(rng))
-            rows.append(encode_example(tokenizer, prompt, reference_answer(prompt)))
-        batch = collate(rows, tokenizer.pad_token_id)
-        draw = draw_masks(batch["response_mask"], plan, generator=g, impl="torch")
-        terms = elbo_terms(model, batch["input_ids"], batch["response_mask"], draw, tokenizer.mask_token_id,
-                           model_kwargs={"attention_mask": batch["attention_mask"]}, fused=False)
-        loss = mdm_sft_loss(terms, batch["response_mask"].sum(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if (step + 1) % 100 == 0 or step + 1 == settings.steps:
-            log(f"sft step {step + 1}/{settings.steps}: loss {loss.item():.4f}")
-    return model.eval(), tokenizer
 
 
 def distinct_prompts(rng: random.Random, n: int, seen: set[str], k: int | None = None) -> list[str]:
@@ -347,36 +265,49 @@ def test_prompts(n: int = TEST_PROMPTS) -> list[str]:
     return out
 
 
-SORT_TASK = GradedTask("sort digits", evaluate_generations, test_prompts)
+# The demo's presets for a run on its model (no --model_name_or_path): sized for a 2-core CPU and chosen on
+# seed-1 runs before the test prompts existed. The tiny model forgets how to write under the preference loss
+# alone, hence the large SFT weight (README).
+PRESETS = {
+    "learning_rate": 5e-4,
+    "per_device_train_batch_size": 16,
+    "max_length": 64,
+    "max_steps": 300,
+    "save_steps": 50,
+    "eval_size": 128,
+    "logging_steps": 5,
+    "eval_steps": 0,
+    "sft_weight": 1.0,
+}
 
 
-def graded_task(cfg) -> GradedTask | None:
-    """The run's verifier: the sorting task's when the run trains on the bundled pairs (no ``--dataset``).
-    A user's data is never graded, even when it happens to be about sorting."""
-    return SORT_TASK if cfg.toy_task else None
+@dataclass(frozen=True)
+class SortTask:
+    """The sorting demo as a :class:`vrpo.training.GradedTask`."""
+
+    name: str = "sorting"
+    presets: Mapping[str, object] = field(default_factory=lambda: dict(PRESETS))
+
+    def model_path(self) -> str:
+        return toy_sft_path()
+
+    def tokenizer(self):
+        return toy_tokenizer()
+
+    def pairs_path(self) -> str:
+        return toy_pairs_path()
+
+    def test_prompts(self) -> list[str]:
+        return test_prompts()
+
+    def evaluate(self, model, tokenizer, prompts: Sequence[str]) -> GenerationReport:
+        return evaluate_generations(model, tokenizer, prompts)
+
+    def describe(self, sample: dict) -> str:
+        return describe_sample(sample)
 
 
-def _refuse_overwrite(path: str, overwrite: bool):
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-
-
-def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False) -> dict:
-    """Train, check on the dev prompts, and write the model (LLaDA's format) and its settings."""
-    from .checkpoint import atomic_write_text
-    from .models import save_llada
-
-    _refuse_overwrite(output_dir, overwrite)
-    deterministic_cpu(settings.seed)
-    model, tokenizer = train_sft(settings)
-    dev = evaluate_generations(model, tokenizer, dev_prompts(settings.seed, settings.dev_prompts))
-    record = {"settings": dataclasses.asdict(settings), "sampler": dataclasses.asdict(EVAL_SAMPLER),
-              "model_shape": MODEL_SHAPE, "threads": THREADS, "torch": torch.__version__,
-              "dev_accuracy": dev.accuracy, "dev_credit": dev.credit,
-              "parameters": sum(p.numel() for p in model.parameters())}
-    save_llada(model, output_dir)
-    atomic_write_text(os.path.join(output_dir, SFT_SETTINGS_FILE), json.dumps(record, indent=1) + "\n")
-    return record
+SORT_TASK = SortTask()
 
 
 # --------------------------------------------------------------------------------------------- pairs
@@ -398,110 +329,3 @@ def pair_prompts(settings: PairSettings) -> list[str]:
     return distinct_prompts(random.Random(f"pairs/{settings.seed}"), settings.prompts, seen=set())
 
 
-def rank_pair(prompt: str, answers: Sequence[str]) -> dict | None:
-    """``{"prompt", "chosen", "rejected"}``: the first exact answer against the best-graded wrong one (the
-    nearest miss; ties go to the earliest sample), or None unless some answers are right and some wrong.
-
-    Near misses are the model's own likeliest mistakes; against the worst answer (often junk the greedy
-    sampler never writes) the toy run's exact-sort accuracy barely moved (README). Empty answers (the
-    turn ended at once) are left out: a preference row needs text on both sides.
-    """
-    graded = [(a, grade(prompt, a)) for a in answers if a]
-    right = [a for a, g in graded if g.correct]
-    wrong = [(g.credit, -j, a) for j, (a, g) in enumerate(graded) if not g.correct]
-    if not right or not wrong:
-        return None
-    return {"prompt": prompt, "chosen": right[0], "rejected": max(wrong)[2]}
-
-
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read())
-    return h.hexdigest()
-
-
-def meta_path(pairs_path: str) -> str:
-    """Where the pairs' settings and statistics go: ``X.jsonl`` -> ``X.meta.json``."""
-    return os.path.splitext(pairs_path)[0] + ".meta.json"
-
-
-def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite: bool = False) -> dict:
-    """Sample, grade, pair; write the JSONL and its ``.meta.json`` (settings, statistics, model hash)."""
-    from .checkpoint import atomic_write_text
-    from .models import load_llada
-
-    _refuse_overwrite(output, overwrite)
-    deterministic_cpu(settings.seed)
-    model = load_llada(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    tokenizer = toy_tokenizer()
-    prompts = pair_prompts(settings)
-    sampler = SamplerSettings(temperature=settings.temperature, seed=settings.seed)
-    answers = sample_answers(model, tokenizer, prompts, sampler, n=settings.samples)
-    pairs = [p for p in (rank_pair(q, a) for q, a in zip(prompts, answers)) if p is not None]
-    grades = [grade(q, a) for q, row in zip(prompts, answers) for a in row]
-    stats = {
-        "prompts": len(prompts), "pairs": len(pairs), "samples": len(grades),
-        "sample_accuracy": sum(g.correct for g in grades) / len(grades),
-        "sample_credit": sum(g.credit for g in grades) / len(grades),
-        "chosen_correct": sum(grade(p["prompt"], p["chosen"]).correct for p in pairs) / max(len(pairs), 1),
-        "rejected_correct": sum(grade(p["prompt"], p["rejected"]).correct for p in pairs) / max(len(pairs), 1),
-    }
-    record = {"settings": dataclasses.asdict(settings), "threads": THREADS, "torch": torch.__version__,
-              "model_sha256": sha256_of(os.path.join(model_dir, "model.safetensors")), "stats": stats}
-    atomic_write_text(output, "".join(json.dumps(p) + "\n" for p in pairs))
-    atomic_write_text(meta_path(output), json.dumps(record, indent=1) + "\n")
-    return record
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def _add_settings(parser: argparse.ArgumentParser, cls):
-    for f in dataclasses.fields(cls):
-        parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"default {f.default}")
-
-
-def _settings(cls, args) -> object:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrpo.toy", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sft = sub.add_parser("sft", help="train the SFT starting policy")
-    sft.add_argument("--output_dir", required=True)
-    sft.add_argument("--overwrite", action="store_true")
-    _add_settings(sft, SFTSettings)
-    pairs = sub.add_parser("pairs", help="sample, grade and pair the SFT model's answers")
-    pairs.add_argument("--model", required=True, help="an SFT model directory (python -m vrpo.toy sft)")
-    pairs.add_argument("--output", required=True, help="the JSONL to write (and X.meta.json beside it)")
-    pairs.add_argument("--overwrite", action="store_true")
-    _add_settings(pairs, PairSettings)
-    syn = sub.add_parser("synthetic", help="the synthetic pairs of toy_sort.jsonl")
-    syn.add_argument("output")
-    syn.add_argument("--n", type=int, default=2000)
-    syn.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "sft":
-            record = sft_command(args.output_dir, _settings(SFTSettings, args), args.overwrite)
-            print(f"wrote {args.output_dir}: {record['parameters']} parameters, dev exact-sort accuracy "
-                  f"{record['dev_accuracy']:.1%} (credit {record['dev_credit']:.3f})")
-        elif args.command == "pairs":
-            record = pairs_command(args.model, args.output, _settings(PairSettings, args), args.overwrite)
-            print(f"wrote {args.output}: {json.dumps(record['stats'])}")
-        else:
-            from .checkpoint import atomic_write_text
-
-            _refuse_overwrite(args.output, args.overwrite)
-            atomic_write_text(args.output, "".join(json.dumps(pair) + "\n" for pair in make_pairs(args.n, seed=0)))
-            print(f"wrote {args.n} pairs to {args.output}")
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"vrpo.toy: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The estimator: the paper's maths on tensors. Mask plans and draws (:mod:`.sampling`), the Monte Carlo
+ELBO of a masked diffusion LM (:mod:`.elbo`, packed rows in :mod:`.packing`) and the losses built on it
+(:mod:`.losses`). It imports only the kernels below it; models plug in as callables."""
+
+from .elbo import (
+    ELBOModule,
+    HeadOptions,
+    elbo_estimate,
+    elbo_terms,
+    exact_elbo,
+    fusable_head,
+    masked_token_logprobs,
+    model_logit_shift,
+    noisy_inputs,
+    packed_elbo_terms,
+    unwrap,
+)
+from .losses import LOSS_TYPES, mdm_sft_loss, reward_margin, vrpo_loss
+from .sampling import (
+    ESTIMATORS,
+    MaskDraw,
+    SamplingPlan,
+    draw_key,
+    draw_levels,
+    draw_masks,
+    draw_masks_keyed,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "ELBOModule",
+    "HeadOptions",
+    "LOSS_TYPES",
+    "MaskDraw",
+    "SamplingPlan",
+    "draw_key",
+    "draw_levels",
+    "draw_masks",
+    "draw_masks_keyed",
+    "elbo_estimate",
+    "elbo_terms",
+    "exact_elbo",
+    "fusable_head",
+    "masked_token_logprobs",
+    "mdm_sft_loss",
+    "model_logit_shift",
+    "noisy_inputs",
+    "packed_elbo_terms",
+    "reward_margin",
+    "unwrap",
+    "vrpo_loss",
+]

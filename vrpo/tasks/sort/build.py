@@ -1,0 +1,165 @@
+"""Rebuilding the sorting demo's package data bit for bit: the SFT starting model and its on-policy pairs.
+
+    python -m vrpo.tasks.sort sft --output_dir vrpo/data_files/toy_sft --overwrite
+    python -m vrpo.tasks.sort pairs --model vrpo/data_files/toy_sft --output vrpo/data_files/toy_pairs.jsonl --overwrite
+    python -m vrpo.tasks.sort synthetic OUT.jsonl      # the older synthetic pairs (toy_sort.jsonl)
+
+The commands fix the seed, the number of CPU threads and deterministic algorithms, so the same command gives
+the same bytes on the same CPU and torch build. None overwrites a file without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from collections.abc import Sequence
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from ...estimator import HeadOptions, SamplingPlan, draw_masks, elbo_terms, mdm_sft_loss
+from ...files import atomic_write_text
+from ...models import build_tiny_llada, collate, encode_example, load_llada, save_llada
+from .task import (
+    EVAL_SAMPLER,
+    MODEL_SHAPE,
+    SFT_SETTINGS_FILE,
+    THREADS,
+    PairSettings,
+    SamplerSettings,
+    SFTSettings,
+    dev_prompts,
+    evaluate_generations,
+    grade,
+    make_pairs,
+    pair_prompts,
+    prompt_of,
+    random_digits,
+    reference_answer,
+    sample_answers,
+    toy_tokenizer,
+)
+
+# --------------------------------------------------------------------------------------------- SFT
+
+
+def deterministic_cpu(seed: int):
+    """What the commands' bit-for-bit reproducibility rests on: seed, thread count, deterministic ops."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(THREADS)
+    torch.use_deterministic_algorithms(True)
+
+
+def train_sft(settings: SFTSettings, log=print):
+    """Train the toy SFT model from a seeded random init. Returns ``(model, tokenizer)``."""
+    tokenizer = toy_tokenizer()
+    model = build_tiny_llada(seed=settings.seed, attn_implementation="sdpa", **MODEL_SHAPE).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.95),
+                            weight_decay=settings.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)
+    rng = random.Random(settings.seed)
+    g = torch.Generator().manual_seed(settings.seed)
+    plan = SamplingPlan(n_t=1)
+    for step in range(settings.steps):
+        rows = []
+        for _ in range(settings.batch_size):
+            prompt = prompt_of(random_digits(rng))
+            rows.append(encode_example(tokenizer, prompt, reference_answer(prompt)))
+        batch = collate(rows, tokenizer.pad_token_id)
+        draw = draw_masks(batch["response_mask"], plan, generator=g, impl="torch")
+        terms = elbo_terms(model, batch["input_ids"], batch["response_mask"], draw, tokenizer.mask_token_id,
+                           model_kwargs={"attention_mask": batch["attention_mask"]}, head=HeadOptions(fused=False))
+        loss = mdm_sft_loss(terms, batch["response_mask"].sum(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0 or step + 1 == settings.steps:
+            log(f"sft step {step + 1}/{settings.steps}: loss {loss.item():.4f}")
+    return model.eval(), tokenizer
+
+
+def _refuse_overwrite(path: str, overwrite: bool):
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+
+
+def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False) -> dict:
+    """Train, check on the dev prompts, and write the model (LLaDA's format) and its settings."""
+    _refuse_overwrite(output_dir, overwrite)
+    deterministic_cpu(settings.seed)
+    model, tokenizer = train_sft(settings)
+    dev = evaluate_generations(model, tokenizer, dev_prompts(settings.seed, settings.dev_prompts))
+    record = {"settings": dataclasses.asdict(settings), "sampler": dataclasses.asdict(EVAL_SAMPLER),
+              "model_shape": MODEL_SHAPE, "threads": THREADS, "torch": torch.__version__,
+              "dev_accuracy": dev.accuracy, "dev_credit": dev.credit,
+              "parameters": sum(p.numel() for p in model.parameters())}
+    save_llada(model, output_dir)
+    atomic_write_text(os.path.join(output_dir, SFT_SETTINGS_FILE), json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# --------------------------------------------------------------------------------------------- pairs
+
+
+def rank_pair(prompt: str, answers: Sequence[str]) -> dict | None:
+    """``{"prompt", "chosen", "rejected"}``: the first exact answer against the best-graded wrong one (the
+    nearest miss; ties go to the earliest sample), or None unless some answers are right and some wrong.
+
+    Near misses are the model's own likeliest mistakes; against the worst answer (often junk the greedy
+    sampler never writes) the toy run's exact-sort accuracy barely moved (README). Empty answers (the
+    turn ended at once) are left out: a preference row needs text on both sides.
+    """
+    graded = [(a, grade(prompt, a)) for a in answers if a]
+    right = [a for a, g in graded if g.correct]
+    wrong = [(g.credit, -j, a) for j, (a, g) in enumerate(graded) if not g.correct]
+    if not right or not wrong:
+        return None
+    return {"prompt": prompt, "chosen": right[0], "rejected": max(wrong)[2]}
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def meta_path(pairs_path: str) -> str:
+    """Where the pairs' settings and statistics go: ``X.jsonl`` -> ``X.meta.json``."""
+    return os.path.splitext(pairs_path)[0] + ".meta.json"
+
+
+def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite: bool = False) -> dict:
+    """Sample, grade, pair; write the JSONL and its ``.meta.json`` (settings, statistics, model hash)."""
+    _refuse_overwrite(output, overwrite)
+    deterministic_cpu(settings.seed)
+    model = load_llada(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    tokenizer = toy_tokenizer()
+    prompts = pair_prompts(settings)
+    sampler = SamplerSettings(temperature=settings.temperature, seed=settings.seed)
+    answers = sample_answers(model, tokenizer, prompts, sampler, n=settings.samples)
+    pairs = [p for p in (rank_pair(q, a) for q, a in zip(prompts, answers)) if p is not None]
+    grades = [grade(q, a) for q, row in zip(prompts, answers) for a in row]
+    stats = {
+        "prompts": len(prompts), "pairs": len(pairs), "samples": len(grades),
+        "sample_accuracy": sum(g.correct for g in grades) / len(grades),
+        "sample_credit": sum(g.credit for g in grades) / len(grades),
+        "chosen_correct": sum(grade(p["prompt"], p["chosen"]).correct for p in pairs) / max(len(pairs), 1),
+        "rejected_correct": sum(grade(p["prompt"], p["rejected"]).correct for p in pairs) / max(len(pairs), 1),
+    }
+    record = {"settings": dataclasses.asdict(settings), "threads": THREADS, "torch": torch.__version__,
+              "model_sha256": sha256_of(os.path.join(model_dir, "model.safetensors")), "stats": stats}
+    atomic_write_text(output, "".join(json.dumps(p) + "\n" for p in pairs))
+    atomic_write_text(meta_path(output), json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def synthetic_command(output: str, n: int, overwrite: bool = False):
+    """The synthetic pairs of ``toy_sort.jsonl`` (seed 0): the sorted list against a wrong order."""
+    _refuse_overwrite(output, overwrite)
+    atomic_write_text(output, "".join(json.dumps(pair) + "\n" for pair in make_pairs(n, seed=0)))

@@ -1,0 +1,22 @@
+"""The training layer: a run's config (:mod:`.config`), the trainer (:mod:`.trainer`: build, step, loop) and
+the pieces it calls down into: data order and draw keys (:mod:`.schedule`), batches (:mod:`.batches`), the
+reference (:mod:`.reference`), evaluation (:mod:`.evaluation`), resume checks (:mod:`.resume`), checkpoints
+(:mod:`.state`), the output directory (:mod:`.run_dir`), logs (:mod:`.logs`), signals (:mod:`.signals`),
+outputs (:mod:`.outputs`, :mod:`.plots`), data (:mod:`.data`), loading (:mod:`.loading`), distributed runs
+(:mod:`.distributed`) and the task protocol (:mod:`.task`)."""
+
+from .config import VRPOConfig, parse_config
+from .data import TokenizedPairs, read_preference_rows, tokenize_pairs
+from .task import GenerationReport, GradedTask
+from .trainer import VRPOTrainer
+
+__all__ = [
+    "GenerationReport",
+    "GradedTask",
+    "TokenizedPairs",
+    "VRPOConfig",
+    "VRPOTrainer",
+    "parse_config",
+    "read_preference_rows",
+    "tokenize_pairs",
+]

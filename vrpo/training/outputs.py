@@ -1,0 +1,109 @@
+"""What a run leaves behind: the trained model, samples of its answers, the list of outputs and the plot."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from ..models import family_of, sample, save_mdm
+from . import distributed
+from .data import TokenizedPairs
+from .logs import METRICS_FILE, TENSORBOARD_DIR
+from .plots import PLOT_FILE, plot_training, read_metrics
+from .signals import fault_point
+from .task import GenerationReport
+
+MODEL_DIR = "model"
+SUMMARY_FILE = "summary.json"
+
+
+def save_model(model, tokenizer, path: str):
+    """The trained model in its family's checkpoint format, with the tokenizer, under ``path``: a folder
+    that ``AutoTokenizer.from_pretrained`` reads without remote code."""
+    save_mdm(model, path)
+    tokenizer.save_pretrained(path)
+
+
+def save_final_model(accelerator, policy_elbo, tokenizer, output_dir: str, merge_lora: bool, step: int) -> str:
+    """The trained policy (LoRA merged) and the tokenizer under ``<output_dir>/model`` (every process calls it)."""
+    accelerator.wait_for_everyone()
+    model = distributed.gathered_policy(accelerator, policy_elbo)  # collective when sharded
+    path = os.path.join(output_dir, MODEL_DIR)
+    fault_point("model", step)
+    if accelerator.is_main_process:
+        if merge_lora:
+            model = copy.deepcopy(model).merge_and_unload()
+        save_model(model, tokenizer, path)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def output_paths(output_dir: str, checkpoints_root: str, tensorboard: bool) -> dict[str, str]:
+    """What a run writes, by name: the closing summary lists every one."""
+    out = {"model": os.path.join(output_dir, MODEL_DIR), "checkpoints": checkpoints_root,
+           "metrics": os.path.join(output_dir, METRICS_FILE), "summary": os.path.join(output_dir, SUMMARY_FILE)}
+    if tensorboard:
+        out["tensorboard"] = os.path.join(output_dir, TENSORBOARD_DIR)
+    return out
+
+
+def write_plot(output_dir: str, summary: dict) -> str | None:
+    """``plots/training.png`` from the logged metrics and the summary (main process)."""
+    path = os.path.join(output_dir, PLOT_FILE)
+    return plot_training(read_metrics(os.path.join(output_dir, METRICS_FILE)), summary, path)
+
+
+def answer_samples(accelerator, policy_elbo, tokenizer, cfg, graded: GenerationReport | None,
+                   eval_pairs: TokenizedPairs | None, mask_token_id: int) -> list[dict]:
+    """``--num_samples`` prompts answered by the policy (main process; others get []): a task's graded test
+    answers (``graded``), else ungraded answers to held-out pairs' prompts (every process takes part in the
+    forwards when the model is sharded)."""
+    is_main = accelerator.is_main_process
+    if not (is_main or distributed.is_sharded(accelerator)):
+        return []
+    if graded is not None:
+        return graded.samples[: cfg.num_samples] if is_main else []
+    with distributed.root_gathered(accelerator, policy_elbo):
+        samples = held_out_answers(accelerator.unwrap_model(policy_elbo).model, tokenizer, eval_pairs, mask_token_id,
+                                   cfg.num_samples, gen_length=cfg.gen_length, steps=cfg.gen_steps,
+                                   block_length=cfg.block_length)
+    return samples if is_main else []
+
+
+@torch.no_grad()
+def held_out_answers(model, tokenizer, pairs: TokenizedPairs, mask_token_id: int, k: int, gen_length: int | None = None,
+                   steps: int | None = None, block_length: int | None = None, grade=None) -> list[dict]:
+    """Greedy answers of ``model`` to the prompts of the first ``k`` of ``pairs``, with the sampler of the
+    model's family (:func:`vrpo.models.sample`).
+
+    Args:
+        pairs: :class:`~vrpo.training.data.TokenizedPairs`; a prompt is its chosen sequence before the response.
+        gen_length: tokens generated per prompt (default: the length of the pair's chosen response).
+        steps, block_length: see :func:`vrpo.models.generate`.
+        grade: optional ``(prompt, answer) -> bool``, recorded as ``"correct"`` (a task's own checker).
+
+    Returns:
+        ``[{"prompt": the last user message, "answer": decoded text, ["correct": bool]}]``.
+    """
+    family = family_of(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(min(k, len(pairs))):
+        seq = pairs.sequence(i, 0)
+        resp = seq["response_mask"]
+        start = int(resp.argmax())
+        prompt = torch.as_tensor(seq["input_ids"][:start], dtype=torch.long, device=device)[None]
+        length = gen_length or int(resp.sum())
+        ids = sample(model, prompt, mask_token_id, gen_length=length, steps=steps or length,
+                     block_length=block_length or length)
+        answer = tokenizer.decode(ids[0, start:].tolist(), skip_special_tokens=True).strip()
+        record = {"prompt": family.last_user_message(tokenizer.decode(prompt[0].tolist())), "answer": answer}
+        if grade is not None:
+            record["correct"] = grade(record["prompt"], answer)
+        out.append(record)
+    model.train(was_training)
+    return out
