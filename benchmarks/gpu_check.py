@@ -427,6 +427,7 @@ def build_step_trainer(spec: dict, pairs: int, n_t: int, workdir: str, dtype=Non
     """A ``VRPOTrainer`` on the toy preference task with a random LLaDA-architecture model ``spec``, the
     fused head and every kernel on ``impl="triton"`` (vrpo_triton attention)."""
     from vrpo.models import build_tiny_llada, build_tiny_tokenizer
+    from vrpo.tasks.sort import SORT_TASK
     from vrpo.training import VRPOTrainer, loading
     from vrpo.training.config import VRPOConfig
 
@@ -434,11 +435,11 @@ def build_step_trainer(spec: dict, pairs: int, n_t: int, workdir: str, dtype=Non
         output_dir=workdir, overwrite_output_dir=True, report_to="none", num_samples=0, save_steps=0, seed=seed,
         eval_size=0, per_device_train_batch_size=pairs, n_t=n_t, n_yt=1, max_steps=10, fused_head=True,
         kernel_impl="triton", attn_implementation="vrpo_triton",
-    ).resolved()
+    ).resolved(SORT_TASK.presets)
     tokenizer = build_tiny_tokenizer(vocab_size=spec["vocab_size"])
-    train_pairs, _, _ = loading.load_pairs(cfg, tokenizer)
+    train_pairs, _, _ = loading.load_pairs(cfg, tokenizer, SORT_TASK)
     model = build_tiny_llada(seed=seed, attn_implementation="vrpo_triton", dtype=dtype or torch.float32, **spec)
-    return VRPOTrainer(cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None)
+    return VRPOTrainer(cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None, task=SORT_TASK)
 
 
 def _policy_parameters(trainer):

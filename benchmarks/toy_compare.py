@@ -33,9 +33,10 @@ QUICK = dict(max_steps=1, per_device_train_batch_size=2, eval_size=16)  # --quic
 
 def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: bool = False) -> dict:
     """The config of one method; naive DPO gets VRPO's budget (n_t = 8 samples) as batch or steps."""
+    from vrpo.tasks.sort import SORT_TASK
     from vrpo.training.config import VRPOConfig
 
-    base = VRPOConfig(**(QUICK if quick else {})).resolved()
+    base = VRPOConfig(**(QUICK if quick else {})).resolved(SORT_TASK.presets)
     steps = max_steps or base.max_steps
     sizes = dict(eval_size=base.eval_size, per_device_train_batch_size=base.per_device_train_batch_size, max_steps=steps)
     if not naive:
@@ -48,13 +49,14 @@ def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: b
 
 def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:
     from vrpo.training import VRPOTrainer
+    from vrpo.tasks.sort import SORT_TASK
     from vrpo.training.config import VRPOConfig
 
     kwargs = dict(seed=seed, num_samples=0, report_to="none", save_steps=0,
                   output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),
                   **method_kwargs(naive, naive_scale, max_steps, quick))
     t0 = time.perf_counter()
-    summary = VRPOTrainer(VRPOConfig(**kwargs)).train()
+    summary = VRPOTrainer(VRPOConfig(**kwargs), task=SORT_TASK).train()
     wall = time.perf_counter() - t0
     with open(os.path.join(kwargs["output_dir"], "logs", "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]

@@ -84,21 +84,22 @@ def build_trainer(model_name: str, impl: str, workdir: str, batch: int, seed: in
     ``data = (tokenizer, train_pairs)`` reuses a tokenization (same model config) instead of redoing it.
     """
     from vrpo.models import build_tiny_llada, build_tiny_tokenizer
+    from vrpo.tasks.sort import SORT_TASK
     from vrpo.training import VRPOTrainer, loading
 
     spec = MODELS[model_name]["model"]
     cfg = VRPOConfig(
         output_dir=workdir, overwrite_output_dir=True, report_to="none", num_samples=0, save_steps=0, seed=seed,
         eval_size=0, per_device_train_batch_size=batch, n_t=N_T, n_yt=1, max_steps=10_000, **IMPLS[impl],
-    ).resolved()
+    ).resolved(SORT_TASK.presets)
     if data is None:
         tokenizer = build_tiny_tokenizer(vocab_size=spec["vocab_size"])
-        train_pairs, _, _ = loading.load_pairs(cfg, tokenizer)
+        train_pairs, _, _ = loading.load_pairs(cfg, tokenizer, SORT_TASK)
         data = (tokenizer, train_pairs)
     tokenizer, train_pairs = data
     # The same initial weights for both implementations; the attention backend the trainer would pick.
     model = build_tiny_llada(seed=seed, attn_implementation=loading.attention_backend(cfg), **spec)
-    trainer = VRPOTrainer(cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None)
+    trainer = VRPOTrainer(cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None, task=SORT_TASK)
     return trainer, data
 
 

@@ -141,11 +141,12 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
     the reference is the bundled SFT model. The trainer of stage 2 holds the policy, the reference and the held-out pairs.
     """
     from vrpo.training import VRPOTrainer
+    from vrpo.tasks.sort import SORT_TASK
 
     info = {}
     model = tokenizer = train_pairs = eval_pairs = None
     if base_steps > 0:
-        base = VRPOTrainer(_toy_config(os.path.join(workdir, "base"), seed, base_steps, eval_size, quick))
+        base = VRPOTrainer(_toy_config(os.path.join(workdir, "base"), seed, base_steps, eval_size, quick), task=SORT_TASK)
         summary = base.train()
         info.update(base_acc_before=summary.get("pref_acc_before"),
                     base_acc_after=summary.get("pref_acc_after"))
@@ -157,7 +158,7 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
     trainer = VRPOTrainer(
         _toy_config(os.path.join(workdir, "policy"), seed + 1, train_steps, eval_size, quick, **changes),
         model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs,
-    )
+    , task=SORT_TASK)
     summary = trainer.train()
     info.update(acc_before=summary.get("pref_acc_before"), acc_after=summary.get("pref_acc_after"),
                 reward_acc=summary.get("reward_acc_after"))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vrpo.tasks.sort import SORT_TASK
 from vrpo.train import main
 from vrpo.training import VRPOTrainer
 from vrpo.training.config import VRPOConfig
@@ -48,7 +49,7 @@ def test_a_directory_of_user_files_is_refused_even_with_overwrite(tmp_path):
     (out / "notes.txt").write_text("my notes")
     for overwrite in (False, True):
         with pytest.raises(OutputDirError, match=f"{out} exists and holds files that are not a vrpo run"):
-            VRPOTrainer(VRPOConfig(**SMALL, overwrite_output_dir=overwrite, output_dir=str(out)))
+            VRPOTrainer(VRPOConfig(**SMALL, overwrite_output_dir=overwrite, output_dir=str(out)), task=SORT_TASK)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
     assert (out / "config.json").read_text() == "my config"
 
@@ -60,7 +61,7 @@ def test_overwrite_moves_the_old_run_aside_before_writing(tmp_path):
     (old / "trainer_state.json").write_text('{"step": 9}')
     (out / "checkpoints" / "latest").write_text("checkpoint-00000009\n")
     (out / MARKER).write_text('{"version": 1}')
-    VRPOTrainer(VRPOConfig(**SMALL, save_total_limit=1, overwrite_output_dir=True, output_dir=str(out))).train()
+    VRPOTrainer(VRPOConfig(**SMALL, save_total_limit=1, overwrite_output_dir=True, output_dir=str(out)), task=SORT_TASK).train()
     # The new run's checkpoints were not rotated away in favour of the old run's, and latest is the new run's.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000002", "latest"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-00000002"
@@ -84,11 +85,11 @@ def test_a_second_run_on_a_locked_directory_fails_naming_the_holder(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputDirError, match=f"in use by another vrpo run \\(pid {holder.pid}\\)"):
-            VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(out)))
+            VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(out)), task=SORT_TASK)
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    trainer = VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(out)))  # free again once the holder is gone
+    trainer = VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(out)), task=SORT_TASK)  # free again once the holder is gone
     trainer.close()
     assert (out / LOCK).exists()
 
@@ -102,7 +103,7 @@ def test_an_unusable_output_dir_fails_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "load_tokenizer", never)
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match="--output_dir .*file is not a directory"):
-        VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(tmp_path / "file" / "run")))
+        VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(tmp_path / "file" / "run")), task=SORT_TASK)
 
 
 def test_sigint_and_sigterm_checkpoint_and_resume_bit_for_bit(tmp_path, monkeypatch):
@@ -144,7 +145,7 @@ def test_a_kill_in_the_final_save_leaves_no_temporaries_or_repeated_eval(tmp_pat
 
 def test_non_finite_learning_rate_or_weights_never_reach_a_checkpoint(tmp_path, monkeypatch):
     trainer = VRPOTrainer(VRPOConfig(**{**SMALL, "max_steps": 6, "save_steps": 2, "save_total_limit": 1},
-                                     output_dir=str(tmp_path / "run")))
+                                     output_dir=str(tmp_path / "run")), task=SORT_TASK)
     real_step, real_opt_step = trainer.train_step, trainer.optimizer.step
 
     def train_step(step):
@@ -169,18 +170,18 @@ def test_non_finite_learning_rate_or_weights_never_reach_a_checkpoint(tmp_path, 
 
 def test_resume_with_other_settings_or_data_is_refused_unless_allowed(tmp_path):
     out = str(tmp_path / "run")
-    VRPOTrainer(VRPOConfig(**SMALL, output_dir=out)).train()
+    VRPOTrainer(VRPOConfig(**SMALL, output_dir=out), task=SORT_TASK).train()
     resume = dict(SMALL, output_dir=out, resume_from_checkpoint="latest")
-    preset_lr = VRPOConfig(**SMALL).resolved().learning_rate  # the toy run's preset
+    preset_lr = VRPOConfig(**SMALL).resolved(SORT_TASK.presets).learning_rate  # the toy run's preset
     changed = rf"n_t: 1 -> 3; learning_rate: {re.escape(f'{preset_lr:g}')} -> 0\.01\).*--allow_config_change"
     with pytest.raises(ValueError, match=changed):
-        VRPOTrainer(VRPOConfig(**{**resume, "n_t": 3, "learning_rate": 1e-2}))
+        VRPOTrainer(VRPOConfig(**{**resume, "n_t": 3, "learning_rate": 1e-2}), task=SORT_TASK)
     with pytest.raises(ValueError, match="train_data: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
-        VRPOTrainer(VRPOConfig(**{**resume, "eval_size": 12}))  # another split: other training pairs
-    trainer = VRPOTrainer(VRPOConfig(**{**resume, "learning_rate": 1e-2, "allow_config_change": True}))
+        VRPOTrainer(VRPOConfig(**{**resume, "eval_size": 12}), task=SORT_TASK)  # another split: other training pairs
+    trainer = VRPOTrainer(VRPOConfig(**{**resume, "learning_rate": 1e-2, "allow_config_change": True}), task=SORT_TASK)
     lam = trainer.scheduler.lr_lambdas[0](trainer.scheduler.last_epoch)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * lam)  # honoured, not ignored
     trainer.close()
-    same = VRPOTrainer(VRPOConfig(**resume))
+    same = VRPOTrainer(VRPOConfig(**resume), task=SORT_TASK)
     assert same.optimizer.param_groups[0]["lr"] == pytest.approx(preset_lr * lam)
     same.close()

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vrpo.errors import CheckpointError
+from vrpo.errors import CheckpointError, RunLogError
+from vrpo.tasks.sort import SORT_TASK
 from vrpo.tasks.sort.task import toy_dataset_path
 from vrpo.training import VRPOTrainer
 from vrpo.training.config import VRPOConfig
@@ -43,7 +44,7 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("made")
     data = root / "pairs.jsonl"
     data.write_text("".join(open(toy_dataset_path(), encoding="utf-8").readlines()[:48]))
-    VRPOTrainer(config(root / "run", data)).train()
+    VRPOTrainer(config(root / "run", data), task=SORT_TASK).train()
     return root / "run", data
 
 
@@ -61,7 +62,7 @@ def checkpoint_of(run_dir) -> pathlib.Path:
 
 
 def resume(run_dir, data):
-    return VRPOTrainer(config(run_dir, data, resume_from_checkpoint="latest")).train()
+    return VRPOTrainer(config(run_dir, data, resume_from_checkpoint="latest"), task=SORT_TASK).train()
 
 
 @pytest.mark.parametrize(
@@ -216,7 +217,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(run):
     records = [json.loads(line) for line in log.read_text().splitlines()]  # every line is JSON again
     assert max(r["step"] for r in records) == 2
     log.write_text('{"step": 1}\nnot json\n' + before)
-    with pytest.raises(CheckpointError, match=rf"{log}:2: not a JSON record"):
+    with pytest.raises(RunLogError, match=rf"{log}:2: not a JSON record"):
         resume(run_dir, data)
 
 
@@ -224,7 +225,7 @@ def test_non_finite_evaluation_is_a_clear_stop_not_a_traceback(made, tmp_path):
     from vrpo.errors import TrainingDiverged
 
     _, data = made
-    trainer = VRPOTrainer(config(tmp_path / "nan", data))
+    trainer = VRPOTrainer(config(tmp_path / "nan", data), task=SORT_TASK)
     with torch.no_grad():
         trainer.policy_model.lm_head.weight.fill_(float("nan"))
     with pytest.raises(TrainingDiverged, match="held-out evaluation at step 0: .*last checkpoint: none"):

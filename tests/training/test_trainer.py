@@ -17,6 +17,7 @@ from vrpo import toy
 from vrpo.errors import TrainingDiverged
 from vrpo.estimator.elbo import ELBOModule, NonFiniteELBOError
 from vrpo.models import load_llada
+from vrpo.tasks.sort import SORT_TASK
 from vrpo.tasks.sort.task import grade, is_correct
 from vrpo.training import VRPOTrainer
 from vrpo.training.config import VRPOConfig
@@ -37,7 +38,7 @@ def test_toy_run_grades_generations_without_held_out_pairs(tmp_path):
     # pairs held out there is no preference accuracy, but the before/after grades are still there.
     cfg = VRPOConfig(max_steps=1, eval_size=0, num_samples=1, report_to="none", save_steps=0,
                      output_dir=str(tmp_path / "run"))
-    summary = VRPOTrainer(cfg).train()
+    summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     assert summary.get("pref_acc_before") is None
     assert summary["gen_prompts"] == len(toy.test_prompts())
     assert summary["gen_acc_before"] is not None and summary["gen_acc_after"] is not None
@@ -50,7 +51,7 @@ def test_embedded_default_learns_the_toy_task_and_grades_its_generations(tmp_pat
     # sign or a reference that tracks the policy leaves it flat or lower.
     cfg = VRPOConfig(max_steps=100, eval_size=64, num_samples=2, report_to="tensorboard", save_steps=0,
                      output_dir=str(tmp_path / "run"))
-    summary = VRPOTrainer(cfg).train()
+    summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     assert summary["pref_acc_after"] > summary["pref_acc_before"] + 0.03, summary
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     for key in ("steps", "wall_s", "final_loss", "pref_acc_before", "pref_acc_after", "gen_prompts", "gen_acc_before",
@@ -155,8 +156,8 @@ def test_an_error_of_the_main_process_is_raised_on_every_process(tmp_path):
 
 
 def test_precomputed_reference_equals_online_reference(tmp_path):
-    online = VRPOTrainer(VRPOConfig(**FAST, output_dir=str(tmp_path / "online"))).train()
-    pre = VRPOTrainer(VRPOConfig(**FAST, precompute_ref=True, output_dir=str(tmp_path / "pre"))).train()
+    online = VRPOTrainer(VRPOConfig(**FAST, output_dir=str(tmp_path / "online")), task=SORT_TASK).train()
+    pre = VRPOTrainer(VRPOConfig(**FAST, precompute_ref=True, output_dir=str(tmp_path / "pre")), task=SORT_TASK).train()
     a, b = losses(tmp_path / "online"), losses(tmp_path / "pre")
     torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-5, atol=1e-6)
     assert pre["pref_acc_after"] == pytest.approx(online["pref_acc_after"])
@@ -166,11 +167,11 @@ def test_lora_reference_with_adapters_off_matches_a_frozen_copy(tmp_path):
     from vrpo.training.loading import load_policy
 
     cfg = VRPOConfig(**{**FAST, "max_steps": 4, "learning_rate": 1e-2}, use_lora=True, output_dir=str(tmp_path / "lora"))
-    trainer = VRPOTrainer(cfg)
+    trainer = VRPOTrainer(cfg, task=SORT_TASK)
     trainer.train()
     lora = trainer.policy_model
     assert any(p.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_B" in n)  # the adapters moved
-    frozen = ELBOModule(load_policy(trainer.config), trainer.mask_token_id)  # the same seeded initial weights
+    frozen = ELBOModule(load_policy(trainer.config, SORT_TASK), trainer.mask_token_id)  # the same seeded initial weights
     items = [(0, i) for i in range(4)]
     batch = trainer.batch_of(trainer.train_pairs, items)
     draw = trainer.keyed_draw(batch, items, "train")
@@ -186,7 +187,7 @@ def test_lora_reference_with_adapters_off_matches_a_frozen_copy(tmp_path):
 
 def test_non_finite_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch):
     trainer = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 6, "save_steps": 2, "max_nonfinite_steps": 3},
-                                     output_dir=str(tmp_path / "nan")))
+                                     output_dir=str(tmp_path / "nan")), task=SORT_TASK)
     calls = {"n": 0}
     real = trainer.loss_on
 
@@ -233,7 +234,7 @@ def test_over_long_and_duplicate_pairs_are_counted(tmp_path):
     rows.append({"prompt": "sort 1 2", "chosen": "1 2", "rejected": "1 2"})  # chosen == rejected
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = VRPOConfig(**{**FAST, "max_steps": 2, "eval_size": 4}, dataset=str(data), output_dir=str(tmp_path / "run"))
-    summary = VRPOTrainer(cfg).train()
+    summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     assert summary["data"]["train"]["skipped"] == {"too_long": 1, "chosen_equals_rejected": 1}
     result = run_cli(FAST_FLAGS + ["--dataset", str(data), "--truncation", "error", "--output_dir", str(tmp_path / "e")])
     assert result.returncode == 2 and "data.jsonl:41: example has" in result.stderr, result.stderr[-1500:]
@@ -269,8 +270,8 @@ def test_help_explains_every_field():
 
 
 def test_packed_training_matches_unpacked(tmp_path):
-    plain = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, output_dir=str(tmp_path / "plain"))).train()
-    packed = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, packing=True, output_dir=str(tmp_path / "packed"))).train()
+    plain = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, output_dir=str(tmp_path / "plain")), task=SORT_TASK).train()
+    packed = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, packing=True, output_dir=str(tmp_path / "packed")), task=SORT_TASK).train()
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "packed")
     torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-4, atol=1e-5)
     assert packed["pref_acc_after"] == pytest.approx(plain["pref_acc_after"])
@@ -284,7 +285,7 @@ def test_eval_reward_uses_the_reference_given_through_the_api(tmp_path):
     policy = build_tiny_llada(seed=0, attn_implementation="sdpa", **TOY_MODEL)
     reference = build_tiny_llada(seed=1, attn_implementation="sdpa", **TOY_MODEL)  # not the policy's start
     cfg = VRPOConfig(**{**FAST, "max_steps": 2}, output_dir=str(tmp_path / "run"))
-    trainer = VRPOTrainer(cfg, model=policy, ref_model=reference)
+    trainer = VRPOTrainer(cfg, model=policy, ref_model=reference, task=SORT_TASK)
     summary = trainer.train()
     ref = trainer.eval_terms(ELBOModule(reference, trainer.mask_token_id), trainer.eval_pairs).mean(-1)
     pol = trainer.eval_terms(ELBOModule(trainer.policy_model, trainer.mask_token_id), trainer.eval_pairs).mean(-1)
@@ -301,7 +302,7 @@ def test_a_user_dataset_on_the_embedded_model_is_told_its_presets_and_not_graded
     data.write_text("\n".join(rows) + "\n")
     cfg = VRPOConfig(**{**FAST, "max_steps": 1, "num_samples": 1}, dataset=str(data), output_dir=str(tmp_path / "run"))
     with caplog.at_level("INFO", logger="vrpo"):
-        summary = VRPOTrainer(cfg).train()
+        summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "presets" in r.getMessage()]
     assert warned and "learning_rate=0.0005" in warned[0] and "max_length=64" in warned[0], warned
     assert f"--dataset {data}" in warned[0]

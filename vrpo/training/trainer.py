@@ -316,8 +316,11 @@ class VRPOTrainer:
 
     def evaluate(self, ref_eval: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
         """Held-out preference and reward accuracy of the current policy (:class:`.evaluation.PreferenceEval`)."""
-        where = f"at step {self.state.step}; last checkpoint: {self.checkpoints.latest() or 'none'}"
-        return self.evaluator.evaluate(self.policy_elbo, self.eval_pairs, ref_eval, where)
+        try:
+            return self.evaluator.evaluate(self.policy_elbo, self.eval_pairs, ref_eval)
+        except NonFiniteELBOError as e:
+            raise TrainingDiverged(f"held-out evaluation at step {self.state.step}: {e}; last checkpoint: "
+                                   f"{self.checkpoints.latest() or 'none'}") from e
 
     def evaluate_initial(self) -> dict:
         """Evaluate the initial policy (held-out pairs and graded generations, where there are any); keep the
