@@ -10,6 +10,7 @@ cannot hide an arrow that runs up.
 from __future__ import annotations
 
 import ast
+import re
 
 from ..helpers import ROOT
 
@@ -123,3 +124,23 @@ def test_imports_are_at_the_top_of_modules_within_the_package():
                         t.split(".")[0] in ("vrpo", "vrpo_kernels") for t, _ in imports(name, path, node))):
                     hidden.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not hidden, "imports of vrpo inside functions:\n" + "\n".join(hidden)
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout section is the tree: every module of the packages is named there (one line each), and
+    nothing it names is missing from the tree."""
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    layout = layout[: layout.index("\n## ", 4)] if "\n## " in layout[4:] else layout
+    missing = []
+    for pkg in ("vrpo", "vrpo_kernels", "tools"):
+        for path in sorted((ROOT / pkg).rglob("*.py")) if (ROOT / pkg).is_dir() else []:
+            if path.name == "__init__.py":
+                continue
+            if f"`{path.name}`" not in layout and f"`{path.relative_to(ROOT)}`" not in layout:
+                missing.append(str(path.relative_to(ROOT)))
+    assert not missing, "modules the README's Layout section does not name:\n" + "\n".join(missing)
+    named = {n for n in re.findall(r"`([\w/]+\.py)`", layout)}
+    files = {p.name for pkg in ("vrpo", "vrpo_kernels", "tools", "benchmarks") if (ROOT / pkg).is_dir()
+             for p in (ROOT / pkg).rglob("*.py")} | {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")}
+    assert not named - files, f"the Layout section names files that do not exist: {sorted(named - files)}"
