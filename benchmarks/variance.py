@@ -157,8 +157,8 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
     # Another seed for stage 2: another data order and other mask draws than stage 1's.
     trainer = VRPOTrainer(
         _toy_config(os.path.join(workdir, "policy"), seed + 1, train_steps, eval_size, quick, **changes),
-        model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs,
-    , task=SORT_TASK)
+        model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs, task=SORT_TASK,
+    )
     summary = trainer.train()
     info.update(acc_before=summary.get("pref_acc_before"), acc_after=summary.get("pref_acc_after"),
                 reward_acc=summary.get("reward_acc_after"))

@@ -32,7 +32,7 @@ def _needs(task: GradedTask | None, what: str, flag: str) -> GradedTask:
 
 # --- 1. the tokenizer ---------------------------------------------------------------------------
 
-def load_tokenizer(cfg: VRPOConfig, task: GradedTask | None = None):
+def load_run_tokenizer(cfg: VRPOConfig, task: GradedTask | None = None):
     """The run's tokenizer, with a mask token (raises ValueError naming the directory otherwise)."""
     if cfg.model_name_or_path is None and cfg.tokenizer_name_or_path is None:
         return _needs(task, "a tokenizer", "--model_name_or_path").tokenizer()

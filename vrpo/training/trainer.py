@@ -89,7 +89,7 @@ class VRPOTrainer:
         if presets and self.is_main and (note := config.preset_note(task.name, presets)):
             # A user's dataset on the task's model gets presets made for the task: say so loudly.
             logger.log(logging.INFO if cfg.dataset is None else logging.WARNING, note)
-        self.tokenizer = tokenizer if tokenizer is not None else loading.load_tokenizer(cfg, task)
+        self.tokenizer = tokenizer if tokenizer is not None else loading.load_run_tokenizer(cfg, task)
         self.mask_token_id = loading.mask_token_id(cfg, self.tokenizer)
         tok = self.tokenizer
         self.batches = Batches(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, acc.device,
