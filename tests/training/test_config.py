@@ -110,3 +110,39 @@ def test_the_parameter_count_is_exact():
     meta = fixtures / "llada-8b-instruct-meta" / "config.json"
     big = llada_to_llama_config(json.loads(meta.read_text()), source=str(meta))
     assert 8.0e9 < check_fits(big, None, "cpu", meta) < 8.1e9  # LLaDA-8B: 8.02B parameters
+
+
+BAD = pathlib.Path(__file__).resolve().parents[1] / "data" / "bad"  # the bad-input corpus
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("config_bad_n_t.yaml", "--n_t must be a positive integer, got 0"),
+        ("config_bad_beta.yaml", "--beta must be > 0 and finite, got -0.1"),
+        ("config_bad_loss_type.yaml", "--loss_type must be one of sigmoid, ipo, hinge, robust, got 'kto'"),
+        ("config_bad_estimator.yaml", "--estimator must be one of l_uniform, t_bernoulli, got 'uniform'"),
+        ("config_not_yaml.yaml", "not valid YAML"),
+        ("config_unknown_field.yaml", "unknown field"),
+    ],
+)
+def test_bad_configs_are_clear_errors(name, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--config", str(BAD / name)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--n_t", "-1"], "--n_t must be a positive integer"),
+        (["--beta", "0"], "--beta must be > 0"),
+        (["--loss_type", "nope"], "--loss_type must be one of"),
+        (["--estimator", "x"], "--estimator must be one of"),
+    ],
+)
+def test_bad_flags_are_clear_errors(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(flags)
+    assert message in capsys.readouterr().err

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import threading
+import time
 
+import numpy as np
+import psutil
 import pytest
 
+from vrpo.models import pack_rows
 from vrpo.models.tiny import build_tiny_tokenizer
-from vrpo.models.tokenization import encode_preference
+from vrpo.models.tokenization import collate, encode_preference
+from vrpo.tasks.sort.task import make_pairs
 from vrpo.training.data import (
     DataError,
     DataStats,
@@ -148,3 +154,117 @@ def test_an_unreadable_dataset_is_a_clear_error(tmp_path):
     broken.write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match=r"broken\.parquet: not a readable parquet file"):
         read_preference_rows(str(broken))
+
+
+# --- the bad-input corpus (tests/data/bad/): every case gets a clear, specific error or a counted skip
+
+BAD = pathlib.Path(__file__).resolve().parents[1] / "data" / "bad"
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("non_utf8.jsonl", r"non_utf8\.jsonl:2: not valid UTF-8 \(byte 0xff at column 20\)"),
+        ("truncated.jsonl", r"truncated\.jsonl:2: invalid JSON"),
+        ("truncated_array.json", r"truncated_array\.json:2: invalid JSON"),
+        ("missing_rejected.jsonl", r"missing_rejected\.jsonl:3: missing field\(s\) 'rejected'"),
+        ("missing_prompt.jsonl", r"missing_prompt\.jsonl:1: missing field\(s\) 'prompt'"),
+        ("wrong_type.jsonl", r"wrong_type\.jsonl:1: field 'chosen' must be a string or a list of messages, got int"),
+        ("empty_string.jsonl", r"empty_string\.jsonl:2: field 'chosen' is empty"),
+        ("unknown_role.jsonl", r"unknown_role\.jsonl:2: message 0 of 'prompt' has unknown role 'robot'"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(name, message):
+    with pytest.raises(DataError, match=message):
+        read_preference_rows(str(BAD / name))
+
+
+@pytest.mark.parametrize("name", ["non_utf8.jsonl", "truncated.jsonl", "missing_rejected.jsonl", "empty_string.jsonl"])
+def test_skip_mode_drops_and_counts_malformed_rows(name):
+    stats = DataStats()
+    rows = read_preference_rows(str(BAD / name), on_bad_rows="skip", stats=stats)
+    assert stats.skipped["malformed"] == 1
+    assert len(rows) == stats.rows - 1
+
+
+def test_chosen_equal_to_rejected_is_skipped_with_a_warning_and_counted(caplog):
+    stats = DataStats()
+    rows = read_preference_rows(str(BAD / "chosen_equals_rejected.jsonl"), stats=stats)
+    assert [r["prompt"] for r in rows] == ["sort 3 1", "sort 5 1"]
+    assert stats.skipped["chosen_equals_rejected"] == 1
+    assert "chosen_equals_rejected.jsonl:2: chosen is identical to rejected" in caplog.text
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_preference_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "data.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(DataError, match=r"unsupported file type '\.csv'"):
+        read_preference_rows(str(tmp_path / "data.csv"))
+
+
+def test_a_file_of_only_bad_rows_is_an_error_not_an_empty_run(tmp_path):
+    path = tmp_path / "all_equal.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "b"}\n')
+    with pytest.raises(DataError, match="no usable preference pairs"):
+        read_preference_rows(str(path))
+
+
+def test_parquet_and_save_to_disk_sources(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "sort 2 1", "chosen": "1 2", "rejected": "2 1"}, {"prompt": "sort 9 3", "chosen": "3 9", "rejected": "9 3"}]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "pairs.parquet"))
+    ds.save_to_disk(str(tmp_path / "pairs_dir"))
+    for source in ("pairs.parquet", "pairs_dir"):
+        got = read_preference_rows(str(tmp_path / source))
+        assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in got] == rows
+    bad = datasets.Dataset.from_list([{"prompt": "sort 2 1", "chosen": "1 2", "rejected": ""}])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad\.parquet row 0: field 'rejected' is empty"):
+        read_preference_rows(str(tmp_path / "bad.parquet"))
+
+
+# --- load: 10,000 pairs through read -> tokenize -> collate -> pack, with flat memory
+
+
+def test_ten_thousand_pairs_flow_with_flat_memory(tmp_path, record_property):
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for pair in make_pairs(10_000, seed=1):
+            f.write(json.dumps(pair) + "\n")
+    tokenizer = build_tiny_tokenizer(vocab_size=136)
+    process = psutil.Process()
+
+    t0 = time.perf_counter()
+    stats = DataStats()
+    rows = read_preference_rows(str(path), stats=stats)
+    pairs = tokenize_pairs(rows, tokenizer, max_length=64, stats=stats, progress=False)
+    t_tokenize = time.perf_counter() - t0
+    assert len(pairs) == stats.kept == 10_000 - sum(stats.skipped.values())
+
+    def one_pass():
+        pad = tokenizer.pad_token_id
+        for start in range(0, len(pairs), 64):
+            seqs = [pairs.sequence(i, side) for side in (0, 1) for i in range(start, min(start + 64, len(pairs)))]
+            batch = collate(seqs, pad)
+            lengths = batch["attention_mask"].sum(-1)
+            pack_rows([batch["input_ids"][b, : lengths[b]] for b in range(len(seqs))], 256, pad)
+
+    one_pass()  # warm: allocator pools and caches settle
+    rss = [process.memory_info().rss]
+    t0 = time.perf_counter()
+    for _ in range(3):
+        one_pass()
+        rss.append(process.memory_info().rss)
+    t_pass = (time.perf_counter() - t0) / 3
+    growth_mb = (max(rss) - rss[0]) / 2**20
+    record_property("tokenize_pairs_per_s", len(pairs) / t_tokenize)
+    record_property("collate_pack_pairs_per_s", len(pairs) / t_pass)
+    record_property("rss_growth_mb", growth_mb)
+    print(f"tokenize {len(pairs) / t_tokenize:.0f} pairs/s, collate+pack {len(pairs) / t_pass:.0f} pairs/s, "
+          f"RSS growth over 3 passes {growth_mb:.1f} MB")
+    assert growth_mb < 20, rss
+    # The compact store: a few bytes per token, not Python objects per token.
+    assert pairs._flat()[0].dtype == np.int32
