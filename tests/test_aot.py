@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every kernel configuration for Hopper (sm_90), no GPU needed.
 
-Runs ``python -m vrpo_kernels.inspect`` in a fresh process (the real Triton compiler, not the
+Runs ``python -m tools.aot_report`` in a fresh process (the real Triton compiler, not the
 interpreter that conftest switches on) and checks its sm_90 resource report: every configuration
 compiles, spills nothing and fits Hopper's 227 KB of shared memory per block.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vrpo_kernels.inspect import HOPPER_SHARED_LIMIT, KERNEL_MODULES, bundled_ptxas, collect_specs
+from tools.aot_report import HOPPER_SHARED_LIMIT, KERNEL_MODULES, bundled_ptxas, collect_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run(
-        [sys.executable, "-m", "vrpo_kernels.inspect"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "tools.aot_report"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     return run
 
@@ -62,7 +62,7 @@ def test_every_configuration_compiles_for_sm90_without_spills(report):
 
 
 def test_ptxas_report_parsing_and_verdicts():
-    from vrpo_kernels.inspect import Report, parse_ptxas
+    from tools.aot_report import Report, parse_ptxas
 
     log = (
         "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"

@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 
 from vrpo_kernels import masked_linear_ce
 
-# The package re-exports the function under the module's name, so fetch the module itself.
-mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
+# The package re-exports the function under the package's name, so fetch the path modules themselves.
+torch_path = importlib.import_module("vrpo_kernels.masked_linear_ce.torch_path")
+triton_path = importlib.import_module("vrpo_kernels.masked_linear_ce.triton_path")
 
 TOL = {
     torch.float32: dict(out=1e-4, grad=1e-4),
@@ -148,7 +149,7 @@ def test_triton_bfloat16_matches_reference(shape, kw):
 def test_triton_vocab_splits_with_padding_tiles():
     # V = 200 spans 7 tiles of 32 in 4 splits of 2: the last split ends on a tile past V, whose
     # -inf logits must not turn the running logsumexp into NaN.
-    splits, per_split = mlce._vocab_split(1, 7, torch.device("cpu"))
+    splits, per_split = triton_path.vocab_split(1, 7, triton_path.wave_slots(torch.device("cpu"), torch.float32))
     assert (splits, per_split) == (4, 2)
     check("triton", torch.float32, 5, 9, 200)
 
@@ -156,39 +157,39 @@ def test_triton_vocab_splits_with_padding_tiles():
 @pytest.mark.parametrize("gemm", ["onednn", "mm"])
 @pytest.mark.parametrize("keep", [True, False], ids=["kept-logits", "recomputed"])
 def test_torch_path_across_row_and_vocab_chunks(monkeypatch, gemm, keep):
-    if gemm == "onednn" and not mlce._onednn_agrees():
+    if gemm == "onednn" and not torch_path._onednn_agrees():
         pytest.skip("this torch build has no oneDNN fp32 GEMM; the torch.mm case covers the path")
-    monkeypatch.setattr(mlce, "_CPU_GEMM", gemm)
-    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
-    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
-    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", 15 * 256)
-    assert mlce._chunks(15, 700, 1 << 30) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
-    assert mlce._chunks(15, 700, 1 << 30, all_rows=True) == (15, 256)  # kept: all rows, 3 vocab chunks
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", gemm)
+    monkeypatch.setattr(torch_path, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(torch_path, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(torch_path, "_KEPT_CHUNK_ELEMS", 15 * 256)
+    assert torch_path._chunks(15, 700, 1 << 30) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
+    assert torch_path._chunks(15, 700, 1 << 30, all_rows=True) == (15, 256)  # kept: all rows, 3 vocab chunks
     # 15 rows x 700 vocab fp32 = 42,000 bytes: kept within 1 MB, recomputed under 40,000 bytes.
     budget = (1 << 20) if keep else 40_000
-    assert mlce._keeps_logits(15, 700, budget) is keep
+    assert torch_path._keeps_logits(15, 700, budget) is keep
     for dtype in (torch.float32, torch.bfloat16):
         for bias in (True, False):
             check("torch", dtype, 15, 11, 700, bias=bias, max_buffer_bytes=budget)
 
 
 def test_cpu_gemm_probe_is_cached_and_logs_a_lost_fast_path(monkeypatch, caplog):
-    monkeypatch.setattr(mlce, "_CPU_GEMM", None)
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.delenv("VRPO_CPU_GEMM", raising=False)
-    first = mlce._cpu_gemm()
-    assert first in ("onednn", "mm") and mlce._cpu_gemm() is first
-    monkeypatch.setattr(mlce, "_CPU_GEMM", None)
+    first = torch_path._cpu_gemm()
+    assert first in ("onednn", "mm") and torch_path._cpu_gemm() is first
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.setenv("VRPO_CPU_GEMM", "mm")
-    assert mlce._cpu_gemm() == "mm"
+    assert torch_path._cpu_gemm() == "mm"
 
     def broken():
         raise RuntimeError("no mkldnn")
 
-    monkeypatch.setattr(mlce, "_CPU_GEMM", None)
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.setenv("VRPO_CPU_GEMM", "onednn")
-    monkeypatch.setattr(mlce, "_onednn_agrees", broken)
-    with caplog.at_level("WARNING", logger="vrpo_kernels.masked_linear_ce"):
-        assert mlce._cpu_gemm() == "mm"
+    monkeypatch.setattr(torch_path, "_onednn_agrees", broken)
+    with caplog.at_level("WARNING", logger="vrpo_kernels.masked_linear_ce.torch_path"):
+        assert torch_path._cpu_gemm() == "mm"
     assert "oneDNN" in caplog.text and "no mkldnn" in caplog.text
 
 
@@ -227,9 +228,9 @@ def test_torch_random_shapes(N, H, V, dtype, bias, select, seed, path, small):
     # a 1-byte budget forces the streamed path. small: 256-vocab chunks (3 rows each when recomputed),
     # so the online logsumexp and the accumulation across chunks run on these small shapes too.
     budget = None if path == "kept" else 1
-    with mock.patch.object(mlce, "_MAX_CHUNK_ROWS", 3 if small else mlce._MAX_CHUNK_ROWS), \
-            mock.patch.object(mlce, "_CHUNK_ELEMS", 3 * 256 if small else mlce._CHUNK_ELEMS), \
-            mock.patch.object(mlce, "_KEPT_CHUNK_ELEMS", N * 256 if small else mlce._KEPT_CHUNK_ELEMS):
+    with mock.patch.object(torch_path, "_MAX_CHUNK_ROWS", 3 if small else torch_path._MAX_CHUNK_ROWS), \
+            mock.patch.object(torch_path, "_CHUNK_ELEMS", 3 * 256 if small else torch_path._CHUNK_ELEMS), \
+            mock.patch.object(torch_path, "_KEPT_CHUNK_ELEMS", N * 256 if small else torch_path._KEPT_CHUNK_ELEMS):
         check("torch", dtype, N, H, V, bias=bias, select=select, seed=seed, max_buffer_bytes=budget)
 
 
@@ -384,9 +385,9 @@ def test_elbo_through_the_triton_kernel_matches_generic_path():
 
 def _small_chunks(monkeypatch, n_rows):
     """256-vocab chunks on the torch path, 4 rows each when recomputed, all ``n_rows`` when kept."""
-    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
-    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
-    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", n_rows * 256)
+    monkeypatch.setattr(torch_path, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(torch_path, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(torch_path, "_KEPT_CHUNK_ELEMS", n_rows * 256)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -424,7 +425,7 @@ def test_deterministic(impl):
     assert torch.equal(out1, out2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
     if impl == "triton":
-        atomics = re.findall(r"\btl\.atomic_\w+\(", inspect.getsource(mlce))
+        atomics = re.findall(r"\btl\.atomic_\w+\(", inspect.getsource(triton_path))
         assert not atomics, f"a kernel accumulates with atomics: {atomics}"
 
 

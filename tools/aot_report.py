@@ -1,6 +1,6 @@
 """Compile every kernel configuration ahead of time for Hopper (sm_90) and report its resources.
 
-    python -m vrpo_kernels.inspect [--only SUBSTRING] [--jobs J]
+    python -m tools.aot_report [--only SUBSTRING] [--jobs J]
 
 No GPU is needed: each configuration is compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))``,
@@ -167,7 +167,7 @@ def run(only: str | None = None, jobs: int = 1, out=sys.stdout) -> tuple[list[Re
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrpo_kernels.inspect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.aot_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="inspect only configurations whose name contains this substring")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
     args = parser.parse_args(argv)
