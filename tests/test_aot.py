@@ -77,3 +77,23 @@ def test_ptxas_report_parsing_and_verdicts():
     assert not Report("d", error="CompilationError: ...").ok
     with pytest.raises(RuntimeError, match="no register count"):
         parse_ptxas("ptxas fatal   : Unsupported .version 9.4")
+
+
+def test_masked_ce_forward_strided_offsets_are_64_bit():
+    """``rows * stride_h`` and ``cols * stride_w`` of the forward's tiles, compiled for sm_90, are int64
+    pointer offsets: an int32 one wraps once a row's start passes 2^31 elements (n * H >= 2^31: 524,288
+    selected rows at H = 4096 in a no-grad reference forward). The TTIR shows the broadcast row ([M, 1])
+    and column ([1, V]) offsets; the in-tile ``ks`` offsets (< BLOCK_K) may stay int32."""
+    if bundled_ptxas() is None:
+        pytest.skip("triton's NVIDIA backend is absent: cannot compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tools.aot_report", "--offsets", "--only", "masked_linear_ce.forward"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 8, lines  # 16-bit x2, fp32 TF32 and IEEE, with and without bias
+    for line in lines:
+        name, *offsets = line.split()
+        strided = [o for o in offsets if re.fullmatch(r"(1x\d+|\d+x1):i\d+", o)]
+        assert len(strided) == 2, (name, offsets)
+        assert all(o.endswith(":i64") for o in strided), (name, strided)

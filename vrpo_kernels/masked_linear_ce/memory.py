@@ -22,23 +22,33 @@ from .triton_path import grad_chunk_cols, vocab_chunks
 
 @dataclass(frozen=True)
 class WorkingSet:
-    """Bytes by part; ``total`` is the peak. ``grads`` are the gradients the op returns in the compute
-    dtype (under autocast with an fp32 master weight, autograd then casts ``d_weight`` to fp32: that
-    copy is the parameter's ``.grad``, which a planner counts with the other gradients)."""
+    """Bytes by part. The peak (``total``) is at one of two moments: the end of the op's backward
+    (``saved + buffer + accumulators + grads``) or, after it, while autograd casts the gradients back
+    to the inputs' dtypes and scatters ``d_hidden`` into ``[N, H]`` (``grads + after``)."""
 
     saved: int  # the forward's: gathered rows in the compute dtype, casts of the head, lse, indices
     buffer: int  # the backward's fp32 logits buffer
     accumulators: int  # fp32 d_hidden (several chunks) and d_bias, GEMM scratch, per-row gradients
-    grads: int  # d_hidden, d_weight, d_bias in the compute dtype
+    grads: int  # d_hidden [n, H], d_weight, d_bias in the compute dtype
+    after: int  # d_weight (and d_bias) cast to the head's own dtype (autocast), d_hidden scattered to [N, H]
     small: int  # outputs [N], per-row and per-split statistics
+    param_grads: int  # the bytes that become weight.grad / bias.grad (in the head's own dtype)
 
     @property
     def total(self) -> int:
-        return self.saved + self.buffer + self.accumulators + self.grads + self.small
+        during = self.saved + self.buffer + self.accumulators + self.grads
+        return max(during, self.grads + self.after) + self.small
+
+    @property
+    def transient(self) -> int:
+        """``total`` less the head's parameter gradients in its own dtype (``weight.grad``, ``bias.grad``),
+        which a planner counts with the other gradients."""
+        return self.total - self.param_grads
 
 
 def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dtype: torch.dtype, *,
-                      weight_dtype: torch.dtype | None = None, bias: bool = False,
+                      weight_dtype: torch.dtype | None = None, hidden_dtype: torch.dtype | None = None,
+                      bias: bool = False,
                       max_buffer_bytes: int | None = None, strategy: gemm.GemmStrategy | None = None,
                       splits: int = 1) -> WorkingSet:
     """Peak bytes of one forward + backward of ``masked_linear_ce(impl="triton")`` with gradients for
@@ -46,7 +56,8 @@ def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dty
 
     n_rows: N, the rows of ``hidden``; n_selected: rows the mask selects; hidden: H; vocab: V; dtype:
     the compute dtype (the weight's, or the autocast dtype); weight_dtype: the head's own dtype
-    (default ``dtype``; fp32 under autocast adds its cast); strategy: the backward's GEMM forms (default
+    (default ``dtype``; fp32 under autocast adds its cast); hidden_dtype: the hidden states' own dtype
+    (default ``dtype``); strategy: the backward's GEMM forms (default
     the forms every torch has, "upcast" and "scratch16_add"); splits: the forward's vocabulary splits
     (:func:`vrpo_kernels.masked_linear_ce.triton_path.gpu_vocab_split` gives them for a GPU).
     """
@@ -70,6 +81,11 @@ def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dty
         )
     elif chunks > 1:
         accumulators += 4 * n * H
-    grads = n * H * es + V * H * es + (V * es if bias else 0)
+    eh = ELEMENT_BYTES[hidden_dtype or dtype]
+    head_grads = V * H * es + (V * es if bias else 0)
+    grads = n * H * es + head_grads
+    master = (V * H + (V if bias else 0)) * ELEMENT_BYTES[weight_dtype] if weight_dtype != dtype else 0
+    # d_hidden back to the hidden's dtype (when it differs), then scattered: new_zeros + index_put.
+    after = master + (n * H * eh if eh != es or (hidden_dtype or dtype) != dtype else 0) + 2 * N * H * eh
     small = 4 * N * 3 + 4 * 3 * splits * n
-    return WorkingSet(saved, buffer, accumulators, grads, small)
+    return WorkingSet(saved, buffer, accumulators, grads, after, small, param_grads=master or head_grads)
