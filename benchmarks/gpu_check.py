@@ -15,7 +15,8 @@ Sections (each check in its own try/except, so one failure does not end the run)
 3. determinism: each op twice, ``torch.equal``;
 4. one full VRPO training step (``VRPOTrainer.train_step``) on the tiny LLaDA and on a random
    LLaDA-architecture model of about 1B parameters in bf16 (head dim 128, V = 126,464: the real tile
-   sizes), with ``torch.cuda.max_memory_allocated`` of the 1B step (:func:`llada_step_memory`);
+   sizes), with ``torch.cuda.max_memory_allocated`` of the 1B step (:func:`llada_step_memory`) asserted
+   within 10% of ``vrpo.plan``'s peak;
 5. timings (``triton.testing.do_bench``, median ms, forward + backward) against CCE's Triton kernel,
    Liger's fused linear CE, flash-attn's varlen kernel and SDPA, beside the cost model's predictions
    (``python -m tools.roofline``).
@@ -486,6 +487,32 @@ def correctness_ce(report: Report, plan: Plan) -> None:
                  lambda: check_ce_case(ce_inputs(N, n_sel, H, V, torch.float32, dev, bias=True), torch.bfloat16,
                                        autocast=True))
     report.check("correctness", "masked_linear_ce on cuda:1", lambda: _second_gpu(dev))
+    N, n_sel, H, V, budget = plan.ce_multi_chunk[-1]
+    report.check("correctness", f"masked_linear_ce backward GEMM forms, each forced, {n_sel} rows, V={V}",
+                 lambda: _gemm_forms(N, n_sel, H, V, budget, dev))
+
+
+def _gemm_forms(N, n_sel, H, V, budget, dev) -> str:
+    """Every GEMM form of vrpo_kernels.masked_linear_ce.gemm that this torch runs on the device, forced in
+    turn, at a multi-chunk call against float64; the ones it lacks are listed (the probe refuses them)."""
+    from vrpo_kernels.masked_linear_ce import gemm
+
+    dtype = torch.bfloat16
+    detected = gemm.detect(dev, dtype)
+    x = ce_inputs(N, n_sel, H, V, dtype, dev, seed=4)
+    ran, lacking = [], []
+    for kinds, accumulating in ((gemm.PRODUCTS, False), (gemm.ACCUMULATES, True)):
+        for kind in kinds:
+            try:
+                gemm._agrees(kind, accumulating, dev, dtype)
+            except Exception as exc:  # this torch lacks the overload: recorded, not a failure
+                lacking.append(f"{kind} ({type(exc).__name__})")
+                continue
+            forced = dataclasses.replace(detected, **{"accumulate" if accumulating else "product": kind})
+            with mock.patch.dict(gemm._CHOSEN, {(dev.type, dtype): forced}):
+                check_ce_case(x, dtype, budget)
+            ran.append(kind)
+    return f"detected {detected}; passed: {', '.join(ran)}; not in torch {torch.__version__}: {', '.join(lacking) or 'none'}"
 
 
 def _multi_chunk(N, n_sel, H, V, budget, dtype, dev) -> str:
@@ -708,6 +735,9 @@ def training_steps(report: Report, plan: Plan) -> None:
         def step(spec=spec, pairs=pairs, n_t=n_t):
             if report.device.type == "cuda" and spec is LLADA_1B:
                 m = llada_step_memory(spec, pairs, n_t)
+                if abs(m["peak_bytes"] - m["planned_bytes"]) > 0.1 * m["planned_bytes"]:
+                    raise AssertionError(f"max_memory_allocated {m['peak_bytes'] / 2**30:.2f} GiB is not within 10% of "
+                                         f"vrpo.plan's {m['planned_bytes'] / 2**30:.2f} GiB")
                 return (f"{m['params'] / 1e9:.2f}B params, step {m['seconds']:.2f} s, max_memory_allocated "
                         f"{m['peak_bytes'] / 2**30:.2f} GiB (step adds {m['step_bytes'] / 2**30:.2f} GiB); "
                         f"vrpo.plan's peak {m['planned_bytes'] / 2**30:.2f} GiB")
@@ -746,16 +776,56 @@ def bench_ms(fn, device) -> float:
     return statistics.median(times)
 
 
+def _agrees_with_peer(x, make_loss, dev) -> str:
+    """A peer's log-probs and gradients (hidden, weight) against ours on the selected rows, relative to
+    max |ours|: within twice the bf16 bound of one implementation against float64 (2 x 8 x 2^-8)."""
+    if dev.type != "cuda":
+        raise Skipped("a CUDA kernel: not run in the dry run")
+    try:
+        loss_fn = make_loss()
+    except ImportError as exc:
+        raise Skipped(f"not installed ({exc}); pip install '.[bench]'") from exc
+    peer = _peer_values(x, loss_fn)
+    ours = ce_run(x, "triton")
+    rows = x["rows"]
+    errs = []
+    for name, a, b in (("out", peer[0], ours[0][rows]), ("d_hidden", peer[1], ours[1][rows]), ("d_weight", peer[2], ours[2])):
+        err = _rel_err(a, b)
+        if not err <= 2 * _ERROR_UNITS * _ROUNDOFF[torch.bfloat16]:
+            raise AssertionError(f"{name}: relative max difference {err:.2e}")
+        errs.append(f"{name} {err:.1e}")
+    return ", ".join(errs)
+
+
+def _peer_values(x, loss_fn):
+    """(weighted log-probs [n_sel], d_hidden [n_sel, H], d_weight) of a peer's per-row loss on the
+    selected rows (peers take gathered rows), with the same row weights and cotangent as ours."""
+    h = x["hidden"][x["rows"]].detach().requires_grad_()
+    W = x["weight"].detach().requires_grad_()
+    out = loss_fn(h, W, x["targets"][x["rows"]]) * x["row_weight"][x["rows"]]
+    dh, dW = torch.autograd.grad((out * x["cot"][x["rows"]]).sum(), [h, W])
+    return out.detach(), dh, dW
+
+
 def _gathered_ce(x, loss_fn):
-    """fwd + bwd of a peer's per-row loss on the selected rows (peers take gathered rows)."""
+    """fwd + bwd of a peer's per-row loss on the selected rows, as a timed callable."""
+    return lambda: _peer_values(x, loss_fn)
 
-    def run():
-        h = x["hidden"][x["rows"]].detach().requires_grad_()
-        W = x["weight"].detach().requires_grad_()
-        out = loss_fn(h, W, x["targets"][x["rows"]]) * x["row_weight"][x["rows"]]
-        torch.autograd.grad((out * x["cot"][x["rows"]]).sum(), [h, W])
 
-    return run
+def cce_loss(filter_eps="default"):
+    """CCE's per-row log-prob function (its default ``filter_eps`` unless given)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    kw = {} if filter_eps == "default" else {"filter_eps": filter_eps}
+    return lambda h, W, t: -linear_cross_entropy(h, W, t, reduction="none", impl="cce", **kw).float()
+
+
+def liger_loss():
+    """Liger's fused linear CE, per row, as a log-prob function."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    return lambda h, W, t: -loss(W, h, t).float()
 
 
 def timings(report: Report, plan: Plan) -> dict:
@@ -783,19 +853,11 @@ def timings(report: Report, plan: Plan) -> dict:
     x = ce_inputs(N, N, H, V, plan.bench_ce_dtype, dev)
     timed("masked_ce", "vrpo triton", lambda: (lambda: ce_run(x, "triton")), peer=False)
 
-    def cce():
-        from cut_cross_entropy import linear_cross_entropy
-
-        return _gathered_ce(x, lambda h, W, t: -linear_cross_entropy(h, W, t, reduction="none", impl="cce").float())
-
-    def liger():
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-        loss = LigerFusedLinearCrossEntropyLoss(reduction="none")
-        return _gathered_ce(x, lambda h, W, t: -loss(W, h, t).float())
-
-    timed("masked_ce", "CCE (impl='cce')", cce)
-    timed("masked_ce", "Liger fused linear CE", liger)
+    timed("masked_ce", "CCE (impl='cce')", lambda: _gathered_ce(x, cce_loss()))
+    timed("masked_ce", "CCE (impl='cce', filter_eps=None)", lambda: _gathered_ce(x, cce_loss(None)))
+    timed("masked_ce", "Liger fused linear CE", lambda: _gathered_ce(x, liger_loss()))
+    for name, make in (("CCE (filter_eps=None)", lambda: cce_loss(None)), ("Liger fused linear CE", liger_loss)):
+        report.check("correctness", f"masked_ce agrees with {name}", lambda make=make: _agrees_with_peer(x, make, dev))
 
     B, S, Hh, D = plan.bench_attn
     q, k, v, _ = attn_inputs(B, S, Hh, Hh, D, torch.bfloat16, dev)
@@ -811,6 +873,9 @@ def timings(report: Report, plan: Plan) -> dict:
 
     timed("attention", "vrpo triton", lambda: attention_fn(
         lambda a, b, c: bidirectional_attention(a, b, c, one_segment, impl="triton")), peer=False)
+    packed = attn_inputs(B, S, Hh, Hh, D, torch.bfloat16, dev)[3]
+    timed("attention", "vrpo triton, packed segments", lambda: attention_fn(
+        lambda a, b, c: bidirectional_attention(a, b, c, packed, impl="triton")), peer=False)
 
     def flash():
         from benchmarks.kernels import flash_attn_forward

@@ -18,10 +18,10 @@ def test_dry_run_passes_and_writes_the_report(tmp_path):
     assert "**FAIL**" not in text
     # Every plan item ran: each masked-CE case and dtype with and without a bias, each attention case.
     plan = gpu_check.DRY_PLAN
-    # + the -inf bias and forward-only cases, the multi-chunk ones, 64-bit offsets, autocast, cuda:1.
+    # + the -inf bias and forward-only cases, the multi-chunk ones, 64-bit offsets, autocast, cuda:1, GEMM forms.
     assert text.count("| correctness | masked_linear_ce ") == (
-        len(plan.ce_cases) * len(plan.ce_dtypes) * 2 + 2 + len(plan.ce_multi_chunk) + 3)
-    assert "3 chunks: out" in text and "softmax part" in text
+        len(plan.ce_cases) * len(plan.ce_dtypes) * 2 + 2 + len(plan.ce_multi_chunk) + 4)
+    assert "3 chunks: out" in text and "softmax part" in text and "passed: upcast, scratch16_add, upcast_add" in text
     assert text.count("| correctness | attention ") == (
         len(plan.attn_head_dims) * len(plan.attn_groups) * len(plan.attn_lengths))
     assert "| masked_ce | vrpo triton |" in text and "| attention | vrpo triton |" in text

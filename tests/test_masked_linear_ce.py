@@ -647,15 +647,17 @@ def _measure(dtype, weight_dtype, budget, N=64, n=48, H=32, V=700):
 ], ids=["bf16-chunks", "autocast-fp32-master", "fp32-one-chunk"])
 def test_working_set_matches_allocated_bytes(dtype, weight_dtype, budget):
     """working_set_bytes (what vrpo.plan adds for the head) against the bytes the op actually allocates
-    on the CPU: an upper bound, within 10%. N = 64 rows, 48 selected, H = 32, V = 700."""
+    on the CPU: an upper bound, within 10% plus its small terms. N = 64 rows, 48 selected, H = 32, V = 700."""
     N, n, H, V = 64, 48, 32, 700
     tracker = _measure(dtype, weight_dtype, budget)
     splits = triton_path.vocab_split(-(-n // 16), -(-V // 32), triton_path.wave_slots(torch.device("cpu"), dtype))[0]
-    predicted = memory.working_set_bytes(
+    ws = memory.working_set_bytes(
         N, n, H, V, dtype, weight_dtype=weight_dtype, hidden_dtype=torch.float32 if weight_dtype != dtype else dtype,
         max_buffer_bytes=budget, strategy=gemm.strategy_for(torch.device("cpu"), torch.bfloat16), splits=splits,
-    ).total
-    assert tracker.peak <= predicted <= 1.1 * tracker.peak, (tracker.peak, predicted)
+    )
+    # The O(N + n + splits n) terms (outputs, the forward's per-split partials) may or may not be alive at
+    # the peak: Triton 3.9's interpreter holds its last launch's arguments, 3.2's does not.
+    assert tracker.peak <= ws.total <= 1.1 * tracker.peak + ws.small, (tracker.peak, ws)
 
 
 @pytest.mark.interpreter
