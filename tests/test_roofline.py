@@ -141,3 +141,16 @@ def test_bad_shape_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         roofline.main(["--shape", "4096,4096"])
     assert "--shape takes 3 positive integers" in capsys.readouterr().err
+
+
+def test_expected_time_of_a_launch():
+    """expected = max(FLOPs / (peak x efficiency), bytes / (bandwidth x 90%)) x wave quantization: a
+    cuBLAS GEMM of 133 output tiles (128 x 256) on 132 SMs runs 2 waves for 133 tiles' work."""
+    m, n, k = 133 * 128, 256, 4096
+    launch = roofline.gemm_launch("g", m, n, k, BF16, BF16, BF16, sms=132)
+    assert launch.quantization == pytest.approx(264 / 133)
+    compute = 2 * m * n * k / (H100.bf16_flops * EFFICIENCY["cublas"])
+    memory = (m * k + k * n + m * n) * BF16 / (H100.bandwidth * EFFICIENCY["hbm"])
+    assert launch.expected_seconds(H100) == pytest.approx(max(compute, memory) * 264 / 133)
+    assert launch.seconds(H100) == pytest.approx(max(2 * m * n * k / H100.bf16_flops,
+                                                     (m * k + k * n + m * n) * BF16 / H100.bandwidth))
