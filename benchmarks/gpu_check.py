@@ -347,6 +347,10 @@ class CERef:
     max_abs_logit_terms: float
 
 
+def _zeros_or_none(t):
+    return torch.zeros_like(t) if t is not None else None
+
+
 def ce_reference(x, rows=None, rows_per_chunk=128) -> CERef:
     """float64 output and gradients on ``rows`` (default the selected rows), row chunk by row chunk:
     never [N, V]."""
@@ -354,8 +358,7 @@ def ce_reference(x, rows=None, rows_per_chunk=128) -> CERef:
     b = x["bias"].double() if x["bias"] is not None else None
     hW_abs, h_abs = W.abs(), h.abs()
     out = torch.zeros(h.shape[0], dtype=torch.float64, device=h.device)
-    zeros = (lambda t: torch.zeros_like(t) if t is not None else None)
-    grads, soft, abs_dz, abs_soft = ([zeros(h), zeros(W), zeros(b)] for _ in range(4))
+    grads, soft, abs_dz, abs_soft = ([torch.zeros_like(h), torch.zeros_like(W), _zeros_or_none(b)] for _ in range(4))
     rows = x["rows"] if rows is None else rows
     max_terms = 0.0
     for i in range(0, rows.numel(), rows_per_chunk):
@@ -789,7 +792,8 @@ def _agrees_with_peer(x, make_loss, dev) -> str:
     ours = ce_run(x, "triton")
     rows = x["rows"]
     errs = []
-    for name, a, b in (("out", peer[0], ours[0][rows]), ("d_hidden", peer[1], ours[1][rows]), ("d_weight", peer[2], ours[2])):
+    pairs = (("out", peer[0], ours[0][rows]), ("d_hidden", peer[1], ours[1][rows]), ("d_weight", peer[2], ours[2]))
+    for name, a, b in pairs:
         err = _rel_err(a, b)
         if not err <= 2 * _ERROR_UNITS * _ROUNDOFF[torch.bfloat16]:
             raise AssertionError(f"{name}: relative max difference {err:.2e}")

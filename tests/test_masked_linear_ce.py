@@ -494,7 +494,8 @@ def test_gemm_forms_at_the_backward_call_shapes(dtype):
         ref = h.double() @ W.double().T
         assert ((z.double() - ref).abs() <= 2**-24 * H * (h.double().abs() @ W.double().abs().T)).all(), kind
     for kind in CPU_ACCUMULATES:
-        acc, ref, scale = torch.zeros(n, H), torch.zeros(n, H, dtype=torch.float64), torch.zeros(n, H, dtype=torch.float64)
+        acc = torch.zeros(n, H)
+        ref, scale = torch.zeros(n, H, dtype=torch.float64), torch.zeros(n, H, dtype=torch.float64)
         for v0 in range(0, V, C):
             w = W[v0:v0 + C]
             buf = torch.randn(n * w.shape[0], generator=g)
@@ -528,7 +529,8 @@ def test_gemm_detection_refuses_what_this_torch_lacks(monkeypatch, caplog):
     monkeypatch.setattr(gemm, "accumulate", wrong_scratch16)
     assert gemm.detect(torch.device("cpu"), torch.bfloat16).accumulate == "upcast_add"
     monkeypatch.setattr(gemm, "_CHOSEN", {})
-    assert gemm.strategy_for(torch.device("cpu"), torch.bfloat16) is gemm.strategy_for(torch.device("cpu"), torch.bfloat16)
+    cpu = torch.device("cpu")
+    assert gemm.strategy_for(cpu, torch.bfloat16) is gemm.strategy_for(cpu, torch.bfloat16)  # probed once
     with pytest.raises(ValueError, match="not one of"):
         gemm.product("mm", torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1))
 
