@@ -93,7 +93,7 @@ GPU_PLAN = Plan(
     ce_cases=((1, 1, 4096, 126464), (1000, 300, 4096, 126464), (37, 37, 4095, 50257), (5000, 5000, 64, 7)),
     ce_dtypes=(torch.bfloat16, torch.float16, torch.float32),
     ce_forward_only=(65536, 4096, 126464, 512),
-    # 4000 rows at the default budget: 67,072 columns, 2 chunks; a 64 MiB budget: 4096 columns, 31 chunks.
+    # 4000 rows at the default budget: 67,072 columns, 2 chunks; 2500 rows at 64 MiB: 6,656 columns, 19 chunks.
     ce_multi_chunk=((5000, 4000, 4096, 126464, None), (3000, 2500, 4096, 126464, 64 << 20)),
     ce_offsets_64=(524288, 4096, 126464, 256),
     ce_autocast=(1000, 700, 4096, 126464),
