@@ -670,3 +670,19 @@ def test_multi_chunk_bf16_backward_holds_no_fp32_head_sized_tensor():
     V, H = 700, 32
     tracker = _measure(torch.bfloat16, torch.bfloat16, 4 * 48 * 128)
     assert max(tracker.sizes) < 4 * V * H, sorted(tracker.sizes)[-3:]
+
+
+def test_working_set_at_lladas_head_and_what_a_planner_adds():
+    """At LLaDA's head (H = 4096, V = 126,464), 4096 selected rows, the default 1 GiB budget: two
+    vocabulary chunks, so the fp32 d_hidden accumulator (64 MiB) and no [V, H] fp32 one; ``transient``
+    leaves out weight.grad when the op's own d_weight becomes it (a bf16 head), not when autocast's cast
+    makes it afterwards (an fp32 master: the bf16 cast of the head and d_weight are then transients)."""
+    n, N, H, V = 4096, 8192, 4096, 126464
+    bf16 = memory.working_set_bytes(N, n, H, V, torch.bfloat16)
+    assert bf16.buffer == 4 * n * 65536 <= 1 << 30
+    assert bf16.accumulators >= 4 * n * H and bf16.total < (1 << 30) + 2 * V * H + (1 << 29)
+    assert bf16.total - bf16.transient == V * H * 2
+    master = memory.working_set_bytes(N, n, H, V, torch.bfloat16, weight_dtype=torch.float32)
+    assert master.param_grads == V * H * 4 and master.transient >= (1 << 30) + 2 * V * H * 2
+    frozen = memory.working_set_bytes(N, n, H, V, torch.bfloat16, weight_grad=False)
+    assert frozen.total == frozen.transient < bf16.total - V * H * 2 + 1

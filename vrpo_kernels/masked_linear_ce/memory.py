@@ -33,6 +33,7 @@ class WorkingSet:
     after: int  # d_weight (and d_bias) cast to the head's own dtype (autocast), d_hidden scattered to [N, H]
     small: int  # outputs [N], per-row and per-split statistics
     param_grads: int  # the bytes that become weight.grad / bias.grad (in the head's own dtype)
+    cast_grads: bool  # True: param_grads are made after the op (part of ``after``); else they are in ``grads``
 
     @property
     def total(self) -> int:
@@ -41,14 +42,17 @@ class WorkingSet:
 
     @property
     def transient(self) -> int:
-        """``total`` less the head's parameter gradients in its own dtype (``weight.grad``, ``bias.grad``),
-        which a planner counts with the other gradients."""
-        return self.total - self.param_grads
+        """The peak without the head's parameter gradients in its own dtype (``weight.grad``,
+        ``bias.grad``), which a planner counts with the other gradients: what the op adds on top."""
+        during = self.saved + self.buffer + self.accumulators + self.grads
+        if not self.cast_grads:
+            during -= self.param_grads
+        return max(during, self.grads + self.after - self.param_grads) + self.small
 
 
 def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dtype: torch.dtype, *,
                       weight_dtype: torch.dtype | None = None, hidden_dtype: torch.dtype | None = None,
-                      bias: bool = False,
+                      bias: bool = False, weight_grad: bool = True,
                       max_buffer_bytes: int | None = None, strategy: gemm.GemmStrategy | None = None,
                       splits: int = 1) -> WorkingSet:
     """Peak bytes of one forward + backward of ``masked_linear_ce(impl="triton")`` with gradients for
@@ -57,7 +61,7 @@ def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dty
     n_rows: N, the rows of ``hidden``; n_selected: rows the mask selects; hidden: H; vocab: V; dtype:
     the compute dtype (the weight's, or the autocast dtype); weight_dtype: the head's own dtype
     (default ``dtype``; fp32 under autocast adds its cast); hidden_dtype: the hidden states' own dtype
-    (default ``dtype``); strategy: the backward's GEMM forms (default
+    (default ``dtype``); weight_grad: False for a frozen head (LoRA: no d_weight, d_bias); strategy: the backward's GEMM forms (default
     the forms every torch has, "upcast" and "scratch16_add"); splits: the forward's vocabulary splits
     (:func:`vrpo_kernels.masked_linear_ce.triton_path.gpu_vocab_split` gives them for a GPU).
     """
@@ -71,7 +75,7 @@ def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dty
     saved = n * H * es + casts + 4 * n + 8 * n + 8 * n  # h, weight/bias casts, lse, targets, row index
     buffer = 4 * n * min(cols, V)
     accumulators = 4 * n  # the incoming gradient as fp32
-    if bias:
+    if bias and weight_grad:
         accumulators += 4 * V + 4 * cols  # fp32 d_bias and one chunk's column sum
     if chunks > 1 and dtype != torch.float32:
         strategy = strategy or gemm.GemmStrategy("upcast", "scratch16_add")
@@ -82,10 +86,11 @@ def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dty
     elif chunks > 1:
         accumulators += 4 * n * H
     eh = ELEMENT_BYTES[hidden_dtype or dtype]
-    head_grads = V * H * es + (V * es if bias else 0)
+    head_grads = (V * H * es + (V * es if bias else 0)) if weight_grad else 0
     grads = n * H * es + head_grads
-    master = (V * H + (V if bias else 0)) * ELEMENT_BYTES[weight_dtype] if weight_dtype != dtype else 0
+    master = (V * H + (V if bias else 0)) * ELEMENT_BYTES[weight_dtype] if weight_dtype != dtype and weight_grad else 0
     # d_hidden back to the hidden's dtype (when it differs), then scattered: new_zeros + index_put.
     after = master + (n * H * eh if eh != es or (hidden_dtype or dtype) != dtype else 0) + 2 * N * H * eh
     small = 4 * N * 3 + 4 * 3 * splits * n
-    return WorkingSet(saved, buffer, accumulators, grads, after, small, param_grads=master or head_grads)
+    return WorkingSet(saved, buffer, accumulators, grads, after, small, param_grads=master or head_grads,
+                      cast_grads=master > 0)
