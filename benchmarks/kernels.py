@@ -243,7 +243,7 @@ def cpu_isa() -> tuple[str, str]:
 def gemm_gflops(rows: int = 1024, hidden: int = 256, vocab: int = 16384, repeats: int = 3) -> dict[str, float]:
     """fp32 GFLOP/s of oneDNN's GEMM and torch.mm at a masked-CE chunk's shape ([rows, hidden] x
     [hidden, vocab]), best of ``repeats`` interleaved; oneDNN is absent where this torch has none."""
-    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
+    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce.torch_path")
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(vocab, hidden, generator=g), torch.randn(rows, hidden, generator=g)
     runs = {"torch.mm": lambda: w @ x.T}
@@ -269,7 +269,7 @@ ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MK
 def cpu_description() -> str:
     """CPU model, ISA (and any ISA cap set in the environment), fp32 GEMM GFLOP/s of both GEMMs and the
     one masked_linear_ce's probe chose."""
-    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
+    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce.torch_path")
     model, isa = cpu_isa()
     caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
     if caps:

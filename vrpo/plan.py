@@ -26,6 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vrpo_kernels.gpus import GPUS
+from vrpo_kernels.masked_linear_ce import working_set_bytes
+from vrpo_kernels.masked_linear_ce.triton_path import gpu_vocab_split
+
 from .files import read_json
 from .models import DTYPES, ModelFamily, family_of, family_of_config
 from .tasks.sort import SORT_TASK
@@ -34,18 +38,6 @@ from .training.config import VRPOConfig, parse_config
 GIB = 1024**3
 
 
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory_gb: float  # as sold (10^9 bytes)
-    bf16_flops: float  # dense bf16 peak, FLOP/s
-
-
-GPUS = {
-    "h100": GPU("H100 SXM 80GB", 80, 989e12),
-    "h200": GPU("H200 SXM 141GB", 141, 989e12),
-    "a100": GPU("A100 SXM 80GB", 80, 312e12),
-}
 DISTRIBUTED = ("ddp", "fsdp", "zero3")
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -78,7 +70,8 @@ def meta_model(cfg: VRPOConfig) -> tuple[nn.Module, ModelFamily]:
     config = family.to_hf_config(raw, source=source) if native else family.config_class(**_hf_fields(raw))
     with torch.device("meta"):
         model = family.model_class(config)
-    stored = DTYPES.get(str(raw.get("torch_dtype", "float32")), torch.float32)
+    # The config's own dtype, as the family's converter (torch_dtype) or transformers (dtype, torch_dtype) read it.
+    stored = config.dtype if isinstance(config.dtype, torch.dtype) else DTYPES.get(str(config.dtype), torch.float32)
     dtype = stored if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
     return model.to(dtype), family
 
@@ -313,12 +306,15 @@ def activation_memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> dict[
     out["no_ckpt"] = Item("activations, no checkpointing", L * T * a, f"{L} layers x {T:,} tokens x {a:,} B")
     out["ckpt"] = Item("activations, checkpointing", L * T * b * h + T * a + 2 * T * b * h,
                        f"{L} x {T:,} x {b * h:,} B saved + one layer recomputed ({T:,} x {a:,} B) + gradient in flight")
-    head_w = 0 if cfg.use_lora else V * h * (4 + DTYPE_BYTES[facts.base.dtype])
-    buffer = min(rows * V * 4, cfg.head_options().max_buffer_bytes)
-    out["head"] = Item("fused head working set", rows * h * (2 * b + 4) + buffer + head_w,
-                       f"{rows:,} masked rows x h x ({2 * b} + 4) B + fp32 logits buffer min({rows:,} x {V:,} x 4 B, "
-                       f"--ce_max_buffer_mb {cfg.ce_max_buffer_mb}) + fp32 dW accumulator and its cast "
-                       f"({'none: the head is frozen' if cfg.use_lora else f'{V:,} x {h:,}'})")
+    cd = compute_dtype(cfg, facts)
+    budget = cfg.head_options().max_buffer_bytes
+    head = working_set_bytes(T, rows, h, V, cd, weight_dtype=facts.base.dtype, hidden_dtype=cd, bias=False,
+                             weight_grad=not cfg.use_lora, max_buffer_bytes=budget,
+                             splits=gpu_vocab_split(rows, V, cd, setup.gpu)[0])
+    out["head"] = Item("fused head working set", head.transient,
+                       f"vrpo_kernels' working set of masked_linear_ce: {rows:,} masked rows, V = {V:,}, fp32 "
+                       f"logits buffer <= --ce_max_buffer_mb {cfg.ce_max_buffer_mb}, "
+                       f"{'a frozen head (no d_weight)' if cfg.use_lora else 'd_weight in the compute dtype'}")
     out["logits"] = Item("logits the fused head avoids", T * V * b + 2 * rows * V * 4,
                          f"[{T:,}, {V:,}] x {b} B + fp32 log-softmax of the masked rows")
     ref_units = 0

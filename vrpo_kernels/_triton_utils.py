@@ -1,6 +1,6 @@
 """Helpers shared by the Triton kernel files: the launch device, the interpreter's 16-bit dots, and
 the ahead-of-time specification of a kernel configuration (``aot_specs()``, read by
-:mod:`vrpo_kernels.inspect`)."""
+:mod:`tools.aot_report`)."""
 
 from __future__ import annotations
 

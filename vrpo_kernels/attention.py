@@ -771,7 +771,7 @@ def bidirectional_attention(q, k, v, segment_ids=None, scale=None, impl="auto"):
 
 
 # --------------------------------------------------------------------------------------------------
-# Ahead-of-time inspection (python -m vrpo_kernels.inspect)
+# Ahead-of-time inspection (python -m tools.aot_report)
 # --------------------------------------------------------------------------------------------------
 
 _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every kernel configuration for Hopper (sm_90), no GPU needed.
 
-Runs ``python -m vrpo_kernels.inspect`` in a fresh process (the real Triton compiler, not the
+Runs ``python -m tools.aot_report`` in a fresh process (the real Triton compiler, not the
 interpreter that conftest switches on) and checks its sm_90 resource report: every configuration
 compiles, spills nothing and fits Hopper's 227 KB of shared memory per block.
 """
@@ -15,12 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vrpo_kernels.inspect import (
-    HOPPER_SHARED_LIMIT,
-    KERNEL_MODULES,
-    bundled_ptxas,
-    collect_specs,
-)
+from tools.aot_report import HOPPER_SHARED_LIMIT, KERNEL_MODULES, bundled_ptxas, collect_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +29,7 @@ def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     run = subprocess.run(
-        [sys.executable, "-m", "vrpo_kernels.inspect"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "tools.aot_report"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     return run
 
@@ -67,7 +62,7 @@ def test_every_configuration_compiles_for_sm90_without_spills(report):
 
 
 def test_ptxas_report_parsing_and_verdicts():
-    from vrpo_kernels.inspect import Report, parse_ptxas
+    from tools.aot_report import Report, parse_ptxas
 
     log = (
         "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
@@ -82,3 +77,23 @@ def test_ptxas_report_parsing_and_verdicts():
     assert not Report("d", error="CompilationError: ...").ok
     with pytest.raises(RuntimeError, match="no register count"):
         parse_ptxas("ptxas fatal   : Unsupported .version 9.4")
+
+
+def test_masked_ce_forward_strided_offsets_are_64_bit():
+    """``rows * stride_h`` and ``cols * stride_w`` of the forward's tiles, compiled for sm_90, are int64
+    pointer offsets: an int32 one wraps once a row's start passes 2^31 elements (n * H >= 2^31: 524,288
+    selected rows at H = 4096 in a no-grad reference forward). The TTIR shows the broadcast row ([M, 1])
+    and column ([1, V]) offsets; the in-tile ``ks`` offsets (< BLOCK_K) may stay int32."""
+    if bundled_ptxas() is None:
+        pytest.skip("triton's NVIDIA backend is absent: cannot compile for sm_90")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tools.aot_report", "--offsets", "--only", "masked_linear_ce.forward"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 8, lines  # 16-bit x2, fp32 TF32 and IEEE, with and without bias
+    for line in lines:
+        name, *offsets = line.split()
+        strided = [o for o in offsets if re.fullmatch(r"(1x\d+|\d+x1):i\d+", o)]
+        assert len(strided) == 2, (name, offsets)
+        assert all(o.endswith(":i64") for o in strided), (name, strided)

@@ -18,18 +18,22 @@ low-precision inputs, upcast to float64, so only the implementation's own roundi
 from __future__ import annotations
 
 import importlib
+import weakref
 from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vrpo.estimator import HeadOptions
 from vrpo_kernels import masked_linear_ce
 
-# The package re-exports the function under the module's name, so fetch the module itself.
-mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")
+# The package re-exports the function under the package's name, so fetch the path modules themselves.
+torch_path = importlib.import_module("vrpo_kernels.masked_linear_ce.torch_path")
+triton_path = importlib.import_module("vrpo_kernels.masked_linear_ce.triton_path")
 
 TOL = {
     torch.float32: dict(out=1e-4, grad=1e-4),
@@ -149,7 +153,7 @@ def test_triton_bfloat16_matches_reference(shape, kw):
 def test_triton_vocab_splits_with_padding_tiles():
     # V = 200 spans 7 tiles of 32 in 4 splits of 2: the last split ends on a tile past V, whose
     # -inf logits must not turn the running logsumexp into NaN.
-    splits, per_split = mlce._vocab_split(1, 7, torch.device("cpu"))
+    splits, per_split = triton_path.vocab_split(1, 7, triton_path.wave_slots(torch.device("cpu"), torch.float32))
     assert (splits, per_split) == (4, 2)
     check("triton", torch.float32, 5, 9, 200)
 
@@ -157,39 +161,39 @@ def test_triton_vocab_splits_with_padding_tiles():
 @pytest.mark.parametrize("gemm", ["onednn", "mm"])
 @pytest.mark.parametrize("keep", [True, False], ids=["kept-logits", "recomputed"])
 def test_torch_path_across_row_and_vocab_chunks(monkeypatch, gemm, keep):
-    if gemm == "onednn" and not mlce._onednn_agrees():
+    if gemm == "onednn" and not torch_path._onednn_agrees():
         pytest.skip("this torch build has no oneDNN fp32 GEMM; the torch.mm case covers the path")
-    monkeypatch.setattr(mlce, "_CPU_GEMM", gemm)
-    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
-    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
-    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", 15 * 256)
-    assert mlce._chunks(15, 700, 1 << 30) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
-    assert mlce._chunks(15, 700, 1 << 30, all_rows=True) == (15, 256)  # kept: all rows, 3 vocab chunks
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", gemm)
+    monkeypatch.setattr(torch_path, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(torch_path, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(torch_path, "_KEPT_CHUNK_ELEMS", 15 * 256)
+    assert torch_path._chunks(15, 700, 1 << 30) == (4, 256)  # 4 row chunks x 3 vocab chunks, both ragged
+    assert torch_path._chunks(15, 700, 1 << 30, all_rows=True) == (15, 256)  # kept: all rows, 3 vocab chunks
     # 15 rows x 700 vocab fp32 = 42,000 bytes: kept within 1 MB, recomputed under 40,000 bytes.
     budget = (1 << 20) if keep else 40_000
-    assert mlce._keeps_logits(15, 700, budget) is keep
+    assert torch_path._keeps_logits(15, 700, budget) is keep
     for dtype in (torch.float32, torch.bfloat16):
         for bias in (True, False):
             check("torch", dtype, 15, 11, 700, bias=bias, max_buffer_bytes=budget)
 
 
 def test_cpu_gemm_probe_is_cached_and_logs_a_lost_fast_path(monkeypatch, caplog):
-    monkeypatch.setattr(mlce, "_CPU_GEMM", None)
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.delenv("VRPO_CPU_GEMM", raising=False)
-    first = mlce._cpu_gemm()
-    assert first in ("onednn", "mm") and mlce._cpu_gemm() is first
-    monkeypatch.setattr(mlce, "_CPU_GEMM", None)
+    first = torch_path._cpu_gemm()
+    assert first in ("onednn", "mm") and torch_path._cpu_gemm() is first
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.setenv("VRPO_CPU_GEMM", "mm")
-    assert mlce._cpu_gemm() == "mm"
+    assert torch_path._cpu_gemm() == "mm"
 
     def broken():
         raise RuntimeError("no mkldnn")
 
-    monkeypatch.setattr(mlce, "_CPU_GEMM", None)
+    monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.setenv("VRPO_CPU_GEMM", "onednn")
-    monkeypatch.setattr(mlce, "_onednn_agrees", broken)
-    with caplog.at_level("WARNING", logger="vrpo_kernels.masked_linear_ce"):
-        assert mlce._cpu_gemm() == "mm"
+    monkeypatch.setattr(torch_path, "_onednn_agrees", broken)
+    with caplog.at_level("WARNING", logger="vrpo_kernels.masked_linear_ce.torch_path"):
+        assert torch_path._cpu_gemm() == "mm"
     assert "oneDNN" in caplog.text and "no mkldnn" in caplog.text
 
 
@@ -228,9 +232,9 @@ def test_torch_random_shapes(N, H, V, dtype, bias, select, seed, path, small):
     # a 1-byte budget forces the streamed path. small: 256-vocab chunks (3 rows each when recomputed),
     # so the online logsumexp and the accumulation across chunks run on these small shapes too.
     budget = None if path == "kept" else 1
-    with mock.patch.object(mlce, "_MAX_CHUNK_ROWS", 3 if small else mlce._MAX_CHUNK_ROWS), \
-            mock.patch.object(mlce, "_CHUNK_ELEMS", 3 * 256 if small else mlce._CHUNK_ELEMS), \
-            mock.patch.object(mlce, "_KEPT_CHUNK_ELEMS", N * 256 if small else mlce._KEPT_CHUNK_ELEMS):
+    with mock.patch.object(torch_path, "_MAX_CHUNK_ROWS", 3 if small else torch_path._MAX_CHUNK_ROWS), \
+            mock.patch.object(torch_path, "_CHUNK_ELEMS", 3 * 256 if small else torch_path._CHUNK_ELEMS), \
+            mock.patch.object(torch_path, "_KEPT_CHUNK_ELEMS", N * 256 if small else torch_path._KEPT_CHUNK_ELEMS):
         check("torch", dtype, N, H, V, bias=bias, select=select, seed=seed, max_buffer_bytes=budget)
 
 
@@ -385,9 +389,9 @@ def test_elbo_through_the_triton_kernel_matches_generic_path():
 
 def _small_chunks(monkeypatch, n_rows):
     """256-vocab chunks on the torch path, 4 rows each when recomputed, all ``n_rows`` when kept."""
-    monkeypatch.setattr(mlce, "_MAX_CHUNK_ROWS", 4)
-    monkeypatch.setattr(mlce, "_CHUNK_ELEMS", 4 * 256)
-    monkeypatch.setattr(mlce, "_KEPT_CHUNK_ELEMS", n_rows * 256)
+    monkeypatch.setattr(torch_path, "_MAX_CHUNK_ROWS", 4)
+    monkeypatch.setattr(torch_path, "_CHUNK_ELEMS", 4 * 256)
+    monkeypatch.setattr(torch_path, "_KEPT_CHUNK_ELEMS", n_rows * 256)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -425,7 +429,7 @@ def test_deterministic(impl):
     assert torch.equal(out1, out2)
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
     if impl == "triton":
-        atomics = re.findall(r"\btl\.atomic_\w+\(", inspect.getsource(mlce))
+        atomics = re.findall(r"\btl\.atomic_\w+\(", inspect.getsource(triton_path))
         assert not atomics, f"a kernel accumulates with atomics: {atomics}"
 
 
@@ -461,3 +465,225 @@ def test_torch_path_deterministic_with_threads_and_shared_targets(budget):
     for out, grads in rest:
         assert torch.equal(out, out1)
         assert all(torch.equal(a, b) for a, b in zip(grads, g1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The backward's GEMM forms (vrpo_kernels.masked_linear_ce.gemm), driven on the CPU
+# --------------------------------------------------------------------------------------------------
+
+gemm = importlib.import_module("vrpo_kernels.masked_linear_ce.gemm")
+# The forms this CPU torch runs (the out_dtype overloads are CUDA-only in every torch so far).
+CPU_PRODUCTS = ("upcast",)
+CPU_ACCUMULATES = ("scratch16_add", "upcast_add")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_forms_at_the_backward_call_shapes(dtype):
+    """Each form against float64 on the layouts the backward passes: the logits product h [n, H] @
+    W[chunk].T into a view of the fp32 buffer, and the d_hidden accumulation of dz (a 16-bit view of the
+    buffer, row stride 2C) @ W[chunk] into fp32, over three chunks. Bound: fp32 accumulation (2^-24 * K
+    per step, relative to sum |a||b|), plus for scratch16_add one rounding of each chunk's partial to
+    the 16-bit dtype (u * sum over the chunk of |a||b|)."""
+    n, H, V, C = 37, 300, 5000, 2048  # 3 chunks, the last ragged; V > UPCAST_COLS: "upcast" runs 2 blocks
+    assert V > gemm.UPCAST_COLS
+    g = torch.Generator().manual_seed(1)
+    h, W = torch.randn(n, H, generator=g).to(dtype), (torch.randn(V, H, generator=g) / 8).to(dtype)
+    u = torch.finfo(dtype).eps / 2
+    for kind in CPU_PRODUCTS:
+        z = torch.full((n * V + 7,), float("nan"))[: n * V].view(n, V)
+        gemm.product(kind, h, W.T, z)
+        ref = h.double() @ W.double().T
+        assert ((z.double() - ref).abs() <= 2**-24 * H * (h.double().abs() @ W.double().abs().T)).all(), kind
+    for kind in CPU_ACCUMULATES:
+        acc = torch.zeros(n, H)
+        ref, scale = torch.zeros(n, H, dtype=torch.float64), torch.zeros(n, H, dtype=torch.float64)
+        for v0 in range(0, V, C):
+            w = W[v0:v0 + C]
+            buf = torch.randn(n * w.shape[0], generator=g)
+            dz = buf.view(n, w.shape[0]).view(dtype)[:, : w.shape[0]]  # real layout: stride 2C
+            dz.copy_(torch.randn(n, w.shape[0], generator=g).to(dtype))
+            gemm.accumulate(kind, dz, w, acc)
+            ref += dz.double() @ w.double()
+            scale += dz.double().abs() @ w.double().abs()
+        chunk_rounding = u if kind == "scratch16_add" else 0.0
+        bound = (2**-24 * V + chunk_rounding) * scale + 2**-24 * ref.abs()
+        assert ((acc.double() - ref).abs() <= bound).all(), kind
+
+
+def test_gemm_detection_refuses_what_this_torch_lacks(monkeypatch, caplog):
+    """Feature detection, not version strings: on this CPU torch the out_dtype overloads raise, so the
+    probe falls back, logs its choice at INFO, and the chosen forms agree with float64. A torch whose
+    forms disagree (a broken overload) is refused too."""
+    for dtype in (torch.bfloat16, torch.float16):
+        with caplog.at_level("INFO", logger="vrpo_kernels.masked_linear_ce.gemm"):
+            chosen = gemm.detect(torch.device("cpu"), dtype)
+        assert chosen == gemm.GemmStrategy("upcast", "scratch16_add")
+        assert "out_dtype" in caplog.text and "refused" in caplog.text
+    real = gemm.accumulate
+
+    def wrong_scratch16(kind, a, b, out):
+        if kind == "scratch16_add":  # a form that silently drops the accumulator
+            out.copy_(a @ b)
+        else:
+            real(kind, a, b, out)
+
+    monkeypatch.setattr(gemm, "accumulate", wrong_scratch16)
+    assert gemm.detect(torch.device("cpu"), torch.bfloat16).accumulate == "upcast_add"
+    monkeypatch.setattr(gemm, "_CHOSEN", {})
+    cpu = torch.device("cpu")
+    assert gemm.strategy_for(cpu, torch.bfloat16) is gemm.strategy_for(cpu, torch.bfloat16)  # probed once
+    with pytest.raises(ValueError, match="not one of"):
+        gemm.product("mm", torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("product", CPU_PRODUCTS)
+@pytest.mark.parametrize("accumulate", CPU_ACCUMULATES)
+def test_triton_backward_each_gemm_form_across_vocab_chunks(monkeypatch, product, accumulate):
+    """The whole op with each GEMM form forced, bf16, a budget of 128 columns x 9 rows: V = 300 runs in
+    three vocabulary chunks (128, 128, 44), so d_hidden accumulates in fp32 across chunks. Bound: the
+    bf16 one above (3u) plus one rounding of each chunk's d_hidden partial for scratch16_add (u/2)."""
+    monkeypatch.setattr(gemm, "_CHOSEN", {("cpu", torch.bfloat16): gemm.GemmStrategy(product, accumulate)})
+    args = make_inputs(9, 19, 300, torch.bfloat16, select=1.0)
+    budget = 4 * 9 * 128
+    assert len(triton_path.vocab_chunks(300, triton_path.grad_chunk_cols(9, 300, budget))) == 3
+    ref_out, ref_grads = reference64(*args)
+    out, grads = run("triton", *args, max_buffer_bytes=budget)
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=1e-4, rtol=1e-4)
+    units = 3.5 if accumulate == "scratch16_add" else 3.0
+    for name, g, r, terms in zip(("hidden", "weight", "bias"), grads, ref_grads, _abs_grad_terms(*args)):
+        err = (g.double() - r).abs()
+        assert (err <= units * BF16_U * terms).all(), f"d_{name}: max error {float(err.max()):.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# TF32 follows torch's setting; the forward grid fills waves
+# --------------------------------------------------------------------------------------------------
+
+
+class _LaunchSpy:
+    """Stands in for a jit kernel: records each launch's keyword arguments and runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.interpreter
+def test_fp32_triton_forward_follows_allow_tf32(monkeypatch):
+    """impl="triton" with fp32 operands must not run TF32 dots while torch.backends.cuda.matmul.allow_tf32
+    is False (torch's own default): the forward's DOT_PRECISION follows the flag."""
+    spy = _LaunchSpy(triton_path._lse_forward_kernel)
+    monkeypatch.setattr(triton_path, "_lse_forward_kernel", spy)
+    args = make_inputs(5, 8, 70, torch.float32, select=1.0)
+    for allowed, want in ((False, "ieee"), (True, "tf32")):
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allowed)
+        assert triton_path.dot_precision(torch.float32) == want
+        run("triton", *args)
+        assert spy.calls[-1]["DOT_PRECISION"] == want
+    assert triton_path.dot_precision(torch.bfloat16) == "tf32"  # 16-bit values are exact in TF32
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: what the op allocates against working_set_bytes (the planner's figure)
+# --------------------------------------------------------------------------------------------------
+
+memory = importlib.import_module("vrpo_kernels.masked_linear_ce.memory")
+
+
+class _Allocations(TorchDispatchMode):
+    """Live bytes of the storages that ops create while the mode is on (never the ``known`` inputs'),
+    freed when the storage dies; ``peak`` is their maximum, ``sizes`` every allocation's bytes."""
+
+    def __init__(self, known):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in known}
+        self.live, self.now, self.peak, self.sizes = {}, 0, 0, []
+
+    def _free(self, ptr):
+        self.now -= self.live.pop(ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self.live and ptr not in self.known:
+                    self.live[ptr] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    self.sizes.append(storage.nbytes())
+                    weakref.finalize(storage, self._free, ptr)
+        return out
+
+
+def _measure(dtype, weight_dtype, budget, N=64, n=48, H=32, V=700):
+    """Peak bytes a forward + backward of impl="triton" allocates (bf16 under autocast when the weight
+    is fp32 and ``dtype`` is 16-bit), and every allocation's size."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=g).to(torch.float32 if weight_dtype != dtype else dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g).to(weight_dtype).requires_grad_()
+    targets, rw = torch.randint(0, V, (N,), generator=g), torch.rand(N, generator=g)
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[:n] = True
+    gemm.strategy_for(torch.device("cpu"), torch.bfloat16)  # the probe's own tensors are not the op's
+    tracker = _Allocations((hidden, weight, targets, rw, mask))
+    with tracker:
+        with torch.autocast("cpu", dtype=dtype, enabled=weight_dtype != dtype):
+            out = masked_linear_ce(hidden, weight, targets, rw, mask, impl="triton", max_buffer_bytes=budget)
+        out.sum().backward()
+    return tracker
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,weight_dtype,budget", [
+    (torch.bfloat16, torch.bfloat16, 4 * 48 * 128),  # 6 vocabulary chunks: the fp32 d_hidden accumulator
+    (torch.bfloat16, torch.float32, 4 * 48 * 128),  # autocast with an fp32 master head: its cast, fp32 grads
+    (torch.float32, torch.float32, None),  # one chunk
+], ids=["bf16-chunks", "autocast-fp32-master", "fp32-one-chunk"])
+def test_working_set_matches_allocated_bytes(dtype, weight_dtype, budget):
+    """working_set_bytes (what vrpo.plan adds for the head) against the bytes the op actually allocates
+    on the CPU: an upper bound, within 10% plus its small terms. N = 64 rows, 48 selected, H = 32, V = 700."""
+    N, n, H, V = 64, 48, 32, 700
+    tracker = _measure(dtype, weight_dtype, budget)
+    splits = triton_path.vocab_split(-(-n // 16), -(-V // 32), triton_path.wave_slots(torch.device("cpu"), dtype))[0]
+    ws = memory.working_set_bytes(
+        N, n, H, V, dtype, weight_dtype=weight_dtype, hidden_dtype=torch.float32 if weight_dtype != dtype else dtype,
+        max_buffer_bytes=budget, strategy=gemm.strategy_for(torch.device("cpu"), torch.bfloat16), splits=splits,
+    )
+    # The O(N + n + splits n) terms (outputs, the forward's per-split partials) may or may not be alive at
+    # the peak: Triton 3.9's interpreter holds its last launch's arguments, 3.2's does not.
+    assert tracker.peak <= ws.total <= 1.1 * tracker.peak + ws.small, (tracker.peak, ws)
+
+
+@pytest.mark.interpreter
+def test_multi_chunk_bf16_backward_holds_no_fp32_head_sized_tensor():
+    """The memory bound of a multi-chunk backward: with a bf16 head (no autocast) nothing [V, H] in fp32
+    is allocated (a row-chunked backward accumulated d_weight in fp32 and cast it at the end: 6 VH bytes
+    beside the buffer, 4.1 GB more than max_buffer_bytes at LLaDA's head)."""
+    V, H = 700, 32
+    tracker = _measure(torch.bfloat16, torch.bfloat16, 4 * 48 * 128)
+    assert max(tracker.sizes) < 4 * V * H, sorted(tracker.sizes)[-3:]
+
+
+def test_working_set_at_lladas_head_and_what_a_planner_adds():
+    """At LLaDA's head (H = 4096, V = 126,464), 4096 selected rows, the default 1 GiB budget: two
+    vocabulary chunks, so the fp32 d_hidden accumulator (64 MiB) and no [V, H] fp32 one; ``transient``
+    leaves out weight.grad when the op's own d_weight becomes it (a bf16 head), not when autocast's cast
+    makes it afterwards (an fp32 master: the bf16 cast of the head and d_weight are then transients)."""
+    n, N, H, V = 4096, 8192, 4096, 126464
+    bf16 = memory.working_set_bytes(N, n, H, V, torch.bfloat16)
+    assert bf16.buffer == 4 * n * 65536 <= 1 << 30
+    assert bf16.accumulators >= 4 * n * H and bf16.total < (1 << 30) + 2 * V * H + (1 << 29)
+    assert bf16.total - bf16.transient == V * H * 2
+    master = memory.working_set_bytes(N, n, H, V, torch.bfloat16, weight_dtype=torch.float32)
+    assert master.param_grads == V * H * 4 and master.transient >= (1 << 30) + 2 * V * H * 2
+    frozen = memory.working_set_bytes(N, n, H, V, torch.bfloat16, weight_grad=False)
+    assert frozen.total == frozen.transient < bf16.total - V * H * 2 + 1

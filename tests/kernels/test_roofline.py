@@ -1,4 +1,4 @@
-"""The cost model (python -m vrpo_kernels.roofline): its FLOP and byte counts against formulas derived
+"""The cost model (python -m tools.roofline): its FLOP and byte counts against formulas derived
 by hand from the kernels' grids, tiles and loops, for two small configurations, and its report."""
 
 from __future__ import annotations
@@ -7,9 +7,11 @@ import re
 
 import pytest
 
-from vrpo_kernels import roofline
+from tools import roofline
+from tools.roofline import EFFICIENCY, attention_launches, masked_ce_launches, wave_quantization
 from vrpo_kernels.attention import sm90_config
-from vrpo_kernels.roofline import GPU, GPUS, attention_launches, masked_ce_launches
+from vrpo_kernels.gpus import GPU, GPUS
+from vrpo_kernels.masked_linear_ce.triton_path import vocab_split
 
 H100 = GPUS["h100"]
 BF16 = 2
@@ -29,37 +31,54 @@ def test_masked_ce_counts_one_wave():
     # 128 x 128 tiles, K in steps of 64: padded M = 3 * 128, padded V = 8 * 128.
     assert fwd.flops == 2 * (3 * 128) * (8 * 128) * 64
     assert fwd.bytes == n * H * BF16 + V * H * BF16 + n * 8 + 3 * 4 * n * 8  # h, W, targets; 3 partials x 8 splits
-    tag = "ce bwd chunk 1/1 (300 rows)"
+    tag = "ce bwd chunk 1/1 (1000 columns)"
     gemm = 2 * n * H * V
     assert names[f"{tag}: logits = h W^T"].flops == gemm
     assert names[f"{tag}: logits = h W^T"].bytes == n * H * BF16 + V * H * BF16 + n * V * 4
     assert names[f"{tag}: _softmax_grad_kernel"].flops == 0
     assert names[f"{tag}: _softmax_grad_kernel"].bytes == n * V * 4 + n * (8 + 4 + 4) + n * V * BF16
-    assert names[f"{tag}: dH = dz W"].bytes == n * V * BF16 + V * H * BF16 + n * H * BF16
-    # One chunk: d_weight written once, directly in bf16 (no fp32 accumulator, no final cast).
-    assert names[f"{tag}: dW (+)= dz^T h"].bytes == n * V * BF16 + n * H * BF16 + V * H * BF16
+    assert names[f"{tag}: dW[chunk] = dz^T h"].bytes == n * V * BF16 + n * H * BF16 + V * H * BF16
+    # One chunk: d_hidden written once, directly in bf16 (no fp32 accumulator, no final cast).
+    assert names[f"{tag}: dH (+)= dz W[chunk]"].bytes == n * V * BF16 + V * H * BF16 + n * H * BF16
     assert sum(x.flops for x in launches) == fwd.flops + 3 * gemm
-    assert "ce bwd: dW fp32 -> compute dtype" not in names
+    assert "ce bwd: dH fp32 -> compute dtype" not in names
 
 
 def test_masked_ce_forward_waves_and_chunks():
-    """Same shape on a 2-SM GPU: 3 splits of 3, 3, 2 vocabulary tiles, waves of 2 programs (row blocks
-    fastest). Enumerating the waves by hand: h rows 256 + 172 + 172 + 256 + 44 = 900, W rows
-    384 + 768 + 384 + 232 + 232 = 2000. A 1 MB budget makes 262-row backward chunks."""
+    """Same shape on a 2-SM GPU: the split that fills whole waves is 2 splits of 4 tiles (6 programs, 3
+    waves: cost 12 tile-times, as 8 x 1 or 4 x 2, with fewer partials). Waves of 2 programs, row blocks
+    fastest, enumerated by hand: h rows 256 + (44 + 128) + 172 = 600, W rows 512 + 1000 + 488 = 2000.
+    A 1 MB budget makes vocabulary chunks of 768 and 232 columns."""
     n, H, V = 300, 64, 1000
-    tiny = GPU("2 SMs", 1e12, 1e9, sms=2)
+    tiny = GPU("2 SMs", 1, 2, 1e12, 1e12, 1e12, 1e9)
     launches = masked_ce_launches(n, H, V, tiny, max_buffer_bytes=1 << 20)
     names = _by_name(launches)
     fwd = names["ce fwd: _lse_forward_kernel"]
-    assert fwd.grid.startswith("(3, 3)")
-    assert fwd.bytes == 900 * (H * BF16 + 8) + 2000 * H * BF16 + 3 * 4 * n * 3
-    rows = (1 << 20) // (4 * V)
-    assert rows == 262
-    first, second = f"ce bwd chunk 1/2 ({rows} rows)", f"ce bwd chunk 2/2 ({n - rows} rows)"
-    # Several chunks: an fp32 accumulator, written by the first GEMM, read and written by the next.
-    assert names[f"{first}: dW (+)= dz^T h"].bytes == rows * V * BF16 + rows * H * BF16 + V * H * 4
-    assert names[f"{second}: dW (+)= dz^T h"].bytes == (n - rows) * (V + H) * BF16 + 2 * V * H * 4
-    assert names["ce bwd: dW fp32 -> compute dtype"].bytes == V * H * (4 + BF16)
+    assert fwd.grid.startswith("(3, 2)")
+    assert fwd.bytes == 600 * (H * BF16 + 8) + 2000 * H * BF16 + 3 * 4 * n * 2
+    assert fwd.quantization == 1.0  # 6 programs in 3 full waves of 2
+    cols = (1 << 20) // (4 * n) // 128 * 128
+    assert cols == 768
+    first, second = f"ce bwd chunk 1/2 ({cols} columns)", f"ce bwd chunk 2/2 ({V - cols} columns)"
+    # Several chunks: d_hidden accumulates in fp32 (read and written by every chunk's GEMM); d_weight's
+    # rows of each chunk are written once, in bf16: no [V, H] fp32 accumulator.
+    assert names[f"{first}: dH (+)= dz W[chunk]"].bytes == n * cols * BF16 + cols * H * BF16 + 2 * n * H * 4
+    assert names[f"{second}: dW[chunk] = dz^T h"].bytes == (V - cols) * n * BF16 + n * H * BF16 + (V - cols) * H * BF16
+    assert names["ce bwd: dH fp32 -> compute dtype"].bytes == n * H * (4 + BF16)
+    assert names["ce bwd: zero the fp32 dH accumulator"].bytes == n * H * 4
+
+
+def test_forward_grid_fills_whole_waves():
+    """LLaDA's head on an H100 (132 SMs, one 16-bit forward block each): 4096 rows are 32 row blocks
+    and 988 vocabulary tiles; 33 splits of 30 tiles give 1056 programs, exactly 8 waves."""
+    assert vocab_split(32, 988, 132) == (33, 30)
+    for m_blocks, tiles, slots in ((32, 988, 132), (7, 988, 132), (1, 988, 264), (3, 8, 2), (40, 3, 132)):
+        splits, per = vocab_split(m_blocks, tiles, slots)
+        assert (splits - 1) * per < tiles <= splits * per  # every split non-empty
+        cost = -(-m_blocks * splits // slots) * per
+        # No other split is faster: the work of m_blocks * tiles tile-programs in whole waves.
+        assert cost == min(-(-m_blocks * -(-tiles // p) // slots) * p for p in range(1, tiles + 1))
+    assert wave_quantization(133, 132) == pytest.approx(264 / 133)
 
 
 def test_attention_counts_gqa():
@@ -108,9 +127,30 @@ def test_report_last_line_and_goals(capsys):
     assert i2 == pytest.approx(14 * 8 * 32 * 4096**2 * 128 / 989e12 * 1e3, rel=1e-3)
     assert r == pytest.approx(p / i, abs=0.01) and r2 == pytest.approx(p2 / i2, abs=0.01)
     assert r <= 1.5 and r2 <= 1.5
+    # The expected times, beside the ideals, from the stated efficiencies: above the roofline totals.
+    e = re.fullmatch(r"masked_ce expected ([\d.]+) ms \(an estimate\) beside ideal ([\d.]+) ms \(a floor\); "
+                     r"attention expected ([\d.]+) ms beside ideal ([\d.]+) ms", out[-2])
+    assert e, out[-2]
+    ce_exp, ce_ideal, at_exp, at_ideal = map(float, e.groups())
+    assert (ce_ideal, at_ideal) == (i, i2)
+    assert ce_exp > p / max(EFFICIENCY.values()) * min(EFFICIENCY.values()) and at_exp >= p2
+    assert any("expected:" in line and "(an estimate" in line for line in out)
 
 
 def test_bad_shape_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         roofline.main(["--shape", "4096,4096"])
     assert "--shape takes 3 positive integers" in capsys.readouterr().err
+
+
+def test_expected_time_of_a_launch():
+    """expected = max(FLOPs / (peak x efficiency), bytes / (bandwidth x 90%)) x wave quantization: a
+    cuBLAS GEMM of 133 output tiles (128 x 256) on 132 SMs runs 2 waves for 133 tiles' work."""
+    m, n, k = 133 * 128, 256, 4096
+    launch = roofline.gemm_launch("g", m, n, k, BF16, BF16, BF16, sms=132)
+    assert launch.quantization == pytest.approx(264 / 133)
+    compute = 2 * m * n * k / (H100.bf16_flops * EFFICIENCY["cublas"])
+    memory = (m * k + k * n + m * n) * BF16 / (H100.bandwidth * EFFICIENCY["hbm"])
+    assert launch.expected_seconds(H100) == pytest.approx(max(compute, memory) * 264 / 133)
+    assert launch.seconds(H100) == pytest.approx(max(2 * m * n * k / H100.bf16_flops,
+                                                     (m * k + k * n + m * n) * BF16 / H100.bandwidth))

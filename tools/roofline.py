@@ -1,81 +1,100 @@
 """A cost model of the GPU kernels, runnable without a GPU.
 
-    python -m vrpo_kernels.roofline [--gpu h100|h200] [--shape N,H,V] [--attn-shape B,S,H,D]
+    python -m tools.roofline [--gpu h100|h200|a100] [--shape N,H,V] [--attn-shape B,S,H,D]
 
 For every kernel launch of the masked linear cross-entropy (forward + backward, N selected rows,
 hidden H, vocabulary V, bf16) and of the attention (forward + backward, B sequences of S tokens, H
-heads of dim D, bf16, one sample per row) it prints the FLOPs, the HBM bytes and the predicted time
-``max(FLOPs / peak, bytes / bandwidth)``, then the ideal floor:
+heads of dim D, bf16, one sample per row) it prints the FLOPs, the HBM bytes, the roofline time
+``max(FLOPs / peak, bytes / bandwidth)`` and an expected time, then two figures per op:
 
-* masked CE: four GEMM-equivalents, ``8 N H V`` FLOPs, at peak (the forward's logits, and in the
-  backward dlogits' two products plus the logits again, or any other schedule: four is the least);
-* attention: seven matmuls of ``2 B H S^2 D`` FLOPs at peak (forward QK^T and PV; backward QK^T
-  again, dV, dP, dQ, dK), FlashAttention-2's count.
+* the ideal, a floor: masked CE ``8 N H V`` FLOPs at peak (the forward's logits, and in the backward
+  dlogits' two products plus the logits again, or any other schedule: four GEMM-equivalents is the
+  least); attention seven matmuls of ``2 B H S^2 D`` FLOPs at peak (FlashAttention-2's count);
+* the expected time, an estimate: each launch at the efficiencies below, times its wave quantization.
+
+Achievable efficiencies (EFFICIENCY; assumptions with public sources, to be replaced by the first GPU
+run's measurements, ``python -m benchmarks.gpu_check``):
+
+* cuBLAS bf16 GEMMs of these sizes: 70% of the dense peak (NVIDIA, "New cuBLAS 12.0 Features and Matrix
+  Multiplication Performance on NVIDIA Hopper GPUs", developer blog, 2023; FlashAttention-3, Shah et
+  al. 2024, arXiv:2407.08608, reaches 75% with a hand-scheduled Hopper kernel, an upper reference);
+* Triton ``tl.dot`` kernels (our forward and attention, no warp specialisation): 35% of peak, what
+  FlashAttention-2 reaches on an H100 (FlashAttention-3 paper, abstract and Sec. 4);
+* HBM traffic: 90% of the datasheet bandwidth (STREAM-copy class kernels on HBM3).
+
+Wave quantization: a launch of P equal programs with S resident slots runs ``ceil(P / S)`` waves, so
+it takes ``ceil(P / S) * S / P`` times its smooth share; cuBLAS GEMMs are counted in output tiles of
+128 x 256 (CUTLASS's large-GEMM Hopper tile) over the SMs.
 
 The counts come from the code that runs: the grids, tiles and loops of the Triton kernels (tile
-sizes read from the kernels' own configurations and launch helpers), and the GEMMs that
+sizes and splits read from the kernels' own configurations and launch helpers), and the GEMMs that
 ``masked_linear_ce``'s backward sends to cuBLAS. The model's assumptions:
 
 * tensor-core FLOPs only (``2 M N K`` per ``tl.dot`` of padded tiles, as launched); softmax
   exponentials and other element-wise work are not counted;
-* a Triton kernel's programs run in launch order in waves of one program per SM (the tuned tiles
-  use 8 warps and most of the register file) -- elementwise kernels without ``tl.dot``: as many as
-  the SM's 64 warps allow; within a wave every distinct row of an operand is read from HBM once
-  (the L2 serves the other programs), nothing is assumed to survive from one wave to the next;
+* a Triton kernel's programs run in launch order in waves of the GPU's resident slots (the forward:
+  :data:`vrpo_kernels.masked_linear_ce.triton_path.FORWARD_BLOCKS_PER_SM` per SM; elementwise kernels
+  without ``tl.dot``: as many as the SM's 64 warps allow); within a wave every distinct row of an
+  operand is read from HBM once (the L2 serves the other programs), nothing survives between waves;
 * a cuBLAS GEMM reads each operand once and writes (or reads and writes, when accumulating) its
   output once;
-* every launch runs at whichever of the two peaks binds, and launches do not overlap.
+* launches do not overlap.
 
-Peaks are public datasheet figures (dense bf16 tensor core FLOP/s, HBM bandwidth).
+Peaks and SM counts: the one GPU table, :mod:`vrpo_kernels.gpus` (public datasheet figures).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import io
 import sys
 from collections.abc import Iterable, Iterator
-from unittest import mock
 
 import torch
 
-
-@dataclasses.dataclass(frozen=True)
-class GPU:
-    name: str
-    peak_flops: float  # dense bf16 tensor-core FLOP/s
-    bandwidth: float  # HBM bytes/s
-    sms: int
-    warps_per_sm: int = 64
-
-
-# NVIDIA's datasheets: H100 SXM5 989 TFLOP/s dense bf16 and 3.35 TB/s HBM3; H200 989 TFLOP/s and
-# 4.8 TB/s HBM3e (same GH100 die, 132 SMs).
-GPUS = {
-    "h100": GPU("H100 SXM", 989e12, 3.35e12, 132),
-    "h200": GPU("H200", 989e12, 4.8e12, 132),
-}
+from vrpo_kernels.attention import _block_d, sm90_config
+from vrpo_kernels.gpus import GPU, GPUS
+from vrpo_kernels.masked_linear_ce import DEFAULT_MAX_BUFFER_BYTES, triton_path
+from vrpo_kernels.masked_linear_ce.common import DTYPE_NAMES
 
 _ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+
+#: Achievable fractions of the peaks (sources in the module docstring).
+EFFICIENCY = {"cublas": 0.70, "triton": 0.35, "hbm": 0.90}
+CUBLAS_TILE = (128, 256)
 
 
 @dataclasses.dataclass
 class Launch:
-    """One kernel launch (or ``count`` identical ones): what it computes and moves."""
+    """One kernel launch (or ``count`` identical ones): what it computes and moves. ``kind``: "cublas",
+    "triton" or "torch" (elementwise); ``quantization``: its wave quantization factor (>= 1)."""
 
     name: str
     flops: float
     bytes: float
     grid: str = ""
     count: int = 1
+    kind: str = "torch"
+    quantization: float = 1.0
 
     def seconds(self, gpu: GPU) -> float:
-        return self.count * max(self.flops / gpu.peak_flops, self.bytes / gpu.bandwidth)
+        """The roofline time at the datasheet peaks."""
+        return self.count * max(self.flops / gpu.bf16_flops, self.bytes / gpu.bandwidth)
+
+    def expected_seconds(self, gpu: GPU) -> float:
+        """The estimate: achievable efficiencies and wave quantization."""
+        compute = self.flops / (gpu.bf16_flops * EFFICIENCY.get(self.kind, 1.0)) if self.flops else 0.0
+        memory = self.bytes / (gpu.bandwidth * EFFICIENCY["hbm"])
+        return self.count * max(compute, memory) * self.quantization
 
     def bound(self, gpu: GPU) -> str:
-        return "compute" if self.flops / gpu.peak_flops >= self.bytes / gpu.bandwidth else "memory"
+        return "compute" if self.flops / gpu.bf16_flops >= self.bytes / gpu.bandwidth else "memory"
+
+
+def wave_quantization(programs: int, slots: int) -> float:
+    """``ceil(P / S) * S / P``: the time of P equal programs in waves of S, over their smooth share."""
+    return -(-programs // slots) * slots / programs if programs else 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +121,7 @@ def _union_length(intervals: list[tuple[int, int]]) -> int:
 
 def triton_launch(name: str, programs: Iterable[Program], per_wave: int, grid: str) -> Launch:
     """A Triton launch from its programs in launch order, with the wave model of the module docstring."""
-    flops = writes = reads = 0
+    flops = writes = reads = count = 0
     wave: dict[tuple, list[tuple[int, int]]] = {}
     row_bytes: dict[tuple, int] = {}
 
@@ -114,6 +133,7 @@ def triton_launch(name: str, programs: Iterable[Program], per_wave: int, grid: s
     for i, prog in enumerate(programs):
         if i and i % per_wave == 0:
             flush()
+        count += 1
         flops += prog.flops
         writes += prog.write_bytes
         for key, lo, hi, nbytes in prog.reads:
@@ -121,14 +141,16 @@ def triton_launch(name: str, programs: Iterable[Program], per_wave: int, grid: s
                 wave.setdefault(key, []).append((lo, hi))
                 row_bytes[key] = nbytes
     flush()
-    return Launch(name, flops, reads + writes, grid)
+    return Launch(name, flops, reads + writes, grid, kind="triton", quantization=wave_quantization(count, per_wave))
 
 
 def gemm_launch(name: str, m: int, n: int, k: int, a_bytes: int, b_bytes: int, out_bytes: int,
-                accumulate: bool = False) -> Launch:
+                accumulate: bool = False, sms: int = 132) -> Launch:
     """cuBLAS ``out[m, n] (+)= a[m, k] @ b[k, n]``; *_bytes are bytes per element."""
     traffic = m * k * a_bytes + k * n * b_bytes + m * n * out_bytes * (2 if accumulate else 1)
-    return Launch(name, 2 * m * n * k, traffic, f"cuBLAS {m}x{n}x{k}")
+    tiles = _cdiv(m, CUBLAS_TILE[0]) * _cdiv(n, CUBLAS_TILE[1])
+    return Launch(name, 2 * m * n * k, traffic, f"cuBLAS {m}x{n}x{k}", kind="cublas",
+                  quantization=wave_quantization(tiles, sms))
 
 
 def elementwise_launch(name: str, nbytes: float) -> Launch:
@@ -148,28 +170,20 @@ def _pad(x: int, block: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _gpu_device_properties(gpu: GPU):
-    """Stands in for ``torch.cuda.get_device_properties`` so that the module's own launch helpers
-    (the vocabulary split) plan for ``gpu`` without one."""
-    return lambda device=None: type("Props", (), {"multi_processor_count": gpu.sms})()
-
-
 def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, bias: bool = False,
                        max_buffer_bytes: int | None = None) -> list[Launch]:
     """The launches of ``masked_linear_ce(impl="triton")`` forward + backward on ``n`` selected rows."""
-    mlce = importlib.import_module("vrpo_kernels.masked_linear_ce")  # the package exports the function
-
     es = _ELEMENT_BYTES[dtype]
     cuda = torch.device("cuda")
-    budget = mlce.DEFAULT_MAX_BUFFER_BYTES if max_buffer_bytes is None else max_buffer_bytes
+    budget = DEFAULT_MAX_BUFFER_BYTES if max_buffer_bytes is None else max_buffer_bytes
     launches = []
 
     # Forward: _lse_forward_kernel, grid (row blocks, vocabulary splits), row blocks fastest.
-    cfg = mlce._config("forward", dtype, cuda)
+    cfg = triton_path._config("forward", dtype, cuda)
     bm, bv, bk = cfg["BLOCK_M"], cfg["BLOCK_V"], cfg["BLOCK_K"]
     m_blocks, n_tiles = _cdiv(n, bm), _cdiv(V, bv)
-    with mock.patch.object(torch.cuda, "get_device_properties", _gpu_device_properties(gpu)):
-        splits, per_split = mlce._vocab_split(m_blocks, n_tiles, cuda)
+    slots = gpu.sms * triton_path.FORWARD_BLOCKS_PER_SM[DTYPE_NAMES[dtype]]
+    splits, per_split = triton_path.vocab_split(m_blocks, n_tiles, slots)
 
     def forward_programs() -> Iterator[Program]:
         for split in range(splits):
@@ -183,44 +197,46 @@ def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, b
                     reads.append((("bias",), v0, v1, es))
                 yield Program(tuple(reads), 3 * 4 * (r1 - r0), 2 * bm * tiles * bv * _pad(H, bk))
 
-    launches.append(triton_launch("ce fwd: _lse_forward_kernel", forward_programs(), gpu.sms,
+    launches.append(triton_launch("ce fwd: _lse_forward_kernel", forward_programs(), slots,
                                   f"({m_blocks}, {splits}) x {cfg['num_warps']} warps"))
     # The splits' partials (3 x [splits, n] fp32) merged by torch: read twice, lse and logp written.
     launches.append(elementwise_launch("ce fwd: merge splits (torch)", 2 * 3 * splits * n * 4 + 2 * n * 4))
 
-    # Backward: chunks of `rows` selected rows, each: logits GEMM (fp32 out), the in-place softmax
-    # gradient pass, dH GEMM, dW GEMM (fp32 accumulator over chunks when there are several).
-    rows = mlce._grad_chunk_rows(n, V, budget)
-    gcfg = mlce._config("softmax_grad", dtype, cuda)
-    chunks = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+    # Backward: chunks of `cols` vocabulary columns, each: logits GEMM (fp32 out), the in-place softmax
+    # gradient pass, dW[chunk] GEMM (written once), dH GEMM (fp32 accumulator when there are several).
+    cols = triton_path.grad_chunk_cols(n, V, budget)
+    chunks = triton_path.vocab_chunks(V, cols)
+    gcfg = triton_path._config("softmax_grad", dtype, cuda)
     one_chunk = len(chunks) == 1
-    for i, (r0, r1) in enumerate(chunks):
-        r = r1 - r0
-        tag = f"ce bwd chunk {i + 1}/{len(chunks)} ({r} rows)"
-        launches.append(gemm_launch(f"{tag}: logits = h W^T", r, V, H, es, es, 4))
+    if not one_chunk:
+        launches.append(elementwise_launch("ce bwd: zero the fp32 dH accumulator", n * H * 4))
+    for i, (v0, v1) in enumerate(chunks):
+        c = v1 - v0
+        tag = f"ce bwd chunk {i + 1}/{len(chunks)} ({c} columns)"
+        launches.append(gemm_launch(f"{tag}: logits = h W^T", n, c, H, es, es, 4, sms=gpu.sms))
 
-        def grad_programs(r=r):
-            for row in range(r):
-                reads = [(("logits",), row, row + 1, V * 4), (("row stats",), row, row + 1, 8 + 4 + 4)]
+        def grad_programs(c=c):
+            for row in range(n):
+                reads = [(("logits",), row, row + 1, c * 4), (("row stats",), row, row + 1, 8 + 4 + 4)]
                 if bias:
-                    reads.append((("bias",), 0, V, es))
-                yield Program(tuple(reads), V * es, 0)
+                    reads.append((("bias",), 0, c, es))
+                yield Program(tuple(reads), c * es, 0)
 
         per_wave = gpu.sms * (gpu.warps_per_sm // gcfg["num_warps"])
         launches.append(triton_launch(f"{tag}: _softmax_grad_kernel", grad_programs(), per_wave,
-                                      f"({r},) x {gcfg['num_warps']} warps"))
-        launches.append(gemm_launch(f"{tag}: dH = dz W", r, H, V, es, es, es))
-        launches.append(gemm_launch(f"{tag}: dW (+)= dz^T h", V, H, r, es, es, es if one_chunk else 4,
-                                    accumulate=i > 0))
+                                      f"({n},) x {gcfg['num_warps']} warps"))
+        launches.append(gemm_launch(f"{tag}: dW[chunk] = dz^T h", c, H, n, es, es, es, sms=gpu.sms))
+        launches.append(gemm_launch(f"{tag}: dH (+)= dz W[chunk]", n, H, c, es, es, es if one_chunk else 4,
+                                    accumulate=not one_chunk, sms=gpu.sms))
         if bias:
-            launches.append(elementwise_launch(f"{tag}: db += dz.sum(0)", r * V * es + 2 * V * 4))
+            launches.append(elementwise_launch(f"{tag}: db[chunk] = dz.sum(0)", n * c * es + c * 4))
     if not one_chunk:
-        launches.append(elementwise_launch("ce bwd: dW fp32 -> compute dtype", V * H * (4 + es)))
+        launches.append(elementwise_launch("ce bwd: dH fp32 -> compute dtype", n * H * (4 + es)))
     return launches
 
 
 def masked_ce_ideal_seconds(n: int, H: int, V: int, gpu: GPU) -> float:
-    return 8 * n * H * V / gpu.peak_flops
+    return 8 * n * H * V / gpu.bf16_flops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,8 +248,6 @@ def attention_launches(B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int
                        dtype=torch.bfloat16) -> list[Launch]:
     """The launches of ``bidirectional_attention(impl="triton")`` forward + backward on Hopper tiles,
     every row one sample (each query block visits every key block)."""
-    from .attention import _block_d, sm90_config
-
     Hkv = n_kv_heads or H
     group = H // Hkv
     es = _ELEMENT_BYTES[dtype]
@@ -302,7 +316,7 @@ def attention_launches(B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int
 
 
 def attention_ideal_seconds(B: int, S: int, H: int, D: int, gpu: GPU) -> float:
-    return 7 * 2 * B * H * S * S * D / gpu.peak_flops
+    return 7 * 2 * B * H * S * S * D / gpu.bf16_flops
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,19 +324,23 @@ def attention_ideal_seconds(B: int, S: int, H: int, D: int, gpu: GPU) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _table(launches: list[Launch], gpu: GPU, out) -> float:
+def _table(launches: list[Launch], gpu: GPU, out) -> tuple[float, float]:
+    """Print one line per launch; returns (roofline seconds, expected seconds) of the total."""
     width = max(len(x.name) for x in launches)
-    print(f"  {'launch':<{width}}  {'grid':<26} {'GFLOP':>10} {'HBM MB':>10} {'ms':>8}  bound", file=out)
-    total = 0.0
+    print(f"  {'launch':<{width}}  {'grid':<26} {'GFLOP':>10} {'HBM MB':>10} {'ms':>8} {'exp. ms':>8} {'waves':>6}  bound",
+          file=out)
+    total = expected = 0.0
     for x in launches:
-        t = x.seconds(gpu)
+        t, e = x.seconds(gpu), x.expected_seconds(gpu)
         total += t
+        expected += e
         print(f"  {x.name:<{width}}  {x.grid:<26} {x.flops * x.count / 1e9:>10.1f} {x.bytes * x.count / 1e6:>10.1f} "
-              f"{t * 1e3:>8.3f}  {x.bound(gpu)}", file=out)
+              f"{t * 1e3:>8.3f} {e * 1e3:>8.3f} {x.quantization:>6.2f}  {x.bound(gpu)}", file=out)
     flops = sum(x.flops * x.count for x in launches)
     nbytes = sum(x.bytes * x.count for x in launches)
-    print(f"  {'total':<{width}}  {'':<26} {flops / 1e9:>10.1f} {nbytes / 1e6:>10.1f} {total * 1e3:>8.3f}", file=out)
-    return total
+    print(f"  {'total':<{width}}  {'':<26} {flops / 1e9:>10.1f} {nbytes / 1e6:>10.1f} {total * 1e3:>8.3f} "
+          f"{expected * 1e3:>8.3f}", file=out)
+    return total, expected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,12 +349,25 @@ class Prediction:
     masked_ce_ideal_s: float
     attention_s: float
     attention_ideal_s: float
+    masked_ce_expected_s: float = 0.0
+    attention_expected_s: float = 0.0
 
     def summary(self) -> str:
         return (f"masked_ce predicted {self.masked_ce_s * 1e3:.2f} ms, ideal {self.masked_ce_ideal_s * 1e3:.2f} ms, "
                 f"ratio {self.masked_ce_s / self.masked_ce_ideal_s:.2f}; attention predicted "
                 f"{self.attention_s * 1e3:.2f} ms, ideal {self.attention_ideal_s * 1e3:.2f} ms, "
                 f"ratio {self.attention_s / self.attention_ideal_s:.2f}")
+
+    def expected_summary(self) -> str:
+        return (f"masked_ce expected {self.masked_ce_expected_s * 1e3:.2f} ms (an estimate) beside ideal "
+                f"{self.masked_ce_ideal_s * 1e3:.2f} ms (a floor); attention expected "
+                f"{self.attention_expected_s * 1e3:.2f} ms beside ideal {self.attention_ideal_s * 1e3:.2f} ms")
+
+
+def _ideal_lines(what: str, ideal: float, expected: float, sink) -> None:
+    print(f"  ideal: {what} at peak = {ideal * 1e3:.3f} ms (a floor)", file=sink)
+    print(f"  expected: {expected * 1e3:.3f} ms (an estimate: cuBLAS {EFFICIENCY['cublas']:.0%}, Triton dots "
+          f"{EFFICIENCY['triton']:.0%} of peak, HBM {EFFICIENCY['hbm']:.0%}, wave quantization)\n", file=sink)
 
 
 def predict(gpu: GPU, ce_shape=(4096, 4096, 126464), attn_shape=(8, 4096, 32, 128), out=None) -> Prediction:
@@ -345,16 +376,15 @@ def predict(gpu: GPU, ce_shape=(4096, 4096, 126464), attn_shape=(8, 4096, 32, 12
     N, H, V = ce_shape
     B, S, Hh, D = attn_shape
     print(f"masked linear CE forward + backward, impl='triton', bf16, N_sel={N}, H={H}, V={V}:", file=sink)
-    ce = _table(masked_ce_launches(N, H, V, gpu), gpu, sink)
+    ce, ce_exp = _table(masked_ce_launches(N, H, V, gpu), gpu, sink)
     ce_ideal = masked_ce_ideal_seconds(N, H, V, gpu)
-    print(f"  ideal: 8*N*H*V = {8 * N * H * V / 1e12:.2f} TFLOP at peak = {ce_ideal * 1e3:.3f} ms\n", file=sink)
+    _ideal_lines(f"8*N*H*V = {8 * N * H * V / 1e12:.2f} TFLOP", ce_ideal, ce_exp, sink)
     print(f"bidirectional attention forward + backward, impl='triton', bf16, {B} x {S} tokens, {Hh} heads, "
           f"head dim {D}:", file=sink)
-    at = _table(attention_launches(B, S, Hh, D, gpu), gpu, sink)
+    at, at_exp = _table(attention_launches(B, S, Hh, D, gpu), gpu, sink)
     at_ideal = attention_ideal_seconds(B, S, Hh, D, gpu)
-    print(f"  ideal: 7 matmuls x 2*B*H*S^2*D = {14 * B * Hh * S * S * D / 1e12:.2f} TFLOP at peak = "
-          f"{at_ideal * 1e3:.3f} ms\n", file=sink)
-    return Prediction(ce, ce_ideal, at, at_ideal)
+    _ideal_lines(f"7 matmuls x 2*B*H*S^2*D = {14 * B * Hh * S * S * D / 1e12:.2f} TFLOP", at_ideal, at_exp, sink)
+    return Prediction(ce, ce_ideal, at, at_ideal, ce_exp, at_exp)
 
 
 def _ints(text: str, n: int, flag: str) -> tuple[int, ...]:
@@ -368,7 +398,7 @@ def _ints(text: str, n: int, flag: str) -> tuple[int, ...]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrpo_kernels.roofline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.roofline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     parser.add_argument("--shape", default="4096,4096,126464", type=lambda s: _ints(s, 3, "--shape"),
                         help="masked CE: selected rows N, hidden H, vocabulary V (default %(default)s)")
@@ -378,9 +408,10 @@ def main(argv=None) -> int:
     if args.attn_shape[3] > 128:
         parser.error(f"--attn-shape: head dim {args.attn_shape[3]} exceeds 128, the largest the kernels support")
     gpu = GPUS[args.gpu]
-    print(f"{gpu.name}: public peaks {gpu.peak_flops / 1e12:.0f} TFLOP/s dense bf16, {gpu.bandwidth / 1e12:.2f} TB/s "
+    print(f"{gpu.name}: public peaks {gpu.bf16_flops / 1e12:.0f} TFLOP/s dense bf16, {gpu.bandwidth / 1e12:.2f} TB/s "
           f"HBM (NVIDIA datasheet), {gpu.sms} SMs; time per launch = max(FLOPs / peak, bytes / bandwidth)\n")
     pred = predict(gpu, args.shape, args.attn_shape, out=sys.stdout)
+    print(pred.expected_summary())
     print(pred.summary())
     return 0
 

@@ -1,6 +1,6 @@
 """Compile every kernel configuration ahead of time for Hopper (sm_90) and report its resources.
 
-    python -m vrpo_kernels.inspect [--only SUBSTRING] [--jobs J]
+    python -m tools.aot_report [--only SUBSTRING] [--jobs J] [--offsets]
 
 No GPU is needed: each configuration is compiled with
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32))``,
@@ -122,6 +122,27 @@ def inspect_one(spec: dict, ptxas: str) -> Report:
     return rep
 
 
+_ADDPTR_RE = re.compile(r"tt\.addptr %[\w#]+, %[\w#]+ : tensor<([\dx]+)x!tt\.ptr<\w+>>, tensor<[\dx]+x(i\d+)>")
+
+
+def compile_ir(spec: dict, stage: str = "ttir") -> str:
+    """The ``stage`` IR ("ttir", "ttgir", "ptx") of one configuration compiled for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(spec["fn"], spec["signature"], spec.get("constexprs"), spec.get("attrs"))
+    compiled = triton.compile(src, target=GPUTarget(*TARGET),
+                              options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    return compiled.asm[stage]
+
+
+def tensor_offset_types(ttir: str) -> list[tuple[str, str]]:
+    """(tensor shape, offset integer type) of every ``tt.addptr`` on a tensor of pointers in ``ttir``:
+    an ``i32`` offset of a [rows, cols] tile wraps once ``rows * stride`` passes 2^31 elements."""
+    return _ADDPTR_RE.findall(ttir)
+
+
 def _inspect_indexed(args):
     index, ptxas = args
     return inspect_one(collect_specs()[index], ptxas)
@@ -167,9 +188,11 @@ def run(only: str | None = None, jobs: int = 1, out=sys.stdout) -> tuple[list[Re
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrpo_kernels.inspect", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.aot_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="inspect only configurations whose name contains this substring")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
+    parser.add_argument("--offsets", action="store_true",
+                        help="instead of resources, print the integer type of every tile pointer offset (TTIR)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler", file=sys.stderr)
@@ -177,6 +200,12 @@ def main(argv=None) -> int:
     # Triton 3.9 warns that its FP-fusion default will change; pin today's default (fusion on), which
     # is what the kernels are launched with, so the report matches the runtime and stays quiet.
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.offsets:
+        for spec in collect_specs():
+            if args.only is None or args.only in spec["name"]:
+                offsets = tensor_offset_types(compile_ir(spec))
+                print(spec["name"], " ".join(f"{shape}:{ty}" for shape, ty in offsets))
+        return 0
     _, code = run(args.only, args.jobs)
     return code
 
