@@ -423,7 +423,7 @@ def _levels_torch(lengths: torch.Tensor, k0, k1, plan) -> tuple[torch.Tensor, to
     t = (num.double() / den).float()
     c, e = _floor_words(plan.t_floor)
     p = t * c + e  # two float32 ops, two roundings (the kernel runs without FMA fusion)
-    return p, 1.0 / p
+    return p, torch.ones_like(p) / p
 
 
 def _position_keys_torch(k0, k1, n: int, width: int) -> torch.Tensor:
@@ -656,7 +656,7 @@ if triton_available():
 # samples, BLOCK_L the row length rounded up to a power of two, at most MAX_BLOCK_L (longer rows are
 # swept in chunks). The interpreter's smaller chunks keep the tests' rows spanning several.
 _KEYED_GPU = dict(TILE=1024, MAX_BLOCK_L=1024, num_warps=4, num_stages=1)
-_KEYED_INTERPRETER = dict(TILE=2048, MAX_BLOCK_L=64, num_warps=4, num_stages=1)
+_KEYED_INTERPRETER = dict(TILE=16384, MAX_BLOCK_L=64, num_warps=4, num_stages=1)
 
 
 def keyed_launch_config(L: int, device: torch.device) -> dict:
