@@ -316,12 +316,12 @@ _INT64_MAX = 2**63 - 1
 def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The high and low 32-bit words of ``a * m``, for int64 ``a`` in [0, 2^32) and ``m < 2^32``.
 
-    ``a * m`` may need 64 bits, past int64; with ``m = m_hi * 2^16 + m_lo`` every partial product
-    stays below 2^49: ``a * m = mid * 2^16 + (a * m_lo mod 2^16)``, ``mid = a * m_hi + (a * m_lo >> 16)``.
+    The product needs up to 64 bits, past int64's 63: it wraps modulo 2^64 (two's complement, as every
+    torch backend's integer multiply does), so its bit pattern is the unsigned product's, and the
+    words are read with an arithmetic shift and a mask (tests check the extremes against Python's ints).
     """
-    lo16 = a * (m & 0xFFFF)
-    mid = a * (m >> 16) + (lo16 >> 16)
-    return mid >> 16, ((mid & 0xFFFF) << 16) | (lo16 & 0xFFFF)
+    p = a * m
+    return (p >> 32).bitwise_and_(_U32), p.bitwise_and_(_U32)
 
 
 def philox4x32_words(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
@@ -329,14 +329,22 @@ def philox4x32_words(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
 
     Random123's round: ``(hi0, lo0) = mulhilo(M0, c0)``, ``(hi1, lo1) = mulhilo(M1, c2)``,
     ``c = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)``; the key is bumped by ``W`` between rounds.
+    Inputs that broadcast (a counter word per position, a key per row) stay small until a round mixes
+    them.
     """
     for r in range(PHILOX_ROUNDS):
         if r:
             k0, k1 = (k0 + _PHILOX_W[0]) & _U32, (k1 + _PHILOX_W[1]) & _U32
         hi0, lo0 = _mulhilo(c0, _PHILOX_M[0])
         hi1, lo1 = _mulhilo(c2, _PHILOX_M[1])
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        c0, c1, c2, c3 = _xor3(hi1, c1, k0), lo1, _xor3(hi0, c3, k1), lo0
     return c0, c1, c2, c3
+
+
+def _xor3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a ^ b ^ c`` with one allocation where ``c`` broadcasts into ``a ^ b``."""
+    x = torch.bitwise_xor(a, b)
+    return x.bitwise_xor_(c) if torch.broadcast_shapes(x.shape, c.shape) == x.shape else x ^ c
 
 
 def _check_words(name: str, t: torch.Tensor, width: int):
@@ -437,29 +445,35 @@ def _position_keys_torch(k0, k1, n: int, width: int) -> torch.Tensor:
 
 
 def _smallest_keys(keys: torch.Tensor, count: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """bool [S, P]: the ``count[i]`` smallest ``(keys[i, p], p)`` among ``p < length[i]``.
+    """bool [B, n, P]: for each row b and sample s, the ``count[b, s]`` smallest ``(keys[b, s, p], p)``
+    among the positions ``p < length[b]``.
 
-    keys: int64 [S, P] in [0, 2^32); 1 <= count <= length <= P. Instead of a sort: a histogram of the
-    keys' top bits (2^bits >= P buckets, about one key each) finds the bucket ``T`` holding the
-    ``count``-th smallest key, and a top-k over that bucket's few keys finds it exactly.
+    keys: int64 [B, n, P] in [0, 2^32); count: int64 [B, n] with 1 <= count <= length; length: int64
+    [B] <= P. Instead of a sort: a histogram of the keys' top bits (2^bits >= P buckets, under one key
+    each on average) locates the bucket T holding the count-th smallest key; everything in a lower
+    bucket is masked, and the few keys in bucket T are ranked by ``(key, p)`` on their own.
     """
-    S, P = keys.shape
+    B, n, P = keys.shape
     dev = keys.device
-    pos = torch.arange(P, device=dev)
     bits = (P - 1).bit_length()
-    valid = pos < length[:, None]
-    bucket = torch.where(valid, keys >> (32 - bits), 1 << bits)  # invalid positions: an overflow bucket
-    hist = torch.zeros(S, (1 << bits) + 1, dtype=torch.int64, device=dev)
-    hist.scatter_add_(1, bucket, torch.ones((), dtype=torch.int64, device=dev).expand(S, P))
+    bucket = (keys >> (32 - bits)).masked_fill_((torch.arange(P, device=dev) >= length[:, None])[:, None, :], 1 << bits)
+    bucket = bucket.view(B * n, P)
+    hist = torch.zeros(B * n, (1 << bits) + 1, dtype=torch.int64, device=dev)
+    hist.scatter_add_(1, bucket, torch.ones((), dtype=torch.int64, device=dev).expand(B * n, P))
     cum = hist.cumsum(1)
-    T = (cum < count[:, None]).sum(1, keepdim=True)
-    rank_in_T = count[:, None] - (cum.gather(1, T) - hist.gather(1, T))  # 1..hist[T]
-    composite = (keys << 31) | pos  # unique, ordered as (key, p); < 2^63 since p < 2^31
-    in_T = bucket == T
-    candidates = torch.where(in_T, composite, _INT64_MAX)
-    k = int(rank_in_T.max())
-    kth = candidates.topk(k, dim=1, largest=False, sorted=True).values.gather(1, rank_in_T - 1)
-    return (bucket < T) | (in_T & (composite <= kth))
+    T = torch.searchsorted(cum, count.view(B * n, 1))  # the first bucket whose running count reaches count
+    in_T = hist.gather(1, T)[:, 0]
+    still = count.view(-1) - (cum.gather(1, T)[:, 0] - in_T)  # how many of bucket T's keys to take: 1..in_T
+    masked = bucket < T
+    # Bucket T's keys, in row order, each row's sorted by (key, p): take the first `still` of each row.
+    row, col = (bucket == T).nonzero(as_tuple=True)
+    composite = (keys.view(B * n, P)[row, col] << 31) | col  # unique, ordered as (key, p); p < 2^31
+    order = composite.argsort(stable=True)
+    order = order[row[order].argsort(stable=True)]
+    rank = torch.arange(row.numel(), device=dev) - (in_T.cumsum(0) - in_T)[row[order]]
+    take = order[rank < still[row[order]]]
+    masked[row[take], col[take]] = True
+    return masked.view(B, n, P)
 
 
 def _keyed_draw_torch(input_ids, response_mask, keys, lengths, plan, mask_token_id) -> KeyedDraw:
@@ -471,11 +485,11 @@ def _keyed_draw_torch(input_ids, response_mask, keys, lengths, plan, mask_token_
     X = _position_keys_torch(k0, k1, n, width)  # [B, n, width], response-position order
     per_sample = levels.repeat_interleave(n_yt, dim=1)
     if plan.estimator == "l_uniform":
-        length = lengths.repeat_interleave(n)
-        compact = _smallest_keys(X.view(B * n, width), per_sample.long().view(-1), length).view(B, n, width)
+        compact = _smallest_keys(X, per_sample.long(), lengths)
     else:
-        valid = torch.arange(width, device=X.device) < lengths[:, None, None]
-        compact = ((X >> 8).float() * 2.0**-24 < per_sample[..., None]) & valid
+        # (K >> 8) * 2^-24 < p  <=>  K >> 8 < ceil(p 2^24)  <=>  K < 256 ceil(p 2^24), all exact; positions
+        # past the row's response (p >= L_b) never matter: the gather below reads p < L_b only.
+        compact = X < (per_sample.double() * 2**24).ceil().long()[..., None] * 256
     rank = (response_mask.cumsum(-1) - 1).clamp(min=0)  # response position of each row position
     masked = compact.gather(-1, rank[:, None, :].expand(B, n, L)) & response_mask[:, None, :]
     noisy = torch.where(masked, torch.as_tensor(mask_token_id, device=input_ids.device), input_ids[:, None, :])

@@ -200,12 +200,12 @@ CASES += [("t_bernoulli", L, n) for L in (1, 2, 1023, 1024, 1025, 8192) for n in
 @pytest.mark.parametrize("estimator,L,n", CASES)
 def test_torch_and_triton_give_the_same_bits(estimator, L, n):
     plan = (L_UNIFORM_PLANS if estimator == "l_uniform" else T_BERNOULLI_PLANS)[n]
-    # The GPU's launch configuration. At L = 8192 (eight chunks, 34 passes each) two rows, and all of a
-    # row's samples in one program, keep the interpreter's time down; the bits do not depend on it.
-    long_row = L > 4096
-    ids, resp = awkward_batch(L, rows=2 if long_row else 4, seed=L)
+    # The GPU's launch configuration (one sample per program). Rows over one 1024-wide chunk cost 34
+    # passes each in the interpreter: there all of a row's samples share a program (n > 1), and at
+    # L = 8192 there are two rows; the bits do not depend on the launch configuration.
+    ids, resp = awkward_batch(L, rows=2 if L > 4096 else 4, seed=L)
     keys = random_keys(ids.shape[0], seed=n)
-    config = gpu_config(L, samples=triton_pow2(n) if long_row else None)
+    config = gpu_config(L, samples=triton_pow2(n) if L > 1024 and n > 1 else None)
     a = noisy_draw(ids, resp, plan, keys, MASK_ID, impl="torch")
     b = NoisyDraw(*fields(_triton(ids, resp, keys, plan, config)), plan)
     assert_same_bits(a, b)
