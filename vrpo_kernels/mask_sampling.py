@@ -296,6 +296,29 @@ def aot_specs() -> list[dict]:
                 constexprs={"EXACT": exact, "ONE_CHUNK": one_chunk, "BLOCK_L": _GPU_CONFIG["BLOCK_L"]},
                 num_warps=_GPU_CONFIG["num_warps"], num_stages=_GPU_CONFIG["num_stages"],
             ))
+    specs += _keyed_aot_specs()
+    return specs
+
+
+def _keyed_aot_specs() -> list[dict]:
+    """The keyed-draw kernel at the GPU configurations: rows of 1000 (in registers), of 4001 (chunked)
+    and of 100 (a 128-wide block, one warp), each estimator."""
+    specs = []
+    for L, stratified in ((1000, False), (4001, True), (100, True)):
+        cfg = keyed_launch_config(L, torch.device("cuda"))
+        for l_uniform in (True, False):
+            specs.append(aot_spec(
+                f"keyed_draw[{'l_uniform' if l_uniform else 't_bernoulli'},L={L},"
+                f"block={cfg['BLOCK_L']}x{cfg['SAMPLES']}]",
+                _keyed_draw_kernel,
+                pointers={"ids_ptr": "i64", "resp_ptr": "i8", "keys_ptr": "i64", "noisy_ptr": "i64",
+                          "masked_ptr": "i8", "weight_ptr": "fp32", "levels_ptr": "fp32"},
+                scalars={"mask_token_id": 126336, "L": L, "n_samples": 8 * 37, "n_t": 8, "n_yt": 1,
+                         "c_floor": 0.999, "e_floor": 1e-3},
+                constexprs={"L_UNIFORM": l_uniform, "STRATIFIED": stratified, "ONE_CHUNK": L <= cfg["BLOCK_L"],
+                            "BLOCK_L": cfg["BLOCK_L"], "SAMPLES": cfg["SAMPLES"]},
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            ))
     return specs
 
 
@@ -502,10 +525,11 @@ def _keyed_draw_torch(input_ids, response_mask, keys, lengths, plan, mask_token_
 # it counts L_b, draws the level, finds the l-th smallest (K, p) by bisection on the 32 key bits as
 # _sample_masks_kernel does (from registers when the row fits one chunk, else regenerating the keys on
 # each of the 33 passes), and writes the noisy ids, the mask, the weight and (for sample m = 0 of each
-# level) the level: the whole draw in one launch. Several samples per program keep short rows from
-# idling most of a 1024-lane block on the GPU, and cut the interpreter's per-op cost in the tests.
+# level) the level: the whole draw in one launch. On the GPU a program draws one sample; in the
+# interpreter many (its cost is per operation), which keeps the tests' statistical draws affordable.
 
 if triton_available():
+    _ROUNDS = tl.constexpr(PHILOX_ROUNDS)  # a jit function reads module globals only as constexprs
 
     @triton.jit
     def _philox_kernel(ctr_ptr, key_ptr, out_ptr, N, BLOCK: tl.constexpr):
@@ -520,7 +544,7 @@ if triton_available():
             tl.load(ctr_ptr + 4 * i + 1, mask=ok, other=0).to(tl.uint32),
             tl.load(ctr_ptr + 4 * i + 2, mask=ok, other=0).to(tl.uint32),
             tl.load(ctr_ptr + 4 * i + 3, mask=ok, other=0).to(tl.uint32),
-            PHILOX_ROUNDS,
+            _ROUNDS,
         )
         tl.store(out_ptr + 4 * i, x0.to(tl.int64), mask=ok)
         tl.store(out_ptr + 4 * i + 1, x1.to(tl.int64), mask=ok)
@@ -543,7 +567,7 @@ if triton_available():
         q = (p >> 2).to(tl.uint32)
         zero = q * 0
         x0, x1, x2, x3 = tl.philox(seed[:, None], q, zero + s.to(tl.uint32)[:, None], zero + 0, zero,
-                                   PHILOX_ROUNDS)  # c2 = 0: _TAG_POSITION
+                                   _ROUNDS)  # c2 = 0: _TAG_POSITION
         w = p & 3
         return tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
 
@@ -580,7 +604,7 @@ if triton_available():
         """float32 (level, weight) [SAMPLES] of level j [SAMPLES] of rows with ``length`` response positions."""
         jc = j * 0 if STRATIFIED else j
         zero = jc.to(tl.uint32) * 0
-        x0, x1, _, _ = tl.philox(seed, jc.to(tl.uint32), zero, zero + 1, zero, PHILOX_ROUNDS)  # c2 = 1: _TAG_LEVEL
+        x0, x1, _, _ = tl.philox(seed, jc.to(tl.uint32), zero, zero + 1, zero, _ROUNDS)  # c2 = 1: _TAG_LEVEL
         x0 = x0.to(tl.int64)
         if L_UNIFORM:
             lb = length.to(tl.int64)
@@ -666,19 +690,26 @@ if triton_available():
                              mask_token_id, L)
 
 
-# Launch settings of the keyed-draw kernel: a tile of TILE positions, BLOCK_L of a row by SAMPLES
-# samples, BLOCK_L the row length rounded up to a power of two, at most MAX_BLOCK_L (longer rows are
-# swept in chunks). The interpreter's smaller chunks keep the tests' rows spanning several.
-_KEYED_GPU = dict(TILE=1024, MAX_BLOCK_L=1024, num_warps=4, num_stages=1)
-_KEYED_INTERPRETER = dict(TILE=16384, MAX_BLOCK_L=64, num_warps=4, num_stages=1)
+# Launch settings of the keyed-draw kernel: BLOCK_L is the row length rounded up to a power of two, at
+# most MAX_BLOCK_L (longer rows are swept in chunks). On the GPU one sample a program, with a warp per
+# 256 positions (several samples a program spill registers at sm_90 for t-Bernoulli); in the
+# interpreter, whose cost is per operation, a tile of TILE positions (many samples a program), and
+# 64-wide chunks so that the tests' rows span several.
+_KEYED_GPU = dict(MAX_BLOCK_L=1024, num_stages=1)
+# No fused multiply-add: t-Bernoulli's p = c * t + e must round twice, as the torch path does.
+KEYED_COMPILE_OPTIONS = dict(enable_fp_fusion=False)
+_KEYED_INTERPRETER = dict(MAX_BLOCK_L=64, TILE=16384, num_warps=4, num_stages=1)
 
 
 def keyed_launch_config(L: int, device: torch.device) -> dict:
     """``BLOCK_L``, ``SAMPLES``, ``num_warps`` and ``num_stages`` of the keyed-draw kernel for rows of L."""
-    table = _KEYED_GPU if device.type == "cuda" else _KEYED_INTERPRETER
-    block = min(table["MAX_BLOCK_L"], triton.next_power_of_2(max(L, 2)))
-    return dict(BLOCK_L=block, SAMPLES=max(1, table["TILE"] // block),
-                num_warps=table["num_warps"], num_stages=table["num_stages"])
+    if device.type == "cuda":
+        block = min(_KEYED_GPU["MAX_BLOCK_L"], triton.next_power_of_2(max(L, 32)))
+        return dict(BLOCK_L=block, SAMPLES=1, num_warps=min(4, max(1, block // 256)),
+                    num_stages=_KEYED_GPU["num_stages"])
+    t = _KEYED_INTERPRETER
+    block = min(t["MAX_BLOCK_L"], triton.next_power_of_2(max(L, 2)))
+    return dict(BLOCK_L=block, SAMPLES=t["TILE"] // block, num_warps=t["num_warps"], num_stages=t["num_stages"])
 
 
 def _keyed_draw_triton(input_ids, response_mask, keys, plan, mask_token_id, config=None) -> KeyedDraw:
@@ -697,7 +728,7 @@ def _keyed_draw_triton(input_ids, response_mask, keys, plan, mask_token_id, conf
                 input_ids.contiguous(), response_mask.contiguous().view(torch.int8), keys.contiguous(),
                 noisy, masked, weight, levels, mask_token_id, L, B * n, plan.n_t, plan.n_yt, c, e,
                 L_UNIFORM=plan.estimator == "l_uniform", STRATIFIED=plan.stratified,
-                ONE_CHUNK=L <= cfg["BLOCK_L"], enable_fp_fusion=False, **cfg,
+                ONE_CHUNK=L <= cfg["BLOCK_L"], **KEYED_COMPILE_OPTIONS, **cfg,
             )
     return KeyedDraw(noisy, masked.view(torch.bool), weight, levels)
 
