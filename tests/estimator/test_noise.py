@@ -493,3 +493,42 @@ def test_an_empty_batch_gives_empty_outputs(impl):
                       SamplingPlan(n_t=2), [], MASK_ID, impl=impl)
     assert draw.input_ids.shape == draw.masked.shape == (0, 2, 5) and draw.levels.shape == (0, 2)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU code rounds as the torch path does
+# --------------------------------------------------------------------------------------------------
+
+_FLOAT_OPS_SCRIPT = """
+import re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vrpo_kernels.mask_sampling import KEYED_COMPILE_OPTIONS, _keyed_aot_specs
+spec = next(s for s in _keyed_aot_specs() if s["name"].startswith("keyed_draw[t_bernoulli"))
+src = ASTSource(spec["fn"], spec["signature"], spec["constexprs"], spec["attrs"])
+options = dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"], **KEYED_COMPILE_OPTIONS)
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+print(" ".join(sorted(set(re.findall(r"\\b((?:fma|div|rcp|mad)\\.[a-z.]*f(?:32|64))", ptx)))))
+"""
+
+
+@pytest.mark.aot
+def test_gpu_code_has_no_fused_multiply_add_and_only_correctly_rounded_division():
+    """The t-Bernoulli kernel compiled for sm_90 with the launch's options (the real compiler, in a fresh
+    process without TRITON_INTERPRET): no fma (p = c * t + e rounds twice, as in torch) and only
+    div.rn (no approximate division), so the GPU's floats are the torch path's. Catches a launch that
+    drops enable_fp_fusion=False, or a plain float32 '/' (Triton emits div.full.f32 for it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _FLOAT_OPS_SCRIPT], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ops = set(run.stdout.split())
+    assert {"div.rn.f32", "div.rn.f64"} <= ops, ops
+    assert ops <= {"div.rn.f32", "div.rn.f64"}, ops
