@@ -372,7 +372,8 @@ def _xor3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def _check_words(name: str, t: torch.Tensor, width: int):
     if t.dtype != torch.int64 or t.dim() < 1 or t.shape[-1] != width:
-        raise ValueError(f"philox4x32: {name} must be an int64 tensor [..., {width}], got {t.dtype} {tuple(t.shape)}")
+        raise ValueError(f"philox4x32: {name} must be an int64 tensor [..., {width}], got {t.dtype} "
+                         f"{tuple(t.shape)}")
     if ((t < 0) | (t > _U32)).any():
         raise ValueError(f"philox4x32: every word of {name} must lie in [0, 2^32)")
 
@@ -479,7 +480,8 @@ def _smallest_keys(keys: torch.Tensor, count: torch.Tensor, length: torch.Tensor
     B, n, P = keys.shape
     dev = keys.device
     bits = (P - 1).bit_length()
-    bucket = (keys >> (32 - bits)).masked_fill_((torch.arange(P, device=dev) >= length[:, None])[:, None, :], 1 << bits)
+    past_response = (torch.arange(P, device=dev) >= length[:, None])[:, None, :]
+    bucket = (keys >> (32 - bits)).masked_fill_(past_response, 1 << bits)  # an overflow bucket
     bucket = bucket.view(B * n, P)
     hist = torch.zeros(B * n, (1 << bits) + 1, dtype=torch.int64, device=dev)
     hist.scatter_add_(1, bucket, torch.ones((), dtype=torch.int64, device=dev).expand(B * n, P))
