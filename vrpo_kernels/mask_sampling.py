@@ -53,9 +53,9 @@ Masks of sample ``s`` (level ``j = floor(s / n_yt)``):
 
 Outputs: ``masked`` [B, n, L], the noisy inputs ``where(masked, mask_token_id, input_ids)``,
 ``weight`` [B, n] (level ``j``'s weight for each of its ``n_yt`` samples) and ``levels`` [B, n_t].
-The torch implementation emulates the uint32 arithmetic in int64 (products split so nothing
-overflows) and finds the ``l``-th smallest key by a histogram of the keys' top bits; the Triton one
-evaluates the same counters per position and finds it by bisection. The integer parts are exact, and
+The torch implementation emulates the uint32 arithmetic in int64 (a 32 x 32-bit product's bit
+pattern survives int64's wrap-around) and finds the ``l``-th smallest key by a histogram of the keys'
+top bits; the Triton one evaluates the same counters per position and finds it by bisection. The integer parts are exact, and
 the float parts are the correctly rounded IEEE operations listed above, so the bits agree on every
 device.
 """
