@@ -4,6 +4,7 @@
     python -m benchmarks.kernels --quick         # toy sizes, seconds (what the smoke test runs)
     python -m benchmarks.kernels --ops masked_ce --repeats 5 --impls eager,vrpo_torch
     python -m benchmarks.kernels --device cuda    # the GPU rows only (no CPU rows first)
+    python -m benchmarks.kernels --ops masks      # the keyed noisy inputs: former per-row path vs noisy_draw
 
 Per op and shape, every implementation is timed with interleaved repeats (one call of each
 implementation per round, the order rotating between rounds) after one warm-up call each (which is
@@ -168,9 +169,10 @@ def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
     lines = [f"# {title}", "", machine_line(rows[0].device), ""]
     for shape in dict.fromkeys(r.shape for r in rows):
         group = [r for r in rows if r.shape == shape]
-        ref = next((r for r in group if r.impl == "eager"), None)
+        baseline = getattr(OPS[op], "baseline", "eager")  # the row the speed-ups are relative to
+        ref = next((r for r in group if r.impl == baseline), None)
         lines += [f"**{shape}** ({group[0].device}, {group[0].repeats} interleaved repeats)", ""]
-        lines.append("| implementation | median s | p20 s | p80 s | vs eager | first call s | peak extra MB | "
+        lines.append(f"| implementation | median s | p20 s | p80 s | vs {baseline} | first call s | peak extra MB | "
                      "max err out | max err grad |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in group:
@@ -796,7 +798,126 @@ class MaskSampling:
         return [Impl("eager", eager), Impl("vrpo_torch", ours("torch")), Impl("vrpo_triton", ours("triton"))]
 
 
-OPS = {"masked_ce": MaskedCE, "attention": Attention, "mask_sampling": MaskSampling}
+# --------------------------------------------------------------------------------------------------
+# masks: the noisy inputs of a training step, keyed per sequence (vrpo.estimator.noise.noisy_draw)
+# --------------------------------------------------------------------------------------------------
+
+
+def per_row_noisy_inputs(input_ids, response_mask, keys: list[int], plan, mask_token_id: int):
+    """The former keyed path, kept here only to compare with: ``vrpo.sampling.draw_masks_keyed``'s loop
+    (a ``torch.Generator`` per row on the CPU, ``draw_masks`` over the row's response positions, placed
+    into the padded row, shipped to the device), then the mask token written there as the ELBO did
+    (``noisy_inputs``). Returns (noisy ids, masked, weight)."""
+    from vrpo.sampling import draw_masks, response_lengths
+
+    lengths = response_lengths(response_mask).tolist()
+    resp_cpu = response_mask.cpu()
+    B, L = resp_cpu.shape
+    masked = torch.zeros(B, plan.n, L, dtype=torch.bool)
+    weight = torch.empty(B, plan.n)
+    levels = torch.empty(B, plan.n_t)
+    for b, (key, Lb) in enumerate(zip(keys, lengths)):
+        g = torch.Generator().manual_seed(key)
+        row = draw_masks(torch.ones(1, Lb, dtype=torch.bool), plan, generator=g)
+        masked[b][:, resp_cpu[b]] = row.masked[0]
+        weight[b], levels[b] = row.weight[0], row.levels[0]
+    device = response_mask.device
+    masked, weight = masked.to(device), weight.to(device)
+    noisy = torch.where(masked, torch.as_tensor(mask_token_id, device=device), input_ids[:, None, :])
+    return noisy, masked, weight
+
+
+class Masks:
+    """The noisy inputs of one training step: ``B`` sequences (16 pairs x 2 sides), ``n = n_t`` l-uniform
+    samples each, keyed per sequence by ``draw_key(seed, stream, epoch, pair, side)``.
+
+    No gradients and no float64 reference: a draw is right when every sample masks exactly its level's
+    count of response positions, nothing outside the response, and the noisy ids carry the mask token
+    exactly there. ``max_err_out`` counts the samples that break a rule, so it must be 0; the torch and
+    Triton paths' bit equality is tested in tests/estimator/test_noise.py.
+    """
+
+    title = "keyed noisy inputs (l-uniform, n_t samples per sequence)"
+    baseline = "per_row"
+    notes = {
+        "per_row": "the former draw_masks_keyed: a torch.Generator per row in a Python loop on the CPU, "
+                   "masks shipped to the device, mask token written there",
+        "vrpo_torch": "noisy_draw(impl='torch'): Philox4x32-10 in int64 arithmetic, vectorised over rows and samples",
+        "vrpo_triton": "noisy_draw(impl='triton'): one launch writes ids, masks, weights and levels",
+    }
+    MASK_TOKEN = 126336
+
+    @staticmethod
+    def shapes(device: str, quick: bool) -> list[dict]:
+        if quick:
+            return [dict(B=4, n=2, L=64)]
+        return [dict(B=32, n=8, L=1024), dict(B=32, n=8, L=4096)]
+
+    @staticmethod
+    def dtype(device: str):
+        return torch.int64
+
+    @staticmethod
+    def describe(shape: dict, dtype) -> str:
+        return f"B={shape['B']} rows x n={shape['n']} samples, L={shape['L']}, responses 3/4 of L"
+
+    @staticmethod
+    def make_inputs(shape: dict, dtype, device: str) -> dict:
+        from vrpo.sampling import draw_key
+
+        g = torch.Generator().manual_seed(0)
+        B, L = shape["B"], shape["L"]
+        Lr = 3 * L // 4
+        start = torch.randint(0, L - Lr + 1, (B, 1), generator=g)  # a prompt, the response, padding
+        pos = torch.arange(L)[None]
+        resp = (pos >= start) & (pos < start + Lr)
+        ids = torch.randint(0, 126000, (B, L), generator=g)
+        keys = [draw_key(0, "train", 0, i // 2, i % 2) for i in range(B)]
+        return dict(input_ids=ids.to(device), response_mask=resp.to(device), keys=keys,
+                    key_tensor=torch.tensor(keys, device=device), n=shape["n"])
+
+    @staticmethod
+    def reference(x: dict):
+        return x
+
+    @classmethod
+    def errors(cls, result, ref) -> tuple[float, float]:
+        noisy, masked, weight = result
+        resp = ref["response_mask"][:, None, :]
+        counts = masked.sum(-1)
+        lengths = resp.sum(-1)
+        # The weight L_b / l within two float32 roundings (the per-row path multiplies by a reciprocal).
+        exact = lengths.double() / counts.double()
+        wrong = (masked & ~resp).any(-1) | (counts < 1) | ((weight.double() - exact).abs() > 2 * 2.0**-24 * exact)
+        wrong |= (noisy != torch.where(masked, cls.MASK_TOKEN, ref["input_ids"][:, None, :])).any(-1)
+        return float(wrong.sum()), 0.0
+
+    @classmethod
+    def impls(cls, device: str) -> list[Impl]:
+        from vrpo.estimator.noise import noisy_draw
+        from vrpo.sampling import SamplingPlan
+
+        def per_row(x):
+            plan = SamplingPlan(n_t=x["n"])
+            return lambda: per_row_noisy_inputs(x["input_ids"], x["response_mask"], x["keys"], plan, cls.MASK_TOKEN)
+
+        def ours(impl):
+            def setup(x):
+                plan = SamplingPlan(n_t=x["n"])
+
+                def run():
+                    d = noisy_draw(x["input_ids"], x["response_mask"], plan, x["key_tensor"], cls.MASK_TOKEN, impl=impl)
+                    return d.input_ids, d.masked, d.weight
+
+                return run
+
+            return setup
+
+        impls = [Impl("per_row", per_row), Impl("vrpo_torch", ours("torch"))]
+        return impls + ([Impl("vrpo_triton", ours("triton"))] if device == "cuda" else [])
+
+
+OPS = {"masked_ce": MaskedCE, "attention": Attention, "mask_sampling": MaskSampling, "masks": Masks}
 
 
 def main(argv=None) -> int:

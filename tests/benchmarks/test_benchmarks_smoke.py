@@ -47,6 +47,26 @@ def test_mask_sampling_benchmark_runs_at_toy_size(tmp_path):
         assert float(r["max_err_out"]) == 0  # no mask with a wrong count or outside the response
 
 
+def test_masks_benchmark_runs_at_toy_size(tmp_path):
+    for r in run_quick(tmp_path, "masks", ["per_row", "vrpo_torch"]):
+        assert float(r["max_err_out"]) == 0  # every sample: its count, inside the response, mask token there
+
+
+def test_masks_error_column_catches_bad_draws():
+    x = kernels.Masks.make_inputs(dict(B=2, n=3, L=16), torch.int64, "cpu")
+    noisy, masked, weight = kernels.Masks.impls("cpu")[1].setup(x)()
+    assert kernels.Masks.errors((noisy, masked, weight), x) == (0.0, 0.0)
+    outside = masked.clone()
+    outside[0, 0] = ~x["response_mask"][0]
+    assert kernels.Masks.errors((noisy, outside, weight), x)[0] == 1.0
+    stale = noisy.clone()
+    stale[1, 2] = x["input_ids"][1]  # the mask token not written
+    assert kernels.Masks.errors((stale, masked, weight), x)[0] == 1.0
+    off = weight.clone()
+    off[0, 1] = off[0, 1] * (1 + 2**-20)  # past two float32 roundings
+    assert kernels.Masks.errors((noisy, masked, off), x)[0] == 1.0
+
+
 def test_mask_sampling_error_column_catches_bad_masks():
     x = kernels.MaskSampling.make_inputs(dict(B=2, n=3, L=16), torch.bool, "cpu")
     good = kernels.MaskSampling.impls("cpu")[0].setup(x)()

@@ -1,0 +1,96 @@
+"""The noisy inputs of the Monte Carlo ELBO, drawn on the device from one key per sequence.
+
+A masked diffusion LM's log-likelihood is bounded below by an ELBO, an expectation over a noise level
+and a random mask of the response (LLaDA 1.5, Zhu et al. 2025, Section 2, Eq. 2); VRPO estimates it
+with ``n = n_t * n_yt`` masked copies of the sequence (``n_t`` levels, ``n_yt`` masks per level).
+:func:`noisy_draw` makes all of them for a batch in one step (one Triton launch on a GPU): the
+levels, the masks, the estimator weights and the noisy input ids with the mask token written in.
+
+Every bit comes from Philox4x32-10 keyed by the sequence's own key and counted over its *response*
+positions (the definition is written out in :mod:`vrpo_kernels.mask_sampling`), so a sequence gets the
+same draw whatever batch, batch slot, padding side or amount, process count, device or resume point
+it lands in, and the torch and Triton implementations agree bit for bit. Nothing but the keys
+(``B`` int64) crosses from the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vrpo.sampling import SamplingPlan
+from vrpo_kernels.mask_sampling import keyed_noisy_draw
+
+
+@dataclass(frozen=True)
+class NoisyDraw:
+    """One draw of ``n = plan.n`` noisy copies per row, on the batch's device.
+
+    Usable wherever a ``MaskDraw`` is read (``masked``, ``weight``, ``levels``, ``plan``, ``n``, ``to``).
+
+    Attributes:
+        input_ids: int64 [B, n, L]; the row's ids with the mask token where ``masked``.
+        masked: bool [B, n, L]; True on the masked response positions. Samples are timestep-major:
+            sample ``j * n_yt + m`` is mask ``m`` of level ``j``.
+        weight: float32 [B, n]; the estimator weight of each sample (``L_b / l`` or ``1 / p``).
+        levels: float32 [B, n_t]; the mask count ``l`` (l-uniform) or mask probability ``p`` per level.
+        plan: the plan it was drawn with.
+    """
+
+    input_ids: torch.Tensor
+    masked: torch.Tensor
+    weight: torch.Tensor
+    levels: torch.Tensor
+    plan: SamplingPlan
+
+    @property
+    def n(self) -> int:
+        return self.masked.shape[1]
+
+    def to(self, device) -> NoisyDraw:
+        return NoisyDraw(self.input_ids.to(device), self.masked.to(device), self.weight.to(device),
+                         self.levels.to(device), self.plan)
+
+
+def _keys_tensor(keys: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 [B] keys on ``device``; a sequence of ints (e.g. ``draw_key`` values) is converted."""
+    if isinstance(keys, torch.Tensor):
+        return keys
+    values = list(keys)
+    bad = [k for k in values if isinstance(k, bool) or not isinstance(k, int) or not -(2**63) <= k < 2**63]
+    if bad:
+        raise ValueError(f"noisy_draw: keys must be 64-bit integers, got {bad[0]!r}")
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def noisy_draw(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    plan: SamplingPlan,
+    keys: torch.Tensor | Sequence[int],
+    mask_token_id: int,
+    impl: str = "auto",
+) -> NoisyDraw:
+    """Draw ``plan.n`` noisy copies of every row, row ``b``'s from ``keys[b]`` and its response alone.
+
+    Args:
+        input_ids: int64 [B, L].
+        response_mask: bool [B, L]; True on the response tokens that may be masked (prompt, padding
+            and padded EOS False). Every row needs at least one True.
+        plan: the sampling plan (its ``antithetic`` flag is the caller's: pass the same draw to the
+            policy and the reference).
+        keys: int64 [B] on ``input_ids``' device, or B ints; one 64-bit Philox key per row (e.g.
+            ``vrpo.sampling.draw_key(seed, stream, epoch, pair, side)``).
+        mask_token_id: the id written at the masked positions.
+        impl: ``"auto"`` (Triton on CUDA, else torch), ``"torch"`` or ``"triton"``: the same bits.
+
+    Returns:
+        A :class:`NoisyDraw` on ``input_ids``' device.
+    """
+    if not isinstance(plan, SamplingPlan):
+        raise ValueError(f"noisy_draw: plan must be a SamplingPlan, got {type(plan).__name__}")
+    draw = keyed_noisy_draw(input_ids, response_mask, _keys_tensor(keys, input_ids.device), plan,
+                            mask_token_id, impl=impl)
+    return NoisyDraw(draw.input_ids, draw.masked, draw.weight, draw.levels, plan)
