@@ -20,12 +20,14 @@ from .errors import NonFiniteELBOError
 from .estimator import (
     HeadOptions,
     MaskDraw,
+    NoisyDraw,
     SamplingPlan,
     draw_masks,
     elbo_estimate,
     elbo_terms,
     exact_elbo,
     mdm_sft_loss,
+    noisy_draw,
     vrpo_loss,
 )
 from .training import VRPOConfig, VRPOTrainer
@@ -35,6 +37,7 @@ __version__ = "0.2.0"
 __all__ = [
     "HeadOptions",
     "MaskDraw",
+    "NoisyDraw",
     "NonFiniteELBOError",
     "SamplingPlan",
     "VRPOConfig",
@@ -44,5 +47,6 @@ __all__ = [
     "elbo_terms",
     "exact_elbo",
     "mdm_sft_loss",
+    "noisy_draw",
     "vrpo_loss",
 ]

@@ -12,7 +12,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from .errors import CheckpointError, DataError, Interrupted, RunLogError, TrainingDiverged
+from .errors import (
+    CheckpointError,
+    DataError,
+    Interrupted,
+    RunLogError,
+    TrainingDiverged,
+)
 from .tasks.sort import SORT_TASK
 from .training import VRPOTrainer
 from .training.config import PROG, parse_config

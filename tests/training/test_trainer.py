@@ -174,7 +174,7 @@ def test_lora_reference_with_adapters_off_matches_a_frozen_copy(tmp_path):
     frozen = ELBOModule(load_policy(trainer.config, SORT_TASK), trainer.mask_token_id)  # the same seeded initial weights
     items = [(0, i) for i in range(4)]
     batch = trainer.batch_of(trainer.train_pairs, items)
-    draw = trainer.keyed_draw(batch, items, "train")
+    draw = trainer.batches.draw(batch, items, trainer.plan, "train")
     via_adapters_off, ran = trainer.reference_terms(batch, items, draw)
     with torch.no_grad():
         via_copy = frozen(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])

@@ -16,6 +16,7 @@ from .elbo import (
     unwrap,
 )
 from .losses import LOSS_TYPES, mdm_sft_loss, reward_margin, vrpo_loss
+from .noise import NoisyDraw, noisy_draw
 from .sampling import (
     ESTIMATORS,
     MaskDraw,
@@ -23,7 +24,6 @@ from .sampling import (
     draw_key,
     draw_levels,
     draw_masks,
-    draw_masks_keyed,
 )
 
 __all__ = [
@@ -32,11 +32,11 @@ __all__ = [
     "HeadOptions",
     "LOSS_TYPES",
     "MaskDraw",
+    "NoisyDraw",
     "SamplingPlan",
     "draw_key",
     "draw_levels",
     "draw_masks",
-    "draw_masks_keyed",
     "elbo_estimate",
     "elbo_terms",
     "exact_elbo",
@@ -44,6 +44,7 @@ __all__ = [
     "masked_token_logprobs",
     "mdm_sft_loss",
     "model_logit_shift",
+    "noisy_draw",
     "noisy_inputs",
     "packed_elbo_terms",
     "reward_margin",

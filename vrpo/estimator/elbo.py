@@ -100,6 +100,12 @@ def noisy_inputs(input_ids: torch.Tensor, masked: torch.Tensor, mask_token_id: i
     return torch.where(masked, torch.as_tensor(mask_token_id, device=input_ids.device), input_ids[:, None, :])
 
 
+def _noisy(input_ids: torch.Tensor, draw, mask_token_id: int) -> torch.Tensor:
+    """The draw's noisy inputs [B, n, L]: made with the draw (:class:`~vrpo.estimator.noise.NoisyDraw`) or here."""
+    made = getattr(draw, "input_ids", None)
+    return made if made is not None else noisy_inputs(input_ids, draw.masked, mask_token_id)
+
+
 def fusable_head(model) -> tuple[nn.Module, nn.Linear] | None:
     """``(body, head)`` when ``model`` is a transformers LM whose head can be fused, else None.
 
@@ -281,7 +287,7 @@ def elbo_terms(
     _check_draw(draw, response_mask)
     per_token = masked_token_logprobs(
         model,
-        noisy_inputs(input_ids, draw.masked, mask_token_id).view(B * n, L),
+        _noisy(input_ids, draw, mask_token_id).view(B * n, L),
         input_ids[:, None, :].expand(B, n, L).reshape(B * n, L),
         draw.masked.reshape(B * n, L),
         draw.weight.float().reshape(B * n, 1).expand(B * n, L),
@@ -332,7 +338,7 @@ def packed_elbo_terms(
     if max(sizes) > row_length:
         raise ValueError(f"packing: a sequence of {max(sizes)} tokens does not fit rows of row_length={row_length}")
     device = input_ids.device
-    noisy = noisy_inputs(input_ids, draw.masked, mask_token_id)
+    noisy = _noisy(input_ids, draw, mask_token_id)
     # Longest first: first-fit packs tighter that way.
     order = sorted(range(B * n), key=lambda k: -sizes[k // n])
     ids, seg = pack_rows([noisy[k // n, k % n, : sizes[k // n]] for k in order], row_length, pad_id=mask_token_id)

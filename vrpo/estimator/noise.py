@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vrpo.sampling import SamplingPlan
 from vrpo_kernels.mask_sampling import keyed_noisy_draw
+
+from .sampling import SamplingPlan
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def noisy_draw(
         plan: the sampling plan (its ``antithetic`` flag is the caller's: pass the same draw to the
             policy and the reference).
         keys: int64 [B] on ``input_ids``' device, or B ints; one 64-bit Philox key per row (e.g.
-            ``vrpo.sampling.draw_key(seed, stream, epoch, pair, side)``).
+            ``vrpo.estimator.draw_key(seed, stream, epoch, pair, side)``).
         mask_token_id: the id written at the masked positions.
         impl: ``"auto"`` (Triton on CUDA, else torch), ``"torch"`` or ``"triton"``: the same bits.
 

@@ -185,35 +185,3 @@ def draw_key(*parts: int | str) -> int:
     """A 63-bit seed from any tuple of parts, e.g. ``(seed, epoch, example_index, stream)``."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def draw_masks_keyed(response_mask: torch.Tensor, plan: SamplingPlan, keys: list[int]) -> MaskDraw:
-    """Like :func:`draw_masks`, but row ``b``'s draw depends on ``keys[b]`` and its own response alone.
-
-    The draw is made on the CPU over the row's response positions only, then placed into the padded
-    row. So a sequence gets the same masks whatever batch, padding, process or device it lands in:
-    this is what makes resumed, multi-process and precomputed-reference runs match a single
-    uninterrupted run draw for draw.
-
-    Args:
-        response_mask: bool [B, L] (any device).
-        keys: B integer seeds (see :func:`draw_key`).
-
-    Returns:
-        A :class:`MaskDraw` on ``response_mask``'s device.
-    """
-    if len(keys) != response_mask.shape[0]:
-        raise ValueError(f"draw_masks_keyed: {len(keys)} keys for {response_mask.shape[0]} rows")
-    lengths = response_lengths(response_mask).tolist()
-    resp_cpu = response_mask.cpu()
-    B, L = resp_cpu.shape
-    masked = torch.zeros(B, plan.n, L, dtype=torch.bool)
-    weight = torch.empty(B, plan.n)
-    levels = torch.empty(B, plan.n_t)
-    for b, (key, Lb) in enumerate(zip(keys, lengths)):
-        g = torch.Generator().manual_seed(key)
-        row = draw_masks(torch.ones(1, Lb, dtype=torch.bool), plan, generator=g)
-        masked[b][:, resp_cpu[b]] = row.masked[0]
-        weight[b], levels[b] = row.weight[0], row.levels[0]
-    device = response_mask.device
-    return MaskDraw(masked.to(device), weight.to(device), levels.to(device), plan)

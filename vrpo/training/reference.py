@@ -8,7 +8,7 @@ import gc
 import torch
 from tqdm.auto import tqdm
 
-from ..estimator import ELBOModule, MaskDraw
+from ..estimator import ELBOModule, NoisyDraw
 from .schedule import Item
 
 
@@ -28,7 +28,7 @@ class Reference:
         self.policy_module = policy_module
         self.cache: dict[Item, torch.Tensor] = {}
 
-    def terms(self, batch: dict, items: list[Item], draw: MaskDraw) -> tuple[torch.Tensor, bool]:
+    def terms(self, batch: dict, items: list[Item], draw: NoisyDraw) -> tuple[torch.Tensor, bool]:
         """float32 [2B, n] reference terms on ``draw``, and whether the reference model ran (False when the
         terms were precomputed)."""
         cached = [self.cache.get(item) for item in items]

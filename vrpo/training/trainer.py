@@ -13,7 +13,8 @@ A run, top-down:
 One optimizer step (``train_step``):
 
 1. take this process's share of the step's global batch of pairs (:class:`.schedule.Schedule`);
-2. draw masks for every chosen and rejected sequence, keyed by ``(seed, epoch, pair, side)`` so a draw never
+2. make the noisy inputs of every chosen and rejected sequence on the device, keyed by ``(seed, epoch, pair,
+   side)`` (Philox, :func:`~vrpo.estimator.noisy_draw`) so a draw never
    depends on batching, padding, process count or resumption (:class:`.batches.Batches`);
 3. run the policy on its draws (with gradients) and the reference on the same draws (antithetic) or fresh
    ones, without gradients; chosen and rejected go through in one batch;
@@ -41,7 +42,7 @@ from transformers import get_scheduler
 from ..errors import Interrupted, NonFiniteELBOError, TrainingDiverged
 from ..estimator import (
     ELBOModule,
-    MaskDraw,
+    NoisyDraw,
     SamplingPlan,
     mdm_sft_loss,
     reward_margin,
@@ -93,7 +94,7 @@ class VRPOTrainer:
         self.mask_token_id = loading.mask_token_id(cfg, self.tokenizer)
         tok = self.tokenizer
         self.batches = Batches(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, acc.device,
-                               cfg.seed)
+                               cfg.seed, self.mask_token_id, "torch" if cfg.kernel_impl == "eager" else cfg.kernel_impl)
         self.data_stats = {}
         if train_pairs is None:
             train_pairs, eval_pairs, self.data_stats = loading.load_pairs(cfg, self.tokenizer, task)
@@ -179,15 +180,15 @@ class VRPOTrainer:
         return self.batches.of(pairs_data, items)
 
     def draws(self, batch, items, stream: str = "train", ref_stream: str = "ref", plan: SamplingPlan | None = None,
-              seed: int | None = None) -> tuple[MaskDraw, MaskDraw]:
+              seed: int | None = None) -> tuple[NoisyDraw, NoisyDraw]:
         """The policy's draw and the reference's (the same one under antithetic sampling)."""
         return self.batches.draws(batch, items, plan or self.plan, stream, ref_stream, seed)
 
-    def policy_terms(self, batch, draw: MaskDraw) -> torch.Tensor:
+    def policy_terms(self, batch, draw: NoisyDraw) -> torch.Tensor:
         """float32 [2B, n] policy ELBO terms, with gradients."""
         return self.policy_elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])
 
-    def reference_terms(self, batch, items, draw: MaskDraw) -> tuple[torch.Tensor, bool]:
+    def reference_terms(self, batch, items, draw: NoisyDraw) -> tuple[torch.Tensor, bool]:
         """float32 [2B, n] reference terms on ``draw``, and whether the reference model ran."""
         return self.reference.terms(batch, items, draw)
 
