@@ -34,6 +34,7 @@ from vrpo.toy import toy_sft_path, toy_tokenizer
 from .likelihood import Estimate, LikelihoodEstimator, LikelihoodRequest, MCSettings
 
 logger = logging.getLogger(__name__)
+DEFAULT_GEN_LENGTH = 128  # tokens generated when neither the model arguments nor the request say
 
 
 def _flag(value) -> bool:
@@ -82,8 +83,8 @@ class VRPOEvalLM(LM):
         mc_scheme, mc_num, mc_target_se, mc_max, mc_round, mc_batch, crn, seed: :class:`MCSettings`.
         max_length: longest sequence (default: the model's ``max_position_embeddings``); contexts are
             cut from the left to fit.
-        gen_length, steps, block_length, temperature: the sampler's (default 128 tokens, ``steps =
-            gen_length``, one block, greedy).
+        gen_length, steps, block_length, temperature: the sampler's (default: the request's
+            ``max_gen_toks``, else 128 tokens; ``steps = gen_length``, one block, greedy).
         greedy_check: compute lm-eval's ``is_greedy`` as LLaDA does (one token unmasked per forward, most
             confident first); off: ``is_greedy`` is reported False, as LLaDA recommends.
     """
@@ -92,7 +93,7 @@ class VRPOEvalLM(LM):
                  attn_implementation: str = "sdpa", device: str | None = None, batch_size=32,
                  max_batch_size=None, mc_scheme: str = "crn", mc_num=None, mc_target_se=MCSettings.mc_target_se,
                  mc_max=MCSettings.mc_max, mc_round=MCSettings.mc_round, mc_batch=MCSettings.mc_batch,
-                 crn=True, seed=MCSettings.seed, max_length=None, gen_length=128, steps=None, block_length=None,
+                 crn=True, seed=MCSettings.seed, max_length=None, gen_length=None, steps=None, block_length=None,
                  temperature=0.0, greedy_check=False, **kwargs):
         super().__init__()
         if kwargs:
@@ -112,7 +113,7 @@ class VRPOEvalLM(LM):
         self.tokenizer = _load_tokenizer(pretrained, tokenizer)
         self.mask_token_id = int(self.model.config.mask_token_id)
         self.max_length = _optional_int(max_length, "max_length") or int(self.model.config.max_position_embeddings)
-        self.gen = dict(gen_length=int(gen_length), steps=_optional_int(steps, "steps"),
+        self.gen = dict(gen_length=_optional_int(gen_length, "gen_length"), steps=_optional_int(steps, "steps"),
                         block_length=_optional_int(block_length, "block_length"), temperature=float(temperature))
         self.greedy_check = _flag(greedy_check)
         self.pretrained = pretrained
@@ -176,14 +177,19 @@ class VRPOEvalLM(LM):
         return ids if ids[:1] == bos else bos + ids
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's convention: trailing spaces of the context move to the continuation, and the
-        continuation is what the whole text has beyond the context's tokens."""
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        """``(context ids, continuation ids)``: where the whole text's tokens start with the context's, the
+        split is there; otherwise lm-eval's convention (trailing spaces of the context move to the
+        continuation, which is what the whole text has beyond the context's tokens). Always moving the
+        spaces would score a chat template's closing newlines as part of every answer."""
         if not context:
             prefix = self._bos() or [self.tokenizer.eos_token_id]
             return prefix, self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
+        if whole[:len(ctx)] == ctx:
+            return ctx, whole[len(ctx):]
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
         return ctx, whole[len(ctx):]
 
@@ -301,8 +307,10 @@ class VRPOEvalLM(LM):
 
     def _sampler_kwargs(self, gen_kwargs: dict) -> dict:
         """The model arguments' sampler settings; a request's ``temperature``/``do_sample`` overrides the
-        temperature, other generation keywords (``max_gen_toks``) give way to the model arguments."""
+        temperature; ``max_gen_toks`` is the length when the model arguments give no ``gen_length``."""
         kw = dict(self.gen)
+        if kw["gen_length"] is None:
+            kw["gen_length"] = int(gen_kwargs.get("max_gen_toks", DEFAULT_GEN_LENGTH))
         if gen_kwargs.get("do_sample") is False:
             kw["temperature"] = 0.0
         elif "temperature" in gen_kwargs:

@@ -6,7 +6,7 @@ the hub). Rebuild them bit for bit with::
 
     python -m vrpo.eval.sort_tasks --overwrite
 
-* ``vrpo_sort_gen`` (generate_until): the answer is graded by the demo's verifier (:func:`vrpo.toy.grade`):
+* ``vrpo_sort_gen`` (a group of generate_until tasks, one per prompt length): the answer is graded by the demo's verifier (:func:`vrpo.toy.grade`):
   ``exact_match`` (exact sort) and ``credit`` (fraction of positions right).
 * ``vrpo_sort_mc`` (multiple_choice): the right sort among four candidates, the three others near misses
   (:func:`near_misses`).
@@ -23,7 +23,7 @@ from importlib import resources
 
 from datasets import Dataset, DatasetDict
 
-from vrpo.toy import grade, reference_answer, test_prompts
+from vrpo.toy import LENGTHS, grade, reference_answer, test_prompts
 
 GEN_FILE = "sort_gen.jsonl"
 MC_FILE = "sort_mc.jsonl"
@@ -73,16 +73,21 @@ def gen_rows(prompts: list[str]) -> list[dict]:
     return [{"prompt": p, "answer": reference_answer(p)} for p in prompts]
 
 
-def _load(data_file: str) -> DatasetDict:
+def _load(data_file: str, digits: int | None = None) -> DatasetDict:
     path = os.path.join(data_dir(), data_file)
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
+    if digits is not None:
+        if not LENGTHS[0] <= int(digits) <= LENGTHS[1]:
+            raise ValueError(f"dataset_kwargs digits={digits} is outside the demo's lengths {LENGTHS}")
+        rows = [r for r in rows if len(r["prompt"].split()) - 1 == int(digits)]
     return DatasetDict({"test": Dataset.from_list(rows)})
 
 
-def load_gen(**_metadata) -> DatasetDict:
-    """lm-eval ``custom_dataset`` of ``vrpo_sort_gen`` (lm-eval passes the task metadata; unused)."""
-    return _load(GEN_FILE)
+def load_gen(digits: int | None = None, **_metadata) -> DatasetDict:
+    """lm-eval ``custom_dataset`` of ``vrpo_sort_gen_{digits}``: the prompts of ``digits`` digits (all when
+    None). lm-eval also passes the task metadata (unused)."""
+    return _load(GEN_FILE, digits)
 
 
 def load_mc(**_metadata) -> DatasetDict:
