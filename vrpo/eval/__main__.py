@@ -61,11 +61,12 @@ def main(argv=None) -> int:
         log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
         task_manager=task_manager(args.include_path), evaluation_tracker=tracker,
     )
-    gathered = lm.gather_object(lm.sample_stats)  # every process must take part
+    gathered = lm.gather_object((lm.sample_stats, lm.estimator.sequences))  # every process must take part
     if results is None:  # not the first process
         return 0
+    sequences = sum(n for _, n in gathered)
     if args.log_samples:
-        stats = {k: v for part in gathered for k, v in part.items()}
+        stats = {k: v for part, _ in gathered for k, v in part.items()}
         samples = attach_stats(results.pop("samples"), stats)
     if tracker is not None:
         tracker.save_results_aggregated(results=results, samples=samples if args.log_samples else None)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
                 tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
     print(f"vrpo ({args.model_name_or_path}, {args.model_args or 'default settings'}), limit: {args.limit}, "
           f"num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}, "
-          f"forward sequences: {lm.estimator.sequences}")
+          f"processes: {lm.world_size}, likelihood forward sequences: {sequences}")
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
