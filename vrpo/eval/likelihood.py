@@ -69,9 +69,7 @@ class MCSettings:
 
     scheme: str = "crn"
     mc_num: int | None = None
-    # The gap precision LLaDA's own 128-sample scheme reaches on the demo's dev questions (standard error of
-    # the top-two gap: median 0.36, mean 0.40 nats, sort_mc documents 512-543): match it, with fewer samples.
-    mc_target_se: float = 0.4
+    mc_target_se: float = 0.25
     mc_max: int = 128
     mc_round: int = 8
     mc_batch: int = 32
