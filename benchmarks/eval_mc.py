@@ -17,7 +17,7 @@ long a whole lm-eval run takes, for this library's estimator against LLaDA's (it
    (:class:`LLaDALoop`: one request at a time, 128 samples in mini-batches of 32, full logits, no packing;
    generation one prompt at a time with LLaDA's sampler). Interleaved repeats, medians.
 
-    python -m benchmarks.eval_mc                # ~14 min on a loaded 2-core CPU
+    python -m benchmarks.eval_mc                # 24 min on a loaded 2-core CPU (6 of them the ground truth)
     python -m benchmarks.eval_mc --quick        # seconds (smoke)
 
 Writes ``eval_mc.csv`` and ``eval_mc.md`` under ``--out`` (default ``benchmarks/results``).
