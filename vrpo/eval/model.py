@@ -15,10 +15,10 @@ Each likelihood's standard error and sample count are kept in :attr:`VRPOEvalLM.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import defaultdict
 
+import accelerate
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
@@ -33,7 +33,6 @@ from vrpo.toy import toy_sft_path, toy_tokenizer
 
 from .likelihood import Estimate, LikelihoodEstimator, LikelihoodRequest, MCSettings
 
-logger = logging.getLogger(__name__)
 DEFAULT_GEN_LENGTH = 128  # tokens generated when neither the model arguments nor the request say
 
 
@@ -126,8 +125,6 @@ class VRPOEvalLM(LM):
     def _setup_device(self, device):
         """One process: ``device``; under ``accelerate launch`` (several processes): each process's own
         device and lm-eval's rank/world size, so the evaluator splits the documents between processes."""
-        import accelerate  # a dependency of vrpo; imported here so that a plain import stays light
-
         accelerator = accelerate.Accelerator()
         self.accelerator = accelerator if accelerator.num_processes > 1 else None
         if self.accelerator is not None:
