@@ -30,7 +30,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
