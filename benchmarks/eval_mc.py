@@ -76,7 +76,12 @@ def questions(lm: VRPOEvalLM, n: int) -> list[list[LikelihoodRequest]]:
     out = []
     for row in rows:
         ctx = lm.apply_chat_template([{"role": "user", "content": row["prompt"]}])
-        out.append([LikelihoodRequest(*(tuple(x) for x in lm._encode_pair(ctx, c)), group=ctx) for c in row["choices"]])
+        out.append(
+            [
+                LikelihoodRequest(*(tuple(x) for x in lm._encode_pair(ctx, c)), group=ctx)
+                for c in row["choices"]
+            ]
+        )
     return out
 
 
@@ -84,8 +89,8 @@ def decide(lm, qs, settings: MCSettings, max_sequences: int):
     """(decisions, means [Q][4], ses [Q][4], masked sequences scored) for all questions at once."""
     est = LikelihoodEstimator(lm._terms, settings, max_sequences=max_sequences)
     flat = est.estimate([r for q in qs for r in q])
-    means = [[e.mean for e in flat[i * 4:(i + 1) * 4]] for i in range(len(qs))]
-    ses = [[e.se for e in flat[i * 4:(i + 1) * 4]] for i in range(len(qs))]
+    means = [[e.mean for e in flat[i * 4 : (i + 1) * 4]] for i in range(len(qs))]
+    ses = [[e.se for e in flat[i * 4 : (i + 1) * 4]] for i in range(len(qs))]
     return [max(range(4), key=m.__getitem__) for m in means], means, ses, est.sequences
 
 
@@ -100,11 +105,13 @@ def agreement(lm, qs, reps: int, log) -> tuple[list[dict], dict]:
     truth, gt_means, gt_ses, _ = decide(lm, qs, MCSettings(mc_num=GT_SAMPLES, seed=GT_SEED), GT_SAMPLES)
     clear = [margin(m, s) > CLEAR_MARGIN for m, s in zip(gt_means, gt_ses)]
     gt = {"seconds": time.perf_counter() - t0, "clear": sum(clear)}
-    log(f"ground truth: {len(qs)} questions x 4 x {GT_SAMPLES} samples in {gt['seconds']:.0f} s; "
-        f"{sum(clear)} clear (margin > {CLEAR_MARGIN} SE)")
+    log(
+        f"ground truth: {len(qs)} questions x 4 x {GT_SAMPLES} samples in {gt['seconds']:.0f} s; "
+        f"{sum(clear)} clear (margin > {CLEAR_MARGIN} SE)"
+    )
     rows = []
     for m in methods():
-        agree, agree_clear, seqs, n_per_choice = [], [], 0, []
+        agree, agree_clear, seqs = [], [], 0
         for r in range(reps):
             d, _, _, s = decide(lm, qs, replace(m.settings, seed=1000 + r), 256)
             agree += [x == t for x, t in zip(d, truth)]
@@ -112,10 +119,20 @@ def agreement(lm, qs, reps: int, log) -> tuple[list[dict], dict]:
             seqs += s
         n = len(agree)
         rate = sum(agree) / n
-        rows.append({"method": m.name, "agreement": rate, "agreement_se": math.sqrt(rate * (1 - rate) / n),
-                     "agreement_clear": sum(agree_clear) / max(len(agree_clear), 1),
-                     "forward_per_question": seqs / (len(qs) * reps), "decisions": n})
-        log(f"{m.name}: agreement {rate:.3f}, forward passes per question {rows[-1]['forward_per_question']:.0f}")
+        rows.append(
+            {
+                "method": m.name,
+                "agreement": rate,
+                "agreement_se": math.sqrt(rate * (1 - rate) / n),
+                "agreement_clear": sum(agree_clear) / max(len(agree_clear), 1),
+                "forward_per_question": seqs / (len(qs) * reps),
+                "decisions": n,
+            }
+        )
+        log(
+            f"{m.name}: agreement {rate:.3f}, "
+            f"forward passes per question {rows[-1]['forward_per_question']:.0f}"
+        )
     return rows, gt
 
 
@@ -148,7 +165,9 @@ class LLaDALoop(LM):
         total = 0.0
         for _ in range(self.mc_num // self.batch):
             k = int(torch.randint(1, L + 1, (), generator=self.g))
-            x = torch.round(torch.linspace(float(k), k + (self.batch - 1) * (L / self.batch), self.batch)).long()
+            x = torch.round(
+                torch.linspace(float(k), k + (self.batch - 1) * (L / self.batch), self.batch)
+            ).long()
             x = ((x - 1) % L) + 1
             is_mask = torch.arange(L).repeat(self.batch, 1) < x[:, None]
             is_mask = torch.stack([row[torch.randperm(L, generator=self.g)] for row in is_mask])
@@ -174,7 +193,7 @@ class LLaDALoop(LM):
             ids = torch.tensor([self.inner.tok_encode(ctx)])
             n = int(kw.get("max_gen_toks", 128))
             x = generate(self.inner.model, ids, self.inner.mask_token_id, gen_length=n, steps=n)
-            out.append(self.inner._answer(x[0, ids.shape[1]:].tolist(), list(kw.get("until", []))))
+            out.append(self.inner._answer(x[0, ids.shape[1] :].tolist(), list(kw.get("until", []))))
         return out
 
 
@@ -188,8 +207,15 @@ def wall_times(inner: VRPOEvalLM, limits: dict, reps: int, log) -> list[dict]:
             for name in times:  # interleaved
                 lm = VRPOEvalLM(toy_sft_path()) if name == "vrpo" else LLaDALoop(inner, seed=r)
                 t0 = time.perf_counter()
-                res = simple_evaluate(model=lm, tasks=[task], limit=limit, apply_chat_template=True, task_manager=tm,
-                                      log_samples=False, verbosity="ERROR")
+                res = simple_evaluate(
+                    model=lm,
+                    tasks=[task],
+                    limit=limit,
+                    apply_chat_template=True,
+                    task_manager=tm,
+                    log_samples=False,
+                    verbosity="ERROR",
+                )
                 times[name].append(time.perf_counter() - t0)
                 table = res["groups"].get(task) if res.get("groups") else None
                 table = table or res["results"][task]
@@ -197,43 +223,73 @@ def wall_times(inner: VRPOEvalLM, limits: dict, reps: int, log) -> list[dict]:
                 log(f"{task} {name} run {r}: {times[name][-1]:.1f} s, score {scores[name]:.3f}")
         for name, ts in times.items():
             med, p20, p80 = median_p20_p80(ts)
-            rows.append({"task": task, "limit": limit, "model": name, "median_s": med, "p20_s": p20, "p80_s": p80,
-                         "score": scores[name], "runs": len(ts)})
+            rows.append(
+                {
+                    "task": task,
+                    "limit": limit,
+                    "model": name,
+                    "median_s": med,
+                    "p20_s": p20,
+                    "p80_s": p80,
+                    "score": scores[name],
+                    "runs": len(ts),
+                }
+            )
     return rows
 
 
 def write_md(path, args, agree_rows, gt, wall_rows, seconds):
     llada = agree_rows[0]
     lines = [
-        "# Multiple-choice likelihoods: agreement, forward passes and wall time (`benchmarks/eval_mc.py`)", "",
-        f"Generated by `python -m benchmarks.eval_mc{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` on "
-        f"{datetime.date.today()} ({machine()}); {seconds:.0f} s in all.", "",
-        f"## Agreement with a {GT_SAMPLES}-sample decision", "",
-        f"{args.questions} questions (the first documents of `vrpo_sort_mc`, chat template, the shipped tiny SFT "
-        f"LLaDA), each decided {args.repeats} times per method with fresh seeds. Ground truth: {GT_SAMPLES} "
-        f"samples per choice ({gt['seconds']:.0f} s); {gt['clear']} of the {args.questions} questions are clear "
-        f"(top-two gap > {CLEAR_MARGIN:g} standard errors). Forward passes: masked sequences scored per question "
-        "(4 choices).", "",
-        "| method | forward passes / question | vs LLaDA-128 | agreement (all) | agreement (clear questions) |",
+        "# Multiple-choice likelihoods: agreement, forward passes and wall time (`benchmarks/eval_mc.py`)",
+        "",
+        f"Generated by `python -m benchmarks.eval_mc{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` "
+        "on "
+        f"{datetime.date.today()} ({machine()}); {seconds:.0f} s in all.",
+        "",
+        f"## Agreement with a {GT_SAMPLES}-sample decision",
+        "",
+        f"{args.questions} questions (the first documents of `vrpo_sort_mc`, chat template, the shipped "
+        f"tiny SFT LLaDA), each decided {args.repeats} times per method with fresh seeds. Ground truth: "
+        f"{GT_SAMPLES} samples per choice ({gt['seconds']:.0f} s); {gt['clear']} of the {args.questions} "
+        f"questions are clear (top-two gap > {CLEAR_MARGIN:g} standard errors). Forward passes: masked "
+        "sequences scored per question (4 choices).",
+        "",
+        "| method | forward passes / question | vs LLaDA-128 | agreement (all) "
+        "| agreement (clear questions) |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in agree_rows:
-        lines.append(f"| {r['method']} | {r['forward_per_question']:.0f} | "
-                     f"{llada['forward_per_question'] / r['forward_per_question']:.1f}x fewer | "
-                     f"{r['agreement']:.3f} ± {r['agreement_se']:.3f} | {r['agreement_clear']:.3f} |")
-    lines += ["", "± is the binomial standard error over the (question, repeat) decisions; with few questions "
-              "the decisions of one question are correlated across repeats, so differences under ~2 of them "
-              "are noise.", "", "## Wall time of a whole lm-eval run", "",
-              "`simple_evaluate` with the chat template; `vrpo`: the harness model with its defaults (adaptive "
-              "likelihoods, batch 32); LLaDA's loop: one request at a time, 128 samples in mini-batches of 32. "
-              f"Medians of {args.wall_repeats} interleaved runs (p20-p80).", "",
-              "| task | documents | model | wall time (s) | score |", "|---|---:|---|---:|---:|"]
+        lines.append(
+            f"| {r['method']} | {r['forward_per_question']:.0f} | "
+            f"{llada['forward_per_question'] / r['forward_per_question']:.1f}x fewer | "
+            f"{r['agreement']:.3f} ± {r['agreement_se']:.3f} | {r['agreement_clear']:.3f} |"
+        )
+    lines += [
+        "",
+        "± is the binomial standard error over the (question, repeat) decisions; with few questions "
+        "the decisions of one question are correlated across repeats, so differences under ~2 of them "
+        "are noise.",
+        "",
+        "## Wall time of a whole lm-eval run",
+        "",
+        "`simple_evaluate` with the chat template; `vrpo`: the harness model with its defaults (adaptive "
+        "likelihoods, batch 32); LLaDA's loop: one request at a time, 128 samples in mini-batches of 32. "
+        f"Medians of {args.wall_repeats} interleaved runs (p20-p80).",
+        "",
+        "| task | documents | model | wall time (s) | score |",
+        "|---|---:|---|---:|---:|",
+    ]
     for r in wall_rows:
-        lines.append(f"| {r['task']} | {r['limit']} | {r['model']} | {r['median_s']:.1f} ({r['p20_s']:.1f}-"
-                     f"{r['p80_s']:.1f}) | {r['score']:.3f} |")
+        lines.append(
+            f"| {r['task']} | {r['limit']} | {r['model']} | {r['median_s']:.1f} ({r['p20_s']:.1f}-"
+            f"{r['p80_s']:.1f}) | {r['score']:.3f} |"
+        )
     for task in dict.fromkeys(r["task"] for r in wall_rows):
         a, b = [r for r in wall_rows if r["task"] == task]
-        lines.append(f"\n{task}: the `vrpo` model is {b['median_s'] / a['median_s']:.1f}x faster than LLaDA's loop.")
+        lines.append(
+            f"\n{task}: the `vrpo` model is {b['median_s'] / a['median_s']:.1f}x faster than LLaDA's loop."
+        )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -244,8 +300,12 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS_DIR)
     p.add_argument("--questions", type=int, default=None, help="multiple-choice questions (default 10)")
     p.add_argument("--repeats", type=int, default=None, help="decisions per question and method (default 4)")
-    p.add_argument("--mc_limit", type=int, default=None, help="documents of the MC wall-time run (default 32)")
-    p.add_argument("--gen_limit", type=int, default=None, help="documents per length of the generation run (8)")
+    p.add_argument(
+        "--mc_limit", type=int, default=None, help="documents of the MC wall-time run (default 32)"
+    )
+    p.add_argument(
+        "--gen_limit", type=int, default=None, help="documents per length of the generation run (8)"
+    )
     p.add_argument("--wall_repeats", type=int, default=None, help="interleaved wall-time runs (default 2)")
     args = p.parse_args(argv)
     full = dict(questions=10, repeats=4, mc_limit=32, gen_limit=8, wall_repeats=2)
@@ -263,12 +323,30 @@ def main(argv=None):
     log = lambda s: print(f"[{time.perf_counter() - t0:6.0f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
     inner = VRPOEvalLM(toy_sft_path())
     agree_rows, gt = agreement(inner, questions(inner, args.questions), args.repeats, log)
-    wall_rows = wall_times(inner, {"vrpo_sort_mc": args.mc_limit, "vrpo_sort_gen": args.gen_limit},
-                           args.wall_repeats, log)
+    wall_rows = wall_times(
+        inner, {"vrpo_sort_mc": args.mc_limit, "vrpo_sort_gen": args.gen_limit}, args.wall_repeats, log
+    )
     seconds = time.perf_counter() - t0
-    write_csv(agree_rows + wall_rows, os.path.join(out, "eval_mc.csv"),
-              ["method", "forward_per_question", "agreement", "agreement_se", "agreement_clear", "decisions",
-               "task", "limit", "model", "median_s", "p20_s", "p80_s", "score", "runs"])
+    write_csv(
+        agree_rows + wall_rows,
+        os.path.join(out, "eval_mc.csv"),
+        [
+            "method",
+            "forward_per_question",
+            "agreement",
+            "agreement_se",
+            "agreement_clear",
+            "decisions",
+            "task",
+            "limit",
+            "model",
+            "median_s",
+            "p20_s",
+            "p80_s",
+            "score",
+            "runs",
+        ],
+    )
     write_md(os.path.join(out, "eval_mc.md"), args, agree_rows, gt, wall_rows, seconds)
     print(open(os.path.join(out, "eval_mc.md")).read())
 

@@ -24,7 +24,9 @@ def toy_terms(model: ToyMDM):
     def terms(ids, resp, masked, weight):
         out = torch.empty(weight.shape)
         ends = (resp.long() * torch.arange(1, resp.shape[1] + 1)).amax(-1)
-        for n in ends.unique().tolist():  # rows of one length together, unpadded (the toy has no attention mask)
+        for (
+            n
+        ) in ends.unique().tolist():  # rows of one length together, unpadded (the toy has no attention mask)
             rows = (ends == n).nonzero()[:, 0]
             m = masked[rows, :, :n]
             draw = MaskDraw(m, weight[rows], m.sum(-1).float(), SamplingPlan(n_t=m.shape[1]))
@@ -38,7 +40,7 @@ def request(ids, resp, b, group):
     row, r = ids[b].tolist(), resp[b]
     P = int(r.nonzero()[0, 0])
     L = int(r.sum())
-    return LikelihoodRequest(tuple(row[:P]), tuple(row[P:P + L]), group)
+    return LikelihoodRequest(tuple(row[:P]), tuple(row[P : P + L]), group)
 
 
 def exact_unpadded(model, ids, resp):
@@ -46,7 +48,7 @@ def exact_unpadded(model, ids, resp):
     out = []
     for b in range(ids.shape[0]):
         n = int(resp[b].nonzero()[-1, 0]) + 1
-        out.append(exact_elbo(model.logp, ids[b:b + 1, :n], resp[b:b + 1, :n], model.mask_token_id))
+        out.append(exact_elbo(model.logp, ids[b : b + 1, :n], resp[b : b + 1, :n], model.mask_token_id))
     return torch.cat(out)
 
 
@@ -57,8 +59,11 @@ def replicate(settings, model, ids, resp, K):
     return torch.tensor([e.mean for e in est], dtype=torch.float64).view(K, -1).T
 
 
-@pytest.mark.parametrize("settings", [MCSettings(mc_num=4), MCSettings(mc_num=3), MCSettings(mc_num=4, crn=False)],
-                         ids=["crn4", "crn3", "independent4"])
+@pytest.mark.parametrize(
+    "settings",
+    [MCSettings(mc_num=4), MCSettings(mc_num=3), MCSettings(mc_num=4, crn=False)],
+    ids=["crn4", "crn3", "independent4"],
+)
 def test_fixed_budget_is_unbiased_against_exact_enumeration(settings):
     model = ToyMDM(seed=4)
     ids, resp = toy_batch([2, 3], [3, 4], seed=4, pad_to=8)  # two contexts' continuations
@@ -100,8 +105,8 @@ def shared_quantile_ok(levels_a, L_a, levels_b, L_b, R) -> bool:
     ``[R (l - 1) / L - j, R l / L - j)``; the intersection over all samples of both must be non-empty."""
     lo, hi = 0.0, 1.0
     for levels, L in ((levels_a, L_a), (levels_b, L_b)):
-        for j, l in enumerate(levels.tolist()):
-            lo, hi = max(lo, R * (l - 1) / L - j), min(hi, R * l / L - j)
+        for j, level in enumerate(levels.tolist()):
+            lo, hi = max(lo, R * (level - 1) / L - j), min(hi, R * level / L - j)
     return lo < hi
 
 
@@ -110,13 +115,14 @@ def crn_draws(crn: bool, R: int = 16):
     ctx = (1, 2, 3)
     conts = [(4, 5, 4, 5, 4), (5, 4, 5, 4, 4), (4, 4, 5)]  # two of length 5, one of length 3
     LikelihoodEstimator(rec, MCSettings(mc_num=R, crn=crn)).estimate(
-        [LikelihoodRequest(ctx, c, group="q") for c in conts])
+        [LikelihoodRequest(ctx, c, group="q") for c in conts]
+    )
     return {cont: (m, w) for cont, m, w in rec.rows}, conts
 
 
 def test_choices_of_one_context_share_levels_and_masks():
     draws, (a, b, c) = crn_draws(crn=True)
-    (ma, wa), (mb, wb), (mc, wc) = draws[a], draws[b], draws[c]
+    (ma, wa), (mb, wb), (mc, _) = draws[a], draws[b], draws[c]
     assert torch.equal(ma, mb) and torch.equal(wa, wb)  # same length: same masks
     assert shared_quantile_ok(ma.sum(-1), 5, mc.sum(-1), 3, 16)  # other length: same quantiles
     assert len(set(ma.sum(-1).tolist())) > 1  # and the levels do vary across samples
@@ -152,7 +158,9 @@ class Scripted:
     def __call__(self, ids, resp, masked, weight):
         first = torch.stack([ids[b][resp[b]][0] for b in range(ids.shape[0])])
         z = torch.randn(weight.shape, generator=self.g, dtype=torch.float64)
-        return (torch.tensor(self.mean)[first][:, None] + torch.tensor(self.noise)[first][:, None] * z).float()
+        return (
+            torch.tensor(self.mean)[first][:, None] + torch.tensor(self.noise)[first][:, None] * z
+        ).float()
 
 
 def adaptive_n(mean, noise, **kw):
@@ -203,11 +211,17 @@ def test_standard_error_is_the_spread_of_the_mean():
     assert 0.7 * means.std() <= mean_se <= 2.0 * means.std(), (float(means.std()), mean_se)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(scheme="mdlm"), "mc_scheme"), (dict(mc_num=1), "mc_num"), (dict(mc_target_se=0.0), "mc_target_se"),
-    (dict(mc_round=1), "mc_round"), (dict(mc_max=4, mc_round=8), "mc_max"),
-    (dict(scheme="llada", mc_num=100, mc_batch=32), "mc_batch"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(scheme="mdlm"), "mc_scheme"),
+        (dict(mc_num=1), "mc_num"),
+        (dict(mc_target_se=0.0), "mc_target_se"),
+        (dict(mc_round=1), "mc_round"),
+        (dict(mc_max=4, mc_round=8), "mc_max"),
+        (dict(scheme="llada", mc_num=100, mc_batch=32), "mc_batch"),
+    ],
+)
 def test_bad_settings_name_the_argument(kw, match):
     with pytest.raises(ValueError, match=match):
         MCSettings(**kw)
@@ -222,8 +236,12 @@ def test_llada_scheme_reproduces_its_rounding_bias():
     # LLaDA's counts round(k + i L / b) are not uniform on 1..L when b does not divide L (torch.round
     # rounds half to even): L=3, b=2 gives k=1: (1, 2), k=2: (2, 1), k=3: (3, 1), so P(l) = 1/2, 1/3, 1/6.
     # mc_scheme=llada reproduces the scheme, bias included.
-    counts = torch.cat([lk.llada_draw(MCSettings(scheme="llada", mc_num=2, mc_batch=2), f"g{s}", 0, 0, 3, 2)[0].sum(-1)
-                        for s in range(3000)])
+    counts = torch.cat(
+        [
+            lk.llada_draw(MCSettings(scheme="llada", mc_num=2, mc_batch=2), f"g{s}", 0, 0, 3, 2)[0].sum(-1)
+            for s in range(3000)
+        ]
+    )
     freq = torch.bincount(counts, minlength=4)[1:].double() / counts.numel()
     assert torch.allclose(freq, torch.tensor([1 / 2, 1 / 3, 1 / 6], dtype=torch.float64), atol=0.02), freq
 

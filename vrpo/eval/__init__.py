@@ -26,5 +26,13 @@ def task_manager(include_path: list[str] | None = None, **kwargs) -> TaskManager
     return TaskManager(include_path=[TASKS_DIR, *(include_path or [])], **kwargs)
 
 
-__all__ = ["Estimate", "LikelihoodEstimator", "LikelihoodRequest", "MCSettings", "TASKS_DIR", "VRPOEvalLM",
-           "attach_stats", "task_manager"]
+__all__ = [
+    "Estimate",
+    "LikelihoodEstimator",
+    "LikelihoodRequest",
+    "MCSettings",
+    "TASKS_DIR",
+    "VRPOEvalLM",
+    "attach_stats",
+    "task_manager",
+]

@@ -23,15 +23,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vrpo.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model_name_or_path", required=True, help="checkpoint directory (any supported family)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--include_path", action="append", default=[], help="a directory of task YAMLs (repeatable)")
+    p.add_argument(
+        "--include_path", action="append", default=[], help="a directory of task YAMLs (repeatable)"
+    )
     p.add_argument("--num_fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     p.add_argument("--batch_size", type=int, default=32, help="requests per forward (default 32)")
     p.add_argument("--output_path", default=None, help="where lm-eval writes results (and samples)")
     p.add_argument("--apply_chat_template", action="store_true")
     p.add_argument("--model_args", default="", help="k=v,... for the vrpo model (mc_num, gen_length, ...)")
-    p.add_argument("--log_samples", action="store_true", help="save every request's output, with the ELBO's "
-                   "standard error and sample count (field 'vrpo'); needs --output_path")
+    p.add_argument(
+        "--log_samples",
+        action="store_true",
+        help="save every request's output, with the ELBO's "
+        "standard error and sample count (field 'vrpo'); needs --output_path",
+    )
     args = p.parse_args(argv)
     if args.log_samples and not args.output_path:
         p.error("--log_samples needs --output_path")
@@ -56,9 +62,14 @@ def main(argv=None) -> int:
         return 2
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
     results = simple_evaluate(
-        model=lm, tasks=args.tasks.split(","), num_fewshot=args.num_fewshot, limit=args.limit,
-        log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
-        task_manager=task_manager(args.include_path), evaluation_tracker=tracker,
+        model=lm,
+        tasks=args.tasks.split(","),
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        log_samples=args.log_samples,
+        apply_chat_template=args.apply_chat_template,
+        task_manager=task_manager(args.include_path),
+        evaluation_tracker=tracker,
     )
     gathered = lm.gather_object((lm.sample_stats, lm.estimator.sequences))  # every process must take part
     if results is None:  # not the first process
@@ -72,9 +83,11 @@ def main(argv=None) -> int:
         if args.log_samples:
             for task_name in results["configs"]:
                 tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-    print(f"vrpo ({args.model_name_or_path}, {args.model_args or 'default settings'}), limit: {args.limit}, "
-          f"num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}, "
-          f"processes: {lm.world_size}, likelihood forward sequences: {sequences}")
+    print(
+        f"vrpo ({args.model_name_or_path}, {args.model_args or 'default settings'}), limit: {args.limit}, "
+        f"num_fewshot: {args.num_fewshot}, batch_size: {args.batch_size}, "
+        f"processes: {lm.world_size}, likelihood forward sequences: {sequences}"
+    )
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))

@@ -83,15 +83,20 @@ class MCSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.mc_num is not None and (isinstance(self.mc_num, bool) or not isinstance(self.mc_num, int)
-                                        or self.mc_num < 2):
-            raise ValueError(f"mc_num must be an integer >= 2 (a standard error needs two samples), got {self.mc_num!r}")
+        if self.mc_num is not None and (
+            isinstance(self.mc_num, bool) or not isinstance(self.mc_num, int) or self.mc_num < 2
+        ):
+            raise ValueError(
+                f"mc_num must be an integer >= 2 (a standard error needs two samples), got {self.mc_num!r}"
+            )
         if not (isinstance(self.mc_target_se, (int, float)) and self.mc_target_se > 0):
             raise ValueError(f"mc_target_se must be a positive number of nats, got {self.mc_target_se!r}")
         if self.mc_max < self.mc_round:
             raise ValueError(f"mc_max={self.mc_max} must be at least mc_round={self.mc_round}")
         if self.scheme == "llada" and self.budget % self.mc_batch:
-            raise ValueError(f"mc_scheme=llada: mc_num={self.budget} must be a multiple of mc_batch={self.mc_batch}")
+            raise ValueError(
+                f"mc_scheme=llada: mc_num={self.budget} must be a multiple of mc_batch={self.mc_batch}"
+            )
 
     @property
     def adaptive(self) -> bool:
@@ -178,7 +183,11 @@ def crn_draw(settings: MCSettings, group: str, member: int, round_no: int, lengt
 
     The quantiles depend on ``(seed, group, round)`` only and the mask order on ``(..., length)``, so the
     continuations of a group share both (``member`` enters only when ``settings.crn`` is off)."""
-    tag = (settings.seed, group, round_no) if settings.crn else (settings.seed, group, round_no, "member", member)
+    tag = (
+        (settings.seed, group, round_no)
+        if settings.crn
+        else (settings.seed, group, round_no, "member", member)
+    )
     offset = torch.rand((), generator=_generator(*tag, "levels"), dtype=torch.float64)
     u = (torch.arange(size, dtype=torch.float64) + offset) / size
     levels = torch.clamp(torch.floor(u * length) + 1, max=length).long()
@@ -192,7 +201,9 @@ def llada_draw(settings: MCSettings, group: str, member: int, round_no: int, len
     ``round(linspace(k, k + (b - 1) L / b, b))`` wrapped into ``1..L``, an independent permutation each."""
     g = _generator(settings.seed, group, member, round_no, "llada")
     k = int(torch.randint(1, length + 1, (), generator=g))
-    counts = torch.round(torch.linspace(float(k), k + (size - 1) * (length / size), size, dtype=torch.float64))
+    counts = torch.round(
+        torch.linspace(float(k), k + (size - 1) * (length / size), size, dtype=torch.float64)
+    )
     counts = ((counts.long() - 1) % length) + 1
     masked = _ranked(torch.rand((size, length), generator=g, dtype=torch.float64)) < counts[:, None]
     return masked, (length / counts).float()

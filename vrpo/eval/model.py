@@ -58,13 +58,21 @@ def _load_tokenizer(pretrained: str, tokenizer: str | None):
     """The checkpoint's tokenizer (or ``tokenizer=``); the shipped toy model's is built (it ships none)."""
     path = tokenizer or pretrained
     has_files = os.path.isdir(path) and any(
-        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-    if tokenizer is None and not has_files and os.path.realpath(pretrained) == os.path.realpath(toy_sft_path()):
+        os.path.exists(os.path.join(path, f))
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    )
+    if (
+        tokenizer is None
+        and not has_files
+        and os.path.realpath(pretrained) == os.path.realpath(toy_sft_path())
+    ):
         return toy_tokenizer()
     try:
         return load_tokenizer(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"model argument tokenizer: no usable tokenizer at {path} ({e}); pass tokenizer=PATH") from e
+        raise ValueError(
+            f"model argument tokenizer: no usable tokenizer at {path} ({e}); pass tokenizer=PATH"
+        ) from e
 
 
 @register_model("vrpo")
@@ -88,12 +96,31 @@ class VRPOEvalLM(LM):
             confident first); off: ``is_greedy`` is reported False, as LLaDA recommends.
     """
 
-    def __init__(self, pretrained: str, tokenizer: str | None = None, dtype: str = "float32",
-                 attn_implementation: str = "sdpa", device: str | None = None, batch_size=32,
-                 max_batch_size=None, mc_scheme: str = "crn", mc_num=None, mc_target_se=MCSettings.mc_target_se,
-                 mc_max=MCSettings.mc_max, mc_round=MCSettings.mc_round, mc_batch=MCSettings.mc_batch,
-                 crn=True, seed=MCSettings.seed, max_length=None, gen_length=None, steps=None, block_length=None,
-                 temperature=0.0, greedy_check=False, **kwargs):
+    def __init__(
+        self,
+        pretrained: str,
+        tokenizer: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        device: str | None = None,
+        batch_size=32,
+        max_batch_size=None,
+        mc_scheme: str = "crn",
+        mc_num=None,
+        mc_target_se=MCSettings.mc_target_se,
+        mc_max=MCSettings.mc_max,
+        mc_round=MCSettings.mc_round,
+        mc_batch=MCSettings.mc_batch,
+        crn=True,
+        seed=MCSettings.seed,
+        max_length=None,
+        gen_length=None,
+        steps=None,
+        block_length=None,
+        temperature=0.0,
+        greedy_check=False,
+        **kwargs,
+    ):
         super().__init__()
         if kwargs:
             raise ValueError(f"unknown model arguments for vrpo: {sorted(kwargs)}")
@@ -103,22 +130,43 @@ class VRPOEvalLM(LM):
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
         self.settings = MCSettings(
-            scheme=mc_scheme, mc_num=_optional_int(mc_num, "mc_num"), mc_target_se=float(mc_target_se),
-            mc_max=int(mc_max), mc_round=int(mc_round), mc_batch=int(mc_batch), crn=_flag(crn), seed=int(seed))
+            scheme=mc_scheme,
+            mc_num=_optional_int(mc_num, "mc_num"),
+            mc_target_se=float(mc_target_se),
+            mc_max=int(mc_max),
+            mc_round=int(mc_round),
+            mc_batch=int(mc_batch),
+            crn=_flag(crn),
+            seed=int(seed),
+        )
         self._setup_device(device)
-        self.model = load_mdm(pretrained, dtype=resolve_dtype(dtype) if dtype != "auto" else None,
-                              attn_implementation=attn_implementation).to(self._device).eval()
+        self.model = (
+            load_mdm(
+                pretrained,
+                dtype=resolve_dtype(dtype) if dtype != "auto" else None,
+                attn_implementation=attn_implementation,
+            )
+            .to(self._device)
+            .eval()
+        )
         self.family = family_of(self.model)
         self.tokenizer = _load_tokenizer(pretrained, tokenizer)
         self.mask_token_id = int(self.model.config.mask_token_id)
-        self.max_length = _optional_int(max_length, "max_length") or int(self.model.config.max_position_embeddings)
-        self.gen = dict(gen_length=_optional_int(gen_length, "gen_length"), steps=_optional_int(steps, "steps"),
-                        block_length=_optional_int(block_length, "block_length"), temperature=float(temperature))
+        self.max_length = _optional_int(max_length, "max_length") or int(
+            self.model.config.max_position_embeddings
+        )
+        self.gen = dict(
+            gen_length=_optional_int(gen_length, "gen_length"),
+            steps=_optional_int(steps, "steps"),
+            block_length=_optional_int(block_length, "block_length"),
+            temperature=float(temperature),
+        )
         self.greedy_check = _flag(greedy_check)
         self.pretrained = pretrained
         self.sample_stats: dict[tuple, dict] = {}
-        self.estimator = LikelihoodEstimator(self._terms, self.settings,
-                                             max_sequences=self.batch_size * self.settings.round_size)
+        self.estimator = LikelihoodEstimator(
+            self._terms, self.settings, max_sequences=self.batch_size * self.settings.round_size
+        )
 
     # ------------------------------------------------------------------ processes and devices
 
@@ -158,8 +206,9 @@ class VRPOEvalLM(LM):
         return self.tokenizer.chat_template if chat_template else None
 
     def apply_chat_template(self, chat_history, add_generation_prompt=True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def _bos(self) -> list[int]:
         """What starts a raw-text sequence: BOS where the family's raw text has it (LLaDA), else nothing."""
@@ -182,20 +231,22 @@ class VRPOEvalLM(LM):
             prefix = self._bos() or [self.tokenizer.eos_token_id]
             return prefix, self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
-        if whole[:len(ctx)] == ctx:
-            return ctx, whole[len(ctx):]
+        if whole[: len(ctx)] == ctx:
+            return ctx, whole[len(ctx) :]
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         whole, ctx = self.tok_encode(context + continuation), self.tok_encode(context)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     def _fit(self, context: list[int], continuation: list[int]) -> tuple[int, ...]:
         """The context, cut from the left so that context + continuation fits ``max_length``."""
         room = self.max_length - len(continuation)
         if room < 1:
-            raise ValueError(f"a continuation of {len(continuation)} tokens leaves no room for its context "
-                             f"within max_length={self.max_length}")
+            raise ValueError(
+                f"a continuation of {len(continuation)} tokens leaves no room for its context "
+                f"within max_length={self.max_length}"
+            )
         return tuple(context[-room:])
 
     # ------------------------------------------------------------------ likelihoods
@@ -208,12 +259,23 @@ class VRPOEvalLM(LM):
         lengths = (resp.long() * torch.arange(1, resp.shape[1] + 1)).amax(-1)  # rows are right-padded
         n = masked.shape[1]
         draw = MaskDraw(masked.to(dev), weight.to(dev), masked.sum(-1).float().to(dev), SamplingPlan(n_t=n))
-        return packed_elbo_terms(self.model, ids.to(dev), resp.to(dev), draw, self.mask_token_id,
-                                 lengths=lengths.to(dev), row_length=int(lengths.max()))
+        return packed_elbo_terms(
+            self.model,
+            ids.to(dev),
+            resp.to(dev),
+            draw,
+            self.mask_token_id,
+            lengths=lengths.to(dev),
+            row_length=int(lengths.max()),
+        )
 
     def _record(self, req: Instance, est: Estimate, **extra):
         self.sample_stats[(req.task_name, req.doc_id, req.idx)] = {
-            "elbo": est.mean, "elbo_se": est.se, "mc_samples": est.n, **extra}
+            "elbo": est.mean,
+            "elbo_se": est.se,
+            "mc_samples": est.n,
+            **extra,
+        }
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """``(ELBO, is_greedy)`` per request; continuations of one context share random numbers."""
@@ -239,8 +301,10 @@ class VRPOEvalLM(LM):
         groups = list(by_group.values())
         out: list[Estimate | None] = [None] * len(items)
         step = max(1, self.batch_size * 8)
-        for start in tqdm(range(0, len(groups), step), desc=f"vrpo {what}", disable=disable_tqdm or self._rank):
-            ks = [k for g in groups[start:start + step] for k in g]
+        for start in tqdm(
+            range(0, len(groups), step), desc=f"vrpo {what}", disable=disable_tqdm or self._rank
+        ):
+            ks = [k for g in groups[start : start + step] for k in g]
             for k, est in zip(ks, self.estimator.estimate([items[k] for k in ks])):
                 out[k] = est
         return out
@@ -256,17 +320,21 @@ class VRPOEvalLM(LM):
                 raise ValueError(f"loglikelihood_rolling: request {r} has an empty text")
             width = self.max_length - len(prefix)
             for w, start in enumerate(range(0, len(ids), width)):
-                items.append(LikelihoodRequest(tuple(prefix), tuple(ids[start:start + width]), group=f"{r}/{w}/{req.args[0]}"))
+                items.append(
+                    LikelihoodRequest(
+                        tuple(prefix), tuple(ids[start : start + width]), group=f"{r}/{w}/{req.args[0]}"
+                    )
+                )
                 owner.append(r)
         estimates = self._estimate(items, "loglikelihood_rolling", disable_tqdm)
         totals = [[0.0, 0.0, 0] for _ in requests]
         for r, est in zip(owner, estimates):
             totals[r][0] += est.mean
-            totals[r][1] += est.se ** 2
+            totals[r][1] += est.se**2
             totals[r][2] += est.n
         out = []
         for req, (mean, var, n) in zip(requests, totals):
-            self._record(req, Estimate(mean, var ** 0.5, n))
+            self._record(req, Estimate(mean, var**0.5, n))
             out.append(mean)
         return out
 
@@ -320,9 +388,12 @@ class VRPOEvalLM(LM):
         sequence or special token."""
         out: list[str | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].args[0]))
-        for start in tqdm(range(0, len(order), self.batch_size), desc="vrpo generate_until",
-                          disable=disable_tqdm or self._rank):
-            batch = order[start:start + self.batch_size]
+        for start in tqdm(
+            range(0, len(order), self.batch_size),
+            desc="vrpo generate_until",
+            disable=disable_tqdm or self._rank,
+        ):
+            batch = order[start : start + self.batch_size]
             by_kwargs = defaultdict(list)
             for i in batch:
                 by_kwargs[repr(sorted(requests[i].args[1].items()))].append(i)
@@ -330,7 +401,9 @@ class VRPOEvalLM(LM):
                 gen_kwargs = requests[members[0]].args[1]
                 until = gen_kwargs.get("until", [])
                 until = [until] if isinstance(until, str) else list(until)
-                answers = self._generate([requests[i].args[0] for i in members], self._sampler_kwargs(gen_kwargs))
+                answers = self._generate(
+                    [requests[i].args[0] for i in members], self._sampler_kwargs(gen_kwargs)
+                )
                 for i, ids in zip(members, answers):
                     out[i] = self._answer(ids, until)
         return out
@@ -340,15 +413,24 @@ class VRPOEvalLM(LM):
         room = self.max_length - kw["gen_length"]
         encoded = [self.tok_encode(c)[-room:] for c in contexts]
         P = max(map(len, encoded))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         ids = torch.full((len(encoded), P), pad, dtype=torch.long)
         attention = torch.zeros(len(encoded), P, dtype=torch.long)
         for b, e in enumerate(encoded):
-            ids[b, P - len(e):], attention[b, P - len(e):] = torch.tensor(e), 1
+            ids[b, P - len(e) :], attention[b, P - len(e) :] = torch.tensor(e), 1
         g = torch.Generator(device=self._device).manual_seed(draw_key(self.settings.seed, *contexts))
-        x = self.family.sampler(self.model, ids.to(self._device), self.mask_token_id,
-                                prompt_attention_mask=attention.to(self._device) if (attention == 0).any() else None,
-                                generator=g, **kw)
+        x = self.family.sampler(
+            self.model,
+            ids.to(self._device),
+            self.mask_token_id,
+            prompt_attention_mask=attention.to(self._device) if (attention == 0).any() else None,
+            generator=g,
+            **kw,
+        )
         return x[:, P:].tolist()
 
 

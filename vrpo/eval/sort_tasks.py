@@ -6,7 +6,8 @@ the hub). Rebuild them bit for bit with::
 
     python -m vrpo.eval.sort_tasks --overwrite
 
-* ``vrpo_sort_gen`` (a group of generate_until tasks, one per prompt length): the answer is graded by the demo's verifier (:func:`vrpo.toy.grade`):
+* ``vrpo_sort_gen`` (a group of generate_until tasks, one per prompt length): the answer is graded by
+  the demo's verifier (:func:`vrpo.toy.grade`):
   ``exact_match`` (exact sort) and ``credit`` (fraction of positions right).
 * ``vrpo_sort_mc`` (multiple_choice): the right sort among four candidates, the three others near misses
   (:func:`near_misses`).
@@ -115,7 +116,9 @@ def write(overwrite: bool = False) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vrpo.eval.sort_tasks", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vrpo.eval.sort_tasks", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
