@@ -40,10 +40,16 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 
 from benchmarks.common import machine, median_p20_p80, output_dir, write_csv
-from vrpo.eval import LikelihoodEstimator, LikelihoodRequest, MCSettings, VRPOEvalLM, task_manager
-from vrpo.eval.sort_tasks import MC_FILE, data_dir
-from vrpo.generate import generate
-from vrpo.toy import toy_sft_path
+from vrpo.eval import (
+    LikelihoodEstimator,
+    LikelihoodRequest,
+    MCSettings,
+    VRPOEvalLM,
+    task_manager,
+)
+from vrpo.models.samplers import generate
+from vrpo.tasks.sort.lm_eval import MC_FILE, data_dir
+from vrpo.tasks.sort.task import toy_sft_path
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GT_SAMPLES = 4096

@@ -804,11 +804,11 @@ class MaskSampling:
 
 
 def per_row_noisy_inputs(input_ids, response_mask, keys: list[int], plan, mask_token_id: int):
-    """The former keyed path, kept here only to compare with: ``vrpo.sampling.draw_masks_keyed``'s loop
+    """The former keyed path, kept here only to compare with: the former ``vrpo.sampling.draw_masks_keyed``'s loop
     (a ``torch.Generator`` per row on the CPU, ``draw_masks`` over the row's response positions, placed
     into the padded row, shipped to the device), then the mask token written there as the ELBO did
     (``noisy_inputs``). Returns (noisy ids, masked, weight)."""
-    from vrpo.sampling import draw_masks, response_lengths
+    from vrpo.estimator.sampling import draw_masks, response_lengths
 
     lengths = response_lengths(response_mask).tolist()
     resp_cpu = response_mask.cpu()
@@ -863,7 +863,7 @@ class Masks:
 
     @staticmethod
     def make_inputs(shape: dict, dtype, device: str) -> dict:
-        from vrpo.sampling import draw_key
+        from vrpo.estimator.sampling import draw_key
 
         g = torch.Generator().manual_seed(0)
         B, L = shape["B"], shape["L"]
@@ -895,7 +895,7 @@ class Masks:
     @classmethod
     def impls(cls, device: str) -> list[Impl]:
         from vrpo.estimator.noise import noisy_draw
-        from vrpo.sampling import SamplingPlan
+        from vrpo.estimator.sampling import SamplingPlan
 
         def per_row(x):
             plan = SamplingPlan(n_t=x["n"])

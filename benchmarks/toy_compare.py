@@ -77,7 +77,7 @@ def table(rows: list[dict], command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        "Greedy LLaDA sampling on the task's test prompts (`vrpo.toy.test_prompts()`): exact-sort accuracy "
+        "Greedy LLaDA sampling on the task's test prompts (`vrpo.tasks.sort.test_prompts()`): exact-sort accuracy "
         "(gen acc) and mean partial credit; preference accuracy (pref acc) of the policy's ELBO margin on the "
         "held-out pairs.",
         "",

@@ -360,13 +360,13 @@ def _pct(x):
 def setup_text(meta) -> str:
     """The paragraph that says what was measured."""
     if meta["base_steps"] > 0:
-        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.toy.toy_sft_path()`) after {meta['base_steps']} steps of "
+        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`) after {meta['base_steps']} steps of "
                f"the default run (`VRPOTrainer` on its own ranked answers to the sorting task; held-out preference accuracy "
                f"{_pct(meta.get('base_acc_before'))} -> {_pct(meta.get('base_acc_after'))}), the stand-in for LLaDA "
                f"8B Instruct. Policy: VRPO from the reference for {meta['train_steps']} more steps at learning rate "
                f"{meta['learning_rate']:g}")
     else:
-        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.toy.toy_sft_path()`). Policy: VRPO "
+        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`). Policy: VRPO "
                f"from it for {meta['train_steps']} steps at learning rate {meta['learning_rate']:g}")
     return (
         f"{ref} (held-out preference accuracy {_pct(meta.get('acc_before'))} -> {_pct(meta.get('acc_after'))}, "

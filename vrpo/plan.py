@@ -175,7 +175,7 @@ def _first_layer_prefix(params: dict) -> str:
 
 @dataclass(frozen=True)
 class Setup:
-    """The plan's own settings (the training settings are the :class:`~vrpo.config.VRPOConfig`)."""
+    """The plan's own settings (the training settings are the :class:`~vrpo.training.config.VRPOConfig`)."""
     num_gpus: int = 1
     gpu: str = "h100"
     gpu_memory_gb: float | None = None  # default: the GPU's

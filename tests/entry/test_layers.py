@@ -2,7 +2,8 @@
 
 Floors, from the ground up: ``vrpo_kernels`` (kernels; nothing from vrpo), ``vrpo.errors`` and ``vrpo.files``
 (what every layer may raise or write), ``vrpo.estimator`` (the maths), ``vrpo.models`` (LLaDA, Dream),
-``vrpo.training`` and ``vrpo.eval`` (runs), ``vrpo.tasks`` (plug-in tasks), and the entry points on top. The
+``vrpo.training`` and the evaluation modules of ``vrpo.eval`` (runs), ``vrpo.tasks`` (plug-in tasks), and the
+entry points on top. The
 imports are read from the source (module level and inside functions alike), so a function-level import
 cannot hide an arrow that runs up.
 """
@@ -21,10 +22,11 @@ FLOORS = {
     "vrpo.estimator": 2,
     "vrpo.models": 3,
     "vrpo.training": 4,
-    "vrpo.eval": 4,
+    "vrpo.eval.likelihood": 4,  # evaluation beside training; the vrpo.eval package itself is an entry point
+    "vrpo.eval.model": 4,
     "vrpo.tasks": 5,
 }
-ENTRY = 6  # vrpo/__init__.py, vrpo.train, vrpo.plan and the deprecated aliases
+ENTRY = 6  # vrpo/__init__.py, vrpo.train, vrpo.plan, vrpo.eval (and its CLI), the deprecated aliases
 
 
 def modules() -> dict[str, ast.Module]:

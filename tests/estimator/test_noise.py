@@ -441,7 +441,7 @@ def test_stratified_levels_lower_variance(impl):
 
 
 def test_noisy_draw_reads_like_a_mask_draw_and_takes_a_list_of_keys():
-    from vrpo.sampling import draw_key
+    from vrpo.estimator.sampling import draw_key
 
     ids, resp = toy_batch([2, 0], [4, 5], vocab=50)
     plan = SamplingPlan(n_t=3)

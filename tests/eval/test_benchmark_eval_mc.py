@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.eval_mc import LLaDALoop
 from vrpo.eval import LikelihoodEstimator, LikelihoodRequest, MCSettings, VRPOEvalLM
-from vrpo.toy import toy_sft_path
+from vrpo.tasks.sort.task import toy_sft_path
 
 
 def test_llada_loop_and_llada_scheme_agree():

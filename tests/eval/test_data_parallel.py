@@ -12,7 +12,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from vrpo.eval import VRPOEvalLM
-from vrpo.toy import toy_sft_path
+from vrpo.tasks.sort.task import toy_sft_path
 
 ARGS = [
     "-m",

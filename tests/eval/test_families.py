@@ -7,11 +7,11 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from vrpo.elbo import elbo_terms
+from vrpo.estimator.elbo import elbo_terms
+from vrpo.estimator.sampling import MaskDraw, SamplingPlan
 from vrpo.eval import VRPOEvalLM
 from vrpo.models import DREAM
-from vrpo.sampling import MaskDraw, SamplingPlan
-from vrpo.toy import toy_tokenizer
+from vrpo.tasks.sort.task import toy_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from lm_eval.api.instance import Instance
 
 from vrpo.eval import LikelihoodRequest, VRPOEvalLM, task_manager
 from vrpo.eval.__main__ import main
-from vrpo.toy import toy_sft_path
+from vrpo.tasks.sort.task import toy_sft_path
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_missing_tokenizer_is_named(tmp_path):
 
 
 def test_shipped_task_data_are_the_rebuilt_ones(tmp_path, monkeypatch):
-    from vrpo.eval import sort_tasks
+    from vrpo.tasks.sort import lm_eval as sort_tasks
 
     shipped = {
         n: open(os.path.join(sort_tasks.data_dir(), n)).read()

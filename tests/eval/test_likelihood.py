@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from vrpo import exact_elbo
-from vrpo.elbo import elbo_terms
+from vrpo.estimator.elbo import elbo_terms
+from vrpo.estimator.sampling import MaskDraw, SamplingPlan
 from vrpo.eval import likelihood as lk
 from vrpo.eval.likelihood import LikelihoodEstimator, LikelihoodRequest, MCSettings
-from vrpo.sampling import MaskDraw, SamplingPlan
 
 from ..test_elbo import assert_unbiased
 from ..toy import ToyMDM, toy_batch

@@ -130,6 +130,10 @@ def test_shipped_sft_folder_is_what_save_llada_writes_today(tmp_path):
     save_llada(load_llada(task.toy_sft_path(), attn_implementation="sdpa"), tmp_path / "m")
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / "m" / name).read_bytes() == (DATA / task.SFT_DIR / name).read_bytes(), name
+    # ... with the tokenizer the task builds, saved beside it (a checkpoint folder like any other).
+    task.toy_tokenizer().save_pretrained(tmp_path / "t")
+    for name in sorted(p.name for p in (tmp_path / "t").iterdir()):
+        assert (tmp_path / "t" / name).read_bytes() == (DATA / task.SFT_DIR / name).read_bytes(), name
 
 
 def test_package_data_globs_cover_the_shipped_files():

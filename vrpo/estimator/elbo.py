@@ -1,4 +1,4 @@
-"""Monte Carlo ELBO of a masked diffusion LM: ``B_hat(y|x)`` from a :class:`~vrpo.sampling.MaskDraw`.
+"""Monte Carlo ELBO of a masked diffusion LM: ``B_hat(y|x)`` from a :class:`~vrpo.estimator.sampling.MaskDraw`.
 
 Each sample ``j`` of row ``b`` replaces its masked response tokens with the mask token, runs the
 model bidirectionally on ``[prompt, masked response]``, and scores the hidden tokens:

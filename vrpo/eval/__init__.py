@@ -7,23 +7,23 @@ Importing this package registers the lm-eval model ``vrpo`` (:class:`VRPOEvalLM`
                             task_manager=vrpo.eval.task_manager())
 
 or from the shell: ``python -m vrpo.eval --model_name_or_path PATH --tasks vrpo_sort_mc,vrpo_sort_gen``.
-The shipped tasks (the sorting demo) live in :data:`TASKS_DIR`; the likelihood estimator is
-:mod:`vrpo.eval.likelihood`.
+The shipped tasks (the sorting demo's, :data:`TASKS_DIRS`) come from the task plug-ins; the likelihood
+estimator is :mod:`vrpo.eval.likelihood` and the lm-eval model :mod:`vrpo.eval.model` (the evaluation layer,
+beside training); this package is their user-facing entry, which also knows the tasks.
 """
-
-from importlib import resources
 
 from lm_eval.tasks import TaskManager
 
+from ..tasks.sort.lm_eval import TASKS_DIR as SORT_TASKS_DIR
 from .likelihood import Estimate, LikelihoodEstimator, LikelihoodRequest, MCSettings
 from .model import VRPOEvalLM, attach_stats
 
-TASKS_DIR = str(resources.files("vrpo.eval") / "tasks")
+TASKS_DIRS = (SORT_TASKS_DIR,)  # lm-eval task YAMLs shipped by the task plug-ins
 
 
 def task_manager(include_path: list[str] | None = None, **kwargs) -> TaskManager:
     """lm-eval's task manager with the shipped tasks (and ``include_path`` directories) added."""
-    return TaskManager(include_path=[TASKS_DIR, *(include_path or [])], **kwargs)
+    return TaskManager(include_path=[*TASKS_DIRS, *(include_path or [])], **kwargs)
 
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
     "LikelihoodEstimator",
     "LikelihoodRequest",
     "MCSettings",
-    "TASKS_DIR",
+    "TASKS_DIRS",
     "VRPOEvalLM",
     "attach_stats",
     "task_manager",

@@ -3,7 +3,7 @@
     python -m vrpo.eval --model_name_or_path vrpo/data_files/toy_sft --tasks vrpo_sort_mc,vrpo_sort_gen \\
         --apply_chat_template --model_args gen_length=16 --limit 64
 
-The shipped tasks (:data:`vrpo.eval.TASKS_DIR`) are always included; ``--include_path`` adds more. Under
+The shipped tasks (:data:`vrpo.eval.TASKS_DIRS`) are always included; ``--include_path`` adds more. Under
 ``accelerate launch`` each process evaluates its share of the documents; the first prints and saves.
 """
 

@@ -2,7 +2,7 @@
 standard error, common random numbers across the choices of one context, and an adaptive budget.
 
 Pure tensor maths: the model enters only through ``terms_fn`` (the per-sample ELBO terms of a batch,
-:func:`vrpo.elbo.packed_elbo_terms` in the harness model), so every rule here is tested with small stand-ins.
+:func:`vrpo.estimator.packed_elbo_terms` in the harness model), so every rule here is tested with small stand-ins.
 
 **The estimator** (``scheme="crn"``). For a continuation of ``L`` tokens, one sample draws a level
 ``l ~ U{1..L}``, masks ``l`` continuation tokens uniformly at random and scores them:
@@ -29,7 +29,7 @@ mini-batch of ``mc_batch`` samples one ``k ~ U{1..L}`` and the evenly spaced cou
 ``round(k + i L / mc_batch)`` wrapped into ``1..L``, an independent random permutation per sample, weight
 ``L / l``; ``mc_num`` samples (default 128).
 
-Every draw is seeded from ``(seed, group, round, ...)`` (:func:`vrpo.sampling.draw_key`), so an estimate does
+Every draw is seeded from ``(seed, group, round, ...)`` (:func:`vrpo.estimator.draw_key`), so an estimate does
 not depend on the batch, the order of requests or the process it lands in.
 """
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vrpo.sampling import draw_key
+from ..estimator import draw_key
 
 SCHEMES = ("crn", "llada")
 

@@ -3,7 +3,7 @@
 
 * ``loglikelihood``: the ELBO of each continuation (:mod:`vrpo.eval.likelihood`: l-uniform, stratified,
   common random numbers across the choices of a context, adaptive or fixed budget, or LLaDA's scheme),
-  many requests packed into each forward (:func:`vrpo.elbo.packed_elbo_terms`, fused head).
+  many requests packed into each forward (:func:`vrpo.estimator.packed_elbo_terms`, fused head).
 * ``loglikelihood_rolling``: the ELBO of the whole text, in windows of ``max_length`` tokens.
 * ``generate_until``: the family's sampler (:attr:`vrpo.models.ModelFamily.sampler`), batched, stop
   sequences honoured.
@@ -15,7 +15,6 @@ Each likelihood's standard error and sample count are kept in :attr:`VRPOEvalLM.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import accelerate
@@ -25,12 +24,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from vrpo.elbo import packed_elbo_terms
-from vrpo.models import family_of, load_mdm, resolve_dtype
-from vrpo.sampling import MaskDraw, SamplingPlan, draw_key
-from vrpo.tokenization import load_tokenizer
-from vrpo.toy import toy_sft_path, toy_tokenizer
-
+from ..estimator import MaskDraw, SamplingPlan, draw_key, packed_elbo_terms
+from ..models import family_of, load_mdm, load_tokenizer, resolve_dtype
 from .likelihood import Estimate, LikelihoodEstimator, LikelihoodRequest, MCSettings
 
 DEFAULT_GEN_LENGTH = 128  # tokens generated when neither the model arguments nor the request say
@@ -55,18 +50,8 @@ def _optional_int(value, name: str) -> int | None:
 
 
 def _load_tokenizer(pretrained: str, tokenizer: str | None):
-    """The checkpoint's tokenizer (or ``tokenizer=``); the shipped toy model's is built (it ships none)."""
+    """The checkpoint's tokenizer (or ``tokenizer=``)."""
     path = tokenizer or pretrained
-    has_files = os.path.isdir(path) and any(
-        os.path.exists(os.path.join(path, f))
-        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    )
-    if (
-        tokenizer is None
-        and not has_files
-        and os.path.realpath(pretrained) == os.path.realpath(toy_sft_path())
-    ):
-        return toy_tokenizer()
     try:
         return load_tokenizer(path)
     except (OSError, ValueError) as e:

@@ -290,7 +290,7 @@ def _encode_row(tokenizer, example: dict, where: str, max_length: int, truncatio
 
 def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str = "skip",
                    stats: DataStats | None = None, progress: bool = True, on_bad_rows: str = "error") -> TokenizedPairs:
-    """Tokenize validated rows with the chat template (:func:`vrpo.tokenization.encode_preference`).
+    """Tokenize validated rows with the chat template (:func:`vrpo.models.tokenization.encode_preference`).
 
     Args:
         rows: from :func:`read_preference_rows`.

@@ -99,6 +99,7 @@ def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False)
               "dev_accuracy": dev.accuracy, "dev_credit": dev.credit,
               "parameters": sum(p.numel() for p in model.parameters())}
     save_llada(model, output_dir)
+    tokenizer.save_pretrained(output_dir)  # so that the folder loads like any checkpoint (vrpo.eval, ...)
     atomic_write_text(os.path.join(output_dir, SFT_SETTINGS_FILE), json.dumps(record, indent=1) + "\n")
     return record
 

@@ -215,7 +215,7 @@ def describe_sample(sample: dict) -> str:
 
 @dataclass(frozen=True)
 class SFTSettings:
-    """``python -m vrpo.toy sft``: the masked-diffusion SFT objective (:func:`vrpo.losses.mdm_sft_loss`,
+    """``python -m vrpo.tasks.sort sft``: the masked-diffusion SFT objective (:func:`vrpo.estimator.mdm_sft_loss`,
     LLaDA's negative ELBO per response token, l-uniform estimator) on a seeded stream of correct sorts."""
 
     steps: int = 400
@@ -315,7 +315,7 @@ SORT_TASK = SortTask()
 
 @dataclass(frozen=True)
 class PairSettings:
-    """``python -m vrpo.toy pairs``: ``samples`` answers per prompt from the SFT model at
+    """``python -m vrpo.tasks.sort pairs``: ``samples`` answers per prompt from the SFT model at
     ``temperature``, paired by :func:`rank_pair` (a right answer against the nearest wrong one)."""
 
     prompts: int = 1500

@@ -1,13 +1,13 @@
 """The sorting demo as lm-eval tasks: the data files and the tasks' functions.
 
-Both tasks read the demo's fixed held-out prompts (:func:`vrpo.toy.test_prompts`, none seen in SFT or
-preference training), written once to JSON Lines in ``vrpo/eval/tasks/sort/`` and read from there (never
+Both tasks read the demo's fixed held-out prompts (:func:`vrpo.tasks.sort.test_prompts`, none seen in SFT or
+preference training), written once to JSON Lines in ``vrpo/tasks/sort/lm_eval_tasks/`` and read from there (never
 the hub). Rebuild them bit for bit with::
 
-    python -m vrpo.eval.sort_tasks --overwrite
+    python -m vrpo.tasks.sort.lm_eval --overwrite
 
 * ``vrpo_sort_gen`` (a group of generate_until tasks, one per prompt length): the answer is graded by
-  the demo's verifier (:func:`vrpo.toy.grade`):
+  the demo's verifier (:func:`vrpo.tasks.sort.grade`):
   ``exact_match`` (exact sort) and ``credit`` (fraction of positions right).
 * ``vrpo_sort_mc`` (multiple_choice): the right sort among four candidates, the three others near misses
   (:func:`near_misses`).
@@ -24,15 +24,18 @@ from importlib import resources
 
 from datasets import Dataset, DatasetDict
 
-from vrpo.toy import LENGTHS, grade, reference_answer, test_prompts
+from .task import LENGTHS, grade, reference_answer, test_prompts
 
 GEN_FILE = "sort_gen.jsonl"
 MC_FILE = "sort_mc.jsonl"
 CHOICES = 4
 
 
+TASKS_DIR = str(resources.files("vrpo.tasks.sort") / "lm_eval_tasks")  # the YAMLs and their data
+
+
 def data_dir() -> str:
-    return str(resources.files("vrpo.eval") / "tasks" / "sort")
+    return TASKS_DIR
 
 
 def near_misses(answer: list[str], rng: random.Random, k: int = CHOICES - 1) -> list[list[str]]:
@@ -117,7 +120,7 @@ def write(overwrite: bool = False) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vrpo.eval.sort_tasks", description=__doc__.split("\n\n")[0]
+        prog="python -m vrpo.tasks.sort.lm_eval", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
         for path in write(args.overwrite):
             print(f"wrote {path}")
     except FileExistsError as e:
-        print(f"vrpo.eval.sort_tasks: error: {e}", file=sys.stderr)
+        print(f"python -m vrpo.tasks.sort.lm_eval: error: {e}", file=sys.stderr)
         return 2
     return 0
 
