@@ -7,17 +7,18 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
+from vrpo.estimator import HeadOptions
 from vrpo.estimator.elbo import elbo_terms
 from vrpo.estimator.sampling import MaskDraw, SamplingPlan
 from vrpo.eval import VRPOEvalLM
 from vrpo.models import DREAM
 from vrpo.tasks.sort.task import toy_tokenizer
 
+from ..helpers import FIXTURES
+
 
 @pytest.fixture(scope="module")
 def dream(tmp_path_factory):
-    from tests.conftest import FIXTURES
-
     tok = tmp_path_factory.mktemp("tok")
     toy_tokenizer().save_pretrained(tok)
     return VRPOEvalLM(str(FIXTURES / "dream-tiny"), tokenizer=str(tok), mc_num=4)
@@ -36,7 +37,7 @@ def test_dream_likelihood_terms_match_the_unpacked_elbo(dream):
         m = masked[b : b + 1, :, :n]
         draw = MaskDraw(m, weight[b : b + 1], m.sum(-1).float(), SamplingPlan(n_t=3))
         ref = elbo_terms(
-            dream.model, ids[b : b + 1, :n], resp[b : b + 1, :n], draw, dream.mask_token_id, fused=False
+            dream.model, ids[b : b + 1, :n], resp[b : b + 1, :n], draw, dream.mask_token_id, head=HeadOptions(fused=False)
         )
         # float32 model, sums of <= 4 log-probabilities of a 300-way softmax: 1e-5 is ~100 ulps of the terms.
         torch.testing.assert_close(packed[b : b + 1], ref, rtol=1e-5, atol=1e-5)

@@ -14,8 +14,7 @@ from vrpo.estimator.sampling import MaskDraw, SamplingPlan
 from vrpo.eval import likelihood as lk
 from vrpo.eval.likelihood import LikelihoodEstimator, LikelihoodRequest, MCSettings
 
-from ..test_elbo import assert_unbiased
-from ..toy import ToyMDM, toy_batch
+from ..helpers import ToyMDM, assert_unbiased, toy_batch
 
 
 def toy_terms(model: ToyMDM):
