@@ -86,7 +86,7 @@ class GRPOTrainer(VRPOTrainer):
             raise ValueError("--algorithm grpo on --dataset needs --reward_fn module:function (a user's data has "
                              "no verifier)")
         self.reward_fn = rollouts.load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
-        path = cfg.dataset or self.task.pairs_path() if prompts is None else None
+        path = (cfg.dataset or self.task.pairs_path()) if prompts is None else None
         self.prompts = prompts if prompts is not None else rollouts.pair_prompts(path, self.train_pairs, cfg.on_bad_rows)
         if len(self.prompts) != len(self.train_pairs):
             raise ValueError(f"prompts: {len(self.prompts)} for {len(self.train_pairs)} training pairs")
