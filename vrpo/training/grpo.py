@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimator import draw_key, draw_masks_keyed, group_advantages, grpo_loss
+from ..estimator import MaskDraw, draw_key, draw_masks_keyed, group_advantages, grpo_loss
 from . import distributed, rollouts
 from .logs import LogWindow
 from .reference import Reference
@@ -155,6 +155,10 @@ class GRPOTrainer(VRPOTrainer):
                 out[k] = rows[j * G : (j + 1) * G]
         return out
 
+    def draw(self, batch: dict, keys: list[int]) -> MaskDraw:
+        """The run's masks [B, n, L] for completions, one key each (the one place GRPO draws masks)."""
+        return draw_masks_keyed(batch["response_mask"], self.plan, keys)
+
     def rollout(self, items: list[Item]) -> RolloutBatch:
         """Sample, cut, reward and (``num_iterations > 1``) score the completions of ``items``' prompts."""
         cfg, G = self.config, self.config.num_generations
@@ -179,7 +183,7 @@ class GRPOTrainer(VRPOTrainer):
         if cfg.num_iterations > 1:
             old_keys = keys if self.plan.antithetic else self.completion_keys(items, "grpo_old")
             with torch.no_grad(), acc.autocast():
-                old = self.grouped(self.policy_terms(batch, draw_masks_keyed(batch["response_mask"], self.plan, old_keys)))
+                old = self.grouped(self.policy_terms(batch, self.draw(batch, old_keys)))
         return RolloutBatch(batch, keys, rewards.to(acc.device), advantages.flatten().to(acc.device),
                             zero_std, None if old is None else old.detach().clone())
 
@@ -192,13 +196,13 @@ class GRPOTrainer(VRPOTrainer):
         if key not in self._buffer:
             self._buffer[key] = self.rollout(items)
         r = self._buffer[key]
-        draw = draw_masks_keyed(r.batch["response_mask"], self.plan, r.keys)
+        draw = self.draw(r.batch, r.keys)
         new = self.grouped(self.policy_terms(r.batch, draw))
         old = r.old_terms if r.old_terms is not None else new.detach()
         ref, ref_ran = None, False
         if cfg.kl_beta > 0:
             ref_keys = r.keys if self.plan.antithetic else self.completion_keys(items, "grpo_ref")
-            ref_draw = draw if ref_keys is r.keys else draw_masks_keyed(r.batch["response_mask"], self.plan, ref_keys)
+            ref_draw = draw if ref_keys is r.keys else self.draw(r.batch, ref_keys)
             ref_terms, ref_ran = self.reference_terms(r.batch, items, ref_draw)
             ref = self.grouped(ref_terms)
         loss, metrics = grpo_loss(new, old, r.advantages, cfg.epsilon, ref, cfg.kl_beta)
