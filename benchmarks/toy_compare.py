@@ -48,8 +48,8 @@ def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: b
 
 
 def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:
-    from vrpo.training import VRPOTrainer
     from vrpo.tasks.sort import SORT_TASK
+    from vrpo.training import VRPOTrainer
     from vrpo.training.config import VRPOConfig
 
     kwargs = dict(seed=seed, num_samples=0, report_to="none", save_steps=0,

@@ -140,8 +140,8 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
     ``learning_rate`` gives the policy; its frozen initial copy is the reference. With ``base_steps = 0``
     the reference is the bundled SFT model. The trainer of stage 2 holds the policy, the reference and the held-out pairs.
     """
-    from vrpo.training import VRPOTrainer
     from vrpo.tasks.sort import SORT_TASK
+    from vrpo.training import VRPOTrainer
 
     info = {}
     model = tokenizer = train_pairs = eval_pairs = None

@@ -1,4 +1,5 @@
-"""``python -m vrpo.train``: VRPO preference optimization of a masked diffusion LM.
+"""``python -m vrpo.train``: VRPO preference optimization (or, ``--algorithm grpo``, online RL) of a masked
+diffusion LM.
 
 With no arguments it trains the bundled tiny SFT LLaDA on its own answers to the sorting demo (the task this
 entry point chooses, :mod:`vrpo.tasks.sort`), ranked by a verifier, on the CPU in a few minutes, and reports
@@ -20,7 +21,7 @@ from .errors import (
     TrainingDiverged,
 )
 from .tasks.sort import SORT_TASK
-from .training import VRPOTrainer
+from .training import GRPOTrainer, VRPOTrainer
 from .training.config import PROG, parse_config
 
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        trainer = VRPOTrainer(config, task=SORT_TASK)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
+        trainer_class = GRPOTrainer if config.algorithm == "grpo" else VRPOTrainer
+        trainer = trainer_class(config, task=SORT_TASK)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
         summary = trainer.train()  # the loop, then the outputs
     except (DataError, CheckpointError, RunLogError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
             ValueError) as e:
@@ -53,12 +55,13 @@ def print_summary(summary: dict, describe=None):
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
+    name = {"grpo": "GRPO", "naive_dpo": "Naive DPO"}.get(summary.get("algorithm"), "VRPO")
     lines = [
         "",
-        f"VRPO finished: {summary['steps']} steps in {summary['wall_s']:.0f} s "
+        f"{name} finished: {summary['steps']} steps in {summary['wall_s']:.0f} s "
         f"({summary['skipped_steps']} skipped), final loss {summary['final_loss']:.4f}"
         if summary.get("final_loss") is not None
-        else f"VRPO finished: {summary['steps']} steps in {summary['wall_s']:.0f} s",
+        else f"{name} finished: {summary['steps']} steps in {summary['wall_s']:.0f} s",
     ]
     if summary.get("gen_acc_after") is not None:
         lines.append(f"  exact-sort accuracy of greedy generations on {summary['gen_prompts']} test prompts: "

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tools.aot_report import HOPPER_SHARED_LIMIT, KERNEL_MODULES, bundled_ptxas, collect_specs
+from tools.aot_report import (
+    HOPPER_SHARED_LIMIT,
+    KERNEL_MODULES,
+    bundled_ptxas,
+    collect_specs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,12 @@ import re
 import pytest
 
 from tools import roofline
-from tools.roofline import EFFICIENCY, attention_launches, masked_ce_launches, wave_quantization
+from tools.roofline import (
+    EFFICIENCY,
+    attention_launches,
+    masked_ce_launches,
+    wave_quantization,
+)
 from vrpo_kernels.attention import sm90_config
 from vrpo_kernels.gpus import GPU, GPUS
 from vrpo_kernels.masked_linear_ce.triton_path import vocab_split

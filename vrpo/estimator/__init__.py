@@ -1,6 +1,6 @@
 """The estimator: the paper's maths on tensors. Mask plans and draws (:mod:`.sampling`), the Monte Carlo
 ELBO of a masked diffusion LM (:mod:`.elbo`, packed rows in :mod:`.packing`) and the losses built on it
-(:mod:`.losses`). It imports only the kernels below it; models plug in as callables."""
+(:mod:`.losses`), and the online-RL objective on it (:mod:`.policy_gradient`). It imports only the kernels below it; models plug in as callables."""
 
 from .elbo import (
     ELBOModule,
@@ -17,6 +17,14 @@ from .elbo import (
 )
 from .losses import LOSS_TYPES, mdm_sft_loss, reward_margin, vrpo_loss
 from .noise import NoisyDraw, noisy_draw
+from .policy_gradient import (
+    SCALE_REWARDS,
+    clipped_objective,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    sample_log_ratios,
+)
 from .sampling import (
     ESTIMATORS,
     MaskDraw,
@@ -33,7 +41,9 @@ __all__ = [
     "LOSS_TYPES",
     "MaskDraw",
     "NoisyDraw",
+    "SCALE_REWARDS",
     "SamplingPlan",
+    "clipped_objective",
     "draw_key",
     "draw_levels",
     "draw_masks",
@@ -41,6 +51,9 @@ __all__ = [
     "elbo_terms",
     "exact_elbo",
     "fusable_head",
+    "group_advantages",
+    "grpo_loss",
+    "k3_kl",
     "masked_token_logprobs",
     "mdm_sft_loss",
     "model_logit_shift",
@@ -48,6 +61,7 @@ __all__ = [
     "noisy_inputs",
     "packed_elbo_terms",
     "reward_margin",
+    "sample_log_ratios",
     "unwrap",
     "vrpo_loss",
 ]

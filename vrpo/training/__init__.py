@@ -1,4 +1,4 @@
-"""The training layer: a run's config (:mod:`.config`), the trainer (:mod:`.trainer`: build, step, loop) and
+"""The training layer: a run's config (:mod:`.config`), the trainer (:mod:`.trainer`: build, step, loop; :mod:`.grpo`: online RL on it, with :mod:`.rollouts`) and
 the pieces it calls down into: data order and draw keys (:mod:`.schedule`), batches (:mod:`.batches`), the
 reference (:mod:`.reference`), evaluation (:mod:`.evaluation`), resume checks (:mod:`.resume`), checkpoints
 (:mod:`.state`), the output directory (:mod:`.run_dir`), logs (:mod:`.logs`), signals (:mod:`.signals`),
@@ -7,10 +7,12 @@ outputs (:mod:`.outputs`, :mod:`.plots`), data (:mod:`.data`), loading (:mod:`.l
 
 from .config import VRPOConfig, parse_config
 from .data import TokenizedPairs, read_preference_rows, tokenize_pairs
+from .grpo import GRPOTrainer
 from .task import GenerationReport, GradedTask
 from .trainer import VRPOTrainer
 
 __all__ = [
+    "GRPOTrainer",
     "GenerationReport",
     "GradedTask",
     "TokenizedPairs",

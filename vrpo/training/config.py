@@ -29,8 +29,11 @@ from transformers import HfArgumentParser, SchedulerType
 
 from vrpo_kernels.masked_linear_ce import DEFAULT_MAX_BUFFER_BYTES
 
-from ..estimator import ESTIMATORS, LOSS_TYPES, HeadOptions, SamplingPlan
+from ..estimator import ESTIMATORS, LOSS_TYPES, SCALE_REWARDS, HeadOptions, SamplingPlan
 from ..estimator.elbo import IMPLS
+
+ALGORITHMS = ("vrpo", "naive_dpo", "grpo")
+_REWARD_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def setting(help: str, *, bounds: tuple[float, float, bool, bool] | None = None, minimum: int | None = None,
@@ -133,16 +136,46 @@ class VRPOConfig:
     stratified: bool = setting("Stratify the n_t levels of a response (unbiased, lower variance).", default=False, run=True)
     t_floor: float = setting("t_bernoulli only: LLaDA's floor eps on the mask probability (biased when > 0).", default=0.0, bounds=(0.0, 1.0, True, False), run=True)
     naive_dpo: bool = setting(
-        "Naive DPO on an MDM: n_t = n_yt = 1 and no antithetic sampling (for comparison).", default=False
+        "Alias of --algorithm naive_dpo: n_t = n_yt = 1 and no antithetic sampling (for comparison).", default=False
     )
 
+    # --- algorithm ---
+    algorithm: str = setting(
+        "vrpo (offline preference optimisation on the pairs), naive_dpo (DPO with one independent mask per "
+        "sequence, for comparison; --naive_dpo is an alias) or grpo (online RL: the policy answers the pairs' "
+        "prompts, a verifier or --reward_fn scores the answers; see the GRPO settings).",
+        default="vrpo", choices=ALGORITHMS, run=True)
+
     # --- loss ---
-    beta: float = setting("DPO beta: the strength of the KL regularisation.", default=0.2, bounds=(0.0, math.inf, False, False), run=True)
+    beta: float = setting("DPO beta (vrpo, naive_dpo): the strength of the KL regularisation. GRPO's KL weight "
+                          "is --kl_beta.", default=0.2, bounds=(0.0, math.inf, False, False), run=True)
     loss_type: str = setting("sigmoid (DPO), ipo, hinge or robust.", default="sigmoid", choices=LOSS_TYPES, run=True)
     label_smoothing: float = setting("Label smoothing for sigmoid/robust, in [0, 0.5).", default=0.0,
                                      bounds=(0.0, 0.5, True, False), run=True)
     sft_weight: float | None = setting(
         "Weight of the masked-diffusion SFT loss on the chosen response. Default: 0.05.", default=None, bounds=(0.0, math.inf, True, False), paper=0.05, run=True)
+
+    # --- online RL (--algorithm grpo) ---
+    num_generations: int = setting(
+        "GRPO: completions sampled per prompt (the group G); --per_device_train_batch_size counts prompts.",
+        default=8, minimum=2, run=True)
+    epsilon: float = setting("GRPO: PPO clip range of the ELBO ratio, in (0, 1).", default=0.2,
+                             bounds=(0.0, 1.0, False, False), run=True)
+    kl_beta: float = setting(
+        "GRPO: weight of the KL to the reference, estimated on the policy's masks (0: no reference forward, as "
+        "Dr. GRPO and DAPO). Separate from --beta, DPO's, whose 0.2 default is a different quantity.",
+        default=0.0, bounds=(0.0, math.inf, True, False), run=True)
+    num_iterations: int = setting(
+        "GRPO: optimizer steps per batch of rollouts; > 1 reuses them with the rollout policy's ELBO terms "
+        "stored on the same masks.", default=1, minimum=1, run=True)
+    scale_rewards: str = setting(
+        "GRPO: 'group' divides the group-centred rewards by the group's std (GRPO); 'none' does not (Dr. GRPO).",
+        default="group", choices=SCALE_REWARDS, run=True)
+    temperature: float = setting("GRPO: rollout sampling temperature (0: greedy).", default=1.0,
+                                 bounds=(0.0, math.inf, True, False), run=True)
+    reward_fn: str | None = setting(
+        "GRPO: a reward function 'module:function' called as function(prompts, completions) -> list of "
+        "floats (TRL's convention, strings in and out). Default: the task's verifier.", default=None, run=True)
 
     # --- optimisation ---
     learning_rate: float | None = setting("Peak learning rate. Default: 5e-7.", default=None, bounds=(0.0, math.inf, False, False), paper=5e-7, run=True)
@@ -201,10 +234,11 @@ class VRPOConfig:
         "Prompts to generate answers for at the end (0: none): held-out pairs' prompts, or the bundled task's "
         "graded test prompts.", default=4, minimum=0)
     gen_length: int | None = setting(
-        "Tokens generated per sample, with the sampler of the model's family (LLaDA's low-confidence remasking, "
-        "Dream's 'origin'). Default: 128.", default=None, minimum=1)
-    gen_steps: int | None = setting("Denoising steps for generation. Default: gen_length.", default=None, minimum=1)
-    block_length: int | None = setting("Semi-autoregressive block length for generation. Default: gen_length.", default=None, minimum=1)
+        "Tokens generated per sample (and per GRPO rollout), with the sampler of the model's family (LLaDA's "
+        "low-confidence remasking, Dream's 'origin'). Default: 128 (rollouts on the task's prompts: the "
+        "task's answer length).", default=None, minimum=1)
+    gen_steps: int | None = setting("Denoising steps for generation and rollouts. Default: gen_length.", default=None, minimum=1)
+    block_length: int | None = setting("Semi-autoregressive block length for generation and rollouts. Default: gen_length.", default=None, minimum=1)
 
     def __post_init__(self):
         validate(self)
@@ -230,9 +264,11 @@ class VRPOConfig:
         if self.output_dir is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             changes["output_dir"] = f"outputs/vrpo-{'demo-' if presets else ''}{stamp}"
+        if self.naive_dpo:
+            changes["algorithm"] = "naive_dpo"
         out = dataclasses.replace(self, **changes)
-        if out.naive_dpo:
-            out.n_t, out.n_yt, out.antithetic = 1, 1, False
+        if out.algorithm == "naive_dpo":
+            out.naive_dpo, out.n_t, out.n_yt, out.antithetic = True, 1, 1, False
         return out
 
     def sampling_plan(self) -> SamplingPlan:
@@ -326,13 +362,20 @@ def validate(cfg: VRPOConfig):
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, tuple(t.value for t in SchedulerType))
     if cfg.precompute_ref and cfg.use_lora:
         raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
+    if cfg.naive_dpo and cfg.algorithm == "grpo":
+        raise ValueError("--naive_dpo is --algorithm naive_dpo: it does not combine with --algorithm grpo")
+    if cfg.algorithm == "grpo" and cfg.precompute_ref:
+        raise ValueError("--precompute_ref does not combine with --algorithm grpo: rollouts are not known in advance")
+    if cfg.reward_fn is not None and not _REWARD_FN.match(cfg.reward_fn):
+        raise ValueError(f"--reward_fn must be 'module:function', got {cfg.reward_fn!r}")
     for name in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
         if getattr(cfg, name) is not None:
             _check_local_dir(name, getattr(cfg, name))
 
 
 PROG = "python -m vrpo.train"  # the usage line and the one prefix of every CLI error
-DESCRIPTION = ("VRPO preference optimization of a masked diffusion LM (LLaDA, Dream). Every setting below can "
+DESCRIPTION = ("VRPO preference optimization (or online RL with --algorithm grpo) of a masked diffusion LM "
+               "(LLaDA, Dream). Every setting below can "
                "also come from a YAML file (--config); flags given after it override it.")
 
 

@@ -1,7 +1,7 @@
 """Tasks are plug-ins: what a run needs from a task with a verifier, and nothing about any one task.
 
-A task brings a starting model and preference pairs (used when the run names none), the presets its model
-trains with, and a verifier that grades the policy's generations on the task's own test prompts before and
+A task brings a starting model and preference pairs (used when the run names none; an online RL run answers
+their prompts), the presets its model trains with, and a verifier that rewards answers and grades the policy's generations on the task's own test prompts before and
 after training. Only the entry points choose a task (``python -m vrpo.train`` uses the sorting demo of
 :mod:`vrpo.tasks.sort`); the trainer takes one, or none, as an argument.
 """
@@ -36,10 +36,13 @@ class GradedTask(Protocol):
         name: for messages (``"sorting"``).
         presets: values for the config fields left at ``None`` when the run trains the task's own model
             (its learning rate, batch size, ...): they replace the paper's, sized for a real checkpoint.
+        online_presets: the values that differ for an online RL run (``--algorithm grpo``) of the task's
+            model, over ``presets``.
     """
 
     name: str
     presets: Mapping[str, object]
+    online_presets: Mapping[str, object]
 
     def model_path(self) -> str:
         """The checkpoint directory a run starts from when it names no ``--model_name_or_path``."""
@@ -55,6 +58,13 @@ class GradedTask(Protocol):
 
     def evaluate(self, model, tokenizer, prompts: Sequence[str]) -> GenerationReport:
         """One answer per prompt from ``model``, graded by the verifier."""
+
+    def reward(self, prompt: str, answer: str) -> float:
+        """The verifier's reward of ``answer`` (decoded text, up to its end-of-turn) to ``prompt``."""
+
+    def answer_length(self, tokenizer, prompt: str) -> int | None:
+        """Tokens a rollout generates for ``prompt`` (the task's own sampler's length), or None for
+        ``--gen_length``."""
 
     def describe(self, sample: dict) -> str:
         """One graded sample as a line of the closing summary."""

@@ -78,7 +78,7 @@ class VRPOTrainer:
 
     def __init__(self, config: VRPOConfig, model=None, ref_model=None, tokenizer=None, train_pairs=None,
                  eval_pairs=None, task: GradedTask | None = None):
-        presets = task.presets if task is not None and config.model_name_or_path is None else None
+        presets = self.task_presets(task) if task is not None and config.model_name_or_path is None else None
         self.config = cfg = config.resolved(presets)
         self.task = task if cfg.dataset is None else None  # a user's data is never graded
         self.plan = cfg.sampling_plan()
@@ -102,7 +102,7 @@ class VRPOTrainer:
         self.schedule = Schedule(cfg.seed, len(train_pairs), cfg.per_device_train_batch_size,
                                  cfg.gradient_accumulation_steps, acc.process_index, acc.num_processes)
         self.schedule.check()
-        self.max_steps = cfg.max_steps if cfg.max_steps > 0 else self.schedule.steps_per_epoch * cfg.num_train_epochs
+        self.max_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch() * cfg.num_train_epochs
         self.evaluator = PreferenceEval(acc, self.batches, SamplingPlan(n_t=cfg.eval_n_t, stratified=True,
                                         estimator=cfg.estimator), max(1, cfg.per_device_train_batch_size), cfg.beta)
         self.run_dir, self.checkpoints, self.resume_path = run_dir.open_run(cfg, acc)
@@ -112,6 +112,26 @@ class VRPOTrainer:
         except BaseException:
             self.close()
             raise
+
+    NAME = "VRPO"  # the progress bar's
+    LOSS_METRIC = "loss/vrpo"  # the loss the run state keeps the last values of
+
+    def task_presets(self, task: GradedTask):
+        """The task's presets for this trainer's algorithm."""
+        return task.presets
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training data."""
+        return self.schedule.steps_per_epoch
+
+    def micro_batches(self, step: int):
+        """This process's micro-batches of items of optimizer step ``step``."""
+        return self.schedule.micro_batches(step)
+
+    def progress(self, metrics: dict, window: LogWindow) -> dict:
+        """The progress bar's figures after an applied step."""
+        return dict(loss=f"{metrics['loss/vrpo']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                    tok_s=f"{window.tokens_per_s():.0f}")
 
     def close(self):
         """Release the output directory (``train`` does this when it returns or raises)."""
@@ -261,7 +281,7 @@ class VRPOTrainer:
     def train_step(self, step: int) -> tuple[bool, dict, int]:
         """One optimizer step. Returns (applied, metrics, tokens processed)."""
         acc, cfg = self.accelerator, self.config
-        micro = self.schedule.micro_batches(step)
+        micro = self.micro_batches(step)
         sums: dict[str, float] = {}
         tokens, bad = 0, False
         for k, items in enumerate(micro):
@@ -365,7 +385,7 @@ class VRPOTrainer:
                              self.start_step if self.resume_path else None)
 
     def _loop(self, log: MetricsLogger, signals: StopSignals):
-        bar = tqdm(total=self.max_steps, initial=self.state.step, desc="VRPO", disable=not self.is_main,
+        bar = tqdm(total=self.max_steps, initial=self.state.step, desc=self.NAME, disable=not self.is_main,
                    dynamic_ncols=True)
         window = LogWindow()
         while self.state.step < self.max_steps:
@@ -379,8 +399,7 @@ class VRPOTrainer:
             window.add(metrics, tokens)
             bar.update(1)
             if applied:
-                bar.set_postfix(loss=f"{metrics['loss/vrpo']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                                tok_s=f"{window.tokens_per_s():.0f}")
+                bar.set_postfix(**self.progress(metrics, window))
             self._periodic(log, window)
         bar.close()
 
@@ -400,7 +419,7 @@ class VRPOTrainer:
         st, cfg = self.state, self.config
         if applied:
             st.consecutive_nonfinite = 0
-            st.last_losses = (st.last_losses + [metrics["loss/vrpo"]])[-max(cfg.logging_steps, 1):]
+            st.last_losses = (st.last_losses + [metrics[self.LOSS_METRIC]])[-max(cfg.logging_steps, 1):]
             return
         st.skipped_steps += 1
         st.consecutive_nonfinite += 1
@@ -445,7 +464,7 @@ class VRPOTrainer:
     def finish(self, log: MetricsLogger, t0: float) -> dict:
         """The final evaluation, checkpoint and model, the samples, and ``summary.json``."""
         cfg, st = self.config, self.state
-        summary = {"steps": st.step, "skipped_steps": st.skipped_steps}
+        summary = {"algorithm": cfg.algorithm, "steps": st.step, "skipped_steps": st.skipped_steps}
         if self.has_eval:
             if st.final_eval is None:  # else: resumed from the final checkpoint, evaluated and logged before it
                 st.final_eval, _ = self.evaluate(self.ref_eval)
