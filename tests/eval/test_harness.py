@@ -178,6 +178,8 @@ def test_missing_tokenizer_is_named(tmp_path):
     import shutil
 
     shutil.copytree(toy_sft_path(), tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # the shipped tokenizer
+        (tmp_path / "m" / name).unlink()
     with pytest.raises(ValueError, match="tokenizer"):
         VRPOEvalLM(str(tmp_path / "m"))
 

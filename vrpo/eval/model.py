@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from ..estimator import MaskDraw, SamplingPlan, draw_key, packed_elbo_terms
-from ..models import family_of, load_mdm, load_tokenizer, resolve_dtype
+from ..models import SAMPLERS, family_of, load_mdm, load_tokenizer, resolve_dtype
 from .likelihood import Estimate, LikelihoodEstimator, LikelihoodRequest, MCSettings
 
 DEFAULT_GEN_LENGTH = 128  # tokens generated when neither the model arguments nor the request say
@@ -408,7 +408,7 @@ class VRPOEvalLM(LM):
         for b, e in enumerate(encoded):
             ids[b, P - len(e) :], attention[b, P - len(e) :] = torch.tensor(e), 1
         g = torch.Generator(device=self._device).manual_seed(draw_key(self.settings.seed, *contexts))
-        x = self.family.sampler(
+        x = SAMPLERS[self.family.sampler](
             self.model,
             ids.to(self._device),
             self.mask_token_id,
