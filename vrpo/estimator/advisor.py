@@ -15,8 +15,9 @@ minibatch; :func:`advise` predicts ``Var(m)`` for each ``n_t`` at the same ``N``
 pairs, ``Var(m) = (sigma_pair^2 + sigma_mask^2 / n_t) * n_t * n_yt / N``. That is ``(n_t sigma_pair^2 +
 sigma_mask^2) n_yt / N``: it grows with ``n_t`` whenever ``sigma_pair^2 > 0`` (a new pair also brings a fresh
 mask), so for the minibatch score's noise alone the fewest masks per pair win; only when the pair part is
-nil are all ``n_t`` equal, and then the advice keeps the most masks (the paper's Theorem 1: the per-pair
-variance ``sigma_mask^2 / n_t`` also bounds the *bias* of the loss, which more pairs do not average away).
+nil are all ``n_t`` equal, and then the advice is the run's own ``n_t`` (no evidence for a change). The noise
+is not all that ``n_t`` buys: the per-pair variance ``sigma_mask^2 / n_t`` also bounds the *bias* of the loss
+(the paper's Theorem 1), which more pairs do not average away; ``benchmarks/budget.py`` measures what wins.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class Advice:
     def gain(self) -> float:
         """How many times less noise the advice has than the run's own ``n_t`` (1.0: the run is the advice)."""
         best = self.noise[self.n_t]
-        return float("inf") if best == 0 else self.noise[self.current_n_t] / best
+        return 1.0 if self.n_t == self.current_n_t else self.noise[self.current_n_t] / best
 
     def sentence(self) -> str:
         """The closing summary's line."""
@@ -138,8 +139,7 @@ def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_y
         choices: candidate ``n_t``; those whose batch ``batch * n_t / candidate`` is not a whole number are left
             out, and the run's own ``n_t`` is always one.
 
-    Ties (all equal when the pair part is 0) go to the larger ``n_t``: lower per-pair variance, hence lower
-    loss bias (module docstring)."""
+    Ties (all equal when the pair part is 0) keep the run's ``n_t``: no evidence for a change."""
     mask, pairs = (parts.mask, parts.pairs) if isinstance(parts, VarianceParts) else parts
     if not (mask >= 0 and pairs >= 0):
         raise ValueError(f"advise: variances must be >= 0, got mask={mask}, pairs={pairs}")
@@ -147,6 +147,7 @@ def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_y
     candidates = sorted({c for c in choices if (batch * n_t) % c == 0} | {n_t})
     noise = {c: predicted_noise(mask, pairs, budget, c, n_yt) for c in candidates}
     least = min(noise.values())
-    best = max(c for c in candidates if noise[c] <= least * (1 + 1e-12))
+    tied = [c for c in candidates if noise[c] <= least * (1 + 1e-12)]
+    best = n_t if n_t in tied else min(tied)
     return Advice(n_t=best, batch=batch * n_t // best, current_n_t=n_t, current_batch=batch, noise=noise,
                   forward_passes=budget)

@@ -14,8 +14,10 @@ from .trainer import VRPOTrainer
 
 def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = None) -> dict:
     """Run the first ``steps`` optimizer steps of ``config``'s run (its schedule, masks and updates; outputs in
-    a temporary directory, deleted after) and return :meth:`~vrpo.training.budget.VarianceTally.summary`:
-    both variances, the advised ``n_t`` and the sentence.
+    a temporary directory, deleted after) and return :meth:`~vrpo.training.budget.VarianceTally.summary` of
+    the last ``ceil(steps / 2)`` steps: both variances, the advised ``n_t`` and the sentence. The first steps
+    are left out because the run starts at the reference, where antithetic scores are exactly 0 (and the
+    warm-up keeps the policy there for a while).
 
     Raises ``ValueError`` naming the flag when the run cannot estimate the variances (``--n_t`` or
     ``--per_device_train_batch_size`` below 2) or has fewer steps than asked."""
@@ -36,12 +38,16 @@ def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = No
             tally = budget.VarianceTally()
             for step in range(steps):
                 applied, metrics, _ = trainer.train_step(step)
-                if applied:
+                if applied and step >= steps // 2:
                     tally.add(metrics)
         finally:
             trainer.close()
     out = tally.summary(trainer.schedule.global_batch, trainer.plan)
     if not out:
-        raise ValueError(f"--probe_steps {steps}: every step was skipped (non-finite loss); nothing to advise")
+        raise ValueError(f"--probe_steps {steps}: every measured step was skipped (non-finite loss); nothing to advise")
+    if out[budget.VAR_MASK] == 0:
+        raise ValueError(f"--probe_steps {steps}: every score was 0, the policy has not left the reference yet "
+                         f"(antithetic samples of equal models cancel); probe more steps than the "
+                         f"{trainer.config.warmup_steps} warm-up steps")
     return {**out, "probe_steps": steps, "batch": trainer.schedule.global_batch, "n_t": trainer.plan.n_t,
             "n_yt": trainer.plan.n_yt}
