@@ -85,9 +85,9 @@ COLUMNS = ("regime", "arm", "seed", "steps", "batch", "n_t", "n_yt", "gen_acc_be
 METRICS = ("gen_acc_after", "gen_credit_after", "pref_acc_after", "mean_score_var")
 
 
-def check_arms():
+def check_arms(arms=ARMS):
     """Every arm spends the budget: a mistyped batch would compare unequal compute."""
-    for a in ARMS:
+    for a in arms:
         if a.batch * a.n_t * a.n_yt != BUDGET:
             raise ValueError(f"arm {a.key}: batch {a.batch} x n_t {a.n_t} x n_yt {a.n_yt} != {BUDGET}")
 
