@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..estimator import SamplingPlan
 from ..estimator.advisor import Advice, advise, sample_scores, variance_parts
 
 VAR_MASK, VAR_PAIRS, VAR_PAIRS_RAW, ADVICE = "score/var_mask", "score/var_pairs", "score/var_pairs_raw", "advice/n_t"
 
 
-def step_variances(pc, pr, rc, rr, beta: float) -> dict[str, torch.Tensor]:
+def step_variances(pc, pr, rc, rr, beta: float) -> dict[str, float]:
     """``score/var_mask`` (the mask part of one pair's score variance, ``sigma_mask^2 / n_t``) and
     ``score/var_pairs_raw`` (the unclamped, unbiased pair part) of one micro-batch of grouped terms [B, n_t];
     empty when B or n_t is below 2 (no variance can be estimated)."""
@@ -21,7 +19,8 @@ def step_variances(pc, pr, rc, rr, beta: float) -> dict[str, torch.Tensor]:
     if scores.shape[0] < 2 or scores.shape[1] < 2:
         return {}
     parts = variance_parts(scores)
-    return {VAR_MASK: torch.tensor(parts.mask_of_mean()), VAR_PAIRS_RAW: torch.tensor(parts.pairs_raw)}
+    # Python floats, not tensors: nothing of the advisor stays allocated through backward and the update.
+    return {VAR_MASK: parts.mask_of_mean(), VAR_PAIRS_RAW: parts.pairs_raw}
 
 
 def advice_of(var_mask: float, var_pairs_raw: float, batch: int, plan: SamplingPlan) -> Advice:
