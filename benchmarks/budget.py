@@ -295,6 +295,8 @@ def parse(argv):
 
 def command_line(args) -> str:
     parts = ["python -m benchmarks.budget"]
+    if args.table:
+        return "python -m benchmarks.budget --table (redrawn from budget.csv; the runs' commands are above)"
     if args.quick:
         parts.append("--quick")
     if args.steps:

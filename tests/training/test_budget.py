@@ -64,3 +64,4 @@ def test_max_train_pairs_keeps_a_seeded_subset(tmp_path):
     assert h2 != h  # another seed, another subset
     full, _, e_full = train_hash(1, 10**6)  # more than there are: all of them, and the held-out split untouched
     assert full > 1000 and e_full == e
+
