@@ -174,7 +174,8 @@ def advisor_check(aggs: list[dict], rows: list[dict]) -> list[str]:
     lines = []
     key_of_n = {1: "anti1", 2: "n2", 4: "n4", 8: "n8"}
     for regime in REGIMES:
-        advised = [int(r["advice_n_t"]) for r in rows if r["regime"] == regime and r["advice_n_t"] is not None]
+        advised = [int(r["advice_n_t"]) for r in rows
+                   if r["regime"] == regime and r["arm"] in N_FAMILY and r["advice_n_t"] is not None]
         group, margin = best_group(aggs, regime)
         if not advised or not group:
             continue
