@@ -34,6 +34,7 @@ from .files import read_json
 from .models import DTYPES, ModelFamily, family_of, family_of_config
 from .tasks.sort import SORT_TASK
 from .training.config import VRPOConfig, parse_config
+from .training.probe import probe_variances
 
 GIB = 1024**3
 
@@ -493,13 +494,16 @@ def _plan_parser() -> argparse.ArgumentParser:
                    help="Fraction of a sequence's tokens that are the response.")
     p.add_argument("--run_pairs", type=int, default=d.run_pairs, help="Training pairs of the whole run "
                    "(the paper: 350k).")
+    p.add_argument("--probe_steps", type=int, default=0, help="Also run the first K training steps on the run's "
+                   "model and data (CPU is fine; nothing is saved) and print the budget advisor's advice: the "
+                   "score's mask and pair variances and the n_t of least score noise at the run's forward passes.")
     p.add_argument("--reserve_gb", type=float, default=d.reserve_gb, help="GB per GPU kept for the CUDA context, "
                    "communication buffers and fragmentation.")
     return p
 
 
-def parse(argv: list[str]) -> tuple[VRPOConfig, Setup]:
-    """``(training config, plan setup)`` from the command line; ``--help`` shows both sets of flags."""
+def parse(argv: list[str]) -> tuple[VRPOConfig, Setup, int]:
+    """``(training config, plan setup, --probe_steps)`` from the command line; ``--help`` shows both sets of flags."""
     parser = _plan_parser()
     if "-h" in argv or "--help" in argv:
         parser.print_help()
@@ -508,12 +512,15 @@ def parse(argv: list[str]) -> tuple[VRPOConfig, Setup]:
     ns, rest = parser.parse_known_args(argv)
     cfg = parse_config(rest)
     values = vars(ns)
+    probe_steps = values.pop("probe_steps")
+    if probe_steps < 0:
+        parser.error(f"--probe_steps must be >= 0, got {probe_steps}")
     values["distributed"] = ns.distributed or ("fsdp" if ns.num_gpus > 1 else "ddp")
     try:
         setup = Setup(**values)
     except ValueError as e:
         parser.error(str(e))
-    return cfg, setup
+    return cfg, setup, probe_steps
 
 
 def resolved(cfg: VRPOConfig) -> VRPOConfig:
@@ -522,15 +529,34 @@ def resolved(cfg: VRPOConfig) -> VRPOConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, setup = parse(list(sys.argv[1:] if argv is None else argv))
-    cfg = resolved(cfg)
+    cfg, setup, probe_steps = parse(list(sys.argv[1:] if argv is None else argv))
     try:
-        facts = model_facts(cfg)
+        facts = model_facts(resolved(cfg))
     except (FileNotFoundError, ValueError) as e:
         print(f"vrpo.plan: error: {e}", file=sys.stderr)
         return 2
-    print(report(cfg, facts, setup))
+    print(report(resolved(cfg), facts, setup))
+    if probe_steps:
+        try:
+            found = probe_variances(cfg, probe_steps, SORT_TASK)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"vrpo.plan: error: {e}", file=sys.stderr)
+            return 2
+        print(probe_report(found))
     return 0
+
+
+def probe_report(found: dict) -> str:
+    """The budget advisor's lines after ``--probe_steps`` (:func:`vrpo.training.probe.probe_variances`)."""
+    noise = ", ".join(f"n_t = {k}: {v:.3g}" for k, v in found["advice/noise"].items())
+    return "\n".join([
+        f"Budget advice from {found['probe_steps']} probe steps (batch {found['batch']}, n_t = {found['n_t']}, "
+        f"n_yt = {found['n_yt']}):",
+        f"  score variance: mask part (one pair's estimate) {found['score/var_mask']:.3g}, pair part "
+        f"{found['score/var_pairs']:.3g}",
+        f"  predicted minibatch score noise at the same forward passes: {noise}",
+        f"  {found['advice']}",
+    ])
 
 
 if __name__ == "__main__":

@@ -73,6 +73,9 @@ def print_summary(summary: dict, describe=None):
         f"{pct(summary.get('pref_acc_after'))}",
         f"  held-out reward accuracy (implicit reward margin > 0): {pct(summary.get('reward_acc_after'))}",
     ]
+    if summary.get("advice"):
+        lines.append(f"  score variance: mask part {summary['score/var_mask']:.3g}, pair part "
+                     f"{summary['score/var_pairs']:.3g}; {summary['advice']}")
     if summary.get("samples"):
         where = "test prompts" if summary.get("gen_acc_after") is not None else "held-out prompts"
         lines.append(f"  samples from {summary['sampler']} ({where}):")

@@ -120,6 +120,10 @@ class VRPOConfig:
         "Malformed rows (bad JSON or UTF-8, missing fields, wrong types, empty text, unknown roles): 'error' "
         "stops with the file and line, 'skip' drops them and counts them in the logs.",
         default="error", choices=("error", "skip"))
+    max_train_pairs: int | None = setting(
+        "Train on at most this many pairs (a seeded subset of the training split, after the held-out split): "
+        "the data-limited regime of benchmarks/budget.py. Default: all of them.",
+        default=None, minimum=1, run=True)
     packing: bool = setting(
         "Pack the masked samples of several sequences into rows of max_length tokens, with attention "
         "blocked across samples (the paper packs to 4096).",
@@ -152,6 +156,9 @@ class VRPOConfig:
     loss_type: str = setting("sigmoid (DPO), ipo, hinge or robust.", default="sigmoid", choices=LOSS_TYPES, run=True)
     label_smoothing: float = setting("Label smoothing for sigmoid/robust, in [0, 0.5).", default=0.0,
                                      bounds=(0.0, 0.5, True, False), run=True)
+    pref_weight: float = setting(
+        "Weight of the preference (VRPO/DPO) loss; 0 trains the SFT term alone (benchmarks/budget.py's SFT "
+        "arms), at the same forward passes.", default=1.0, bounds=(0.0, math.inf, True, False), run=True)
     sft_weight: float | None = setting(
         "Weight of the masked-diffusion SFT loss on the chosen response. Default: 0.05.", default=None, bounds=(0.0, math.inf, True, False), paper=0.05, run=True)
 

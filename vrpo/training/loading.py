@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 from vrpo_kernels import triton_available
 
+from ..estimator import draw_key
 from ..models import DTYPES, family_of, family_of_tokenizer, get_mask_token_id, load_mdm
 from ..models import load_tokenizer as load_model_tokenizer
 from .config import VRPOConfig
@@ -78,6 +79,12 @@ def load_pairs(cfg: VRPOConfig, tokenizer, task: GradedTask | None = None):
     eval_pairs = pairs.subset(sorted(perm[:n_eval])) if n_eval else None
     train_pairs = pairs.subset(sorted(perm[n_eval:])) if n_eval else pairs
     result["eval_size"] = n_eval
+    if cfg.max_train_pairs is not None and cfg.max_train_pairs < len(train_pairs):
+        # Seeded like the split, on its own stream: the same subset on every process and every resume.
+        g = torch.Generator().manual_seed(draw_key(cfg.seed, "max_train_pairs"))
+        keep = torch.randperm(len(train_pairs), generator=g)[: cfg.max_train_pairs]
+        train_pairs = train_pairs.subset(sorted(keep.tolist()))
+        result["max_train_pairs"] = cfg.max_train_pairs
     return train_pairs, eval_pairs, result
 
 

@@ -49,7 +49,7 @@ from ..estimator import (
     vrpo_loss,
 )
 from ..files import atomic_write_text
-from . import distributed, loading, outputs, run_dir
+from . import budget, distributed, loading, outputs, run_dir
 from .batches import Batches
 from .config import VRPOConfig
 from .evaluation import PreferenceEval, grade_generations
@@ -180,6 +180,7 @@ class VRPOTrainer:
             if self.is_main:
                 logger.info("resumed from %s at step %d", self.resume_path, self.state.step)
         self.start_step = self.state.step
+        self.variances = budget.VarianceTally()
 
     def run_definition(self) -> dict:
         return run_definition(self.config, self.accelerator.num_processes, self.train_pairs, self.eval_pairs)
@@ -251,6 +252,9 @@ class VRPOTrainer:
         rc, rr = self.grouped(ref_terms[:B]), self.grouped(ref_terms[B:])
         loss, metrics = vrpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
         metrics["loss/vrpo"] = loss.detach()
+        metrics.update(budget.step_variances(pc, pr, rc, rr, cfg.beta))  # the advisor's two parts; metrics only
+        if cfg.pref_weight != 1.0:  # only then: the default's loss stays bit for bit
+            loss = cfg.pref_weight * loss
         if cfg.sft_weight > 0:
             sft = mdm_sft_loss(pc, batch["response_mask"][:B].sum(-1))
             metrics["loss/sft"] = sft.detach()
@@ -396,6 +400,8 @@ class VRPOTrainer:
             applied, metrics, tokens = self.train_step(self.state.step)
             self.state.step += 1
             self._account(applied, metrics, log)
+            if applied:
+                self.variances.add(metrics)
             window.add(metrics, tokens)
             bar.update(1)
             if applied:
@@ -437,7 +443,9 @@ class VRPOTrainer:
         """Log, evaluate and checkpoint when the step calls for it (the last step is ``finish``'s)."""
         cfg, step = self.config, self.state.step
         if step % cfg.logging_steps == 0 or step == self.max_steps:
-            log.log(step, window.record(self.state.skipped_steps))
+            record = window.record(self.state.skipped_steps)
+            record.update(budget.advice_metrics(record, self.schedule.global_batch, self.plan))
+            log.log(step, record)
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.max_steps and self.has_eval:
             log.log(step, self.evaluate(self.ref_eval)[0])
         if cfg.save_steps and step % cfg.save_steps == 0 and step < self.max_steps:
@@ -488,6 +496,7 @@ class VRPOTrainer:
             estimator={"n_t": self.plan.n_t, "n_yt": self.plan.n_yt, "antithetic": self.plan.antithetic,
                        "estimator": self.plan.estimator, "stratified": self.plan.stratified},
             data=self.data_stats,
+            **self.variances.summary(self.schedule.global_batch, self.plan),
         )
         if cfg.num_samples and (self.has_eval or generations is not None):
             summary["samples"] = outputs.answer_samples(self.accelerator, self.policy_elbo, self.tokenizer, cfg,
