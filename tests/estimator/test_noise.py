@@ -18,10 +18,9 @@ from vrpo import SamplingPlan, elbo_estimate, exact_elbo
 from vrpo.estimator.noise import NoisyDraw, noisy_draw
 from vrpo_kernels.mask_sampling import _mulhilo, keyed_launch_config, philox4x32
 
-from ..test_elbo import assert_unbiased
-from ..test_mask_sampling import chi2_pvalue
-from ..test_variance import BETA, POLICY, REF, assert_smaller_variance, pairs
-from ..toy import ToyMDM, toy_batch
+from ..helpers import ToyMDM, assert_unbiased, toy_batch
+from ..kernels.test_mask_sampling import chi2_pvalue
+from .test_variance import BETA, POLICY, REF, assert_smaller_variance, pairs
 
 IMPLS = ["torch", "triton"]
 U32 = 0xFFFFFFFF
