@@ -217,6 +217,10 @@ class VRPOTrainer:
     def ref_elbo(self) -> ELBOModule | None:
         return self.reference.elbo
 
+    @ref_elbo.setter
+    def ref_elbo(self, module: ELBOModule | None):
+        self.reference.elbo = module
+
     def precompute_reference(self):
         """Reference terms for every (epoch, pair) this process will train on, then free the reference."""
         todo = sorted({it for step in range(self.start_step, self.max_steps) for it in self.schedule.step_pairs(step)})
