@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from vrpo.tasks.sort import SORT_TASK
 from vrpo.train import main
-from vrpo.training import VRPOTrainer
+from vrpo.training import VRPOTrainer, loading
 from vrpo.training.config import VRPOConfig
 from vrpo.training.run_dir import LOCK, MARKER, OutputDirError
 
@@ -95,12 +95,10 @@ def test_a_second_run_on_a_locked_directory_fails_naming_the_holder(tmp_path):
 
 
 def test_an_unusable_output_dir_fails_before_loading(tmp_path, monkeypatch):
-    from vrpo.training import loading
-
     def never(*args, **kwargs):
         raise AssertionError("loaded before the output directory was checked")
 
-    monkeypatch.setattr(loading, "load_tokenizer", never)
+    monkeypatch.setattr(loading, "load_run_tokenizer", never)
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match="--output_dir .*file is not a directory"):
         VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(tmp_path / "file" / "run")), task=SORT_TASK)

@@ -55,15 +55,15 @@ def write_plot(output_dir: str, summary: dict) -> str | None:
     return plot_training(read_metrics(os.path.join(output_dir, METRICS_FILE)), summary, path)
 
 
-def answer_samples(accelerator, policy_elbo, tokenizer, cfg, graded: GenerationReport | None,
+def answer_samples(accelerator, policy_elbo, tokenizer, cfg, graded_run: bool, graded: GenerationReport | None,
                    eval_pairs: TokenizedPairs | None, mask_token_id: int) -> list[dict]:
-    """``--num_samples`` prompts answered by the policy (main process; others get []): a task's graded test
-    answers (``graded``), else ungraded answers to held-out pairs' prompts (every process takes part in the
-    forwards when the model is sharded)."""
+    """``--num_samples`` prompts answered by the policy (main process; others get []): in a graded run, the
+    task's graded test answers (``graded``, the main process's report; None on the others), else ungraded
+    answers to held-out pairs' prompts (every process takes part in the forwards when the model is sharded)."""
     is_main = accelerator.is_main_process
     if not (is_main or distributed.is_sharded(accelerator)):
         return []
-    if graded is not None:
+    if graded_run:  # decided alike on every process: only the main one holds the report
         return graded.samples[: cfg.num_samples] if is_main else []
     with distributed.root_gathered(accelerator, policy_elbo):
         samples = held_out_answers(accelerator.unwrap_model(policy_elbo).model, tokenizer, eval_pairs, mask_token_id,

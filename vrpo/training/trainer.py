@@ -504,7 +504,8 @@ class VRPOTrainer:
         )
         if cfg.num_samples and (self.has_eval or generations is not None):
             summary["samples"] = outputs.answer_samples(self.accelerator, self.policy_elbo, self.tokenizer, cfg,
-                                                        generations, self.eval_pairs, self.mask_token_id)
+                                                        self.task is not None, generations, self.eval_pairs,
+                                                        self.mask_token_id)
         log.close()
         summary["outputs"] = outputs.output_paths(cfg.output_dir, self.checkpoints.root, cfg.report_to == "tensorboard")
         if self.is_main:
