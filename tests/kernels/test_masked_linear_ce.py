@@ -582,11 +582,17 @@ def test_fp32_triton_forward_follows_allow_tf32(monkeypatch):
     spy = _LaunchSpy(triton_path._lse_forward_kernel)
     monkeypatch.setattr(triton_path, "_lse_forward_kernel", spy)
     args = make_inputs(5, 8, 70, torch.float32, select=1.0)
-    for allowed, want in ((False, "ieee"), (True, "tf32")):
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allowed)
-        assert triton_path.dot_precision(torch.float32) == want
-        run("triton", *args)
-        assert spy.calls[-1]["DOT_PRECISION"] == want
+    # Set and restored by hand: torch's cuBLAS flags object is not a plain attribute holder, and some pytest
+    # versions' monkeypatch cannot undo a setattr on it.
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allowed, want in ((False, "ieee"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+            assert triton_path.dot_precision(torch.float32) == want
+            run("triton", *args)
+            assert spy.calls[-1]["DOT_PRECISION"] == want
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     assert triton_path.dot_precision(torch.bfloat16) == "tf32"  # 16-bit values are exact in TF32
 
 
