@@ -177,11 +177,12 @@ def test_torch_path_across_row_and_vocab_chunks(monkeypatch, gemm, keep):
             check("torch", dtype, 15, 11, 700, bias=bias, max_buffer_bytes=budget)
 
 
-def test_cpu_gemm_probe_is_cached_and_logs_a_lost_fast_path(monkeypatch, caplog):
+def test_cpu_gemm_choice_is_cached_untimed_and_logs_a_lost_fast_path(monkeypatch, caplog):
     monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.delenv("VRPO_CPU_GEMM", raising=False)
     first = torch_path._cpu_gemm()
-    assert first in ("onednn", "mm") and torch_path._cpu_gemm() is first
+    # oneDNN wherever it works, whatever the timings: a timed choice made contending runs differ.
+    assert first == ("onednn" if torch_path._onednn_agrees() else "mm") and torch_path._cpu_gemm() is first
     monkeypatch.setattr(torch_path, "_CPU_GEMM", None)
     monkeypatch.setenv("VRPO_CPU_GEMM", "mm")
     assert torch_path._cpu_gemm() == "mm"

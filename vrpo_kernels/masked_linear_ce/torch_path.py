@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +49,10 @@ def _keeps_logits(n: int, vocab: int, max_buffer_bytes: int) -> bool:
 # The chunk GEMMs are most of the cost of this path. On x86 CPUs two fp32 GEMMs are at hand: oneDNN's
 # (what torch.compile uses for packed linears; it reads transposed operands in place and adds a
 # per-column bias in the same pass), reached through a private op, and torch.mm (MKL or OpenBLAS).
-# Which is faster depends on the CPU (measured: ~2x apart on some AMD cores, alike on others), so a
-# short timed probe picks one, once per process. The two round differently, so results are
-# bit-reproducible across runs only while the choice is stable: the probe keeps oneDNN unless torch.mm
-# is clearly faster (best of 5 interleaved rounds, by _GEMM_MARGIN), so that a loaded machine's noise
-# does not flip it; VRPO_CPU_GEMM=onednn|mm pins it.
+# The two round differently, so the choice is fixed, never timed: a timed probe made two contending runs
+# of one command pick different GEMMs and write different bytes. oneDNN is used wherever it works;
+# VRPO_CPU_GEMM=mm pins torch.mm (measured faster on some AVX2 CPUs: benchmarks/README.md).
 _CPU_GEMM: str | None = None
-_GEMM_MARGIN = 1.5
 
 
 def _onednn_linear(x, w, bias):
@@ -79,11 +75,12 @@ def _onednn_agrees() -> bool:
     ) and torch.allclose(_onednn_linear_add(a_t, b_t, acc), acc + a_t @ b_t.T, rtol=1e-5, atol=1e-5)
 
 
-def _probe_cpu_gemm() -> str:
-    """"onednn" or "mm": the faster fp32 GEMM on this CPU at a chunk's shape (best of 5, interleaved)."""
+def _choose_cpu_gemm() -> str:
+    """"onednn" where oneDNN's fp32 GEMM works and agrees with torch.mm, else "mm" (logged at WARNING);
+    ``VRPO_CPU_GEMM=mm`` pins torch.mm."""
     forced = os.environ.get("VRPO_CPU_GEMM", "")
     if forced not in ("", "mm", "mkl", "onednn"):
-        raise ValueError(f"VRPO_CPU_GEMM={forced!r}: use 'onednn' or 'mm' (or leave it unset for the timed probe)")
+        raise ValueError(f"VRPO_CPU_GEMM={forced!r}: use 'onednn' or 'mm' (or leave it unset for oneDNN)")
     if forced in ("mm", "mkl"):
         return "mm"
     try:
@@ -95,27 +92,14 @@ def _probe_cpu_gemm() -> str:
     if not ok:
         logger.warning("masked_linear_ce: oneDNN's fp32 GEMM disagrees with torch.mm; using torch.mm on the CPU")
         return "mm"
-    if forced == "onednn":
-        return "onednn"
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(4096, 256, generator=g), torch.randn(512, 256, generator=g)
-    runs = {"onednn": lambda: _onednn_linear(x, w, None), "mm": lambda: x @ w.T}
-    for fn in runs.values():
-        fn()  # warm-up: oneDNN builds its kernel on the first call
-    best = {name: float("inf") for name in runs}
-    for _ in range(5):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return "mm" if best["mm"] * _GEMM_MARGIN < best["onednn"] else "onednn"
+    return "onednn"
 
 
 def _cpu_gemm() -> str:
-    """The CPU fp32 GEMM of this process ("onednn" or "mm"), probed on first use and cached."""
+    """The CPU fp32 GEMM of this process ("onednn" or "mm"), chosen on first use and cached."""
     global _CPU_GEMM
     if _CPU_GEMM is None:
-        _CPU_GEMM = _probe_cpu_gemm()
+        _CPU_GEMM = _choose_cpu_gemm()
     return _CPU_GEMM
 
 
