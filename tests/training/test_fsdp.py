@@ -1,5 +1,6 @@
 """FSDP2 through accelerate, on 2 CPU processes (gloo) with the tiny LLaDA: the same losses and final model as one
-process, sharded checkpoints that resume, a sharded reference, LoRA with its adapters-off reference.
+process, sharded checkpoints that resume, a sharded reference, LoRA with its adapters-off reference; and
+``--algorithm grpo`` under FSDP2 (with LoRA, a KL term and a resume) and under DDP.
 
 accelerate only selects FSDP on GPU backends, so the runs go through ``tests/training/fsdp_cpu.py``, which switches
 accelerate's state to FSDP with the plugin ``accelerate launch`` built from the example config (see its docstring).
@@ -106,3 +107,57 @@ def test_fsdp_lora_reference_with_adapters_off_matches_one_process(tmp_path):
     w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+
+
+def grpo_records(output_dir) -> list[dict]:
+    rows = map(json.loads, (pathlib.Path(output_dir) / "logs" / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in rows if "loss/grpo" in r]
+
+
+GRPO_FLAGS = ["--algorithm", "grpo", "--max_steps", "4", "--per_device_train_batch_size", "1",
+             "--num_generations", "4", "--num_iterations", "2", "--n_t", "2", "--stratified", "--eval_size", "8",
+             "--eval_n_t", "2", "--num_samples", "0", "--report_to", "none", "--logging_steps", "1",
+             "--save_steps", "2", "--learning_rate", "1e-2", "--warmup_steps", "0", "--use_lora",
+             "--kl_beta", "0.04", "--overwrite_output_dir"]
+
+
+def test_fsdp_grpo_with_lora_and_kl_trains_sharded_and_resumes_bit_for_bit(tmp_path):
+    """--algorithm grpo on 2 FSDP2 processes with LoRA and a KL term (the reference: the sharded policy with its
+    adapters off): rollouts sampled on both processes (their prompts' lengths differ, so the sampler's forwards
+    must make no collective), TRL's metrics, the gathered LoRA-merged model, and a resume from a sharded
+    checkpoint at a rollout boundary (a sample before the first forward of the root) that repeats the run's
+    losses and final bytes."""
+    flags = GRPO_FLAGS
+    two = fsdp(tmp_path, flags + ["--output_dir", str(tmp_path / "two")], 29541)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = grpo_records(tmp_path / "two")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        for name in ("reward", "reward_std", "frac_reward_zero_std", "clip_ratio", "kl", "completions/mean_length"):
+            assert name in r, (name, r)
+    assert rows[1]["kl"] > 0  # the adapters moved the policy off the reference after one update
+    assert json.loads((tmp_path / "two" / "model" / "config.json").read_text())["model_type"] == "llada"
+    ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-00000002" / "pytorch_model_fsdp_0"
+    assert sorted(p.name for p in ckpt.iterdir() if p.suffix == ".distcp") == ["__0_0.distcp", "__1_0.distcp"]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed, ignore=shutil.ignore_patterns("checkpoint-00000004", "model"))
+    (resumed / "checkpoints" / "latest").write_text("checkpoint-00000002\n")
+    again = fsdp(tmp_path, flags + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], 29542)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    assert grpo_records(resumed) == rows
+    w2, w3 = weights(tmp_path / "two" / "model"), weights(resumed / "model")
+    for name in w2:
+        torch.testing.assert_close(w3[name], w2[name], rtol=0, atol=0, msg=name)
+
+
+def test_ddp_grpo_two_processes(tmp_path):
+    """--algorithm grpo under DDP (accelerate's MULTI_CPU over gloo): each process samples its own prompts."""
+    launcher = ["accelerate", "launch", "--config_file", str(cpu_launch_config(tmp_path, "accelerate_ddp.yaml")),
+                "--main_process_port", "29543", "-m", "vrpo.train"]
+    two = run(GRPO_FLAGS + ["--output_dir", str(tmp_path / "two")], launcher, env={"ACCELERATE_USE_CPU": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = grpo_records(tmp_path / "two")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[1]["kl"] > 0
+    assert (tmp_path / "two" / "model" / "model.safetensors").exists()

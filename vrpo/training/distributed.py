@@ -97,11 +97,44 @@ def root_gathered(accelerator, policy_elbo: nn.Module):
     if not getattr(accelerator, "is_fsdp2", False):
         yield
         return
+    _init_as_root(policy_elbo)
     policy_elbo.unshard()
     try:
         yield
     finally:
         policy_elbo.reshard()
+
+
+def _init_as_root(policy_elbo: nn.Module):
+    """FSDP2 makes the first unit to run a forward the root; a call on the LM inside the ELBO module (the
+    sampler's) before any forward of the module itself would make a decoder layer the root (a resumed run
+    can sample before its first step). FSDP2 has no public call for this; the private one is idempotent."""
+    policy_elbo._get_fsdp_state()._lazy_init()
+
+
+@contextlib.contextmanager
+def fully_gathered(accelerator, policy_elbo: nn.Module):
+    """Every FSDP2 unit of the policy gathered for the block, so that its forwards make no collective call.
+
+    For forwards whose number differs between processes: each process samples rollouts for its own prompts,
+    and a prompt's answer length sets the sampler's steps. Costs one whole copy of the policy on every device
+    while the block runs. Collective on entry and exit: every process must enter it."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        yield
+        return
+    _init_as_root(policy_elbo)
+    units = [m for m in policy_elbo.modules() if isinstance(m, FSDPModule)]
+    policy_elbo.set_reshard_after_forward(False)  # recursive: each unit keeps its gathered parameters
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        policy_elbo.set_reshard_after_forward(bool(accelerator.state.fsdp_plugin.reshard_after_forward))
+        # FSDP2 keeps a root's parameters gathered after its forward (the backward needs them at once).
+        policy_elbo.set_reshard_after_forward(False, recurse=False)
 
 
 def raise_everywhere(accelerator, error: BaseException | None):

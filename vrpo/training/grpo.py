@@ -167,7 +167,8 @@ class GRPOTrainer(VRPOTrainer):
         cfg, G = self.config, self.config.num_generations
         prompt_ids = [rollouts.pair_prompt_ids(self.train_pairs, i) for _, i in items]
         acc = self.accelerator
-        with distributed.root_gathered(acc, self.policy_elbo):  # a sharded model's forwards need every process
+        # Each process samples its own prompts, whose lengths set the sampler's steps: no collective inside.
+        with distributed.fully_gathered(acc, self.policy_elbo):
             model = self.policy_model
             was_training = model.training
             model.eval()
