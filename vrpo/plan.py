@@ -496,7 +496,8 @@ def _plan_parser() -> argparse.ArgumentParser:
                    "(the paper: 350k).")
     p.add_argument("--probe_steps", type=int, default=0, help="Also run the first K training steps on the run's "
                    "model and data (CPU is fine; nothing is saved) and print the budget advisor's advice: the "
-                   "score's mask and pair variances and the n_t of least score noise at the run's forward passes.")
+                   "score's mask and pair variances and the n_t of least predicted loss error (score noise and ELBO "
+                   "bias) at the run's forward passes.")
     p.add_argument("--reserve_gb", type=float, default=d.reserve_gb, help="GB per GPU kept for the CUDA context, "
                    "communication buffers and fragmentation.")
     return p
@@ -549,12 +550,14 @@ def main(argv: list[str] | None = None) -> int:
 def probe_report(found: dict) -> str:
     """The budget advisor's lines after ``--probe_steps`` (:func:`vrpo.training.probe.probe_variances`)."""
     noise = ", ".join(f"n_t = {k}: {v:.3g}" for k, v in found["advice/noise"].items())
+    error = ", ".join(f"n_t = {k}: {v:.3g}" for k, v in found["advice/loss_error"].items())
     return "\n".join([
         f"Budget advice from {found['probe_steps']} probe steps (batch {found['batch']}, n_t = {found['n_t']}, "
         f"n_yt = {found['n_yt']}):",
         f"  score variance: mask part (one pair's estimate) {found['score/var_mask']:.3g}, pair part "
         f"{found['score/var_pairs']:.3g}",
         f"  predicted minibatch score noise at the same forward passes: {noise}",
+        f"  predicted loss error (loss variance + squared ELBO bias, what the advice minimises): {error}",
         f"  {found['advice']}",
     ])
 

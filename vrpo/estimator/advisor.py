@@ -14,19 +14,32 @@ Var_i(E[s_ij | pair i])`` (the pair part). :func:`variance_parts` estimates both
 minibatch; :func:`advise` predicts ``Var(m)`` for each ``n_t`` at the same ``N``: with ``B' = N / (n_t n_yt)``
 pairs, ``Var(m) = (sigma_pair^2 + sigma_mask^2 / n_t) * n_t * n_yt / N``. That is ``(n_t sigma_pair^2 +
 sigma_mask^2) n_yt / N``: it grows with ``n_t`` whenever ``sigma_pair^2 > 0`` (a new pair also brings a fresh
-mask), so for the minibatch score's noise alone the fewest masks per pair win; only when the pair part is
-nil are all ``n_t`` equal, and then the advice is the run's own ``n_t`` (no evidence for a change). The noise
-is not all that ``n_t`` buys: the per-pair variance ``sigma_mask^2 / n_t`` also bounds the *bias* of the loss
-(the paper's Theorem 1), which more pairs do not average away; ``benchmarks/budget.py`` measures what wins.
+mask), so for the minibatch score's noise alone the fewest masks per pair always win.
+
+The noise is not all that ``n_t`` buys. The loss ``-log sigmoid(s_hat_i)`` is convex, so a noisy score biases
+it upward by an amount that depends on the per-pair variance ``sigma_mask^2 / n_t`` alone and that more pairs do
+not average away (the paper's Theorem 1 bounds the bias by the score's standard deviation). So the advice
+minimises the predicted error of the minibatch loss, the squared bias plus the variance
+(:func:`predicted_loss_error`), both taken at ``s = 0`` (policy = reference, where training starts): the
+variance by the delta method (the loss's slope there is 1/2, so ``Var(m) / 4``), the bias as
+``E[softplus(e)] - log 2`` for a Gaussian error ``e`` of variance ``sigma_mask^2 / n_t`` (``~ sigma_mask^2 / (8
+n_t)`` when small). Small mask variances (short answers, models that agree) make the bias negligible and the
+advice ``n_t = 1`` with the largest batch; large ones (the paper's 44 for one antithetic sample, Table 2) make it
+dominate and the advice many masks per pair. ``benchmarks/budget.py`` measures what wins.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 N_T_CHOICES = (1, 2, 4, 8, 16)  # the n_t the advisor compares
+# Gauss-Hermite nodes and weights (probabilists'), for E[f(e)] with e Gaussian: 40 nodes agree with 10^6-sample
+# averages to within their standard error for variances up to 44 (tests/estimator/test_advisor.py).
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(40)
 
 
 def sample_scores(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float) -> torch.Tensor:
@@ -96,14 +109,30 @@ def predicted_noise(mask: float, pairs: float, forward_passes: float, n_t: int, 
     return (pairs + mask / n_t) * n_t * n_yt / forward_passes
 
 
+def predicted_bias(mask: float, n_t: int) -> float:
+    """Upward bias of one pair's loss ``-log sigmoid(s_hat)`` at ``s = 0`` when ``s_hat``'s error is Gaussian
+    with variance ``mask / n_t``: ``E[softplus(e)] - log 2`` (``~ mask / (8 n_t)`` for small variances, at
+    most ``sqrt(mask / n_t)``, the paper's Theorem 1 bound)."""
+    sd = math.sqrt(mask / n_t)
+    mean = float((_GH_WEIGHTS * np.logaddexp(0.0, sd * _GH_NODES)).sum()) / math.sqrt(2 * math.pi)
+    return max(mean - math.log(2.0), 0.0)
+
+
+def predicted_loss_error(mask: float, pairs: float, forward_passes: float, n_t: int, n_yt: int = 1) -> float:
+    """Predicted mean squared error of the minibatch-mean loss at ``s = 0``: its variance (the loss's slope is
+    1/2 there: ``predicted_noise / 4``) plus its squared bias (:func:`predicted_bias`)."""
+    return predicted_noise(mask, pairs, forward_passes, n_t, n_yt) / 4 + predicted_bias(mask, n_t) ** 2
+
+
 @dataclass(frozen=True)
 class Advice:
-    """The advised ``n_t`` at a budget, and the predicted noise of every candidate.
+    """The advised ``n_t`` at a budget, and the predictions for every candidate.
 
     Attributes:
         n_t, batch: the advised timesteps per pair and pairs per step.
         current_n_t, current_batch: the run's.
         noise: ``{n_t: predicted Var(minibatch-mean score)}`` for each candidate that divides the budget.
+        error: ``{n_t: predicted loss error}`` (:func:`predicted_loss_error`), what the advice minimises.
         forward_passes: the budget, masked forward passes per sequence side per step (batch x n_t x n_yt).
     """
 
@@ -112,26 +141,28 @@ class Advice:
     current_n_t: int
     current_batch: int
     noise: dict[int, float]
+    error: dict[int, float]
     forward_passes: int
 
     def gain(self) -> float:
-        """How many times less noise the advice has than the run's own ``n_t`` (1.0: the run is the advice)."""
-        best = self.noise[self.n_t]
-        return 1.0 if self.n_t == self.current_n_t else self.noise[self.current_n_t] / best
+        """How many times less loss error the advice has than the run's own ``n_t`` (1.0: the run is the advice)."""
+        return 1.0 if self.n_t == self.current_n_t else self.error[self.current_n_t] / self.error[self.n_t]
 
     def sentence(self) -> str:
         """The closing summary's line."""
         if self.n_t == self.current_n_t:
             return (f"at this budget ({self.forward_passes} forward passes per step), the run's n_t = {self.n_t} with "
-                    f"batch {self.batch} has the least score noise of n_t in {sorted(self.noise)}")
+                    f"batch {self.batch} has the least predicted loss error (score noise and ELBO bias) of n_t in "
+                    f"{sorted(self.error)}")
         return (f"at this budget ({self.forward_passes} forward passes per step), n_t = {self.n_t} with batch "
-                f"{self.batch} gives {self.gain():.1f}x less score noise than n_t = {self.current_n_t} with batch "
-                f"{self.current_batch} (the run's)")
+                f"{self.batch} gives {self.gain():.1f}x less predicted loss error (score noise and ELBO bias) than "
+                f"n_t = {self.current_n_t} with batch {self.current_batch} (the run's)")
 
 
 def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_yt: int = 1,
            choices=N_T_CHOICES) -> Advice:
-    """The ``n_t`` of least predicted minibatch score noise at the run's forward passes per step.
+    """The ``n_t`` of least predicted loss error (:func:`predicted_loss_error`) at the run's forward passes per
+    step.
 
     Args:
         parts: :class:`VarianceParts`, or ``(mask, pairs)`` (e.g. means over a log window).
@@ -139,15 +170,17 @@ def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_y
         choices: candidate ``n_t``; those whose batch ``batch * n_t / candidate`` is not a whole number are left
             out, and the run's own ``n_t`` is always one.
 
-    Ties (all equal when the pair part is 0) keep the run's ``n_t``: no evidence for a change."""
+    Ties (all equal when both parts are 0, as at the first step, where policy = reference) keep the run's
+    ``n_t``: no evidence for a change."""
     mask, pairs = (parts.mask, parts.pairs) if isinstance(parts, VarianceParts) else parts
     if not (mask >= 0 and pairs >= 0):
         raise ValueError(f"advise: variances must be >= 0, got mask={mask}, pairs={pairs}")
     budget = batch * n_t * n_yt
     candidates = sorted({c for c in choices if (batch * n_t) % c == 0} | {n_t})
     noise = {c: predicted_noise(mask, pairs, budget, c, n_yt) for c in candidates}
-    least = min(noise.values())
-    tied = [c for c in candidates if noise[c] <= least * (1 + 1e-12)]
+    error = {c: predicted_loss_error(mask, pairs, budget, c, n_yt) for c in candidates}
+    least = min(error.values())
+    tied = [c for c in candidates if error[c] <= least * (1 + 1e-12)]
     best = n_t if n_t in tied else min(tied)
     return Advice(n_t=best, batch=batch * n_t // best, current_n_t=n_t, current_batch=batch, noise=noise,
-                  forward_passes=budget)
+                  error=error, forward_passes=budget)

@@ -51,11 +51,13 @@ class VarianceTally:
             self.steps += 1
 
     def summary(self, batch: int, plan: SamplingPlan) -> dict:
-        """``{score/var_mask, score/var_pairs, advice/n_t, advice/batch, advice/noise, advice}``; empty without
+        """``{score/var_mask, score/var_pairs, advice/n_t, advice/batch, advice/noise, advice/loss_error, advice}``;
+        empty without
         estimates (n_t = 1 or micro-batches of one pair)."""
         if not self.steps:
             return {}
         mask, pairs_raw = self.mask / self.steps, self.pairs_raw / self.steps
         advice = advice_of(mask, pairs_raw, batch, plan)
         return {VAR_MASK: mask, VAR_PAIRS: max(pairs_raw, 0.0), ADVICE: advice.n_t, "advice/batch": advice.batch,
-                "advice/noise": {str(k): v for k, v in advice.noise.items()}, "advice": advice.sentence()}
+                "advice/noise": {str(k): v for k, v in advice.noise.items()},
+                "advice/loss_error": {str(k): v for k, v in advice.error.items()}, "advice": advice.sentence()}
