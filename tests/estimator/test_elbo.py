@@ -1,6 +1,8 @@
 """The Monte Carlo ELBO: unbiased against exact enumeration, edge cases, and the fused path."""
 
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -184,7 +186,7 @@ def test_unbiasedness_check_has_power_against_a_wrong_weight():
     g = torch.Generator().manual_seed(0)
     ids_k, resp_k = ids.repeat_interleave(3000, 0), resp.repeat_interleave(3000, 0)
     draw = draw_masks(resp_k, SamplingPlan(n_t=2), generator=g)
-    draw.weight = torch.ones_like(draw.weight)
+    draw = dataclasses.replace(draw, weight=torch.ones_like(draw.weight))
     samples = elbo_estimate(model, ids_k, resp_k, draw, model.mask_token_id).double().view(2, 3000)
     with pytest.raises(AssertionError):
         assert_unbiased(samples, exact)

@@ -8,6 +8,8 @@ chunks, so the short-row tests cover the chunked sweep too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 
 import numpy as np
@@ -206,7 +208,8 @@ def test_torch_and_triton_give_the_same_bits(estimator, L, n):
     keys = random_keys(ids.shape[0], seed=n)
     config = gpu_config(L, samples=triton_pow2(n) if L > 1024 and n > 1 else None)
     a = noisy_draw(ids, resp, plan, keys, MASK_ID, impl="torch")
-    b = NoisyDraw(*fields(_triton(ids, resp, keys, plan, config)), plan)
+    t = _triton(ids, resp, keys, plan, config)
+    b = NoisyDraw(masked=t.masked, weight=t.weight, levels=t.levels, plan=plan, input_ids=t.input_ids)
     assert_same_bits(a, b)
     assert not (a.masked & ~resp[:, None, :]).any()
     if estimator == "l_uniform":
@@ -333,7 +336,7 @@ def test_unbiasedness_check_has_power_against_a_wrong_level_law():
     lengths = resp_k.sum(-1, keepdim=True)
     full = draw.masked.sum(-1) == lengths  # samples that masked the whole response: redraw them smaller
     skewed = draw.masked & ~(full[..., None] & (resp_k.cumsum(-1) == lengths)[:, None, :])
-    bad = NoisyDraw(draw.input_ids, skewed, lengths.float() / skewed.sum(-1).float(), draw.levels, draw.plan)
+    bad = dataclasses.replace(draw, masked=skewed, weight=lengths.float() / skewed.sum(-1).float())
     samples = elbo_estimate(model, ids_k, resp_k, bad, model.mask_token_id).double().view(2, K)
     with pytest.raises(AssertionError):
         assert_unbiased(samples, exact)

@@ -22,37 +22,19 @@ import torch
 
 from vrpo_kernels.mask_sampling import keyed_noisy_draw
 
-from .sampling import SamplingPlan
+from .sampling import MaskDraw, SamplingPlan
 
 
 @dataclass(frozen=True)
-class NoisyDraw:
-    """One draw of ``n = plan.n`` noisy copies per row, on the batch's device.
-
-    Usable wherever a ``MaskDraw`` is read (``masked``, ``weight``, ``levels``, ``plan``, ``n``, ``to``).
+class NoisyDraw(MaskDraw):
+    """A :class:`~vrpo.estimator.MaskDraw` (``masked`` bool [B, n, L], ``weight`` float32 [B, n], ``levels``
+    float32 [B, n_t], ``plan``; samples timestep-major) that also holds the noisy inputs, on the batch's device.
 
     Attributes:
         input_ids: int64 [B, n, L]; the row's ids with the mask token where ``masked``.
-        masked: bool [B, n, L]; True on the masked response positions. Samples are timestep-major:
-            sample ``j * n_yt + m`` is mask ``m`` of level ``j``.
-        weight: float32 [B, n]; the estimator weight of each sample (``L_b / l`` or ``1 / p``).
-        levels: float32 [B, n_t]; the mask count ``l`` (l-uniform) or mask probability ``p`` per level.
-        plan: the plan it was drawn with.
     """
 
     input_ids: torch.Tensor
-    masked: torch.Tensor
-    weight: torch.Tensor
-    levels: torch.Tensor
-    plan: SamplingPlan
-
-    @property
-    def n(self) -> int:
-        return self.masked.shape[1]
-
-    def to(self, device) -> NoisyDraw:
-        return NoisyDraw(self.input_ids.to(device), self.masked.to(device), self.weight.to(device),
-                         self.levels.to(device), self.plan)
 
 
 def _keys_tensor(keys: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
@@ -94,4 +76,4 @@ def noisy_draw(
         raise ValueError(f"noisy_draw: plan must be a SamplingPlan, got {type(plan).__name__}")
     draw = keyed_noisy_draw(input_ids, response_mask, _keys_tensor(keys, input_ids.device), plan,
                             mask_token_id, impl=impl)
-    return NoisyDraw(draw.input_ids, draw.masked, draw.weight, draw.levels, plan)
+    return NoisyDraw(masked=draw.masked, weight=draw.weight, levels=draw.levels, plan=plan, input_ids=draw.input_ids)

@@ -25,7 +25,7 @@ does the same).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -81,7 +81,7 @@ class SamplingPlan:
         return replace(self, **changes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskDraw:
     """One draw of ``n = n_t * n_yt`` masks per row.
 
@@ -103,7 +103,10 @@ class MaskDraw:
         return self.masked.shape[1]
 
     def to(self, device) -> MaskDraw:
-        return MaskDraw(self.masked.to(device), self.weight.to(device), self.levels.to(device), self.plan)
+        """The same draw (of the same class) with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
 def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
