@@ -5,7 +5,8 @@
   registered with accelerate, so checkpoints never hold it. Under DeepSpeed and FSDP1 it stays whole on every
   device (``--precompute_ref`` then frees it after one pass); that is logged once.
 * Every forward of a sharded model is collective: every process must make the same calls (evaluation shares
-  are padded, samples are generated on every process).
+  are padded, samples are generated on every process). GRPO's rollouts differ between processes, so they run
+  with the whole policy gathered (:func:`fully_gathered`).
 * The final model is gathered (collectively) to the main process's CPU and saved from a plain copy.
 """
 
