@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 from benchmarks.common import RESULTS, machine, output_dir, write_csv
+from vrpo.estimator.advisor import CRITERIA, advise
 from vrpo.tasks.sort import SORT_TASK
 from vrpo.training import VRPOTrainer
 from vrpo.training.config import VRPOConfig
@@ -139,6 +140,15 @@ def mean_sd(xs) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
+def advised(row: dict, criterion: str) -> int | None:
+    """The n_t the advisor gives for a run's whole-run variances under ``criterion`` (None: a run that could not
+    estimate them, n_t = 1). Recomputed from the CSV, so that every run is judged by the same advisor."""
+    if row["var_mask"] is None or row["var_pairs"] is None:
+        return None
+    n_t, n_yt = int(row["n_t"]), int(row["n_yt"])
+    return advise((row["var_mask"] * n_t, row["var_pairs"]), int(row["batch"]), n_t, n_yt, criterion=criterion).n_t
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """Per (regime, arm): seeds, steps and each metric's mean and sd over seeds, in the order of :data:`ARMS`."""
     out = []
@@ -150,8 +160,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
             agg = {"regime": regime, "arm": arm.key, "seeds": len(mine), "steps": int(mine[0]["steps"])}
             for k in METRICS + ("var_mask", "var_pairs"):
                 agg[k], agg[k + "_sd"] = mean_sd(r[k] for r in mine)
-            advice = [int(r["advice_n_t"]) for r in mine if r["advice_n_t"] is not None]
-            agg["advice"] = "/".join(map(str, advice))
+            for c in CRITERIA:
+                agg["advice_" + c] = "/".join(str(n) for n in (advised(r, c) for r in mine) if n is not None)
             out.append(agg)
     return out
 
@@ -169,24 +179,25 @@ def best_group(aggs: list[dict], regime: str, tolerance: float = 0.02) -> tuple[
 
 
 def advisor_check(aggs: list[dict], rows: list[dict]) -> list[str]:
-    """Per regime: the n_t the runs advised (at the end of training, from their whole-run variances) and whether
-    the arm of that n_t is in the best group."""
+    """Per regime and criterion: the n_t the runs' whole-run variances advise and whether the arm of that n_t is
+    in the best group."""
     lines = []
     key_of_n = {1: "anti1", 2: "n2", 4: "n4", 8: "n8"}
     for regime in REGIMES:
-        advised = [int(r["advice_n_t"]) for r in rows
-                   if r["regime"] == regime and r["arm"] in N_FAMILY and r["advice_n_t"] is not None]
         group, margin = best_group(aggs, regime)
-        if not advised or not group:
-            continue
-        n = statistics.mode(advised)
-        where = key_of_n.get(n)
-        ran = any(a["regime"] == regime and a["arm"] == where for a in aggs)
-        verdict = ("not run" if not ran else "in the best group" if where in group else "NOT in the best group")
-        lines.append(f"- {regime}: the runs advised n_t = {n} ({len(advised)} runs: "
-                     f"{', '.join(map(str, sorted(advised)))}); best group of {', '.join(N_FAMILY)} (within "
-                     f"{100 * margin:.1f} points of the best exact-sort accuracy): {', '.join(group)}; the advised "
-                     f"arm is {verdict}.")
+        for criterion in CRITERIA:
+            advice = [advised(r, criterion) for r in rows if r["regime"] == regime and r["arm"] in N_FAMILY]
+            advice = [n for n in advice if n is not None]
+            if not advice or not group:
+                continue
+            n = statistics.mode(advice)
+            where = key_of_n.get(n)
+            ran = any(a["regime"] == regime and a["arm"] == where for a in aggs)
+            verdict = ("not run" if not ran else "in the best group" if where in group else "NOT in the best group")
+            lines.append(f"- {regime}, by {criterion.replace('_', ' ')}: the runs advise n_t = {n} ({len(advice)} "
+                         f"runs: {', '.join(map(str, sorted(advice)))}); best group of {', '.join(N_FAMILY)} (within "
+                         f"{100 * margin:.1f} points of the best exact-sort accuracy): {', '.join(group)}; the "
+                         f"advised arm is {verdict}.")
     return lines
 
 
@@ -210,11 +221,13 @@ def table(rows: list[dict], command: str, partial: str | None) -> str:
         "shipped SFT model with the demo's learning rate, SFT weight 1.0 and schedule. Exact-sort accuracy (gen "
         "acc, %) and mean partial credit of greedy generations on the 1024 test prompts (before training: "
         f"{_before(rows)}), held-out preference accuracy (pref acc, %), mean `score/var` over training, the "
-        "advisor's whole-run variances (mask part of one pair's estimate, pair part) and advised n_t. Mean ± sd "
-        "over seeds (no sd with one seed).",
+        "advisor's whole-run variances (mask part of one pair's estimate, pair part) and the n_t they advise, by "
+        "score noise (the advisor's default) and by loss error (noise and ELBO bias, for comparison), one per seed. "
+        "Mean ± sd over seeds (no sd with one seed).",
         "",
-        "| regime | arm | seeds | steps | gen acc | credit | pref acc | score/var | var mask | var pairs | advice n_t |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| regime | arm | seeds | steps | gen acc | credit | pref acc | score/var | var mask | var pairs | "
+        "advice n_t (noise) | advice n_t (loss error) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in aggs:
         lines.append(
@@ -223,7 +236,8 @@ def table(rows: list[dict], command: str, partial: str | None) -> str:
             f"{_pm(a['gen_credit_after'], a['gen_credit_after_sd'], 1, 3)} | "
             f"{_pm(a['pref_acc_after'], a['pref_acc_after_sd'], 100)} | "
             f"{_pm(a['mean_score_var'], a['mean_score_var_sd'], 1, 4)} | {_pm(a['var_mask'], float('nan'), 1, 4)} | "
-            f"{_pm(a['var_pairs'], float('nan'), 1, 4)} | {a['advice'] or 'n/a'} |")
+            f"{_pm(a['var_pairs'], float('nan'), 1, 4)} | {a['advice_noise'] or 'n/a'} | "
+            f"{a['advice_loss_error'] or 'n/a'} |")
     check = advisor_check(aggs, rows)
     if check:
         lines += ["", "The advisor against the study (arms that differ only in n_t):", "", *check]

@@ -496,8 +496,8 @@ def _plan_parser() -> argparse.ArgumentParser:
                    "(the paper: 350k).")
     p.add_argument("--probe_steps", type=int, default=0, help="Also run the first K training steps on the run's "
                    "model and data (CPU is fine; nothing is saved) and print the budget advisor's advice: the "
-                   "score's mask and pair variances and the n_t of least predicted loss error (score noise and ELBO "
-                   "bias) at the run's forward passes.")
+                   "score's mask and pair variances and the n_t of least score noise at the run's forward passes "
+                   "(and the loss-error criterion's choice, for comparison).")
     p.add_argument("--reserve_gb", type=float, default=d.reserve_gb, help="GB per GPU kept for the CUDA context, "
                    "communication buffers and fragmentation.")
     return p

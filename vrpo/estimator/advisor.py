@@ -17,15 +17,15 @@ sigma_mask^2) n_yt / N``: it grows with ``n_t`` whenever ``sigma_pair^2 > 0`` (a
 mask), so for the minibatch score's noise alone the fewest masks per pair always win.
 
 The noise is not all that ``n_t`` buys. The loss ``-log sigmoid(s_hat_i)`` is convex, so a noisy score biases
-it upward by an amount that depends on the per-pair variance ``sigma_mask^2 / n_t`` alone and that more pairs do
-not average away (the paper's Theorem 1 bounds the bias by the score's standard deviation). So the advice
-minimises the predicted error of the minibatch loss, the squared bias plus the variance
-(:func:`predicted_loss_error`), both taken at ``s = 0`` (policy = reference, where training starts): the
-variance by the delta method (the loss's slope there is 1/2, so ``Var(m) / 4``), the bias as
-``E[softplus(e)] - log 2`` for a Gaussian error ``e`` of variance ``sigma_mask^2 / n_t`` (``~ sigma_mask^2 / (8
-n_t)`` when small). Small mask variances (short answers, models that agree) make the bias negligible and the
-advice ``n_t = 1`` with the largest batch; large ones (the paper's 44 for one antithetic sample, Table 2) make it
-dominate and the advice many masks per pair. ``benchmarks/budget.py`` measures what wins.
+its *value* upward by about ``sigma_mask^2 / (8 n_t)`` per pair, which more pairs do not average away (the
+paper's Theorem 1 bounds it by the score's standard deviation). :func:`predicted_loss_error` adds that bias,
+squared, to the loss's variance (both at ``s = 0``: the delta method, slope 1/2, and ``E[softplus(e)] - log 2``
+for a Gaussian error, by quadrature). It is not the default criterion: at ``s = 0`` the loss's third
+derivative vanishes, so the bias of its *gradient* comes only from how the mask variance itself changes with
+the weights, which the value's bias does not measure; and on the sorting demo (``benchmarks/budget.py``,
+data-rich, FIGURES) the loss-error criterion advised n_t = 4 where n_t = 1 and 2 were best and n_t = 4 was
+FIGURES points worse, while the noise criterion advised n_t = 1. So :func:`advise` minimises the score noise by
+default (``criterion="noise"``) and ``criterion="loss_error"`` is there for comparison.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ import numpy as np
 import torch
 
 N_T_CHOICES = (1, 2, 4, 8, 16)  # the n_t the advisor compares
+# What the advice minimises: "noise", the minibatch score's variance (what runs log), or "loss_error", the
+# loss's variance plus its squared bias (see the module docstring for why it is not the default).
+CRITERIA = ("noise", "loss_error")
 # Gauss-Hermite nodes and weights (probabilists'), for E[f(e)] with e Gaussian: 40 nodes agree with 10^6-sample
 # averages to within their standard error for variances up to 44 (tests/estimator/test_advisor.py).
 _GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(40)
@@ -132,7 +135,8 @@ class Advice:
         n_t, batch: the advised timesteps per pair and pairs per step.
         current_n_t, current_batch: the run's.
         noise: ``{n_t: predicted Var(minibatch-mean score)}`` for each candidate that divides the budget.
-        error: ``{n_t: predicted loss error}`` (:func:`predicted_loss_error`), what the advice minimises.
+        error: ``{n_t: predicted loss error}`` (:func:`predicted_loss_error`).
+        criterion: what the advice minimises, one of :data:`CRITERIA`.
         forward_passes: the budget, masked forward passes per sequence side per step (batch x n_t x n_yt).
     """
 
@@ -143,26 +147,34 @@ class Advice:
     noise: dict[int, float]
     error: dict[int, float]
     forward_passes: int
+    criterion: str = "noise"
+
+    def _scores(self) -> dict[int, float]:
+        return self.noise if self.criterion == "noise" else self.error
+
+    def _what(self) -> str:
+        return "score noise" if self.criterion == "noise" else "predicted loss error (score noise and ELBO bias)"
 
     def gain(self) -> float:
-        """How many times less loss error the advice has than the run's own ``n_t`` (1.0: the run is the advice)."""
-        return 1.0 if self.n_t == self.current_n_t else self.error[self.current_n_t] / self.error[self.n_t]
+        """How many times less noise (or loss error) the advice has than the run's own ``n_t`` (1.0: the run is
+        the advice)."""
+        scores = self._scores()
+        return 1.0 if self.n_t == self.current_n_t else scores[self.current_n_t] / scores[self.n_t]
 
     def sentence(self) -> str:
         """The closing summary's line."""
         if self.n_t == self.current_n_t:
             return (f"at this budget ({self.forward_passes} forward passes per step), the run's n_t = {self.n_t} with "
-                    f"batch {self.batch} has the least predicted loss error (score noise and ELBO bias) of n_t in "
-                    f"{sorted(self.error)}")
+                    f"batch {self.batch} has the least {self._what()} of n_t in {sorted(self.noise)}")
         return (f"at this budget ({self.forward_passes} forward passes per step), n_t = {self.n_t} with batch "
-                f"{self.batch} gives {self.gain():.1f}x less predicted loss error (score noise and ELBO bias) than "
-                f"n_t = {self.current_n_t} with batch {self.current_batch} (the run's)")
+                f"{self.batch} gives {self.gain():.1f}x less {self._what()} than n_t = {self.current_n_t} with batch "
+                f"{self.current_batch} (the run's)")
 
 
 def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_yt: int = 1,
-           choices=N_T_CHOICES) -> Advice:
-    """The ``n_t`` of least predicted loss error (:func:`predicted_loss_error`) at the run's forward passes per
-    step.
+           choices=N_T_CHOICES, criterion: str = "noise") -> Advice:
+    """The ``n_t`` of least predicted minibatch score noise (``criterion="noise"``) or loss error
+    (``"loss_error"``, :func:`predicted_loss_error`) at the run's forward passes per step.
 
     Args:
         parts: :class:`VarianceParts`, or ``(mask, pairs)`` (e.g. means over a log window).
@@ -170,8 +182,10 @@ def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_y
         choices: candidate ``n_t``; those whose batch ``batch * n_t / candidate`` is not a whole number are left
             out, and the run's own ``n_t`` is always one.
 
-    Ties (all equal when both parts are 0, as at the first step, where policy = reference) keep the run's
-    ``n_t``: no evidence for a change."""
+    Ties (by noise, every ``n_t`` when the pair part is 0; by either, when both parts are 0, as at the first
+    step, where policy = reference) keep the run's ``n_t``: no evidence for a change."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"advise: criterion must be one of {CRITERIA}, got {criterion!r}")
     mask, pairs = (parts.mask, parts.pairs) if isinstance(parts, VarianceParts) else parts
     if not (mask >= 0 and pairs >= 0):
         raise ValueError(f"advise: variances must be >= 0, got mask={mask}, pairs={pairs}")
@@ -179,8 +193,9 @@ def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_y
     candidates = sorted({c for c in choices if (batch * n_t) % c == 0} | {n_t})
     noise = {c: predicted_noise(mask, pairs, budget, c, n_yt) for c in candidates}
     error = {c: predicted_loss_error(mask, pairs, budget, c, n_yt) for c in candidates}
-    least = min(error.values())
-    tied = [c for c in candidates if error[c] <= least * (1 + 1e-12)]
+    scores = noise if criterion == "noise" else error
+    least = min(scores.values())
+    tied = [c for c in candidates if scores[c] <= least * (1 + 1e-12)]
     best = n_t if n_t in tied else min(tied)
     return Advice(n_t=best, batch=batch * n_t // best, current_n_t=n_t, current_batch=batch, noise=noise,
-                  error=error, forward_passes=budget)
+                  error=error, forward_passes=budget, criterion=criterion)
