@@ -557,7 +557,8 @@ def probe_report(found: dict) -> str:
         f"  score variance: mask part (one pair's estimate) {found['score/var_mask']:.3g}, pair part "
         f"{found['score/var_pairs']:.3g}",
         f"  predicted minibatch score noise at the same forward passes: {noise}",
-        f"  predicted loss error (loss variance + squared ELBO bias, what the advice minimises): {error}",
+        f"  predicted loss error (loss variance + squared ELBO bias; a comparison, not what the advice minimises): "
+        f"{error}",
         f"  {found['advice']}",
     ])
 
