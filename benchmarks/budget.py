@@ -208,12 +208,14 @@ def _pm(mean: float, sd: float, scale: float = 1.0, digits: int = 1) -> str:
     return s if math.isnan(sd) else f"{s} ± {scale * sd:.{digits}f}"
 
 
-def table(rows: list[dict], command: str, partial: str | None) -> str:
+def table(rows: list[dict], command: str, partial: str | None, note: str | None = None) -> str:
     aggs = aggregate(rows)
     lines = [f"# Masks or pairs: the equal-compute study on the sorting demo ({time.strftime('%Y-%m-%d')}, {machine()})",
              ""]
     if partial:
         lines += [f"**Partial results**: {partial}", ""]
+    if note:
+        lines += [f"How the runs were made: {note}", ""]
     lines += [
         f"Command: `{command}`",
         "",
@@ -301,6 +303,8 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (2 steps, 16 held-out pairs)")
     p.add_argument("--table", action="store_true", help="only redraw the table and plot from the CSV")
     p.add_argument("--partial", default=None, help="a note that the results are partial, printed above the table")
+    p.add_argument("--note", default=None, help="how the runs were made (e.g. split over processes), printed above "
+                   "the table")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
@@ -343,7 +347,7 @@ def main(argv=None) -> list[dict]:
                 print(rows[-1], flush=True)
     if not rows:
         raise SystemExit(f"no results in {csv_path}")
-    text = table(rows, command_line(args), args.partial)
+    text = table(rows, command_line(args), args.partial, args.note)
     (out / "budget.md").write_text(text)
     if not plot(rows, out / "budget.png"):
         print("matplotlib is not installed: budget.png not written (pip install 'vrpo[bench]')")
