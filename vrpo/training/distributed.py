@@ -125,17 +125,19 @@ def fully_gathered(accelerator, policy_elbo: nn.Module):
         return
     _init_as_root(policy_elbo)
     units = [m for m in policy_elbo.modules() if isinstance(m, FSDPModule)]
+    # Each unit's own setting, restored after: they differ (the root and accelerate's head group keep their
+    # parameters after forward, the layers do not). FSDP2 has no public getter; this reads its param groups.
+    before = [(u, any(g.post_forward_mesh_info is not None for g in u._get_fsdp_state()._fsdp_param_groups))
+              for u in units]
     policy_elbo.set_reshard_after_forward(False)  # recursive: each unit keeps its gathered parameters
     for unit in units:
         unit.unshard()
     try:
         yield
     finally:
-        for unit in units:
+        for unit, reshard in before:
             unit.reshard()
-        policy_elbo.set_reshard_after_forward(bool(accelerator.state.fsdp_plugin.reshard_after_forward))
-        # FSDP2 keeps a root's parameters gathered after its forward (the backward needs them at once).
-        policy_elbo.set_reshard_after_forward(False, recurse=False)
+            unit.set_reshard_after_forward(reshard, recurse=False)
 
 
 def raise_everywhere(accelerator, error: BaseException | None):
