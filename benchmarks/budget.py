@@ -35,9 +35,11 @@ import time
 from dataclasses import dataclass
 
 from benchmarks.common import RESULTS, machine, output_dir, write_csv
-from vrpo.estimator.advisor import CRITERIA, advise
+from vrpo.estimator import SamplingPlan
+from vrpo.estimator.advisor import CRITERIA
 from vrpo.tasks.sort import SORT_TASK
 from vrpo.training import VRPOTrainer
+from vrpo.training.budget import advice_of
 from vrpo.training.config import VRPOConfig
 
 BUDGET = 128  # masked forward passes per sequence side per step: the naive-DPO-at-batch-128 budget
@@ -145,8 +147,8 @@ def advised(row: dict, criterion: str) -> int | None:
     estimate them, n_t = 1). Recomputed from the CSV, so that every run is judged by the same advisor."""
     if row["var_mask"] is None or row["var_pairs"] is None:
         return None
-    n_t, n_yt = int(row["n_t"]), int(row["n_yt"])
-    return advise((row["var_mask"] * n_t, row["var_pairs"]), int(row["batch"]), n_t, n_yt, criterion=criterion).n_t
+    plan = SamplingPlan(n_t=int(row["n_t"]), n_yt=int(row["n_yt"]))
+    return advice_of(row["var_mask"], row["var_pairs"], int(row["batch"]), plan, criterion).n_t
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -23,9 +23,11 @@ def step_variances(pc, pr, rc, rr, beta: float) -> dict[str, float]:
     return {VAR_MASK: parts.mask_of_mean(), VAR_PAIRS_RAW: parts.pairs_raw}
 
 
-def advice_of(var_mask: float, var_pairs_raw: float, batch: int, plan: SamplingPlan) -> Advice:
-    """The advice from mean variances (the pair part clamped at 0 after averaging, so the mean stays unbiased)."""
-    return advise((var_mask * plan.n_t, max(var_pairs_raw, 0.0)), batch, plan.n_t, plan.n_yt)
+def advice_of(var_mask: float, var_pairs_raw: float, batch: int, plan: SamplingPlan,
+              criterion: str = "noise") -> Advice:
+    """The advice from mean variances as runs log them (``var_mask`` over n_t; the pair part clamped at 0 after
+    averaging, so the mean stays unbiased)."""
+    return advise((var_mask * plan.n_t, max(var_pairs_raw, 0.0)), batch, plan.n_t, plan.n_yt, criterion=criterion)
 
 
 def advice_metrics(record: dict, batch: int, plan: SamplingPlan) -> dict:
