@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from vrpo import SamplingPlan, elbo_estimate, exact_elbo
-from vrpo.estimator.noise import NoisyDraw, noisy_draw
+from vrpo.estimator import elbo_terms
+from vrpo.estimator.noise import D1_PROMPT_MASK, NoisyDraw, noisy_draw, one_step_draw
 from vrpo_kernels.mask_sampling import _mulhilo, keyed_launch_config, philox4x32
 
 from ..helpers import ToyMDM, assert_unbiased, toy_batch
@@ -534,3 +535,41 @@ def test_gpu_code_has_no_fused_multiply_add_and_only_correctly_rounded_division(
     ops = set(run.stdout.split())
     assert {"div.rn.f32", "div.rn.f64"} <= ops, ops
     assert ops <= {"div.rn.f32", "div.rn.f64"}, ops
+
+
+def test_one_step_draw_is_d1s_estimate():
+    """d1's one-step log-likelihood: catches a response token left visible, padding or the prompt masked (or a
+    prompt not masked), a weight other than 1, and a prompt mask that depends on the batch."""
+    model = ToyMDM(vocab=7, max_len=24)
+    ids, resp = toy_batch([12, 6], [4, 5], pad_to=20)
+    attention = torch.zeros_like(ids)
+    attention[0, :16], attention[1, :11] = 1, 1
+    keys = [11, 12]
+    draw = one_step_draw(ids, resp, attention, keys, model.mask_token_id)
+    assert isinstance(draw, NoisyDraw) and draw.n == 1 and draw.plan.n == 1
+    assert torch.equal(draw.masked[:, 0], resp) and torch.equal(draw.weight, torch.ones(2, 1))
+    noisy = draw.input_ids[:, 0]
+    prompt = attention.bool() & ~resp
+    assert (noisy[resp] == model.mask_token_id).all()
+    assert torch.equal(noisy[~attention.bool()], ids[~attention.bool()])  # padding untouched
+    hidden = (noisy == model.mask_token_id) & prompt
+    assert hidden.any() and not hidden[prompt].all()
+    logp = model.logp(noisy).gather(-1, ids[..., None])[..., 0]
+    terms = elbo_terms(model, ids, resp, draw, model.mask_token_id)
+    torch.testing.assert_close(terms[:, 0].double(), (logp * resp).sum(-1), rtol=1e-5, atol=1e-5)
+    alone = one_step_draw(ids[1:], resp[1:], attention[1:], keys[1:], model.mask_token_id)
+    assert torch.equal(alone.input_ids[0], draw.input_ids[1])
+    with pytest.raises(ValueError, match="prompt_mask_prob must be in"):
+        one_step_draw(ids, resp, attention, keys, model.mask_token_id, prompt_mask_prob=1.0)
+    with pytest.raises(ValueError, match="1 keys for 2 rows"):
+        one_step_draw(ids, resp, attention, keys[:1], model.mask_token_id)
+
+
+def test_one_step_draw_masks_the_prompt_at_d1s_rate():
+    """10,000 prompt tokens: the masked fraction is 0.15 within 4.5 standard deviations (catches p or 1 - p)."""
+    ids, resp = toy_batch([200] * 50, [1] * 50)
+    draw = one_step_draw(ids, resp, torch.ones_like(ids), range(50), MASK_ID)
+    prompt = ~resp
+    rate = (draw.input_ids[:, 0][prompt] == MASK_ID).double().mean().item()
+    sd = (D1_PROMPT_MASK * (1 - D1_PROMPT_MASK) / prompt.sum().item()) ** 0.5
+    assert abs(rate - D1_PROMPT_MASK) < 4.5 * sd, rate

@@ -65,6 +65,10 @@ def test_algorithm_setting_and_the_naive_dpo_alias():
         parse_config(["--algorithm", "ppo"])
     with pytest.raises(ValueError, match="--naive_dpo is --algorithm naive_dpo"):
         VRPOConfig(naive_dpo=True, algorithm="grpo")
+    with pytest.raises(ValueError, match="--likelihood one_step is GRPO's"):
+        VRPOConfig(likelihood="one_step")
+    with pytest.raises(ValueError, match="--likelihood must be one of"):
+        VRPOConfig(algorithm="grpo", likelihood="exact")
     with pytest.raises(ValueError, match="--precompute_ref does not combine with --algorithm grpo"):
         VRPOConfig(algorithm="grpo", precompute_ref=True)
     with pytest.raises(ValueError, match="--epsilon must be in"):
@@ -73,3 +77,19 @@ def test_algorithm_setting_and_the_naive_dpo_alias():
         VRPOConfig(algorithm="grpo", reward_fn="rewards.py")
     with pytest.raises(ValueError, match="--num_generations must be an integer >= 2"):
         VRPOConfig(algorithm="grpo", num_generations=1)
+
+
+def test_d1s_one_step_likelihood_trains_with_a_kl_term(tmp_path, monkeypatch):
+    """``--likelihood one_step`` (the ablation's d1 estimate): one sample per completion, so no score/var; the
+    second step of a rollout batch moves the ratio off 1 and the KL term off 0 (catches a draw that ignores the
+    stored rollout terms or the reference)."""
+    real = sort_task.test_prompts
+    monkeypatch.setattr(sort_task, "test_prompts", lambda n=16: real(16))
+    out = tmp_path / "one_step"
+    assert main(FLAGS[:-4] + ["--likelihood", "one_step", "--kl_beta", "0.1", "--max_steps", "2", "--save_steps", "0",
+                              "--learning_rate", "1e-3", "--warmup_steps", "0", "--output_dir", str(out)]) == 0
+    steps = [r for r in records(out) if "loss/grpo" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert "score/var" not in steps[0] or steps[0]["score/var"] != steps[0]["score/var"]  # nan: one sample
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] > 0
+    assert steps[0]["score/mean"] == 0 and steps[1]["score/mean"] != 0

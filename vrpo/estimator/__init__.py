@@ -16,8 +16,9 @@ from .elbo import (
     unwrap,
 )
 from .losses import LOSS_TYPES, mdm_sft_loss, reward_margin, vrpo_loss
-from .noise import NoisyDraw, noisy_draw
+from .noise import D1_PROMPT_MASK, NoisyDraw, noisy_draw, one_step_draw
 from .policy_gradient import (
+    LIKELIHOODS,
     SCALE_REWARDS,
     clipped_objective,
     group_advantages,
@@ -35,9 +36,11 @@ from .sampling import (
 )
 
 __all__ = [
+    "D1_PROMPT_MASK",
     "ESTIMATORS",
     "ELBOModule",
     "HeadOptions",
+    "LIKELIHOODS",
     "LOSS_TYPES",
     "MaskDraw",
     "NoisyDraw",
@@ -59,6 +62,7 @@ __all__ = [
     "model_logit_shift",
     "noisy_draw",
     "noisy_inputs",
+    "one_step_draw",
     "packed_elbo_terms",
     "reward_margin",
     "sample_log_ratios",

@@ -77,3 +77,49 @@ def noisy_draw(
     draw = keyed_noisy_draw(input_ids, response_mask, _keys_tensor(keys, input_ids.device), plan,
                             mask_token_id, impl=impl)
     return NoisyDraw(masked=draw.masked, weight=draw.weight, levels=draw.levels, plan=plan, input_ids=draw.input_ids)
+
+
+D1_PROMPT_MASK = 0.15  # d1's prompt masking probability (Zhao et al. 2025, Section 3.2)
+
+
+def one_step_draw(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    keys: Sequence[int],
+    mask_token_id: int,
+    prompt_mask_prob: float = D1_PROMPT_MASK,
+) -> NoisyDraw:
+    """d1's one-step log-likelihood as a draw (d1/diffu-GRPO, Zhao et al. 2025, Section 3.2): one sample per
+    row with the whole response masked and each prompt token masked with probability ``prompt_mask_prob``,
+    weight 1, so that :func:`~vrpo.estimator.elbo_terms` returns ``sum_i log p(y_i | masked response, noisy
+    prompt)``. That is not an ELBO (no level is drawn): it estimates another quantity than ``log pi(y|x)``,
+    and is here to compare against (``--likelihood one_step``).
+
+    Args:
+        input_ids, response_mask, attention_mask: [B, L] (int64, bool, 0/1); prompt tokens are the attended
+            non-response ones.
+        keys: B ints; row ``b``'s prompt mask comes from a CPU generator seeded with ``keys[b]`` (the same
+            whatever the batch, as :func:`noisy_draw`'s), then moves to the rows' device.
+        mask_token_id: the id written at the masked positions.
+        prompt_mask_prob: in [0, 1).
+
+    Returns:
+        A :class:`NoisyDraw` with ``n = 1`` (plan ``SamplingPlan(n_t=1)``), ``levels`` 1 (all masked).
+    """
+    if not 0.0 <= prompt_mask_prob < 1.0:
+        raise ValueError(f"one_step_draw: prompt_mask_prob must be in [0, 1), got {prompt_mask_prob!r}")
+    B, L = input_ids.shape
+    keys = [int(k) for k in keys]
+    if len(keys) != B:
+        raise ValueError(f"one_step_draw: {len(keys)} keys for {B} rows")
+    device = input_ids.device
+    prompt = attention_mask.bool() & ~response_mask
+    u = torch.stack([torch.rand(L, generator=torch.Generator().manual_seed(k & (2**63 - 1))) for k in keys])
+    masked = response_mask | (prompt & (u.to(device) < prompt_mask_prob))
+    noisy = torch.where(masked, torch.as_tensor(mask_token_id, device=device), input_ids)
+    plan = SamplingPlan(n_t=1)
+    ones = torch.ones(B, 1, dtype=torch.float32, device=device)
+    # ``masked`` marks the scored tokens (the response); the prompt's masks live in ``input_ids`` alone.
+    return NoisyDraw(masked=response_mask[:, None, :].clone(), weight=ones, levels=ones.clone(), plan=plan,
+                     input_ids=noisy[:, None, :])

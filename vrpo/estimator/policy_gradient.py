@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 SCALE_REWARDS = ("group", "none")
+LIKELIHOODS = ("elbo", "one_step")  # the estimate of log pi(y|x) in the ratio: ours, or d1's (for ablations)
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4

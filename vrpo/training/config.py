@@ -29,7 +29,7 @@ from transformers import HfArgumentParser, SchedulerType
 
 from vrpo_kernels.masked_linear_ce import DEFAULT_MAX_BUFFER_BYTES
 
-from ..estimator import ESTIMATORS, LOSS_TYPES, SCALE_REWARDS, HeadOptions, SamplingPlan
+from ..estimator import ESTIMATORS, LIKELIHOODS, LOSS_TYPES, SCALE_REWARDS, HeadOptions, SamplingPlan
 from ..estimator.elbo import IMPLS
 
 ALGORITHMS = ("vrpo", "naive_dpo", "grpo")
@@ -178,6 +178,10 @@ class VRPOConfig:
     scale_rewards: str = setting(
         "GRPO: 'group' divides the group-centred rewards by the group's std (GRPO); 'none' does not (Dr. GRPO).",
         default="group", choices=SCALE_REWARDS, run=True)
+    likelihood: str = setting(
+        "GRPO: the estimate of log pi(y|x) in the ratio and the KL: 'elbo' (the n_t-sample ELBO, the same masks for "
+        "every policy) or 'one_step' (d1's: one forward with the whole response and 15%% of the prompt masked; "
+        "a different quantity, for ablations; --n_t is not used).", default="elbo", choices=LIKELIHOODS, run=True)
     temperature: float = setting("GRPO: rollout sampling temperature (0: greedy).", default=1.0,
                                  bounds=(0.0, math.inf, True, False), run=True)
     reward_fn: str | None = setting(
@@ -371,6 +375,8 @@ def validate(cfg: VRPOConfig):
         raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
     if cfg.naive_dpo and cfg.algorithm == "grpo":
         raise ValueError("--naive_dpo is --algorithm naive_dpo: it does not combine with --algorithm grpo")
+    if cfg.likelihood != "elbo" and cfg.algorithm != "grpo":
+        raise ValueError(f"--likelihood {cfg.likelihood} is GRPO's: it needs --algorithm grpo")
     if cfg.algorithm == "grpo" and cfg.precompute_ref:
         raise ValueError("--precompute_ref does not combine with --algorithm grpo: rollouts are not known in advance")
     if cfg.reward_fn is not None and not _REWARD_FN.match(cfg.reward_fn):

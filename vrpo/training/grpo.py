@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..estimator import NoisyDraw, draw_key, group_advantages, grpo_loss, noisy_draw
+from ..estimator import NoisyDraw, draw_key, group_advantages, grpo_loss, noisy_draw, one_step_draw
 from . import distributed, rollouts
 from .logs import LogWindow
 from .reference import Reference
@@ -157,10 +157,17 @@ class GRPOTrainer(VRPOTrainer):
 
     def draw(self, batch: dict, keys: list[int]) -> NoisyDraw:
         """The run's noisy inputs [B, n, L] for completions, one key each, made on the device (the one place
-        GRPO draws masks)."""
+        GRPO draws masks); with ``--likelihood one_step``, d1's one noisy copy per completion instead."""
+        if self.config.likelihood == "one_step":
+            return one_step_draw(batch["input_ids"], batch["response_mask"], batch["attention_mask"], keys,
+                                 self.batches.mask_token_id)
         keys = torch.tensor(keys, dtype=torch.int64, device=self.batches.device)
         return noisy_draw(batch["input_ids"], batch["response_mask"], self.plan, keys, self.batches.mask_token_id,
                           self.batches.impl)
+
+    def grouped(self, terms: torch.Tensor) -> torch.Tensor:
+        """As VRPO's, except that d1's one-step estimate is a single sample: [B, 1] as it is."""
+        return terms if self.config.likelihood == "one_step" else super().grouped(terms)
 
     def rollout(self, items: list[Item]) -> RolloutBatch:
         """Sample, cut, reward and (``num_iterations > 1``) score the completions of ``items``' prompts."""
@@ -219,5 +226,6 @@ class GRPOTrainer(VRPOTrainer):
             "completions/mean_length": lengths.mean(),
         })
         # Tokens through the models in the loss (the rollouts' sampling and scoring are not counted).
-        tokens = int(r.batch["attention_mask"].sum()) * self.plan.n * (2 if ref_ran else 1)
+        samples = draw.n  # n_t * n_yt, or 1 for d1's estimate
+        tokens = int(r.batch["attention_mask"].sum()) * samples * (2 if ref_ran else 1)
         return loss, metrics, tokens
