@@ -39,7 +39,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import RESULTS, machine, output_dir, write_csv
+from benchmarks.common import RESULTS, machine, output_dir, write_csv, write_report
 from benchmarks.toy_compare import method_kwargs
 
 METHODS = {  # key: (label, config overrides beyond the task's presets)
@@ -158,7 +158,10 @@ def table(rows: list[dict], command: str) -> str:
         f"Command: `{command}`",
         "",
         "Greedy answers to the task's 1024 test prompts. Training seconds: time in optimizer steps (rollouts "
-        "included; evaluations and checkpoints excluded). Per method, the mean over seeds and the seed spread (sd).",
+        "included; evaluations and checkpoints excluded). Per method, the mean over seeds and the seed spread (sd). "
+        "Mean score/var and clip_ratio: over the run's logged windows; score/var is the variance of the estimated "
+        "GRPO log-ratio (VRPO: of the DPO score), 0 by construction with one step per rollout batch (the ratio is "
+        "exactly 1); d1's one-step estimate is one sample, so it has none.",
         "",
         "| method | seeds | steps | acc before | acc after (mean ± sd) | credit after | training s (mean) | mean score/var | mean clip_ratio |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -245,10 +248,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"no results in {csv_path}")
     text = table(rows, "python -m benchmarks.accuracy_time --methods " + " ".join(
         m for m in METHODS if any(r["method"] == m for r in rows)))
-    (out / "accuracy_time.md").write_text(text)
-    if not plot(rows, out / "accuracy_time.png"):
-        print("matplotlib is not installed: accuracy_time.png not written (pip install 'vrpo[bench]')")
-    print(text)
+    write_report(out, "accuracy_time", text, lambda path: plot(rows, path))
     return rows
 
 

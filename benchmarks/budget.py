@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from benchmarks.common import RESULTS, machine, output_dir, write_csv
+from benchmarks.common import RESULTS, machine, output_dir, write_csv, write_report
 from vrpo.estimator import SamplingPlan
 from vrpo.estimator.advisor import CRITERIA
 from vrpo.tasks.sort import SORT_TASK
@@ -350,10 +350,7 @@ def main(argv=None) -> list[dict]:
     if not rows:
         raise SystemExit(f"no results in {csv_path}")
     text = table(rows, command_line(args), args.partial, args.note)
-    (out / "budget.md").write_text(text)
-    if not plot(rows, out / "budget.png"):
-        print("matplotlib is not installed: budget.png not written (pip install 'vrpo[bench]')")
-    print(text)
+    write_report(out, "budget", text, lambda path: plot(rows, path))
     return rows
 
 

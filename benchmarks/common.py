@@ -105,3 +105,12 @@ def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         peak = _proc_status_bytes("VmHWM")
     del result
     return peak - before
+
+
+def write_report(out: Path, name: str, text: str, draw: Callable[[Path], bool]) -> None:
+    """``out/name.md`` from ``text`` and ``out/name.png`` from ``draw(path)`` (False: matplotlib is missing, said
+    once), then the text on stdout."""
+    (out / f"{name}.md").write_text(text)
+    if not draw(out / f"{name}.png"):
+        print(f"matplotlib is not installed: {name}.png not written (pip install 'vrpo[bench]')")
+    print(text)

@@ -10,7 +10,8 @@ non-finite checks, the loop, evaluation, checkpoints, outputs) whose micro-batch
 2. masks for every completion keyed by ``(seed, epoch, prompt, completion)``, the same at every iteration;
    with ``num_iterations > 1`` the rollout policy's ELBO terms on them are stored with the rollouts;
 3. the clipped ELBO-ratio loss (:func:`vrpo.estimator.grpo_loss`: current and rollout policy, and the
-   reference when ``--kl_beta > 0``, on the same masks; independent ones under ``--no_antithetic``).
+   reference when ``--kl_beta > 0``, on the same masks; independent ones under ``--no_antithetic``; d1's
+   one-step estimate instead of the ELBO under ``--likelihood one_step``, for ablations).
 
 Resuming at a step that is not the first of a rollout batch (``num_iterations > 1``) samples that batch again
 from the restored weights, which are not the ones it was first sampled from: such a run is not bit for bit the
