@@ -241,9 +241,14 @@ def main(argv=None) -> list[dict]:
                         continue
                     new = run_one(method, seed, args.points, tmp, args.quick)
                     with locked(csv_path):  # re-read: another piece may have appended meanwhile
-                        write_csv(read_rows(csv_path) + new, csv_path, COLUMNS)
+                        rows = read_rows(csv_path)
+                        if any((r["method"], r["seed"]) == (method, seed) for r in rows):
+                            print(f"{method} seed {seed}: another piece wrote it first; this run is not kept")
+                        else:
+                            write_csv(rows + new, csv_path, COLUMNS)
                     print(new[-1], flush=True)
-    rows = read_rows(csv_path)
+    with locked(csv_path):
+        rows = read_rows(csv_path)
     if not rows:
         raise SystemExit(f"no results in {csv_path}")
     text = table(rows, "python -m benchmarks.accuracy_time --methods " + " ".join(

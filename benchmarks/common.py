@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import io
 import os
 import platform
 import statistics
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from vrpo.files import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -36,12 +39,14 @@ def median_p20_p80(xs) -> tuple[float, float, float]:
 
 
 def write_csv(rows: list[dict], path, columns) -> None:
-    """``rows`` as CSV with ``columns`` (missing or None values left empty, extra keys ignored)."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    """``rows`` as CSV with ``columns`` (missing or None values left empty, extra keys ignored), written
+    atomically: an interrupted write, or a reader in another process, never sees half a file."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+    atomic_write_text(path, text.getvalue())
 
 
 def output_dir(out, quick: bool) -> Path:

@@ -557,8 +557,10 @@ def test_one_step_draw_is_d1s_estimate():
     logp = model.logp(noisy).gather(-1, ids[..., None])[..., 0]
     terms = elbo_terms(model, ids, resp, draw, model.mask_token_id)
     torch.testing.assert_close(terms[:, 0].double(), (logp * resp).sum(-1), rtol=1e-5, atol=1e-5)
-    alone = one_step_draw(ids[1:], resp[1:], attention[1:], keys[1:], model.mask_token_id)
-    assert torch.equal(alone.input_ids[0], draw.input_ids[1])
+    # Row 1 alone, with 7 more padding columns: the same mask on its tokens.
+    pad = lambda t, v: torch.cat([t[1:], torch.full((1, 7), v, dtype=t.dtype)], 1)  # noqa: E731
+    alone = one_step_draw(pad(ids, 0), pad(resp, False), pad(attention, 0), keys[1:], model.mask_token_id)
+    assert torch.equal(alone.input_ids[0, 0, :20], draw.input_ids[1, 0])
     with pytest.raises(ValueError, match="prompt_mask_prob must be in"):
         one_step_draw(ids, resp, attention, keys, model.mask_token_id, prompt_mask_prob=1.0)
     with pytest.raises(ValueError, match="1 keys for 2 rows"):
@@ -568,7 +570,7 @@ def test_one_step_draw_is_d1s_estimate():
 def test_one_step_draw_masks_the_prompt_at_d1s_rate():
     """10,000 prompt tokens: the masked fraction is 0.15 within 4.5 standard deviations (catches p or 1 - p)."""
     ids, resp = toy_batch([200] * 50, [1] * 50)
-    draw = one_step_draw(ids, resp, torch.ones_like(ids), range(50), MASK_ID)
+    draw = one_step_draw(ids, resp, torch.ones_like(ids), list(range(50)), MASK_ID)
     prompt = ~resp
     rate = (draw.input_ids[:, 0][prompt] == MASK_ID).double().mean().item()
     sd = (D1_PROMPT_MASK * (1 - D1_PROMPT_MASK) / prompt.sum().item()) ** 0.5

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vrpo_kernels.mask_sampling import keyed_noisy_draw
+from vrpo_kernels.mask_sampling import keyed_noisy_draw, philox4x32
 
 from .sampling import MaskDraw, SamplingPlan
 
@@ -80,6 +80,7 @@ def noisy_draw(
 
 
 D1_PROMPT_MASK = 0.15  # d1's prompt masking probability (Zhao et al. 2025, Section 3.2)
+_D1_STREAM = 0x6431  # the Philox counter word that keeps these bits apart from noisy_draw's
 
 
 def one_step_draw(
@@ -90,17 +91,20 @@ def one_step_draw(
     mask_token_id: int,
     prompt_mask_prob: float = D1_PROMPT_MASK,
 ) -> NoisyDraw:
-    """d1's one-step log-likelihood as a draw (d1/diffu-GRPO, Zhao et al. 2025, Section 3.2): one sample per
-    row with the whole response masked and each prompt token masked with probability ``prompt_mask_prob``,
-    weight 1, so that :func:`~vrpo.estimator.elbo_terms` returns ``sum_i log p(y_i | masked response, noisy
-    prompt)``. That is not an ELBO (no level is drawn): it estimates another quantity than ``log pi(y|x)``,
-    and is here to compare against (``--likelihood one_step``).
+    """d1's one-step log-likelihood estimate as a draw (d1/diffu-GRPO, Zhao et al. 2025, Section 3.2): one
+    sample per row with the whole response masked and each prompt token masked with probability
+    ``prompt_mask_prob``, weight 1, so that :func:`~vrpo.estimator.elbo_terms` returns
+    ``sum_i log p(y_i | masked response, noisy prompt)``. That is not an ELBO (no level is drawn): it estimates
+    another quantity than ``log pi(y|x)``, and is here to compare against (``--likelihood one_step``). Only the
+    estimate is d1's: the trainer keys it per completion, so the rollout and current policies see the same
+    prompt mask (d1 draws a new one at each inner iteration), and the ratio is per sequence, not per token.
 
     Args:
         input_ids, response_mask, attention_mask: [B, L] (int64, bool, 0/1); prompt tokens are the attended
             non-response ones.
-        keys: B ints; row ``b``'s prompt mask comes from a CPU generator seeded with ``keys[b]`` (the same
-            whatever the batch, as :func:`noisy_draw`'s), then moves to the rows' device.
+        keys: B ints; prompt token ``k`` of row ``b`` is masked when the first Philox4x32-10 word of counter
+            ``(k, stream, 0, 0)`` under ``keys[b]`` is below ``prompt_mask_prob * 2^32``: counted over the
+            prompt's own tokens, so a row gets the same mask whatever its batch, padding or device.
         mask_token_id: the id written at the masked positions.
         prompt_mask_prob: in [0, 1).
 
@@ -109,17 +113,20 @@ def one_step_draw(
     """
     if not 0.0 <= prompt_mask_prob < 1.0:
         raise ValueError(f"one_step_draw: prompt_mask_prob must be in [0, 1), got {prompt_mask_prob!r}")
-    B, L = input_ids.shape
-    keys = [int(k) for k in keys]
-    if len(keys) != B:
-        raise ValueError(f"one_step_draw: {len(keys)} keys for {B} rows")
+    B = input_ids.shape[0]
     device = input_ids.device
+    keys = _keys_tensor(keys, device)
+    if keys.shape != (B,):
+        raise ValueError(f"one_step_draw: {keys.numel()} keys for {B} rows")
     prompt = attention_mask.bool() & ~response_mask
-    u = torch.stack([torch.rand(L, generator=torch.Generator().manual_seed(k & (2**63 - 1))) for k in keys])
-    masked = response_mask | (prompt & (u.to(device) < prompt_mask_prob))
-    noisy = torch.where(masked, torch.as_tensor(mask_token_id, device=device), input_ids)
-    plan = SamplingPlan(n_t=1)
+    index = (prompt.long().cumsum(-1) - 1).clamp(min=0)
+    counter = torch.stack([index, torch.full_like(index, _D1_STREAM), torch.zeros_like(index),
+                           torch.zeros_like(index)], -1)
+    key_words = torch.stack([keys & 0xFFFFFFFF, (keys >> 32) & 0xFFFFFFFF], -1)[:, None, :]
+    word = philox4x32(counter, key_words)[..., 0]
+    masked_prompt = prompt & (word < int(prompt_mask_prob * 2**32))
+    noisy = torch.where(response_mask | masked_prompt, torch.as_tensor(mask_token_id, device=device), input_ids)
     ones = torch.ones(B, 1, dtype=torch.float32, device=device)
     # ``masked`` marks the scored tokens (the response); the prompt's masks live in ``input_ids`` alone.
-    return NoisyDraw(masked=response_mask[:, None, :].clone(), weight=ones, levels=ones.clone(), plan=plan,
-                     input_ids=noisy[:, None, :])
+    return NoisyDraw(masked=response_mask[:, None, :].clone(), weight=ones, levels=ones.clone(),
+                     plan=SamplingPlan(n_t=1), input_ids=noisy[:, None, :])
