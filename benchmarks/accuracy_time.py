@@ -14,11 +14,11 @@ from the shipped SFT model with the demo's presets (what ``python -m vrpo.train`
   one-step estimate, ``--likelihood one_step``: one forward with the whole response and 15% of the prompt
   masked; Zhao et al. 2025, Section 3.2). (With one step per batch the ratio is exactly 1 whatever the masks,
   and only the KL term would see them.)
- Every ``len/points``
-steps the policy's weights are copied aside; after the run each copy answers the task's 1024 test prompts
-(greedy, :func:`vrpo.tasks.sort.test_prompts`), so the curve costs the run nothing. The time axis is the time
-spent in optimizer steps (rollouts, forwards, backwards and updates; not the evaluations and checkpoints, which
-every method shares).
+
+Every ``max_steps / points`` steps the policy's weights are copied aside; after the run each copy answers the
+task's 1024 test prompts (greedy, :func:`vrpo.tasks.sort.test_prompts`), so the curve costs the run nothing. The
+time axis is the time spent in optimizer steps (rollouts, forwards, backwards and updates; not the evaluations
+and checkpoints, which every method shares).
 
 Results: ``benchmarks/results/accuracy_time.{csv,md,png}``. The CSV is appended run by run (runs already in it
 are skipped), so the study can run in pieces and in parallel processes; ``--table`` only redraws the table and
@@ -61,7 +61,7 @@ def config_of(method: str, seed: int, out_dir: str, quick: bool):
 
     extra = METHODS[method][1]
     if extra is None:
-        extra = {k: v for k, v in method_kwargs(True, "batch", None, quick).items()}
+        extra = method_kwargs(True, "batch", None, quick)
     elif quick:
         extra = {**extra, **QUICK}
     return VRPOConfig(seed=seed, output_dir=out_dir, report_to="none", num_samples=0, save_steps=0, **extra)
@@ -105,8 +105,8 @@ def run_one(method: str, seed: int, points: int, tmp: str, quick: bool) -> list[
     rows = [{**common, "step": 0, "train_s": 0.0, "gen_acc": summary["gen_acc_before"],
              "gen_credit": summary["gen_credit_before"]}]
     tokenizer, prompts = SORT_TASK.tokenizer(), SORT_TASK.test_prompts()
+    model = load_mdm(SORT_TASK.model_path())  # one model, each copy's weights loaded into it in turn
     for step, train_s, weights in trainer.snapshots:
-        model = load_mdm(SORT_TASK.model_path())
         model.load_state_dict(weights)
         report = SORT_TASK.evaluate(model, tokenizer, prompts[:64] if quick else prompts)
         rows.append({**common, "step": step, "train_s": train_s, "gen_acc": report.accuracy, "gen_credit": report.credit})

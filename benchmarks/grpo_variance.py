@@ -47,31 +47,19 @@ def completions(model, tokenizer, n_prompts: int, generations: int) -> dict[str,
 
 
 @torch.no_grad()
-def elbo_log_ratios(new, old, batch, mask_id, plan: SamplingPlan, shared: bool, repeats: int) -> torch.Tensor:
-    """float64 [B, repeats] estimates of B_new - B_old."""
+def log_ratios(new, old, batch, mask_id, make_draw, stream: str, shared: bool, repeats: int) -> torch.Tensor:
+    """float64 [B, repeats] estimates of log pi_new - log pi_old, each from ``make_draw(keys)`` (keys from
+    ``stream``): the same draw for both models when ``shared``, else the old model's from the keys + 1."""
+    ids, resp = batch["input_ids"], batch["response_mask"]
+    kw = {"model_kwargs": {"attention_mask": batch["attention_mask"]}}
     out = []
     for k in range(repeats):
-        keys = [draw_key("grpo_variance", k, b) for b in range(batch["input_ids"].shape[0])]
-        draw = noisy_draw(batch["input_ids"], batch["response_mask"], plan, keys, mask_id)
-        other = draw if shared else noisy_draw(batch["input_ids"], batch["response_mask"], plan, [key + 1 for key in keys],
-                                               mask_id)
-        kw = {"model_kwargs": {"attention_mask": batch["attention_mask"]}}
-        est = (elbo_terms(new, batch["input_ids"], batch["response_mask"], draw, mask_id, **kw).mean(-1)
-               - elbo_terms(old, batch["input_ids"], batch["response_mask"], other, mask_id, **kw).mean(-1))
+        keys = [draw_key(stream, k, b) for b in range(ids.shape[0])]
+        draw = make_draw(keys)
+        other = draw if shared else make_draw([key + 1 for key in keys])
+        est = (elbo_terms(new, ids, resp, draw, mask_id, **kw).mean(-1)
+               - elbo_terms(old, ids, resp, other, mask_id, **kw).mean(-1))
         out.append(est.double())
-    return torch.stack(out, -1)
-
-
-@torch.no_grad()
-def d1_log_ratios(new, old, batch, mask_id, repeats: int) -> torch.Tensor:
-    """float64 [B, repeats] estimates of d1's one-step log-ratio, the same prompt mask for both models."""
-    ids, resp, att = batch["input_ids"], batch["response_mask"], batch["attention_mask"]
-    kw = {"model_kwargs": {"attention_mask": att}}
-    out = []
-    for k in range(repeats):
-        keys = [draw_key("grpo_variance_d1", k, b) for b in range(ids.shape[0])]
-        draw = one_step_draw(ids, resp, att, keys, mask_id)
-        out.append((elbo_terms(new, ids, resp, draw, mask_id, **kw) - elbo_terms(old, ids, resp, draw, mask_id, **kw))[:, 0].double())
     return torch.stack(out, -1)
 
 
@@ -88,13 +76,19 @@ def main(argv=None):
     mask_id = get_mask_token_id(tok)
     old, new = load_mdm(toy_sft_path()).eval(), load_mdm(args.new).eval()
     batch = completions(old, tok, args.prompts, args.generations)
+    ids, resp, att = batch["input_ids"], batch["response_mask"], batch["attention_mask"]
+
+    def elbo(plan: SamplingPlan, shared: bool):
+        return lambda: log_ratios(new, old, batch, mask_id, lambda keys: noisy_draw(ids, resp, plan, keys, mask_id),
+                                  "grpo_variance", shared, args.repeats)
+
     estimators = {
-        "shared (n_t 8)": lambda: elbo_log_ratios(new, old, batch, mask_id, SamplingPlan(n_t=8), True, args.repeats),
-        "shared, stratified (n_t 8)": lambda: elbo_log_ratios(new, old, batch, mask_id,
-                                                              SamplingPlan(n_t=8, stratified=True), True, args.repeats),
-        "independent (n_t 8)": lambda: elbo_log_ratios(new, old, batch, mask_id, SamplingPlan(n_t=8), False,
-                                                       args.repeats),
-        "d1 one-step": lambda: d1_log_ratios(new, old, batch, mask_id, args.repeats),
+        "shared (n_t 8)": elbo(SamplingPlan(n_t=8), True),
+        "shared, stratified (n_t 8)": elbo(SamplingPlan(n_t=8, stratified=True), True),
+        "independent (n_t 8)": elbo(SamplingPlan(n_t=8), False),
+        "d1 one-step": lambda: log_ratios(new, old, batch, mask_id,
+                                          lambda keys: one_step_draw(ids, resp, att, keys, mask_id),
+                                          "grpo_variance_d1", True, args.repeats),
     }
     rows = []
     for name, run in estimators.items():

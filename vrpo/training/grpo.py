@@ -166,10 +166,6 @@ class GRPOTrainer(VRPOTrainer):
         return noisy_draw(batch["input_ids"], batch["response_mask"], self.plan, keys, self.batches.mask_token_id,
                           self.batches.impl)
 
-    def grouped(self, terms: torch.Tensor) -> torch.Tensor:
-        """As VRPO's, except that d1's one-step estimate is a single sample: [B, 1] as it is."""
-        return terms if self.config.likelihood == "one_step" else super().grouped(terms)
-
     def rollout(self, items: list[Item]) -> RolloutBatch:
         """Sample, cut, reward and (``num_iterations > 1``) score the completions of ``items``' prompts."""
         cfg, G = self.config, self.config.num_generations
@@ -195,7 +191,8 @@ class GRPOTrainer(VRPOTrainer):
         if cfg.num_iterations > 1:
             old_keys = keys if self.plan.antithetic else self.completion_keys(items, "grpo_old")
             with torch.no_grad(), acc.autocast():
-                old = self.grouped(self.policy_terms(batch, self.draw(batch, old_keys)))
+                old_draw = self.draw(batch, old_keys)
+                old = self.grouped(self.policy_terms(batch, old_draw), old_draw.plan)
         return RolloutBatch(batch, keys, rewards.to(acc.device), advantages.flatten().to(acc.device),
                             zero_std, None if old is None else old.detach().clone())
 
@@ -209,14 +206,14 @@ class GRPOTrainer(VRPOTrainer):
             self._buffer[key] = self.rollout(items)
         r = self._buffer[key]
         draw = self.draw(r.batch, r.keys)
-        new = self.grouped(self.policy_terms(r.batch, draw))
+        new = self.grouped(self.policy_terms(r.batch, draw), draw.plan)  # d1's draw: one sample, [B, 1]
         old = r.old_terms if r.old_terms is not None else new.detach()
         ref, ref_ran = None, False
         if cfg.kl_beta > 0:
             ref_keys = r.keys if self.plan.antithetic else self.completion_keys(items, "grpo_ref")
             ref_draw = draw if ref_keys is r.keys else self.draw(r.batch, ref_keys)
             ref_terms, ref_ran = self.reference_terms(r.batch, items, ref_draw)
-            ref = self.grouped(ref_terms)
+            ref = self.grouped(ref_terms, ref_draw.plan)
         loss, metrics = grpo_loss(new, old, r.advantages, cfg.epsilon, ref, cfg.kl_beta)
         lengths = r.batch["response_mask"].sum(-1).float()
         metrics.update({

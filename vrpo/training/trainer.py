@@ -231,10 +231,12 @@ class VRPOTrainer:
 
         self.reference.precompute(todo, self.config.per_device_train_batch_size, batch_and_draw, self.is_main)
 
-    def grouped(self, terms: torch.Tensor) -> torch.Tensor:
+    def grouped(self, terms: torch.Tensor, plan: SamplingPlan | None = None) -> torch.Tensor:
         """[B, n] -> [B, n_t]: the n_yt masks of a timestep are averaged, so that samples are independent for
-        the ``score/var`` estimate (the mean, hence the loss, is unchanged)."""
-        return terms.view(terms.shape[0], self.plan.n_t, self.plan.n_yt).mean(-1)
+        the ``score/var`` estimate (the mean, hence the loss, is unchanged). ``plan``: the draw's (default the
+        run's)."""
+        plan = plan or self.plan
+        return terms.view(terms.shape[0], plan.n_t, plan.n_yt).mean(-1)
 
     def pair_margins(self, policy_terms: torch.Tensor, ref_terms: torch.Tensor) -> torch.Tensor:
         """[B] :func:`~vrpo.estimator.reward_margin` of the pairs of [2B, n] terms (chosen rows first)."""
