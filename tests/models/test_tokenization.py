@@ -238,3 +238,38 @@ def test_tokenizer_without_mask_token_errors(tok, tmp_path):
         load_tokenizer(path)
     with pytest.raises(ValueError, match="no mask token"):
         get_mask_token_id(AutoTokenizer.from_pretrained(path))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_loading_a_saved_model_folder_logs_no_model_type_warning(family, tmp_path):
+    """Loading a checkpoint in its family's own format (the demo's model, a run's ``model/``) logged transformers'
+    "You are using a model of type `llada` to instantiate a model of type ``" every time: AutoTokenizer read
+    config.json, whose model_type transformers does not know, as a bare config. The tokenizer loaded is
+    still the class AutoTokenizer picks, with the same ids."""
+    import logging
+
+    from vrpo.models import load_mdm, save_mdm
+
+    from vrpo.tasks.sort.task import toy_sft_path
+
+    if family == "llada":  # the shipped demo model, as a run's model/ folder holds it
+        folder, text = pathlib.Path(toy_sft_path()), "sort 3 1 2"
+    else:  # a Dream saved by vrpo: its own config.json format, the tokenizer without remote code
+        folder, text = tmp_path / "dream", "Sort these: 3, 1, 2."
+        save_mdm(load_mdm(FIXTURES / "dream-tiny"), folder)
+        load_tokenizer(FIXTURES / "dream-7b-instruct-meta").save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] in ("llada", "Dream")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        loaded = load_tokenizer(folder)
+        load_mdm(folder)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "You are using a model of type" in m], seen
+    auto = AutoTokenizer.from_pretrained(folder)  # the former path (it still logs the warning)
+    assert type(loaded) is type(auto)
+    assert loaded(text)["input_ids"] == auto(text)["input_ids"]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from ..errors import TruncationError
 from ..files import read_json
@@ -76,6 +76,26 @@ def _remote_code_family(path: Path) -> ModelFamily | None:
     )
 
 
+def _native_model_config(path: Path) -> PretrainedConfig | None:
+    """What ``AutoTokenizer`` may know of the model in checkpoint folder ``path`` when its ``config.json`` is a
+    family's own format (``model_type`` ``llada`` or ``Dream``), else None.
+
+    ``AutoTokenizer`` reads a folder's ``config.json`` only to help choose the tokenizer class. A family's own
+    ``model_type`` is no transformers model type, so it would parse the file as a bare ``PretrainedConfig``
+    and log "You are using a model of type `llada` to instantiate a model of type ``" on every load. Passing
+    that bare config (same name, no model type: the same choice of class) says the same without the warning.
+    """
+    file = path / "config.json"
+    if not file.is_file():
+        return None
+    raw = read_json(file)
+    try:
+        _, native = family_of_config(raw, str(file))
+    except ValueError:  # not a masked diffusion LM's config: AutoTokenizer reads it as it would anyway
+        return None
+    return PretrainedConfig(name_or_path=str(path), tokenizer_class=raw.get("tokenizer_class")) if native else None
+
+
 def load_tokenizer(path, *, mask_token: str | None = None, **kwargs) -> PreTrainedTokenizerBase:
     """The tokenizer in directory ``path``, with a mask token registered and no remote code.
 
@@ -93,6 +113,8 @@ def load_tokenizer(path, *, mask_token: str | None = None, **kwargs) -> PreTrain
     if family is not None:
         tokenizer = getattr(transformers, family.tokenizer_class).from_pretrained(path, **kwargs)
     else:
+        if "config" not in kwargs and Path(path).is_dir() and (config := _native_model_config(Path(path))):
+            kwargs["config"] = config
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     tokenizer.init_kwargs.pop("auto_map", None)
     if tokenizer.mask_token_id is None:
