@@ -201,3 +201,24 @@ def test_shipped_task_data_are_the_rebuilt_ones(tmp_path, monkeypatch):
             len(set(r["choices"])) == 4
             and sorted(r["choices"][r["label"]].split()) == r["choices"][r["label"]].split()
         )
+
+
+def test_raw_prompts_to_a_chat_trained_model_are_warned_about(capsys):
+    """Without --apply_chat_template a model trained on chat-formatted prompts (every vrpo run's) sees raw
+    text and scores near 0, silently; the command now says so when the tokenizer has a chat template, and
+    stays quiet when the flag is given either way or the tokenizer has none."""
+    import types
+
+    from vrpo.eval.__main__ import chat_template_warning, parse_args
+
+    rc = main(["--model_name_or_path", toy_sft_path(), "--tasks", "vrpo_sort_mc", "--limit", "1"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "has a chat template, but --apply_chat_template is off" in err and toy_sft_path() in err
+    templated, plain = types.SimpleNamespace(chat_template="{{ x }}"), types.SimpleNamespace(chat_template=None)
+    base = ["--model_name_or_path", "m", "--tasks", "t"]
+    assert chat_template_warning(parse_args(base), templated)
+    assert chat_template_warning(parse_args(base + ["--apply_chat_template"]), templated) is None
+    assert chat_template_warning(parse_args(base + ["--no-apply_chat_template"]), templated) is None
+    assert chat_template_warning(parse_args(base), plain) is None
+    assert parse_args(base + ["--no-apply_chat_template"]).apply_chat_template is False

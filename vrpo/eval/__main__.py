@@ -30,7 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     p.add_argument("--batch_size", type=int, default=32, help="requests per forward (default 32)")
     p.add_argument("--output_path", default=None, help="where lm-eval writes results (and samples)")
-    p.add_argument("--apply_chat_template", action="store_true")
+    p.add_argument(
+        "--apply_chat_template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="format prompts with the tokenizer's chat template (a model trained by vrpo needs it); off by "
+        "default, with a warning when the tokenizer has one; --no-apply_chat_template: raw prompts, no warning",
+    )
     p.add_argument("--model_args", default="", help="k=v,... for the vrpo model (mc_num, gen_length, ...)")
     p.add_argument(
         "--log_samples",
@@ -53,6 +59,20 @@ def build_model(args) -> VRPOEvalLM:
     return VRPOEvalLM(pretrained=args.model_name_or_path, batch_size=args.batch_size, **extra)
 
 
+def chat_template_warning(args, tokenizer) -> str | None:
+    """The warning to print when the prompts go to the model as raw text although its tokenizer has a chat
+    template (``--apply_chat_template`` not given), else None. Every vrpo training run formats its prompts
+    with the chat template, and such a model answers raw prompts badly (docs/evaluation.md)."""
+    if args.apply_chat_template is not None or not getattr(tokenizer, "chat_template", None):
+        return None
+    return (
+        f"vrpo.eval: warning: the tokenizer of {args.model_name_or_path} has a chat template, but "
+        "--apply_chat_template is off, so the prompts reach the model as raw text. A model trained on "
+        "chat-formatted prompts (every vrpo training run is) scores near 0 that way. Pass "
+        "--apply_chat_template, or --no-apply_chat_template to evaluate raw prompts without this warning."
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -60,6 +80,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"vrpo.eval: error: {e}", file=sys.stderr)
         return 2
+    if warning := chat_template_warning(args, lm.tokenizer):
+        print(warning, file=sys.stderr)
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
     results = simple_evaluate(
         model=lm,
@@ -67,7 +89,7 @@ def main(argv=None) -> int:
         num_fewshot=args.num_fewshot,
         limit=args.limit,
         log_samples=args.log_samples,
-        apply_chat_template=args.apply_chat_template,
+        apply_chat_template=bool(args.apply_chat_template),
         task_manager=task_manager(args.include_path),
         evaluation_tracker=tracker,
     )
