@@ -162,7 +162,6 @@ def test_graded_samples_are_described():
 
 
 def test_training_plot_is_written(tmp_path):
-    pytest.importorskip("matplotlib")
     from vrpo.training.plots import plot_training
 
     records = [{"step": 0, "eval/pref_acc": 0.6}] + [
@@ -172,6 +171,22 @@ def test_training_plot_is_written(tmp_path):
     path = plot_training(records, summary, str(tmp_path / "plots" / "training.png"))
     assert path and pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["training.png"]  # no temporary left behind
+
+
+def test_the_quick_start_draws_its_plot_with_a_plain_install():
+    """The quick start (`pip install -e . && python -m vrpo.train`) promises plots/training.png: matplotlib must
+    be a plain dependency, not only an extra's (a plain install used to print that it was missing)."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "matplotlib" for d in deps), deps
+
+
+def test_a_missing_matplotlib_is_a_warning_naming_the_fix(tmp_path, monkeypatch, caplog):
+    from vrpo.training import plots
+
+    monkeypatch.setattr(plots.importlib.util, "find_spec", lambda name: None)
+    with caplog.at_level("WARNING", logger="vrpo"):
+        assert plots.plot_training([], {}, str(tmp_path / "training.png")) is None
+    assert "matplotlib is not installed" in caplog.text and "pip install" in caplog.text
 
 
 def test_the_old_module_names_still_work_with_a_deprecation_warning(tmp_path):

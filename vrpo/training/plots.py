@@ -2,7 +2,7 @@
 
 Four panels: the VRPO loss, preference accuracy (training batches and held-out), ``score/var`` (the
 variance of the estimated score that VRPO reduces), and, when the run graded generations, held-out
-exact-sort accuracy and partial credit before and after. Needs matplotlib (the ``test``/``bench`` extras).
+exact-sort accuracy and partial credit before and after. matplotlib is a dependency of vrpo (since 0.2).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_training(records: list[dict], summary: dict, path: str) -> str | None:
     """Draw the run's panels into ``path`` (a PNG, written atomically). Returns the path, or None when
-    matplotlib is not installed (logged)."""
+    matplotlib is missing (logged at WARNING: an install from before 0.2 may lack it)."""
     if importlib.util.find_spec("matplotlib") is None:
-        logger.info("matplotlib is not installed: no %s (pip install matplotlib)", path)
+        logger.warning("matplotlib is not installed, so no %s: it is a dependency of vrpo since 0.2 "
+                       "(pip install -e . again, or pip install matplotlib)", path)
         return None
-    import matplotlib  # optional (the test/bench extras): a run without it just has no plot
+    import matplotlib  # imported here: a run pays for it only when it draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
