@@ -293,3 +293,48 @@ def test_ce_max_buffer_mb_reaches_the_op(monkeypatch, flags, budget):
     terms = module(ids, resp, draw, attention_mask=attention)
     assert terms.shape == (2, 2) and seen == [budget]
     assert (module.pack_length is not None) == ("--packing" in flags)
+
+
+def test_the_0_1_head_keywords_still_work_with_a_deprecation_warning():
+    """vrpo 0.1's ``elbo_terms(..., fused=, impl=, max_buffer_bytes=)`` (and the same keywords of
+    ``elbo_estimate``, ``packed_elbo_terms``, ``masked_token_logprobs`` and ``ELBOModule``) became
+    ``head=HeadOptions(...)`` in 0.2: code written against 0.1 raised TypeError. They are accepted for one
+    release, with a DeprecationWarning, and mean what they meant."""
+    from vrpo.estimator import ELBOModule
+    from vrpo.estimator.elbo import masked_token_logprobs, packed_elbo_terms
+    from vrpo.models import build_tiny_llada
+
+    model = tiny_llama()
+    ids, resp = toy_batch([2, 4], [5, 3], vocab=31)
+    draw = draw_masks(resp, SamplingPlan(n_t=3), generator=torch.Generator().manual_seed(0))
+    generic = elbo_terms(model, ids, resp, draw, 31, head=HeadOptions(fused=False))
+    fused = elbo_terms(model, ids, resp, draw, 31, head=HeadOptions(fused=True, impl="torch"))
+    assert not torch.equal(generic, fused)  # the two paths round differently: the keyword must be honoured
+    with pytest.warns(DeprecationWarning, match=r"elbo_terms\(fused=False\) is deprecated.*head=HeadOptions"):
+        assert torch.equal(elbo_terms(model, ids, resp, draw, 31, fused=False), generic)
+    with pytest.warns(DeprecationWarning, match="elbo_terms"):  # 0.1's None meant the default budget
+        old = elbo_terms(model, ids, resp, draw, 31, fused=True, impl="torch", max_buffer_bytes=None)
+    assert torch.equal(old, fused)
+    with pytest.warns(DeprecationWarning, match="elbo_estimate"):
+        assert torch.equal(elbo_estimate(model, ids, resp, draw, 31, fused=False), generic.mean(-1))
+    with pytest.warns(DeprecationWarning, match="ELBOModule"):
+        module = ELBOModule(model, 31, fused=False)
+    assert module.head == HeadOptions(fused=False) and torch.equal(module(ids, resp, draw), generic)
+    with pytest.warns(DeprecationWarning, match="masked_token_logprobs"), \
+            pytest.raises(ValueError, match="fused=True needs a transformers LM"):
+        plain = ToyMDM()
+        x = torch.zeros(1, 4, dtype=torch.long)
+        masked_token_logprobs(plain, x, x, x.bool(), x.float(), plain.mask_token_id, fused=True)
+    llada = build_tiny_llada(seed=0)
+    lengths = torch.tensor([7, 7])
+    with pytest.warns(DeprecationWarning, match="packed_elbo_terms"):
+        packed = packed_elbo_terms(llada, ids, resp, draw, llada.config.mask_token_id, lengths=lengths,
+                                   row_length=16, fused=False)
+    assert torch.equal(packed, packed_elbo_terms(llada, ids, resp, draw, llada.config.mask_token_id,
+                                                 lengths=lengths, row_length=16, head=HeadOptions(fused=False)))
+    with pytest.raises(TypeError, match="not both"):
+        elbo_terms(model, ids, resp, draw, 31, fused=False, head=HeadOptions(impl="torch"))
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'fuse'"):
+        elbo_terms(model, ids, resp, draw, 31, fuse=False)
+    with pytest.raises(TypeError, match="head must be a HeadOptions"):
+        ELBOModule(model, 31, "auto")  # 0.1's third positional argument was fused

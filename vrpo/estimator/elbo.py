@@ -25,6 +25,7 @@ Two paths give the same numbers:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import combinations
@@ -73,6 +74,26 @@ class HeadOptions:
 
 
 IMPLS = ("auto", "triton", "torch", "eager")
+OLD_HEAD_KEYWORDS = ("fused", "impl", "max_buffer_bytes")  # vrpo 0.1's; head=HeadOptions(...) since 0.2
+
+
+def head_options(head: HeadOptions, old: Mapping, caller: str) -> HeadOptions:
+    """``head``, or the :class:`HeadOptions` that vrpo 0.1's keywords ``fused=``, ``impl=`` and
+    ``max_buffer_bytes=`` (``None``: the default budget) spelled, with a ``DeprecationWarning``: they are
+    accepted in 0.2 and go in 0.3. Any other keyword is a ``TypeError``, as Python's own would be."""
+    unknown = sorted(set(old) - set(OLD_HEAD_KEYWORDS))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    if not isinstance(head, HeadOptions):
+        raise TypeError(f"{caller}: head must be a HeadOptions, got {type(head).__name__} {head!r}")
+    if not old:
+        return head
+    spelled = ", ".join(f"{k}={v!r}" for k, v in old.items())
+    if head != HeadOptions():
+        raise TypeError(f"{caller}: give head=HeadOptions(...) or the deprecated {spelled}, not both")
+    warnings.warn(f"{caller}({spelled}) is deprecated since vrpo 0.2 and goes in 0.3: pass "
+                  f"head=HeadOptions({spelled}) (vrpo.HeadOptions)", DeprecationWarning, stacklevel=3)
+    return HeadOptions(**{k: v for k, v in old.items() if not (k == "max_buffer_bytes" and v is None)})
 
 
 def unwrap(model):
@@ -195,6 +216,7 @@ def masked_token_logprobs(
     model_kwargs: Mapping | None = None,
     head: HeadOptions = HeadOptions(),
     logit_shift: int | None = None,
+    **old_head_keywords,
 ) -> torch.Tensor:
     """The core of every ELBO: ``token_weight * log p(target)`` at the masked positions, 0 elsewhere.
 
@@ -207,10 +229,13 @@ def masked_token_logprobs(
         model_kwargs: extra model inputs, already [N, ...].
         head: the head's options (:class:`HeadOptions`).
         logit_shift: 1 when the output at i - 1 predicts token i; None reads it from the model.
+        old_head_keywords: vrpo 0.1's ``fused=``, ``impl=``, ``max_buffer_bytes=`` (deprecated,
+            :func:`head_options`).
 
     Returns:
         float32 [N, S], indexed by the scored token's position.
     """
+    head = head_options(head, old_head_keywords, "masked_token_logprobs")
     N, S = noisy_ids.shape
     shift = _shift(model, logit_shift)
     if shift:
@@ -262,6 +287,7 @@ def elbo_terms(
     model_kwargs: Mapping | None = None,
     head: HeadOptions = HeadOptions(),
     logit_shift: int | None = None,
+    **old_head_keywords,
 ) -> torch.Tensor:
     """Per-sample ELBO terms, float32 [B, n].
 
@@ -277,7 +303,10 @@ def elbo_terms(
             the fused path's memory budget).
         logit_shift: 1 when the output at i - 1 predicts token i (Dream), 0 when the output at i does
             (LLaDA); None (the default) reads it from the model (:func:`model_logit_shift`).
+        old_head_keywords: vrpo 0.1's ``fused=``, ``impl=``, ``max_buffer_bytes=``, accepted with a
+            ``DeprecationWarning`` until 0.3 (:func:`head_options`).
     """
+    head = head_options(head, old_head_keywords, "elbo_terms")
     B, n, L = draw.masked.shape
     if input_ids.shape != (B, L) or response_mask.shape != (B, L):
         raise ValueError(
@@ -312,6 +341,7 @@ def packed_elbo_terms(
     row_length: int,
     head: HeadOptions = HeadOptions(),
     logit_shift: int | None = None,
+    **old_head_keywords,
 ) -> torch.Tensor:
     """:func:`elbo_terms` with the ``B * n`` masked copies packed into rows of ``row_length`` tokens.
 
@@ -322,8 +352,8 @@ def packed_elbo_terms(
     in its own segment: a masked token at a segment's first position is refused (``ValueError``).
 
     Args:
-        input_ids, response_mask, draw, mask_token_id, head, logit_shift: as in :func:`elbo_terms`
-            (right-padded rows).
+        input_ids, response_mask, draw, mask_token_id, head, logit_shift, old_head_keywords: as in
+            :func:`elbo_terms` (right-padded rows).
         lengths: int [B], the real (unpadded) length of each row.
         row_length: tokens per packed row; at least the longest sequence.
         model: must accept ``segment_ids=`` and ``position_ids=`` (models from
@@ -332,6 +362,7 @@ def packed_elbo_terms(
     Returns:
         float32 [B, n].
     """
+    head = head_options(head, old_head_keywords, "packed_elbo_terms")
     B, n, L = draw.masked.shape
     _check_draw(draw, response_mask)
     sizes = [int(x) for x in lengths.tolist()]
@@ -376,6 +407,9 @@ def elbo_estimate(
     """``B_hat`` per sequence, float32 [B]: the mean over the draw's ``n`` samples of
     ``weight * sum of masked log p``. Keyword arguments as in :func:`elbo_terms`.
     """
+    old = {k: kwargs.pop(k) for k in OLD_HEAD_KEYWORDS if k in kwargs}
+    if old:
+        kwargs["head"] = head_options(kwargs.get("head", HeadOptions()), old, "elbo_estimate")
     return elbo_terms(model, input_ids, response_mask, draw, mask_token_id, **kwargs).mean(-1)
 
 
@@ -424,11 +458,11 @@ class ELBOModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, mask_token_id: int, head: HeadOptions = HeadOptions(),
-                 pack_length: int | None = None):
+                 pack_length: int | None = None, **old_head_keywords):
         super().__init__()
         self.model = model
         self.mask_token_id = mask_token_id
-        self.head = head
+        self.head = head_options(head, old_head_keywords, "ELBOModule")
         self.pack_length = pack_length
 
     def forward(self, input_ids, response_mask, draw: MaskDraw, attention_mask=None, **model_kwargs) -> torch.Tensor:
