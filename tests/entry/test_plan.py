@@ -162,13 +162,13 @@ def test_peak_memory_bytes_of_a_loaded_model_grows_with_the_batch():
     assert 4 * weights < one < two  # weights, reference, gradients, moments, then activations
 
 
-def test_readme_shows_the_plan_as_printed(capsys):
+def test_the_training_docs_show_the_plan_as_printed(capsys):
     import re
     import shlex
 
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```text\n\$ (python -m vrpo\.plan .+?)\n(LLaDA.+?)\n```", readme, re.S)
-    assert block, "README.md lost its plan example"
+    docs = (ROOT / "docs" / "training.md").read_text()
+    block = re.search(r"```text\n\$ (python -m vrpo\.plan .+?)\n(LLaDA.+?)\n```", docs, re.S)
+    assert block, "docs/training.md lost its plan example"
     argv = shlex.split(block.group(1).replace("\\\n", " "))[3:]
     assert main([a if not a.startswith(("examples/", "tests/")) else str(ROOT / a) for a in argv]) == 0
     assert capsys.readouterr().out.strip() == block.group(2).strip()

@@ -1,9 +1,10 @@
-"""The README's promises that code can check: its Python blocks run as written, and CI runs its test
-command.
+"""The README's and the docs' promises that code can check: their Python blocks run as written, and CI runs
+the README's test command.
 
-Every ```python block of README.md is extracted and executed, so an edited README is what gets
+Every ```python block of README.md and docs/*.md is extracted and executed, so an edited page is what gets
 tested. A block that cannot run here (it needs a real checkpoint or a GPU) is marked on the line
 before its fence with ``<!-- not-run: <reason> -->`` and is skipped on purpose, reason and all.
+(Links, paths and ``python -m`` modules of the pages: tests/entry/test_docs.py.)
 """
 
 from __future__ import annotations
@@ -25,28 +26,33 @@ _NOT_RUN = re.compile(r"^<!-- not-run: (\S.*?) -->$")
 
 @dataclass(frozen=True)
 class Block:
-    line: int  # README line of the block's first code line
+    line: int  # the page's line of the block's first code line
     code: str
     not_run: str | None  # the reason given by a not-run marker, if any
+    page: pathlib.Path = README
 
 
-def readme_python_blocks(text: str) -> list[Block]:
+def readme_python_blocks(text: str, page: pathlib.Path = README) -> list[Block]:
     blocks = []
     for match in _PYTHON_BLOCK.finditer(text):
         line_before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1].strip()
         marker = _NOT_RUN.match(line_before)
         first_line = text.count("\n", 0, match.start(1)) + 1
-        blocks.append(Block(first_line, match.group(1), marker.group(1) if marker else None))
+        blocks.append(Block(first_line, match.group(1), marker.group(1) if marker else None, page))
     return blocks
 
 
-BLOCKS = readme_python_blocks(README.read_text())
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [b for page in PAGES for b in readme_python_blocks(page.read_text(), page)]
 RUNNABLE = [b for b in BLOCKS if b.not_run is None]
 
 
 def test_readme_has_python_blocks_to_run():
-    assert RUNNABLE, "README.md has no Python block without a not-run marker: nothing of it is tested"
-    assert any("vrpo_loss" in b.code for b in RUNNABLE), "the API example must be among the blocks that run"
+    in_readme = [b for b in RUNNABLE if b.page == README]
+    assert in_readme, "README.md has no Python block without a not-run marker: nothing of it is tested"
+    assert any("vrpo_loss" in b.code for b in in_readme), "the API example must be among the blocks that run"
+    pages = {b.page.name for b in BLOCKS}
+    assert pages >= {"README.md", "models.md", "evaluation.md"}, f"a page's blocks are lost: {pages}"
 
 
 def test_extractor_sees_markers_and_line_numbers():
@@ -55,18 +61,19 @@ def test_extractor_sees_markers_and_line_numbers():
     assert readme_python_blocks(text) == want
 
 
-@pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: f"README.md:{b.line}")
+@pytest.mark.parametrize("block", RUNNABLE, ids=lambda b: f"{b.page.relative_to(ROOT)}:{b.line}")
 def test_readme_python_block_runs(block, capsys):
-    # Padding with blank lines makes tracebacks point at README.md's own line numbers.
-    code = compile("\n" * (block.line - 1) + block.code, str(README), "exec")
+    # Padding with blank lines makes tracebacks point at the page's own line numbers.
+    where = f"{block.page.relative_to(ROOT)}:{block.line}"
+    code = compile("\n" * (block.line - 1) + block.code, str(block.page), "exec")
     namespace = {"__name__": "__readme__"}
     exec(code, namespace)
     printed = capsys.readouterr().out
-    assert "nan" not in printed.lower(), f"README.md:{block.line} prints a NaN: {printed}"
+    assert "nan" not in printed.lower(), f"{where} prints a NaN: {printed}"
     for name, value in (namespace.get("metrics") or {}).items():
-        assert math.isfinite(float(value)), f"README.md:{block.line}: metrics[{name!r}] = {float(value)}"
+        assert math.isfinite(float(value)), f"{where}: metrics[{name!r}] = {float(value)}"
     if "loss" in namespace and torch.is_tensor(namespace["loss"]):
-        assert torch.isfinite(namespace["loss"]).all(), f"README.md:{block.line}: the loss is not finite"
+        assert torch.isfinite(namespace["loss"]).all(), f"{where}: the loss is not finite"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -330,8 +330,9 @@ def test_the_0_1_head_keywords_still_work_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="packed_elbo_terms"):
         packed = packed_elbo_terms(llada, ids, resp, draw, llada.config.mask_token_id, lengths=lengths,
                                    row_length=16, fused=False)
-    assert torch.equal(packed, packed_elbo_terms(llada, ids, resp, draw, llada.config.mask_token_id,
-                                                 lengths=lengths, row_length=16, head=HeadOptions(fused=False)))
+    new = packed_elbo_terms(llada, ids, resp, draw, llada.config.mask_token_id, lengths=lengths, row_length=16,
+                            head=HeadOptions(fused=False))
+    assert torch.equal(packed, new)
     with pytest.raises(TypeError, match="not both"):
         elbo_terms(model, ids, resp, draw, 31, fused=False, head=HeadOptions(impl="torch"))
     with pytest.raises(TypeError, match="unexpected keyword argument.*'fuse'"):

@@ -215,7 +215,8 @@ def test_raw_prompts_to_a_chat_trained_model_are_warned_about(capsys):
     assert rc == 0
     err = capsys.readouterr().err
     assert "has a chat template, but --apply_chat_template is off" in err and toy_sft_path() in err
-    templated, plain = types.SimpleNamespace(chat_template="{{ x }}"), types.SimpleNamespace(chat_template=None)
+    templated = types.SimpleNamespace(chat_template="{{ x }}")
+    plain = types.SimpleNamespace(chat_template=None)
     base = ["--model_name_or_path", "m", "--tasks", "t"]
     assert chat_template_warning(parse_args(base), templated)
     assert chat_template_warning(parse_args(base + ["--apply_chat_template"]), templated) is None

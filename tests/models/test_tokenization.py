@@ -242,8 +242,8 @@ def test_tokenizer_without_mask_token_errors(tok, tmp_path):
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_loading_a_saved_model_folder_logs_no_model_type_warning(family, tmp_path):
-    """Loading a checkpoint in its family's own format (the demo's model, a run's ``model/``) logged transformers'
-    "You are using a model of type `llada` to instantiate a model of type ``" every time: AutoTokenizer read
+    """Loading a checkpoint in its family's own format (the demo's model, a run's ``model/``) logged
+    transformers' "You are using a model of type `llada` to instantiate a model of type ``" every time: AutoTokenizer read
     config.json, whose model_type transformers does not know, as a bare config. The tokenizer loaded is
     still the class AutoTokenizer picks, with the same ids."""
     import logging

@@ -174,8 +174,8 @@ def test_training_plot_is_written(tmp_path):
 
 
 def test_the_quick_start_draws_its_plot_with_a_plain_install():
-    """The quick start (`pip install -e . && python -m vrpo.train`) promises plots/training.png: matplotlib must
-    be a plain dependency, not only an extra's (a plain install used to print that it was missing)."""
+    """The quick start (`pip install -e . && python -m vrpo.train`) promises plots/training.png: matplotlib
+    must be a plain dependency, not only an extra's (a plain install used to print that it was missing)."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(d.split(">")[0].split("=")[0].strip() == "matplotlib" for d in deps), deps
 

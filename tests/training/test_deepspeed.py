@@ -1,5 +1,6 @@
 """The DeepSpeed ZeRO-3 example config is accepted by ``accelerate launch`` with the trainer's arguments, and the
-trainer refuses DeepSpeed with a clear error (it does not run under it yet; README, "Scaling out")."""
+trainer refuses DeepSpeed with a clear error (it does not run under it yet; docs/training.md, Scaling
+out)."""
 
 from __future__ import annotations
 

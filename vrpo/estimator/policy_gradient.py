@@ -20,14 +20,8 @@ no per-length division), minus ``beta * KL`` where the KL to the reference is th
 ``exp(d) - d - 1`` of ``d = B_ref - B_new`` on the same masks (Schulman 2020; DeepSeekMath Eq. 4, at the
 sequence level).
 
-**How the estimator's variance enters the gradient.** Within the clip range the gradient of a completion's
-term is ``A * ratio * grad B_new_hat``. ``grad B_new_hat`` is an unbiased estimate of ``grad B_new`` (the
-masks do not depend on the weights), so the first factor of noise is the ELBO estimator's own, which
-stratification and ``n_t`` reduce. The second is ``ratio``, a nonlinear function of the estimated log-ratio:
-its noise biases the clipping decisions and the weight ``exp(.)`` (Jensen); with shared masks it is the
-variance of a difference of two highly correlated estimates (LLaDA 1.5, Theorem 2), small while the two
-policies are close. With one gradient step per rollout batch (``num_iterations = 1``) the rollout policy is
-the current one: the log-ratio is exactly 0, nothing is clipped, and the gradient is ``A * grad B_new_hat``.
+How the estimator's variance enters the gradient (the ELBO's noise in ``grad B_new_hat``, the log-ratio's in
+the ratio and the clip): docs/online_rl.md. With ``num_iterations = 1`` the log-ratio is exactly 0.
 """
 
 from __future__ import annotations

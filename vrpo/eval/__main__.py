@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="format prompts with the tokenizer's chat template (a model trained by vrpo needs it); off by "
-        "default, with a warning when the tokenizer has one; --no-apply_chat_template: raw prompts, no warning",
+        "default, with a warning when the tokenizer has one; --no-apply_chat_template: raw prompts, "
+        "no warning",
     )
     p.add_argument("--model_args", default="", help="k=v,... for the vrpo model (mc_num, gen_length, ...)")
     p.add_argument(

@@ -7,7 +7,7 @@ sampler. The loader, the ELBO, the data pipeline and the trainer read these fiel
 tokenizer) and never compare family names.
 
 Adding a family is one :class:`ModelFamily` in :data:`FAMILIES` (plus its config converters if its
-``config.json`` is not a transformers config) and its tests; see the README.
+``config.json`` is not a transformers config) and its tests; see docs/models.md.
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ def _remote_code_family(path: Path) -> ModelFamily | None:
 
 
 def _native_model_config(path: Path) -> PretrainedConfig | None:
-    """What ``AutoTokenizer`` may know of the model in checkpoint folder ``path`` when its ``config.json`` is a
-    family's own format (``model_type`` ``llada`` or ``Dream``), else None.
+    """What ``AutoTokenizer`` may know of the model in checkpoint folder ``path`` when its ``config.json``
+    is a family's own format (``model_type`` ``llada`` or ``Dream``), else None.
 
     ``AutoTokenizer`` reads a folder's ``config.json`` only to help choose the tokenizer class. A family's own
     ``model_type`` is no transformers model type, so it would parse the file as a bare ``PretrainedConfig``
@@ -93,7 +93,9 @@ def _native_model_config(path: Path) -> PretrainedConfig | None:
         _, native = family_of_config(raw, str(file))
     except ValueError:  # not a masked diffusion LM's config: AutoTokenizer reads it as it would anyway
         return None
-    return PretrainedConfig(name_or_path=str(path), tokenizer_class=raw.get("tokenizer_class")) if native else None
+    if not native:
+        return None
+    return PretrainedConfig(name_or_path=str(path), tokenizer_class=raw.get("tokenizer_class"))
 
 
 def load_tokenizer(path, *, mask_token: str | None = None, **kwargs) -> PreTrainedTokenizerBase:

@@ -157,7 +157,8 @@ def raise_everywhere(accelerator, error: BaseException | None):
 
 
 def check_supported(accelerator):
-    """Refuse DeepSpeed before anything is loaded: the trainer does not run under it yet (README, "Scaling out")."""
+    """Refuse DeepSpeed before anything is loaded: the trainer does not run under it yet
+    (docs/training.md, Scaling out)."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
             "DeepSpeed is not supported by vrpo.train yet: its engine steps the optimizer inside backward, "

@@ -2,7 +2,7 @@
 
 A directory vrpo writes a run into carries a marker, ``.vrpo-run`` (JSON: the format version and when
 the run was created), and a lock file, ``.vrpo-run.lock``, that the running process holds with
-``fcntl.flock`` for the run's life. The rules (README, "What happens when things go wrong"):
+``fcntl.flock`` for the run's life. The rules (docs/guarantees.md):
 
 - a new or empty directory becomes a run;
 - a non-empty directory without the marker (and without checkpoints of an older vrpo) is a user's

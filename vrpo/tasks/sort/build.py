@@ -112,7 +112,7 @@ def rank_pair(prompt: str, answers: Sequence[str]) -> dict | None:
     nearest miss; ties go to the earliest sample), or None unless some answers are right and some wrong.
 
     Near misses are the model's own likeliest mistakes; against the worst answer (often junk the greedy
-    sampler never writes) the toy run's exact-sort accuracy barely moved (README). Empty answers (the
+    sampler never writes) the toy run's exact-sort accuracy barely moved (docs/results.md). Empty answers (the
     turn ended at once) are left out: a preference row needs text on both sides.
     """
     graded = [(a, grade(prompt, a)) for a in answers if a]

@@ -267,7 +267,7 @@ def test_prompts(n: int = TEST_PROMPTS) -> list[str]:
 
 # The demo's presets for a run on its model (no --model_name_or_path): sized for a 2-core CPU and chosen on
 # seed-1 runs before the test prompts existed. The tiny model forgets how to write under the preference loss
-# alone, hence the large SFT weight (README).
+# alone, hence the large SFT weight (docs/results.md).
 PRESETS = {
     "learning_rate": 5e-4,
     "per_device_train_batch_size": 16,
