@@ -31,7 +31,7 @@ PAGES = sorted(
 
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*([^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
-_INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+_INLINE = re.compile(r"(?<!`)`([^`]+?)`(?!`)")  # a span may wrap onto the next line
 _MODULE = re.compile(r"(?<![\w-])-m\s+([A-Za-z_][\w.]*\w)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$", re.M)
 _EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # http:, https:, mailto:, ...
@@ -105,9 +105,10 @@ def problems(text: str, page: pathlib.Path, root: pathlib.Path = ROOT) -> list[s
             continue
         path, _, anchor = target.partition("#")
         file = (here / path).resolve() if path else page
-        if not file.exists():
+        if path and not file.exists():
             out.append(f"link {target}: {path} does not exist")
-        elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text(encoding="utf-8")):
+        elif anchor and file.suffix == ".md" and anchor not in anchors(
+                file.read_text(encoding="utf-8") if path else text):
             out.append(f"link {target}: {file.name} has no heading with the anchor #{anchor}")
     top = {p.name for p in root.iterdir() if p.is_dir()}
     for word in sorted(set(code_paths(text))):
@@ -135,15 +136,18 @@ def test_links_paths_and_modules_exist(page):
 def test_the_check_fails_on_planted_breakage(tmp_path):
     """Each kind of breakage, planted in a page beside real links, is reported (and the real ones are not)."""
     page = ROOT / "docs" / "planted.md"  # never written: the text is checked as if it lived in docs/
-    good = ("[training](training.md#scaling-out) [readme](../README.md) `vrpo/estimator/elbo.py` "
+    good = ("# Here\n[training](training.md#scaling-out) [readme](../README.md) [here](#here) "
+            "`vrpo/estimator/elbo.py` `a wrapped\nspan` "
             "`tests/entry/test_layers.py::test_no_circle` `results/x.md` `outputs/run/model` "
             "`benchmarks/results/budget.{md,csv}` `vrpo/tasks/<name>/` and `python -m vrpo.train`\n")
     assert problems(good, page) == []
     planted = {
         "[x](missing.md)": "link missing.md: missing.md does not exist",
         "[x](training.md#no-such-section)": "no heading with the anchor #no-such-section",
+        "[x](#nowhere)": "planted.md has no heading with the anchor #nowhere",
         "![x](../benchmarks/results/nope.png)": "does not exist",
         "`tests/test_train.py`": "path tests/test_train.py: not in the repository",
+        "against `accelerate\nlaunch` (`tests/test_deepspeed_config.py`)": "path tests/test_deepspeed_config.py",
         "```bash\naccelerate launch -m vrpo.train --x tests/fsdp_cpu.py\n```": "path tests/fsdp_cpu.py",
         "`benchmarks/results/budget.{md,nope}`": "path benchmarks/results/budget.nope",
         "`python -m vrpo.no_such_module`": "python -m vrpo.no_such_module: no such module",
