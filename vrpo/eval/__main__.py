@@ -69,7 +69,7 @@ def chat_template_warning(args, tokenizer) -> str | None:
     return (
         f"vrpo.eval: warning: the tokenizer of {args.model_name_or_path} has a chat template, but "
         "--apply_chat_template is off, so the prompts reach the model as raw text. A model trained on "
-        "chat-formatted prompts (every vrpo training run is) scores near 0 that way. Pass "
+        "chat-formatted prompts (every vrpo training run is) answers at chance or worse that way. Pass "
         "--apply_chat_template, or --no-apply_chat_template to evaluate raw prompts without this warning."
     )
 
