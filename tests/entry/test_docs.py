@@ -8,14 +8,15 @@ Checked in every page:
   page's own folder (``results/`` in benchmarks/README.md): the path exists (``{a,b}`` is expanded; paths with
   a placeholder such as ``<op>`` or ``*`` are skipped);
 - **modules run with** ``-m`` (``python -m M``, ``accelerate launch ... -m M``): ``M`` is found from the
-  checkout, its source compiles, and a package has a ``__main__``. Found with ``importlib.util.find_spec``
-  (which imports only the parent packages), so the check costs a second, not an import of every benchmark.
+  checkout, its source (and each package's on the way) compiles, and a package has a ``__main__``; nothing is
+  imported, so the check costs milliseconds, not an import of every benchmark.
 
 A page that moves or renames a file, a section or a module without updating its links fails here.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import pathlib
 import re
@@ -79,20 +80,28 @@ def code_paths(text: str) -> list[str]:
 
 
 def module_problem(name: str) -> str | None:
-    """Why ``python -m name`` would fail from the checkout, or None."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError) as e:  # a parent package is missing or broken
-        return f"python -m {name}: {type(e).__name__}: {e}"
-    if spec is None or spec.origin is None:
-        return f"python -m {name}: no such module"
-    if spec.submodule_search_locations is not None:  # a package runs its __main__
-        return module_problem(f"{name}.__main__") if name.split(".")[-1] != "__main__" else None
-    if spec.origin.endswith(".py"):
-        try:
-            compile(pathlib.Path(spec.origin).read_text(encoding="utf-8"), spec.origin, "exec")
-        except SyntaxError as e:
-            return f"python -m {name}: {spec.origin} does not compile: {e}"
+    """Why ``python -m name`` would fail from the checkout, or None: the module and each package on its way
+    must be found on ``sys.path`` and compile (a package runs its ``__main__``). Nothing is imported or run:
+    each part is found in its parent's folder (``PathFinder``), so the check costs milliseconds."""
+    parts = name.split(".")
+    locations = None
+    for i in range(len(parts)):
+        full = ".".join(parts[: i + 1])
+        spec = importlib.machinery.PathFinder.find_spec(full, locations)
+        if spec is None and i == 0:
+            spec = importlib.util.find_spec(full)  # a built-in or frozen top-level module
+        if spec is None:
+            return f"python -m {name}: no such module ({full} not found)"
+        if spec.origin and spec.origin.endswith(".py"):
+            try:
+                compile(pathlib.Path(spec.origin).read_text(encoding="utf-8"), spec.origin, "exec")
+            except SyntaxError as e:
+                return f"python -m {name}: {spec.origin} does not compile: {e}"
+        locations = spec.submodule_search_locations
+        if locations is None and i < len(parts) - 1:
+            return f"python -m {name}: {full} is a module, not a package"
+    if locations is not None and parts[-1] != "__main__":  # a package runs its __main__
+        return module_problem(f"{name}.__main__")
     return None
 
 
@@ -147,11 +156,12 @@ def test_the_check_fails_on_planted_breakage(tmp_path):
         "[x](#nowhere)": "planted.md has no heading with the anchor #nowhere",
         "![x](../benchmarks/results/nope.png)": "does not exist",
         "`tests/test_train.py`": "path tests/test_train.py: not in the repository",
-        "against `accelerate\nlaunch` (`tests/test_deepspeed_config.py`)": "path tests/test_deepspeed_config.py",
+        "`accelerate\nlaunch` (`tests/test_deepspeed_config.py`)": "path tests/test_deepspeed_config.py",
         "```bash\naccelerate launch -m vrpo.train --x tests/fsdp_cpu.py\n```": "path tests/fsdp_cpu.py",
         "`benchmarks/results/budget.{md,nope}`": "path benchmarks/results/budget.nope",
         "`python -m vrpo.no_such_module`": "python -m vrpo.no_such_module: no such module",
         "`python -m vrpo.training`": "python -m vrpo.training.__main__: no such module",
+        "`python -m vrpo.train.sub`": "vrpo.train is a module, not a package",
     }
     for text, message in planted.items():
         found = problems(good + text + "\n", page)
