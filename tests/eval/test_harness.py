@@ -203,16 +203,19 @@ def test_shipped_task_data_are_the_rebuilt_ones(tmp_path, monkeypatch):
         )
 
 
-def test_raw_prompts_to_a_chat_trained_model_are_warned_about(capsys):
+def test_raw_prompts_to_a_chat_trained_model_are_warned_about(capsys, monkeypatch):
     """Without --apply_chat_template a model trained on chat-formatted prompts (every vrpo run's) sees raw
-    text and scores near 0, silently; the command now says so when the tokenizer has a chat template, and
-    stays quiet when the flag is given either way or the tokenizer has none."""
+    text and answers at chance or worse, silently; the command now says so when the tokenizer has a chat
+    template, and stays quiet when the flag is given either way or the tokenizer has none."""
     import types
 
+    from vrpo.eval import __main__ as cli
     from vrpo.eval.__main__ import chat_template_warning, parse_args
 
+    asked = {}
+    monkeypatch.setattr(cli, "simple_evaluate", lambda **kw: asked.update(kw))  # the model loads; no eval
     rc = main(["--model_name_or_path", toy_sft_path(), "--tasks", "vrpo_sort_mc", "--limit", "1"])
-    assert rc == 0
+    assert rc == 0 and asked["apply_chat_template"] is False
     err = capsys.readouterr().err
     assert "has a chat template, but --apply_chat_template is off" in err and toy_sft_path() in err
     templated = types.SimpleNamespace(chat_template="{{ x }}")
