@@ -55,7 +55,7 @@ import torch
 
 from vrpo_kernels.attention import _block_d, sm90_config
 from vrpo_kernels.gpus import GPU, GPUS
-from vrpo_kernels.masked_linear_ce import DEFAULT_MAX_BUFFER_BYTES, triton_path
+from vrpo_kernels.masked_linear_ce import DEFAULT_MAX_BUFFER_BYTES, gemm, triton_path
 from vrpo_kernels.masked_linear_ce.common import DTYPE_NAMES
 
 _ELEMENT_BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
@@ -77,19 +77,23 @@ class Launch:
     count: int = 1
     kind: str = "torch"
     quantization: float = 1.0
+    peak: str = "bf16"  # the tensor-core rate its FLOPs run at: "bf16" (16-bit operands) or "tf32"
+
+    def flops_per_s(self, gpu: GPU) -> float:
+        return gpu.tf32_flops if self.peak == "tf32" else gpu.bf16_flops
 
     def seconds(self, gpu: GPU) -> float:
         """The roofline time at the datasheet peaks."""
-        return self.count * max(self.flops / gpu.bf16_flops, self.bytes / gpu.bandwidth)
+        return self.count * max(self.flops / self.flops_per_s(gpu), self.bytes / gpu.bandwidth)
 
     def expected_seconds(self, gpu: GPU) -> float:
         """The estimate: achievable efficiencies and wave quantization."""
-        compute = self.flops / (gpu.bf16_flops * EFFICIENCY.get(self.kind, 1.0)) if self.flops else 0.0
+        compute = self.flops / (self.flops_per_s(gpu) * EFFICIENCY.get(self.kind, 1.0)) if self.flops else 0.0
         memory = self.bytes / (gpu.bandwidth * EFFICIENCY["hbm"])
         return self.count * max(compute, memory) * self.quantization
 
     def bound(self, gpu: GPU) -> str:
-        return "compute" if self.flops / gpu.bf16_flops >= self.bytes / gpu.bandwidth else "memory"
+        return "compute" if self.flops / self.flops_per_s(gpu) >= self.bytes / gpu.bandwidth else "memory"
 
 
 def wave_quantization(programs: int, slots: int) -> float:
@@ -145,12 +149,31 @@ def triton_launch(name: str, programs: Iterable[Program], per_wave: int, grid: s
 
 
 def gemm_launch(name: str, m: int, n: int, k: int, a_bytes: int, b_bytes: int, out_bytes: int,
-                accumulate: bool = False, sms: int = 132) -> Launch:
-    """cuBLAS ``out[m, n] (+)= a[m, k] @ b[k, n]``; *_bytes are bytes per element."""
+                accumulate: bool = False, sms: int = 132, peak: str = "bf16") -> Launch:
+    """cuBLAS ``out[m, n] (+)= a[m, k] @ b[k, n]``; *_bytes are bytes per element; ``peak``: "tf32" for
+    an fp32 GEMM in TF32."""
     traffic = m * k * a_bytes + k * n * b_bytes + m * n * out_bytes * (2 if accumulate else 1)
     tiles = _cdiv(m, CUBLAS_TILE[0]) * _cdiv(n, CUBLAS_TILE[1])
     return Launch(name, 2 * m * n * k, traffic, f"cuBLAS {m}x{n}x{k}", kind="cublas",
-                  quantization=wave_quantization(tiles, sms))
+                  quantization=wave_quantization(tiles, sms), peak=peak)
+
+
+def fp32_out_gemm(name: str, form: str, m: int, n: int, k: int, es: int, sms: int) -> list[Launch]:
+    """The launches of one fp32-output product ``out[m, n] (+)= a @ b`` of 16-bit operands in ``form``
+    (:mod:`vrpo_kernels.masked_linear_ce.gemm`): one GEMM (``out_dtype``, ``addmm_out_dtype``), a GEMM
+    into scratch plus an fp32 add (``mm_out_dtype_add``, ``scratch16_add``), or the operands upcast to
+    fp32 and TF32 GEMMs (``upcast``, ``upcast_add``)."""
+    acc = form in gemm.ACCUMULATES
+    if form in ("out_dtype", "addmm_out_dtype"):
+        return [gemm_launch(name, m, n, k, es, es, 4, accumulate=acc, sms=sms)]
+    if form in ("mm_out_dtype_add", "scratch16_add"):
+        out_es = 4 if form == "mm_out_dtype_add" else es
+        return [gemm_launch(f"{name} [{form}]", m, n, k, es, es, out_es, sms=sms),
+                elementwise_launch(f"{name}: add into fp32", m * n * (out_es + 8))]
+    if form in ("upcast", "upcast_add"):
+        return [elementwise_launch(f"{name}: upcast operands to fp32", (m * k + k * n) * (es + 4)),
+                gemm_launch(f"{name} [{form}, TF32]", m, n, k, 4, 4, 4, accumulate=acc, sms=sms, peak="tf32")]
+    raise ValueError(f"unknown GEMM form {form!r}")
 
 
 def elementwise_launch(name: str, nbytes: float) -> Launch:
@@ -171,9 +194,12 @@ def _pad(x: int, block: int) -> int:
 
 
 def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, bias: bool = False,
-                       max_buffer_bytes: int | None = None) -> list[Launch]:
-    """The launches of ``masked_linear_ce(impl="triton")`` forward + backward on ``n`` selected rows."""
+                       max_buffer_bytes: int | None = None,
+                       strategy: gemm.GemmStrategy | None = None) -> list[Launch]:
+    """The launches of ``masked_linear_ce(impl="triton")`` forward + backward on ``n`` selected rows, the
+    backward's fp32-output GEMMs in ``strategy``'s forms (default :func:`expected_cuda_strategy`)."""
     es = _ELEMENT_BYTES[dtype]
+    strategy = strategy or expected_cuda_strategy()
     cuda = torch.device("cuda")
     budget = DEFAULT_MAX_BUFFER_BYTES if max_buffer_bytes is None else max_buffer_bytes
     launches = []
@@ -213,7 +239,7 @@ def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, b
     for i, (v0, v1) in enumerate(chunks):
         c = v1 - v0
         tag = f"ce bwd chunk {i + 1}/{len(chunks)} ({c} columns)"
-        launches.append(gemm_launch(f"{tag}: logits = h W^T", n, c, H, es, es, 4, sms=gpu.sms))
+        launches += fp32_out_gemm(f"{tag}: logits = h W^T", strategy.product, n, c, H, es, gpu.sms)
 
         def grad_programs(c=c):
             for row in range(n):
@@ -226,13 +252,26 @@ def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, b
         launches.append(triton_launch(f"{tag}: _softmax_grad_kernel", grad_programs(), per_wave,
                                       f"({n},) x {gcfg['num_warps']} warps"))
         launches.append(gemm_launch(f"{tag}: dW[chunk] = dz^T h", c, H, n, es, es, es, sms=gpu.sms))
-        launches.append(gemm_launch(f"{tag}: dH (+)= dz W[chunk]", n, H, c, es, es, es if one_chunk else 4,
-                                    accumulate=not one_chunk, sms=gpu.sms))
+        if one_chunk:
+            launches.append(gemm_launch(f"{tag}: dH (+)= dz W[chunk]", n, H, c, es, es, es, sms=gpu.sms))
+        else:
+            launches += fp32_out_gemm(f"{tag}: dH (+)= dz W[chunk]", strategy.accumulate, n, H, c, es, gpu.sms)
         if bias:
             launches.append(elementwise_launch(f"{tag}: db[chunk] = dz.sum(0)", n * c * es + c * 4))
     if not one_chunk:
         launches.append(elementwise_launch("ce bwd: dH fp32 -> compute dtype", n * H * (4 + es)))
     return launches
+
+
+def expected_cuda_strategy() -> gemm.GemmStrategy:
+    """The GEMM forms :func:`vrpo_kernels.masked_linear_ce.gemm.detect` finds on CUDA with this torch,
+    without a GPU: ``torch.mm(out_dtype=)`` from torch 2.8; ``addmm(out_dtype=)`` with an fp32 ``self``
+    only once pytorch#167931 landed (torch 2.10), else one GEMM into scratch and an add. On a GPU pass
+    ``gemm.strategy_for(device, dtype)``, the form actually chosen."""
+    version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 8):
+        return gemm.GemmStrategy("upcast", "scratch16_add")
+    return gemm.GemmStrategy("out_dtype", "addmm_out_dtype" if version >= (2, 10) else "mm_out_dtype_add")
 
 
 def masked_ce_ideal_seconds(n: int, H: int, V: int, gpu: GPU) -> float:
@@ -370,13 +409,16 @@ def _ideal_lines(what: str, ideal: float, expected: float, sink) -> None:
           f"{EFFICIENCY['triton']:.0%} of peak, HBM {EFFICIENCY['hbm']:.0%}, wave quantization)\n", file=sink)
 
 
-def predict(gpu: GPU, ce_shape=(4096, 4096, 126464), attn_shape=(8, 4096, 32, 128), out=None) -> Prediction:
-    """Print both tables to ``out`` (when given) and return the totals."""
+def predict(gpu: GPU, ce_shape=(4096, 4096, 126464), attn_shape=(8, 4096, 32, 128), out=None,
+            strategy: gemm.GemmStrategy | None = None) -> Prediction:
+    """Print both tables to ``out`` (when given) and return the totals; ``strategy``: the backward's
+    GEMM forms (default :func:`expected_cuda_strategy`)."""
     sink = out if out is not None else io.StringIO()
     N, H, V = ce_shape
     B, S, Hh, D = attn_shape
     print(f"masked linear CE forward + backward, impl='triton', bf16, N_sel={N}, H={H}, V={V}:", file=sink)
-    ce, ce_exp = _table(masked_ce_launches(N, H, V, gpu), gpu, sink)
+    print(f"  backward GEMM forms: {strategy or expected_cuda_strategy()}", file=sink)
+    ce, ce_exp = _table(masked_ce_launches(N, H, V, gpu, strategy=strategy), gpu, sink)
     ce_ideal = masked_ce_ideal_seconds(N, H, V, gpu)
     _ideal_lines(f"8*N*H*V = {8 * N * H * V / 1e12:.2f} TFLOP", ce_ideal, ce_exp, sink)
     print(f"bidirectional attention forward + backward, impl='triton', bf16, {B} x {S} tokens, {Hh} heads, "

@@ -346,7 +346,7 @@ class Memory:
     static: list[Item]
     transient: dict[str, Item]
     peak: int
-    phase: str  # which phase peaks: "train step" or "evaluation"
+    phase: str  # which phase peaks: "train step", "evaluation" or "optimizer step"
 
 
 def memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> Memory:
@@ -363,8 +363,20 @@ def memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> Memory:
     evaluation = total - grads + tr["gathered"].value + eval_tokens * b * (2 * facts.hidden + 3 * facts.intermediate)
     tr["eval"] = Item("evaluation forward (no grad)", evaluation - (total - grads) - tr["gathered"].value,
                       f"{eval_tokens:,} tokens (--eval_n_t {cfg.eval_n_t}) x {b} B x (2h + 3I)")
-    phase, peak = max(("train step", train), ("evaluation", evaluation), key=lambda x: x[1])
+    tr["adamw"] = adamw_temporary(cfg, facts, setup)
+    optimizer = total + tr["adamw"].value
+    phase, peak = max(("train step", train), ("evaluation", evaluation), ("optimizer step", optimizer),
+                      key=lambda x: x[1])
     return Memory(static, tr, int(peak), phase)
+
+
+def adamw_temporary(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> Item:
+    """torch.optim.AdamW's step on CUDA (``foreach``, the default) computes ``exp_avg_sq.sqrt()`` for every
+    trainable tensor at once (``torch._foreach_sqrt``) before dividing in place: one parameter-sized list
+    in the master dtype beside the weights, gradients and moments (the activations are freed by then)."""
+    t, master = facts.trainable, master_dtype(cfg, facts, setup)
+    return Item("AdamW step temporary", t.bytes(setup.shards, master),
+                f"foreach sqrt of exp_avg_sq: {t.numel:,} x {DTYPE_BYTES[master]} B, with the static parts")
 
 
 def peak_memory_bytes(cfg: VRPOConfig, *, model: nn.Module | None = None, setup: Setup | None = None) -> int:

@@ -26,16 +26,28 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def upcast_dots(dtype: torch.dtype) -> bool:
-    """The value of a kernel's ``UPCAST_DOT`` constexpr for inputs of ``dtype``.
+def upcast_dots(dtype: torch.dtype, precision: str | None = None) -> bool:
+    """The value of a kernel's ``UPCAST_DOT`` constexpr for inputs of ``dtype`` whose ``tl.dot`` runs
+    at ``precision`` (the kernel's ``INPUT_PRECISION``; None: IEEE fp32 or 16-bit operands).
 
-    True only under ``TRITON_INTERPRET=1`` for 16-bit floats: the interpreter computes a bfloat16
-    ``tl.dot`` wrongly, so :func:`dot` converts the tiles to float32 right before the product. The
-    product of two 16-bit floats is exact in float32 and the accumulator is float32 on the GPU too,
-    so the result is what the tensor cores compute, and every 16-bit load, store and conversion
+    True only under ``TRITON_INTERPRET=1``, where :func:`dot` then computes what the GPU's tensor cores
+    compute: for 16-bit floats the interpreter computes a bfloat16 ``tl.dot`` wrongly, so the tiles are
+    converted to float32 right before the product (the product of two 16-bit floats is exact in
+    float32 and the accumulator is float32 on the GPU too); for float32 tiles at ``"tf32"`` the
+    interpreter would multiply in full fp32, so the tiles are rounded to TF32 first (10 mantissa bits,
+    round to nearest, ties away: the GPU's ``cvt.rna.tf32.f32``). Every load, store and conversion
     around the dot still runs as on the GPU. False on the GPU (the flag then compiles away).
     """
-    return interpreting() and dtype in (torch.bfloat16, torch.float16)
+    if not interpreting():
+        return False
+    return dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and precision == "tf32")
+
+
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` rounded to TF32 (10 mantissa bits, round to nearest, ties away from zero), as the
+    tensor cores round fp32 operands: the CPU emulation of a TF32 GEMM's inputs (used by the dry run)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
 if triton is not None:
@@ -43,9 +55,13 @@ if triton is not None:
     @triton.jit
     def dot(a, b, acc, UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr = None):
         """``tl.dot(a, b, acc, input_precision=INPUT_PRECISION)``; with UPCAST_DOT (interpreter only, see
-        :func:`upcast_dots`) on float32 copies of the tiles. ``acc`` may be None; INPUT_PRECISION (e.g.
+        :func:`upcast_dots`) on float32 copies of the tiles (fp32 tiles rounded to TF32). ``acc`` may be
+        None; INPUT_PRECISION (e.g.
         ``"tf32"``) matters for fp32 tiles on the GPU only, None is Triton's default."""
         if UPCAST_DOT:
+            if a.dtype == tl.float32:  # fp32 tiles at "tf32": round the operands as the tensor cores do
+                a = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+                b = ((b.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         else:
             return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)

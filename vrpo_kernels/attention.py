@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton_utils import aot_spec, on_device, upcast_dots
-from .dispatch import interpreting, resolve_impl, triton_available
+from .dispatch import cuda_rules, interpreting, resolve_impl, triton_available
 
 if triton_available():
     import triton
@@ -716,10 +716,10 @@ def attention_triton(q, k, v, segment_ids=None, scale=None, config: AttentionCon
             f"bidirectional_attention: head dim {q.shape[-1]} exceeds {MAX_TRITON_HEAD_DIM}, the largest the "
             "Triton kernels support; use impl='torch'"
         )
-    supported = (torch.float16, torch.bfloat16) + (() if q.is_cuda else (torch.float32,))
+    supported = (torch.float16, torch.bfloat16) + (() if cuda_rules(q) else (torch.float32,))
     if q.dtype not in supported:
         raise ValueError(
-            f"bidirectional_attention: impl='triton' on {q.device.type} supports "
+            f"bidirectional_attention: impl='triton' on {'cuda' if cuda_rules(q) else q.device.type} supports "
             f"{[str(d) for d in supported]}, q is {q.dtype}; use impl='torch'"
         )
     B, H, S, D = q.shape

@@ -9,7 +9,9 @@ same dtype", pytorch#154086) until pytorch#167931. So the form is chosen by feat
 per (device type, dtype), in order of speed:
 
 * product: ``"out_dtype"`` (one GEMM), else ``"upcast"`` (column blocks of ``b`` upcast to fp32
-  into a reused buffer, fp32 GEMMs: exact products, fp32 accumulation, several times slower);
+  into a reused buffer, fp32 GEMMs run in TF32: a 16-bit float is exact in TF32, so the products are
+  exact and the accumulation fp32, at the TF32 peak, half the 16-bit one; IEEE fp32 GEMMs would be
+  ~15x slower than the one-call form);
 * accumulate: ``"addmm_out_dtype"`` (one GEMM), ``"mm_out_dtype_add"`` (one GEMM into an fp32
   scratch, then ``add_``), ``"scratch16_add"`` (a 16-bit product into scratch, then an fp32
   ``add_``: every torch has it; one extra rounding of each chunk's partial to the 16-bit dtype), else
@@ -26,6 +28,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from ..dispatch import fp32_matmul_precision_set
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,13 @@ class GemmStrategy:
 
 
 def _upcast_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """``out (+)= a @ b`` in fp32: ``a`` upcast once, ``b`` by blocks of UPCAST_COLS columns."""
+    """``out (+)= a @ b`` in fp32: ``a`` upcast once, ``b`` by blocks of UPCAST_COLS columns; the fp32
+    GEMMs in TF32 (exact for 16-bit operands, whatever the user's fp32 setting)."""
+    with fp32_matmul_precision_set("tf32"):
+        _upcast_blocks(a, b, out, accumulate)
+
+
+def _upcast_blocks(a, b, out, accumulate: bool) -> None:
     a32 = a.float()
     for c0 in range(0, b.shape[1], UPCAST_COLS):
         c1 = min(b.shape[1], c0 + UPCAST_COLS)

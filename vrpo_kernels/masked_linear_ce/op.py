@@ -129,7 +129,7 @@ def masked_linear_ce(
         row_mask: bool [N], or an integer index [n_sel] of the selected rows.
         impl: ``"auto"``, ``"triton"``, ``"torch"`` or ``"eager"`` (see :mod:`vrpo_kernels.dispatch`);
             ``"auto"`` with fp32 operands on CUDA takes the Triton path only when TF32 is allowed
-            (``torch.backends.cuda.matmul.allow_tf32``); ``"triton"`` with fp32 follows that setting
+            (:func:`vrpo_kernels.dispatch.fp32_matmul_precision`); ``"triton"`` with fp32 follows that setting
             (TF32 or IEEE dots), never TF32 silently.
         max_buffer_bytes: the largest logits buffer the op may hold, in bytes (default
             :data:`DEFAULT_MAX_BUFFER_BYTES`, 1 GiB). The torch path keeps the selected rows' logits

@@ -16,6 +16,7 @@ import torch
 from .._triton_utils import aot_spec, on_device, upcast_dots
 from ..dispatch import triton_available
 from ..gpus import GPUS
+from ..dispatch import fp32_matmul_precision
 from . import gemm
 from .common import DEFAULT_MAX_BUFFER_BYTES, DTYPE_NAMES, FLOOR
 
@@ -136,12 +137,12 @@ def _config(kernel: str, dtype: torch.dtype, device: torch.device) -> dict:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """The forward's ``tl.dot`` input precision: fp32 operands follow
-    ``torch.backends.cuda.matmul.allow_tf32`` ("tf32" when allowed, else "ieee", never TF32 silently);
-    16-bit operands are exact in either, "tf32" is Triton's default for them."""
+    """The forward's ``tl.dot`` input precision: fp32 operands follow torch's fp32 matmul precision
+    (:func:`vrpo_kernels.dispatch.fp32_matmul_precision`: "tf32" when allowed, else "ieee", never TF32
+    silently); 16-bit operands are exact in either, "tf32" is Triton's default for them."""
     if dtype != torch.float32:
         return "tf32"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return fp32_matmul_precision()
 
 
 def wave_slots(device: torch.device, dtype: torch.dtype) -> int:
@@ -185,11 +186,12 @@ def linear_ce_triton_forward(h, weight, bias, targets):
     m_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     splits, per_split = vocab_split(m_blocks, triton.cdiv(V, cfg["BLOCK_V"]), wave_slots(h.device, h.dtype))
     part = torch.empty(3, splits, n, dtype=torch.float32, device=h.device)
+    precision = dot_precision(h.dtype)
     with on_device(h):
         _lse_forward_kernel[(m_blocks, splits)](
             h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2],
             n, V, K, h.stride(0), weight.stride(0), per_split, FLOOR,
-            HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(h.dtype), UPCAST_DOT=upcast_dots(h.dtype), **cfg,
+            HAS_BIAS=bias is not None, DOT_PRECISION=precision, UPCAST_DOT=upcast_dots(h.dtype, precision), **cfg,
         )
     run_max, run_sum, tgt = part[0], part[1], part[2]
     top = run_max.amax(dim=0)
