@@ -53,7 +53,7 @@ METHODS = {  # key: (label, config overrides beyond the task's presets)
                           {"algorithm": "grpo", "num_iterations": 2, "likelihood": "one_step"}),
 }
 COLUMNS = ("method", "seed", "step", "train_s", "gen_acc", "gen_credit", "mean_score_var", "mean_clip_ratio", "max_steps")
-QUICK = dict(max_steps=2, per_device_train_batch_size=2, eval_size=16)
+QUICK = dict(max_steps=2, per_device_train_batch_size=2, eval_size=16, gen_eval_prompts=16)
 
 
 def config_of(method: str, seed: int, out_dir: str, quick: bool):

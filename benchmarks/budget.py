@@ -45,7 +45,7 @@ from vrpo.training.config import VRPOConfig
 BUDGET = 128  # masked forward passes per sequence side per step: the naive-DPO-at-batch-128 budget
 SEEDS = (42, 2, 3)  # the README's (seed 1 chose the demo's settings)
 REGIMES = {"rich": None, "limited": 128}  # --max_train_pairs
-QUICK = dict(max_steps=2, eval_size=16, warmup_steps=1)  # --quick: the smoke test's sizes
+QUICK = dict(max_steps=2, eval_size=16, warmup_steps=1, gen_eval_prompts=16)  # --quick: the smoke test's sizes
 
 
 @dataclass(frozen=True)

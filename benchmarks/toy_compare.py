@@ -28,7 +28,7 @@ METRICS = ("gen_acc_before", "gen_acc_after", "gen_credit_before", "gen_credit_a
            "pref_acc_after")
 
 
-QUICK = dict(max_steps=1, per_device_train_batch_size=2, eval_size=16)  # --quick: the smoke test's sizes
+QUICK = dict(max_steps=1, per_device_train_batch_size=2, eval_size=16, gen_eval_prompts=16)  # --quick: the smoke test's sizes
 
 
 def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: bool = False) -> dict:
@@ -38,7 +38,8 @@ def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: b
 
     base = VRPOConfig(**(QUICK if quick else {})).resolved(SORT_TASK.presets)
     steps = max_steps or base.max_steps
-    sizes = dict(eval_size=base.eval_size, per_device_train_batch_size=base.per_device_train_batch_size, max_steps=steps)
+    sizes = dict(eval_size=base.eval_size, per_device_train_batch_size=base.per_device_train_batch_size, max_steps=steps,
+                 gen_eval_prompts=base.gen_eval_prompts)
     if not naive:
         return sizes
     budget = base.n_t * base.n_yt  # VRPO's ELBO samples per sequence, against naive DPO's one

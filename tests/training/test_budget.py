@@ -13,7 +13,7 @@ from vrpo.training import VRPOTrainer
 from vrpo.training.budget import ADVICE, VAR_MASK, VAR_PAIRS
 from vrpo.training.config import VRPOConfig
 
-FAST = dict(max_steps=3, per_device_train_batch_size=4, n_t=2, eval_size=16, num_samples=0, report_to="none",
+FAST = dict(max_steps=3, per_device_train_batch_size=4, n_t=2, eval_size=16, num_samples=0, report_to="none", gen_eval_prompts=16,
             logging_steps=1, save_steps=0, overwrite_output_dir=True)
 
 

@@ -15,7 +15,7 @@ from ..helpers import ROOT, digest
 
 # The default command (embedded model, bundled data, default estimator and batch), shortened: gradients
 # differed from the first step when they differed at all.
-FLAGS = ["--max_steps", "4", "--eval_size", "16", "--num_samples", "0", "--report_to", "none",
+FLAGS = ["--max_steps", "4", "--eval_size", "16", "--num_samples", "0", "--report_to", "none", "--gen_eval_prompts", "16",
          "--logging_steps", "1", "--save_steps", "2"]
 TIMINGS = {"train/tokens_per_s"}
 

@@ -22,7 +22,7 @@ import yaml
 from vrpo.models import load_llada
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FLAGS = ["--n_t", "2", "--eval_size", "15", "--num_samples", "1", "--report_to", "none", "--logging_steps", "1",
+FLAGS = ["--n_t", "2", "--eval_size", "15", "--num_samples", "1", "--report_to", "none", "--logging_steps", "1", "--gen_eval_prompts", "16",
          "--overwrite_output_dir", "--max_steps", "6", "--save_steps", "3"]
 
 pytestmark = pytest.mark.slow
@@ -114,7 +114,7 @@ def grpo_records(output_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in rows if "loss/grpo" in r]
 
 
-GRPO_FLAGS = ["--algorithm", "grpo", "--max_steps", "4", "--per_device_train_batch_size", "1",
+GRPO_FLAGS = ["--algorithm", "grpo", "--max_steps", "4", "--per_device_train_batch_size", "1", "--gen_eval_prompts", "16",
              "--num_generations", "4", "--num_iterations", "2", "--n_t", "2", "--stratified", "--eval_size", "8",
              "--eval_n_t", "2", "--num_samples", "0", "--report_to", "none", "--logging_steps", "1",
              "--save_steps", "2", "--learning_rate", "1e-2", "--warmup_steps", "0", "--use_lora",

@@ -14,7 +14,7 @@ from vrpo.training.config import VRPOConfig, parse_config
 
 # 2 prompts x 4 completions a step, 2 levels per ELBO, two optimizer steps per rollout batch (the stored
 # rollout-policy terms), a checkpoint at every rollout batch.
-FLAGS = ["--algorithm", "grpo", "--max_steps", "4", "--per_device_train_batch_size", "2", "--num_generations", "4",
+FLAGS = ["--algorithm", "grpo", "--max_steps", "4", "--per_device_train_batch_size", "2", "--num_generations", "4", "--gen_eval_prompts", "16",
          "--num_iterations", "2", "--n_t", "2", "--stratified", "--eval_size", "8", "--eval_n_t", "2",
          "--num_samples", "0", "--report_to", "none", "--logging_steps", "1", "--save_steps", "2",
          "--learning_rate", "1e-3", "--warmup_steps", "0"]

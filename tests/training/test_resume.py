@@ -25,9 +25,9 @@ from vrpo.training.run_dir import LOCK, MARKER, OutputDirError
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # each builds a run (tokenizes the toy set); two run the CLI in subprocesses
 SMALL = dict(max_steps=2, per_device_train_batch_size=4, n_t=1, eval_size=8, eval_n_t=2, num_samples=0,
-             report_to="none", logging_steps=1, save_steps=1)
+             gen_eval_prompts=16, report_to="none", logging_steps=1, save_steps=1)
 FLAGS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--n_t", "1", "--eval_size", "8", "--eval_n_t",
-         "2", "--num_samples", "0", "--report_to", "none", "--logging_steps", "1", "--save_steps", "2"]
+         "2", "--gen_eval_prompts", "16", "--num_samples", "0", "--report_to", "none", "--logging_steps", "1", "--save_steps", "2"]
 
 
 def records(out) -> list[dict]:

@@ -25,9 +25,9 @@ from vrpo.training.config import VRPOConfig
 from ..helpers import ROOT, digest, losses, run_cli
 
 # A small, fast run: the trainer's own defaults are for the 3-minute demo.
-FAST = dict(max_steps=8, per_device_train_batch_size=4, n_t=2, eval_size=16, num_samples=0, report_to="none",
+FAST = dict(max_steps=8, per_device_train_batch_size=4, n_t=2, eval_size=16, num_samples=0, report_to="none", gen_eval_prompts=32,
             logging_steps=1, save_steps=0, overwrite_output_dir=True)
-FAST_FLAGS = ["--max_steps", "10", "--per_device_train_batch_size", "4", "--n_t", "2", "--eval_size", "16",
+FAST_FLAGS = ["--max_steps", "10", "--per_device_train_batch_size", "4", "--n_t", "2", "--eval_size", "16", "--gen_eval_prompts", "32",
               "--num_samples", "0", "--report_to", "none", "--logging_steps", "1", "--overwrite_output_dir"]
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_embedded_default_learns_the_toy_task_and_grades_its_generations(tmp_pat
     # The default recipe (n_t 8, demo presets), shortened to 100 of its 300 steps: held-out preference
     # accuracy rises from 48/64 to 51/64 pairs with this seed (deterministic on the CPU); a broken loss
     # sign or a reference that tracks the policy leaves it flat or lower.
-    cfg = VRPOConfig(max_steps=100, eval_size=64, num_samples=2, report_to="tensorboard", save_steps=0,
+    cfg = VRPOConfig(max_steps=100, eval_size=64, num_samples=2, report_to="tensorboard", save_steps=0, gen_eval_prompts=128,
                      output_dir=str(tmp_path / "run"))
     summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     assert summary["pref_acc_after"] > summary["pref_acc_before"] + 0.03, summary

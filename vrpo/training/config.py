@@ -244,6 +244,10 @@ class VRPOConfig:
     num_samples: int = setting(
         "Prompts to generate answers for at the end (0: none): held-out pairs' prompts, or the bundled task's "
         "graded test prompts.", default=4, minimum=0)
+    gen_eval_prompts: int | None = setting(
+        "How many of the task's fixed test prompts are answered greedily and graded before and after training "
+        "(the first N; fewer for a quicker run, not for a reported figure). Default: all of them (the sorting "
+        "demo: 1024).", default=None, minimum=1, run=True)
     gen_length: int | None = setting(
         "Tokens generated per sample (and per GRPO rollout), with the sampler of the model's family (LLaDA's "
         "low-confidence remasking, Dream's 'origin'). Default: 128 (rollouts on the task's prompts: the "

@@ -67,13 +67,15 @@ class PreferenceEval:
         return metrics, policy
 
 
-def grade_generations(task: GradedTask | None, accelerator, policy_elbo, tokenizer) -> GenerationReport | None:
-    """The policy's answers to the task's test prompts, graded by its verifier. None without a task, and on
-    all but the main process (which, when the model is sharded, still take part in the forwards)."""
+def grade_generations(task: GradedTask | None, accelerator, policy_elbo, tokenizer,
+                      limit: int | None = None) -> GenerationReport | None:
+    """The policy's answers to the task's test prompts (the first ``limit``; None: all), graded by its verifier.
+    None without a task, and on all but the main process (which, when the model is sharded, still take part
+    in the forwards)."""
     is_main = accelerator.is_main_process
     if task is None or not (is_main or distributed.is_sharded(accelerator)):
         return None
     with distributed.root_gathered(accelerator, policy_elbo):  # a sharded model's forwards need every process
         model = accelerator.unwrap_model(policy_elbo).model
-        report = task.evaluate(model, tokenizer, task.test_prompts())
+        report = task.evaluate(model, tokenizer, task.test_prompts()[:limit])
     return report if is_main else None

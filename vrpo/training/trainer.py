@@ -363,7 +363,8 @@ class VRPOTrainer:
             # A copy of the initial policy (or LoRA's): its terms are the ones just computed.
             self.ref_eval = policy_eval if self.reference_is_initial_policy else self.eval_terms(
                 self.ref_elbo, self.eval_pairs)
-        generations = grade_generations(self.task, self.accelerator, self.policy_elbo, self.tokenizer)
+        generations = grade_generations(self.task, self.accelerator, self.policy_elbo, self.tokenizer,
+                                        self.config.gen_eval_prompts)
         if generations is not None:
             self.state.gen_acc_before, self.state.gen_credit_before = generations.accuracy, generations.credit
             before.update(generation_metrics(generations))
@@ -485,7 +486,8 @@ class VRPOTrainer:
                 log.log(st.step, st.final_eval)
             summary.update(pref_acc_before=st.pref_acc_before, pref_acc_after=st.final_eval["eval/pref_acc"],
                            reward_acc_after=st.final_eval.get("eval/reward_acc"))
-        generations = grade_generations(self.task, self.accelerator, self.policy_elbo, self.tokenizer)
+        generations = grade_generations(self.task, self.accelerator, self.policy_elbo, self.tokenizer,
+                                        self.config.gen_eval_prompts)
         if generations is not None:
             log.log(st.step, generation_metrics(generations))
             summary.update(gen_prompts=len(generations.samples), gen_acc_before=st.gen_acc_before,
