@@ -39,7 +39,7 @@ from vrpo.estimator import SamplingPlan
 from vrpo.estimator.advisor import CRITERIA
 from vrpo.tasks.sort import SORT_TASK
 from vrpo.training import VRPOTrainer
-from vrpo.training.budget import advice_of
+from vrpo.training.advisor_tally import advice_of
 from vrpo.training.config import VRPOConfig
 
 BUDGET = 128  # masked forward passes per sequence side per step: the naive-DPO-at-batch-128 budget
