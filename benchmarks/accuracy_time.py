@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import fcntl
 import json
 import math
@@ -39,7 +38,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import RESULTS, machine, output_dir, write_csv, write_report
+from benchmarks.common import RESULTS, output_dir, read_rows, report_heading, write_csv, write_report
 from benchmarks.toy_compare import method_kwargs
 
 METHODS = {  # key: (label, config overrides beyond the task's presets)
@@ -130,17 +129,9 @@ def locked(path: pathlib.Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in ("seed", "step", "max_steps"):
-            r[k] = int(r[k])
-        for k in ("train_s", "gen_acc", "gen_credit", "mean_score_var", "mean_clip_ratio"):
-            r[k] = float(r[k]) if r[k] != "" else None
-    return rows
+def read_results(path: pathlib.Path) -> list[dict]:
+    """The study's CSV, parsed (:data:`COLUMNS`)."""
+    return read_rows(path, text=("method",), ints=("seed", "step", "max_steps"))
 
 
 def final_rows(rows: list[dict]) -> list[dict]:
@@ -152,11 +143,7 @@ def fmt(values: list[float], spec: str) -> str:
 
 
 def table(rows: list[dict], command: str) -> str:
-    lines = [
-        f"# Exact-sort accuracy against training time ({time.strftime('%Y-%m-%d')}, {machine()})",
-        "",
-        f"Command: `{command}`",
-        "",
+    lines = report_heading("Exact-sort accuracy against training time", command) + [
         "Greedy answers to the task's 1024 test prompts. Training seconds: time in optimizer steps (rollouts "
         "included; evaluations and checkpoints excluded). Per method, the mean over seeds and the seed spread (sd). "
         "Mean score/var and clip_ratio: over the run's logged windows; score/var is the variance of the estimated "
@@ -235,20 +222,20 @@ def main(argv=None) -> list[dict]:
             for seed in args.seeds:  # seeds outermost: machine noise hits every method alike
                 for method in args.methods:
                     with locked(csv_path):
-                        done = {(r["method"], r["seed"]) for r in read_rows(csv_path)}
+                        done = {(r["method"], r["seed"]) for r in read_results(csv_path)}
                     if (method, seed) in done:
                         print(f"skip {method} seed {seed}: already in {csv_path}", flush=True)
                         continue
                     new = run_one(method, seed, args.points, tmp, args.quick)
                     with locked(csv_path):  # re-read: another piece may have appended meanwhile
-                        rows = read_rows(csv_path)
+                        rows = read_results(csv_path)
                         if any((r["method"], r["seed"]) == (method, seed) for r in rows):
                             print(f"{method} seed {seed}: another piece wrote it first; this run is not kept")
                         else:
                             write_csv(rows + new, csv_path, COLUMNS)
                     print(new[-1], flush=True)
     with locked(csv_path):
-        rows = read_rows(csv_path)
+        rows = read_results(csv_path)
     if not rows:
         raise SystemExit(f"no results in {csv_path}")
     text = table(rows, "python -m benchmarks.accuracy_time --methods " + " ".join(

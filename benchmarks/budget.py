@@ -24,22 +24,17 @@ only redraws the table and plot from the CSV. ``--quick`` (two steps, small eval
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
 import pathlib
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 
-from benchmarks.common import RESULTS, machine, output_dir, write_csv, write_report
+from benchmarks.common import RESULTS, output_dir, read_rows, report_heading, train_demo, write_csv, write_report
 from vrpo.estimator import SamplingPlan
 from vrpo.estimator.advisor import CRITERIA
-from vrpo.tasks.sort import SORT_TASK
-from vrpo.training import VRPOTrainer
-from vrpo.training.budget import advice_of
+from vrpo.training.advisor_tally import advice_of
 from vrpo.training.config import VRPOConfig
 
 BUDGET = 128  # masked forward passes per sequence side per step: the naive-DPO-at-batch-128 budget
@@ -107,32 +102,17 @@ def run_config(arm: Arm, regime: str, seed: int, steps: int | None, out: str, qu
 def run_one(arm: Arm, regime: str, seed: int, steps: int | None, root: str, quick: bool = False) -> dict:
     """Train one arm and return its row (:data:`COLUMNS`)."""
     out = os.path.join(root, f"{regime}-{arm.key}-{seed}")
-    t0 = time.perf_counter()
-    summary = VRPOTrainer(VRPOConfig(**run_config(arm, regime, seed, steps, out, quick)), task=SORT_TASK).train()
-    wall = time.perf_counter() - t0
-    with open(os.path.join(out, "logs", "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    score_var = [r["score/var"] for r in records if isinstance(r.get("score/var"), float)]
+    run = train_demo(VRPOConfig(**run_config(arm, regime, seed, steps, out, quick)))
+    summary = run.summary
     return {
         "regime": regime, "arm": arm.key, "seed": seed, "steps": summary["steps"], "batch": arm.batch,
         "n_t": arm.n_t, "n_yt": arm.n_yt,
         **{k: summary[k] for k in ("gen_acc_before", "gen_acc_after", "gen_credit_after", "pref_acc_before",
                                    "pref_acc_after")},
-        "mean_score_var": statistics.fmean(score_var) if score_var else float("nan"),
+        "mean_score_var": run.mean("score/var"),
         "var_mask": summary.get("score/var_mask"), "var_pairs": summary.get("score/var_pairs"),
-        "advice_n_t": summary.get("advice/n_t"), "wall_s": wall,
+        "advice_n_t": summary.get("advice/n_t"), "wall_s": run.wall_s,
     }
-
-
-def read_rows(path: pathlib.Path) -> list[dict]:
-    """The CSV's rows with numbers parsed (empty cells: None)."""
-    if not path.exists():
-        return []
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for r in csv.DictReader(f):
-            rows.append({k: (v if k in ("regime", "arm") else (None if v == "" else float(v))) for k, v in r.items()})
-    return rows
 
 
 def mean_sd(xs) -> tuple[float, float]:
@@ -212,15 +192,9 @@ def _pm(mean: float, sd: float, scale: float = 1.0, digits: int = 1) -> str:
 
 def table(rows: list[dict], command: str, partial: str | None, note: str | None = None) -> str:
     aggs = aggregate(rows)
-    lines = [f"# Masks or pairs: the equal-compute study on the sorting demo ({time.strftime('%Y-%m-%d')}, {machine()})",
-             ""]
-    if partial:
-        lines += [f"**Partial results**: {partial}", ""]
-    if note:
-        lines += [f"How the runs were made: {note}", ""]
+    notes = [f"**Partial results**: {partial}"] * bool(partial) + [f"How the runs were made: {note}"] * bool(note)
+    lines = report_heading("Masks or pairs: the equal-compute study on the sorting demo", command, *notes)
     lines += [
-        f"Command: `{command}`",
-        "",
         f"Every arm spends {BUDGET} masked forward passes per sequence side per step (batch x n_t x n_yt), from the "
         "shipped SFT model with the demo's learning rate, SFT weight 1.0 and schedule. Exact-sort accuracy (gen "
         "acc, %) and mean partial credit of greedy generations on the 1024 test prompts (before training: "
@@ -336,7 +310,7 @@ def main(argv=None) -> list[dict]:
     out = output_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "budget.csv"
-    rows = read_rows(csv_path)
+    rows = read_rows(csv_path, text=("regime", "arm"))
     if not args.table:
         done = {(r["regime"], r["arm"], int(r["seed"])) for r in rows}
         with tempfile.TemporaryDirectory(prefix="vrpo-budget-") as tmp:

@@ -1,24 +1,27 @@
-"""What every benchmark shares: the machine line, quantiles, the CSV writer, where results go and how
-peak memory is measured."""
+"""What every benchmark shares: where results go, the machine line, quantiles, the CSV writer and reader, a
+report's heading, a training run of the sorting demo and how peak memory is measured."""
 
 from __future__ import annotations
 
 import csv
 import gc
 import io
+import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vrpo.files import atomic_write_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed results; every default --out
 
 
 def machine() -> str:
@@ -47,6 +50,63 @@ def write_csv(rows: list[dict], path, columns) -> None:
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     atomic_write_text(path, text.getvalue())
+
+
+def read_rows(path: Path, text: tuple[str, ...] = (), ints: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a CSV that :func:`write_csv` wrote (none when it does not exist yet), numbers parsed:
+    the ``text`` columns stay strings, the ``ints`` become int, every other column float; an empty cell is None."""
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            if k not in text:
+                r[k] = None if v == "" else int(v) if k in ints else float(v)
+    return rows
+
+
+def report_heading(title: str, command: str, *notes: str) -> list[str]:
+    """The first lines of a benchmark's Markdown report: ``# title (date, machine)``, each note as a
+    paragraph, then the command that made it."""
+    lines = [f"# {title} ({time.strftime('%Y-%m-%d')}, {machine()})", ""]
+    for note in notes:
+        lines += [note, ""]
+    return lines + [f"Command: `{command}`", ""]
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """A finished training run on the sorting demo: its summary (``summary.json``), the records it logged
+    (``logs/metrics.jsonl``, in order) and its wall time in seconds, building the trainer included."""
+
+    summary: dict
+    records: list[dict]
+    wall_s: float
+
+    def mean(self, key: str) -> float:
+        """The mean of a metric over the records that logged it as a float; NaN when none did (``score/var``
+        with n_t = 1: one sample cannot estimate it)."""
+        values = [r[key] for r in self.records if isinstance(r.get(key), float)]
+        return statistics.fmean(values) if values else float("nan")
+
+
+def train_demo(config) -> DemoRun:
+    """Build ``VRPOTrainer(config)`` on the sorting demo (the task's presets fill what ``config`` leaves
+    unset), train it and read back what it logged."""
+    from vrpo.tasks.sort import SORT_TASK  # here, so that benchmarks without a training run do not import it
+    from vrpo.training import VRPOTrainer
+
+    t0 = time.perf_counter()
+    summary = VRPOTrainer(config, task=SORT_TASK).train()
+    wall = time.perf_counter() - t0
+    return DemoRun(summary, read_records(config.output_dir), wall)
+
+
+def read_records(run_dir) -> list[dict]:
+    """The records a training run in ``run_dir`` logged (``logs/metrics.jsonl``), in order."""
+    with open(os.path.join(run_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def output_dir(out, quick: bool) -> Path:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 
-from benchmarks.common import machine, median_p20_p80, output_dir, write_csv
+from benchmarks.common import RESULTS, machine, median_p20_p80, output_dir, write_csv
 from vrpo.eval import (
     LikelihoodEstimator,
     LikelihoodRequest,
@@ -51,7 +51,6 @@ from vrpo.models.samplers import generate
 from vrpo.tasks.sort.lm_eval import MC_FILE, data_dir
 from vrpo.tasks.sort.task import toy_sft_path
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GT_SAMPLES = 4096
 GT_SEED = 10**6
 CLEAR_MARGIN = 3.0  # ground-truth top-two gap in standard errors above which a question counts as clear
@@ -303,7 +302,7 @@ def write_md(path, args, agree_rows, gt, wall_rows, seconds):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
-    p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--questions", type=int, default=None, help="multiple-choice questions (default 10)")
     p.add_argument("--repeats", type=int, default=None, help="decisions per question and method (default 4)")
     p.add_argument(

@@ -66,7 +66,7 @@ from unittest import mock
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from benchmarks.common import RESULTS
 
 # A LLaDA-architecture model of about 1.1B parameters: LLaDA 8B's head dim (128), vocabulary and
 # embedding, 12 layers of width 2048 (untied head: 2 x 259M embedding parameters + 12 x 51M).
@@ -1643,7 +1643,7 @@ def main(argv=None) -> int:
         parser.error("--quick selects the GPU plan's short version; the dry run is always the tiny plan")
     if args.dry_run and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-    out_dir = args.out or (tempfile.mkdtemp(prefix="gpu_check-") if args.dry_run else RESULTS_DIR)
+    out_dir = args.out or (tempfile.mkdtemp(prefix="gpu_check-") if args.dry_run else str(RESULTS))
     report, path = run(args.dry_run, out_dir, args.plant, args.quick, args.gpu_shapes)
     print(f"wrote {path}; {len(report.failed)} of {len(report.results)} checks failed")
     for r in report.failed:

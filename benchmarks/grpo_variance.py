@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, write_csv
+from benchmarks.common import RESULTS, machine, write_csv
 from vrpo.estimator import SamplingPlan, draw_key, elbo_terms, noisy_draw, one_step_draw
 from vrpo.models import collate, encode_example, get_mask_token_id, load_mdm
 from vrpo.tasks.sort.task import (
@@ -35,8 +35,6 @@ from vrpo.tasks.sort.task import (
     toy_sft_path,
     toy_tokenizer,
 )
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def completions(model, tokenizer, n_prompts: int, generations: int) -> dict[str, torch.Tensor]:

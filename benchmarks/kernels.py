@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    RESULTS,
     cpu_peak_memory_available,
     machine,
     median_p20_p80,
@@ -55,8 +56,6 @@ from benchmarks.common import (
     output_dir,
     peak_extra_bytes,
 )
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # --------------------------------------------------------------------------------------------------

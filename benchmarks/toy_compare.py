@@ -14,16 +14,13 @@ only: one sample cannot estimate it), and wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
 import tempfile
-import time
 
-from benchmarks.common import machine, write_csv
+from benchmarks.common import RESULTS, report_heading, train_demo, write_csv
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 METRICS = ("gen_acc_before", "gen_acc_after", "gen_credit_before", "gen_credit_after", "pref_acc_before",
            "pref_acc_after")
 
@@ -49,35 +46,23 @@ def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: b
 
 
 def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:
-    from vrpo.tasks.sort import SORT_TASK
-    from vrpo.training import VRPOTrainer
     from vrpo.training.config import VRPOConfig
 
-    kwargs = dict(seed=seed, num_samples=0, report_to="none", save_steps=0,
-                  output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),
-                  **method_kwargs(naive, naive_scale, max_steps, quick))
-    t0 = time.perf_counter()
-    summary = VRPOTrainer(VRPOConfig(**kwargs), task=SORT_TASK).train()
-    wall = time.perf_counter() - t0
-    with open(os.path.join(kwargs["output_dir"], "logs", "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    score_var = [r["score/var"] for r in records if isinstance(r.get("score/var"), float)]
+    run = train_demo(VRPOConfig(seed=seed, num_samples=0, report_to="none", save_steps=0,
+                                output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),
+                                **method_kwargs(naive, naive_scale, max_steps, quick)))
     return {
         "method": "naive DPO" if naive else "VRPO",
         "seed": seed,
-        "steps": summary["steps"],
-        **{key: summary[key] for key in METRICS},
-        "mean_score_var": statistics.fmean(score_var) if score_var else float("nan"),
-        "wall_s": wall,
+        "steps": run.summary["steps"],
+        **{key: run.summary[key] for key in METRICS},
+        "mean_score_var": run.mean("score/var"),
+        "wall_s": run.wall_s,
     }
 
 
 def table(rows: list[dict], command: str) -> str:
-    lines = [
-        f"# VRPO vs naive DPO at equal forward passes on the toy task ({time.strftime('%Y-%m-%d')}, {machine()})",
-        "",
-        f"Command: `{command}`",
-        "",
+    lines = report_heading("VRPO vs naive DPO at equal forward passes on the toy task", command) + [
         "Greedy LLaDA sampling on the task's test prompts (`vrpo.tasks.sort.test_prompts()`): exact-sort accuracy "
         "(gen acc) and mean partial credit; preference accuracy (pref acc) of the policy's ELBO margin on the "
         "held-out pairs.",

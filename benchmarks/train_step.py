@@ -52,6 +52,7 @@ import time
 import torch
 
 from benchmarks.common import (
+    RESULTS,
     machine,
     median_p20_p80,
     memory_probe_env,
@@ -62,7 +63,6 @@ from benchmarks.common import (
 from vrpo.tasks.sort.task import MODEL_SHAPE as TOY_MODEL
 from vrpo.training.config import VRPOConfig
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 MODELS = {
     "tiny": dict(model=TOY_MODEL, batch=16),
@@ -241,7 +241,7 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines)
 
 
-def run(out_dir=RESULTS_DIR, quick=False, models=None, reps=None, warmup=None, batch=None, seed=42, memory=True,
+def run(out_dir=str(RESULTS), quick=False, models=None, reps=None, warmup=None, batch=None, seed=42, memory=True,
         command="python -m benchmarks.train_step") -> list[dict]:
     """Measure and write ``train_step.{csv,md}`` under ``out_dir``. Returns the rows."""
     sizes = dict(QUICK if quick else FULL)
@@ -270,7 +270,7 @@ def run(out_dir=RESULTS_DIR, quick=False, models=None, reps=None, warmup=None, b
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model at 2 pairs, 2 repeats (smoke test)")
-    parser.add_argument("--out", default=RESULTS_DIR,
+    parser.add_argument("--out", default=str(RESULTS),
                         help="output directory (default: benchmarks/results; --quick: a temporary one)")
     parser.add_argument("--models", nargs="+", default=None, help=f"of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--reps", type=int, default=None, help=f"timed repeats per implementation ({FULL['reps']})")

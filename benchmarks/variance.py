@@ -58,12 +58,10 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import machine, write_csv
+from benchmarks.common import RESULTS, machine, write_csv
 from vrpo.estimator.losses import preference_loss
 from vrpo.estimator.sampling import SamplingPlan
 from vrpo.training.config import VRPOConfig
-
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 @dataclass(frozen=True)
@@ -509,7 +507,7 @@ def plot(all_rows, path) -> bool:
     return True
 
 
-def run(out_dir=RESULTS_DIR, quick=False, seed=42, progress=True, settings=SETTINGS,
+def run(out_dir=str(RESULTS), quick=False, seed=42, progress=True, settings=SETTINGS,
         command="python -m benchmarks.variance", **overrides) -> list[dict]:
     """Train, measure, and write ``variance.{csv,md,png}`` under ``out_dir``. Returns the rows.
 
@@ -558,7 +556,7 @@ def run(out_dir=RESULTS_DIR, quick=False, seed=42, progress=True, settings=SETTI
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes that run in seconds (smoke test)")
-    parser.add_argument("--out", default=RESULTS_DIR, help="output directory (default: benchmarks/results)")
+    parser.add_argument("--out", default=str(RESULTS), help="output directory (default: benchmarks/results)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the training run and of every mask draw")
     parser.add_argument("--base_steps", type=int, default=None,
                         help=f"stage 1: default-run steps that train the reference from the bundled SFT model "

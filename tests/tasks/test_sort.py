@@ -17,7 +17,7 @@ from vrpo.tasks.sort import build, task
 from vrpo.tasks.sort.__main__ import main as sort_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-DATA = ROOT / "vrpo" / "data_files"
+DATA = ROOT / "vrpo" / "tasks" / "sort" / "data"
 
 
 def test_grade_exact_and_partial_credit():
@@ -76,11 +76,11 @@ def test_commands_reproduce_their_outputs_bit_for_bit(tmp_path):
 def test_synthetic_command_reproduces_the_shipped_file_and_keeps_user_files(tmp_path, capsys):
     out = tmp_path / "pairs.jsonl"
     assert sort_main(["synthetic", str(out)]) == 0
-    assert out.read_bytes() == (DATA / task.TOY_FILE).read_bytes()
+    assert out.read_bytes() == (DATA / task.SYNTHETIC_PAIRS_FILE).read_bytes()
     out.write_text("mine\n")
     assert sort_main(["synthetic", str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "mine\n"
-    assert sort_main(["synthetic", str(out), "--overwrite"]) == 0 and out.read_bytes() == (DATA / task.TOY_FILE).read_bytes()
+    assert sort_main(["synthetic", str(out), "--overwrite"]) == 0 and out.read_bytes() == (DATA / task.SYNTHETIC_PAIRS_FILE).read_bytes()
 
 
 def test_shipped_files_record_the_commands_defaults():
@@ -89,17 +89,17 @@ def test_shipped_files_record_the_commands_defaults():
     assert sft["sampler"] == dataclasses.asdict(task.EVAL_SAMPLER)
     assert sft["model_shape"] == task.MODEL_SHAPE and sft["threads"] == task.THREADS
     assert 0.3 <= sft["dev_accuracy"] <= 0.6, sft["dev_accuracy"]
-    meta = json.loads((DATA / "toy_pairs.meta.json").read_text())
+    meta = json.loads((DATA / "pairs.meta.json").read_text())
     assert meta["settings"] == dataclasses.asdict(task.PairSettings())
     assert meta["model_sha256"] == build.sha256_of(str(DATA / task.SFT_DIR / "model.safetensors"))
-    assert build.meta_path(task.toy_pairs_path()) == str(DATA / "toy_pairs.meta.json")
+    assert build.meta_path(task.toy_pairs_path()) == str(DATA / "pairs.meta.json")
 
 
 def test_shipped_pairs_are_ranked_by_the_verifier():
     from vrpo.training.data import read_preference_rows
 
     rows = read_preference_rows(task.toy_pairs_path())
-    meta = json.loads((DATA / "toy_pairs.meta.json").read_text())
+    meta = json.loads((DATA / "pairs.meta.json").read_text())
     assert len(rows) == meta["stats"]["pairs"]
     assert len({r["prompt"] for r in rows}) == len(rows)  # one pair per prompt: a held-out split holds out prompts
     for r in rows:
@@ -137,8 +137,8 @@ def test_shipped_sft_folder_is_what_save_llada_writes_today(tmp_path):
 
 
 def test_package_data_globs_cover_the_shipped_files():
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vrpo"]
-    shipped = [p.relative_to(ROOT / "vrpo").as_posix() for p in DATA.rglob("*") if p.is_file()]
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vrpo.tasks.sort"]
+    shipped = [p.relative_to(DATA.parent).as_posix() for p in DATA.rglob("*") if p.is_file()]
     missing = [f for f in shipped if not any(fnmatch.fnmatch(f, g) for g in globs)]
     assert not missing, f"pyproject.toml's package-data misses {missing}"
 

@@ -229,7 +229,7 @@ def test_bad_data_is_a_clear_error_and_nothing_is_written(tmp_path):
 
 def test_over_long_and_duplicate_pairs_are_counted(tmp_path):
     data = tmp_path / "data.jsonl"
-    rows = [json.loads(line) for line in (ROOT / "vrpo" / "data_files" / "toy_sort.jsonl").read_text().splitlines()[:40]]
+    rows = [json.loads(line) for line in (ROOT / "vrpo/tasks/sort/data/synthetic_pairs.jsonl").read_text().splitlines()[:40]]
     rows.append({"prompt": "sort " + " ".join(["7"] * 60), "chosen": "1 2", "rejected": "2 1"})  # too long
     rows.append({"prompt": "sort 1 2", "chosen": "1 2", "rejected": "1 2"})  # chosen == rejected
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -300,7 +300,7 @@ def test_eval_reward_uses_the_reference_given_through_the_api(tmp_path):
 
 def test_a_user_dataset_on_the_embedded_model_is_told_its_presets_and_not_graded(tmp_path, caplog):
     data = tmp_path / "mine.jsonl"
-    rows = (ROOT / "vrpo" / "data_files" / "toy_sort.jsonl").read_text().splitlines()[:60]
+    rows = (ROOT / "vrpo/tasks/sort/data/synthetic_pairs.jsonl").read_text().splitlines()[:60]
     data.write_text("\n".join(rows) + "\n")
     cfg = VRPOConfig(**{**FAST, "max_steps": 1, "num_samples": 1}, dataset=str(data), output_dir=str(tmp_path / "run"))
     with caplog.at_level("INFO", logger="vrpo"):

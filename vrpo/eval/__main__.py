@@ -1,6 +1,6 @@
 """``python -m vrpo.eval``: run lm-evaluation-harness with the ``vrpo`` model and print its results table.
 
-    python -m vrpo.eval --model_name_or_path vrpo/data_files/toy_sft --tasks vrpo_sort_mc,vrpo_sort_gen \\
+    python -m vrpo.eval --model_name_or_path vrpo/tasks/sort/data/sft_model --tasks vrpo_sort_mc,vrpo_sort_gen \\
         --apply_chat_template --model_args gen_length=16 --limit 64
 
 The shipped tasks (:data:`vrpo.eval.TASKS_DIRS`) are always included; ``--include_path`` adds more. Under

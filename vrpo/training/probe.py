@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 
-from . import budget
+from . import advisor_tally
 from .config import VRPOConfig
 from .task import GradedTask
 from .trainer import VRPOTrainer
@@ -14,7 +14,7 @@ from .trainer import VRPOTrainer
 
 def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = None) -> dict:
     """Run the first ``steps`` optimizer steps of ``config``'s run (its schedule, masks and updates; outputs in
-    a temporary directory, deleted after) and return :meth:`~vrpo.training.budget.VarianceTally.summary` of
+    a temporary directory, deleted after) and return :meth:`~vrpo.training.advisor_tally.VarianceTally.summary` of
     the last ``ceil(steps / 2)`` steps: both variances, the advised ``n_t`` and the sentence. The first steps
     are left out because the run starts at the reference, where antithetic scores are exactly 0 (and the
     warm-up keeps the policy there for a while).
@@ -35,7 +35,7 @@ def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = No
                                  "estimated within a micro-batch")
             if steps > trainer.max_steps:
                 raise ValueError(f"--probe_steps {steps} is more than the run's {trainer.max_steps} steps")
-            tally = budget.VarianceTally()
+            tally = advisor_tally.VarianceTally()
             for step in range(steps):
                 applied, metrics, _ = trainer.train_step(step)
                 if applied and step >= steps // 2:
@@ -45,7 +45,7 @@ def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = No
     out = tally.summary(trainer.schedule.global_batch, trainer.plan)
     if not out:
         raise ValueError(f"--probe_steps {steps}: every measured step was skipped (non-finite loss); nothing to advise")
-    if out[budget.VAR_MASK] == 0:
+    if out[advisor_tally.VAR_MASK] == 0:
         raise ValueError(f"--probe_steps {steps}: every score was 0, the policy has not left the reference yet "
                          f"(antithetic samples of equal models cancel); probe more steps than the "
                          f"{trainer.config.warmup_steps} warm-up steps")

@@ -24,8 +24,8 @@ import shutil
 
 from ..errors import OutputDirError
 from ..files import atomic_write_text
+from .checkpoints import CheckpointManager
 from .distributed import raise_everywhere
-from .state import CheckpointManager
 
 logger = logging.getLogger("vrpo")
 

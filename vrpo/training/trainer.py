@@ -6,7 +6,7 @@ A run, top-down:
    read and tokenize the data, then load the models (:mod:`.loading`); the optimizer and scheduler; restore
    a checkpoint if resuming (:mod:`.resume`);
 2. ``train``: evaluate the initial policy (:mod:`.evaluation`), precompute the reference if asked, then the
-   loop of ``train_step``, with logging (:mod:`.logs`), evaluation and checkpoints (:mod:`.state`), stopping
+   loop of ``train_step``, with logging (:mod:`.logs`), evaluation and :mod:`.checkpoints`, stopping
    cleanly on SIGTERM/SIGINT (:mod:`.signals`);
 3. ``finish``: the final evaluation, checkpoint, model and samples (:mod:`.outputs`), and ``summary.json``.
 
@@ -49,7 +49,8 @@ from ..estimator import (
     vrpo_loss,
 )
 from ..files import atomic_write_text
-from . import budget, distributed, loading, outputs, run_dir
+from . import advisor_tally as budget
+from . import distributed, loading, outputs, run_dir
 from .batches import Batches
 from .config import VRPOConfig
 from .evaluation import PreferenceEval, grade_generations

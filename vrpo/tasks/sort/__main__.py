@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs.add_argument("--output", required=True, help="the JSONL to write (and X.meta.json beside it)")
     pairs.add_argument("--overwrite", action="store_true")
     _add_settings(pairs, PairSettings)
-    syn = sub.add_parser("synthetic", help="the synthetic pairs of toy_sort.jsonl")
+    syn = sub.add_parser("synthetic", help="the synthetic pairs of synthetic_pairs.jsonl")
     syn.add_argument("output")
     syn.add_argument("--n", type=int, default=2000)
     syn.add_argument("--overwrite", action="store_true")

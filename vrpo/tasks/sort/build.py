@@ -1,8 +1,9 @@
 """Rebuilding the sorting demo's package data bit for bit: the SFT starting model and its on-policy pairs.
 
-    python -m vrpo.tasks.sort sft --output_dir vrpo/data_files/toy_sft --overwrite
-    python -m vrpo.tasks.sort pairs --model vrpo/data_files/toy_sft --output vrpo/data_files/toy_pairs.jsonl --overwrite
-    python -m vrpo.tasks.sort synthetic OUT.jsonl      # the older synthetic pairs (toy_sort.jsonl)
+    python -m vrpo.tasks.sort sft --output_dir vrpo/tasks/sort/data/sft_model --overwrite
+    python -m vrpo.tasks.sort pairs --model vrpo/tasks/sort/data/sft_model \
+        --output vrpo/tasks/sort/data/pairs.jsonl --overwrite
+    python -m vrpo.tasks.sort synthetic OUT.jsonl      # the older synthetic pairs (synthetic_pairs.jsonl)
 
 The commands fix the seed, the number of CPU threads and deterministic algorithms, so the same command gives
 the same bytes on the same CPU and torch build. None overwrites a file without ``--overwrite``.
@@ -161,6 +162,6 @@ def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite
 
 
 def synthetic_command(output: str, n: int, overwrite: bool = False):
-    """The synthetic pairs of ``toy_sort.jsonl`` (seed 0): the sorted list against a wrong order."""
+    """The synthetic pairs of ``synthetic_pairs.jsonl`` (seed 0): the sorted list against a wrong order."""
     _refuse_overwrite(output, overwrite)
     atomic_write_text(output, "".join(json.dumps(pair) + "\n" for pair in make_pairs(n, seed=0)))

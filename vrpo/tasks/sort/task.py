@@ -23,9 +23,10 @@ import torch
 from ...models import build_tiny_tokenizer, encode_example, generate, get_mask_token_id
 from ...training.task import GenerationReport
 
-TOY_FILE = "toy_sort.jsonl"
-SFT_DIR = "toy_sft"
-PAIRS_FILE = "toy_pairs.jsonl"
+# The package data, in data/ beside this module (rebuilt by :mod:`.build`).
+SYNTHETIC_PAIRS_FILE = "synthetic_pairs.jsonl"
+SFT_DIR = "sft_model"
+PAIRS_FILE = "pairs.jsonl"
 SFT_SETTINGS_FILE = "sft_settings.json"
 THREADS = 1  # fixed: float sums depend on how a matmul is split between threads
 
@@ -109,12 +110,13 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
 
 
 def data_file(name: str) -> str:
-    return str(resources.files("vrpo") / "data_files" / name)
+    """Path of the task's package data file or folder ``name`` (in ``vrpo/tasks/sort/data/``)."""
+    return str(resources.files("vrpo.tasks.sort") / "data" / name)
 
 
 def toy_dataset_path() -> str:
     """Path of the bundled synthetic toy preference set (JSON Lines)."""
-    return data_file(TOY_FILE)
+    return data_file(SYNTHETIC_PAIRS_FILE)
 
 
 def toy_pairs_path() -> str:

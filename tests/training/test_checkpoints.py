@@ -18,7 +18,7 @@ from vrpo.tasks.sort import SORT_TASK
 from vrpo.tasks.sort.task import toy_dataset_path
 from vrpo.training import VRPOTrainer
 from vrpo.training.config import VRPOConfig
-from vrpo.training.state import CheckpointManager
+from vrpo.training.checkpoints import CheckpointManager
 
 MARKER = "payload-ran"
 
@@ -187,7 +187,7 @@ def sharded_checkpoint(root, extra) -> pathlib.Path:
 
 
 def test_a_sharded_checkpoint_is_verified_without_unpickling_it(tmp_path, monkeypatch):
-    from vrpo.training.state import verify_checkpoint
+    from vrpo.training.checkpoints import verify_checkpoint
 
     monkeypatch.chdir(tmp_path)
     clean = sharded_checkpoint(tmp_path / "clean", {})

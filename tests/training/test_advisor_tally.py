@@ -10,7 +10,7 @@ import torch
 
 from vrpo.tasks.sort import SORT_TASK
 from vrpo.training import VRPOTrainer
-from vrpo.training.budget import ADVICE, VAR_MASK, VAR_PAIRS
+from vrpo.training.advisor_tally import ADVICE, VAR_MASK, VAR_PAIRS
 from vrpo.training.config import VRPOConfig
 
 FAST = dict(max_steps=3, per_device_train_batch_size=4, n_t=2, eval_size=16, num_samples=0, report_to="none", gen_eval_prompts=16,
