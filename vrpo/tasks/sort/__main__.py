@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None, *, prog: str, description: str, sft_settings: type = SFTSettings,
-        pair_settings: type = PairSettings, lengths: tuple[int, int] = LENGTHS, chosen_exact: bool = True,
-        synthetic: bool = True) -> int:
+        pair_settings: type = PairSettings, lengths: tuple[int, int] = LENGTHS,
+        pairing: str = "right_vs_nearest", synthetic: bool = True) -> int:
     """A sorting task's build commands: ``sft`` and ``pairs`` with the task's settings classes (their
     defaults are the shipped files'), its list ``lengths`` and pairing rule (:func:`.build.rank_pair`'s
-    ``chosen_exact``); ``synthetic`` for the demo's synthetic pairs."""
+    ``pairing``); ``synthetic`` for the demo's synthetic pairs."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     sft = sub.add_parser("sft", help="train the SFT starting policy")
@@ -54,7 +54,7 @@ def run(argv: list[str] | None, *, prog: str, description: str, sft_settings: ty
                   f"{record['dev_accuracy']:.1%} (credit {record['dev_credit']:.3f})")
         elif args.command == "pairs":
             record = pairs_command(args.model, args.output, _settings(pair_settings, args), args.overwrite,
-                                   lengths, chosen_exact)
+                                   lengths, pairing)
             print(f"wrote {args.output}: {json.dumps(record['stats'])}")
         else:
             synthetic_command(args.output, args.n, args.overwrite)

@@ -110,26 +110,36 @@ def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False,
 # --------------------------------------------------------------------------------------------- pairs
 
 
-def rank_pair(prompt: str, answers: Sequence[str], chosen_exact: bool = True) -> dict | None:
-    """``{"prompt", "chosen", "rejected"}``: the best-graded answer against the best-graded one below it
-    (the nearest miss; ties go to the earliest sample), or None when no two answers' credits differ, or
-    (``chosen_exact``) when no answer is exactly right.
+PAIRINGS = ("right_vs_nearest", "best_vs_worst")  # rank_pair's rules: the demo's, the long-sorting task's
 
-    With ``chosen_exact`` (the sorting demo) this is the first right answer against the best wrong one: a
-    wrong answer's credit is below 1. Without it the chosen answer is only better than the rejected one, as
-    in preference data without gold answers. Near misses are the model's own likeliest mistakes; against
-    the worst answer (often junk the greedy sampler never writes) the demo run's exact-sort accuracy
-    barely moved (README). Empty answers (the turn ended at once) are left out: a preference row needs
-    text on both sides.
+
+def rank_pair(prompt: str, answers: Sequence[str], pairing: str = "right_vs_nearest") -> dict | None:
+    """``{"prompt", "chosen", "rejected"}`` from one prompt's sampled answers, ranked by the verifier's credit
+    (ties go to the earlier sample), or None when no two answers' credits differ.
+
+    * ``"right_vs_nearest"`` (the sorting demo): the first exact answer against the best-graded wrong one
+      (None without an exact answer). Near misses are the model's own likeliest mistakes; against the worst
+      answer (often junk the greedy sampler never writes) the demo run's exact-sort accuracy barely moved
+      (README).
+    * ``"best_vs_worst"`` (preference data without gold answers): the best-graded answer, right or not,
+      against the worst-graded one, as in on-policy pairs ranked by a reward model (SimPO, Meng et al. 2024,
+      Section 3: highest against lowest score); the margin is whatever spread the samples have.
+
+    Empty answers (the turn ended at once) are left out: a preference row needs text on both sides.
     """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
     graded = [(grade(prompt, a), j, a) for j, a in enumerate(answers) if a]
     ranked = sorted(graded, key=lambda row: (-row[0].credit, row[1]))  # best first, then earliest
-    if not ranked or (chosen_exact and not ranked[0][0].correct):
+    if not ranked or (pairing == "right_vs_nearest" and not ranked[0][0].correct):
         return None
     below = [row for row in ranked if row[0].credit < ranked[0][0].credit]
     if not below:
         return None
-    return {"prompt": prompt, "chosen": ranked[0][2], "rejected": below[0][2]}
+    if pairing == "right_vs_nearest":
+        return {"prompt": prompt, "chosen": ranked[0][2], "rejected": below[0][2]}
+    worst = min(below, key=lambda row: (row[0].credit, row[1]))
+    return {"prompt": prompt, "chosen": ranked[0][2], "rejected": worst[2]}
 
 
 def sha256_of(path: str) -> str:
@@ -163,10 +173,10 @@ def margin_stats(pairs: Sequence[dict]) -> dict:
 
 
 def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite: bool = False,
-                  lengths: tuple[int, int] = LENGTHS, chosen_exact: bool = True) -> dict:
+                  lengths: tuple[int, int] = LENGTHS, pairing: str = "right_vs_nearest") -> dict:
     """Sample, grade, pair (:func:`rank_pair`); write the JSONL and its ``.meta.json`` (settings,
-    statistics, model hash; without ``chosen_exact`` also the share of pairs whose chosen answer is not
-    exactly right and the margins' distribution, :func:`margin_stats`)."""
+    statistics, model hash; for a pairing other than the demo's also the share of pairs whose chosen answer
+    is not exactly right and the margins' distribution, :func:`margin_stats`)."""
     _refuse_overwrite(output, overwrite)
     deterministic_cpu(settings.seed)
     model = load_llada(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -174,7 +184,7 @@ def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite
     prompts = pair_prompts(settings, lengths)
     sampler = SamplerSettings(temperature=settings.temperature, seed=settings.seed)
     answers = sample_answers(model, tokenizer, prompts, sampler, n=settings.samples)
-    pairs = [p for p in (rank_pair(q, a, chosen_exact) for q, a in zip(prompts, answers)) if p is not None]
+    pairs = [p for p in (rank_pair(q, a, pairing) for q, a in zip(prompts, answers)) if p is not None]
     grades = [grade(q, a) for q, row in zip(prompts, answers) for a in row]
     stats = {
         "prompts": len(prompts), "pairs": len(pairs), "samples": len(grades),
@@ -183,11 +193,12 @@ def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite
         "chosen_correct": sum(grade(p["prompt"], p["chosen"]).correct for p in pairs) / max(len(pairs), 1),
         "rejected_correct": sum(grade(p["prompt"], p["rejected"]).correct for p in pairs) / max(len(pairs), 1),
     }
-    if not chosen_exact:  # (the demo's chosen side is always right: its shipped statistics stop above)
-        stats["chosen_not_exact"] = 1 - stats["chosen_correct"]
-        stats["margin"] = margin_stats(pairs)
     record = {"settings": dataclasses.asdict(settings), "threads": THREADS, "torch": torch.__version__,
               "model_sha256": sha256_of(os.path.join(model_dir, "model.safetensors")), "stats": stats}
+    if pairing != "right_vs_nearest":  # (the demo's shipped meta file has none of these: its rule is implied)
+        record["pairing"] = pairing
+        stats["chosen_not_exact"] = 1 - stats["chosen_correct"]
+        stats["margin"] = margin_stats(pairs)
     atomic_write_text(output, "".join(json.dumps(p) + "\n" for p in pairs))
     atomic_write_text(meta_path(output), json.dumps(record, indent=1) + "\n")
     return record
