@@ -32,7 +32,7 @@ from vrpo_kernels.masked_linear_ce.triton_path import gpu_vocab_split
 
 from .files import read_json
 from .models import DTYPES, ModelFamily, family_of, family_of_config
-from .tasks.sort import SORT_TASK
+from .tasks import get_task
 from .training.config import VRPOConfig, parse_config
 from .training.probe import probe_variances
 
@@ -66,7 +66,7 @@ def meta_model(cfg: VRPOConfig) -> tuple[nn.Module, ModelFamily]:
     """The policy of ``cfg`` (``--model_name_or_path``, else the demo task's model) on the meta device, built
     through its family's table entry (:mod:`vrpo.models.families`: the family's own format or a transformers
     export), in the dtype training would load it in (LoRA not applied)."""
-    raw, source = read_model_config(cfg.model_name_or_path or SORT_TASK.model_path())
+    raw, source = read_model_config(cfg.model_name_or_path or get_task(cfg.task).model_path())
     family, native = family_of_config(raw, source)
     config = family.to_hf_config(raw, source=source) if native else family.config_class(**_hf_fields(raw))
     with torch.device("meta"):
@@ -138,7 +138,7 @@ class ModelFacts:
 
 
 def model_facts(cfg: VRPOConfig, model: nn.Module | None = None) -> ModelFacts:
-    """Facts about the policy of ``cfg`` (its ``model_name_or_path``, else the demo task's model); ``model`` (any
+    """Facts about the policy of ``cfg`` (its ``model_name_or_path``, else the --task model); ``model`` (any
     device) instead of building it on the meta device."""
     if model is None:
         model, _ = meta_model(cfg)
@@ -537,8 +537,8 @@ def parse(argv: list[str]) -> tuple[VRPOConfig, Setup, int]:
 
 
 def resolved(cfg: VRPOConfig) -> VRPOConfig:
-    """``cfg`` with its ``None`` fields filled as a run would fill them (the demo task's presets for its model)."""
-    return cfg.resolved(SORT_TASK.presets if cfg.model_name_or_path is None else None)
+    """``cfg`` with its ``None`` fields filled as a run would fill them (the --task presets for its model)."""
+    return cfg.resolved(get_task(cfg.task).presets if cfg.model_name_or_path is None else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(resolved(cfg), facts, setup))
     if probe_steps:
         try:
-            found = probe_variances(cfg, probe_steps, SORT_TASK)
+            found = probe_variances(cfg, probe_steps, get_task(cfg.task))
         except (FileNotFoundError, ValueError) as e:
             print(f"vrpo.plan: error: {e}", file=sys.stderr)
             return 2

@@ -2,10 +2,10 @@
 diffusion LM.
 
 With no arguments it trains the bundled tiny SFT LLaDA on its own answers to the sorting demo (the task this
-entry point chooses, :mod:`vrpo.tasks.sort`), ranked by a verifier, on the CPU in a few minutes, and reports
-exact-sort accuracy of its generations on the task's test prompts and held-out preference accuracy before and
-after. Point it at a real LLaDA or Dream checkpoint and a preference dataset for the real thing; see ``--help``
-and the README.
+entry point chooses unless ``--task`` names another of :data:`vrpo.tasks.TASKS`), ranked by a verifier, on
+the CPU in a few minutes, and reports exact-sort accuracy of its generations on the task's test prompts and
+held-out preference accuracy before and after. Point it at a real LLaDA or Dream checkpoint and a preference
+dataset for the real thing; see ``--help`` and the README.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .errors import (
     RunLogError,
     TrainingDiverged,
 )
-from .tasks.sort import SORT_TASK
+from .tasks import get_task
 from .training import GRPOTrainer, VRPOTrainer
 from .training.config import PROG, parse_config
 
@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        task = get_task(config.task)
         trainer_class = GRPOTrainer if config.algorithm == "grpo" else VRPOTrainer
-        trainer = trainer_class(config, task=SORT_TASK)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
+        trainer = trainer_class(config, task=task)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
         summary = trainer.train()  # the loop, then the outputs
     except (DataError, CheckpointError, RunLogError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
             ValueError) as e:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted: {e}", file=sys.stderr)
         return e.exit_code
     if trainer.is_main:
-        print_summary(summary, SORT_TASK.describe)
+        print_summary(summary, task.describe)
     return 0
 
 

@@ -7,7 +7,8 @@ Appendix B), and whether it defines the run (resuming with another value is refu
 (:func:`run_defining`) all read that metadata.
 
 A run with no ``--model_name_or_path`` or no ``--dataset`` uses its task's (:mod:`vrpo.training.task`; the
-command line's task is the sorting demo), and the task's presets fill the fields left at ``None``.
+command line's is ``--task``, the sorting demo by default), and the task's presets fill the fields left at
+``None``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class VRPOConfig:
     """VRPO training settings. Every field is a command-line flag ``--name``."""
 
     # --- model ---
+    task: str = setting(
+        "The task plug-in (vrpo/tasks/) whose model, pairs, presets and verifier a run uses where it names "
+        "no --model_name_or_path or --dataset: sort (the sorting demo, 3 to 6 digits) or sort_long (8 to 16 "
+        "digits; chosen answers mostly not exactly right). Chosen by the entry points (vrpo.tasks.TASKS).",
+        default="sort")
     model_name_or_path: str | None = setting(
         "Local checkpoint directory of a supported model family: LLaDA (model_type llada, or a Llama export) "
         "or Dream (model_type Dream, or a Qwen2 export), recognised from its config.json; adding a family is "

@@ -26,6 +26,7 @@ from ...files import atomic_write_text
 from ...models import build_tiny_llada, collate, encode_example, load_llada, save_llada
 from .task import (
     EVAL_SAMPLER,
+    LENGTHS,
     MODEL_SHAPE,
     SFT_SETTINGS_FILE,
     THREADS,
@@ -54,8 +55,9 @@ def deterministic_cpu(seed: int):
     torch.use_deterministic_algorithms(True)
 
 
-def train_sft(settings: SFTSettings, log=print):
-    """Train the toy SFT model from a seeded random init. Returns ``(model, tokenizer)``."""
+def train_sft(settings: SFTSettings, log=print, lengths: tuple[int, int] = LENGTHS):
+    """Train the toy SFT model from a seeded random init on right sorts of ``lengths[0]`` to ``lengths[1]``
+    digits. Returns ``(model, tokenizer)``."""
     tokenizer = toy_tokenizer()
     model = build_tiny_llada(seed=settings.seed, attn_implementation="sdpa", **MODEL_SHAPE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.95),
@@ -67,7 +69,7 @@ def train_sft(settings: SFTSettings, log=print):
     for step in range(settings.steps):
         rows = []
         for _ in range(settings.batch_size):
-            prompt = prompt_of(random_digits(rng))
+            prompt = prompt_of(random_digits(rng, lengths=lengths))
             rows.append(encode_example(tokenizer, prompt, reference_answer(prompt)))
         batch = collate(rows, tokenizer.pad_token_id)
         draw = draw_masks(batch["response_mask"], plan, generator=g, impl="torch")
@@ -89,12 +91,13 @@ def _refuse_overwrite(path: str, overwrite: bool):
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
-def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False) -> dict:
+def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False,
+                lengths: tuple[int, int] = LENGTHS) -> dict:
     """Train, check on the dev prompts, and write the model (LLaDA's format) and its settings."""
     _refuse_overwrite(output_dir, overwrite)
     deterministic_cpu(settings.seed)
-    model, tokenizer = train_sft(settings)
-    dev = evaluate_generations(model, tokenizer, dev_prompts(settings.seed, settings.dev_prompts))
+    model, tokenizer = train_sft(settings, lengths=lengths)
+    dev = evaluate_generations(model, tokenizer, dev_prompts(settings.seed, settings.dev_prompts, lengths))
     record = {"settings": dataclasses.asdict(settings), "sampler": dataclasses.asdict(EVAL_SAMPLER),
               "model_shape": MODEL_SHAPE, "threads": THREADS, "torch": torch.__version__,
               "dev_accuracy": dev.accuracy, "dev_credit": dev.credit,
@@ -108,20 +111,36 @@ def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False)
 # --------------------------------------------------------------------------------------------- pairs
 
 
-def rank_pair(prompt: str, answers: Sequence[str]) -> dict | None:
-    """``{"prompt", "chosen", "rejected"}``: the first exact answer against the best-graded wrong one (the
-    nearest miss; ties go to the earliest sample), or None unless some answers are right and some wrong.
+PAIRINGS = ("right_vs_nearest", "best_vs_worst")  # rank_pair's rules: the demo's, the long-sorting task's
 
-    Near misses are the model's own likeliest mistakes; against the worst answer (often junk the greedy
-    sampler never writes) the toy run's exact-sort accuracy barely moved (docs/results.md). Empty answers (the
-    turn ended at once) are left out: a preference row needs text on both sides.
+
+def rank_pair(prompt: str, answers: Sequence[str], pairing: str = "right_vs_nearest") -> dict | None:
+    """``{"prompt", "chosen", "rejected"}`` from one prompt's sampled answers, ranked by the verifier's credit
+    (ties go to the earlier sample), or None when no two answers' credits differ.
+
+    * ``"right_vs_nearest"`` (the sorting demo): the first exact answer against the best-graded wrong one
+      (None without an exact answer). Near misses are the model's own likeliest mistakes; against the worst
+      answer (often junk the greedy sampler never writes) the demo run's exact-sort accuracy barely moved
+      (docs/results.md).
+    * ``"best_vs_worst"`` (preference data without gold answers): the best-graded answer, right or not,
+      against the worst-graded one, as in on-policy pairs ranked by a reward model (SimPO, Meng et al. 2024,
+      Section 3: highest against lowest score); the margin is whatever spread the samples have.
+
+    Empty answers (the turn ended at once) are left out: a preference row needs text on both sides.
     """
-    graded = [(a, grade(prompt, a)) for a in answers if a]
-    right = [a for a, g in graded if g.correct]
-    wrong = [(g.credit, -j, a) for j, (a, g) in enumerate(graded) if not g.correct]
-    if not right or not wrong:
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {', '.join(PAIRINGS)}, got {pairing!r}")
+    graded = [(grade(prompt, a), j, a) for j, a in enumerate(answers) if a]
+    ranked = sorted(graded, key=lambda row: (-row[0].credit, row[1]))  # best first, then earliest
+    if not ranked or (pairing == "right_vs_nearest" and not ranked[0][0].correct):
         return None
-    return {"prompt": prompt, "chosen": right[0], "rejected": max(wrong)[2]}
+    below = [row for row in ranked if row[0].credit < ranked[0][0].credit]
+    if not below:
+        return None
+    if pairing == "right_vs_nearest":
+        return {"prompt": prompt, "chosen": ranked[0][2], "rejected": below[0][2]}
+    worst = min(below, key=lambda row: (row[0].credit, row[1]))
+    return {"prompt": prompt, "chosen": ranked[0][2], "rejected": worst[2]}
 
 
 def sha256_of(path: str) -> str:
@@ -136,16 +155,37 @@ def meta_path(pairs_path: str) -> str:
     return os.path.splitext(pairs_path)[0] + ".meta.json"
 
 
-def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite: bool = False) -> dict:
-    """Sample, grade, pair; write the JSONL and its ``.meta.json`` (settings, statistics, model hash)."""
+def margin_stats(pairs: Sequence[dict]) -> dict:
+    """How far each pair's chosen answer is graded above its rejected one (credit difference): mean, sd,
+    quantiles, and a histogram of tenths (``"0.1"``: margins in [0.1, 0.2); the last bin holds 1.0)."""
+    margins = sorted(grade(p["prompt"], p["chosen"]).credit - grade(p["prompt"], p["rejected"]).credit
+                     for p in pairs)
+    if not margins:
+        return {}
+    n = len(margins)
+    mean = sum(margins) / n
+    bins = [0] * 10
+    for m in margins:
+        bins[min(int(m * 10 + 1e-9), 9)] += 1
+    return {"mean": mean, "sd": (sum((m - mean) ** 2 for m in margins) / n) ** 0.5,
+            **{f"p{q}": margins[min(n - 1, q * n // 100)] for q in (0, 10, 25, 50, 75, 90)},
+            "max": margins[-1],
+            "histogram": {f"{i / 10:.1f}": c for i, c in enumerate(bins)}}
+
+
+def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite: bool = False,
+                  lengths: tuple[int, int] = LENGTHS, pairing: str = "right_vs_nearest") -> dict:
+    """Sample, grade, pair (:func:`rank_pair`); write the JSONL and its ``.meta.json`` (settings,
+    statistics, model hash; for a pairing other than the demo's also the share of pairs whose chosen answer
+    is not exactly right and the margins' distribution, :func:`margin_stats`)."""
     _refuse_overwrite(output, overwrite)
     deterministic_cpu(settings.seed)
     model = load_llada(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     tokenizer = toy_tokenizer()
-    prompts = pair_prompts(settings)
+    prompts = pair_prompts(settings, lengths)
     sampler = SamplerSettings(temperature=settings.temperature, seed=settings.seed)
     answers = sample_answers(model, tokenizer, prompts, sampler, n=settings.samples)
-    pairs = [p for p in (rank_pair(q, a) for q, a in zip(prompts, answers)) if p is not None]
+    pairs = [p for p in (rank_pair(q, a, pairing) for q, a in zip(prompts, answers)) if p is not None]
     grades = [grade(q, a) for q, row in zip(prompts, answers) for a in row]
     stats = {
         "prompts": len(prompts), "pairs": len(pairs), "samples": len(grades),
@@ -156,6 +196,10 @@ def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite
     }
     record = {"settings": dataclasses.asdict(settings), "threads": THREADS, "torch": torch.__version__,
               "model_sha256": sha256_of(os.path.join(model_dir, "model.safetensors")), "stats": stats}
+    if pairing != "right_vs_nearest":  # (the demo's shipped meta file has none of these: its rule is implied)
+        record["pairing"] = pairing
+        stats["chosen_not_exact"] = 1 - stats["chosen_correct"]
+        stats["margin"] = margin_stats(pairs)
     atomic_write_text(output, "".join(json.dumps(p) + "\n" for p in pairs))
     atomic_write_text(meta_path(output), json.dumps(record, indent=1) + "\n")
     return record

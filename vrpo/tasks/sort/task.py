@@ -37,12 +37,12 @@ MODEL_SHAPE = dict(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=192, vocab
 # --------------------------------------------------------------------------------------------- the task
 
 
-LENGTHS = (3, 6)  # a prompt has 3 to 6 digits
+LENGTHS = (3, 6)  # a prompt has 3 to 6 digits; the other sorting tasks pass their own ``lengths``
 
 
-def random_digits(rng: random.Random, k: int | None = None) -> list[int]:
-    """``k`` digits (default: 3 to 6, uniform), not all equal."""
-    k = rng.randint(*LENGTHS) if k is None else k
+def random_digits(rng: random.Random, k: int | None = None, lengths: tuple[int, int] = LENGTHS) -> list[int]:
+    """``k`` digits (default: ``lengths[0]`` to ``lengths[1]``, uniform), not all equal."""
+    k = rng.randint(*lengths) if k is None else k
     digits = [rng.randint(0, 9) for _ in range(k)]
     while len(set(digits)) == 1:
         digits = [rng.randint(0, 9) for _ in range(k)]
@@ -229,22 +229,23 @@ class SFTSettings:
     dev_prompts: int = 256  # SFT's own validation prompts (seed + 1), reported in sft_settings.json
 
 
-def distinct_prompts(rng: random.Random, n: int, seen: set[str], k: int | None = None) -> list[str]:
-    """``n`` prompts drawn from ``rng`` (``k`` digits, default any length) that are not in ``seen`` and
-    not repeated; ``seen`` grows by the ones returned."""
+def distinct_prompts(rng: random.Random, n: int, seen: set[str], k: int | None = None,
+                     lengths: tuple[int, int] = LENGTHS) -> list[str]:
+    """``n`` prompts drawn from ``rng`` (``k`` digits, default any of ``lengths``) that are not in ``seen``
+    and not repeated; ``seen`` grows by the ones returned."""
     out = []
     while len(out) < n:
-        prompt = prompt_of(random_digits(rng, k))
+        prompt = prompt_of(random_digits(rng, k, lengths))
         if prompt not in seen:
             seen.add(prompt)
             out.append(prompt)
     return out
 
 
-def dev_prompts(seed: int, n: int) -> list[str]:
+def dev_prompts(seed: int, n: int, lengths: tuple[int, int] = LENGTHS) -> list[str]:
     """Prompts for checking a command's output, from their own seed (never the run's held-out split)."""
     rng = random.Random(f"dev/{seed}")
-    return [prompt_of(random_digits(rng)) for _ in range(n)]
+    return [prompt_of(random_digits(rng, lengths=lengths)) for _ in range(n)]
 
 
 TEST_PROMPTS = 1024
@@ -258,11 +259,17 @@ def test_prompts(n: int = TEST_PROMPTS) -> list[str]:
     (Drawing distinct unseen prompts without fixing the lengths would under-represent 3 digits: there
     are only 990 such prompts, and the pairs hold a third of them.)"""
     seen = set(pair_prompts(PairSettings())) | set(dev_prompts(SFTSettings.seed, SFTSettings.dev_prompts))
+    return held_out_prompts(n, seen, LENGTHS)
+
+
+def held_out_prompts(n: int, seen: set[str], lengths: tuple[int, int]) -> list[str]:
+    """``n`` distinct prompts not in ``seen``, from the test seed stream, as many of each length in
+    ``lengths`` as can be (the first lengths get one fewer when they do not divide ``n``), shuffled."""
+    ks = range(lengths[0], lengths[1] + 1)
     rng = random.Random("test/0")
-    lengths = range(LENGTHS[0], LENGTHS[1] + 1)
     out = []
-    for i, k in enumerate(lengths):
-        out += distinct_prompts(rng, (n * (i + 1)) // len(lengths) - (n * i) // len(lengths), seen, k)
+    for i, k in enumerate(ks):
+        out += distinct_prompts(rng, (n * (i + 1)) // len(ks) - (n * i) // len(ks), seen, k)
     random.Random("test/order").shuffle(out)  # so that the first samples shown are of every length
     return out
 
@@ -353,8 +360,9 @@ class PairSettings:
     seed: int = 0
 
 
-def pair_prompts(settings: PairSettings) -> list[str]:
+def pair_prompts(settings: PairSettings, lengths: tuple[int, int] = LENGTHS) -> list[str]:
     """Distinct prompts, from the pairs' own seed stream."""
-    return distinct_prompts(random.Random(f"pairs/{settings.seed}"), settings.prompts, seen=set())
+    rng = random.Random(f"pairs/{settings.seed}")
+    return distinct_prompts(rng, settings.prompts, seen=set(), lengths=lengths)
 
 
