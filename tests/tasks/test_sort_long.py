@@ -21,7 +21,7 @@ from vrpo.tasks.sort_long.__main__ import main as long_main
 from vrpo.training import GradedTask
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-DATA = ROOT / "vrpo" / "tasks" / "sort_long"
+DATA = ROOT / "vrpo" / "tasks" / "sort_long" / "data"
 
 
 @pytest.fixture
@@ -154,9 +154,8 @@ def test_shipped_sft_model_sorts_as_recorded(torch_state):
 def test_package_data_globs_cover_the_shipped_files():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     globs = data["vrpo.tasks.sort_long"]
-    shipped = [p.relative_to(DATA).as_posix() for p in DATA.rglob("*") if p.is_file() and p.suffix != ".py"
-               and "__pycache__" not in p.parts]
-    assert {"pairs.jsonl", "pairs.meta.json", "sft/model.safetensors"} <= set(shipped)
+    shipped = [p.relative_to(DATA.parent).as_posix() for p in DATA.rglob("*") if p.is_file()]
+    assert {"data/pairs.jsonl", "data/pairs.meta.json", "data/sft_model/model.safetensors"} <= set(shipped)
     missing = [f for f in shipped if not any(fnmatch.fnmatch(f, g) for g in globs)]
     assert not missing, f"pyproject.toml's package-data misses {missing}"
 

@@ -1,8 +1,8 @@
 r"""``python -m vrpo.tasks.sort_long``: rebuild the long-sorting task's model and pairs, bit for bit.
 
-    python -m vrpo.tasks.sort_long sft --output_dir vrpo/tasks/sort_long/sft --overwrite
-    python -m vrpo.tasks.sort_long pairs --model vrpo/tasks/sort_long/sft \
-        --output vrpo/tasks/sort_long/pairs.jsonl --overwrite
+    python -m vrpo.tasks.sort_long sft --output_dir vrpo/tasks/sort_long/data/sft_model --overwrite
+    python -m vrpo.tasks.sort_long pairs --model vrpo/tasks/sort_long/data/sft_model \
+        --output vrpo/tasks/sort_long/data/pairs.jsonl --overwrite
 
 The sorting demo's builders (:mod:`vrpo.tasks.sort.build`: fixed seed, one CPU thread, deterministic
 algorithms) with this task's lengths, settings and pairing rule. None overwrites a file without

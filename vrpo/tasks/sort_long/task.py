@@ -22,7 +22,7 @@ from ..sort import task as sort
 
 LENGTHS = (8, 16)  # a prompt has 8 to 16 digits: answers of 17 to 33 response tokens (with <|eot_id|>, EOS)
 PAIRING = "best_vs_worst"  # a pair: the best-graded sample, right or not, against the worst (build.rank_pair)
-SFT_DIR = "sft"
+SFT_DIR = "sft_model"
 PAIRS_FILE = "pairs.jsonl"
 TEST_PROMPTS = 1024
 
@@ -35,7 +35,7 @@ class SFTSettings(sort.SFTSettings):
     """The demo's SFT recipe on this task's lengths, stopped early. The step count was picked on the 256 dev
     prompts (greedy exact sorts / mean partial credit) as the one with the most credit while under 5% exact:
     200 steps 0% / 0.46, 400 0% / 0.68, 500 2.3% / 0.755, 600 10.5% / 0.83, 800 27% / 0.89 (each a whole
-    run with its own cosine schedule; the shipped figures are in ``sft/sft_settings.json``)."""
+    run with its own cosine schedule; the shipped figures are in ``data/sft_model/sft_settings.json``)."""
 
     steps: int = 500
 
@@ -46,7 +46,8 @@ class PairSettings(sort.PairSettings):
 
 
 def data_file(name: str) -> str:
-    return str(resources.files("vrpo.tasks.sort_long") / name)
+    """Path of the task's package data file or folder ``name`` (in ``vrpo/tasks/sort_long/data/``)."""
+    return str(resources.files("vrpo.tasks.sort_long") / "data" / name)
 
 
 def sft_path() -> str:
