@@ -237,7 +237,7 @@ def test_plan_reads_the_tasks_model_and_presets():
 def test_shared_prompt_streams_keep_the_demos_draws():
     # The demo's pair prompts are drawn as before the lengths became a parameter: its shipped pairs' prompts
     # are among them (a changed draw would give other prompts).
-    lines = (ROOT / "vrpo" / "data_files" / sort.PAIRS_FILE).read_text().splitlines()
+    lines = (ROOT / "vrpo" / "tasks" / "sort" / "data" / sort.PAIRS_FILE).read_text().splitlines()
     shipped = [json.loads(line)["prompt"] for line in lines]
     drawn = sort.pair_prompts(sort.PairSettings())
     assert [p for p in drawn if p in set(shipped)] == shipped
