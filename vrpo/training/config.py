@@ -1,14 +1,21 @@
-"""``VRPOConfig``: every setting of a VRPO run, parsed from the command line and/or a YAML file.
+"""A run's settings, parsed from the command line and/or a YAML file.
+
+The settings every algorithm shares are :class:`TrainingConfig`'s, in groups (one small dataclass each, one
+``--help`` section each): model, data, estimator, optimisation, run. An algorithm's config adds its own group
+on top: :class:`VRPOConfig` (preference: ``--algorithm vrpo`` or ``naive_dpo``) and :class:`GRPOConfig`
+(online RL: ``--algorithm grpo``). :func:`parse_config` reads ``--algorithm`` first and parses the rest into
+that algorithm's config, so ``--help`` lists the settings of the algorithm asked for (TRL's split: one config
+per trainer, ``DPOConfig`` and ``GRPOConfig`` on shared training arguments), and a flag of another
+algorithm is refused by name. ``--naive_dpo`` is a command-line alias of ``--algorithm naive_dpo``.
 
 Each setting is declared once, as a field with its help text and metadata (:func:`setting`): its bounds or
 choices, the paper's value for a field left at ``None`` (the LLaDA 1.5 recipe, Zhu et al. 2025, Section 4 and
 Appendix B), and whether it defines the run (resuming with another value is refused). Validation
-(:func:`validate`), the presets (:meth:`VRPOConfig.resolved`) and the resume check
+(:func:`validate`), the presets (:meth:`TrainingConfig.resolved`) and the resume check
 (:func:`run_defining`) all read that metadata.
 
 A run with no ``--model_name_or_path`` or no ``--dataset`` uses its task's (:mod:`vrpo.training.task`; the
-command line's task is the sorting demo), and the task's presets fill the fields left at ``None``.
-"""
+command line's task is the sorting demo), and the task's presets fill the fields left at ``None``."""
 
 from __future__ import annotations
 

@@ -9,7 +9,10 @@ refuses to resume when they differ (unless ``--allow_config_change``).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 from ..errors import CheckpointError, TrainingDiverged
 from .config import TrainingConfig, run_defining
@@ -54,6 +57,11 @@ class RunState:
                 f"(--max_nonfinite_steps {max_nonfinite}); stopping at step {self.step}. "
                 f"Last good checkpoint: {last_checkpoint or 'none'}"
             )
+
+    @property
+    def final_loss(self) -> float | None:
+        """The mean loss of the last applied steps (None before any)."""
+        return sum(self.last_losses) / len(self.last_losses) if self.last_losses else None
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> RunState:
@@ -102,3 +110,15 @@ def apply_optimizer_settings(cfg: TrainingConfig, optimizer, scheduler):
     for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = cfg.learning_rate, cfg.learning_rate * lam(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def restore(checkpoints, path: str, definition, cfg: TrainingConfig, optimizer, scheduler):
+    """Restore the model, optimizer, scheduler and RNG states from checkpoint ``path`` once it is known to be
+    the same run (``definition()``: this run's, :func:`check_same_run`). Returns the :class:`RunState` and the
+    reference's held-out terms saved with it (None when it has none)."""
+    saved = checkpoints.load(path)
+    if check_same_run(saved.get("run"), definition(), path, cfg.allow_config_change):
+        apply_optimizer_settings(cfg, optimizer, scheduler)
+    ref_eval = os.path.join(path, "eval_reference.pt")
+    ref_eval = torch.load(ref_eval, weights_only=True) if os.path.exists(ref_eval) else None
+    return RunState.from_checkpoint(saved), ref_eval

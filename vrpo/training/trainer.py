@@ -22,7 +22,6 @@ this class; :func:`vrpo.training.trainer_for` picks one from a config.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -36,14 +35,13 @@ from transformers import get_scheduler
 
 from ..errors import NonFiniteELBOError, TrainingDiverged
 from ..estimator import ELBOModule, SamplingPlan
-from ..files import atomic_write_text
 from . import budget, distributed, loading, outputs, run_dir
 from .batches import Batches
 from .config import TrainingConfig
 from .evaluation import PreferenceEval, grade_generations
 from .logs import LogWindow, MetricsLogger
 from .reference import Reference
-from .resume import RunState, apply_optimizer_settings, check_same_run, run_definition
+from .resume import RunState, restore, run_definition
 from .schedule import Item, Schedule
 from .signals import StopSignals, fault_point
 from .task import GradedTask, generation_metrics
@@ -182,13 +180,8 @@ class ELBOTrainer:
         """The run state: fresh, or restored with the model, optimizer, scheduler and RNG states."""
         self.state, self.ref_eval, self._definition = RunState(), None, None
         if self.resume_path:
-            saved = self.checkpoints.load(self.resume_path)
-            if check_same_run(saved.get("run"), self._run_definition(), self.resume_path,
-                              self.config.allow_config_change):
-                apply_optimizer_settings(self.config, self.optimizer, self.scheduler)
-            self.state = RunState.from_checkpoint(saved)
-            saved = os.path.join(self.resume_path, "eval_reference.pt")
-            self.ref_eval = torch.load(saved, weights_only=True) if os.path.exists(saved) else None
+            self.state, self.ref_eval = restore(self.checkpoints, self.resume_path, self._run_definition,
+                                                self.config, self.optimizer, self.scheduler)
             if self.is_main:
                 logger.info("resumed from %s at step %d", self.resume_path, self.state.step)
         self.start_step = self.state.step
@@ -312,9 +305,7 @@ class ELBOTrainer:
     def _open_logs(self) -> MetricsLogger:
         cfg = self.config
         if self.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            atomic_write_text(os.path.join(cfg.output_dir, "config.json"),
-                              json.dumps(vars(cfg), indent=1, default=str))
+            outputs.write_config(cfg.output_dir, cfg)
         return MetricsLogger(cfg.output_dir, self.is_main, cfg.report_to == "tensorboard",
                              self.start_step if self.resume_path else None)
 
@@ -405,16 +396,9 @@ class ELBOTrainer:
         self.save_checkpoint()
         model_dir = outputs.save_final_model(self.accelerator, self.policy_elbo, self.tokenizer,
                                              cfg.output_dir, cfg.use_lora, st.step)
-        losses = st.last_losses
-        summary.update(
-            final_loss=sum(losses) / len(losses) if losses else None, wall_s=time.time() - t0,
-            output_dir=cfg.output_dir, model_dir=model_dir, logs=os.path.join(cfg.output_dir, "logs"),
-            family=self.family.display_name, sampler=self.family.sampler_name,
-            estimator={"n_t": self.plan.n_t, "n_yt": self.plan.n_yt, "antithetic": self.plan.antithetic,
-                       "estimator": self.plan.estimator, "stratified": self.plan.stratified},
-            data=self.data_stats,
-            **self.variances.summary(self.schedule.global_batch, self.plan),
-        )
+        summary.update(final_loss=st.final_loss, wall_s=time.time() - t0,
+                       **outputs.run_facts(cfg.output_dir, model_dir, self.family, self.plan),
+                       data=self.data_stats, **self.variances.summary(self.schedule.global_batch, self.plan))
         if cfg.num_samples and (self.has_eval or generations is not None):
             summary["samples"] = outputs.answer_samples(
                 self.accelerator, self.policy_elbo, self.tokenizer, cfg, self.task is not None, generations,
