@@ -191,11 +191,11 @@ def test_non_finite_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypa
     calls = {"n": 0}
     real = trainer.loss_on
 
-    def flaky(items):
+    def flaky(items, step):
         calls["n"] += 1
         if calls["n"] == 2:  # step 2: one bad step, skipped
             raise NonFiniteELBOError("injected")
-        loss, metrics, tokens = real(items)
+        loss, metrics, tokens = real(items, step)
         if calls["n"] >= 4:  # from step 4 on: NaN losses until the run stops
             loss = loss * float("nan")
         return loss, metrics, tokens

@@ -386,6 +386,8 @@ class OnlineSettings:
 class GRPOConfig(TrainingConfig, OnlineSettings):
     """The settings of a GRPO run: :class:`TrainingConfig`'s and the online RL group."""
 
+    precompute_ref = False  # not a setting: rollouts are not known in advance (read by the memory planner)
+
     def __post_init__(self):
         super().__post_init__()
         if self.reward_fn is not None and not _REWARD_FN.match(self.reward_fn):
