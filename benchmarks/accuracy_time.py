@@ -56,46 +56,40 @@ QUICK = dict(max_steps=2, per_device_train_batch_size=2, eval_size=16, gen_eval_
 
 
 def config_of(method: str, seed: int, out_dir: str, quick: bool):
-    from vrpo.training.config import VRPOConfig
+    from vrpo.training.config import config_class
 
     extra = METHODS[method][1]
     if extra is None:
         extra = method_kwargs(True, "batch", None, quick)
     elif quick:
         extra = {**extra, **QUICK}
-    return VRPOConfig(seed=seed, output_dir=out_dir, report_to="none", num_samples=0, save_steps=0, **extra)
+    cls = config_class(extra.get("algorithm", "vrpo"))
+    return cls(seed=seed, output_dir=out_dir, report_to="none", num_samples=0, save_steps=0, **extra)
 
 
-def timed(base):
-    """``base`` (a trainer class) that times its optimizer steps and copies its weights aside every ``every``."""
+class Snapshots:
+    """An ``on_step_end`` callback: the time spent in optimizer steps, and a copy of the policy's weights at
+    ``points`` evenly spaced steps and the last one (copied outside the step's timing: the curve costs the run
+    nothing)."""
 
-    class Timed(base):
-        def evaluate_initial(self):
-            out = super().evaluate_initial()
-            self.train_s, self.snapshots = 0.0, []
-            return out
+    def __init__(self, points: int):
+        self.points, self.train_s, self.taken = points, 0.0, []
 
-        def train_step(self, step):
-            t = time.perf_counter()
-            result = super().train_step(step)
-            self.train_s += time.perf_counter() - t
-            if (step + 1) % self.every == 0 or step + 1 == self.max_steps:
-                model = self.accelerator.unwrap_model(self.policy_elbo).model
-                self.snapshots.append((step + 1, self.train_s,
-                                       {k: v.detach().clone() for k, v in model.state_dict().items()}))
-            return result
-
-    return Timed
+    def on_step_end(self, trainer, step: int, seconds: float):
+        self.train_s += seconds
+        if step % max(trainer.max_steps // self.points, 1) == 0 or step == trainer.max_steps:
+            weights = {k: v.detach().clone() for k, v in trainer.policy_model.state_dict().items()}
+            self.taken.append((step, self.train_s, weights))
 
 
 def run_one(method: str, seed: int, points: int, tmp: str, quick: bool) -> list[dict]:
     from vrpo.models import load_mdm
     from vrpo.tasks.sort import SORT_TASK
-    from vrpo.training import GRPOTrainer, VRPOTrainer
+    from vrpo.training import trainer_for
 
     cfg = config_of(method, seed, os.path.join(tmp, f"{method}-{seed}"), quick)
-    trainer = timed(GRPOTrainer if cfg.algorithm == "grpo" else VRPOTrainer)(cfg, task=SORT_TASK)
-    trainer.every = max(trainer.max_steps // points, 1)
+    snapshots = Snapshots(points)
+    trainer = trainer_for(cfg, task=SORT_TASK, callbacks=[snapshots])
     summary = trainer.train()
     with open(os.path.join(cfg.output_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
@@ -105,7 +99,7 @@ def run_one(method: str, seed: int, points: int, tmp: str, quick: bool) -> list[
              "gen_credit": summary["gen_credit_before"]}]
     tokenizer, prompts = SORT_TASK.tokenizer(), SORT_TASK.test_prompts()
     model = load_mdm(SORT_TASK.model_path())  # one model, each copy's weights loaded into it in turn
-    for step, train_s, weights in trainer.snapshots:
+    for step, train_s, weights in snapshots.taken:
         model.load_state_dict(weights)
         report = SORT_TASK.evaluate(model, tokenizer, prompts[:64] if quick else prompts)
         rows.append({**common, "step": step, "train_s": train_s, "gen_acc": report.accuracy, "gen_credit": report.credit})

@@ -41,8 +41,8 @@ def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: b
         return sizes
     budget = base.n_t * base.n_yt  # VRPO's ELBO samples per sequence, against naive DPO's one
     if naive_scale == "batch":
-        return {**sizes, "naive_dpo": True, "per_device_train_batch_size": base.per_device_train_batch_size * budget}
-    return {**sizes, "naive_dpo": True, "max_steps": steps * budget, "warmup_steps": base.warmup_steps * budget}
+        return {**sizes, "algorithm": "naive_dpo", "per_device_train_batch_size": base.per_device_train_batch_size * budget}
+    return {**sizes, "algorithm": "naive_dpo", "max_steps": steps * budget, "warmup_steps": base.warmup_steps * budget}
 
 
 def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:

@@ -59,8 +59,9 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.common import RESULTS, machine, write_csv
-from vrpo.estimator.losses import preference_loss
+from vrpo.estimator.losses import preference_loss, reward_margin
 from vrpo.estimator.sampling import SamplingPlan
+from vrpo.training.batches import batch_terms
 from vrpo.training.config import VRPOConfig
 
 
@@ -185,11 +186,12 @@ def replicate(trainer, setting: Setting, pair_ids: list[int], repeat: int, seed:
         ids = pair_ids[start : start + chunk]
         # Keyed by (seed, "variance", repeat, pair, side): the repeat stands in for the epoch.
         items = [(repeat, i) for i in ids]
-        batch = trainer.batch_of(trainer.eval_pairs, items)
-        draw, ref_draw = trainer.draws(batch, items, "variance", "variance-ref", plan=plan, seed=seed)
-        policy_terms = trainer.policy_terms(batch, draw)
-        ref_terms, _ = trainer.reference_terms(batch, items, ref_draw)
-        margin = trainer.pair_margins(policy_terms, ref_terms)
+        batch = trainer.batches.of(trainer.eval_pairs, items)  # chosen rows, then rejected
+        draw, ref_draw = trainer.batches.draws(batch, items, plan, "variance", "variance-ref", seed)
+        pol = batch_terms(trainer.policy_elbo, batch, draw).mean(-1)
+        ref = trainer.reference.terms(batch, items, ref_draw)[0].mean(-1)
+        B = len(items)
+        margin = reward_margin(pol[:B], pol[B:], ref[:B], ref[B:])
         loss = preference_loss(margin, beta, cfg.loss_type, cfg.label_smoothing)
         loss.sum().backward()
         scores.append(beta * margin.detach().double())
@@ -284,7 +286,7 @@ def _measure(trainer, settings, pair_ids, repeats, seed, chunk, beta, progress):
 def interpolated_policy(trainer, alpha: float):
     """Within the block, the policy's weights are ``ref + alpha * (policy - ref)``."""
     policy = trainer.policy_model
-    ref = trainer.ref_elbo.model
+    ref = trainer.reference.elbo.model
     pairs = list(zip(policy.named_parameters(), ref.named_parameters()))
     if len(pairs) != len(list(ref.parameters())) or any(a[0] != b[0] for a, b in pairs):
         raise ValueError("interpolated_policy: the policy and the reference have different parameters")

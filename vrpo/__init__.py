@@ -30,11 +30,13 @@ from .estimator import (
     noisy_draw,
     vrpo_loss,
 )
-from .training import VRPOConfig, VRPOTrainer
+from .training import GRPOConfig, GRPOTrainer, VRPOConfig, VRPOTrainer, trainer_for
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "GRPOConfig",
+    "GRPOTrainer",
     "HeadOptions",
     "MaskDraw",
     "NoisyDraw",
@@ -48,5 +50,6 @@ __all__ = [
     "exact_elbo",
     "mdm_sft_loss",
     "noisy_draw",
+    "trainer_for",
     "vrpo_loss",
 ]

@@ -21,7 +21,7 @@ from .errors import (
     TrainingDiverged,
 )
 from .tasks import get_task
-from .training import GRPOTrainer, VRPOTrainer
+from .training import trainer_for
 from .training.config import PROG, parse_config
 
 
@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        task = get_task(config.task)
-        trainer_class = GRPOTrainer if config.algorithm == "grpo" else VRPOTrainer
-        trainer = trainer_class(config, task=task)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
+        trainer = trainer_for(config, task=get_task(config.task))  # tokenizer -> data -> models -> optimizer (-> checkpoint)
         summary = trainer.train()  # the loop, then the outputs
     except (DataError, CheckpointError, RunLogError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
             ValueError) as e:

@@ -72,12 +72,12 @@ def test_replicates_are_seeded_and_antithetic_draws_cancel(trained):
     c = var_bench.measure(trained, settings[:1], pairs=3, repeats=2, seed=2, chunk=3, progress=False)
     assert c[0]["var_score"] != a[0]["var_score"]
     # With the policy as its own reference, antithetic scores are exactly 0; independent draws are not.
-    ref = trained.ref_elbo
-    trained.ref_elbo = trained.elbo_module(trained.policy_model)
+    ref = trained.reference.elbo
+    trained.reference.elbo = trained.elbo_module(trained.policy_model)
     try:
         same = var_bench.measure(trained, settings, pairs=3, repeats=3, seed=1, chunk=3, progress=False)
     finally:
-        trained.ref_elbo = ref
+        trained.reference.elbo = ref
     assert same[0]["var_score"] == 0.0 and same[0]["mean_score"] == 0.0
     assert same[1]["var_score"] > 0.0
 
@@ -111,7 +111,7 @@ def test_variance_benchmark_quick_writes_its_outputs(tmp_path):
 
 def test_interpolated_policy_restores_the_weights(trained):
     policy = trained.policy_model
-    ref = trained.ref_elbo.model
+    ref = trained.reference.elbo.model
     before = [p.detach().clone() for p in policy.parameters()]
     with var_bench.interpolated_policy(trained, 0.25):
         for p, q, b in zip(policy.parameters(), ref.parameters(), before):

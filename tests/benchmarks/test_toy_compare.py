@@ -14,7 +14,7 @@ def test_naive_dpo_gets_vrpos_forward_passes():
     by_batch = toy_compare.method_kwargs(True, "batch", None)
     by_steps = toy_compare.method_kwargs(True, "steps", None)
     assert by_batch["per_device_train_batch_size"] == 8 * vrpo["per_device_train_batch_size"]
-    assert by_batch["max_steps"] == vrpo["max_steps"] and by_batch["naive_dpo"]
+    assert by_batch["max_steps"] == vrpo["max_steps"] and by_batch["algorithm"] == "naive_dpo"
     assert by_steps["max_steps"] == 8 * vrpo["max_steps"]
     assert by_steps["per_device_train_batch_size"] == vrpo["per_device_train_batch_size"]
 

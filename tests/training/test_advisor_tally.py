@@ -41,7 +41,7 @@ def test_pref_weight_zero_trains_the_sft_term_alone(tmp_path):
         cfg = VRPOConfig(output_dir=str(tmp_path / str(kw)), max_train_pairs=8, **{**FAST, **kw})
         trainer = VRPOTrainer(cfg, task=SORT_TASK)
         try:
-            return trainer.loss_on(trainer.schedule.micro_batches(0)[0])[:2]
+            return trainer.loss_on(trainer.micro_batches(0)[0], 0)[:2]
         finally:
             trainer.close()
 

@@ -3,6 +3,7 @@ a signal resumes to the same bytes; the algorithm setting and its alias."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -10,7 +11,9 @@ import pytest
 
 from vrpo.tasks.sort import task as sort_task
 from vrpo.train import main
-from vrpo.training.config import VRPOConfig, parse_config
+from vrpo.training import GRPOTrainer, VRPOTrainer
+from vrpo.training.config import GRPOConfig, VRPOConfig, parse_config
+from vrpo.training.registry import TRAINERS
 
 # 2 prompts x 4 completions a step, 2 levels per ELBO, two optimizer steps per rollout batch (the stored
 # rollout-policy terms), a checkpoint at every rollout batch.
@@ -55,28 +58,45 @@ def test_grpo_trains_logs_its_metrics_and_resumes_bit_for_bit(tmp_path, monkeypa
     assert (stopped / model).read_bytes() == (full / model).read_bytes()
 
 
-def test_algorithm_setting_and_the_naive_dpo_alias():
-    alias = VRPOConfig(naive_dpo=True).resolved()
+def test_algorithm_setting_and_the_naive_dpo_alias(capsys):
+    alias = parse_config(["--naive_dpo"]).resolved()
     named = VRPOConfig(algorithm="naive_dpo").resolved()
     for cfg in (alias, named):
-        assert (cfg.algorithm, cfg.naive_dpo, cfg.n_t, cfg.n_yt, cfg.antithetic) == ("naive_dpo", True, 1, 1, False)
+        assert (cfg.algorithm, cfg.n_t, cfg.n_yt, cfg.antithetic) == ("naive_dpo", 1, 1, False)
+    assert "naive_dpo" not in {f.name for f in dataclasses.fields(VRPOConfig)}  # stored once: the algorithm
+    assert parse_config(["--naive_dpo", "false"]).algorithm == "vrpo"
     assert VRPOConfig().resolved().algorithm == "vrpo"
-    with pytest.raises(SystemExit):
-        parse_config(["--algorithm", "ppo"])
-    with pytest.raises(ValueError, match="--naive_dpo is --algorithm naive_dpo"):
-        VRPOConfig(naive_dpo=True, algorithm="grpo")
-    with pytest.raises(ValueError, match="--likelihood one_step is GRPO's"):
-        VRPOConfig(likelihood="one_step")
+    assert type(parse_config(["--algorithm", "grpo"])) is GRPOConfig
+    for flags, message in [
+        (["--algorithm", "ppo"], "--algorithm must be one of vrpo, naive_dpo, grpo, got 'ppo'"),
+        (["--naive_dpo", "--algorithm", "grpo"], "--naive_dpo is --algorithm naive_dpo"),
+        (["--likelihood", "one_step"], "--likelihood does not apply to --algorithm vrpo (a setting of --algorithm grpo)"),
+        (["--algorithm", "grpo", "--precompute_ref"],
+         "--precompute_ref does not apply to --algorithm grpo (a setting of --algorithm vrpo or naive_dpo)"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_config(flags)
+        assert message in capsys.readouterr().err, flags
+    with pytest.raises(ValueError, match="--algorithm grpo has its own settings: use GRPOConfig"):
+        VRPOConfig(algorithm="grpo")
     with pytest.raises(ValueError, match="--likelihood must be one of"):
-        VRPOConfig(algorithm="grpo", likelihood="exact")
-    with pytest.raises(ValueError, match="--precompute_ref does not combine with --algorithm grpo"):
-        VRPOConfig(algorithm="grpo", precompute_ref=True)
+        GRPOConfig(likelihood="exact")
     with pytest.raises(ValueError, match="--epsilon must be in"):
-        VRPOConfig(algorithm="grpo", epsilon=1.0)
+        GRPOConfig(epsilon=1.0)
     with pytest.raises(ValueError, match="--reward_fn must be 'module:function'"):
-        VRPOConfig(algorithm="grpo", reward_fn="rewards.py")
+        GRPOConfig(reward_fn="rewards.py")
     with pytest.raises(ValueError, match="--num_generations must be an integer >= 2"):
-        VRPOConfig(algorithm="grpo", num_generations=1)
+        GRPOConfig(num_generations=1)
+
+
+def test_each_trainer_takes_its_own_config_and_the_registry_picks_it():
+    """Catches a registry that maps a config to the wrong trainer (the trainer refuses it before loading)."""
+    with pytest.raises(TypeError, match="GRPOTrainer takes a GRPOConfig, got VRPOConfig"):
+        GRPOTrainer(VRPOConfig())
+    with pytest.raises(TypeError, match="VRPOTrainer takes a VRPOConfig, got GRPOConfig"):
+        VRPOTrainer(GRPOConfig())
+    assert [next(t for t in TRAINERS if isinstance(c, t.CONFIG)) for c in (VRPOConfig(), GRPOConfig())] == [
+        VRPOTrainer, GRPOTrainer]
 
 
 def test_d1s_one_step_likelihood_trains_with_a_kl_term(tmp_path, monkeypatch):

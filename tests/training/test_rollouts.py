@@ -11,6 +11,7 @@ from vrpo.tasks.sort import SORT_TASK
 from vrpo.tasks.sort.task import answer_tokens, toy_sft_path, toy_tokenizer
 from vrpo.training import rollouts
 from vrpo.training.rollouts import (
+    RolloutBuffer,
     RolloutSettings,
     checked_rewards,
     completion_batch,
@@ -109,3 +110,15 @@ def test_rewards_are_checked_and_reward_functions_named():
         load_reward_fn("nosuchmodule_x:f")
     with pytest.raises(ValueError, match="--reward_fn math:nosuch: math has no function nosuch"):
         load_reward_fn("math:nosuch")
+
+
+def test_the_rollout_buffer_samples_each_micro_batch_once_per_cycle():
+    """Rollouts are made once per batch of prompts and reused for its num_iterations steps, whatever asked first
+    (catches rollouts sampled again inside a cycle, whose stored terms would be another policy's, or kept past
+    it, which would train on stale completions)."""
+    made = []
+    buffer = RolloutBuffer(2, lambda items: made.append(tuple(items)) or len(made))
+    a, b = [(0, 1), (0, 2)], [(0, 3)]
+    assert [buffer.get(1, a), buffer.get(0, b), buffer.get(0, a), buffer.get(1, b)] == [1, 2, 1, 2]
+    assert [buffer.get(2, a), buffer.get(3, a), buffer.get(3, b)] == [3, 3, 4]
+    assert made == [tuple(a), tuple(b), tuple(a), tuple(b)]

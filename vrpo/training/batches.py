@@ -47,3 +47,9 @@ class Batches:
         an independent one."""
         draw = self.draw(batch, items, plan, stream, seed)
         return draw, draw if plan.antithetic else self.draw(batch, items, plan, ref_stream, seed)
+
+
+def batch_terms(elbo, batch: dict, draw: NoisyDraw) -> torch.Tensor:
+    """float32 [B, n] ELBO terms of ``batch``'s sequences on ``draw`` under ``elbo`` (an
+    :class:`~vrpo.estimator.ELBOModule`, or one wrapped by accelerate): with gradients unless disabled."""
+    return elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])

@@ -26,7 +26,7 @@ from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from safetensors import safe_open
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingDiverged
 from ..files import atomic_write_text, fsync_dir, read_json
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -321,3 +321,17 @@ class CheckpointManager:
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{file}: not the state of a {type(obj).__name__} ({e})") from None
         return state
+
+    def roll_back(self, step: int, scheduler) -> str:
+        """The update of ``step`` made weights non-finite: restore the weights and optimizer state of the latest
+        checkpoint (never written from non-finite weights), keeping ``scheduler`` where it is; returns that
+        checkpoint. Keeping a copy to undo one step would cost the weights and optimizer state again in memory
+        at every step; this costs nothing until it happens, and then the steps since that checkpoint."""
+        last = self.latest()
+        if last is None:
+            raise TrainingDiverged(f"step {step}: the update made weights non-finite and there is no checkpoint "
+                                   "to go back to; lower --learning_rate")
+        schedule = scheduler.state_dict()
+        self.load(last)
+        scheduler.load_state_dict(schedule)
+        return last

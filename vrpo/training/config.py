@@ -1,15 +1,22 @@
-"""``VRPOConfig``: every setting of a VRPO run, parsed from the command line and/or a YAML file.
+"""A run's settings, parsed from the command line and/or a YAML file.
+
+The settings every algorithm shares are :class:`TrainingConfig`'s, in groups (one small dataclass each, one
+``--help`` section each): model, data, estimator, optimisation, run. An algorithm's config adds its own group
+on top: :class:`VRPOConfig` (preference: ``--algorithm vrpo`` or ``naive_dpo``) and :class:`GRPOConfig`
+(online RL: ``--algorithm grpo``). :func:`parse_config` reads ``--algorithm`` first and parses the rest into
+that algorithm's config, so ``--help`` lists the settings of the algorithm asked for (TRL's split: one config
+per trainer, ``DPOConfig`` and ``GRPOConfig`` on shared training arguments), and a flag of another
+algorithm is refused by name. ``--naive_dpo`` is a command-line alias of ``--algorithm naive_dpo``.
 
 Each setting is declared once, as a field with its help text and metadata (:func:`setting`): its bounds or
 choices, the paper's value for a field left at ``None`` (the LLaDA 1.5 recipe, Zhu et al. 2025, Section 4 and
 Appendix B), and whether it defines the run (resuming with another value is refused). Validation
-(:func:`validate`), the presets (:meth:`VRPOConfig.resolved`) and the resume check
+(:func:`validate`), the presets (:meth:`TrainingConfig.resolved`) and the resume check
 (:func:`run_defining`) all read that metadata.
 
 A run with no ``--model_name_or_path`` or no ``--dataset`` uses its task's (:mod:`vrpo.training.task`; the
 command line's is ``--task``, the sorting demo by default), and the task's presets fill the fields left at
-``None``.
-"""
+``None``."""
 
 from __future__ import annotations
 
@@ -22,18 +29,19 @@ import os
 import re
 import sys
 import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import yaml
 from transformers import HfArgumentParser, SchedulerType
+from transformers.hf_argparser import string_to_bool
 
 from vrpo_kernels.masked_linear_ce import DEFAULT_MAX_BUFFER_BYTES
 
 from ..estimator import ESTIMATORS, LIKELIHOODS, LOSS_TYPES, SCALE_REWARDS, HeadOptions, SamplingPlan
 from ..estimator.elbo import IMPLS
 
-ALGORITHMS = ("vrpo", "naive_dpo", "grpo")
 _REWARD_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -53,12 +61,12 @@ def setting(help: str, *, bounds: tuple[float, float, bool, bool] | None = None,
     meta = {"help": help, "bounds": bounds, "minimum": minimum, "choices": choices, "paper": paper, "run": run}
     return field(metadata=meta, **kw)
 
-
 @dataclass
-class VRPOConfig:
-    """VRPO training settings. Every field is a command-line flag ``--name``."""
+class ModelSettings:
+    """The policy and reference checkpoints, their precision, and LoRA."""
 
-    # --- model ---
+    GROUP = "model"
+
     task: str = setting(
         "The task plug-in (vrpo/tasks/) whose model, pairs, presets and verifier a run uses where it names "
         "no --model_name_or_path or --dataset: sort (the sorting demo, 3 to 6 digits) or sort_long (8 to 16 "
@@ -95,12 +103,14 @@ class VRPOConfig:
         "Modules that get LoRA adapters.",
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
-    precompute_ref: bool = setting(
-        "Compute the reference ELBO terms for the exact seeded draws training will use in one pass before "
-        "training, then free the reference model.",
-        default=False, run=True)
 
-    # --- data ---
+
+@dataclass
+class DataSettings:
+    """The preference pairs (whose prompts GRPO answers), the held-out split, and lengths."""
+
+    GROUP = "data"
+
     dataset: str | None = setting(
         "Preference data in TRL's format (prompt/chosen/rejected, strings or message lists): a .jsonl/.json "
         "or .parquet file, or a directory written by datasets' save_to_disk. Omitted: the task's pairs (the "
@@ -135,7 +145,13 @@ class VRPOConfig:
         "blocked across samples (the paper packs to 4096).",
         default=False, run=True)
 
-    # --- ELBO sampling (the variance reductions) ---
+
+@dataclass
+class EstimatorSettings:
+    """The ELBO estimate of log pi(y|x) and its variance reductions (LLaDA 1.5, Section 3)."""
+
+    GROUP = "estimator"
+
     n_t: int = setting("Timesteps (noise levels) per response: the paper's budget n with n_yt = 1.", default=8, minimum=1, run=True)
     n_yt: int = setting("Masks per timestep (the paper: 1 is optimal at a fixed budget).", default=1, minimum=1, run=True)
     antithetic: bool = setting(
@@ -145,56 +161,14 @@ class VRPOConfig:
     estimator: str = setting("ELBO estimator: l_uniform (the paper's, lower variance) or t_bernoulli.", default="l_uniform", choices=ESTIMATORS, run=True)
     stratified: bool = setting("Stratify the n_t levels of a response (unbiased, lower variance).", default=False, run=True)
     t_floor: float = setting("t_bernoulli only: LLaDA's floor eps on the mask probability (biased when > 0).", default=0.0, bounds=(0.0, 1.0, True, False), run=True)
-    naive_dpo: bool = setting(
-        "Alias of --algorithm naive_dpo: n_t = n_yt = 1 and no antithetic sampling (for comparison).", default=False
-    )
 
-    # --- algorithm ---
-    algorithm: str = setting(
-        "vrpo (offline preference optimisation on the pairs), naive_dpo (DPO with one independent mask per "
-        "sequence, for comparison; --naive_dpo is an alias) or grpo (online RL: the policy answers the pairs' "
-        "prompts, a verifier or --reward_fn scores the answers; see the GRPO settings).",
-        default="vrpo", choices=ALGORITHMS, run=True)
 
-    # --- loss ---
-    beta: float = setting("DPO beta (vrpo, naive_dpo): the strength of the KL regularisation. GRPO's KL weight "
-                          "is --kl_beta.", default=0.2, bounds=(0.0, math.inf, False, False), run=True)
-    loss_type: str = setting("sigmoid (DPO), ipo, hinge or robust.", default="sigmoid", choices=LOSS_TYPES, run=True)
-    label_smoothing: float = setting("Label smoothing for sigmoid/robust, in [0, 0.5).", default=0.0,
-                                     bounds=(0.0, 0.5, True, False), run=True)
-    pref_weight: float = setting(
-        "Weight of the preference (VRPO/DPO) loss; 0 trains the SFT term alone (benchmarks/budget.py's SFT "
-        "arms), at the same forward passes.", default=1.0, bounds=(0.0, math.inf, True, False), run=True)
-    sft_weight: float | None = setting(
-        "Weight of the masked-diffusion SFT loss on the chosen response. Default: 0.05.", default=None, bounds=(0.0, math.inf, True, False), paper=0.05, run=True)
+@dataclass
+class OptimizationSettings:
+    """AdamW, the schedule, batch sizes, and the head's kernel."""
 
-    # --- online RL (--algorithm grpo) ---
-    num_generations: int = setting(
-        "GRPO: completions sampled per prompt (the group G); --per_device_train_batch_size counts prompts.",
-        default=8, minimum=2, run=True)
-    epsilon: float = setting("GRPO: PPO clip range of the ELBO ratio, in (0, 1).", default=0.2,
-                             bounds=(0.0, 1.0, False, False), run=True)
-    kl_beta: float = setting(
-        "GRPO: weight of the KL to the reference, estimated on the policy's masks (0: no reference forward, as "
-        "Dr. GRPO and DAPO). Separate from --beta, DPO's, whose 0.2 default is a different quantity.",
-        default=0.0, bounds=(0.0, math.inf, True, False), run=True)
-    num_iterations: int = setting(
-        "GRPO: optimizer steps per batch of rollouts; > 1 reuses them with the rollout policy's ELBO terms "
-        "stored on the same masks.", default=1, minimum=1, run=True)
-    scale_rewards: str = setting(
-        "GRPO: 'group' divides the group-centred rewards by the group's std (GRPO); 'none' does not (Dr. GRPO).",
-        default="group", choices=SCALE_REWARDS, run=True)
-    likelihood: str = setting(
-        "GRPO: the estimate of log pi(y|x) in the ratio and the KL: 'elbo' (the n_t-sample ELBO, the same masks for "
-        "every policy) or 'one_step' (d1's: one forward with the whole response and 15%% of the prompt masked; "
-        "a different quantity, for ablations; --n_t is not used).", default="elbo", choices=LIKELIHOODS, run=True)
-    temperature: float = setting("GRPO: rollout sampling temperature (0: greedy).", default=1.0,
-                                 bounds=(0.0, math.inf, True, False), run=True)
-    reward_fn: str | None = setting(
-        "GRPO: a reward function 'module:function' called as function(prompts, completions) -> list of "
-        "floats (TRL's convention, strings in and out). Default: the task's verifier.", default=None, run=True)
+    GROUP = "optimisation"
 
-    # --- optimisation ---
     learning_rate: float | None = setting("Peak learning rate. Default: 5e-7.", default=None, bounds=(0.0, math.inf, False, False), paper=5e-7, run=True)
     warmup_steps: int = setting("Linear warm-up steps before the schedule.", default=15, minimum=0, run=True)
     lr_scheduler_type: str = setting("transformers scheduler name (cosine, linear, constant, ...).", default="cosine", run=True)
@@ -225,7 +199,13 @@ class VRPOConfig:
         "Triton backward runs in row chunks of this size.",
         default=DEFAULT_MAX_BUFFER_BYTES >> 20, minimum=1)
 
-    # --- run, logging, checkpoints ---
+
+@dataclass
+class RunSettings:
+    """The output directory, seed, logging, evaluation, checkpoints and generation."""
+
+    GROUP = "run"
+
     output_dir: str | None = setting("Where logs, checkpoints and the final model go. Default: outputs/vrpo-<time>.", default=None)
     overwrite_output_dir: bool = setting(
         "Start a new run in an output directory that holds an earlier vrpo run: the earlier run is first moved to "
@@ -261,12 +241,34 @@ class VRPOConfig:
     gen_steps: int | None = setting("Denoising steps for generation and rollouts. Default: gen_length.", default=None, minimum=1)
     block_length: int | None = setting("Semi-autoregressive block length for generation and rollouts. Default: gen_length.", default=None, minimum=1)
 
+
+@dataclass
+class TrainingConfig(RunSettings, OptimizationSettings, EstimatorSettings, DataSettings, ModelSettings):
+    """The settings every algorithm shares (the ELBO-based loop's): model, data, estimator, optimisation, run.
+
+    An algorithm's config adds its own group on top (:class:`VRPOConfig`, :class:`GRPOConfig`); its
+    ``algorithm`` field's choices name the algorithms it configures. Every field is a command-line flag
+    ``--name``."""
+
     def __post_init__(self):
         validate(self)
 
+    @property
+    def implicit_reward_beta(self) -> float:
+        """The KL weight that scales the implicit reward beta * log(pi / pi_ref) reported by the held-out
+        evaluation (the optimum of a KL-regularised objective with weight beta: DPO, Rafailov et al. 2023,
+        Eq. 5)."""
+        raise NotImplementedError
+
+    @property
+    def reference_in_loss(self) -> bool:
+        """Whether the loss reads the reference's terms (else a copy of the initial policy is not loaded)."""
+        return True
+
     def preset_note(self, task_name: str, presets: Mapping[str, object]) -> str | None:
         """Which of a task's presets :meth:`resolved` fills in, and why; None when none do."""
-        applied = [f"{name}={value}" for name, value in presets.items() if getattr(self, name) is None]
+        names = {f.name for f in dataclasses.fields(self)}
+        applied = [f"{name}={value}" for name, value in presets.items() if name in names and getattr(self, name) is None]
         if not applied:
             return None
         why = f"no --model_name_or_path: the {task_name} task's model uses its presets"
@@ -274,7 +276,7 @@ class VRPOConfig:
             why += f" (sized for that task, not for --dataset {self.dataset})"
         return f"{why}: {', '.join(applied)}; pass a flag to override one"
 
-    def resolved(self, presets: Mapping[str, object] | None = None) -> VRPOConfig:
+    def resolved(self, presets: Mapping[str, object] | None = None):
         """A copy with every ``None`` default filled in: from ``presets`` (a task's, for its own model) where
         they name the field, else the paper's value."""
         presets = presets or {}
@@ -285,12 +287,7 @@ class VRPOConfig:
         if self.output_dir is None:
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
             changes["output_dir"] = f"outputs/vrpo-{'demo-' if presets else ''}{stamp}"
-        if self.naive_dpo:
-            changes["algorithm"] = "naive_dpo"
-        out = dataclasses.replace(self, **changes)
-        if out.algorithm == "naive_dpo":
-            out.naive_dpo, out.n_t, out.n_yt, out.antithetic = True, 1, 1, False
-        return out
+        return dataclasses.replace(self, **changes)
 
     def sampling_plan(self) -> SamplingPlan:
         """The training draws' plan (LLaDA 1.5, Section 3: budget, allocation, antithetic sampling)."""
@@ -309,7 +306,125 @@ class VRPOConfig:
                            max_buffer_bytes=self.ce_max_buffer_mb << 20)
 
 
-def run_defining(cfg: VRPOConfig) -> dict:
+@dataclass
+class PreferenceSettings:
+    """Offline preference optimisation: the DPO loss of LLaDA 1.5 (Eq. 7) on ELBO estimates."""
+
+    GROUP = "preference (--algorithm vrpo, naive_dpo)"
+
+    algorithm: str = setting(
+        "vrpo (offline preference optimisation on the pairs), naive_dpo (DPO with one independent mask per "
+        "sequence, for comparison; --naive_dpo is an alias) or grpo (online RL on the pairs' prompts, with "
+        "its own settings: `--algorithm grpo --help`).",
+        default="vrpo", choices=("vrpo", "naive_dpo"), run=True)
+    beta: float = setting("DPO beta (vrpo, naive_dpo): the strength of the KL regularisation. GRPO's KL weight "
+                          "is --kl_beta.", default=0.2, bounds=(0.0, math.inf, False, False), run=True)
+    loss_type: str = setting("sigmoid (DPO), ipo, hinge or robust.", default="sigmoid", choices=LOSS_TYPES, run=True)
+    label_smoothing: float = setting("Label smoothing for sigmoid/robust, in [0, 0.5).", default=0.0,
+                                     bounds=(0.0, 0.5, True, False), run=True)
+    pref_weight: float = setting(
+        "Weight of the preference (VRPO/DPO) loss; 0 trains the SFT term alone (benchmarks/budget.py's SFT "
+        "arms), at the same forward passes.", default=1.0, bounds=(0.0, math.inf, True, False), run=True)
+    sft_weight: float | None = setting(
+        "Weight of the masked-diffusion SFT loss on the chosen response. Default: 0.05.", default=None, bounds=(0.0, math.inf, True, False), paper=0.05, run=True)
+    precompute_ref: bool = setting(
+        "Compute the reference ELBO terms for the exact seeded draws training will use in one pass before "
+        "training, then free the reference model.",
+        default=False, run=True)
+
+
+@dataclass
+class VRPOConfig(TrainingConfig, PreferenceSettings):
+    """The settings of a VRPO (or naive DPO) run: :class:`TrainingConfig`'s and the preference group."""
+
+    def __post_init__(self):
+        if self.algorithm == "grpo":
+            raise ValueError("--algorithm grpo has its own settings: use GRPOConfig (VRPOConfig is --algorithm "
+                             "vrpo or naive_dpo)")
+        super().__post_init__()
+        if self.precompute_ref and self.use_lora:
+            raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
+
+    @property
+    def implicit_reward_beta(self) -> float:
+        return self.beta
+
+    def resolved(self, presets: Mapping[str, object] | None = None) -> VRPOConfig:
+        out = super().resolved(presets)
+        if out.algorithm == "naive_dpo":  # one independent mask per sequence
+            out.n_t, out.n_yt, out.antithetic = 1, 1, False
+        return out
+
+
+@dataclass
+class OnlineSettings:
+    """Online RL: GRPO on ELBO ratios (the policy answers the pairs' prompts, a reward scores the answers)."""
+
+    GROUP = "online RL (--algorithm grpo)"
+
+    algorithm: str = setting(
+        "grpo (online RL: the policy answers the pairs' prompts, a verifier or --reward_fn scores the "
+        "answers). vrpo and naive_dpo have their own settings (`--help` without --algorithm grpo).",
+        default="grpo", choices=("grpo",), run=True)
+    num_generations: int = setting(
+        "GRPO: completions sampled per prompt (the group G); --per_device_train_batch_size counts prompts.",
+        default=8, minimum=2, run=True)
+    epsilon: float = setting("GRPO: PPO clip range of the ELBO ratio, in (0, 1).", default=0.2,
+                             bounds=(0.0, 1.0, False, False), run=True)
+    kl_beta: float = setting(
+        "GRPO: weight of the KL to the reference, estimated on the policy's masks (0: no reference forward, as "
+        "Dr. GRPO and DAPO). Separate from --beta, DPO's, whose 0.2 default is a different quantity.",
+        default=0.0, bounds=(0.0, math.inf, True, False), run=True)
+    num_iterations: int = setting(
+        "GRPO: optimizer steps per batch of rollouts; > 1 reuses them with the rollout policy's ELBO terms "
+        "stored on the same masks.", default=1, minimum=1, run=True)
+    scale_rewards: str = setting(
+        "GRPO: 'group' divides the group-centred rewards by the group's std (GRPO); 'none' does not (Dr. GRPO).",
+        default="group", choices=SCALE_REWARDS, run=True)
+    likelihood: str = setting(
+        "GRPO: the estimate of log pi(y|x) in the ratio and the KL: 'elbo' (the n_t-sample ELBO, the same masks for "
+        "every policy) or 'one_step' (d1's: one forward with the whole response and 15%% of the prompt masked; "
+        "a different quantity, for ablations; --n_t is not used).", default="elbo", choices=LIKELIHOODS, run=True)
+    temperature: float = setting("GRPO: rollout sampling temperature (0: greedy).", default=1.0,
+                                 bounds=(0.0, math.inf, True, False), run=True)
+    reward_fn: str | None = setting(
+        "GRPO: a reward function 'module:function' called as function(prompts, completions) -> list of "
+        "floats (TRL's convention, strings in and out). Default: the task's verifier.", default=None, run=True)
+
+
+@dataclass
+class GRPOConfig(TrainingConfig, OnlineSettings):
+    """The settings of a GRPO run: :class:`TrainingConfig`'s and the online RL group."""
+
+    precompute_ref = False  # not a setting: rollouts are not known in advance (read by the memory planner)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_fn is not None and not _REWARD_FN.match(self.reward_fn):
+            raise ValueError(f"--reward_fn must be 'module:function', got {self.reward_fn!r}")
+
+    @property
+    def implicit_reward_beta(self) -> float:
+        return self.kl_beta
+
+    @property
+    def reference_in_loss(self) -> bool:
+        return self.kl_beta > 0
+
+
+CONFIGS = (VRPOConfig, GRPOConfig)  # each configures the algorithms its ``algorithm`` field allows
+ALGORITHMS = tuple(a for c in CONFIGS for a in c.__dataclass_fields__["algorithm"].metadata["choices"])
+
+
+def config_class(algorithm: str) -> type[TrainingConfig]:
+    """The config of ``algorithm`` (``ValueError`` naming --algorithm when none configures it)."""
+    for cls in CONFIGS:
+        if algorithm in cls.__dataclass_fields__["algorithm"].metadata["choices"]:
+            return cls
+    raise ValueError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+
+
+def run_defining(cfg: TrainingConfig) -> dict:
     """The settings that define a run (``run=True`` in their metadata), by name."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("run")}
 
@@ -372,7 +487,7 @@ def _check_field(f: dataclasses.Field, value):
         _check_count(f.name, value, meta["minimum"])
 
 
-def validate(cfg: VRPOConfig):
+def validate(cfg: TrainingConfig):
     """Raise ``ValueError`` naming the flag for the first setting out of range (argparse reports it)."""
     for f in dataclasses.fields(cfg):
         _check_field(f, getattr(cfg, f.name))
@@ -381,16 +496,6 @@ def validate(cfg: VRPOConfig):
     if cfg.max_steps is not None and (isinstance(cfg.max_steps, bool) or not (cfg.max_steps == -1 or cfg.max_steps >= 1)):
         raise ValueError(f"--max_steps must be -1 (one pass per epoch) or a positive integer, got {cfg.max_steps!r}")
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, tuple(t.value for t in SchedulerType))
-    if cfg.precompute_ref and cfg.use_lora:
-        raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
-    if cfg.naive_dpo and cfg.algorithm == "grpo":
-        raise ValueError("--naive_dpo is --algorithm naive_dpo: it does not combine with --algorithm grpo")
-    if cfg.likelihood != "elbo" and cfg.algorithm != "grpo":
-        raise ValueError(f"--likelihood {cfg.likelihood} is GRPO's: it needs --algorithm grpo")
-    if cfg.algorithm == "grpo" and cfg.precompute_ref:
-        raise ValueError("--precompute_ref does not combine with --algorithm grpo: rollouts are not known in advance")
-    if cfg.reward_fn is not None and not _REWARD_FN.match(cfg.reward_fn):
-        raise ValueError(f"--reward_fn must be 'module:function', got {cfg.reward_fn!r}")
     for name in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
         if getattr(cfg, name) is not None:
             _check_local_dir(name, getattr(cfg, name))
@@ -398,13 +503,26 @@ def validate(cfg: VRPOConfig):
 
 PROG = "python -m vrpo.train"  # the usage line and the one prefix of every CLI error
 DESCRIPTION = ("VRPO preference optimization (or online RL with --algorithm grpo) of a masked diffusion LM "
-               "(LLaDA, Dream). Every setting below can "
-               "also come from a YAML file (--config); flags given after it override it.")
+               "(LLaDA, Dream). Every setting below can also come from a YAML file (--config); flags given "
+               "after it override it. The settings listed are --algorithm's (vrpo unless given): `--algorithm "
+               "grpo --help` lists GRPO's.")
+NAIVE_DPO_ALIAS = "Alias of --algorithm naive_dpo: n_t = n_yt = 1 and no antithetic sampling (for comparison)."
 
 
 class _SettingsParser(HfArgumentParser):
-    """transformers' dataclass parser, shown only each field's help (the rest of :func:`setting`'s metadata is
-    vrpo's, and argparse would take it for keyword arguments)."""
+    """transformers' dataclass parser, with one ``--help`` group per settings class (model, data, estimator,
+    optimisation, run, and the algorithm's), each field showing only its help (the rest of
+    :func:`setting`'s metadata is vrpo's, and argparse would take it for keyword arguments)."""
+
+    def _add_dataclass_arguments(self, dtype):
+        hints = typing.get_type_hints(dtype)
+        for cls in reversed(dtype.__mro__):
+            if "GROUP" not in vars(cls):
+                continue
+            group = self.add_argument_group(cls.GROUP, cls.__doc__)
+            for f in dataclasses.fields(cls):
+                f.type = hints[f.name]
+                self._parse_dataclass_field(group, f)
 
     @staticmethod
     def _parse_dataclass_field(parser, field):
@@ -426,40 +544,92 @@ def _tidy_help(parser: argparse.ArgumentParser):
             action.help = f"{action.help} (default: {action.default})"
 
 
-def parse_config(argv: list[str] | None = None) -> VRPOConfig:
-    """Parse ``argv`` (default: ``sys.argv[1:]``). ``--config FILE.yaml`` supplies defaults that
-    later command-line flags override. Raises ``SystemExit`` with argparse's message on bad flags.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _SettingsParser(VRPOConfig, prog=PROG, description=DESCRIPTION, formatter_class=argparse.HelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file of field: value pairs; flags override it.")
-    _tidy_help(parser)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            parser.error("--config needs a YAML file path")
-        path = argv[i + 1]
-        del argv[i : i + 2]
-        try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
-        except OSError as e:
-            parser.error(f"--config {path}: {e.strerror}")
-        except yaml.YAMLError as e:
-            parser.error(f"--config {path}: not valid YAML: {e}")
-        if not isinstance(values, dict):
-            parser.error(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(VRPOConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"--config {path}: unknown field(s) {', '.join(unknown)}")
-        prefix = []
-        for key, value in values.items():
-            prefix.append(f"--{key}")
-            prefix.extend(str(v) for v in value) if isinstance(value, list) else prefix.append(str(value))
-        argv = prefix + argv
+def _yaml_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple[list[str], dict]:
+    """``argv`` without ``--config FILE``, and the file's ``field: value`` pairs (empty without one)."""
+    if "--config" not in argv:
+        return argv, {}
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        parser.error("--config needs a YAML file path")
+    path = argv[i + 1]
     try:
-        config, *_ = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        parser.error(f"--config {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        parser.error(f"--config {path}: not valid YAML: {e}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
+    return argv[:i] + argv[i + 2 :], {"path": path, "values": values}
+
+
+def _as_flags(values: dict) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out.append(f"--{key}")
+        out.extend(str(v) for v in value) if isinstance(value, list) else out.append(str(value))
+    return out
+
+
+def _algorithm(argv: list[str], parser: argparse.ArgumentParser) -> str:
+    """The run's algorithm from ``--algorithm`` (the last one given) and the ``--naive_dpo`` alias."""
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--algorithm", default="vrpo")
+    chooser.add_argument("--naive_dpo", "--naive-dpo", type=string_to_bool, nargs="?", const=True, default=False)
+    try:
+        given, _ = chooser.parse_known_args(argv)
+    except SystemExit:
+        parser.error("--naive_dpo takes true or false")
+    if given.naive_dpo and given.algorithm == "grpo":
+        parser.error("--naive_dpo is --algorithm naive_dpo: it does not combine with --algorithm grpo")
+    return "naive_dpo" if given.naive_dpo else given.algorithm
+
+
+def _elsewhere(name: str, cls: type) -> str:
+    """`` (a setting of --algorithm X)`` when ``name`` is another algorithm's setting, else ``""``."""
+    for other in CONFIGS:
+        if other is not cls and name in other.__dataclass_fields__:
+            return f" (a setting of --algorithm {' or '.join(other.__dataclass_fields__['algorithm'].metadata['choices'])})"
+    return ""
+
+
+def parse_config(argv: list[str] | None = None) -> TrainingConfig:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into the config of its ``--algorithm``: a
+    :class:`VRPOConfig` (vrpo, the default, or naive_dpo) or a :class:`GRPOConfig`. ``--config FILE.yaml``
+    supplies values that later command-line flags override. Raises ``SystemExit`` with argparse's message on
+    bad flags, naming the algorithm a flag belongs to when it is another's.
+    """
+    errors = argparse.ArgumentParser(prog=PROG)  # reports the errors met before the algorithm is known
+    argv, yaml_file = _yaml_flags(list(sys.argv[1:] if argv is None else argv), errors)
+    argv = _as_flags(yaml_file.get("values", {})) + argv
+    algorithm = _algorithm(argv, errors)
+    try:
+        cls = config_class(algorithm)
+    except ValueError as e:
+        errors.error(str(e))
+    parser = _SettingsParser(cls, prog=PROG, description=DESCRIPTION, formatter_class=argparse.HelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of field: value pairs; flags override it.")
+    if cls is VRPOConfig:
+        parser.add_argument("--naive_dpo", "--naive-dpo", type=string_to_bool, nargs="?", const=True,
+                            default=False, help=NAIVE_DPO_ALIAS)
+    _tidy_help(parser)
+    names = {f.name for f in dataclasses.fields(cls)} | ({"naive_dpo"} if cls is VRPOConfig else set())
+    if unknown := sorted(set(yaml_file.get("values", {})) - names):
+        parser.error(f"--config {yaml_file['path']}: unknown field(s) for --algorithm {algorithm}: "
+                     + ", ".join(name + _elsewhere(name, cls) for name in unknown))
+    namespace, rest = parser.parse_known_args(argv)
+    if rest:
+        flags = [a for a in rest if a.startswith("--")]
+        other = next((f for f in flags if _elsewhere(f[2:].split("=")[0].replace("-", "_"), cls)), None)
+        if other is not None:
+            name = other[2:].split("=")[0].replace("-", "_")
+            parser.error(f"{other} does not apply to --algorithm {algorithm}{_elsewhere(name, cls)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    if algorithm == "naive_dpo":
+        values["algorithm"] = "naive_dpo"
+    try:
+        return cls(**values)
     except ValueError as e:  # raised by __post_init__
         parser.error(str(e))
-    return config

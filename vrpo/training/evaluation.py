@@ -8,7 +8,7 @@ import torch
 
 from ..estimator import SamplingPlan, reward_margin
 from . import distributed
-from .batches import Batches
+from .batches import Batches, batch_terms
 from .data import TokenizedPairs
 from .task import GenerationReport, GradedTask
 
@@ -22,7 +22,7 @@ class PreferenceEval:
         batches: how pairs become batches and draws.
         plan: the evaluation draw's plan (``--eval_n_t`` stratified levels).
         batch_size: pairs per forward.
-        beta: DPO's beta, for the reported reward margin.
+        beta: the KL weight of the implicit reward beta * log(pi / pi_ref) (``eval/reward_margin``).
     """
 
     accelerator: object
@@ -46,7 +46,7 @@ class PreferenceEval:
             batch = self.batches.of(pairs, items)
             draw = self.batches.draw(batch, items, plan, "eval")
             with acc.autocast():
-                terms = elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])
+                terms = batch_terms(elbo, batch, draw)
             B, keep = len(items), max(0, min(len(items), real - i))  # padding items are not kept
             idx = torch.tensor([j for _, j in items[:keep]], device=acc.device, dtype=torch.long)
             out[idx, 0], out[idx, 1] = terms[:B][:keep].float(), terms[B:][:keep].float()

@@ -1,12 +1,12 @@
-"""``GRPOTrainer``: online RL (``--algorithm grpo``) on VRPO's estimator, kernels and loop.
-
-It is a :class:`~vrpo.training.trainer.VRPOTrainer` (building, the step with its accumulation, clipping and
-non-finite checks, the loop, evaluation, checkpoints, outputs) whose micro-batch loss is GRPO's:
+"""``GRPOTrainer``: online RL (``--algorithm grpo``) on the ELBO-based loop
+(:class:`~vrpo.training.trainer.ELBOTrainer`: building, the step with its accumulation, clipping and non-finite
+checks, the loop, evaluation, checkpoints, outputs), with VRPO's estimator and kernels. Its micro-batch loss:
 
 1. every ``--num_iterations`` optimizer steps, a new batch of prompts (the training pairs' prompts, in the
    run's seeded order: :class:`.schedule.Schedule`); for each, ``--num_generations`` completions from the
    current policy (:mod:`.rollouts`), rewarded by the task's verifier or ``--reward_fn``, with group-relative
-   advantages (:func:`vrpo.estimator.group_advantages`);
+   advantages (:func:`vrpo.estimator.group_advantages`: another advantage estimator, RLOO say, is an option
+   of that function, not another trainer); the batch is kept in a :class:`.rollouts.RolloutBuffer`;
 2. masks for every completion keyed by ``(seed, epoch, prompt, completion)``, the same at every iteration;
    with ``num_iterations > 1`` the rollout policy's ELBO terms on them are stored with the rollouts;
 3. the clipped ELBO-ratio loss (:func:`vrpo.estimator.grpo_loss`: current and rollout policy, and the
@@ -21,60 +21,38 @@ uninterrupted one (a warning says so).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from ..estimator import NoisyDraw, draw_key, group_advantages, grpo_loss, noisy_draw, one_step_draw
 from . import distributed, rollouts
-from .logs import LogWindow
-from .reference import Reference
+from .batches import batch_terms
+from .config import GRPOConfig
+from .rollouts import RolloutBatch, RolloutBuffer
 from .schedule import Item
 from .task import GradedTask
-from .trainer import VRPOTrainer
+from .trainer import ELBOTrainer, grouped
 
 logger = logging.getLogger("vrpo")
 
 
-@dataclass(frozen=True)
-class RolloutBatch:
-    """The completions of a micro-batch of prompts, ready to score.
-
-    Attributes:
-        batch: ``input_ids``, ``response_mask``, ``attention_mask`` [P * G, L] (prompt-major).
-        keys: the P * G draw keys of the completions' masks.
-        rewards: float32 [P, G].
-        advantages: float32 [P * G].
-        zero_std: bool [P], groups whose rewards are all equal.
-        old_terms: float32 [P * G, n_t], the rollout policy's terms on the keyed masks (None when the rollout
-            policy is the current one, ``num_iterations = 1``).
-    """
-
-    batch: dict
-    keys: list[int]
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    zero_std: torch.Tensor
-    old_terms: torch.Tensor | None
-
-
-class GRPOTrainer(VRPOTrainer):
+class GRPOTrainer(ELBOTrainer):
     """Train a masked diffusion LM with GRPO on ELBO ratios (see the module docstring).
 
     Args:
-        as :class:`~vrpo.training.trainer.VRPOTrainer`, plus
+        as :class:`~vrpo.training.trainer.ELBOTrainer`, with a :class:`~vrpo.training.config.GRPOConfig`, plus
         prompts: the prompt (text or messages, what the reward function receives) of each training pair;
             default: read back from the run's data file.
     """
 
+    CONFIG = GRPOConfig
     NAME = "GRPO"
     LOSS_METRIC = "loss/grpo"
+    PROGRESS = {"loss": (LOSS_METRIC, ".4f"), "reward": ("reward", ".3f")}
 
-    def __init__(self, config, model=None, ref_model=None, tokenizer=None, train_pairs=None, eval_pairs=None,
-                 task: GradedTask | None = None, prompts: list | None = None):
-        if config.algorithm != "grpo":
-            raise ValueError(f"GRPOTrainer needs --algorithm grpo, got {config.algorithm!r}")
-        super().__init__(config, model, ref_model, tokenizer, train_pairs, eval_pairs, task)
+    def __init__(self, config: GRPOConfig, model=None, ref_model=None, tokenizer=None, train_pairs=None,
+                 eval_pairs=None, task: GradedTask | None = None, callbacks=(), prompts: list | None = None):
+        super().__init__(config, model, ref_model, tokenizer, train_pairs, eval_pairs, task, callbacks)
         try:
             self._prepare_rollouts(prompts)
         except BaseException:
@@ -94,10 +72,7 @@ class GRPOTrainer(VRPOTrainer):
         self.eos, self.answer_ends = rollouts.stop_token_ids(self.tokenizer)
         self.rollout_settings = rollouts.RolloutSettings(cfg.num_generations, cfg.temperature, cfg.gen_steps,
                                                          cfg.block_length)
-        self._cycle, self._buffer = None, {}
-        if cfg.kl_beta == 0 and self.reference_is_initial_policy:
-            # Never run: free the copy (the held-out evaluation reuses the initial policy's terms).
-            self.reference = Reference(self.accelerator, None, self._policy_module)
+        self.rollouts = RolloutBuffer(cfg.num_iterations, self.rollout)
         if self.start_step % cfg.num_iterations and self.is_main:
             logger.warning("resuming at step %d, inside a batch of rollouts (--num_iterations %d): the batch is "
                            "sampled again from the restored weights, so this run is not bit for bit the "
@@ -111,14 +86,7 @@ class GRPOTrainer(VRPOTrainer):
 
     def micro_batches(self, step: int) -> list[list[Item]]:
         """The micro-batches of prompts of ``step``'s rollout batch (new every ``num_iterations`` steps)."""
-        cycle = step // self.config.num_iterations
-        if cycle != self._cycle:
-            self._cycle, self._buffer = cycle, {}
-        return self.schedule.micro_batches(cycle)
-
-    def progress(self, metrics: dict, window: LogWindow) -> dict:
-        return dict(loss=f"{metrics['loss/grpo']:.4f}", reward=f"{metrics['reward']:.3f}",
-                    tok_s=f"{window.tokens_per_s():.0f}")
+        return self.schedule.micro_batches(step // self.config.num_iterations)
 
     # --- rollouts -------------------------------------------------------------------------------
 
@@ -192,28 +160,25 @@ class GRPOTrainer(VRPOTrainer):
             old_keys = keys if self.plan.antithetic else self.completion_keys(items, "grpo_old")
             with torch.no_grad(), acc.autocast():
                 old_draw = self.draw(batch, old_keys)
-                old = self.grouped(self.policy_terms(batch, old_draw), old_draw.plan)
+                old = grouped(batch_terms(self.policy_elbo, batch, old_draw), old_draw.plan)
         return RolloutBatch(batch, keys, rewards.to(acc.device), advantages.flatten().to(acc.device),
                             zero_std, None if old is None else old.detach().clone())
 
     # --- the loss -------------------------------------------------------------------------------
 
-    def loss_on(self, items: list[Item]):
-        """(loss, metrics, tokens through the models) of one micro-batch of prompts."""
+    def loss_on(self, items: list[Item], step: int):
+        """(loss, metrics, tokens through the models) of one micro-batch of prompts of optimizer step ``step``."""
         cfg = self.config
-        key = tuple(items)
-        if key not in self._buffer:
-            self._buffer[key] = self.rollout(items)
-        r = self._buffer[key]
+        r = self.rollouts.get(step, items)
         draw = self.draw(r.batch, r.keys)
-        new = self.grouped(self.policy_terms(r.batch, draw), draw.plan)  # d1's draw: one sample, [B, 1]
+        new = grouped(batch_terms(self.policy_elbo, r.batch, draw), draw.plan)  # d1's draw: one sample, [B, 1]
         old = r.old_terms if r.old_terms is not None else new.detach()
         ref, ref_ran = None, False
         if cfg.kl_beta > 0:
             ref_keys = r.keys if self.plan.antithetic else self.completion_keys(items, "grpo_ref")
             ref_draw = draw if ref_keys is r.keys else self.draw(r.batch, ref_keys)
-            ref_terms, ref_ran = self.reference_terms(r.batch, items, ref_draw)
-            ref = self.grouped(ref_terms, ref_draw.plan)
+            ref_terms, ref_ran = self.reference.terms(r.batch, items, ref_draw)
+            ref = grouped(ref_terms, ref_draw.plan)
         loss, metrics = grpo_loss(new, old, r.advantages, cfg.epsilon, ref, cfg.kl_beta)
         lengths = r.batch["response_mask"].sum(-1).float()
         metrics.update({

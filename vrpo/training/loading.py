@@ -18,7 +18,7 @@ from vrpo_kernels import triton_available
 from ..estimator import draw_key
 from ..models import DTYPES, family_of, family_of_tokenizer, get_mask_token_id, load_mdm
 from ..models import load_tokenizer as load_model_tokenizer
-from .config import VRPOConfig
+from .config import TrainingConfig
 from .data import DataStats, read_preference_rows, tokenize_pairs
 from .task import GradedTask
 
@@ -33,7 +33,7 @@ def _needs(task: GradedTask | None, what: str, flag: str) -> GradedTask:
 
 # --- 1. the tokenizer ---------------------------------------------------------------------------
 
-def load_run_tokenizer(cfg: VRPOConfig, task: GradedTask | None = None):
+def load_run_tokenizer(cfg: TrainingConfig, task: GradedTask | None = None):
     """The run's tokenizer, with a mask token (raises ValueError naming the directory otherwise)."""
     if cfg.model_name_or_path is None and cfg.tokenizer_name_or_path is None:
         return _needs(task, "a tokenizer", "--model_name_or_path").tokenizer()
@@ -46,7 +46,7 @@ def load_run_tokenizer(cfg: VRPOConfig, task: GradedTask | None = None):
         raise FileNotFoundError(f"no tokenizer could be loaded from {path}: {e}") from e
 
 
-def mask_token_id(cfg: VRPOConfig, tokenizer) -> int:
+def mask_token_id(cfg: TrainingConfig, tokenizer) -> int:
     """``--mask_token_id``, else the tokenizer's mask token."""
     if cfg.mask_token_id is not None:
         return cfg.mask_token_id
@@ -55,7 +55,7 @@ def mask_token_id(cfg: VRPOConfig, tokenizer) -> int:
 
 # --- 2. the data --------------------------------------------------------------------------------
 
-def load_pairs(cfg: VRPOConfig, tokenizer, task: GradedTask | None = None):
+def load_pairs(cfg: TrainingConfig, tokenizer, task: GradedTask | None = None):
     """``(train, eval, stats)``: tokenized pairs (``--dataset``, else the task's); eval is ``--eval_dataset``
     or split off the training data."""
     stats = DataStats()
@@ -90,25 +90,25 @@ def load_pairs(cfg: VRPOConfig, tokenizer, task: GradedTask | None = None):
 
 # --- 3. the models ------------------------------------------------------------------------------
 
-def _dtype(cfg: VRPOConfig):
+def _dtype(cfg: TrainingConfig):
     return None if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
 
 
-def attention_backend(cfg: VRPOConfig) -> str:
+def attention_backend(cfg: TrainingConfig) -> str:
     """The attention backend of a run: --attn_implementation, else vrpo_triton on CUDA, sdpa on CPU."""
     if cfg.attn_implementation:
         return cfg.attn_implementation
     return "vrpo_triton" if torch.cuda.is_available() and triton_available() else "sdpa"
 
 
-def load_policy(cfg: VRPOConfig, task: GradedTask | None = None):
+def load_policy(cfg: TrainingConfig, task: GradedTask | None = None):
     """The model to train: a checkpoint of any supported family (recognised from its config.json by
     :func:`vrpo.models.load_mdm`), ``--model_name_or_path`` or the task's."""
     path = cfg.model_name_or_path or _needs(task, "a model", "--model_name_or_path").model_path()
     return load_mdm(path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id)
 
 
-def load_reference(cfg: VRPOConfig, policy):
+def load_reference(cfg: TrainingConfig, policy):
     """The frozen reference: ``--ref_model_name_or_path``, or a copy of the initial policy."""
     if cfg.ref_model_name_or_path:
         ref = load_mdm(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
@@ -134,7 +134,7 @@ def model_family(model, tokenizer):
     return family
 
 
-def add_lora(cfg: VRPOConfig, policy):
+def add_lora(cfg: TrainingConfig, policy):
     """Wrap the policy with LoRA adapters (peft); the base weights are frozen."""
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules), bias="none")
@@ -144,7 +144,7 @@ def add_lora(cfg: VRPOConfig, policy):
 @dataclass
 class Models:
     """The run's models. ``reference`` is None with LoRA (the policy with its adapters off is the
-    reference); ``reference_is_initial_policy`` says whether the reference equals the policy as loaded
+    reference) and when the loss never reads a copy of the initial policy (GRPO without a KL term); ``reference_is_initial_policy`` says whether the reference equals the policy as loaded
     (a copy of it, or LoRA), so that terms computed with the initial policy can stand for it."""
 
     policy: torch.nn.Module
@@ -152,14 +152,14 @@ class Models:
     reference_is_initial_policy: bool
 
 
-def load_models(cfg: VRPOConfig, task: GradedTask | None = None, policy=None, reference=None) -> Models:
+def load_models(cfg: TrainingConfig, task: GradedTask | None = None, policy=None, reference=None) -> Models:
     """The policy (loaded unless given; with LoRA adapters and gradient checkpointing as configured,
     in training mode) and its frozen reference (given, ``--ref_model_name_or_path``, or a copy)."""
     policy = policy if policy is not None else load_policy(cfg, task)
     # LoRA's reference is the policy with its adapters off, whatever --ref_model_name_or_path says.
     initial = reference is None and (cfg.use_lora or not cfg.ref_model_name_or_path)
-    if reference is None and not cfg.use_lora:
-        reference = load_reference(cfg, policy)
+    if reference is None and not cfg.use_lora and (cfg.ref_model_name_or_path or cfg.reference_in_loss):
+        reference = load_reference(cfg, policy)  # a reference model given is kept for the evaluation
     if cfg.use_lora:
         policy = add_lora(cfg, policy)
     if cfg.gradient_checkpointing:

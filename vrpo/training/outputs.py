@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import torch
 
+from ..files import atomic_write_text
 from ..models import family_of, sample, save_mdm
 from . import distributed
 from .data import TokenizedPairs
@@ -47,6 +49,35 @@ def output_paths(output_dir: str, checkpoints_root: str, tensorboard: bool) -> d
     if tensorboard:
         out["tensorboard"] = os.path.join(output_dir, TENSORBOARD_DIR)
     return out
+
+
+def write_config(output_dir: str, cfg):
+    """``config.json``: every setting of the run, resolved."""
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(output_dir, "config.json"), json.dumps(vars(cfg), indent=1, default=str))
+
+
+def run_facts(output_dir: str, model_dir: str, family, plan) -> dict:
+    """The closing summary's facts of the run: where it wrote, the model's family, the estimator."""
+    return dict(output_dir=output_dir, model_dir=model_dir, logs=os.path.join(output_dir, "logs"),
+                family=family.display_name, sampler=family.sampler_name,
+                estimator={"n_t": plan.n_t, "n_yt": plan.n_yt, "antithetic": plan.antithetic,
+                           "estimator": plan.estimator, "stratified": plan.stratified})
+
+
+def write_summary(output_dir: str, checkpoints_root: str, tensorboard: bool, summary: dict, is_main: bool):
+    """Add the outputs to ``summary``; on the main process, draw the plot and write ``summary.json``."""
+    summary["outputs"] = output_paths(output_dir, checkpoints_root, tensorboard)
+    if is_main:
+        if plot := write_plot(output_dir, summary):
+            summary["outputs"]["plot"] = plot
+        atomic_write_text(summary["outputs"]["summary"], json.dumps(summary, indent=1))
+
+
+def generation_summary(before, after: GenerationReport) -> dict:
+    """The closing summary's graded-generation figures: ``before`` (the run state's) and ``after``."""
+    return dict(gen_prompts=len(after.samples), gen_acc_before=before.gen_acc_before, gen_acc_after=after.accuracy,
+                gen_credit_before=before.gen_credit_before, gen_credit_after=after.credit)
 
 
 def write_plot(output_dir: str, summary: dict) -> str | None:

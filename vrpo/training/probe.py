@@ -9,7 +9,7 @@ import tempfile
 from . import advisor_tally
 from .config import VRPOConfig
 from .task import GradedTask
-from .trainer import VRPOTrainer
+from .preference import VRPOTrainer
 
 
 def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = None) -> dict:
@@ -23,7 +23,9 @@ def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = No
     ``--per_device_train_batch_size`` below 2) or has fewer steps than asked."""
     if steps < 1:
         raise ValueError(f"--probe_steps must be a positive integer, got {steps}")
-    if config.naive_dpo or config.n_t < 2:
+    if not isinstance(config, VRPOConfig):
+        raise ValueError(f"--probe_steps measures VRPO's score variances: not --algorithm {config.algorithm}")
+    if config.algorithm == "naive_dpo" or config.n_t < 2:
         raise ValueError("--probe_steps needs --n_t >= 2 (and no --naive_dpo): one timestep per pair cannot "
                          "separate the mask variance from the pair variance")
     with tempfile.TemporaryDirectory(prefix="vrpo-probe-") as tmp:

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..estimator import ELBOModule, NoisyDraw
+from .batches import batch_terms
 from .schedule import Item
 
 
@@ -18,7 +19,7 @@ class Reference:
     Args:
         accelerator: the run's.
         ref_elbo: the reference's ELBO module, or None with LoRA (the reference is then the policy with its
-            adapters off).
+            adapters off) and when the loss never reads the reference (GRPO without a KL term).
         policy_module: the policy's (unwrapped) ELBO module, for LoRA.
     """
 
@@ -35,14 +36,13 @@ class Reference:
         if all(c is not None for c in cached):
             terms = torch.cat([torch.stack([c[0] for c in cached]), torch.stack([c[1] for c in cached])])
             return terms.to(self.accelerator.device), False
-        args = (batch["input_ids"], batch["response_mask"], draw)
         # no_grad, not inference_mode: FSDP2 reuses its gathered-parameter buffers in the training forward.
         with torch.no_grad(), self.accelerator.autocast():
             if self.elbo is not None:
-                terms = self.elbo(*args, attention_mask=batch["attention_mask"])
+                terms = batch_terms(self.elbo, batch, draw)
             else:  # LoRA: the reference is the policy with its adapters off
                 with self.policy_module.model.disable_adapter():
-                    terms = self.policy_module(*args, attention_mask=batch["attention_mask"])
+                    terms = batch_terms(self.policy_module, batch, draw)
         return terms.clone(), True  # clone: an ordinary tensor, usable next to autograd ones
 
     def precompute(self, todo: list[Item], size: int, batch_and_draw, show: bool):

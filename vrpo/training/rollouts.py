@@ -7,6 +7,9 @@ same prompt and answer lengths are sampled in one batch (no padding), from a gen
 a rollout is a function of the seed, the step's prompts and the weights, not of resumption. A completion's response is its tokens up to
 and including the first EOS (the tokens after it are padding: no attention, never masked, never scored), as
 in TRL's and d1's GRPO.
+
+:class:`RolloutBuffer` holds the rollouts of the current batch of prompts, made once and reused for
+``--num_iterations`` optimizer steps.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ..models.families import token_id
 from ..models.samplers import SAMPLERS
 from ..models.tokenization import tokenizer_family
 from .data import TokenizedPairs, read_preference_rows
-from .schedule import CHOSEN
+from .schedule import CHOSEN, Item
 
 DEFAULT_GEN_LENGTH = 128  # --gen_length's default where the task does not know an answer's length
 
@@ -133,3 +136,52 @@ def checked_rewards(values, n: int, what: str) -> list[float]:
             raise ValueError(f"{what} returned {v!r}: rewards must be finite numbers")
         out.append(float(v))
     return out
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """The completions of a micro-batch of prompts, ready to score.
+
+    Attributes:
+        batch: ``input_ids``, ``response_mask``, ``attention_mask`` [P * G, L] (prompt-major).
+        keys: the P * G draw keys of the completions' masks.
+        rewards: float32 [P, G].
+        advantages: float32 [P * G].
+        zero_std: bool [P], groups whose rewards are all equal.
+        old_terms: float32 [P * G, n_t], the rollout policy's terms on the keyed masks (None when the rollout
+            policy is the current one, ``num_iterations = 1``).
+    """
+
+    batch: dict
+    keys: list[int]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    zero_std: torch.Tensor
+    old_terms: torch.Tensor | None
+
+
+class RolloutBuffer:
+    """The rollouts of one batch of prompts (a *cycle*: ``num_iterations`` optimizer steps), by micro-batch.
+
+    Args:
+        num_iterations: optimizer steps per batch of rollouts.
+        make: ``make(items) -> RolloutBatch``, called once per micro-batch of a cycle, the first time it is
+            asked for (so a run resumed inside a cycle samples its batch again).
+    """
+
+    def __init__(self, num_iterations: int, make: Callable[[list[Item]], RolloutBatch]):
+        self.num_iterations = num_iterations
+        self.make = make
+        self.cycle: int | None = None
+        self.batches: dict[tuple[Item, ...], RolloutBatch] = {}
+
+    def get(self, step: int, items: list[Item]) -> RolloutBatch:
+        """The rollouts of ``items``' prompts for optimizer step ``step`` (those of an earlier cycle are
+        dropped)."""
+        cycle = step // self.num_iterations
+        if cycle != self.cycle:
+            self.cycle, self.batches = cycle, {}
+        key = tuple(items)
+        if key not in self.batches:
+            self.batches[key] = self.make(items)
+        return self.batches[key]

@@ -10,6 +10,8 @@ import threading
 
 import torch
 
+from ..errors import Interrupted
+
 logger = logging.getLogger("vrpo")
 
 
@@ -46,6 +48,14 @@ class StopSignals:
         for sig, old in self._previous.items():
             signal.signal(sig, old)
         self._previous = {}
+
+    def interrupted(self, step: int, max_steps: int, checkpoint: str | None, output_dir: str) -> Interrupted:
+        """The error that stops the run at ``step`` after writing ``checkpoint``, saying how to resume."""
+        return Interrupted(
+            f"{self.name} at step {step}/{max_steps}; checkpoint: {checkpoint or 'none (weights not finite)'}. "
+            f"Resume with the same command plus --output_dir {output_dir} --resume_from_checkpoint latest",
+            self.signum,
+        )
 
     def _handler(self, signum, frame):
         self.signum = signum
