@@ -328,3 +328,60 @@ def test_a_user_dataset_on_the_embedded_model_is_told_its_presets_and_not_graded
     assert f"--dataset {data}" in warned[0]
     # The sorting task's checker says nothing about a user's data, even when it happens to be sorting.
     assert len(summary["samples"]) == 1 and "correct" not in summary["samples"][0]
+
+
+
+def rebuilt_loss(policy, reference, batch, draw, mask_token_id: int, beta: float, sft_weight: float) -> torch.Tensor:
+    """The VRPO loss with the SFT term (LLaDA 1.5 Eq. 4 on the ELBOs of Eq. 3), rebuilt from the draw's masks
+    alone: the l-uniform weight ``L_b / l`` from the masked count (not ``draw.weight``) times the summed
+    log-probs of the masked response tokens, from each model's own logits; the reference without gradient."""
+    ids, resp, attn = batch["input_ids"], batch["response_mask"], batch["attention_mask"]
+    N, n, L = draw.masked.shape
+    masked = draw.masked
+    assert torch.equal(masked, masked & resp[:, None, :])  # masks only ever cover the response
+    noisy = torch.where(masked, mask_token_id, ids[:, None, :].expand(N, n, L)).reshape(N * n, L)
+
+    def elbo(model):  # [N]
+        logits = model(input_ids=noisy, attention_mask=attn.repeat_interleave(n, 0)).logits.float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids.repeat_interleave(n, 0)[..., None])[..., 0]
+        weight = resp.sum(-1, keepdim=True).float() / masked.sum(-1).float()  # L_b / l, [N, n]
+        return (weight * (logp.reshape(N, n, L) * masked).sum(-1)).mean(-1)
+
+    pol = elbo(policy)
+    with torch.no_grad():
+        ref = elbo(reference)
+    B = N // 2
+    margin = (pol[:B] - ref[:B]) - (pol[B:] - ref[B:])
+    sft = (-pol[:B] / resp[:B].sum(-1).float()).mean()
+    return -torch.nn.functional.logsigmoid(beta * margin).mean() + sft_weight * sft
+
+
+def test_the_loss_gradient_is_the_papers_rebuilt_from_the_masks(tmp_path):
+    """The trainer's gradient on a micro-batch equals the gradient of :func:`rebuilt_loss`, at the first step
+    (policy = reference) and after one update (the reference still the initial weights). The learning test
+    above cannot see an estimator weight 10% off or a reference that tracks the policy (both were planted: it
+    still passed after its 100 steps); this test fails on each, and on reference terms that carry gradient
+    (the first scales the gradient by 1.1, the last cancels the preference part at the first step, the
+    tracking reference at the second)."""
+    import copy
+
+    # No warmup: the first update has the full learning rate (with warmup its rate is 0).
+    cfg = VRPOConfig(**{**FAST, "max_steps": 2, "warmup_steps": 0}, output_dir=str(tmp_path / "run"))
+    trainer = VRPOTrainer(cfg, task=SORT_TASK)
+    cfg = trainer.config  # resolved: the task's presets
+    assert trainer.plan.estimator == "l_uniform" and trainer.plan.antithetic  # the recipe
+    model = trainer.policy_model
+    initial = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    items = [(0, i) for i in range(4)]
+    batch = trainer.batches.of(trainer.train_pairs, items)
+    draw, ref_draw = trainer.batches.draws(batch, items, trainer.plan)
+    assert ref_draw is draw
+    for step in (0, 1):
+        got = torch.autograd.grad(trainer.loss_on(items, step)[0], params)
+        expected = rebuilt_loss(model, initial, batch, draw, trainer.mask_token_id, cfg.beta, cfg.sft_weight)
+        for g, w in zip(got, torch.autograd.grad(expected, params)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+        if step == 0:
+            assert trainer.train_step(0)[0]  # one update: the policy leaves the reference
+            assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters()))
