@@ -36,7 +36,6 @@ import os
 import pathlib
 import statistics
 import tempfile
-import time
 
 from benchmarks.common import RESULTS, output_dir, read_rows, report_heading, write_csv, write_report
 from benchmarks.toy_compare import method_kwargs
@@ -46,12 +45,26 @@ METHODS = {  # key: (label, config overrides beyond the task's presets)
     "dpo": ("naive DPO (8x batch)", None),  # None: toy_compare's equal-compute arm
     "grpo": ("GRPO", {"algorithm": "grpo"}),
     "grpo_it2": ("GRPO x2 iterations, shared masks (n_t 8)", {"algorithm": "grpo", "num_iterations": 2}),
-    "grpo_it2_independent": ("GRPO x2 iterations, independent masks (n_t 8)",
-                             {"algorithm": "grpo", "num_iterations": 2, "antithetic": False}),
-    "grpo_it2_one_step": ("GRPO x2 iterations, d1 one-step",
-                          {"algorithm": "grpo", "num_iterations": 2, "likelihood": "one_step"}),
+    "grpo_it2_independent": (
+        "GRPO x2 iterations, independent masks (n_t 8)",
+        {"algorithm": "grpo", "num_iterations": 2, "antithetic": False},
+    ),
+    "grpo_it2_one_step": (
+        "GRPO x2 iterations, d1 one-step",
+        {"algorithm": "grpo", "num_iterations": 2, "likelihood": "one_step"},
+    ),
 }
-COLUMNS = ("method", "seed", "step", "train_s", "gen_acc", "gen_credit", "mean_score_var", "mean_clip_ratio", "max_steps")
+COLUMNS = (
+    "method",
+    "seed",
+    "step",
+    "train_s",
+    "gen_acc",
+    "gen_credit",
+    "mean_score_var",
+    "mean_clip_ratio",
+    "max_steps",
+)
 QUICK = dict(max_steps=2, per_device_train_batch_size=2, eval_size=16, gen_eval_prompts=16)
 
 
@@ -93,16 +106,30 @@ def run_one(method: str, seed: int, points: int, tmp: str, quick: bool) -> list[
     summary = trainer.train()
     with open(os.path.join(cfg.output_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
-    common = {"method": method, "seed": seed, "max_steps": trainer.max_steps,
-              "mean_score_var": mean_of(records, "score/var"), "mean_clip_ratio": mean_of(records, "clip_ratio")}
-    rows = [{**common, "step": 0, "train_s": 0.0, "gen_acc": summary["gen_acc_before"],
-             "gen_credit": summary["gen_credit_before"]}]
+    common = {
+        "method": method,
+        "seed": seed,
+        "max_steps": trainer.max_steps,
+        "mean_score_var": mean_of(records, "score/var"),
+        "mean_clip_ratio": mean_of(records, "clip_ratio"),
+    }
+    rows = [
+        {
+            **common,
+            "step": 0,
+            "train_s": 0.0,
+            "gen_acc": summary["gen_acc_before"],
+            "gen_credit": summary["gen_credit_before"],
+        }
+    ]
     tokenizer, prompts = SORT_TASK.tokenizer(), SORT_TASK.test_prompts()
     model = load_mdm(SORT_TASK.model_path())  # one model, each copy's weights loaded into it in turn
     for step, train_s, weights in snapshots.taken:
         model.load_state_dict(weights)
         report = SORT_TASK.evaluate(model, tokenizer, prompts[:64] if quick else prompts)
-        rows.append({**common, "step": step, "train_s": train_s, "gen_acc": report.accuracy, "gen_credit": report.credit})
+        rows.append(
+            {**common, "step": step, "train_s": train_s, "gen_acc": report.accuracy, "gen_credit": report.credit}
+        )
     return rows
 
 
@@ -144,7 +171,7 @@ def table(rows: list[dict], command: str) -> str:
         "GRPO log-ratio (VRPO: of the DPO score), 0 by construction with one step per rollout batch (the ratio is "
         "exactly 1); d1's one-step estimate is one sample, so it has none.",
         "",
-        "| method | seeds | steps | acc before | acc after (mean ± sd) | credit after | training s (mean) | mean score/var | mean clip_ratio |",
+        "| method | seeds | steps | acc before | acc after (mean ± sd) | credit after | training s (mean) | mean score/var | mean clip_ratio |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, (label, _) in METHODS.items():
@@ -158,8 +185,9 @@ def table(rows: list[dict], command: str) -> str:
         lines.append(
             f"| {label} | {', '.join(str(r['seed']) for r in mine)} | {mine[0]['max_steps']} | "
             f"{statistics.fmean(r['gen_acc'] for r in before):.3f} | {statistics.fmean(accs):.3f} ± {sd:.3f} | "
-            f"{statistics.fmean(r['gen_credit'] for r in mine):.3f} | {statistics.fmean(r['train_s'] for r in mine):.0f} | "
-            f"{fmt(var, '.4f')} | {fmt([r['mean_clip_ratio'] for r in mine if r['mean_clip_ratio'] is not None], '.4f')} |")
+            f"{statistics.fmean(r['gen_credit'] for r in mine):.3f} | {statistics.fmean(r['train_s'] for r in mine):.0f} | "  # noqa: E501
+            f"{fmt(var, '.4f')} | {fmt([r['mean_clip_ratio'] for r in mine if r['mean_clip_ratio'] is not None], '.4f')} |"  # noqa: E501
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -232,8 +260,11 @@ def main(argv=None) -> list[dict]:
         rows = read_results(csv_path)
     if not rows:
         raise SystemExit(f"no results in {csv_path}")
-    text = table(rows, "python -m benchmarks.accuracy_time --methods " + " ".join(
-        m for m in METHODS if any(r["method"] == m for r in rows)))
+    text = table(
+        rows,
+        "python -m benchmarks.accuracy_time --methods "
+        + " ".join(m for m in METHODS if any(r["method"] == m for r in rows)),
+    )
     write_report(out, "accuracy_time", text, lambda path: plot(rows, path))
     return rows
 

@@ -59,8 +59,14 @@ class Arm:
 
     def config(self) -> dict:
         """The arm's :class:`~vrpo.training.config.VRPOConfig` fields."""
-        return dict(per_device_train_batch_size=self.batch, n_t=self.n_t, n_yt=self.n_yt, antithetic=self.antithetic,
-                    stratified=self.stratified, pref_weight=self.pref_weight)
+        return dict(
+            per_device_train_batch_size=self.batch,
+            n_t=self.n_t,
+            n_yt=self.n_yt,
+            antithetic=self.antithetic,
+            stratified=self.stratified,
+            pref_weight=self.pref_weight,
+        )
 
 
 ARMS = (
@@ -77,9 +83,25 @@ ARMS = (
 )
 BY_KEY = {a.key: a for a in ARMS}
 N_FAMILY = ("anti1", "n2", "n4", "n8")  # the arms that differ only in n_t: where the advice is checked
-COLUMNS = ("regime", "arm", "seed", "steps", "batch", "n_t", "n_yt", "gen_acc_before", "gen_acc_after",
-           "gen_credit_after", "pref_acc_before", "pref_acc_after", "mean_score_var", "var_mask", "var_pairs",
-           "advice_n_t", "wall_s")
+COLUMNS = (
+    "regime",
+    "arm",
+    "seed",
+    "steps",
+    "batch",
+    "n_t",
+    "n_yt",
+    "gen_acc_before",
+    "gen_acc_after",
+    "gen_credit_after",
+    "pref_acc_before",
+    "pref_acc_after",
+    "mean_score_var",
+    "var_mask",
+    "var_pairs",
+    "advice_n_t",
+    "wall_s",
+)
 METRICS = ("gen_acc_after", "gen_credit_after", "pref_acc_after", "mean_score_var")
 
 
@@ -92,8 +114,16 @@ def check_arms(arms=ARMS):
 
 def run_config(arm: Arm, regime: str, seed: int, steps: int | None, out: str, quick: bool) -> dict:
     """The run's config fields: the demo's presets (filled by the trainer) with the arm, regime and seed."""
-    kw = dict(seed=seed, num_samples=0, report_to="none", save_steps=0, output_dir=out,
-              max_train_pairs=REGIMES[regime], **arm.config(), **(QUICK if quick else {}))
+    kw = dict(
+        seed=seed,
+        num_samples=0,
+        report_to="none",
+        save_steps=0,
+        output_dir=out,
+        max_train_pairs=REGIMES[regime],
+        **arm.config(),
+        **(QUICK if quick else {}),
+    )
     if steps is not None:
         kw["max_steps"] = steps
     return kw
@@ -105,13 +135,22 @@ def run_one(arm: Arm, regime: str, seed: int, steps: int | None, root: str, quic
     run = train_demo(VRPOConfig(**run_config(arm, regime, seed, steps, out, quick)))
     summary = run.summary
     return {
-        "regime": regime, "arm": arm.key, "seed": seed, "steps": summary["steps"], "batch": arm.batch,
-        "n_t": arm.n_t, "n_yt": arm.n_yt,
-        **{k: summary[k] for k in ("gen_acc_before", "gen_acc_after", "gen_credit_after", "pref_acc_before",
-                                   "pref_acc_after")},
+        "regime": regime,
+        "arm": arm.key,
+        "seed": seed,
+        "steps": summary["steps"],
+        "batch": arm.batch,
+        "n_t": arm.n_t,
+        "n_yt": arm.n_yt,
+        **{
+            k: summary[k]
+            for k in ("gen_acc_before", "gen_acc_after", "gen_credit_after", "pref_acc_before", "pref_acc_after")
+        },
         "mean_score_var": run.mean("score/var"),
-        "var_mask": summary.get("score/var_mask"), "var_pairs": summary.get("score/var_pairs"),
-        "advice_n_t": summary.get("advice/n_t"), "wall_s": run.wall_s,
+        "var_mask": summary.get("score/var_mask"),
+        "var_pairs": summary.get("score/var_pairs"),
+        "advice_n_t": summary.get("advice/n_t"),
+        "wall_s": run.wall_s,
     }
 
 
@@ -175,11 +214,13 @@ def advisor_check(aggs: list[dict], rows: list[dict]) -> list[str]:
             n = statistics.mode(advice)
             where = key_of_n.get(n)
             ran = any(a["regime"] == regime and a["arm"] == where for a in aggs)
-            verdict = ("not run" if not ran else "in the best group" if where in group else "NOT in the best group")
-            lines.append(f"- {regime}, by {criterion.replace('_', ' ')}: the runs advise n_t = {n} ({len(advice)} "
-                         f"runs: {', '.join(map(str, sorted(advice)))}); best group of {', '.join(N_FAMILY)} (within "
-                         f"{100 * margin:.1f} points of the best exact-sort accuracy): {', '.join(group)}; the "
-                         f"advised arm is {verdict}.")
+            verdict = "not run" if not ran else "in the best group" if where in group else "NOT in the best group"
+            lines.append(
+                f"- {regime}, by {criterion.replace('_', ' ')}: the runs advise n_t = {n} ({len(advice)} "
+                f"runs: {', '.join(map(str, sorted(advice)))}); best group of {', '.join(N_FAMILY)} (within "
+                f"{100 * margin:.1f} points of the best exact-sort accuracy): {', '.join(group)}; the "
+                f"advised arm is {verdict}."
+            )
     return lines
 
 
@@ -215,7 +256,8 @@ def table(rows: list[dict], command: str, partial: str | None, note: str | None 
             f"{_pm(a['pref_acc_after'], a['pref_acc_after_sd'], 100)} | "
             f"{_pm(a['mean_score_var'], a['mean_score_var_sd'], 1, 4)} | {_pm(a['var_mask'], float('nan'), 1, 4)} | "
             f"{_pm(a['var_pairs'], float('nan'), 1, 4)} | {a['advice_noise'] or 'n/a'} | "
-            f"{a['advice_loss_error'] or 'n/a'} |")
+            f"{a['advice_loss_error'] or 'n/a'} |"
+        )
     check = advisor_check(aggs, rows)
     if check:
         lines += ["", "The advisor against the study (arms that differ only in n_t):", "", *check]
@@ -246,8 +288,9 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
         xs = range(len(mine))
         means = [100 * a["gen_acc_after"] for a in mine]
         sds = [0 if math.isnan(a["gen_acc_after_sd"]) else 100 * a["gen_acc_after_sd"] for a in mine]
-        colors = ["tab:gray" if a["arm"] == "dpo" else "tab:green" if a["arm"].startswith("sft") else "tab:blue"
-                  for a in mine]
+        colors = [
+            "tab:gray" if a["arm"] == "dpo" else "tab:green" if a["arm"].startswith("sft") else "tab:blue" for a in mine
+        ]
         ax.bar(xs, means, yerr=sds, color=colors, capsize=3)
         for x, a in zip(xs, mine):
             seeds = [100 * r["gen_acc_after"] for r in rows if r["regime"] == regime and r["arm"] == a["arm"]]
@@ -279,8 +322,9 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (2 steps, 16 held-out pairs)")
     p.add_argument("--table", action="store_true", help="only redraw the table and plot from the CSV")
     p.add_argument("--partial", default=None, help="a note that the results are partial, printed above the table")
-    p.add_argument("--note", default=None, help="how the runs were made (e.g. split over processes), printed above "
-                   "the table")
+    p.add_argument(
+        "--note", default=None, help="how the runs were made (e.g. split over processes), printed above the table"
+    )
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:

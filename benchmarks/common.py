@@ -28,8 +28,10 @@ def machine() -> str:
     """The device, cores and torch build a result was measured on."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    return (
+        f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    )
 
 
 def median_p20_p80(xs) -> tuple[float, float, float]:

@@ -81,12 +81,7 @@ def questions(lm: VRPOEvalLM, n: int) -> list[list[LikelihoodRequest]]:
     out = []
     for row in rows:
         ctx = lm.apply_chat_template([{"role": "user", "content": row["prompt"]}])
-        out.append(
-            [
-                LikelihoodRequest(*(tuple(x) for x in lm._encode_pair(ctx, c)), group=ctx)
-                for c in row["choices"]
-            ]
-        )
+        out.append([LikelihoodRequest(*(tuple(x) for x in lm._encode_pair(ctx, c)), group=ctx) for c in row["choices"]])
     return out
 
 
@@ -134,10 +129,7 @@ def agreement(lm, qs, reps: int, log) -> tuple[list[dict], dict]:
                 "decisions": n,
             }
         )
-        log(
-            f"{m.name}: agreement {rate:.3f}, "
-            f"forward passes per question {rows[-1]['forward_per_question']:.0f}"
-        )
+        log(f"{m.name}: agreement {rate:.3f}, forward passes per question {rows[-1]['forward_per_question']:.0f}")
     return rows, gt
 
 
@@ -170,9 +162,7 @@ class LLaDALoop(LM):
         total = 0.0
         for _ in range(self.mc_num // self.batch):
             k = int(torch.randint(1, L + 1, (), generator=self.g))
-            x = torch.round(
-                torch.linspace(float(k), k + (self.batch - 1) * (L / self.batch), self.batch)
-            ).long()
+            x = torch.round(torch.linspace(float(k), k + (self.batch - 1) * (L / self.batch), self.batch)).long()
             x = ((x - 1) % L) + 1
             is_mask = torch.arange(L).repeat(self.batch, 1) < x[:, None]
             is_mask = torch.stack([row[torch.randperm(L, generator=self.g)] for row in is_mask])
@@ -260,8 +250,7 @@ def write_md(path, args, agree_rows, gt, wall_rows, seconds):
         f"questions are clear (top-two gap > {CLEAR_MARGIN:g} standard errors). Forward passes: masked "
         "sequences scored per question (4 choices).",
         "",
-        "| method | forward passes / question | vs LLaDA-128 | agreement (all) "
-        "| agreement (clear questions) |",
+        "| method | forward passes / question | vs LLaDA-128 | agreement (all) | agreement (clear questions) |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in agree_rows:
@@ -292,9 +281,7 @@ def write_md(path, args, agree_rows, gt, wall_rows, seconds):
         )
     for task in dict.fromkeys(r["task"] for r in wall_rows):
         a, b = [r for r in wall_rows if r["task"] == task]
-        lines.append(
-            f"\n{task}: the `vrpo` model is {b['median_s'] / a['median_s']:.1f}x faster than LLaDA's loop."
-        )
+        lines.append(f"\n{task}: the `vrpo` model is {b['median_s'] / a['median_s']:.1f}x faster than LLaDA's loop.")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -305,12 +292,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--questions", type=int, default=None, help="multiple-choice questions (default 10)")
     p.add_argument("--repeats", type=int, default=None, help="decisions per question and method (default 4)")
-    p.add_argument(
-        "--mc_limit", type=int, default=None, help="documents of the MC wall-time run (default 32)"
-    )
-    p.add_argument(
-        "--gen_limit", type=int, default=None, help="documents per length of the generation run (8)"
-    )
+    p.add_argument("--mc_limit", type=int, default=None, help="documents of the MC wall-time run (default 32)")
+    p.add_argument("--gen_limit", type=int, default=None, help="documents per length of the generation run (8)")
     p.add_argument("--wall_repeats", type=int, default=None, help="interleaved wall-time runs (default 2)")
     args = p.parse_args(argv)
     full = dict(questions=10, repeats=4, mc_limit=32, gen_limit=8, wall_repeats=2)

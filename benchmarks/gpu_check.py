@@ -70,8 +70,9 @@ from benchmarks.common import RESULTS
 
 # A LLaDA-architecture model of about 1.1B parameters: LLaDA 8B's head dim (128), vocabulary and
 # embedding, 12 layers of width 2048 (untied head: 2 x 259M embedding parameters + 12 x 51M).
-LLADA_1B = dict(d_model=2048, n_heads=16, n_layers=12, mlp_hidden_size=5632, vocab_size=126464,
-                max_sequence_length=4096)
+LLADA_1B = dict(
+    d_model=2048, n_heads=16, n_layers=12, mlp_hidden_size=5632, vocab_size=126464, max_sequence_length=4096
+)
 TINY_STEP_MODEL = dict(d_model=64, n_heads=2, n_layers=2, mlp_hidden_size=96, vocab_size=256, max_sequence_length=128)
 
 
@@ -102,8 +103,12 @@ def attention_grid(head_dims, groups, lengths) -> tuple:
     """Attention cases over head dims x GQA groups x lengths, the dtype alternating so that every length
     (both ends included) runs in both bf16 and fp16 when there are two groups (and across head dims)."""
     dtypes = (torch.bfloat16, torch.float16)
-    return tuple((D, g, S, dtypes[(i + j + k) % 2]) for i, D in enumerate(head_dims)
-                 for j, g in enumerate(groups) for k, S in enumerate(lengths))
+    return tuple(
+        (D, g, S, dtypes[(i + j + k) % 2])
+        for i, D in enumerate(head_dims)
+        for j, g in enumerate(groups)
+        for k, S in enumerate(lengths)
+    )
 
 
 # Attention on the GPU: LLaDA's head dim 128 at every length, GQA 1 and 4, both dtypes at both ends;
@@ -124,8 +129,10 @@ GPU_PLAN = Plan(
     attn_cases=_GPU_ATTN_FULL,
     attn_batch_heads=(2, 8),
     mask_lengths=(1, 1023, 1024, 1025, 8192),
-    step_models=(("tiny LLaDA, bf16", TINY_STEP_MODEL, 4, 8, torch.bfloat16),
-                 ("LLaDA-architecture 1.1B, bf16", LLADA_1B, 2, 8, torch.bfloat16)),
+    step_models=(
+        ("tiny LLaDA, bf16", TINY_STEP_MODEL, 4, 8, torch.bfloat16),
+        ("LLaDA-architecture 1.1B, bf16", LLADA_1B, 2, 8, torch.bfloat16),
+    ),
     bench_ce=(4096, 4096, 126464),
     bench_ce_dtype=torch.bfloat16,
     bench_attn=(8, 4096, 32, 128),
@@ -140,7 +147,9 @@ QUICK_PLAN = dataclasses.replace(
     GPU_PLAN,
     ce_cases=((1000, 300, 4096, 126464), (37, 37, 4095, 50257)),
     ce_dtypes=(torch.bfloat16, torch.float32),
-    ce_forward_only=(), ce_offsets_64=(), ce_autocast=(),
+    ce_forward_only=(),
+    ce_offsets_64=(),
+    ce_autocast=(),
     ce_multi_chunk=((5000, 4000, 4096, 126464, None),),
     attn_cases=_GPU_ATTN_QUICK,
     mask_lengths=(1, 1025, 8192),
@@ -254,8 +263,11 @@ def _plant_onehot_only():
     from vrpo_kernels.masked_linear_ce import triton_path
 
     real = triton_path._softmax_grad
-    return mock.patch.object(triton_path, "_softmax_grad", lambda z, dz, bias, targets, lse, g, v0: real(
-        z, dz, bias, targets, torch.full_like(lse, float("inf")), g, v0))
+    return mock.patch.object(
+        triton_path,
+        "_softmax_grad",
+        lambda z, dz, bias, targets, lse, g, v0: real(z, dz, bias, targets, torch.full_like(lse, float("inf")), g, v0),
+    )
 
 
 def _plant_skip_last_chunk():
@@ -264,8 +276,9 @@ def _plant_skip_last_chunk():
     from vrpo_kernels.masked_linear_ce import triton_path
 
     real = triton_path.vocab_chunks
-    return mock.patch.object(triton_path, "vocab_chunks", lambda V, cols: (lambda c: c[:-1] if len(c) > 1 else c)(
-        real(V, cols)))
+    return mock.patch.object(
+        triton_path, "vocab_chunks", lambda V, cols: (lambda c: c[:-1] if len(c) > 1 else c)(real(V, cols))
+    )
 
 
 def _plant_stale_lse():
@@ -315,8 +328,9 @@ def _plant_zero_column():
         dw = grads[3]
         if dw is not None:
             h = ctx.saved_tensors[0]
-            chunks = triton_path.vocab_chunks(dw.shape[0], triton_path.grad_chunk_cols(
-                h.shape[0], dw.shape[0], ctx.max_buffer_bytes))
+            chunks = triton_path.vocab_chunks(
+                dw.shape[0], triton_path.grad_chunk_cols(h.shape[0], dw.shape[0], ctx.max_buffer_bytes)
+            )
             dw[chunks[-1][0] - 1 if len(chunks) > 1 else dw.shape[0] - 1] = 0
         return grads
 
@@ -341,9 +355,15 @@ PLANTS = {
     "mask_count_off_by_one": _plant_mask_count_off_by_one,
 }
 # The op each plant breaks: a planted run runs that op's correctness checks only (the others cannot fail).
-PLANT_OPS = {"onehot_only": "masked_linear_ce", "zero_column": "masked_linear_ce", "int32_offsets": "masked_linear_ce",
-             "skip_last_chunk": "masked_linear_ce", "stale_lse": "masked_linear_ce",
-             "no_segment_mask": "attention", "mask_count_off_by_one": "sample_masks"}
+PLANT_OPS = {
+    "onehot_only": "masked_linear_ce",
+    "zero_column": "masked_linear_ce",
+    "int32_offsets": "masked_linear_ce",
+    "skip_last_chunk": "masked_linear_ce",
+    "stale_lse": "masked_linear_ce",
+    "no_segment_mask": "attention",
+    "mask_count_off_by_one": "sample_masks",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +386,10 @@ def preflight(report: Report, dry_run: bool) -> None:
 
         probe = torch.zeros(1, device=report.device, dtype=torch.bfloat16)
         want = "triton"  # the dry run applies CUDA's rules to CPU tensors (emulate_cuda)
-        got = {op: resolve_impl("auto", probe, op) for op in ("masked_linear_ce", "sample_masks", "bidirectional_attention")}
+        got = {
+            op: resolve_impl("auto", probe, op)
+            for op in ("masked_linear_ce", "sample_masks", "bidirectional_attention")
+        }
         wrong = {op: impl for op, impl in got.items() if impl != want}
         if wrong:
             raise AssertionError(f"impl='auto' resolves to {wrong}, expected {want!r}")
@@ -437,16 +460,23 @@ def ce_inputs(N, n_sel, H, V, dtype, device, bias=False, seed=0, minus_inf_tile=
     rows = torch.randperm(N, generator=g, device=device)[:n_sel].sort().values
     edges = [e for e in edges if e >= minus_inf_tile][: rows.numel()]
     targets[rows[: len(edges)]] = torch.tensor(edges, dtype=torch.long, device=device)
-    predicted = torch.where(torch.rand(N, generator=g, device=device) < 0.5, targets,
-                            torch.randint(minus_inf_tile, V, (N,), generator=g, device=device))
+    predicted = torch.where(
+        torch.rand(N, generator=g, device=device) < 0.5,
+        targets,
+        torch.randint(minus_inf_tile, V, (N,), generator=g, device=device),
+    )
     raise_to = math.log(V) + _LOGIT_SIGMA**2 / 2
     hidden = torch.randn(N, H, generator=g, device=device)
     wp = W[predicted]
     hidden += raise_to * wp / wp.pow(2).sum(-1, keepdim=True)
     x = dict(
-        hidden=hidden.to(dtype), weight=W.to(dtype), targets=targets,
-        row_weight=torch.rand(N, generator=g, device=device) * 4, rows=rows,
-        cot=torch.randn(N, generator=g, device=device), bias=None,
+        hidden=hidden.to(dtype),
+        weight=W.to(dtype),
+        targets=targets,
+        row_weight=torch.rand(N, generator=g, device=device) * 4,
+        rows=rows,
+        cot=torch.randn(N, generator=g, device=device),
+        bias=None,
     )
     if bias or minus_inf_tile:
         b = torch.randn(V, generator=g, device=device)
@@ -496,8 +526,12 @@ def ce_reference(x, rows=None, rows_per_chunk=128) -> CERef:
         gp = logp.exp_().mul_(-gr[:, None])  # the softmax part of dz
         dz = gp.clone()
         dz[torch.arange(r.numel(), device=h.device), x["targets"][r]] += gr
-        for parts, m, w_op, h_op in ((grads, dz, W, h[r]), (soft, gp, W, h[r]),
-                                     (abs_dz, dz.abs(), hW_abs, h_abs[r]), (abs_soft, gp.abs(), hW_abs, h_abs[r])):
+        for parts, m, w_op, h_op in (
+            (grads, dz, W, h[r]),
+            (soft, gp, W, h[r]),
+            (abs_dz, dz.abs(), hW_abs, h_abs[r]),
+            (abs_soft, gp.abs(), hW_abs, h_abs[r]),
+        ):
             parts[0][r] = m @ w_op  # d_hidden rows
             parts[1] += m.T @ h_op  # d_weight
             if parts[2] is not None:
@@ -512,8 +546,16 @@ def operand_unit(dtype, precision: str) -> float:
     return 2.0**-10 if dtype == torch.float32 and precision == "tf32" else 0.0
 
 
-def _bound_terms(dtype, reduction: int, H: int, max_terms: float, interpreter: bool, inputs_rounded: bool,
-                 precision: str, probabilistic: bool = False) -> tuple[float, float]:
+def _bound_terms(
+    dtype,
+    reduction: int,
+    H: int,
+    max_terms: float,
+    interpreter: bool,
+    inputs_rounded: bool,
+    precision: str,
+    probabilistic: bool = False,
+) -> tuple[float, float]:
     """(c_dz, c_soft): a gradient's rounding error is at most ``c_dz sum |dz||X| + c_soft sum |g p||X|``
     elementwise (X the other operand). c_dz: u per rounding of the stored ``dz`` (c = 2 under the
     interpreter, whose fp32 -> bf16 cast truncates), one more for a 16-bit d_hidden partial per chunk, the
@@ -532,13 +574,20 @@ def _bound_terms(dtype, reduction: int, H: int, max_terms: float, interpreter: b
     return stored + reduction * _FP32_ACC, 2 * delta
 
 
-def softmax_part_bound(dtype, reduction: int, H: int, ref: CERef, i: int, interpreter: bool,
-                       inputs_rounded: bool = False, precision: str = "ieee") -> float:
+def softmax_part_bound(
+    dtype,
+    reduction: int,
+    H: int,
+    ref: CERef,
+    i: int,
+    interpreter: bool,
+    inputs_rounded: bool = False,
+    precision: str = "ieee",
+) -> float:
     """Norm-relative bound on the error of gradient ``i``'s softmax part: ``(c_dz |sum |dz||X|| + c_soft
     |sum |gp||X||) / |softmax part|`` with the coefficients of :func:`_bound_terms`, for the precision in
     force (``precision``: "ieee" or "tf32", :func:`vrpo_kernels.dispatch.fp32_matmul_precision`)."""
-    c_dz, c_soft = _bound_terms(dtype, reduction, H, ref.max_abs_logit_terms, interpreter, inputs_rounded,
-                                precision)
+    c_dz, c_soft = _bound_terms(dtype, reduction, H, ref.max_abs_logit_terms, interpreter, inputs_rounded, precision)
     scale = c_dz * float(ref.abs_dz[i].norm()) + c_soft * float(ref.abs_soft[i].norm())
     return scale / max(float(ref.soft[i].norm()), 1e-30)
 
@@ -556,8 +605,9 @@ def ce_run(x, impl, grad=True, max_buffer_bytes=None, autocast=False):
 
     def call():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            return masked_linear_ce(h, W, x["targets"], x["row_weight"], x["rows"], bias=b, impl=impl,
-                                    max_buffer_bytes=max_buffer_bytes)
+            return masked_linear_ce(
+                h, W, x["targets"], x["row_weight"], x["rows"], bias=b, impl=impl, max_buffer_bytes=max_buffer_bytes
+            )
 
     if not grad:
         with torch.no_grad():
@@ -601,8 +651,7 @@ class _GradStats:
                 self.worst_row = (float(ratio[i]), v0 + i, float(err[i]), float(row_bound[i]))
 
 
-def ce_compare(x, got, dtype, *, interpreter: bool, inputs_rounded=False, precision="ieee",
-               cols: int = 2048) -> str:
+def ce_compare(x, got, dtype, *, interpreter: bool, inputs_rounded=False, precision="ieee", cols: int = 2048) -> str:
     """Compare ``got = (out, d_hidden, d_weight, d_bias)`` with float64, streaming the vocabulary in
     chunks of ``cols`` columns (never a [V, H] float64 tensor, so it runs at V = 126,464 on a CPU).
 
@@ -673,8 +722,15 @@ def ce_compare(x, got, dtype, *, interpreter: bool, inputs_rounded=False, precis
         dw_ref, dw_soft = dz.T @ h, gp.T @ h
         c_dz, c_gp = row_coef
         dz_abs, gp_abs = dz.abs(), gp.abs()
-        stats[1].add(got[2][v0:v1], dw_ref, dw_soft, dz_abs.T @ h_norm, gp_abs.T @ h_norm,
-                     c_dz * (dz_abs.T @ h_inf) + c_gp * (gp_abs.T @ h_inf), v0)
+        stats[1].add(
+            got[2][v0:v1],
+            dw_ref,
+            dw_soft,
+            dz_abs.T @ h_norm,
+            gp_abs.T @ h_norm,
+            c_dz * (dz_abs.T @ h_inf) + c_gp * (gp_abs.T @ h_inf),
+            v0,
+        )
         if got[3] is not None:
             db_dz, db_gp = dz_abs.sum(0), gp_abs.sum(0)
             stats[2].add(got[3][v0:v1], dz.sum(0), gp.sum(0), db_dz, db_gp, c_dz * db_dz + c_gp * db_gp, v0)
@@ -689,8 +745,9 @@ def ce_compare(x, got, dtype, *, interpreter: bool, inputs_rounded=False, precis
         if i > 0:  # first: it names the row
             ratio, row, err, rbound = st.worst_row
             if not ratio <= 1:
-                raise AssertionError(f"{name} vocabulary row {row}: max error {err:.2e} > its bound {rbound:.2e} "
-                                     f"({ratio:.0f}x)")
+                raise AssertionError(
+                    f"{name} vocabulary row {row}: max error {err:.2e} > its bound {rbound:.2e} ({ratio:.0f}x)"
+                )
         rel = st.max_err / max(st.max_ref, _SCALE_FLOOR)
         bound = _ERROR_UNITS * _ROUNDOFF[dtype]
         if not rel <= bound:
@@ -742,8 +799,8 @@ def cuda_precision(precision: str, device):
     tiles in the interpreter (:func:`vrpo_kernels._triton_utils.upcast_dots`) and the backward's fp32
     GEMMs round their operands (:class:`_TF32Torch`)."""
     from vrpo_kernels._triton_utils import round_to_tf32
-    from vrpo_kernels.masked_linear_ce import triton_path
     from vrpo_kernels.dispatch import fp32_matmul_precision_set
+    from vrpo_kernels.masked_linear_ce import triton_path
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(fp32_matmul_precision_set(precision))
@@ -771,7 +828,7 @@ def _dname(dtype, precision="ieee") -> str:
 
 def correctness_ce(report: Report, plan: Plan, gpu_shapes: bool = False) -> None:
     dev = report.device
-    for (N, n_sel, H, V) in plan.ce_cases:
+    for N, n_sel, H, V in plan.ce_cases:
         edges = edge_columns(n_sel, V)
         for dtype, precision in _dtype_variants(plan.ce_dtypes):
             for bias in (False, True):
@@ -780,11 +837,11 @@ def correctness_ce(report: Report, plan: Plan, gpu_shapes: bool = False) -> None
                 def case(N=N, n_sel=n_sel, H=H, V=V, dtype=dtype, precision=precision, bias=bias, edges=edges):
                     x = ce_inputs(N, n_sel, H, V, dtype, dev, bias, edges=edges)
                     with cuda_precision(precision, dev):  # the bound reads the precision in force (NGC's
-                        return check_ce_case(x, dtype)      # TORCH_ALLOW_TF32_CUBLAS_OVERRIDE makes it TF32)
+                        return check_ce_case(x, dtype)  # TORCH_ALLOW_TF32_CUBLAS_OVERRIDE makes it TF32)
 
                 report.check("correctness", name, case)
     if gpu_shapes:
-        for (N, n_sel, H, V, bias) in GPU_SHAPES:
+        for N, n_sel, H, V, bias in GPU_SHAPES:
             name = f"masked_linear_ce GPU shape, torch path, {n_sel} of {N} rows, H={H}, V={V}, bf16, bias={bias}"
 
             def case(N=N, n_sel=n_sel, H=H, V=V, bias=bias):
@@ -798,43 +855,71 @@ def correctness_ce(report: Report, plan: Plan, gpu_shapes: bool = False) -> None
     N, n_sel, H, V = next(c for c in plan.ce_cases if c[1] > 1)
     dtype = plan.bench_ce_dtype
     tile = _config("forward", dtype, dev)["BLOCK_V"]
-    report.check("correctness", f"masked_linear_ce -inf bias on the first vocabulary tile ({tile} columns), "
-                 f"{str(dtype)[6:]}",
-                 lambda: check_ce_case(ce_inputs(N, n_sel, H, V, dtype, dev, minus_inf_tile=tile), dtype))
+    report.check(
+        "correctness",
+        f"masked_linear_ce -inf bias on the first vocabulary tile ({tile} columns), {str(dtype)[6:]}",
+        lambda: check_ce_case(ce_inputs(N, n_sel, H, V, dtype, dev, minus_inf_tile=tile), dtype),
+    )
 
     def forward_only():
         N, H, V, compared = plan.ce_forward_only
         x = ce_inputs(N, N, H, V, dtype, dev, seed=1)
         out = ce_run(x, "triton", grad=False)[0]
         rows = torch.linspace(0, N - 1, compared, device=dev).long()
-        x = dict(x, hidden=x["hidden"][rows], targets=x["targets"][rows], row_weight=x["row_weight"][rows],
-                 cot=x["cot"][rows], rows=torch.arange(compared, device=dev))
+        x = dict(
+            x,
+            hidden=x["hidden"][rows],
+            targets=x["targets"][rows],
+            row_weight=x["row_weight"][rows],
+            cot=x["cot"][rows],
+            rows=torch.arange(compared, device=dev),
+        )
         ref = _reference_out(x)
         if not torch.isfinite(out).all():
             raise AssertionError("non-finite output")
         return f"out {_assert_close('out', out[rows], ref, dtype):.1e} on {compared} rows"
 
     if plan.ce_forward_only:
-        report.check("correctness", f"masked_linear_ce forward only, {plan.ce_forward_only[0]} rows, no_grad, "
-                     f"{str(dtype)[6:]}", forward_only)
-    for (N, n_sel, H, V, budget) in plan.ce_multi_chunk:
-        name = (f"masked_linear_ce multi-chunk backward {n_sel} of {N} rows, H={H}, V={V}, "
-                f"max_buffer_bytes={budget or 'default'}, {str(dtype)[6:]}")
-        report.check("correctness", name, lambda N=N, n_sel=n_sel, H=H, V=V, budget=budget: _multi_chunk(
-            N, n_sel, H, V, budget, dtype, dev))
+        report.check(
+            "correctness",
+            f"masked_linear_ce forward only, {plan.ce_forward_only[0]} rows, no_grad, {str(dtype)[6:]}",
+            forward_only,
+        )
+    for N, n_sel, H, V, budget in plan.ce_multi_chunk:
+        name = (
+            f"masked_linear_ce multi-chunk backward {n_sel} of {N} rows, H={H}, V={V}, "
+            f"max_buffer_bytes={budget or 'default'}, {str(dtype)[6:]}"
+        )
+        report.check(
+            "correctness",
+            name,
+            lambda N=N, n_sel=n_sel, H=H, V=V, budget=budget: _multi_chunk(N, n_sel, H, V, budget, dtype, dev),
+        )
     if plan.ce_offsets_64:
-        name = ("masked_linear_ce 64-bit offsets: n_sel*H > 2^31, no_grad forward" if dev.type == "cuda" else
-                "masked_linear_ce 64-bit offsets: forward kernel on rows past 2^31 elements (a strided view)")
+        name = (
+            "masked_linear_ce 64-bit offsets: n_sel*H > 2^31, no_grad forward"
+            if dev.type == "cuda"
+            else "masked_linear_ce 64-bit offsets: forward kernel on rows past 2^31 elements (a strided view)"
+        )
         report.check("correctness", name, lambda: _offsets_64(plan, dev))
     if plan.ce_autocast:
         N, n_sel, H, V = plan.ce_autocast
-        report.check("correctness", f"masked_linear_ce bf16 autocast, fp32 master weights, {n_sel} of {N} rows, V={V}",
-                     lambda: check_ce_case(ce_inputs(N, n_sel, H, V, torch.float32, dev, bias=True,
-                                                     edges=edge_columns(n_sel, V)), torch.bfloat16, autocast=True))
+        report.check(
+            "correctness",
+            f"masked_linear_ce bf16 autocast, fp32 master weights, {n_sel} of {N} rows, V={V}",
+            lambda: check_ce_case(
+                ce_inputs(N, n_sel, H, V, torch.float32, dev, bias=True, edges=edge_columns(n_sel, V)),
+                torch.bfloat16,
+                autocast=True,
+            ),
+        )
     report.check("correctness", "masked_linear_ce on cuda:1", lambda: _second_gpu(dev))
     N, n_sel, H, V, budget = plan.ce_multi_chunk[-1]
-    report.check("correctness", f"masked_linear_ce backward GEMM forms, each forced, {n_sel} rows, V={V}",
-                 lambda: _gemm_forms(N, n_sel, H, V, budget, dev))
+    report.check(
+        "correctness",
+        f"masked_linear_ce backward GEMM forms, each forced, {n_sel} rows, V={V}",
+        lambda: _gemm_forms(N, n_sel, H, V, budget, dev),
+    )
 
 
 def _reference_out(x) -> torch.Tensor:
@@ -869,7 +954,7 @@ def _gemm_forms(N, n_sel, H, V, budget, dev) -> str:
             with mock.patch.dict(gemm._CHOSEN, {(dev.type, dtype): forced}):
                 check_ce_case(x, dtype, budget)
             ran.append(kind)
-    return f"detected {detected}; passed: {', '.join(ran)}; not in torch {torch.__version__}: {', '.join(lacking) or 'none'}"
+    return f"detected {detected}; passed: {', '.join(ran)}; not in torch {torch.__version__}: {', '.join(lacking) or 'none'}"  # noqa: E501
 
 
 def _multi_chunk(N, n_sel, H, V, budget, dtype, dev) -> str:
@@ -902,9 +987,9 @@ def _offsets_64(plan: Plan, dev) -> str:
     x = ce_inputs(compared, compared, H, V, torch.bfloat16, dev, seed=3)
     # The compared rows at the end of a [N, H] tensor, past 2^31 elements; the rest is zeros.
     hidden = torch.zeros(N, H, dtype=torch.bfloat16, device=dev)
-    hidden[N - compared:] = x["hidden"]
+    hidden[N - compared :] = x["hidden"]
     targets = torch.zeros(N, dtype=torch.long, device=dev)
-    targets[N - compared:] = x["targets"]
+    targets[N - compared :] = x["targets"]
     rows = torch.arange(N, device=dev)
     from vrpo_kernels import masked_linear_ce
 
@@ -912,7 +997,7 @@ def _offsets_64(plan: Plan, dev) -> str:
         out = masked_linear_ce(hidden, x["weight"], targets, torch.ones(N, device=dev), rows, impl="triton")
     x["row_weight"] = torch.ones(compared, device=dev)
     ref = _reference_out(x)
-    return f"out {_assert_close('out', out[N - compared:], ref, torch.bfloat16):.1e} on the last {compared} rows"
+    return f"out {_assert_close('out', out[N - compared :], ref, torch.bfloat16):.1e} on the last {compared} rows"
 
 
 _STRIDE_2_26 = 2**26
@@ -932,8 +1017,7 @@ def _offsets_64_strided(n, H, V) -> str:
     logp, _ = linear_ce_triton_forward(view, x["weight"], None, x["targets"])
     ref = _reference_out(dict(x, row_weight=torch.ones(n)))
     last = (n - 1) * stride + H - 1
-    return (f"out {_assert_close('out', logp, ref, torch.bfloat16):.1e} on {n} rows, last element offset "
-            f"{last:,} > 2^31")
+    return f"out {_assert_close('out', logp, ref, torch.bfloat16):.1e} on {n} rows, last element offset {last:,} > 2^31"
 
 
 def _second_gpu(dev) -> str:
@@ -949,8 +1033,7 @@ def attn_inputs(B, S, Hq, Hkv, D, dtype, device, seed=0):
     from benchmarks.kernels import packed_segments
 
     g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(B, S, h, D, generator=g, device=device).to(dtype).transpose(1, 2)
-               for h in (Hq, Hkv, Hkv))
+    q, k, v = (torch.randn(B, S, h, D, generator=g, device=device).to(dtype).transpose(1, 2) for h in (Hq, Hkv, Hkv))
     seg = packed_segments(B, S, 1, max(1, (S * 2) // 5), seed=seed).to(device)
     return q, k, v, seg
 
@@ -977,8 +1060,13 @@ def correctness_attention(report: Report, plan: Plan) -> None:
     B, Hq = plan.attn_batch_heads
     for D, group, S, dtype in plan.attn_cases:
         name = f"attention D={D}, GQA {group}, S={S}, B={B}, {Hq} heads, {str(dtype)[6:]}"
-        report.check("correctness", name, lambda D=D, group=group, S=S, dtype=dtype: check_attention_case(
-            B, S, Hq, Hq // group, D, dtype, report.device))
+        report.check(
+            "correctness",
+            name,
+            lambda D=D, group=group, S=S, dtype=dtype: check_attention_case(
+                B, S, Hq, Hq // group, D, dtype, report.device
+            ),
+        )
 
 
 def check_mask_counts(L, device) -> str:
@@ -1026,7 +1114,11 @@ def determinism(report: Report, plan: Plan) -> None:
     dev = report.device
     N, H, V = plan.bench_ce
     x = ce_inputs(N, N, H, V, plan.bench_ce_dtype, dev, bias=True)
-    report.check("determinism", f"masked_linear_ce {N}x{H}x{V} {str(plan.bench_ce_dtype)[6:]} fwd+bwd", lambda: _same_twice(lambda: ce_run(x, "triton")))
+    report.check(
+        "determinism",
+        f"masked_linear_ce {N}x{H}x{V} {str(plan.bench_ce_dtype)[6:]} fwd+bwd",
+        lambda: _same_twice(lambda: ce_run(x, "triton")),
+    )
     B, S, Hh, D = plan.bench_attn
     q, k, v, seg = attn_inputs(B, S, Hh, Hh, D, torch.bfloat16, dev)
 
@@ -1055,8 +1147,9 @@ def determinism(report: Report, plan: Plan) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_step_trainer(spec: dict, pairs: int, n_t: int, workdir: str, dtype=torch.bfloat16, seed: int = 0,
-                       device=None):
+def build_step_trainer(
+    spec: dict, pairs: int, n_t: int, workdir: str, dtype=torch.bfloat16, seed: int = 0, device=None
+):
     """A ``VRPOTrainer`` on the toy preference task with a random LLaDA-architecture model ``spec`` in
     ``dtype`` (bf16: what a user trains on a GPU; the Triton attention refuses fp32 on CUDA), built on
     ``device`` (default: where accelerate puts it; a 1.1B model initialised on the CPU takes minutes), and
@@ -1067,9 +1160,20 @@ def build_step_trainer(spec: dict, pairs: int, n_t: int, workdir: str, dtype=tor
     from vrpo.training.config import VRPOConfig
 
     cfg = VRPOConfig(
-        output_dir=workdir, overwrite_output_dir=True, report_to="none", num_samples=0, save_steps=0, seed=seed,
-        eval_size=0, per_device_train_batch_size=pairs, n_t=n_t, n_yt=1, max_steps=10, fused_head=True,
-        kernel_impl="auto", attn_implementation="vrpo_triton",
+        output_dir=workdir,
+        overwrite_output_dir=True,
+        report_to="none",
+        num_samples=0,
+        save_steps=0,
+        seed=seed,
+        eval_size=0,
+        per_device_train_batch_size=pairs,
+        n_t=n_t,
+        n_yt=1,
+        max_steps=10,
+        fused_head=True,
+        kernel_impl="auto",
+        attn_implementation="vrpo_triton",
     ).resolved(SORT_TASK.presets)
     tokenizer = build_tiny_tokenizer(vocab_size=spec["vocab_size"])
     train_pairs, _, _ = loading.load_pairs(cfg, tokenizer, SORT_TASK)
@@ -1089,7 +1193,8 @@ def _policy_shapes(trainer):
     shapes = []
     model = trainer.accelerator.unwrap_model(trainer.policy_elbo).model
     handle = model.get_input_embeddings().register_forward_pre_hook(
-        lambda module, args: shapes.append(tuple(args[0].shape)) if args and torch.is_tensor(args[0]) else None)
+        lambda module, args: shapes.append(tuple(args[0].shape)) if args and torch.is_tensor(args[0]) else None
+    )
     try:
         yield shapes
     finally:
@@ -1118,8 +1223,14 @@ def llada_step_memory(spec: dict = LLADA_1B, pairs: int = 2, n_t: int = 8, dtype
         planned = planned_peak_bytes(trainer, shapes)
     if not (applied and applied2):
         raise RuntimeError(f"train_step was skipped (non-finite loss or gradient): {metrics}")
-    return dict(params=params, seconds=seconds, before_bytes=before, peak_bytes=peak, step_bytes=peak - before,
-                planned_bytes=planned)
+    return dict(
+        params=params,
+        seconds=seconds,
+        before_bytes=before,
+        peak_bytes=peak,
+        step_bytes=peak - before,
+        planned_bytes=planned,
+    )
 
 
 def planned_peak_bytes(trainer, shapes=()) -> int:
@@ -1145,22 +1256,28 @@ def check_planned_peak(peak: int, planned: int) -> str:
     """The measured peak must not exceed the plan (an upper bound), and the plan must not exceed the
     peak by more than :data:`PLAN_SLACK` (a loose bound would hide a leak as large as the slack)."""
     if peak > planned:
-        raise AssertionError(f"max_memory_allocated {peak / 2**30:.2f} GiB exceeds vrpo.plan's upper bound "
-                             f"{planned / 2**30:.2f} GiB")
+        raise AssertionError(
+            f"max_memory_allocated {peak / 2**30:.2f} GiB exceeds vrpo.plan's upper bound {planned / 2**30:.2f} GiB"
+        )
     if planned > (1 + PLAN_SLACK) * peak:
-        raise AssertionError(f"vrpo.plan's {planned / 2**30:.2f} GiB is more than {PLAN_SLACK:.0%} above the "
-                             f"measured {peak / 2**30:.2f} GiB: the plan is not tight")
+        raise AssertionError(
+            f"vrpo.plan's {planned / 2**30:.2f} GiB is more than {PLAN_SLACK:.0%} above the "
+            f"measured {peak / 2**30:.2f} GiB: the plan is not tight"
+        )
     return f"plan {planned / 2**30:.2f} GiB >= peak {peak / 2**30:.2f} GiB, {planned / peak - 1:+.1%}"
 
 
 def training_steps(report: Report, plan: Plan) -> None:
     for name, spec, pairs, n_t, dtype in plan.step_models:
+
         def step(spec=spec, pairs=pairs, n_t=n_t, dtype=dtype):
             if report.device.type == "cuda" and spec is LLADA_1B:
                 m = llada_step_memory(spec, pairs, n_t, dtype)
                 verdict = check_planned_peak(m["peak_bytes"], m["planned_bytes"])
-                return (f"{m['params'] / 1e9:.2f}B params, step {m['seconds']:.2f} s, max_memory_allocated "
-                        f"{m['peak_bytes'] / 2**30:.2f} GiB (step adds {m['step_bytes'] / 2**30:.2f} GiB); {verdict}")
+                return (
+                    f"{m['params'] / 1e9:.2f}B params, step {m['seconds']:.2f} s, max_memory_allocated "
+                    f"{m['peak_bytes'] / 2**30:.2f} GiB (step adds {m['step_bytes'] / 2**30:.2f} GiB); {verdict}"
+                )
             with tempfile.TemporaryDirectory() as workdir:
                 trainer = build_step_trainer(spec, pairs, n_t, workdir, dtype=dtype)
                 params = list(_policy_parameters(trainer))
@@ -1173,17 +1290,25 @@ def training_steps(report: Report, plan: Plan) -> None:
                 planned = planned_peak_bytes(trainer, shapes)
             if not applied:
                 raise AssertionError(f"the step was skipped (non-finite loss or gradient): {metrics}")
-            return (f"applied, {tokens} tokens in rows {sorted(set(shapes))}, VRPO loss "
-                    f"{float(metrics['loss/vrpo']):.4f}, grad norm {metrics['grad_norm']:.3g}; vrpo.plan's peak "
-                    f"{planned / 2**20:.1f} MiB")
+            return (
+                f"applied, {tokens} tokens in rows {sorted(set(shapes))}, VRPO loss "
+                f"{float(metrics['loss/vrpo']):.4f}, grad norm {metrics['grad_norm']:.3g}; vrpo.plan's peak "
+                f"{planned / 2**20:.1f} MiB"
+            )
 
         report.check("training step", name, step)
-    report.check("training step", f"README quick start: python -m vrpo.train --max_steps {plan.quickstart_steps}",
-                 lambda: quickstart(plan.quickstart_steps, report.device))
+    report.check(
+        "training step",
+        f"README quick start: python -m vrpo.train --max_steps {plan.quickstart_steps}",
+        lambda: quickstart(plan.quickstart_steps, report.device),
+    )
     if report.device.type != "cuda":
+
         def memory_check():
-            raise Skipped("the 1.1B step's max_memory_allocated against vrpo.plan: CUDA's allocator only (the "
-                          "comparison, check_planned_peak, and the plan's AdamW term are unit-tested)")
+            raise Skipped(
+                "the 1.1B step's max_memory_allocated against vrpo.plan: CUDA's allocator only (the "
+                "comparison, check_planned_peak, and the plan's AdamW term are unit-tested)"
+            )
 
         report.check("training step", "LLaDA-architecture 1.1B, bf16, peak memory against vrpo.plan", memory_check)
 
@@ -1198,8 +1323,16 @@ def quickstart(max_steps: int, device) -> str:
     output directory); the dry run with ``--max_steps 1`` (a CPU runs a step in seconds, the demo's 20 in
     minutes), the GPU run with 20."""
     with tempfile.TemporaryDirectory() as workdir:
-        cmd = [sys.executable, *QUICKSTART, "--max_steps", str(max_steps), "--output_dir",
-               os.path.join(workdir, "run"), "--report_to", "none"]
+        cmd = [
+            sys.executable,
+            *QUICKSTART,
+            "--max_steps",
+            str(max_steps),
+            "--output_dir",
+            os.path.join(workdir, "run"),
+            "--report_to",
+            "none",
+        ]
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -1332,17 +1465,26 @@ def timings(report: Report, plan: Plan) -> dict:
 
         return run
 
-    timed("masked_ce", "vrpo triton", lambda: (lambda: ce_run(x, "triton")))
-    timed("masked_ce", "eager torch", lambda: grads_of(eager_masked_ce(x)),
-          None if plan.peers or dev.type != "cuda" else "full check only (not --quick)")
-    timed("masked_ce", "torch.compile (eager torch)", lambda: grads_of(torch.compile(eager_masked_ce(x))),
-          peers if dev.type == "cuda" else "inductor compiles C++ for a CPU timing that says nothing of a GPU")
+    timed("masked_ce", "vrpo triton", lambda: lambda: ce_run(x, "triton"))
+    timed(
+        "masked_ce",
+        "eager torch",
+        lambda: grads_of(eager_masked_ce(x)),
+        None if plan.peers or dev.type != "cuda" else "full check only (not --quick)",
+    )
+    timed(
+        "masked_ce",
+        "torch.compile (eager torch)",
+        lambda: grads_of(torch.compile(eager_masked_ce(x))),
+        peers if dev.type == "cuda" else "inductor compiles C++ for a CPU timing that says nothing of a GPU",
+    )
     timed("masked_ce", "CCE (impl='cce')", lambda: _gathered_ce(x, cce_loss()), peers)
     timed("masked_ce", "CCE (impl='cce', filter_eps=None)", lambda: _gathered_ce(x, cce_loss(None)), peers)
     timed("masked_ce", "Liger fused linear CE", lambda: _gathered_ce(x, liger_loss()), peers)
     for name, make in (("CCE (filter_eps=None)", lambda: cce_loss(None)), ("Liger fused linear CE", liger_loss)):
-        report.check("correctness", f"masked_ce agrees with {name}",
-                     lambda make=make: _agrees_with_peer(x, make, dev, peers))
+        report.check(
+            "correctness", f"masked_ce agrees with {name}", lambda make=make: _agrees_with_peer(x, make, dev, peers)
+        )
 
     B, S, Hh, D = plan.bench_attn
     q, k, v, _ = attn_inputs(B, S, Hh, Hh, D, torch.bfloat16, dev)
@@ -1356,12 +1498,18 @@ def timings(report: Report, plan: Plan) -> dict:
 
         return run
 
-    timed("attention", "vrpo triton", lambda: attention_fn(
-        lambda a, b, c: bidirectional_attention(a, b, c, one_segment, impl="triton")))
+    timed(
+        "attention",
+        "vrpo triton",
+        lambda: attention_fn(lambda a, b, c: bidirectional_attention(a, b, c, one_segment, impl="triton")),
+    )
     packed = attn_inputs(B, S, Hh, Hh, D, torch.bfloat16, dev)[3]
-    timed("attention", "vrpo triton, packed segments", lambda: attention_fn(
-        lambda a, b, c: bidirectional_attention(a, b, c, packed, impl="triton")),
-        None if plan.peers or dev.type != "cuda" else "full check only (not --quick)")
+    timed(
+        "attention",
+        "vrpo triton, packed segments",
+        lambda: attention_fn(lambda a, b, c: bidirectional_attention(a, b, c, packed, impl="triton")),
+        None if plan.peers or dev.type != "cuda" else "full check only (not --quick)",
+    )
     timed("attention", "SDPA", lambda: attention_fn(torch.nn.functional.scaled_dot_product_attention))
 
     def flash():
@@ -1412,8 +1560,12 @@ def estimated_compiles(plan: Plan) -> dict:
     from vrpo_kernels.masked_linear_ce.triton_path import grad_chunk_cols
 
     ce = set()
-    cases = [(N, n, H, V, None, d, p, b) for N, n, H, V in plan.ce_cases for d, p in _dtype_variants(plan.ce_dtypes)
-             for b in (False, True)]
+    cases = [
+        (N, n, H, V, None, d, p, b)
+        for N, n, H, V in plan.ce_cases
+        for d, p in _dtype_variants(plan.ce_dtypes)
+        for b in (False, True)
+    ]
     cases += [(N, n, H, V, budget, plan.bench_ce_dtype, "ieee", False) for N, n, H, V, budget in plan.ce_multi_chunk]
     for N, n, H, V, budget, d, p, b in cases:
         ce.add(("fwd", d, p, b, _spec(n), _spec(H), _spec(V)))
@@ -1421,10 +1573,12 @@ def estimated_compiles(plan: Plan) -> dict:
         ce.add(("grad", d, b, _spec(C), _spec(2 * C)))
     attn = {(dt, D, _spec(S), g == 1) for D, g, S, dt in plan.attn_cases}
     steps = len(plan.step_models)
-    return {"masked_linear_ce": len(ce) + 2 * bool(plan.ce_forward_only or plan.ce_offsets_64),
-            "attention": 4 * len(attn) + 4,  # fwd, delta, dkdv, dq; + the forward-only timing/determinism shape
-            "sample_masks": 2 * len({_spec(L) for L in plan.mask_lengths}),
-            "training step": 8 * steps + 2}  # per model: attention 4, head 2, masks 2; the quick start 2
+    return {
+        "masked_linear_ce": len(ce) + 2 * bool(plan.ce_forward_only or plan.ce_offsets_64),
+        "attention": 4 * len(attn) + 4,  # fwd, delta, dkdv, dq; + the forward-only timing/determinism shape
+        "sample_masks": 2 * len({_spec(L) for L in plan.mask_lengths}),
+        "training step": 8 * steps + 2,
+    }  # per model: attention 4, head 2, masks 2; the quick start 2
 
 
 def estimated_seconds(plan: Plan) -> dict:
@@ -1448,8 +1602,11 @@ def estimated_seconds(plan: Plan) -> dict:
     out = {
         "start-up": STARTUP_S,
         "correctness": (compiles["masked_linear_ce"] + compiles["attention"] + compiles["sample_masks"]) * COMPILE_S
-        + compute + attn_ref / (_FP64_PEAK * _FP64_EFF),
-        "training step": compiles["training step"] * COMPILE_S + TRAINER_S * len(plan.step_models) + QUICKSTART_S
+        + compute
+        + attn_ref / (_FP64_PEAK * _FP64_EFF),
+        "training step": compiles["training step"] * COMPILE_S
+        + TRAINER_S * len(plan.step_models)
+        + QUICKSTART_S
         + (30.0 if plan.memory_check else 0.0),  # the 1.1B model: built on the GPU, two steps
         "timing": _BENCH_S * (9 if plan.peers else 4) + (TORCH_COMPILE_S if plan.peers else 0.0),
     }
@@ -1483,8 +1640,10 @@ def environment(device) -> list[str]:
     lines = [f"- python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        lines.append(f"- device: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
-                     f"capability {props.major}.{props.minor}")
+        lines.append(
+            f"- device: {props.name}, {props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, "
+            f"capability {props.major}.{props.minor}"
+        )
         lines.append(f"- CUDA {torch.version.cuda}, driver {_driver_version()}")
     else:
         lines.append(f"- device: CPU ({platform.processor() or platform.machine()}), Triton interpreter (dry run)")
@@ -1493,25 +1652,43 @@ def environment(device) -> list[str]:
 
 def _driver_version() -> str:
     try:
-        run = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        run = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         return run.stdout.strip().splitlines()[0] if run.returncode == 0 and run.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unknown ({type(exc).__name__})"
 
 
-def markdown(report: Report, plan: Plan, measured: dict, pred, gpu_name: str, seconds: float, dry_run: bool,
-             plant: str | None = None) -> str:
-    out = ["# GPU check" + (" (dry run on the CPU: interpreter, tiny shapes)" if dry_run else "")
-           + (f", planted bug {plant!r}" if plant else ""), ""]
+def markdown(
+    report: Report,
+    plan: Plan,
+    measured: dict,
+    pred,
+    gpu_name: str,
+    seconds: float,
+    dry_run: bool,
+    plant: str | None = None,
+) -> str:
+    out = [
+        "# GPU check"
+        + (" (dry run on the CPU: interpreter, tiny shapes)" if dry_run else "")
+        + (f", planted bug {plant!r}" if plant else ""),
+        "",
+    ]
     out += environment(report.device)
     skipped = sum(r.skipped for r in report.results)
-    out += [f"- {len(report.results) - len(report.failed) - skipped} of {len(report.results)} checks passed, "
-            f"{skipped} skipped, in {seconds:.0f} s", ""]
+    out += [
+        f"- {len(report.results) - len(report.failed) - skipped} of {len(report.results)} checks passed, "
+        f"{skipped} skipped, in {seconds:.0f} s",
+        "",
+    ]
     out += ["| section | check | result | s | detail |", "|---|---|---|---|---|"]
     for r in report.results:
-        out.append(f"| {r.section} | {r.name} | {r.status} | {r.seconds:.1f} | "
-                   f"{r.detail.replace('|', '/')} |")
+        out.append(f"| {r.section} | {r.name} | {r.status} | {r.seconds:.1f} | {r.detail.replace('|', '/')} |")
     out += ["", "Elapsed per section: " + ", ".join(f"{k} {v:.0f} s" for k, v in section_seconds(report).items()), ""]
     if pred is None:  # a planted-bug run: correctness only
         return "\n".join(out + [""])
@@ -1524,19 +1701,27 @@ def timing_table(plan: Plan, measured: dict, pred, gpu_name: str) -> list[str]:
     the cost model's prediction for our kernels in a column of its own, never a divisor."""
     N, H, V = plan.bench_ce
     B, S, Hh, D = plan.bench_attn
-    out = ["", f"## Timings, and the cost model's predictions ({gpu_name} peaks; `python -m tools.roofline`)", "",
-           f"masked CE fwd+bwd at N={N}, H={H}, V={V} bf16; attention fwd+bwd at {B} x {S}, {Hh} heads, D={D} bf16, "
-           "one sample per row. Median ms of `triton.testing.do_bench` (wall clock in the dry run). "
-           "'x ours' is this implementation's measured time over vrpo triton's measured time (above 1: ours is "
-           "faster). The predictions are ours only: expected (an estimate) and ideal (a floor).", "",
-           "| op | implementation | measured ms | x ours (measured) | predicted ms | expected ms | ideal ms |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "",
+        f"## Timings, and the cost model's predictions ({gpu_name} peaks; `python -m tools.roofline`)",
+        "",
+        f"masked CE fwd+bwd at N={N}, H={H}, V={V} bf16; attention fwd+bwd at {B} x {S}, {Hh} heads, D={D} bf16, "
+        "one sample per row. Median ms of `triton.testing.do_bench` (wall clock in the dry run). "
+        "'x ours' is this implementation's measured time over vrpo triton's measured time (above 1: ours is "
+        "faster). The predictions are ours only: expected (an estimate) and ideal (a floor).",
+        "",
+        "| op | implementation | measured ms | x ours (measured) | predicted ms | expected ms | ideal ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (op, impl), ms in measured.items():
         ours = measured.get((op, "vrpo triton"))
         ratio = f"{ms / ours:.2f}" if ours else "-"
         if impl == "vrpo triton":
-            p, e, ideal = ((pred.masked_ce_s, pred.masked_ce_expected_s, pred.masked_ce_ideal_s) if op == "masked_ce"
-                           else (pred.attention_s, pred.attention_expected_s, pred.attention_ideal_s))
+            p, e, ideal = (
+                (pred.masked_ce_s, pred.masked_ce_expected_s, pred.masked_ce_ideal_s)
+                if op == "masked_ce"
+                else (pred.attention_s, pred.attention_expected_s, pred.attention_ideal_s)
+            )
             cells = f"{p * 1e3:.3f} | {e * 1e3:.3f} | {ideal * 1e3:.3f}"
         else:
             cells = "- | - | -"
@@ -1566,8 +1751,13 @@ def write_atomically(path: str, text: str) -> None:
         raise
 
 
-def run(dry_run: bool = False, out_dir: str | None = None, plant: str | None = None, quick: bool = False,
-        gpu_shapes: bool = False) -> tuple[Report, str]:
+def run(
+    dry_run: bool = False,
+    out_dir: str | None = None,
+    plant: str | None = None,
+    quick: bool = False,
+    gpu_shapes: bool = False,
+) -> tuple[Report, str]:
     """Run every section (with a ``plant``: the correctness checks of the op it breaks, under it); write
     ``gpu_check.md`` into ``out_dir``. Returns (report, path).
 
@@ -1601,8 +1791,12 @@ def run(dry_run: bool = False, out_dir: str | None = None, plant: str | None = N
             measured = timings(report, plan)
             gpu_name, pred = predictions(plan, device)
     elapsed = time.perf_counter() - t0
-    print("elapsed per section: " + ", ".join(f"{k} {v:.1f} s" for k, v in section_seconds(report).items())
-          + f"; total {elapsed:.1f} s", flush=True)
+    print(
+        "elapsed per section: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in section_seconds(report).items())
+        + f"; total {elapsed:.1f} s",
+        flush=True,
+    )
     text = markdown(report, plan, measured, pred, gpu_name, elapsed, dry_run, plant)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "gpu_check.md")
@@ -1612,28 +1806,46 @@ def run(dry_run: bool = False, out_dir: str | None = None, plant: str | None = N
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true",
-                        help="run the same code on the CPU under the Triton interpreter, with tiny shapes")
-    parser.add_argument("--out", help="directory for gpu_check.md (default: benchmarks/results; a temporary "
-                                      "directory with --dry-run)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the checks that matter most, in at most 3 minutes on an H100 with a cold Triton cache "
-                             "(the full check: at most 6)")
-    parser.add_argument("--gpu-shapes", action="store_true",
-                        help="with --dry-run: add the masked-CE checks at the GPU plan's head (H = 4096, V = 126,464) "
-                             "on a few dozen rows, through the torch path (a few minutes on a CPU)")
-    parser.add_argument("--estimate", action="store_true",
-                        help="print the estimated seconds of --quick and of the full check (no GPU needed) and exit")
-    parser.add_argument("--plant", choices=sorted(PLANTS),
-                        help="with --dry-run: run the correctness checks with this deliberately broken kernel; "
-                             "the run must fail (exit 1) and name the failing checks")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the same code on the CPU under the Triton interpreter, with tiny shapes",
+    )
+    parser.add_argument(
+        "--out", help="directory for gpu_check.md (default: benchmarks/results; a temporary directory with --dry-run)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the checks that matter most, in at most 3 minutes on an H100 with a cold Triton cache "
+        "(the full check: at most 6)",
+    )
+    parser.add_argument(
+        "--gpu-shapes",
+        action="store_true",
+        help="with --dry-run: add the masked-CE checks at the GPU plan's head (H = 4096, V = 126,464) "
+        "on a few dozen rows, through the torch path (a few minutes on a CPU)",
+    )
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the estimated seconds of --quick and of the full check (no GPU needed) and exit",
+    )
+    parser.add_argument(
+        "--plant",
+        choices=sorted(PLANTS),
+        help="with --dry-run: run the correctness checks with this deliberately broken kernel; "
+        "the run must fail (exit 1) and name the failing checks",
+    )
     args = parser.parse_args(argv)
     if args.estimate:
         for name, plan in (("--quick", QUICK_PLAN), ("full", GPU_PLAN)):
             est, comp = estimated_seconds(plan), estimated_compiles(plan)
-            print(f"{name}: {est['total']:.0f} s estimated on an H100, cold Triton cache ("
-                  + ", ".join(f"{k} {v:.0f} s" for k, v in est.items() if k != "total")
-                  + f"); Triton compiles: {comp}")
+            print(
+                f"{name}: {est['total']:.0f} s estimated on an H100, cold Triton cache ("
+                + ", ".join(f"{k} {v:.0f} s" for k, v in est.items() if k != "total")
+                + f"); Triton compiles: {comp}"
+            )
         return 0
     if args.plant and not args.dry_run:
         parser.error("--plant breaks a kernel on purpose: only with --dry-run (never over the GPU results)")

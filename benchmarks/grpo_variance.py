@@ -55,8 +55,9 @@ def log_ratios(new, old, batch, mask_id, make_draw, stream: str, shared: bool, r
         keys = [draw_key(stream, k, b) for b in range(ids.shape[0])]
         draw = make_draw(keys)
         other = draw if shared else make_draw([key + 1 for key in keys])
-        est = (elbo_terms(new, ids, resp, draw, mask_id, **kw).mean(-1)
-               - elbo_terms(old, ids, resp, other, mask_id, **kw).mean(-1))
+        est = elbo_terms(new, ids, resp, draw, mask_id, **kw).mean(-1) - elbo_terms(
+            old, ids, resp, other, mask_id, **kw
+        ).mean(-1)
         out.append(est.double())
     return torch.stack(out, -1)
 
@@ -77,39 +78,66 @@ def main(argv=None):
     ids, resp, att = batch["input_ids"], batch["response_mask"], batch["attention_mask"]
 
     def elbo(plan: SamplingPlan, shared: bool):
-        return lambda: log_ratios(new, old, batch, mask_id, lambda keys: noisy_draw(ids, resp, plan, keys, mask_id),
-                                  "grpo_variance", shared, args.repeats)
+        return lambda: log_ratios(
+            new,
+            old,
+            batch,
+            mask_id,
+            lambda keys: noisy_draw(ids, resp, plan, keys, mask_id),
+            "grpo_variance",
+            shared,
+            args.repeats,
+        )
 
     estimators = {
         "shared (n_t 8)": elbo(SamplingPlan(n_t=8), True),
         "shared, stratified (n_t 8)": elbo(SamplingPlan(n_t=8, stratified=True), True),
         "independent (n_t 8)": elbo(SamplingPlan(n_t=8), False),
-        "d1 one-step": lambda: log_ratios(new, old, batch, mask_id,
-                                          lambda keys: one_step_draw(ids, resp, att, keys, mask_id),
-                                          "grpo_variance_d1", True, args.repeats),
+        "d1 one-step": lambda: log_ratios(
+            new,
+            old,
+            batch,
+            mask_id,
+            lambda keys: one_step_draw(ids, resp, att, keys, mask_id),
+            "grpo_variance_d1",
+            True,
+            args.repeats,
+        ),
     }
     rows = []
     for name, run in estimators.items():
         est = run()
-        rows.append({"estimator": name, "var_log_ratio": est.var(-1).mean().item(),
-                     "mean_log_ratio": est.mean().item()})
+        rows.append(
+            {"estimator": name, "var_log_ratio": est.var(-1).mean().item(), "mean_log_ratio": est.mean().item()}
+        )
         print(rows[-1], flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "grpo_variance.csv", list(rows[0]))
-    command = (f"python -m benchmarks.grpo_variance --new {args.new} --prompts {args.prompts} "
-               f"--generations {args.generations} --repeats {args.repeats}")
-    lines = [f"# Variance of the estimated log-ratio on real rollouts ({time.strftime('%Y-%m-%d')}, {machine()})", "",
-             f"Command: `{command}`", "",
-             f"{args.prompts * args.generations} completions (the SFT model's temperature-1 answers to "
-             "training prompts); per estimator the variance of one estimate of log pi_new - log pi_old, averaged "
-             "over completions, and the mean estimate (d1's estimates another quantity).", "",
-             "| estimator | var of the log-ratio | mean log-ratio |", "|---|---|---|"]
+    command = (
+        f"python -m benchmarks.grpo_variance --new {args.new} --prompts {args.prompts} "
+        f"--generations {args.generations} --repeats {args.repeats}"
+    )
+    lines = [
+        f"# Variance of the estimated log-ratio on real rollouts ({time.strftime('%Y-%m-%d')}, {machine()})",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{args.prompts * args.generations} completions (the SFT model's temperature-1 answers to "
+        "training prompts); per estimator the variance of one estimate of log pi_new - log pi_old, averaged "
+        "over completions, and the mean estimate (d1's estimates another quantity).",
+        "",
+        "| estimator | var of the log-ratio | mean log-ratio |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['estimator']} | {r['var_log_ratio']:.4g} | {r['mean_log_ratio']:.4f} |" for r in rows]
     base = rows[0]["var_log_ratio"]
     if base > 0:  # 0 when --new is the SFT model itself (the smoke test)
-        lines += ["", "Ratio to shared masks: " + ", ".join(f"{r['estimator']} {r['var_log_ratio'] / base:.1f}x"
-                                                         for r in rows[1:])]
+        lines += [
+            "",
+            "Ratio to shared masks: "
+            + ", ".join(f"{r['estimator']} {r['var_log_ratio'] / base:.1f}x" for r in rows[1:]),
+        ]
     (out / "grpo_variance.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows

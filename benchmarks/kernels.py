@@ -57,7 +57,6 @@ from benchmarks.common import (
     peak_extra_bytes,
 )
 
-
 # --------------------------------------------------------------------------------------------------
 # Shared harness
 # --------------------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def interleaved_times(runners: dict[str, Callable], repeats: int, device: str) -
     names = list(runners)
     times = {k: [] for k in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             if name not in times:
                 continue
@@ -134,7 +133,13 @@ def probe_memory(op: str, impl: str, shape: dict, dtype: str) -> float | None:
     if not cpu_peak_memory_available():
         return None
     env = memory_probe_env()
-    cmd = [sys.executable, "-m", "benchmarks.kernels", "--probe", json.dumps(dict(op=op, impl=impl, shape=shape, dtype=dtype))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.kernels",
+        "--probe",
+        json.dumps(dict(op=op, impl=impl, shape=shape, dtype=dtype)),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"memory probe of {op}/{impl} failed:\n{run.stderr[-3000:]}")
@@ -171,8 +176,10 @@ def write_results(rows: list[Row], op: str, out_dir: Path, title: str):
         baseline = getattr(OPS[op], "baseline", "eager")  # the row the speed-ups are relative to
         ref = next((r for r in group if r.impl == baseline), None)
         lines += [f"**{shape}** ({group[0].device}, {group[0].repeats} interleaved repeats)", ""]
-        lines.append(f"| implementation | median s | p20 s | p80 s | vs {baseline} | first call s | peak extra MB | "
-                     "max err out | max err grad |")
+        lines.append(
+            f"| implementation | median s | p20 s | p80 s | vs {baseline} | first call s | peak extra MB | "
+            "max err out | max err grad |"
+        )
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in group:
             speed = f"{ref.median_s / r.median_s:.1f}x" if ref else ""
@@ -276,7 +283,7 @@ def cpu_description() -> str:
     if caps:
         isa += f" (capped: {', '.join(caps)})"
     rates = ", ".join(f"{k} {v:.0f}" for k, v in gemm_gflops().items())
-    return f"CPU: {model}, {isa}; fp32 GEMM GFLOP/s (best of 3, 1024x256x16384): {rates}; masked_linear_ce uses {mlce._cpu_gemm()}"
+    return f"CPU: {model}, {isa}; fp32 GEMM GFLOP/s (best of 3, 1024x256x16384): {rates}; masked_linear_ce uses {mlce._cpu_gemm()}"  # noqa: E501
 
 
 def run_op(op: str, args) -> list[Row]:
@@ -318,7 +325,9 @@ def run_op(op: str, args) -> list[Row]:
             if device == "cuda":
                 import triton.testing
 
-                times = {k: [t / 1e3 for t in triton.testing.do_bench(f, return_mode="all")] for k, f in runners.items()}
+                times = {
+                    k: [t / 1e3 for t in triton.testing.do_bench(f, return_mode="all")] for k, f in runners.items()
+                }
             else:
                 times = interleaved_times(runners, args.repeats, device)
             del runners
@@ -332,15 +341,28 @@ def run_op(op: str, args) -> list[Row]:
                 except Exception as exc:
                     _report_failure(name, "the memory probe", exc)
                     mem = None
-                rows.append(Row(
-                    op=op, impl=name, shape=bench.describe(shape, dtype), device=device,
-                    median_s=median_p20_p80(ts)[0], p20_s=median_p20_p80(ts)[1], p80_s=median_p20_p80(ts)[2],
-                    first_call_s=first[name], peak_extra_mb=mem, max_err_out=errors[name][0],
-                    max_err_grad=errors[name][1], repeats=len(ts), note=notes.get(name, bench.notes.get(name, "")),
-                ))
+                rows.append(
+                    Row(
+                        op=op,
+                        impl=name,
+                        shape=bench.describe(shape, dtype),
+                        device=device,
+                        median_s=median_p20_p80(ts)[0],
+                        p20_s=median_p20_p80(ts)[1],
+                        p80_s=median_p20_p80(ts)[2],
+                        first_call_s=first[name],
+                        peak_extra_mb=mem,
+                        max_err_out=errors[name][0],
+                        max_err_grad=errors[name][1],
+                        repeats=len(ts),
+                        note=notes.get(name, bench.notes.get(name, "")),
+                    )
+                )
                 annotate = getattr(bench, "annotate", None)
                 if annotate is not None:
-                    rows[-1].note = "; ".join(filter(None, [rows[-1].note, annotate(inputs, rows[-1].median_s, device)]))
+                    rows[-1].note = "; ".join(
+                        filter(None, [rows[-1].note, annotate(inputs, rows[-1].median_s, device)])
+                    )
                 print(f"[{op}] {rows[-1]}", file=sys.stderr)
     return rows
 
@@ -359,9 +381,9 @@ class MaskedCE:
         "eager_gathered": "the same on the selected rows only",
         "compiled_gathered": "torch.compile of eager_gathered",
         "vrpo_torch": "vrpo_kernels.masked_linear_ce(impl='torch'), default max_buffer_bytes (1 GiB): "
-                      "keeps the selected rows' softmax numerators when they fit",
+        "keeps the selected rows' softmax numerators when they fit",
         "vrpo_torch_256mb": "vrpo_kernels.masked_linear_ce(impl='torch', max_buffer_bytes=256 << 20): "
-                            "streamed, recomputed when the logits exceed 256 MB",
+        "streamed, recomputed when the logits exceed 256 MB",
         "cce_torch_compile": "cut_cross_entropy.linear_cross_entropy(impl='torch_compile') on the selected rows",
         "vrpo_triton": "vrpo_kernels.masked_linear_ce(impl='triton')",
         "cce_triton": "cut_cross_entropy.linear_cross_entropy(impl='cce') on the selected rows",
@@ -464,8 +486,12 @@ class MaskedCE:
 
         def ours(impl, max_buffer_bytes=None):
             def setup(x):
-                return cls._runner(x, lambda h, W: masked_linear_ce(
-                    h, W, x["targets"], x["row_weight"], x["mask"], impl=impl, max_buffer_bytes=max_buffer_bytes))
+                return cls._runner(
+                    x,
+                    lambda h, W: masked_linear_ce(
+                        h, W, x["targets"], x["row_weight"], x["mask"], impl=impl, max_buffer_bytes=max_buffer_bytes
+                    ),
+                )
 
             return setup
 
@@ -619,8 +645,10 @@ class Attention:
 
     @staticmethod
     def describe(shape: dict, dtype) -> str:
-        return (f"B={shape['batch']}, S={shape['seq_len']}, H={shape['n_heads']}, D={shape['head_dim']}, "
-                f"samples {shape['min_len']}-{shape['max_len']} tokens, {str(dtype).split('.')[-1]}")
+        return (
+            f"B={shape['batch']}, S={shape['seq_len']}, H={shape['n_heads']}, D={shape['head_dim']}, "
+            f"samples {shape['min_len']}-{shape['max_len']} tokens, {str(dtype).split('.')[-1]}"
+        )
 
     @staticmethod
     def make_inputs(shape: dict, dtype, device: str) -> dict:
@@ -688,8 +716,9 @@ class Attention:
 
         def ours(impl):
             def setup(x):
-                return cls._runner(x, lambda q, k, v: bidirectional_attention(
-                    q, k, v, x["segment_ids"], scale=x["scale"], impl=impl))
+                return cls._runner(
+                    x, lambda q, k, v: bidirectional_attention(q, k, v, x["segment_ids"], scale=x["scale"], impl=impl)
+                )
 
             return setup
 
@@ -699,7 +728,9 @@ class Attention:
 
         def installed(module):
             def check():
-                return None if importlib.util.find_spec(module) else f"{module} is not installed; pip install '.[flash]'"
+                return (
+                    None if importlib.util.find_spec(module) else f"{module} is not installed; pip install '.[flash]'"
+                )
 
             return check
 
@@ -710,7 +741,6 @@ class Attention:
             Impl("sdpa_block_mask", ours("torch")),
             Impl("flash_attn_varlen", flash, installed("flash_attn")),
         ]
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -840,7 +870,7 @@ class Masks:
     baseline = "per_row"
     notes = {
         "per_row": "the former draw_masks_keyed: a torch.Generator per row in a Python loop on the CPU, "
-                   "masks shipped to the device, mask token written there",
+        "masks shipped to the device, mask token written there",
         "vrpo_torch": "noisy_draw(impl='torch'): Philox4x32-10 in int64 arithmetic, vectorised over rows and samples",
         "vrpo_triton": "noisy_draw(impl='triton'): one launch writes ids, masks, weights and levels",
     }
@@ -872,8 +902,13 @@ class Masks:
         resp = (pos >= start) & (pos < start + Lr)
         ids = torch.randint(0, 126000, (B, L), generator=g)
         keys = [draw_key(0, "train", 0, i // 2, i % 2) for i in range(B)]
-        return dict(input_ids=ids.to(device), response_mask=resp.to(device), keys=keys,
-                    key_tensor=torch.tensor(keys, device=device), n=shape["n"])
+        return dict(
+            input_ids=ids.to(device),
+            response_mask=resp.to(device),
+            keys=keys,
+            key_tensor=torch.tensor(keys, device=device),
+            n=shape["n"],
+        )
 
     @staticmethod
     def reference(x: dict):
@@ -926,8 +961,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds on CPU")
     parser.add_argument("--quick", action="store_true", help="toy sizes, 2 repeats: a smoke run in seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: the CPU rows, then the GPU rows when CUDA is there; cpu or cuda: only those")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: the CPU rows, then the GPU rows when CUDA is there; cpu or cuda: only those",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: the memory subprocess
     args = parser.parse_args(argv)

@@ -21,11 +21,19 @@ import tempfile
 
 from benchmarks.common import RESULTS, report_heading, train_demo, write_csv
 
-METRICS = ("gen_acc_before", "gen_acc_after", "gen_credit_before", "gen_credit_after", "pref_acc_before",
-           "pref_acc_after")
+METRICS = (
+    "gen_acc_before",
+    "gen_acc_after",
+    "gen_credit_before",
+    "gen_credit_after",
+    "pref_acc_before",
+    "pref_acc_after",
+)
 
 
-QUICK = dict(max_steps=1, per_device_train_batch_size=2, eval_size=16, gen_eval_prompts=16)  # --quick: the smoke test's sizes
+QUICK = dict(
+    max_steps=1, per_device_train_batch_size=2, eval_size=16, gen_eval_prompts=16
+)  # --quick: the smoke test's sizes
 
 
 def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: bool = False) -> dict:
@@ -35,22 +43,39 @@ def method_kwargs(naive: bool, naive_scale: str, max_steps: int | None, quick: b
 
     base = VRPOConfig(**(QUICK if quick else {})).resolved(SORT_TASK.presets)
     steps = max_steps or base.max_steps
-    sizes = dict(eval_size=base.eval_size, per_device_train_batch_size=base.per_device_train_batch_size, max_steps=steps,
-                 gen_eval_prompts=base.gen_eval_prompts)
+    sizes = dict(
+        eval_size=base.eval_size,
+        per_device_train_batch_size=base.per_device_train_batch_size,
+        max_steps=steps,
+        gen_eval_prompts=base.gen_eval_prompts,
+    )
     if not naive:
         return sizes
     budget = base.n_t * base.n_yt  # VRPO's ELBO samples per sequence, against naive DPO's one
     if naive_scale == "batch":
-        return {**sizes, "algorithm": "naive_dpo", "per_device_train_batch_size": base.per_device_train_batch_size * budget}
+        return {
+            **sizes,
+            "algorithm": "naive_dpo",
+            "per_device_train_batch_size": base.per_device_train_batch_size * budget,
+        }
     return {**sizes, "algorithm": "naive_dpo", "max_steps": steps * budget, "warmup_steps": base.warmup_steps * budget}
 
 
-def run_one(seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False) -> dict:
+def run_one(
+    seed: int, naive: bool, naive_scale: str, max_steps: int | None, out_root: str, quick: bool = False
+) -> dict:
     from vrpo.training.config import VRPOConfig
 
-    run = train_demo(VRPOConfig(seed=seed, num_samples=0, report_to="none", save_steps=0,
-                                output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),
-                                **method_kwargs(naive, naive_scale, max_steps, quick)))
+    run = train_demo(
+        VRPOConfig(
+            seed=seed,
+            num_samples=0,
+            report_to="none",
+            save_steps=0,
+            output_dir=os.path.join(out_root, f"{'dpo' if naive else 'vrpo'}-{seed}"),
+            **method_kwargs(naive, naive_scale, max_steps, quick),
+        )
+    )
     return {
         "method": "naive DPO" if naive else "VRPO",
         "seed": seed,
@@ -83,7 +108,7 @@ def table(rows: list[dict], command: str) -> str:
             mean = {k: statistics.fmean(r[k] for r in mine) for k in METRICS}
             lines.append(
                 f"| **{method} mean** | | | {mean['gen_acc_before']:.3f} | **{mean['gen_acc_after']:.3f}** | "
-                f"{mean['gen_credit_before']:.3f} | **{mean['gen_credit_after']:.3f}** | {mean['pref_acc_before']:.3f} | "
+                f"{mean['gen_credit_before']:.3f} | **{mean['gen_credit_after']:.3f}** | {mean['pref_acc_before']:.3f} | "  # noqa: E501
                 f"**{mean['pref_acc_after']:.3f}** | | |"
             )
     return "\n".join(lines) + "\n"
@@ -91,11 +116,20 @@ def table(rows: list[dict], command: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 2, 3],
-                        help="the README's seeds (seed 1 was used to choose the toy run's settings)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[42, 2, 3],
+        help="the README's seeds (seed 1 was used to choose the toy run's settings)",
+    )
     parser.add_argument("--max_steps", type=int, default=None, help="VRPO's steps (default: the default run's)")
-    parser.add_argument("--naive_scale", choices=("batch", "steps"), default="batch",
-                        help="how naive DPO spends VRPO's n_t-fold forward passes")
+    parser.add_argument(
+        "--naive_scale",
+        choices=("batch", "steps"),
+        default="batch",
+        help="how naive DPO spends VRPO's n_t-fold forward passes",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (one step, 16 held-out pairs)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -109,9 +143,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     name = "toy_compare" if args.naive_scale == "batch" else f"toy_compare_{args.naive_scale}"
     write_csv(rows, out / f"{name}.csv", list(rows[0]))
-    command = ("python -m benchmarks.toy_compare" + (" --quick" if args.quick else "")
-               + (f" --max_steps {args.max_steps}" if args.max_steps else "")
-               + f" --naive_scale {args.naive_scale} --seeds {' '.join(map(str, args.seeds))}")
+    command = (
+        "python -m benchmarks.toy_compare"
+        + (" --quick" if args.quick else "")
+        + (f" --max_steps {args.max_steps}" if args.max_steps else "")
+        + f" --naive_scale {args.naive_scale} --seeds {' '.join(map(str, args.seeds))}"
+    )
     text = table(rows, command)
     (out / f"{name}.md").write_text(text)
     print(text)

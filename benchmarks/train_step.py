@@ -63,12 +63,10 @@ from benchmarks.common import (
 from vrpo.tasks.sort.task import MODEL_SHAPE as TOY_MODEL
 from vrpo.training.config import VRPOConfig
 
-
 MODELS = {
     "tiny": dict(model=TOY_MODEL, batch=16),
     "tiny-v32k": dict(
-        model=dict(d_model=128, n_heads=4, n_layers=2, mlp_hidden_size=384, vocab_size=32768,
-                   max_sequence_length=128),
+        model=dict(d_model=128, n_heads=4, n_layers=2, mlp_hidden_size=384, vocab_size=32768, max_sequence_length=128),
         batch=4,
     ),
 }
@@ -89,8 +87,18 @@ def build_trainer(model_name: str, impl: str, workdir: str, batch: int, seed: in
 
     spec = MODELS[model_name]["model"]
     cfg = VRPOConfig(
-        output_dir=workdir, overwrite_output_dir=True, report_to="none", num_samples=0, save_steps=0, seed=seed,
-        eval_size=0, per_device_train_batch_size=batch, n_t=N_T, n_yt=1, max_steps=10_000, **IMPLS[impl],
+        output_dir=workdir,
+        overwrite_output_dir=True,
+        report_to="none",
+        num_samples=0,
+        save_steps=0,
+        seed=seed,
+        eval_size=0,
+        per_device_train_batch_size=batch,
+        n_t=N_T,
+        n_yt=1,
+        max_steps=10_000,
+        **IMPLS[impl],
     ).resolved(SORT_TASK.presets)
     if data is None:
         tokenizer = build_tiny_tokenizer(vocab_size=spec["vocab_size"])
@@ -99,7 +107,9 @@ def build_trainer(model_name: str, impl: str, workdir: str, batch: int, seed: in
     tokenizer, train_pairs = data
     # The same initial weights for both implementations; the attention backend the trainer would pick.
     model = build_tiny_llada(seed=seed, attn_implementation=loading.attention_backend(cfg), **spec)
-    trainer = VRPOTrainer(cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None, task=SORT_TASK)
+    trainer = VRPOTrainer(
+        cfg, model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=None, task=SORT_TASK
+    )
     return trainer, data
 
 
@@ -121,6 +131,7 @@ def timed_step(trainer) -> tuple[float, int]:
 
 # --- memory -----------------------------------------------------------------------------------------
 
+
 def step_memory(trainer, device: str = "cpu") -> int:
     """Bytes: the peak memory of one step above what was in use before it (call after a warm-up step)."""
     return peak_extra_bytes(lambda: trainer.train_step(0), device)
@@ -137,8 +148,18 @@ def memory_child(model_name: str, impl: str, batch: int, seed: int) -> dict:
 def cpu_memory_in_subprocess(model_name: str, impl: str, batch: int, seed: int) -> int:
     env = memory_probe_env(131072)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--_memory_child", model_name, impl,
-           "--batch", str(batch), "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_step",
+        "--_memory_child",
+        model_name,
+        impl,
+        "--batch",
+        str(batch),
+        "--seed",
+        str(seed),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo)
     if done.returncode != 0:
         raise RuntimeError(f"memory subprocess {' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
@@ -147,8 +168,8 @@ def cpu_memory_in_subprocess(model_name: str, impl: str, batch: int, seed: int) 
 
 # --- the benchmark ----------------------------------------------------------------------------------
 
-def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int,
-                  memory: bool = True) -> list[dict]:
+
+def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int, memory: bool = True) -> list[dict]:
     on_gpu = torch.cuda.is_available()
     spec = MODELS[model_name]["model"]
     with tempfile.TemporaryDirectory(prefix="vrpo-train-step-") as workdir:
@@ -181,30 +202,61 @@ def measure_model(model_name: str, batch: int, reps: int, warmup: int, seed: int
             mem = gpu_mem[impl]
         else:
             mem = cpu_memory_in_subprocess(model_name, impl, batch, seed)
-        rows.append(dict(
-            model=model_name, vocab=spec["vocab_size"], d_model=spec["d_model"], layers=spec["n_layers"],
-            impl=impl, head=f"masked_linear_ce(impl={kernel!r})" if impl == "fused" else "full logits [N, L, V]",
-            batch_pairs=batch, n=N_T, tokens_per_step=tokens[impl], reps=reps,
-            median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3,
-            # The p20 of the throughput is the p80 of the time, and vice versa.
-            tokens_per_s=tokens[impl] / med, tokens_per_s_p20=tokens[impl] / p80,
-            tokens_per_s_p80=tokens[impl] / p20,
-            peak_mem_bytes=mem,
-            mem_method="cuda max_memory_allocated" if on_gpu else "RSS delta, fresh subprocess",
-        ))
+        rows.append(
+            dict(
+                model=model_name,
+                vocab=spec["vocab_size"],
+                d_model=spec["d_model"],
+                layers=spec["n_layers"],
+                impl=impl,
+                head=f"masked_linear_ce(impl={kernel!r})" if impl == "fused" else "full logits [N, L, V]",
+                batch_pairs=batch,
+                n=N_T,
+                tokens_per_step=tokens[impl],
+                reps=reps,
+                median_ms=med * 1e3,
+                p20_ms=p20 * 1e3,
+                p80_ms=p80 * 1e3,
+                # The p20 of the throughput is the p80 of the time, and vice versa.
+                tokens_per_s=tokens[impl] / med,
+                tokens_per_s_p20=tokens[impl] / p80,
+                tokens_per_s_p80=tokens[impl] / p20,
+                peak_mem_bytes=mem,
+                mem_method="cuda max_memory_allocated" if on_gpu else "RSS delta, fresh subprocess",
+            )
+        )
     eager = next(r for r in rows if r["impl"] == "eager")
     for r in rows:
         r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"]
         r["paired_speedup"] = statistics.median(e / t for e, t in zip(times["eager"], times[r["impl"]]))
-        r["mem_vs_eager"] = (r["peak_mem_bytes"] / eager["peak_mem_bytes"]
-                             if memory and eager["peak_mem_bytes"] else None)
+        r["mem_vs_eager"] = (
+            r["peak_mem_bytes"] / eager["peak_mem_bytes"] if memory and eager["peak_mem_bytes"] else None
+        )
     return rows
 
 
 CSV_COLUMNS = (
-    "model", "vocab", "d_model", "layers", "impl", "head", "batch_pairs", "n", "tokens_per_step", "reps",
-    "median_ms", "p20_ms", "p80_ms", "tokens_per_s", "tokens_per_s_p20", "tokens_per_s_p80",
-    "speedup_vs_eager", "paired_speedup", "peak_mem_bytes", "mem_vs_eager", "mem_method",
+    "model",
+    "vocab",
+    "d_model",
+    "layers",
+    "impl",
+    "head",
+    "batch_pairs",
+    "n",
+    "tokens_per_step",
+    "reps",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "tokens_per_s",
+    "tokens_per_s_p20",
+    "tokens_per_s_p80",
+    "speedup_vs_eager",
+    "paired_speedup",
+    "peak_mem_bytes",
+    "mem_vs_eager",
+    "mem_method",
 )
 
 
@@ -241,8 +293,17 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines)
 
 
-def run(out_dir=str(RESULTS), quick=False, models=None, reps=None, warmup=None, batch=None, seed=42, memory=True,
-        command="python -m benchmarks.train_step") -> list[dict]:
+def run(
+    out_dir=str(RESULTS),
+    quick=False,
+    models=None,
+    reps=None,
+    warmup=None,
+    batch=None,
+    seed=42,
+    memory=True,
+    command="python -m benchmarks.train_step",
+) -> list[dict]:
     """Measure and write ``train_step.{csv,md}`` under ``out_dir``. Returns the rows."""
     sizes = dict(QUICK if quick else FULL)
     for key, value in dict(models=models, reps=reps, warmup=warmup, batch=batch).items():
@@ -258,8 +319,13 @@ def run(out_dir=str(RESULTS), quick=False, models=None, reps=None, warmup=None, 
     for name in sizes["models"]:
         pairs = sizes["batch"] or MODELS[name]["batch"]
         rows += measure_model(name, pairs, sizes["reps"], sizes["warmup"], seed, memory)
-    meta = dict(command=command, date=datetime.date.today().isoformat(), machine=machine(),
-                seconds=time.perf_counter() - t0, **sizes)
+    meta = dict(
+        command=command,
+        date=datetime.date.today().isoformat(),
+        machine=machine(),
+        seconds=time.perf_counter() - t0,
+        **sizes,
+    )
     os.makedirs(out_dir, exist_ok=True)
     write_csv(rows, os.path.join(out_dir, "train_step.csv"), CSV_COLUMNS)
     with open(os.path.join(out_dir, "train_step.md"), "w", encoding="utf-8") as f:
@@ -270,12 +336,12 @@ def run(out_dir=str(RESULTS), quick=False, models=None, reps=None, warmup=None, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model at 2 pairs, 2 repeats (smoke test)")
-    parser.add_argument("--out", default=str(RESULTS),
-                        help="output directory (default: benchmarks/results; --quick: a temporary one)")
+    parser.add_argument(
+        "--out", default=str(RESULTS), help="output directory (default: benchmarks/results; --quick: a temporary one)"
+    )
     parser.add_argument("--models", nargs="+", default=None, help=f"of {', '.join(MODELS)} (default: all)")
     parser.add_argument("--reps", type=int, default=None, help=f"timed repeats per implementation ({FULL['reps']})")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help=f"warm-up steps per implementation ({FULL['warmup']})")
+    parser.add_argument("--warmup", type=int, default=None, help=f"warm-up steps per implementation ({FULL['warmup']})")
     parser.add_argument("--batch", type=int, default=None, help="pairs per step (default: per model, 16 and 4)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no_memory", action="store_true", help="skip the memory measurement")
@@ -287,8 +353,17 @@ def main(argv=None):
         return None
     args.out = output_dir(args.out, args.quick)
     argv_str = " ".join(["python -m benchmarks.train_step", *(argv if argv is not None else sys.argv[1:])])
-    rows = run(args.out, args.quick, args.models, args.reps, args.warmup, args.batch, args.seed,
-               memory=not args.no_memory, command=argv_str)
+    rows = run(
+        args.out,
+        args.quick,
+        args.models,
+        args.reps,
+        args.warmup,
+        args.batch,
+        args.seed,
+        memory=not args.no_memory,
+        command=argv_str,
+    )
     with open(os.path.join(args.out, "train_step.md"), encoding="utf-8") as f:
         print(f.read())
     return rows

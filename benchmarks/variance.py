@@ -79,8 +79,7 @@ class Setting:
 
     @property
     def plan(self) -> SamplingPlan:
-        return SamplingPlan(n_t=self.n_t, n_yt=self.n_yt, antithetic=self.antithetic,
-                            stratified=self.stratified)
+        return SamplingPlan(n_t=self.n_t, n_yt=self.n_yt, antithetic=self.antithetic, stratified=self.stratified)
 
 
 # The paper's column order (Table 2), then our stratified additions.
@@ -117,27 +116,41 @@ METRIC_NAMES = {
     "var_grad_head": "Var of gradient (LM head)",
 }
 
-FULL = dict(base_steps=150, train_steps=40, learning_rate=2e-4, pairs=64, repeats=16, chunk=32,
-            alphas=(0.1, 0.3))
+FULL = dict(base_steps=150, train_steps=40, learning_rate=2e-4, pairs=64, repeats=16, chunk=32, alphas=(0.1, 0.3))
 QUICK = dict(base_steps=2, train_steps=2, learning_rate=2e-4, pairs=4, repeats=3, chunk=4, alphas=(0.5,))
 
 
 def _toy_config(workdir: str, seed: int, steps: int, eval_size: int, quick: bool, **changes) -> VRPOConfig:
     return VRPOConfig(
-        output_dir=workdir, report_to="none", num_samples=0, save_steps=0, seed=seed, max_steps=steps,
-        eval_size=eval_size, **(dict(per_device_train_batch_size=4, eval_n_t=2) if quick else {}), **changes,
+        output_dir=workdir,
+        report_to="none",
+        num_samples=0,
+        save_steps=0,
+        seed=seed,
+        max_steps=steps,
+        eval_size=eval_size,
+        **(dict(per_device_train_batch_size=4, eval_n_t=2) if quick else {}),
+        **changes,
     )
 
 
-def train_policy(base_steps: int, train_steps: int, learning_rate: float | None, seed: int, workdir: str,
-                 eval_size: int, quick: bool = False):
+def train_policy(
+    base_steps: int,
+    train_steps: int,
+    learning_rate: float | None,
+    seed: int,
+    workdir: str,
+    eval_size: int,
+    quick: bool = False,
+):
     """Train the reference, then the policy from it; returns ``(trainer, info)``.
 
     Stage 1 (``base_steps`` > 0): ``python -m vrpo.train``'s default run (the bundled SFT model, its
     learning rate) for ``base_steps`` steps gives a model tuned on the task: the reference, as LLaDA 8B
     Instruct is in the paper. Stage 2: VRPO from that model for ``train_steps`` steps at
     ``learning_rate`` gives the policy; its frozen initial copy is the reference. With ``base_steps = 0``
-    the reference is the bundled SFT model. The trainer of stage 2 holds the policy, the reference and the held-out pairs.
+    the reference is the bundled SFT model. The trainer of stage 2 holds the policy, the reference and the held-out
+    pairs.
     """
     from vrpo.tasks.sort import SORT_TASK
     from vrpo.training import VRPOTrainer
@@ -145,10 +158,11 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
     info = {}
     model = tokenizer = train_pairs = eval_pairs = None
     if base_steps > 0:
-        base = VRPOTrainer(_toy_config(os.path.join(workdir, "base"), seed, base_steps, eval_size, quick), task=SORT_TASK)
+        base = VRPOTrainer(
+            _toy_config(os.path.join(workdir, "base"), seed, base_steps, eval_size, quick), task=SORT_TASK
+        )
         summary = base.train()
-        info.update(base_acc_before=summary.get("pref_acc_before"),
-                    base_acc_after=summary.get("pref_acc_after"))
+        info.update(base_acc_before=summary.get("pref_acc_before"), base_acc_after=summary.get("pref_acc_after"))
         model = base.policy_model
         tokenizer, train_pairs, eval_pairs = base.tokenizer, base.train_pairs, base.eval_pairs
         del base
@@ -156,11 +170,18 @@ def train_policy(base_steps: int, train_steps: int, learning_rate: float | None,
     # Another seed for stage 2: another data order and other mask draws than stage 1's.
     trainer = VRPOTrainer(
         _toy_config(os.path.join(workdir, "policy"), seed + 1, train_steps, eval_size, quick, **changes),
-        model=model, tokenizer=tokenizer, train_pairs=train_pairs, eval_pairs=eval_pairs, task=SORT_TASK,
+        model=model,
+        tokenizer=tokenizer,
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
+        task=SORT_TASK,
     )
     summary = trainer.train()
-    info.update(acc_before=summary.get("pref_acc_before"), acc_after=summary.get("pref_acc_after"),
-                reward_acc=summary.get("reward_acc_after"))
+    info.update(
+        acc_before=summary.get("pref_acc_before"),
+        acc_after=summary.get("pref_acc_after"),
+        reward_acc=summary.get("reward_acc_after"),
+    )
     return trainer, info
 
 
@@ -171,8 +192,7 @@ def gradient_matrices(model) -> dict[str, torch.nn.Parameter]:
     }
 
 
-def replicate(trainer, setting: Setting, pair_ids: list[int], repeat: int, seed: int, chunk: int,
-              beta: float):
+def replicate(trainer, setting: Setting, pair_ids: list[int], repeat: int, seed: int, chunk: int, beta: float):
     """One repeat of one setting over all pairs: scores [P], losses [P] and the gradients of the summed
     loss w.r.t. the chosen matrices (float64). The draws, the reference's terms (on the policy's draw or
     an independent one) and the margins are the trainer's own."""
@@ -234,8 +254,7 @@ def summarise(scores: torch.Tensor, losses: torch.Tensor, grads: dict[str, torch
     return out
 
 
-def measure(trainer, settings, pairs: int, repeats: int, seed: int, chunk: int,
-            progress: bool = True) -> list[dict]:
+def measure(trainer, settings, pairs: int, repeats: int, seed: int, chunk: int, progress: bool = True) -> list[dict]:
     beta = trainer.config.beta
     n_pairs = len(trainer.eval_pairs)
     if pairs > n_pairs:
@@ -271,8 +290,17 @@ def _measure(trainer, settings, pair_ids, repeats, seed, chunk, beta, progress):
         scores = torch.stack([s for s, _, _ in runs])
         losses = torch.stack([l for _, l, _ in runs])  # noqa: E741
         grads = {name: torch.stack([g[name] for _, _, g in runs]) for name in runs[0][2]}
-        row = dict(config=setting.label, alpha=1.0, n_t=setting.n_t, n_yt=setting.n_yt, n=setting.plan.n,
-                   antithetic=setting.antithetic, stratified=setting.stratified, pairs=pairs, repeats=repeats)
+        row = dict(
+            config=setting.label,
+            alpha=1.0,
+            n_t=setting.n_t,
+            n_yt=setting.n_yt,
+            n=setting.plan.n,
+            antithetic=setting.antithetic,
+            stratified=setting.stratified,
+            pairs=pairs,
+            repeats=repeats,
+        )
         row.update(summarise(scores, losses, grads))
         paper = PAPER.get(setting.label, {})
         row.update({f"paper_{k}": paper.get(k) for k in ("var_score", "var_loss", "var_grad")})
@@ -320,10 +348,29 @@ def distance_sweep(trainer, alphas, pairs: int, repeats: int, seed: int, chunk: 
 # --- output -----------------------------------------------------------------------------------------
 
 CSV_COLUMNS = (
-    "config", "alpha", "n_t", "n_yt", "n", "antithetic", "stratified", "pairs", "repeats",
-    "var_score", "var_score_se", "var_loss", "var_loss_se", "var_grad", "var_grad_se",
-    "var_grad_head", "var_grad_head_se", "mean_score", "mean_score_se",
-    "paper_var_score", "paper_var_loss", "paper_var_grad", "seconds",
+    "config",
+    "alpha",
+    "n_t",
+    "n_yt",
+    "n",
+    "antithetic",
+    "stratified",
+    "pairs",
+    "repeats",
+    "var_score",
+    "var_score_se",
+    "var_loss",
+    "var_loss_se",
+    "var_grad",
+    "var_grad_se",
+    "var_grad_head",
+    "var_grad_head_se",
+    "mean_score",
+    "mean_score_se",
+    "paper_var_score",
+    "paper_var_loss",
+    "paper_var_grad",
+    "seconds",
 )
 
 
@@ -333,7 +380,7 @@ def _g(x, digits=2):
     if x == 0:
         return "0"
     if abs(x) >= 0.1 and abs(x) < 10_000:
-        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+        return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
     return f"{x:.{max(digits - 1, 0)}e}".replace("e-0", "e-").replace("e+0", "e")
 
 
@@ -346,8 +393,11 @@ def order_report(rows, metric) -> str:
         if not by[a][metric] < by[b][metric]:
             gap = abs(by[a][metric] - by[b][metric])
             se = math.hypot(by[a][f"{metric}_se"], by[b][f"{metric}_se"])
-            broken.append(f"{a} ≥ {b} ({_g(by[a][metric], 3)} vs {_g(by[b][metric], 3)}, "
-                          f"gap {gap / se:.1f} s.e.)" if se > 0 else f"{a} ≥ {b}")
+            broken.append(
+                f"{a} ≥ {b} ({_g(by[a][metric], 3)} vs {_g(by[b][metric], 3)}, gap {gap / se:.1f} s.e.)"
+                if se > 0
+                else f"{a} ≥ {b}"
+            )
     ours = " < ".join(sorted(chain, key=lambda c: by[c][metric]))
     verdict = "holds" if not broken else "broken at " + "; ".join(broken)
     return f"- {METRIC_NAMES[metric]}: {verdict}. Ours, smallest first: {ours}."
@@ -360,14 +410,18 @@ def _pct(x):
 def setup_text(meta) -> str:
     """The paragraph that says what was measured."""
     if meta["base_steps"] > 0:
-        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`) after {meta['base_steps']} steps of "
-               f"the default run (`VRPOTrainer` on its own ranked answers to the sorting task; held-out preference accuracy "
-               f"{_pct(meta.get('base_acc_before'))} -> {_pct(meta.get('base_acc_after'))}), the stand-in for LLaDA "
-               f"8B Instruct. Policy: VRPO from the reference for {meta['train_steps']} more steps at learning rate "
-               f"{meta['learning_rate']:g}")
+        ref = (
+            f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`) after {meta['base_steps']} steps of "  # noqa: E501
+            f"the default run (`VRPOTrainer` on its own ranked answers to the sorting task; held-out preference accuracy "  # noqa: E501
+            f"{_pct(meta.get('base_acc_before'))} -> {_pct(meta.get('base_acc_after'))}), the stand-in for LLaDA "
+            f"8B Instruct. Policy: VRPO from the reference for {meta['train_steps']} more steps at learning rate "
+            f"{meta['learning_rate']:g}"
+        )
     else:
-        ref = (f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`). Policy: VRPO "
-               f"from it for {meta['train_steps']} steps at learning rate {meta['learning_rate']:g}")
+        ref = (
+            f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`). Policy: VRPO "
+            f"from it for {meta['train_steps']} steps at learning rate {meta['learning_rate']:g}"
+        )
     return (
         f"{ref} (held-out preference accuracy {_pct(meta.get('acc_before'))} -> {_pct(meta.get('acc_after'))}, "
         f"implicit-reward accuracy {_pct(meta.get('reward_acc'))}). Measured on {meta['pairs']} held-out pairs x "
@@ -424,8 +478,11 @@ def markdown(all_rows, meta) -> str:
         lines.append(f"| {METRIC_NAMES[metric]}, ours | " + " | ".join(cells) + " |")
         if metric != "var_grad_head":
             paper_key = metric
-            lines.append(f"| {METRIC_NAMES[metric].split(' (')[0]}, paper | "
-                         + " | ".join(_g(PAPER.get(c, {}).get(paper_key)) for c in labels) + " |")
+            lines.append(
+                f"| {METRIC_NAMES[metric].split(' (')[0]}, paper | "
+                + " | ".join(_g(PAPER.get(c, {}).get(paper_key)) for c in labels)
+                + " |"
+            )
     lines.append("| Mean score, ours | " + " | ".join(_g(by[c]["mean_score"], 3) for c in labels) + " |")
     lines += [
         "",
@@ -492,8 +549,7 @@ def plot(all_rows, path) -> bool:
     axes[0].legend(fontsize=8)
     ax = axes[3]
     for label, color in (("(4,1,✓)", "tab:green"), ("(4,1,✗)", "tab:red")):
-        points = sorted((r["alpha"], r["var_score"], r["var_score_se"])
-                        for r in all_rows if r["config"] == label)
+        points = sorted((r["alpha"], r["var_score"], r["var_score_se"]) for r in all_rows if r["config"] == label)
         a, v, e = zip(*points)
         ax.errorbar(a, v, yerr=e, marker="o", label=label, color=color, capsize=2)
     ax.set_xscale("log")
@@ -509,8 +565,15 @@ def plot(all_rows, path) -> bool:
     return True
 
 
-def run(out_dir=str(RESULTS), quick=False, seed=42, progress=True, settings=SETTINGS,
-        command="python -m benchmarks.variance", **overrides) -> list[dict]:
+def run(
+    out_dir=str(RESULTS),
+    quick=False,
+    seed=42,
+    progress=True,
+    settings=SETTINGS,
+    command="python -m benchmarks.variance",
+    **overrides,
+) -> list[dict]:
     """Train, measure, and write ``variance.{csv,md,png}`` under ``out_dir``. Returns the rows.
 
     ``overrides``: any of ``base_steps, train_steps, learning_rate, pairs, repeats, chunk, alphas`` (None
@@ -534,15 +597,29 @@ def run(out_dir=str(RESULTS), quick=False, seed=42, progress=True, settings=SETT
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="vrpo-variance-") as workdir:
-        trainer, info = train_policy(sizes["base_steps"], sizes["train_steps"], sizes["learning_rate"], seed,
-                                     workdir, eval_size=max(sizes["pairs"], 8), quick=quick)
+        trainer, info = train_policy(
+            sizes["base_steps"],
+            sizes["train_steps"],
+            sizes["learning_rate"],
+            seed,
+            workdir,
+            eval_size=max(sizes["pairs"], 8),
+            quick=quick,
+        )
         rows = measure(trainer, settings, sizes["pairs"], sizes["repeats"], seed, sizes["chunk"], progress)
-        rows += distance_sweep(trainer, sizes["alphas"], sizes["pairs"], sizes["repeats"], seed, sizes["chunk"],
-                               progress)
+        rows += distance_sweep(
+            trainer, sizes["alphas"], sizes["pairs"], sizes["repeats"], seed, sizes["chunk"], progress
+        )
     mats = gradient_matrices(trainer.policy_model)
     meta = dict(
-        command=command, date=datetime.date.today().isoformat(), machine=machine(),
-        seconds=time.perf_counter() - t0, seed=seed, beta=trainer.config.beta, **sizes, **info,
+        command=command,
+        date=datetime.date.today().isoformat(),
+        machine=machine(),
+        seconds=time.perf_counter() - t0,
+        seed=seed,
+        beta=trainer.config.beta,
+        **sizes,
+        **info,
         o_proj_shape="x".join(map(str, mats["var_grad"].shape)),
         head_shape="x".join(map(str, mats["var_grad_head"].shape)),
     )
@@ -560,25 +637,47 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="toy sizes that run in seconds (smoke test)")
     parser.add_argument("--out", default=str(RESULTS), help="output directory (default: benchmarks/results)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the training run and of every mask draw")
-    parser.add_argument("--base_steps", type=int, default=None,
-                        help=f"stage 1: default-run steps that train the reference from the bundled SFT model "
-                             f"({FULL['base_steps']}; 0: the reference is the SFT model)")
-    parser.add_argument("--train_steps", type=int, default=None,
-                        help=f"stage 2: VRPO steps from the reference to the policy ({FULL['train_steps']})")
-    parser.add_argument("--learning_rate", type=float, default=None,
-                        help=f"stage 2 learning rate ({FULL['learning_rate']})")
+    parser.add_argument(
+        "--base_steps",
+        type=int,
+        default=None,
+        help=f"stage 1: default-run steps that train the reference from the bundled SFT model "
+        f"({FULL['base_steps']}; 0: the reference is the SFT model)",
+    )
+    parser.add_argument(
+        "--train_steps",
+        type=int,
+        default=None,
+        help=f"stage 2: VRPO steps from the reference to the policy ({FULL['train_steps']})",
+    )
+    parser.add_argument(
+        "--learning_rate", type=float, default=None, help=f"stage 2 learning rate ({FULL['learning_rate']})"
+    )
     parser.add_argument("--pairs", type=int, default=None, help=f"held-out pairs ({FULL['pairs']})")
     parser.add_argument("--repeats", type=int, default=None, help=f"repeats per configuration ({FULL['repeats']})")
     parser.add_argument("--chunk", type=int, default=None, help=f"pairs per forward/backward ({FULL['chunk']})")
-    parser.add_argument("--alphas", type=float, nargs="*", default=None,
-                        help="distance sweep: policy = ref + alpha (policy - ref) "
-                             f"({' '.join(map(str, FULL['alphas']))})")
+    parser.add_argument(
+        "--alphas",
+        type=float,
+        nargs="*",
+        default=None,
+        help=f"distance sweep: policy = ref + alpha (policy - ref) ({' '.join(map(str, FULL['alphas']))})",
+    )
     args = parser.parse_args(argv)
     argv_str = " ".join(["python -m benchmarks.variance", *(argv if argv is not None else sys.argv[1:])])
-    rows = run(args.out, args.quick, args.seed, command=argv_str, base_steps=args.base_steps,
-               train_steps=args.train_steps, learning_rate=args.learning_rate, pairs=args.pairs,
-               repeats=args.repeats, chunk=args.chunk,
-               alphas=None if args.alphas is None else tuple(args.alphas))
+    rows = run(
+        args.out,
+        args.quick,
+        args.seed,
+        command=argv_str,
+        base_steps=args.base_steps,
+        train_steps=args.train_steps,
+        learning_rate=args.learning_rate,
+        pairs=args.pairs,
+        repeats=args.repeats,
+        chunk=args.chunk,
+        alphas=None if args.alphas is None else tuple(args.alphas),
+    )
     with open(os.path.join(args.out, "variance.md"), encoding="utf-8") as f:
         print(f.read())
     return rows

@@ -132,8 +132,9 @@ def compile_ir(spec: dict, stage: str = "ttir") -> str:
     from triton.compiler import ASTSource
 
     src = ASTSource(spec["fn"], spec["signature"], spec.get("constexprs"), spec.get("attrs"))
-    compiled = triton.compile(src, target=GPUTarget(*TARGET),
-                              options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+    compiled = triton.compile(
+        src, target=GPUTarget(*TARGET), options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+    )
     return compiled.asm[stage]
 
 
@@ -182,7 +183,10 @@ def run(only: str | None = None, jobs: int = 1, out=sys.stdout) -> tuple[list[Re
     max_regs = max((r.registers for r in reports), default=0)
     spills = sum(r.spill_bytes for r in reports)
     max_shared = max((r.shared for r in reports), default=0)
-    print(f"{len(reports)} configurations, max registers {max_regs}, spill bytes {spills}, max shared {max_shared}", file=out)
+    print(
+        f"{len(reports)} configurations, max registers {max_regs}, spill bytes {spills}, max shared {max_shared}",
+        file=out,
+    )
     code = 0 if reports and all(r.ok for r in reports) else 1
     return reports, code
 
@@ -191,8 +195,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.aot_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="inspect only configurations whose name contains this substring")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compile processes")
-    parser.add_argument("--offsets", action="store_true",
-                        help="instead of resources, print the integer type of every tile pointer offset (TTIR)")
+    parser.add_argument(
+        "--offsets",
+        action="store_true",
+        help="instead of resources, print the integer type of every tile pointer offset (TTIR)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real compiler", file=sys.stderr)

@@ -148,14 +148,31 @@ def triton_launch(name: str, programs: Iterable[Program], per_wave: int, grid: s
     return Launch(name, flops, reads + writes, grid, kind="triton", quantization=wave_quantization(count, per_wave))
 
 
-def gemm_launch(name: str, m: int, n: int, k: int, a_bytes: int, b_bytes: int, out_bytes: int,
-                accumulate: bool = False, sms: int = 132, peak: str = "bf16") -> Launch:
+def gemm_launch(
+    name: str,
+    m: int,
+    n: int,
+    k: int,
+    a_bytes: int,
+    b_bytes: int,
+    out_bytes: int,
+    accumulate: bool = False,
+    sms: int = 132,
+    peak: str = "bf16",
+) -> Launch:
     """cuBLAS ``out[m, n] (+)= a[m, k] @ b[k, n]``; *_bytes are bytes per element; ``peak``: "tf32" for
     an fp32 GEMM in TF32."""
     traffic = m * k * a_bytes + k * n * b_bytes + m * n * out_bytes * (2 if accumulate else 1)
     tiles = _cdiv(m, CUBLAS_TILE[0]) * _cdiv(n, CUBLAS_TILE[1])
-    return Launch(name, 2 * m * n * k, traffic, f"cuBLAS {m}x{n}x{k}", kind="cublas",
-                  quantization=wave_quantization(tiles, sms), peak=peak)
+    return Launch(
+        name,
+        2 * m * n * k,
+        traffic,
+        f"cuBLAS {m}x{n}x{k}",
+        kind="cublas",
+        quantization=wave_quantization(tiles, sms),
+        peak=peak,
+    )
 
 
 def fp32_out_gemm(name: str, form: str, m: int, n: int, k: int, es: int, sms: int) -> list[Launch]:
@@ -168,11 +185,15 @@ def fp32_out_gemm(name: str, form: str, m: int, n: int, k: int, es: int, sms: in
         return [gemm_launch(name, m, n, k, es, es, 4, accumulate=acc, sms=sms)]
     if form in ("mm_out_dtype_add", "scratch16_add"):
         out_es = 4 if form == "mm_out_dtype_add" else es
-        return [gemm_launch(f"{name} [{form}]", m, n, k, es, es, out_es, sms=sms),
-                elementwise_launch(f"{name}: add into fp32", m * n * (out_es + 8))]
+        return [
+            gemm_launch(f"{name} [{form}]", m, n, k, es, es, out_es, sms=sms),
+            elementwise_launch(f"{name}: add into fp32", m * n * (out_es + 8)),
+        ]
     if form in ("upcast", "upcast_add"):
-        return [elementwise_launch(f"{name}: upcast operands to fp32", (m * k + k * n) * (es + 4)),
-                gemm_launch(f"{name} [{form}, TF32]", m, n, k, 4, 4, 4, accumulate=acc, sms=sms, peak="tf32")]
+        return [
+            elementwise_launch(f"{name}: upcast operands to fp32", (m * k + k * n) * (es + 4)),
+            gemm_launch(f"{name} [{form}, TF32]", m, n, k, 4, 4, 4, accumulate=acc, sms=sms, peak="tf32"),
+        ]
     raise ValueError(f"unknown GEMM form {form!r}")
 
 
@@ -193,9 +214,16 @@ def _pad(x: int, block: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, bias: bool = False,
-                       max_buffer_bytes: int | None = None,
-                       strategy: gemm.GemmStrategy | None = None) -> list[Launch]:
+def masked_ce_launches(
+    n: int,
+    H: int,
+    V: int,
+    gpu: GPU,
+    dtype=torch.bfloat16,
+    bias: bool = False,
+    max_buffer_bytes: int | None = None,
+    strategy: gemm.GemmStrategy | None = None,
+) -> list[Launch]:
     """The launches of ``masked_linear_ce(impl="triton")`` forward + backward on ``n`` selected rows, the
     backward's fp32-output GEMMs in ``strategy``'s forms (default :func:`expected_cuda_strategy`)."""
     es = _ELEMENT_BYTES[dtype]
@@ -223,8 +251,14 @@ def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, b
                     reads.append((("bias",), v0, v1, es))
                 yield Program(tuple(reads), 3 * 4 * (r1 - r0), 2 * bm * tiles * bv * _pad(H, bk))
 
-    launches.append(triton_launch("ce fwd: _lse_forward_kernel", forward_programs(), slots,
-                                  f"({m_blocks}, {splits}) x {cfg['num_warps']} warps"))
+    launches.append(
+        triton_launch(
+            "ce fwd: _lse_forward_kernel",
+            forward_programs(),
+            slots,
+            f"({m_blocks}, {splits}) x {cfg['num_warps']} warps",
+        )
+    )
     # The splits' partials (3 x [splits, n] fp32) merged by torch: read twice, lse and logp written.
     launches.append(elementwise_launch("ce fwd: merge splits (torch)", 2 * 3 * splits * n * 4 + 2 * n * 4))
 
@@ -249,8 +283,11 @@ def masked_ce_launches(n: int, H: int, V: int, gpu: GPU, dtype=torch.bfloat16, b
                 yield Program(tuple(reads), c * es, 0)
 
         per_wave = gpu.sms * (gpu.warps_per_sm // gcfg["num_warps"])
-        launches.append(triton_launch(f"{tag}: _softmax_grad_kernel", grad_programs(), per_wave,
-                                      f"({n},) x {gcfg['num_warps']} warps"))
+        launches.append(
+            triton_launch(
+                f"{tag}: _softmax_grad_kernel", grad_programs(), per_wave, f"({n},) x {gcfg['num_warps']} warps"
+            )
+        )
         launches.append(gemm_launch(f"{tag}: dW[chunk] = dz^T h", c, H, n, es, es, es, sms=gpu.sms))
         if one_chunk:
             launches.append(gemm_launch(f"{tag}: dH (+)= dz W[chunk]", n, H, c, es, es, es, sms=gpu.sms))
@@ -283,8 +320,9 @@ def masked_ce_ideal_seconds(n: int, H: int, V: int, gpu: GPU) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def attention_launches(B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int | None = None,
-                       dtype=torch.bfloat16) -> list[Launch]:
+def attention_launches(
+    B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int | None = None, dtype=torch.bfloat16
+) -> list[Launch]:
     """The launches of ``bidirectional_attention(impl="triton")`` forward + backward on Hopper tiles,
     every row one sample (each query block visits every key block)."""
     Hkv = n_kv_heads or H
@@ -305,15 +343,29 @@ def attention_launches(B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int
             hk = h // group
             for t in range(n_tiles):
                 r0, r1 = t * c.block_m, min(S, (t + 1) * c.block_m)
-                reads = [(("q", b, h), r0, r1, row), (("seg", b), r0, r1, 4), (("span", b), r0, r1, 8),
-                         (("seg", b), 0, kv_end, 4), (("k", b, hk), 0, kv_end, row), (("v", b, hk), 0, kv_end, row)]
+                reads = [
+                    (("q", b, h), r0, r1, row),
+                    (("seg", b), r0, r1, 4),
+                    (("span", b), r0, r1, 8),
+                    (("seg", b), 0, kv_end, 4),
+                    (("k", b, hk), 0, kv_end, row),
+                    (("v", b, hk), 0, kv_end, row),
+                ]
                 reads += [((name, b, h), r0, r1, row) for name in extra_q_operands]
                 reads += [((name, b, h), r0, r1, 4) for name in stats_reads]
-                yield Program(tuple(reads), (r1 - r0) * out_row_bytes, n_kblocks * dots * 2 * c.block_m * c.block_n * bd)
+                yield Program(
+                    tuple(reads), (r1 - r0) * out_row_bytes, n_kblocks * dots * 2 * c.block_m * c.block_n * bd
+                )
 
     c = cfgs.fwd
-    launches.append(triton_launch("attn fwd: _attn_fwd (+LSE)", query_programs(c, 2, (), (), row + 4), gpu.sms,
-                                  f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps"))
+    launches.append(
+        triton_launch(
+            "attn fwd: _attn_fwd (+LSE)",
+            query_programs(c, 2, (), (), row + 4),
+            gpu.sms,
+            f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps",
+        )
+    )
 
     c = cfgs.delta
 
@@ -324,9 +376,14 @@ def attention_launches(B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int
                 r0, r1 = t * c.block_m, min(S, (t + 1) * c.block_m)
                 yield Program(((("out", b, h), r0, r1, row), (("do", b, h), r0, r1, row)), (r1 - r0) * 4, 0)
 
-    launches.append(triton_launch("attn bwd: _attn_bwd_delta", delta_programs(),
-                                  gpu.sms * (gpu.warps_per_sm // c.num_warps),
-                                  f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps"))
+    launches.append(
+        triton_launch(
+            "attn bwd: _attn_bwd_delta",
+            delta_programs(),
+            gpu.sms * (gpu.warps_per_sm // c.num_warps),
+            f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps",
+        )
+    )
 
     c = cfgs.dkdv
 
@@ -337,20 +394,41 @@ def attention_launches(B: int, S: int, H: int, D: int, gpu: GPU, n_kv_heads: int
             b, hk = divmod(bhk, Hkv)
             for t in range(_cdiv(S, c.block_n)):
                 r0, r1 = t * c.block_n, min(S, (t + 1) * c.block_n)
-                reads = [(("k", b, hk), r0, r1, row), (("v", b, hk), r0, r1, row), (("seg", b), r0, r1, 4),
-                         (("span", b), r0, r1, 8), (("seg", b), 0, q_end, 4)]
+                reads = [
+                    (("k", b, hk), r0, r1, row),
+                    (("v", b, hk), r0, r1, row),
+                    (("seg", b), r0, r1, 4),
+                    (("span", b), r0, r1, 8),
+                    (("seg", b), 0, q_end, 4),
+                ]
                 for h in range(hk * group, (hk + 1) * group):
-                    reads += [(("q", b, h), 0, q_end, row), (("do", b, h), 0, q_end, row),
-                              (("lse", b, h), 0, q_end, 4), (("delta", b, h), 0, q_end, 4)]
+                    reads += [
+                        (("q", b, h), 0, q_end, row),
+                        (("do", b, h), 0, q_end, row),
+                        (("lse", b, h), 0, q_end, 4),
+                        (("delta", b, h), 0, q_end, 4),
+                    ]
                 flops = group * n_qblocks * 4 * 2 * c.block_n * c.block_m * bd
                 yield Program(tuple(reads), 2 * (r1 - r0) * row, flops)
 
-    launches.append(triton_launch("attn bwd: _attn_bwd_dkdv", dkdv_programs(), gpu.sms,
-                                  f"({_cdiv(S, c.block_n) * B * Hkv},) x {c.num_warps} warps"))
+    launches.append(
+        triton_launch(
+            "attn bwd: _attn_bwd_dkdv",
+            dkdv_programs(),
+            gpu.sms,
+            f"({_cdiv(S, c.block_n) * B * Hkv},) x {c.num_warps} warps",
+        )
+    )
 
     c = cfgs.dq
-    launches.append(triton_launch("attn bwd: _attn_bwd_dq", query_programs(c, 3, ("do",), ("lse", "delta"), row),
-                                  gpu.sms, f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps"))
+    launches.append(
+        triton_launch(
+            "attn bwd: _attn_bwd_dq",
+            query_programs(c, 3, ("do",), ("lse", "delta"), row),
+            gpu.sms,
+            f"({_cdiv(S, c.block_m) * B * H},) x {c.num_warps} warps",
+        )
+    )
     return launches
 
 
@@ -366,19 +444,27 @@ def attention_ideal_seconds(B: int, S: int, H: int, D: int, gpu: GPU) -> float:
 def _table(launches: list[Launch], gpu: GPU, out) -> tuple[float, float]:
     """Print one line per launch; returns (roofline seconds, expected seconds) of the total."""
     width = max(len(x.name) for x in launches)
-    print(f"  {'launch':<{width}}  {'grid':<26} {'GFLOP':>10} {'HBM MB':>10} {'ms':>8} {'exp. ms':>8} {'waves':>6}  bound",
-          file=out)
+    print(
+        f"  {'launch':<{width}}  {'grid':<26} {'GFLOP':>10} {'HBM MB':>10} {'ms':>8} {'exp. ms':>8} {'waves':>6}  bound",  # noqa: E501
+        file=out,
+    )
     total = expected = 0.0
     for x in launches:
         t, e = x.seconds(gpu), x.expected_seconds(gpu)
         total += t
         expected += e
-        print(f"  {x.name:<{width}}  {x.grid:<26} {x.flops * x.count / 1e9:>10.1f} {x.bytes * x.count / 1e6:>10.1f} "
-              f"{t * 1e3:>8.3f} {e * 1e3:>8.3f} {x.quantization:>6.2f}  {x.bound(gpu)}", file=out)
+        print(
+            f"  {x.name:<{width}}  {x.grid:<26} {x.flops * x.count / 1e9:>10.1f} {x.bytes * x.count / 1e6:>10.1f} "
+            f"{t * 1e3:>8.3f} {e * 1e3:>8.3f} {x.quantization:>6.2f}  {x.bound(gpu)}",
+            file=out,
+        )
     flops = sum(x.flops * x.count for x in launches)
     nbytes = sum(x.bytes * x.count for x in launches)
-    print(f"  {'total':<{width}}  {'':<26} {flops / 1e9:>10.1f} {nbytes / 1e6:>10.1f} {total * 1e3:>8.3f} "
-          f"{expected * 1e3:>8.3f}", file=out)
+    print(
+        f"  {'total':<{width}}  {'':<26} {flops / 1e9:>10.1f} {nbytes / 1e6:>10.1f} {total * 1e3:>8.3f} "
+        f"{expected * 1e3:>8.3f}",
+        file=out,
+    )
     return total, expected
 
 
@@ -392,25 +478,37 @@ class Prediction:
     attention_expected_s: float = 0.0
 
     def summary(self) -> str:
-        return (f"masked_ce predicted {self.masked_ce_s * 1e3:.2f} ms, ideal {self.masked_ce_ideal_s * 1e3:.2f} ms, "
-                f"ratio {self.masked_ce_s / self.masked_ce_ideal_s:.2f}; attention predicted "
-                f"{self.attention_s * 1e3:.2f} ms, ideal {self.attention_ideal_s * 1e3:.2f} ms, "
-                f"ratio {self.attention_s / self.attention_ideal_s:.2f}")
+        return (
+            f"masked_ce predicted {self.masked_ce_s * 1e3:.2f} ms, ideal {self.masked_ce_ideal_s * 1e3:.2f} ms, "
+            f"ratio {self.masked_ce_s / self.masked_ce_ideal_s:.2f}; attention predicted "
+            f"{self.attention_s * 1e3:.2f} ms, ideal {self.attention_ideal_s * 1e3:.2f} ms, "
+            f"ratio {self.attention_s / self.attention_ideal_s:.2f}"
+        )
 
     def expected_summary(self) -> str:
-        return (f"masked_ce expected {self.masked_ce_expected_s * 1e3:.2f} ms (an estimate) beside ideal "
-                f"{self.masked_ce_ideal_s * 1e3:.2f} ms (a floor); attention expected "
-                f"{self.attention_expected_s * 1e3:.2f} ms beside ideal {self.attention_ideal_s * 1e3:.2f} ms")
+        return (
+            f"masked_ce expected {self.masked_ce_expected_s * 1e3:.2f} ms (an estimate) beside ideal "
+            f"{self.masked_ce_ideal_s * 1e3:.2f} ms (a floor); attention expected "
+            f"{self.attention_expected_s * 1e3:.2f} ms beside ideal {self.attention_ideal_s * 1e3:.2f} ms"
+        )
 
 
 def _ideal_lines(what: str, ideal: float, expected: float, sink) -> None:
     print(f"  ideal: {what} at peak = {ideal * 1e3:.3f} ms (a floor)", file=sink)
-    print(f"  expected: {expected * 1e3:.3f} ms (an estimate: cuBLAS {EFFICIENCY['cublas']:.0%}, Triton dots "
-          f"{EFFICIENCY['triton']:.0%} of peak, HBM {EFFICIENCY['hbm']:.0%}, wave quantization)\n", file=sink)
+    print(
+        f"  expected: {expected * 1e3:.3f} ms (an estimate: cuBLAS {EFFICIENCY['cublas']:.0%}, Triton dots "
+        f"{EFFICIENCY['triton']:.0%} of peak, HBM {EFFICIENCY['hbm']:.0%}, wave quantization)\n",
+        file=sink,
+    )
 
 
-def predict(gpu: GPU, ce_shape=(4096, 4096, 126464), attn_shape=(8, 4096, 32, 128), out=None,
-            strategy: gemm.GemmStrategy | None = None) -> Prediction:
+def predict(
+    gpu: GPU,
+    ce_shape=(4096, 4096, 126464),
+    attn_shape=(8, 4096, 32, 128),
+    out=None,
+    strategy: gemm.GemmStrategy | None = None,
+) -> Prediction:
     """Print both tables to ``out`` (when given) and return the totals; ``strategy``: the backward's
     GEMM forms (default :func:`expected_cuda_strategy`)."""
     sink = out if out is not None else io.StringIO()
@@ -421,8 +519,10 @@ def predict(gpu: GPU, ce_shape=(4096, 4096, 126464), attn_shape=(8, 4096, 32, 12
     ce, ce_exp = _table(masked_ce_launches(N, H, V, gpu, strategy=strategy), gpu, sink)
     ce_ideal = masked_ce_ideal_seconds(N, H, V, gpu)
     _ideal_lines(f"8*N*H*V = {8 * N * H * V / 1e12:.2f} TFLOP", ce_ideal, ce_exp, sink)
-    print(f"bidirectional attention forward + backward, impl='triton', bf16, {B} x {S} tokens, {Hh} heads, "
-          f"head dim {D}:", file=sink)
+    print(
+        f"bidirectional attention forward + backward, impl='triton', bf16, {B} x {S} tokens, {Hh} heads, head dim {D}:",
+        file=sink,
+    )
     at, at_exp = _table(attention_launches(B, S, Hh, D, gpu), gpu, sink)
     at_ideal = attention_ideal_seconds(B, S, Hh, D, gpu)
     _ideal_lines(f"7 matmuls x 2*B*H*S^2*D = {14 * B * Hh * S * S * D / 1e12:.2f} TFLOP", at_ideal, at_exp, sink)
@@ -442,16 +542,26 @@ def _ints(text: str, n: int, flag: str) -> tuple[int, ...]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.roofline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
-    parser.add_argument("--shape", default="4096,4096,126464", type=lambda s: _ints(s, 3, "--shape"),
-                        help="masked CE: selected rows N, hidden H, vocabulary V (default %(default)s)")
-    parser.add_argument("--attn-shape", default="8,4096,32,128", type=lambda s: _ints(s, 4, "--attn-shape"),
-                        help="attention: sequences B, tokens S, heads H, head dim D (default %(default)s)")
+    parser.add_argument(
+        "--shape",
+        default="4096,4096,126464",
+        type=lambda s: _ints(s, 3, "--shape"),
+        help="masked CE: selected rows N, hidden H, vocabulary V (default %(default)s)",
+    )
+    parser.add_argument(
+        "--attn-shape",
+        default="8,4096,32,128",
+        type=lambda s: _ints(s, 4, "--attn-shape"),
+        help="attention: sequences B, tokens S, heads H, head dim D (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.attn_shape[3] > 128:
         parser.error(f"--attn-shape: head dim {args.attn_shape[3]} exceeds 128, the largest the kernels support")
     gpu = GPUS[args.gpu]
-    print(f"{gpu.name}: public peaks {gpu.bf16_flops / 1e12:.0f} TFLOP/s dense bf16, {gpu.bandwidth / 1e12:.2f} TB/s "
-          f"HBM (NVIDIA datasheet), {gpu.sms} SMs; time per launch = max(FLOPs / peak, bytes / bandwidth)\n")
+    print(
+        f"{gpu.name}: public peaks {gpu.bf16_flops / 1e12:.0f} TFLOP/s dense bf16, {gpu.bandwidth / 1e12:.2f} TB/s "
+        f"HBM (NVIDIA datasheet), {gpu.sms} SMs; time per launch = max(FLOPs / peak, bytes / bandwidth)\n"
+    )
     pred = predict(gpu, args.shape, args.attn_shape, out=sys.stdout)
     print(pred.expected_summary())
     print(pred.summary())

@@ -5,5 +5,8 @@ import warnings
 from .models.samplers import *  # noqa: F403
 from .models.samplers import SAMPLERS, generate, generate_dream, sample  # noqa: F401
 
-warnings.warn("vrpo.generate moved to vrpo.models.samplers (also exported by vrpo.models); the alias goes in "
-              "vrpo 0.3", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "vrpo.generate moved to vrpo.models.samplers (also exported by vrpo.models); the alias goes in vrpo 0.3",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -103,6 +103,7 @@ def shard_numel(shape: torch.Size, num_shards: int) -> int:
 @dataclass(frozen=True)
 class Tensors:
     """A group of tensors: their shapes and one dtype."""
+
     shapes: tuple[torch.Size, ...]
     dtype: torch.dtype
 
@@ -121,6 +122,7 @@ class Tensors:
 @dataclass(frozen=True)
 class ModelFacts:
     """What the plan needs to know about a model: its tensors and its dimensions."""
+
     family: str
     decoder_layer: str
     base: Tensors  # every parameter of the checkpoint
@@ -177,6 +179,7 @@ def _first_layer_prefix(params: dict) -> str:
 @dataclass(frozen=True)
 class Setup:
     """The plan's own settings (the training settings are the :class:`~vrpo.training.config.VRPOConfig`)."""
+
     num_gpus: int = 1
     gpu: str = "h100"
     gpu_memory_gb: float | None = None  # default: the GPU's
@@ -217,6 +220,7 @@ class Setup:
 @dataclass(frozen=True)
 class Item:
     """One line of the plan: a name, bytes (or FLOPs, seconds...) and how it was obtained."""
+
     name: str
     value: float
     how: str
@@ -244,25 +248,53 @@ def master_dtype(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> torch.dtyp
 def static_memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> list[Item]:
     """Per-GPU bytes that live for the whole run: weights, reference, gradients, optimizer state (exact)."""
     n, master = setup.shards, master_dtype(cfg, facts, setup)
-    wname = {"ddp": "whole on every GPU", "fsdp": f"FSDP2 shard, 1/{n} padded per tensor",
-             "zero3": f"ZeRO-3 partition, 1/{n}"}[setup.distributed]
+    wname = {
+        "ddp": "whole on every GPU",
+        "fsdp": f"FSDP2 shard, 1/{n} padded per tensor",
+        "zero3": f"ZeRO-3 partition, 1/{n}",
+    }[setup.distributed]
     items = []
     if cfg.use_lora:
-        items.append(Item("policy weights (frozen base)", facts.base.bytes(n), f"{facts.base.numel:,} x "
-                          f"{DTYPE_BYTES[facts.base.dtype]} B, {wname}"))
-        items.append(Item("LoRA adapters", facts.trainable.bytes(n, master), f"{facts.trainable.numel:,} x "
-                          f"{DTYPE_BYTES[master]} B (r={cfg.lora_r})"))
+        items.append(
+            Item(
+                "policy weights (frozen base)",
+                facts.base.bytes(n),
+                f"{facts.base.numel:,} x {DTYPE_BYTES[facts.base.dtype]} B, {wname}",
+            )
+        )
+        items.append(
+            Item(
+                "LoRA adapters",
+                facts.trainable.bytes(n, master),
+                f"{facts.trainable.numel:,} x {DTYPE_BYTES[master]} B (r={cfg.lora_r})",
+            )
+        )
     elif setup.distributed == "zero3":
-        items.append(Item("policy weights (bf16 + fp32 master)", facts.base.bytes(n, torch.bfloat16)
-                          + facts.base.bytes(n, torch.float32), f"{facts.base.numel:,} x (2 + 4) B, {wname}"))
+        items.append(
+            Item(
+                "policy weights (bf16 + fp32 master)",
+                facts.base.bytes(n, torch.bfloat16) + facts.base.bytes(n, torch.float32),
+                f"{facts.base.numel:,} x (2 + 4) B, {wname}",
+            )
+        )
     else:
-        items.append(Item("policy weights", facts.base.bytes(n, master), f"{facts.base.numel:,} x "
-                          f"{DTYPE_BYTES[master]} B, {wname}"))
+        items.append(
+            Item(
+                "policy weights",
+                facts.base.bytes(n, master),
+                f"{facts.base.numel:,} x {DTYPE_BYTES[master]} B, {wname}",
+            )
+        )
     items.append(reference_item(cfg, facts, setup))
     t = facts.trainable
     items.append(Item("gradients", t.bytes(n, master), f"{t.numel:,} trainable x {DTYPE_BYTES[master]} B"))
-    items.append(Item("optimizer (AdamW moments)", 2 * t.bytes(n, master),
-                      f"2 x {t.numel:,} x {DTYPE_BYTES[master]} B (step counters stay on the CPU)"))
+    items.append(
+        Item(
+            "optimizer (AdamW moments)",
+            2 * t.bytes(n, master),
+            f"2 x {t.numel:,} x {DTYPE_BYTES[master]} B (step counters stay on the CPU)",
+        )
+    )
     return items
 
 
@@ -272,8 +304,11 @@ def reference_item(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> Item:
     if cfg.precompute_ref:
         return Item("reference", 0, "precomputed terms (2 x n float32 per pair, in CPU memory); model freed")
     if setup.distributed == "fsdp":
-        return Item("reference (frozen)", facts.base.bytes(setup.num_gpus),
-                    f"sharded like the policy, {DTYPE_BYTES[facts.base.dtype]} B per parameter")
+        return Item(
+            "reference (frozen)",
+            facts.base.bytes(setup.num_gpus),
+            f"sharded like the policy, {DTYPE_BYTES[facts.base.dtype]} B per parameter",
+        )
     return Item("reference (frozen)", facts.base.bytes(), "a whole copy on every GPU")
 
 
@@ -288,12 +323,18 @@ def layer_activation_bytes(facts: ModelFacts, b: int) -> int:
     2 RMSNorms x (4h fp32 input + 4 fp32 rsqrt + 2 b h normalised and scaled) + attention b (2 h + 2 h_kv + h)
     + 4 heads (fp32 log-sum-exp) + SwiGLU MLP 4 b I (gate, silu, up, product)."""
     h, kv = facts.heads * facts.head_dim, facts.kv_heads * facts.head_dim
-    return 2 * (4 * facts.hidden + 4 + 2 * b * facts.hidden) + b * (2 * h + 2 * kv + facts.hidden) \
-        + 4 * facts.heads + 4 * b * facts.intermediate
+    return (
+        2 * (4 * facts.hidden + 4 + 2 * b * facts.hidden)
+        + b * (2 * h + 2 * kv + facts.hidden)
+        + 4 * facts.heads
+        + 4 * b * facts.intermediate
+    )
 
 
-ACTIVATION_FORMULA = ("per token per layer: 8h + 7bh + 2b*h_kv + 4b*I + 4*heads + 8 bytes (b = activation bytes); "
-                      "gradient checkpointing keeps b*h per token per layer and recomputes one layer")
+ACTIVATION_FORMULA = (
+    "per token per layer: 8h + 7bh + 2b*h_kv + 4b*I + 4*heads + 8 bytes (b = activation bytes); "
+    "gradient checkpointing keeps b*h per token per layer and recomputes one layer"
+)
 
 
 def activation_memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> dict[str, Item]:
@@ -305,25 +346,46 @@ def activation_memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> dict[
     a = layer_activation_bytes(facts, b)
     out = {}
     out["no_ckpt"] = Item("activations, no checkpointing", L * T * a, f"{L} layers x {T:,} tokens x {a:,} B")
-    out["ckpt"] = Item("activations, checkpointing", L * T * b * h + T * a + 2 * T * b * h,
-                       f"{L} x {T:,} x {b * h:,} B saved + one layer recomputed ({T:,} x {a:,} B) + gradient in flight")
+    out["ckpt"] = Item(
+        "activations, checkpointing",
+        L * T * b * h + T * a + 2 * T * b * h,
+        f"{L} x {T:,} x {b * h:,} B saved + one layer recomputed ({T:,} x {a:,} B) + gradient in flight",
+    )
     cd = compute_dtype(cfg, facts)
     budget = cfg.head_options().max_buffer_bytes
-    head = working_set_bytes(T, rows, h, V, cd, weight_dtype=facts.base.dtype, hidden_dtype=cd, bias=False,
-                             weight_grad=not cfg.use_lora, max_buffer_bytes=budget,
-                             splits=gpu_vocab_split(rows, V, cd, setup.gpu)[0])
-    out["head"] = Item("fused head working set", head.transient,
-                       f"vrpo_kernels' working set of masked_linear_ce: {rows:,} masked rows, V = {V:,}, fp32 "
-                       f"logits buffer <= --ce_max_buffer_mb {cfg.ce_max_buffer_mb}, "
-                       f"{'a frozen head (no d_weight)' if cfg.use_lora else 'd_weight in the compute dtype'}")
-    out["logits"] = Item("logits the fused head avoids", T * V * b + 2 * rows * V * 4,
-                         f"[{T:,}, {V:,}] x {b} B + fp32 log-softmax of the masked rows")
+    head = working_set_bytes(
+        T,
+        rows,
+        h,
+        V,
+        cd,
+        weight_dtype=facts.base.dtype,
+        hidden_dtype=cd,
+        bias=False,
+        weight_grad=not cfg.use_lora,
+        max_buffer_bytes=budget,
+        splits=gpu_vocab_split(rows, V, cd, setup.gpu)[0],
+    )
+    out["head"] = Item(
+        "fused head working set",
+        head.transient,
+        f"vrpo_kernels' working set of masked_linear_ce: {rows:,} masked rows, V = {V:,}, fp32 "
+        f"logits buffer <= --ce_max_buffer_mb {cfg.ce_max_buffer_mb}, "
+        f"{'a frozen head (no d_weight)' if cfg.use_lora else 'd_weight in the compute dtype'}",
+    )
+    out["logits"] = Item(
+        "logits the fused head avoids",
+        T * V * b + 2 * rows * V * 4,
+        f"[{T:,}, {V:,}] x {b} B + fp32 log-softmax of the masked rows",
+    )
     ref_units = 0
     if setup.distributed == "fsdp" and not (cfg.use_lora or cfg.precompute_ref):
         ref_units = facts.root.bytes() + 2 * facts.layer.bytes()  # the sharded reference's gathered units
-    out["ref"] = Item("reference forward (no grad)", T * b * (2 * h + 3 * facts.intermediate) + ref_units,
-                      f"{T:,} tokens x {b} B x (2h + 3I) alive at once"
-                      + (" + its gathered root and 2 layers" if ref_units else ""))
+    out["ref"] = Item(
+        "reference forward (no grad)",
+        T * b * (2 * h + 3 * facts.intermediate) + ref_units,
+        f"{T:,} tokens x {b} B x (2h + 3I) alive at once" + (" + its gathered root and 2 layers" if ref_units else ""),
+    )
     out["gathered"] = gathered_units(cfg, facts, setup, b)
     return out
 
@@ -335,14 +397,18 @@ def gathered_units(cfg: VRPOConfig, facts: ModelFacts, setup: Setup, b: int) -> 
         return Item("gathered parameters", 0, "nothing is sharded")
     params = facts.root.bytes(dtype=compute_dtype(cfg, facts)) + 2 * facts.layer.bytes(dtype=compute_dtype(cfg, facts))
     grads = 0 if cfg.use_lora else params
-    return Item("gathered parameters" + ("" if cfg.use_lora else " + their gradients"), params + grads,
-                f"root (embeddings, norm, head) + 2 x {facts.decoder_layer}, {b} B each"
-                + ("" if cfg.use_lora else ", and their gradients"))
+    return Item(
+        "gathered parameters" + ("" if cfg.use_lora else " + their gradients"),
+        params + grads,
+        f"root (embeddings, norm, head) + 2 x {facts.decoder_layer}, {b} B each"
+        + ("" if cfg.use_lora else ", and their gradients"),
+    )
 
 
 @dataclass(frozen=True)
 class Memory:
     """Per-GPU memory of a run: the exact static parts, the estimated transients, and the peak."""
+
     static: list[Item]
     transient: dict[str, Item]
     peak: int
@@ -361,12 +427,16 @@ def memory(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> Memory:
     b = DTYPE_BYTES[compute_dtype(cfg, facts)]
     eval_tokens = 2 * max(1, cfg.per_device_train_batch_size) * cfg.eval_n_t * cfg.max_length
     evaluation = total - grads + tr["gathered"].value + eval_tokens * b * (2 * facts.hidden + 3 * facts.intermediate)
-    tr["eval"] = Item("evaluation forward (no grad)", evaluation - (total - grads) - tr["gathered"].value,
-                      f"{eval_tokens:,} tokens (--eval_n_t {cfg.eval_n_t}) x {b} B x (2h + 3I)")
+    tr["eval"] = Item(
+        "evaluation forward (no grad)",
+        evaluation - (total - grads) - tr["gathered"].value,
+        f"{eval_tokens:,} tokens (--eval_n_t {cfg.eval_n_t}) x {b} B x (2h + 3I)",
+    )
     tr["adamw"] = adamw_temporary(cfg, facts, setup)
     optimizer = total + tr["adamw"].value
-    phase, peak = max(("train step", train), ("evaluation", evaluation), ("optimizer step", optimizer),
-                      key=lambda x: x[1])
+    phase, peak = max(
+        ("train step", train), ("evaluation", evaluation), ("optimizer step", optimizer), key=lambda x: x[1]
+    )
     return Memory(static, tr, int(peak), phase)
 
 
@@ -375,8 +445,11 @@ def adamw_temporary(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> Item:
     trainable tensor at once (``torch._foreach_sqrt``) before dividing in place: one parameter-sized list
     in the master dtype beside the weights, gradients and moments (the activations are freed by then)."""
     t, master = facts.trainable, master_dtype(cfg, facts, setup)
-    return Item("AdamW step temporary", t.bytes(setup.shards, master),
-                f"foreach sqrt of exp_avg_sq: {t.numel:,} x {DTYPE_BYTES[master]} B, with the static parts")
+    return Item(
+        "AdamW step temporary",
+        t.bytes(setup.shards, master),
+        f"foreach sqrt of exp_avg_sq: {t.numel:,} x {DTYPE_BYTES[master]} B, with the static parts",
+    )
 
 
 def peak_memory_bytes(cfg: VRPOConfig, *, model: nn.Module | None = None, setup: Setup | None = None) -> int:
@@ -426,8 +499,16 @@ def compute(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> Compute:
     flops = policy + reference
     step_s = flops / (setup.num_gpus * GPUS[setup.gpu].bf16_flops * setup.mfu)
     steps = cfg.max_steps if cfg.max_steps > 0 else setup.run_pairs // global_batch * cfg.num_train_epochs
-    return Compute(global_batch, tokens, tokens, flops, tokens * fwd if cfg.gradient_checkpointing else 0.0,
-                   step_s, steps, steps * step_s * setup.num_gpus / 3600)
+    return Compute(
+        global_batch,
+        tokens,
+        tokens,
+        flops,
+        tokens * fwd if cfg.gradient_checkpointing else 0.0,
+        step_s,
+        steps,
+        steps * step_s * setup.num_gpus / 3600,
+    )
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -441,8 +522,11 @@ def report(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> str:
     """The plan as text: memory per GPU (fits or not), then the cost of a step and of the run."""
     mem, comp = memory(cfg, facts, setup), compute(cfg, facts, setup)
     gpu = GPUS[setup.gpu]
-    mode = {"ddp": "DDP (nothing sharded)" if setup.num_gpus > 1 else "one GPU",
-            "fsdp": "FSDP2 through accelerate", "zero3": "DeepSpeed ZeRO-3"}[setup.distributed]
+    mode = {
+        "ddp": "DDP (nothing sharded)" if setup.num_gpus > 1 else "one GPU",
+        "fsdp": "FSDP2 through accelerate",
+        "zero3": "DeepSpeed ZeRO-3",
+    }[setup.distributed]
     tuning = f"LoRA r={cfg.lora_r}" if cfg.use_lora else "full fine-tuning"
     lines = [
         f"{facts.family}: {facts.base.numel / 1e9:.3f}B parameters ({facts.base.numel:,}), {facts.layers} layers, "
@@ -461,8 +545,10 @@ def report(cfg: VRPOConfig, facts: ModelFacts, setup: Setup) -> str:
         mark = " <-" if key == ckpt else ""
         i = mem.transient[key]
         lines.append(f"  {i.name + mark:<40}{_gb(i.value)}   {i.how}")
-    lines.append(f"  {'(' + mem.transient['logits'].name + ')':<40}{_gb(mem.transient['logits'].value)}   "
-                 f"{mem.transient['logits'].how}")
+    lines.append(
+        f"  {'(' + mem.transient['logits'].name + ')':<40}{_gb(mem.transient['logits'].value)}   "
+        f"{mem.transient['logits'].how}"
+    )
     lines.append(f"  activations: {ACTIVATION_FORMULA}")
     room = setup.capacity - int(setup.reserve_gb * 1e9)
     verdict = "FITS" if mem.peak <= room else "DOES NOT FIT"
@@ -495,23 +581,49 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_gpus", type=int, default=d.num_gpus, help="GPUs (processes) of the run.")
     p.add_argument("--gpu", default=d.gpu, choices=sorted(GPUS), help="GPU model (peak FLOP/s and memory).")
     p.add_argument("--gpu_memory_gb", type=float, default=None, help="Memory per GPU in GB (default: the GPU's).")
-    p.add_argument("--distributed", default=None, choices=DISTRIBUTED,
-                   help="ddp, fsdp (examples/accelerate_fsdp.yaml) or zero3 (examples/accelerate_deepspeed_zero3."
-                        "yaml). Default: fsdp on several GPUs, ddp on one.")
-    p.add_argument("--mfu", type=float, default=d.mfu, help="Assumed model FLOPs utilisation (model FLOPs, no "
-                   "recomputation, over peak bf16).")
-    p.add_argument("--mean_length", type=int, default=None, help="Mean tokens per sequence for the FLOPs "
-                   "(default: --max_length; memory always assumes max_length).")
-    p.add_argument("--response_fraction", type=float, default=d.response_fraction,
-                   help="Fraction of a sequence's tokens that are the response.")
-    p.add_argument("--run_pairs", type=int, default=d.run_pairs, help="Training pairs of the whole run "
-                   "(the paper: 350k).")
-    p.add_argument("--probe_steps", type=int, default=0, help="Also run the first K training steps on the run's "
-                   "model and data (CPU is fine; nothing is saved) and print the budget advisor's advice: the "
-                   "score's mask and pair variances and the n_t of least score noise at the run's forward passes "
-                   "(and the loss-error criterion's choice, for comparison).")
-    p.add_argument("--reserve_gb", type=float, default=d.reserve_gb, help="GB per GPU kept for the CUDA context, "
-                   "communication buffers and fragmentation.")
+    p.add_argument(
+        "--distributed",
+        default=None,
+        choices=DISTRIBUTED,
+        help="ddp, fsdp (examples/accelerate_fsdp.yaml) or zero3 (examples/accelerate_deepspeed_zero3."
+        "yaml). Default: fsdp on several GPUs, ddp on one.",
+    )
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=d.mfu,
+        help="Assumed model FLOPs utilisation (model FLOPs, no recomputation, over peak bf16).",
+    )
+    p.add_argument(
+        "--mean_length",
+        type=int,
+        default=None,
+        help="Mean tokens per sequence for the FLOPs (default: --max_length; memory always assumes max_length).",
+    )
+    p.add_argument(
+        "--response_fraction",
+        type=float,
+        default=d.response_fraction,
+        help="Fraction of a sequence's tokens that are the response.",
+    )
+    p.add_argument(
+        "--run_pairs", type=int, default=d.run_pairs, help="Training pairs of the whole run (the paper: 350k)."
+    )
+    p.add_argument(
+        "--probe_steps",
+        type=int,
+        default=0,
+        help="Also run the first K training steps on the run's "
+        "model and data (CPU is fine; nothing is saved) and print the budget advisor's advice: the "
+        "score's mask and pair variances and the n_t of least score noise at the run's forward passes "
+        "(and the loss-error criterion's choice, for comparison).",
+    )
+    p.add_argument(
+        "--reserve_gb",
+        type=float,
+        default=d.reserve_gb,
+        help="GB per GPU kept for the CUDA context, communication buffers and fragmentation.",
+    )
     return p
 
 
@@ -563,16 +675,18 @@ def probe_report(found: dict) -> str:
     """The budget advisor's lines after ``--probe_steps`` (:func:`vrpo.training.probe.probe_variances`)."""
     noise = ", ".join(f"n_t = {k}: {v:.3g}" for k, v in found["advice/noise"].items())
     error = ", ".join(f"n_t = {k}: {v:.3g}" for k, v in found["advice/loss_error"].items())
-    return "\n".join([
-        f"Budget advice from {found['probe_steps']} probe steps (batch {found['batch']}, n_t = {found['n_t']}, "
-        f"n_yt = {found['n_yt']}):",
-        f"  score variance: mask part (one pair's estimate) {found['score/var_mask']:.3g}, pair part "
-        f"{found['score/var_pairs']:.3g}",
-        f"  predicted minibatch score noise at the same forward passes: {noise}",
-        f"  predicted loss error (loss variance + squared ELBO bias; a comparison, not what the advice minimises): "
-        f"{error}",
-        f"  {found['advice']}",
-    ])
+    return "\n".join(
+        [
+            f"Budget advice from {found['probe_steps']} probe steps (batch {found['batch']}, n_t = {found['n_t']}, "
+            f"n_yt = {found['n_yt']}):",
+            f"  score variance: mask part (one pair's estimate) {found['score/var_mask']:.3g}, pair part "
+            f"{found['score/var_pairs']:.3g}",
+            f"  predicted minibatch score noise at the same forward passes: {noise}",
+            f"  predicted loss error (loss variance + squared ELBO bias; a comparison, not what the advice minimises): "
+            f"{error}",
+            f"  {found['advice']}",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ import warnings
 
 from .models.tokenization import *  # noqa: F403
 from .models.tokenization import (  # noqa: F401
-              collate,
-              encode_example,
-              encode_preference,
-              get_mask_token_id,
-              load_tokenizer,
+    collate,
+    encode_example,
+    encode_preference,
+    get_mask_token_id,
+    load_tokenizer,
 )
 
-warnings.warn("vrpo.tokenization moved to vrpo.models.tokenization (load_tokenizer is also exported by vrpo.models); "
-              "the alias goes in vrpo 0.3", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "vrpo.tokenization moved to vrpo.models.tokenization (load_tokenizer is also exported by vrpo.models); "
+    "the alias goes in vrpo 0.3",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -11,8 +11,11 @@ from .tasks.sort.build import *  # noqa: F403
 from .tasks.sort.task import *  # noqa: F403
 from .tasks.sort.task import SYNTHETIC_PAIRS_FILE as TOY_FILE  # noqa: F401  (0.1's name: toy_sort.jsonl)
 
-warnings.warn("vrpo.toy moved to vrpo.tasks.sort (python -m vrpo.tasks.sort); the alias goes in vrpo 0.3",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "vrpo.toy moved to vrpo.tasks.sort (python -m vrpo.tasks.sort); the alias goes in vrpo 0.3",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 if __name__ == "__main__":
     sys.exit(main())

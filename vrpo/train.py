@@ -31,10 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        trainer = trainer_for(config, task=get_task(config.task))  # tokenizer -> data -> models -> optimizer (-> checkpoint)
+        task = get_task(config.task)
+        trainer = trainer_for(config, task=task)  # tokenizer -> data -> models -> optimizer (-> checkpoint)
         summary = trainer.train()  # the loop, then the outputs
-    except (DataError, CheckpointError, RunLogError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
-            ValueError) as e:
+    except (
+        DataError,
+        CheckpointError,
+        RunLogError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        PermissionError,
+        ValueError,
+    ) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
@@ -51,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_summary(summary: dict, describe=None):
     """The closing summary: the figures before and after, graded samples (``describe``: the task's one-line
     form of a graded sample), and every output."""
+
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -63,25 +73,35 @@ def print_summary(summary: dict, describe=None):
         else f"{name} finished: {summary['steps']} steps in {summary['wall_s']:.0f} s",
     ]
     if summary.get("gen_acc_after") is not None:
-        lines.append(f"  exact-sort accuracy of greedy generations on {summary['gen_prompts']} test prompts: "
-                     f"{pct(summary['gen_acc_before'])} -> "
-                     f"{pct(summary['gen_acc_after'])} (mean partial credit {summary['gen_credit_before']:.3f} -> "
-                     f"{summary['gen_credit_after']:.3f})")
+        lines.append(
+            f"  exact-sort accuracy of greedy generations on {summary['gen_prompts']} test prompts: "
+            f"{pct(summary['gen_acc_before'])} -> "
+            f"{pct(summary['gen_acc_after'])} (mean partial credit {summary['gen_credit_before']:.3f} -> "
+            f"{summary['gen_credit_after']:.3f})"
+        )
     lines += [
         f"  held-out preference accuracy (ELBO margin > 0): {pct(summary.get('pref_acc_before'))} -> "
         f"{pct(summary.get('pref_acc_after'))}",
         f"  held-out reward accuracy (implicit reward margin > 0): {pct(summary.get('reward_acc_after'))}",
     ]
     if summary.get("advice"):
-        lines.append(f"  score variance: mask part {summary['score/var_mask']:.3g}, pair part "
-                     f"{summary['score/var_pairs']:.3g}; {summary['advice']}")
+        lines.append(
+            f"  score variance: mask part {summary['score/var_mask']:.3g}, pair part "
+            f"{summary['score/var_pairs']:.3g}; {summary['advice']}"
+        )
     if summary.get("samples"):
         where = "test prompts" if summary.get("gen_acc_after") is not None else "held-out prompts"
         lines.append(f"  samples from {summary['sampler']} ({where}):")
     for sample in summary.get("samples", []):
         graded = "correct" in sample
-        lines.append("    " + (describe(sample) if graded and describe
-                               else f"{sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}"))
+        lines.append(
+            "    "
+            + (
+                describe(sample)
+                if graded and describe
+                else f"{sample['prompt'].splitlines()[-1][:60]!r} -> {sample['answer'][:60]!r}"
+            )
+        )
     outputs = summary["outputs"]
     lines += [
         f"  model ({summary['family']} format): {outputs['model']}",

@@ -106,6 +106,11 @@ def aot_spec(name: str, fn, pointers: dict, scalars: dict, constexprs: dict, num
         else:
             raise KeyError(f"aot_spec({name}): no type for argument {arg!r} of {fn.__name__}")
     return {
-        "name": name, "fn": fn, "signature": signature, "constexprs": consts, "attrs": attrs,
-        "num_warps": num_warps, "num_stages": num_stages,
+        "name": name,
+        "fn": fn,
+        "signature": signature,
+        "constexprs": consts,
+        "attrs": attrs,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
     }

@@ -75,13 +75,11 @@ def _check_inputs(q, k, v, segment_ids, scale):
     B, Hq, S, D = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (B, S, D):
         raise ValueError(
-            f"{op}: k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} "
-            "in batch, sequence length or head dim"
+            f"{op}: k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, sequence length or head dim"
         )
     if k.shape[1] == 0 or Hq % k.shape[1] != 0:
         raise ValueError(
-            f"{op}: the number of query heads ({Hq}) must be a multiple of "
-            f"the number of key/value heads ({k.shape[1]})"
+            f"{op}: the number of query heads ({Hq}) must be a multiple of the number of key/value heads ({k.shape[1]})"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{op}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -91,9 +89,7 @@ def _check_inputs(q, k, v, segment_ids, scale):
         if not isinstance(segment_ids, torch.Tensor):
             raise TypeError(f"{op}: segment_ids must be a tensor or None, got {type(segment_ids).__name__}")
         if segment_ids.shape != (B, S):
-            raise ValueError(
-                f"{op}: segment_ids must have shape [B, S] = {[B, S]}, got {list(segment_ids.shape)}"
-            )
+            raise ValueError(f"{op}: segment_ids must have shape [B, S] = {[B, S]}, got {list(segment_ids.shape)}")
         if segment_ids.is_floating_point() or segment_ids.is_complex() or segment_ids.dtype == torch.bool:
             raise ValueError(f"{op}: segment_ids must be an integer tensor, got {segment_ids.dtype}")
         if segment_ids.device != q.device:
@@ -301,8 +297,20 @@ if triton is not None:
         return pid_bh, b, h, h // GROUP, offs_m, in_rows, row, seg_q, kv_lo, kv_hi
 
     @triton.jit
-    def _key_block_scores(q, seg_q, k_base, seg_row, offs_n, offs_d, stride_ks, S, qk_scale,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    def _key_block_scores(
+        q,
+        seg_q,
+        k_base,
+        seg_row,
+        offs_n,
+        offs_d,
+        stride_ks,
+        S,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
         """One key block: its keys, and the scaled base-2 scores of the query block against them,
         -inf where a query may not attend (another sample, or padding)."""
         k = _load_rows(k_base, offs_n, offs_d, stride_ks, S, HEAD_DIM, BLOCK_D)
@@ -312,14 +320,36 @@ if triton is not None:
 
     @triton.jit
     def _attn_fwd(
-        Q, K, V, SEG, SPAN_LO, SPAN_HI, OUT, LSE,
-        stride_qb, stride_qh, stride_qs,
-        stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        stride_ob, stride_oh, stride_os,
-        S, H, GROUP, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        STORE_LSE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        Q,
+        K,
+        V,
+        SEG,
+        SPAN_LO,
+        SPAN_HI,
+        OUT,
+        LSE,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        S,
+        H,
+        GROUP,
+        qk_scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        STORE_LSE: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (batch, query head); cdiv(S, BLOCK_M) * B * H programs.
 
@@ -328,12 +358,14 @@ if triton is not None:
         so that exp2(score - LSE) = 0 in the backward pass.
         """
         pid_bh, b, h, hk, offs_m, in_rows, row, seg_q, kv_lo, kv_hi = _query_block(
-            SEG, SPAN_LO, SPAN_HI, S, H, GROUP, BLOCK_M)
+            SEG, SPAN_LO, SPAN_HI, S, H, GROUP, BLOCK_M
+        )
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
 
-        q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                       offs_m, offs_d, stride_qs, S, HEAD_DIM, BLOCK_D)
+        q = _load_rows(
+            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d, stride_qs, S, HEAD_DIM, BLOCK_D
+        )
         k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
 
@@ -344,8 +376,9 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
             offs_n = start_n + offs_n0
-            k, s = _key_block_scores(q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale,
-                                     HEAD_DIM, BLOCK_D, UPCAST_DOT)
+            k, s = _key_block_scores(
+                q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale, HEAD_DIM, BLOCK_D, UPCAST_DOT
+            )
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
@@ -357,19 +390,36 @@ if triton is not None:
         has_keys = l_i > 0.0
         l_safe = tl.where(has_keys, l_i, 1.0)
         out = acc / l_safe[:, None]
-        _store_rows(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                    out.to(OUT.dtype.element_ty), offs_m, offs_d, stride_os, S, HEAD_DIM, BLOCK_D)
+        _store_rows(
+            OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+            out.to(OUT.dtype.element_ty),
+            offs_m,
+            offs_d,
+            stride_os,
+            S,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         if STORE_LSE:
             lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
             tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=in_rows)
 
     @triton.jit
     def _attn_bwd_delta(
-        OUT, DO, DELTA,
-        stride_ob, stride_oh, stride_os,
-        stride_dob, stride_doh, stride_dos,
-        S, H,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        OUT,
+        DO,
+        DELTA,
+        stride_ob,
+        stride_oh,
+        stride_os,
+        stride_dob,
+        stride_doh,
+        stride_dos,
+        S,
+        H,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         """DELTA[b, h, i] = sum_d OUT * DO (float32 [B, H, S]): the softmax-backward row term."""
         pid_m, pid_bh = _grid_position(S, BLOCK_M)
@@ -377,10 +427,24 @@ if triton is not None:
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        o = _load_rows(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                       offs_m, offs_d, stride_os, S, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
-                        offs_m, offs_d, stride_dos, S, HEAD_DIM, BLOCK_D)
+        o = _load_rows(
+            OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+            offs_m,
+            offs_d,
+            stride_os,
+            S,
+            HEAD_DIM,
+            BLOCK_D,
+        )
+        do = _load_rows(
+            DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+            offs_m,
+            offs_d,
+            stride_dos,
+            S,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
         tl.store(DELTA + pid_bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
 
@@ -393,14 +457,41 @@ if triton is not None:
 
     @triton.jit
     def _attn_bwd_dkdv(
-        Q, K, V, DO, LSE, DELTA, SEG, SPAN_LO, SPAN_HI, DK, DV,
-        stride_qb, stride_qh, stride_qs,
-        stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        stride_dob, stride_doh, stride_dos,
-        stride_dkb, stride_dkh, stride_dks,
-        S, H, GROUP, qk_scale, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        SEG,
+        SPAN_LO,
+        SPAN_HI,
+        DK,
+        DV,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_dob,
+        stride_doh,
+        stride_dos,
+        stride_dkb,
+        stride_dkh,
+        stride_dks,
+        S,
+        H,
+        GROUP,
+        qk_scale,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
     ):
         """One program: BLOCK_N keys of one (batch, KV head); cdiv(S, BLOCK_N) * B * H/GROUP programs.
@@ -422,10 +513,24 @@ if triton is not None:
         q_lo = tl.min(tl.load(SPAN_LO + row + offs_n, mask=in_keys, other=S), axis=0)
         q_hi = tl.max(tl.load(SPAN_HI + row + offs_n, mask=in_keys, other=0), axis=0)
 
-        k = _load_rows(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
-                       offs_n, offs_d, stride_ks, S, HEAD_DIM, BLOCK_D)
-        v = _load_rows(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
-                       offs_n, offs_d, stride_vs, S, HEAD_DIM, BLOCK_D)
+        k = _load_rows(
+            K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh,
+            offs_n,
+            offs_d,
+            stride_ks,
+            S,
+            HEAD_DIM,
+            BLOCK_D,
+        )
+        v = _load_rows(
+            V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh,
+            offs_n,
+            offs_d,
+            stride_vs,
+            S,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for g in range(0, GROUP):
@@ -450,51 +555,95 @@ if triton is not None:
                 dk = dot(ds_t.to(q.dtype), q, dk, UPCAST_DOT)
 
         out_base = b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-        _store_rows(DK + out_base, (dk * scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dks, S,
-                    HEAD_DIM, BLOCK_D)
-        _store_rows(DV + out_base, dv.to(DV.dtype.element_ty), offs_n, offs_d, stride_dks, S,
-                    HEAD_DIM, BLOCK_D)
+        _store_rows(
+            DK + out_base, (dk * scale).to(DK.dtype.element_ty), offs_n, offs_d, stride_dks, S, HEAD_DIM, BLOCK_D
+        )
+        _store_rows(DV + out_base, dv.to(DV.dtype.element_ty), offs_n, offs_d, stride_dks, S, HEAD_DIM, BLOCK_D)
 
     @triton.jit
     def _attn_bwd_dq(
-        Q, K, V, DO, LSE, DELTA, SEG, SPAN_LO, SPAN_HI, DQ,
-        stride_qb, stride_qh, stride_qs,
-        stride_kb, stride_kh, stride_ks,
-        stride_vb, stride_vh, stride_vs,
-        stride_dob, stride_doh, stride_dos,
-        stride_dqb, stride_dqh, stride_dqs,
-        S, H, GROUP, qk_scale, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        SEG,
+        SPAN_LO,
+        SPAN_HI,
+        DQ,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_dob,
+        stride_doh,
+        stride_dos,
+        stride_dqb,
+        stride_dqh,
+        stride_dqs,
+        S,
+        H,
+        GROUP,
+        qk_scale,
+        scale,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one (batch, query head); cdiv(S, BLOCK_M) * B * H programs."""
         pid_bh, b, h, hk, offs_m, in_rows, row, seg_q, kv_lo, kv_hi = _query_block(
-            SEG, SPAN_LO, SPAN_HI, S, H, GROUP, BLOCK_M)
+            SEG, SPAN_LO, SPAN_HI, S, H, GROUP, BLOCK_M
+        )
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         stat_base = pid_bh.to(tl.int64) * S
         lse = tl.load(LSE + stat_base + offs_m, mask=in_rows, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=in_rows, other=0.0)
 
-        q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                       offs_m, offs_d, stride_qs, S, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
-                        offs_m, offs_d, stride_dos, S, HEAD_DIM, BLOCK_D)
+        q = _load_rows(
+            Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d, stride_qs, S, HEAD_DIM, BLOCK_D
+        )
+        do = _load_rows(
+            DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+            offs_m,
+            offs_d,
+            stride_dos,
+            S,
+            HEAD_DIM,
+            BLOCK_D,
+        )
         k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
             offs_n = start_n + offs_n0
-            k, s = _key_block_scores(q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale,
-                                     HEAD_DIM, BLOCK_D, UPCAST_DOT)
+            k, s = _key_block_scores(
+                q, seg_q, k_base, SEG + row, offs_n, offs_d, stride_ks, S, qk_scale, HEAD_DIM, BLOCK_D, UPCAST_DOT
+            )
             p = tl.math.exp2(s - lse[:, None])
             v = _load_rows(v_base, offs_n, offs_d, stride_vs, S, HEAD_DIM, BLOCK_D)
             dp = dot(do, tl.trans(v), None, UPCAST_DOT)
             ds = p * (dp - delta[:, None])
             dq = dot(ds.to(k.dtype), k, dq, UPCAST_DOT)
 
-        _store_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh,
-                    (dq * scale).to(DQ.dtype.element_ty), offs_m, offs_d, stride_dqs, S, HEAD_DIM, BLOCK_D)
+        _store_rows(
+            DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh,
+            (dq * scale).to(DQ.dtype.element_ty),
+            offs_m,
+            offs_d,
+            stride_dqs,
+            S,
+            HEAD_DIM,
+            BLOCK_D,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,15 +750,38 @@ def _launch_fwd(grid, q, k, v, seg, lo, hi, out, lse, scale, cfg):
     B, H, S, D = q.shape
     store_lse = lse is not None
     _attn_fwd[grid](
-        q, k, v, seg, lo, hi, out, lse if store_lse else out.new_empty(0, dtype=torch.float32),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        S, H, H // k.shape[1], scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        STORE_LSE=store_lse, UPCAST_DOT=upcast_dots(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q,
+        k,
+        v,
+        seg,
+        lo,
+        hi,
+        out,
+        lse if store_lse else out.new_empty(0, dtype=torch.float32),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        S,
+        H,
+        H // k.shape[1],
+        scale * _LOG2E,
+        HEAD_DIM=D,
+        BLOCK_D=_block_d(D),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        STORE_LSE=store_lse,
+        UPCAST_DOT=upcast_dots(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -631,12 +803,22 @@ def _launch_backward(do, q, k, v, out, lse, seg, lo, hi, scale, config, need_dq,
     delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     c = cfgs.delta
     _attn_bwd_delta[(triton.cdiv(S, c.block_m) * B * H,)](
-        out, do, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        S, H,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        out,
+        do,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        S,
+        H,
+        HEAD_DIM=D,
+        BLOCK_D=_block_d(D),
+        BLOCK_M=c.block_m,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )
 
     dq = dk = dv = None
@@ -653,15 +835,44 @@ def _launch_dkdv(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
     dk = torch.empty_like(k)
     dv = torch.empty_like(dk)  # the kernel writes both with dk's strides
     _attn_bwd_dkdv[(triton.cdiv(S, c.block_n) * B * (H // group),)](
-        q, k, v, do, lse, delta, seg, lo, hi, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        S, H, group, scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n, UPCAST_DOT=upcast_dots(q.dtype),
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        seg,
+        lo,
+        hi,
+        dk,
+        dv,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        S,
+        H,
+        group,
+        scale * _LOG2E,
+        scale,
+        HEAD_DIM=D,
+        BLOCK_D=_block_d(D),
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        UPCAST_DOT=upcast_dots(q.dtype),
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )
     return dk, dv
 
@@ -670,15 +881,43 @@ def _launch_dq(q, k, v, do, lse, delta, seg, lo, hi, scale, c):
     B, H, S, D = q.shape
     dq = torch.empty_like(q)
     _attn_bwd_dq[(triton.cdiv(S, c.block_m) * B * H,)](
-        q, k, v, do, lse, delta, seg, lo, hi, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        S, H, H // k.shape[1], scale * _LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=c.block_m, BLOCK_N=c.block_n, UPCAST_DOT=upcast_dots(q.dtype),
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        seg,
+        lo,
+        hi,
+        dq,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        S,
+        H,
+        H // k.shape[1],
+        scale * _LOG2E,
+        scale,
+        HEAD_DIM=D,
+        BLOCK_D=_block_d(D),
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        UPCAST_DOT=upcast_dots(q.dtype),
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )
     return dq
 
@@ -699,8 +938,9 @@ class FlashAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, seg, lo, hi = ctx.saved_tensors
         do = _last_dim_contiguous(do)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = _flash_backward(do, q, k, v, out, lse, seg, lo, hi, ctx.scale, ctx.config,
-                                     need_dq=need_q, need_dkdv=need_k or need_v)
+        dq, dk, dv = _flash_backward(
+            do, q, k, v, out, lse, seg, lo, hi, ctx.scale, ctx.config, need_dq=need_q, need_dkdv=need_k or need_v
+        )
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -760,8 +1000,9 @@ def bidirectional_attention(q, k, v, segment_ids=None, scale=None, impl="auto"):
         if q.dtype not in (torch.float16, torch.bfloat16):
             impl = "torch"  # float32 on CUDA: by design (see the module docstring)
         elif q.shape[-1] > MAX_TRITON_HEAD_DIM:
-            _warn_fallback_once(f"head dim {q.shape[-1]} exceeds {MAX_TRITON_HEAD_DIM}, the largest the Triton "
-                                "kernels support")
+            _warn_fallback_once(
+                f"head dim {q.shape[-1]} exceeds {MAX_TRITON_HEAD_DIM}, the largest the Triton kernels support"
+            )
             impl = "torch"
     if impl == "triton":
         return attention_triton(q, k, v, segment_ids, scale)
@@ -780,8 +1021,11 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 def _bshd_strides(prefix, n_heads, seq_len, head_dim):
     """Strides of a [B, heads, S, D] view of a contiguous [B, S, heads, D] tensor, as transformers passes
     q/k/v (and as the forward writes its output), named like the kernels' stride arguments."""
-    return {f"stride_{prefix}b": seq_len * n_heads * head_dim, f"stride_{prefix}h": head_dim,
-            f"stride_{prefix}s": n_heads * head_dim}
+    return {
+        f"stride_{prefix}b": seq_len * n_heads * head_dim,
+        f"stride_{prefix}h": head_dim,
+        f"stride_{prefix}s": n_heads * head_dim,
+    }
 
 
 def aot_specs(seq_len=4096, n_heads=32, n_kv_heads=32):
@@ -794,7 +1038,8 @@ def aot_specs(seq_len=4096, n_heads=32, n_kv_heads=32):
     (arg -> value), attrs (the 16-divisibility hints the JIT attaches for 16-byte-aligned contiguous
     tensors of this shape; pass them to ASTSource to compile exactly what runs), num_warps,
     num_stages. Scalars are specialised as Triton's JIT specialises the call a transformers model
-    makes (q/k/v as [B, heads, seq_len, D] views of [B, seq_len, heads, D]), so that GROUP = 1 (no GQA, as in LLaDA 8B) becomes a constexpr as
+    makes (q/k/v as [B, heads, seq_len, D] views of [B, seq_len, heads, D]), so that GROUP = 1 (no GQA, as in LLaDA
+    8B) becomes a constexpr as
     it does at run time. Compile in a process without TRITON_INTERPRET (the interpreter replaces
     @triton.jit functions), and read registers and spills with triton's own sm_90 ptxas
     (``triton.backends.nvidia.compiler.get_ptxas(90)``: the PTX that triton 3.9 emits is version
@@ -814,30 +1059,89 @@ def aot_specs(seq_len=4096, n_heads=32, n_kv_heads=32):
         sizes = {"S": seq_len, "H": n_heads}
 
         c = cfgs.fwd
-        fwd_ptrs = {"Q": ty, "K": ty, "V": ty, "OUT": ty, "SEG": "i32", "SPAN_LO": "i32", "SPAN_HI": "i32",
-                    "LSE": "fp32"}
-        fwd_scalars = {**q_layout("q"), **kv_layout("k"), **kv_layout("v"), **q_layout("o"), **sizes,
-                       "GROUP": group, "qk_scale": 1.0}
+        fwd_ptrs = {
+            "Q": ty,
+            "K": ty,
+            "V": ty,
+            "OUT": ty,
+            "SEG": "i32",
+            "SPAN_LO": "i32",
+            "SPAN_HI": "i32",
+            "LSE": "fp32",
+        }
+        fwd_scalars = {
+            **q_layout("q"),
+            **kv_layout("k"),
+            **kv_layout("v"),
+            **q_layout("o"),
+            **sizes,
+            "GROUP": group,
+            "qk_scale": 1.0,
+        }
         for store_lse in (True, False):
-            specs.append(aot_spec(
-                f"attn_fwd_{'lse' if store_lse else 'nolse'}_{tag}", _attn_fwd, fwd_ptrs, fwd_scalars,
-                {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "STORE_LSE": store_lse},
-                c.num_warps, c.num_stages))
+            specs.append(
+                aot_spec(
+                    f"attn_fwd_{'lse' if store_lse else 'nolse'}_{tag}",
+                    _attn_fwd,
+                    fwd_ptrs,
+                    fwd_scalars,
+                    {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "STORE_LSE": store_lse},
+                    c.num_warps,
+                    c.num_stages,
+                )
+            )
 
         c = cfgs.delta
         delta_tiles = {k: v for k, v in tiles.items() if k != "UPCAST_DOT"}
-        specs.append(aot_spec(
-            f"attn_bwd_delta_{tag}", _attn_bwd_delta, {"OUT": ty, "DO": ty, "DELTA": "fp32"},
-            {**q_layout("o"), **q_layout("do"), **sizes}, {**delta_tiles, "BLOCK_M": c.block_m},
-            c.num_warps, c.num_stages))
+        specs.append(
+            aot_spec(
+                f"attn_bwd_delta_{tag}",
+                _attn_bwd_delta,
+                {"OUT": ty, "DO": ty, "DELTA": "fp32"},
+                {**q_layout("o"), **q_layout("do"), **sizes},
+                {**delta_tiles, "BLOCK_M": c.block_m},
+                c.num_warps,
+                c.num_stages,
+            )
+        )
 
         # The gradients come back in the inputs' layouts (empty_like), dO in the output's.
-        bwd_ptrs = {"Q": ty, "K": ty, "V": ty, "DO": ty, "LSE": "fp32", "DELTA": "fp32", "SEG": "i32",
-                    "SPAN_LO": "i32", "SPAN_HI": "i32", "DK": ty, "DV": ty, "DQ": ty}
-        bwd_scalars = {**q_layout("q"), **kv_layout("k"), **kv_layout("v"), **q_layout("do"), **kv_layout("dk"),
-                       **q_layout("dq"), **sizes, "GROUP": group, "qk_scale": 1.0, "scale": 1.0}
+        bwd_ptrs = {
+            "Q": ty,
+            "K": ty,
+            "V": ty,
+            "DO": ty,
+            "LSE": "fp32",
+            "DELTA": "fp32",
+            "SEG": "i32",
+            "SPAN_LO": "i32",
+            "SPAN_HI": "i32",
+            "DK": ty,
+            "DV": ty,
+            "DQ": ty,
+        }
+        bwd_scalars = {
+            **q_layout("q"),
+            **kv_layout("k"),
+            **kv_layout("v"),
+            **q_layout("do"),
+            **kv_layout("dk"),
+            **q_layout("dq"),
+            **sizes,
+            "GROUP": group,
+            "qk_scale": 1.0,
+            "scale": 1.0,
+        }
         for kname, fn, c in (("dkdv", _attn_bwd_dkdv, cfgs.dkdv), ("dq", _attn_bwd_dq, cfgs.dq)):
-            specs.append(aot_spec(
-                f"attn_bwd_{kname}_{tag}", fn, bwd_ptrs, bwd_scalars,
-                {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, c.num_warps, c.num_stages))
+            specs.append(
+                aot_spec(
+                    f"attn_bwd_{kname}_{tag}",
+                    fn,
+                    bwd_ptrs,
+                    bwd_scalars,
+                    {**tiles, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+                    c.num_warps,
+                    c.num_stages,
+                )
+            )
     return specs

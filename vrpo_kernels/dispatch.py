@@ -53,8 +53,9 @@ def triton_available() -> bool:
             logger.warning("vrpo_kernels: triton is unavailable (%s); every op runs its 'torch' path", exc)
         return False
     except Exception as exc:  # a broken install: import errors of any kind
-        logger.warning("vrpo_kernels: `import triton` failed (%s: %s); every op runs its 'torch' path",
-                       type(exc).__name__, exc)
+        logger.warning(
+            "vrpo_kernels: `import triton` failed (%s: %s); every op runs its 'torch' path", type(exc).__name__, exc
+        )
         return False
     return True
 

@@ -55,7 +55,8 @@ Outputs: ``masked`` [B, n, L], the noisy inputs ``where(masked, mask_token_id, i
 ``weight`` [B, n] (level ``j``'s weight for each of its ``n_yt`` samples) and ``levels`` [B, n_t].
 The torch implementation emulates the uint32 arithmetic in int64 (a 32 x 32-bit product's bit
 pattern survives int64's wrap-around) and finds the ``l``-th smallest key by a histogram of the keys'
-top bits; the Triton one evaluates the same counters per position and finds it by bisection. The integer parts are exact, and
+top bits; the Triton one evaluates the same counters per position and finds it by bisection. The integer parts are
+exact, and
 the float parts are the correctly rounded IEEE operations listed above, so the bits agree on every
 device.
 """
@@ -192,8 +193,17 @@ if triton_available():
         return thr
 
     @triton.jit
-    def _sample_masks_kernel(resp_ptr, level_ptr, masked_ptr, seed, L, n_samples,
-                             EXACT: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr):
+    def _sample_masks_kernel(
+        resp_ptr,
+        level_ptr,
+        masked_ptr,
+        seed,
+        L,
+        n_samples,
+        EXACT: tl.constexpr,
+        ONE_CHUNK: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+    ):
         s = tl.program_id(0)
         resp_row = resp_ptr + (s // n_samples).to(tl.int64) * L
         out_row = masked_ptr + s.to(tl.int64) * L
@@ -248,8 +258,15 @@ def sample_masks_triton(response_mask, counts=None, probs=None, generator=None, 
         level_arg = counts.long().contiguous() if counts is not None else probs.float().contiguous()
         with on_device(response_mask):
             _sample_masks_kernel[(B * n,)](
-                response_mask.contiguous().view(torch.int8), level_arg, masked, seed, L, n,
-                EXACT=counts is not None, ONE_CHUNK=L <= cfg["BLOCK_L"], **cfg,
+                response_mask.contiguous().view(torch.int8),
+                level_arg,
+                masked,
+                seed,
+                L,
+                n,
+                EXACT=counts is not None,
+                ONE_CHUNK=L <= cfg["BLOCK_L"],
+                **cfg,
             )
     return masked.view(torch.bool)
 
@@ -287,15 +304,18 @@ def aot_specs() -> list[dict]:
     specs = []
     for exact in (True, False):
         for one_chunk in (True, False):
-            specs.append(aot_spec(
-                f"mask_sampling[{'l_uniform' if exact else 't_bernoulli'},{'one_chunk' if one_chunk else 'chunked'}]",
-                _sample_masks_kernel,
-                pointers={"resp_ptr": "i8", "level_ptr": "i64" if exact else "fp32", "masked_ptr": "i8"},
-                # A 62-bit seed; a row length and a sample count that are not multiples of 16.
-                scalars={"seed": 2**61 + 3, "L": 1000 if one_chunk else 4001, "n_samples": 6},
-                constexprs={"EXACT": exact, "ONE_CHUNK": one_chunk, "BLOCK_L": _GPU_CONFIG["BLOCK_L"]},
-                num_warps=_GPU_CONFIG["num_warps"], num_stages=_GPU_CONFIG["num_stages"],
-            ))
+            specs.append(
+                aot_spec(
+                    f"mask_sampling[{'l_uniform' if exact else 't_bernoulli'},{'one_chunk' if one_chunk else 'chunked'}]",  # noqa: E501
+                    _sample_masks_kernel,
+                    pointers={"resp_ptr": "i8", "level_ptr": "i64" if exact else "fp32", "masked_ptr": "i8"},
+                    # A 62-bit seed; a row length and a sample count that are not multiples of 16.
+                    scalars={"seed": 2**61 + 3, "L": 1000 if one_chunk else 4001, "n_samples": 6},
+                    constexprs={"EXACT": exact, "ONE_CHUNK": one_chunk, "BLOCK_L": _GPU_CONFIG["BLOCK_L"]},
+                    num_warps=_GPU_CONFIG["num_warps"],
+                    num_stages=_GPU_CONFIG["num_stages"],
+                )
+            )
     specs += _keyed_aot_specs()
     return specs
 
@@ -307,18 +327,40 @@ def _keyed_aot_specs() -> list[dict]:
     for L, stratified in ((1000, False), (4001, True), (100, True)):
         cfg = keyed_launch_config(L, torch.device("cuda"))
         for l_uniform in (True, False):
-            specs.append(aot_spec(
-                f"keyed_draw[{'l_uniform' if l_uniform else 't_bernoulli'},L={L},"
-                f"block={cfg['BLOCK_L']}x{cfg['SAMPLES']}]",
-                _keyed_draw_kernel,
-                pointers={"ids_ptr": "i64", "resp_ptr": "i8", "keys_ptr": "i64", "noisy_ptr": "i64",
-                          "masked_ptr": "i8", "weight_ptr": "fp32", "levels_ptr": "fp32"},
-                scalars={"mask_token_id": 126336, "L": L, "n_samples": 8 * 37, "n_t": 8, "n_yt": 1,
-                         "c_floor": 0.999, "e_floor": 1e-3},
-                constexprs={"L_UNIFORM": l_uniform, "STRATIFIED": stratified, "ONE_CHUNK": L <= cfg["BLOCK_L"],
-                            "BLOCK_L": cfg["BLOCK_L"], "SAMPLES": cfg["SAMPLES"]},
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            ))
+            specs.append(
+                aot_spec(
+                    f"keyed_draw[{'l_uniform' if l_uniform else 't_bernoulli'},L={L},"
+                    f"block={cfg['BLOCK_L']}x{cfg['SAMPLES']}]",
+                    _keyed_draw_kernel,
+                    pointers={
+                        "ids_ptr": "i64",
+                        "resp_ptr": "i8",
+                        "keys_ptr": "i64",
+                        "noisy_ptr": "i64",
+                        "masked_ptr": "i8",
+                        "weight_ptr": "fp32",
+                        "levels_ptr": "fp32",
+                    },
+                    scalars={
+                        "mask_token_id": 126336,
+                        "L": L,
+                        "n_samples": 8 * 37,
+                        "n_t": 8,
+                        "n_yt": 1,
+                        "c_floor": 0.999,
+                        "e_floor": 1e-3,
+                    },
+                    constexprs={
+                        "L_UNIFORM": l_uniform,
+                        "STRATIFIED": stratified,
+                        "ONE_CHUNK": L <= cfg["BLOCK_L"],
+                        "BLOCK_L": cfg["BLOCK_L"],
+                        "SAMPLES": cfg["SAMPLES"],
+                    },
+                    num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"],
+                )
+            )
     return specs
 
 
@@ -372,8 +414,7 @@ def _xor3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def _check_words(name: str, t: torch.Tensor, width: int):
     if t.dtype != torch.int64 or t.dim() < 1 or t.shape[-1] != width:
-        raise ValueError(f"philox4x32: {name} must be an int64 tensor [..., {width}], got {t.dtype} "
-                         f"{tuple(t.shape)}")
+        raise ValueError(f"philox4x32: {name} must be an int64 tensor [..., {width}], got {t.dtype} {tuple(t.shape)}")
     if ((t < 0) | (t > _U32)).any():
         raise ValueError(f"philox4x32: every word of {name} must lie in [0, 2^32)")
 
@@ -440,8 +481,9 @@ def _levels_torch(lengths: torch.Tensor, k0, k1, plan) -> tuple[torch.Tensor, to
     dev, n_t = lengths.device, plan.n_t
     j = torch.arange(n_t, device=dev)[None]
     zero = torch.zeros((), dtype=torch.int64, device=dev)
-    x0, x1, _, _ = philox4x32_words(j[:, :1] if plan.stratified else j, zero, zero + _TAG_LEVEL, zero,
-                                    k0[:, None], k1[:, None])
+    x0, x1, _, _ = philox4x32_words(
+        j[:, :1] if plan.stratified else j, zero, zero + _TAG_LEVEL, zero, k0[:, None], k1[:, None]
+    )
     if plan.estimator == "l_uniform":
         L = lengths[:, None]
         r = _uniform_below(x0, x1, L)
@@ -503,7 +545,7 @@ def _smallest_keys(keys: torch.Tensor, count: torch.Tensor, length: torch.Tensor
 
 def _keyed_draw_torch(input_ids, response_mask, keys, lengths, plan, mask_token_id) -> KeyedDraw:
     B, L = input_ids.shape
-    n, n_t, n_yt = plan.n_t * plan.n_yt, plan.n_t, plan.n_yt
+    n, n_yt = plan.n_t * plan.n_yt, plan.n_yt
     k0, k1 = _key_words(keys)
     levels, weight = _levels_torch(lengths, k0, k1, plan)
     width = int(lengths.max())
@@ -568,14 +610,14 @@ if triton_available():
         """uint32 K[s, p] [SAMPLES, BLOCK_L]: word (p mod 4) of Philox(seed) at (p // 4, s, TAG_POSITION, 0)."""
         q = (p >> 2).to(tl.uint32)
         zero = q * 0
-        x0, x1, x2, x3 = tl.philox(seed[:, None], q, zero + s.to(tl.uint32)[:, None], zero + 0, zero,
-                                   _ROUNDS)  # c2 = 0: _TAG_POSITION
+        x0, x1, x2, x3 = tl.philox(
+            seed[:, None], q, zero + s.to(tl.uint32)[:, None], zero + 0, zero, _ROUNDS
+        )  # c2 = 0: _TAG_POSITION
         w = p & 3
         return tl.where(w == 0, x0, tl.where(w == 1, x1, tl.where(w == 2, x2, x3)))
 
     @triton.jit
-    def _keys_at_most(probe, key_block, resp_rows, live, seed, s, L, ONE_CHUNK: tl.constexpr,
-                      BLOCK_L: tl.constexpr):
+    def _keys_at_most(probe, key_block, resp_rows, live, seed, s, L, ONE_CHUNK: tl.constexpr, BLOCK_L: tl.constexpr):
         """int32 [SAMPLES]: how many response positions of each row have K[s, p] <= probe [SAMPLES]."""
         if ONE_CHUNK:
             n = tl.sum((key_block <= probe[:, None]).to(tl.int32), axis=1)
@@ -638,10 +680,27 @@ if triton_available():
         tl.store(masked_rows + pos[None, :], hit.to(tl.int8), mask=inside)
 
     @triton.jit
-    def _keyed_draw_kernel(ids_ptr, resp_ptr, keys_ptr, noisy_ptr, masked_ptr, weight_ptr, levels_ptr,
-                           mask_token_id, L, n_samples, n_t, n_yt, c_floor, e_floor,
-                           L_UNIFORM: tl.constexpr, STRATIFIED: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                           BLOCK_L: tl.constexpr, SAMPLES: tl.constexpr):
+    def _keyed_draw_kernel(
+        ids_ptr,
+        resp_ptr,
+        keys_ptr,
+        noisy_ptr,
+        masked_ptr,
+        weight_ptr,
+        levels_ptr,
+        mask_token_id,
+        L,
+        n_samples,
+        n_t,
+        n_yt,
+        c_floor,
+        e_floor,
+        L_UNIFORM: tl.constexpr,
+        STRATIFIED: tl.constexpr,
+        ONE_CHUNK: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        SAMPLES: tl.constexpr,
+    ):
         g = tl.program_id(0) * SAMPLES + tl.arange(0, SAMPLES)  # samples b * n + s of this program
         live = g < n_samples
         g = tl.where(live, g, 0).to(tl.int64)
@@ -688,8 +747,7 @@ if triton_available():
             for l0 in range(0, L, BLOCK_L):
                 pos, ok, p, seen = _chunk(resp_rows, live, l0, seen, L, BLOCK_L)
                 u = (_position_keys(seed, s, p) >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24, exact
-                _store_chunk(ok & (u < level[:, None]), pos, live, ids_rows, noisy_rows, masked_rows,
-                             mask_token_id, L)
+                _store_chunk(ok & (u < level[:, None]), pos, live, ids_rows, noisy_rows, masked_rows, mask_token_id, L)
 
 
 # Launch settings of the keyed-draw kernel: BLOCK_L is the row length rounded up to a power of two, at
@@ -707,8 +765,9 @@ def keyed_launch_config(L: int, device: torch.device) -> dict:
     """``BLOCK_L``, ``SAMPLES``, ``num_warps`` and ``num_stages`` of the keyed-draw kernel for rows of L."""
     if device.type == "cuda":
         block = min(_KEYED_GPU["MAX_BLOCK_L"], triton.next_power_of_2(max(L, 32)))
-        return dict(BLOCK_L=block, SAMPLES=1, num_warps=min(4, max(1, block // 256)),
-                    num_stages=_KEYED_GPU["num_stages"])
+        return dict(
+            BLOCK_L=block, SAMPLES=1, num_warps=min(4, max(1, block // 256)), num_stages=_KEYED_GPU["num_stages"]
+        )
     t = _KEYED_INTERPRETER
     block = min(t["MAX_BLOCK_L"], triton.next_power_of_2(max(L, 2)))
     return dict(BLOCK_L=block, SAMPLES=t["TILE"] // block, num_warps=t["num_warps"], num_stages=t["num_stages"])
@@ -727,10 +786,25 @@ def _keyed_draw_triton(input_ids, response_mask, keys, plan, mask_token_id, conf
         c, e = _floor_words(plan.t_floor)
         with on_device(input_ids):
             _keyed_draw_kernel[(triton.cdiv(B * n, cfg["SAMPLES"]),)](
-                input_ids.contiguous(), response_mask.contiguous().view(torch.int8), keys.contiguous(),
-                noisy, masked, weight, levels, mask_token_id, L, B * n, plan.n_t, plan.n_yt, c, e,
-                L_UNIFORM=plan.estimator == "l_uniform", STRATIFIED=plan.stratified,
-                ONE_CHUNK=L <= cfg["BLOCK_L"], **KEYED_COMPILE_OPTIONS, **cfg,
+                input_ids.contiguous(),
+                response_mask.contiguous().view(torch.int8),
+                keys.contiguous(),
+                noisy,
+                masked,
+                weight,
+                levels,
+                mask_token_id,
+                L,
+                B * n,
+                plan.n_t,
+                plan.n_yt,
+                c,
+                e,
+                L_UNIFORM=plan.estimator == "l_uniform",
+                STRATIFIED=plan.stratified,
+                ONE_CHUNK=L <= cfg["BLOCK_L"],
+                **KEYED_COMPILE_OPTIONS,
+                **cfg,
             )
     return KeyedDraw(noisy, masked.view(torch.bool), weight, levels)
 
@@ -738,17 +812,24 @@ def _keyed_draw_triton(input_ids, response_mask, keys, plan, mask_token_id, conf
 def _check_keyed_inputs(input_ids, response_mask, keys, plan, mask_token_id) -> torch.Tensor:
     """Validate the keyed draw's arguments; returns the rows' response lengths (int64 [B])."""
     if input_ids.dtype != torch.int64 or input_ids.dim() != 2:
-        raise ValueError(f"noisy_draw: input_ids must be an int64 tensor [B, L], got {input_ids.dtype} "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"noisy_draw: input_ids must be an int64 tensor [B, L], got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
     if response_mask.dtype != torch.bool or response_mask.shape != input_ids.shape:
-        raise ValueError(f"noisy_draw: response_mask must be a bool tensor of input_ids' shape "
-                         f"{tuple(input_ids.shape)}, got {response_mask.dtype} {tuple(response_mask.shape)}")
+        raise ValueError(
+            f"noisy_draw: response_mask must be a bool tensor of input_ids' shape "
+            f"{tuple(input_ids.shape)}, got {response_mask.dtype} {tuple(response_mask.shape)}"
+        )
     if keys.dtype != torch.int64 or keys.shape != input_ids.shape[:1]:
-        raise ValueError(f"noisy_draw: keys must be an int64 tensor [B] with B={input_ids.shape[0]}, got "
-                         f"{keys.dtype} {tuple(keys.shape)}")
+        raise ValueError(
+            f"noisy_draw: keys must be an int64 tensor [B] with B={input_ids.shape[0]}, got "
+            f"{keys.dtype} {tuple(keys.shape)}"
+        )
     if response_mask.device != input_ids.device or keys.device != input_ids.device:
-        raise ValueError(f"noisy_draw: response_mask ({response_mask.device}) and keys ({keys.device}) must be "
-                         f"on input_ids' device ({input_ids.device})")
+        raise ValueError(
+            f"noisy_draw: response_mask ({response_mask.device}) and keys ({keys.device}) must be "
+            f"on input_ids' device ({input_ids.device})"
+        )
     if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not 0 <= mask_token_id < 2**31:
         raise ValueError(f"noisy_draw: mask_token_id must be an int in [0, 2^31), got {mask_token_id!r}")
     if input_ids.shape[1] >= 2**31:
@@ -757,13 +838,22 @@ def _check_keyed_inputs(input_ids, response_mask, keys, plan, mask_token_id) -> 
     empty = (lengths == 0).nonzero()
     if empty.numel():
         rows = empty[:, 0].tolist()
-        raise ValueError(f"noisy_draw: response_mask row {rows[0]} has no response tokens (empty rows: "
-                         f"{rows[:10]}); every sequence needs at least one to estimate its ELBO")
+        raise ValueError(
+            f"noisy_draw: response_mask row {rows[0]} has no response tokens (empty rows: "
+            f"{rows[:10]}); every sequence needs at least one to estimate its ELBO"
+        )
     return lengths
 
 
-def keyed_noisy_draw(input_ids: torch.Tensor, response_mask: torch.Tensor, keys: torch.Tensor, plan,
-                     mask_token_id: int, impl: str = "auto", config: dict | None = None) -> KeyedDraw:
+def keyed_noisy_draw(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    keys: torch.Tensor,
+    plan,
+    mask_token_id: int,
+    impl: str = "auto",
+    config: dict | None = None,
+) -> KeyedDraw:
     """The keyed draw of the module docstring, fused with writing the noisy inputs.
 
     Args:
@@ -786,6 +876,10 @@ def keyed_noisy_draw(input_ids: torch.Tensor, response_mask: torch.Tensor, keys:
         return _keyed_draw_triton(input_ids, response_mask, keys, plan, mask_token_id, config)
     if input_ids.shape[0] == 0:  # nothing to draw (and no longest response to size the keys by)
         B, L, n, dev = 0, input_ids.shape[1], plan.n_t * plan.n_yt, input_ids.device
-        return KeyedDraw(input_ids.new_empty((B, n, L)), torch.empty((B, n, L), dtype=torch.bool, device=dev),
-                         torch.empty((B, n), device=dev), torch.empty((B, plan.n_t), device=dev))
+        return KeyedDraw(
+            input_ids.new_empty((B, n, L)),
+            torch.empty((B, n, L), dtype=torch.bool, device=dev),
+            torch.empty((B, n), device=dev),
+            torch.empty((B, plan.n_t), device=dev),
+        )
     return _keyed_draw_torch(input_ids, response_mask, keys, lengths, plan, mask_token_id)

@@ -25,7 +25,10 @@ def test_the_ablation_arms_differ_only_in_their_estimator():
     assert differences("grpo_it2", "grpo_it2_independent") == {"antithetic": (True, False)}
     assert differences("grpo_it2", "grpo_it2_one_step") == {"likelihood": ("elbo", "one_step")}
     dpo = fields("dpo")
-    assert dpo["algorithm"] == "naive_dpo" and dpo["per_device_train_batch_size"] == 8 * sort_task.PRESETS["per_device_train_batch_size"]
+    assert (
+        dpo["algorithm"] == "naive_dpo"
+        and dpo["per_device_train_batch_size"] == 8 * sort_task.PRESETS["per_device_train_batch_size"]
+    )
 
 
 def test_a_quick_run_writes_the_curve_and_skips_it_the_second_time(tmp_path, monkeypatch, capsys):

@@ -58,8 +58,9 @@ def statistics_var(xs):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    trainer, info = var_bench.train_policy(0, 2, None, seed=3, workdir=str(tmp_path_factory.mktemp("train")),
-                                           eval_size=8, quick=True)
+    trainer, info = var_bench.train_policy(
+        0, 2, None, seed=3, workdir=str(tmp_path_factory.mktemp("train")), eval_size=8, quick=True
+    )
     return trainer
 
 

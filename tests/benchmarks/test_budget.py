@@ -18,8 +18,9 @@ def test_every_arm_spends_the_budget_and_the_regimes_differ_only_in_pairs():
         rich = budget.run_config(arm, "rich", 42, None, "x", quick=False)
         limited = budget.run_config(arm, "limited", 42, None, "x", quick=False)
         assert rich["max_train_pairs"] is None and limited["max_train_pairs"] == 128
-        assert {k: v for k, v in rich.items() if k != "max_train_pairs"} == \
-            {k: v for k, v in limited.items() if k != "max_train_pairs"}
+        assert {k: v for k, v in rich.items() if k != "max_train_pairs"} == {
+            k: v for k, v in limited.items() if k != "max_train_pairs"
+        }
     assert budget.BY_KEY["dpo"].antithetic is False and budget.BY_KEY["anti1"].antithetic
     assert budget.BY_KEY["sft16"].pref_weight == 0 and budget.BY_KEY["sft128"].pref_weight == 0
     with pytest.raises(ValueError, match="arm x: batch 32 x n_t 8"):
@@ -29,11 +30,25 @@ def test_every_arm_spends_the_budget_and_the_regimes_differ_only_in_pairs():
 def row(regime, arm, seed, acc, mask=0.05, pairs=0.2):
     """A CSV row; ``mask`` is one sample's mask variance (the CSV holds it over n_t, as runs log it)."""
     a = budget.BY_KEY[arm]
-    return {"regime": regime, "arm": arm, "seed": seed, "steps": 50, "batch": a.batch, "n_t": a.n_t, "n_yt": a.n_yt,
-            "gen_acc_before": 0.498, "gen_acc_after": acc, "gen_credit_after": 0.9, "pref_acc_before": 0.75,
-            "pref_acc_after": 0.9, "mean_score_var": 0.05 if a.n_t > 1 else float("nan"),
-            "var_mask": mask / a.n_t if a.n_t > 1 else None, "var_pairs": pairs if a.n_t > 1 else None,
-            "advice_n_t": None, "wall_s": 1.0}
+    return {
+        "regime": regime,
+        "arm": arm,
+        "seed": seed,
+        "steps": 50,
+        "batch": a.batch,
+        "n_t": a.n_t,
+        "n_yt": a.n_yt,
+        "gen_acc_before": 0.498,
+        "gen_acc_after": acc,
+        "gen_credit_after": 0.9,
+        "pref_acc_before": 0.75,
+        "pref_acc_after": 0.9,
+        "mean_score_var": 0.05 if a.n_t > 1 else float("nan"),
+        "var_mask": mask / a.n_t if a.n_t > 1 else None,
+        "var_pairs": pairs if a.n_t > 1 else None,
+        "advice_n_t": None,
+        "wall_s": 1.0,
+    }
 
 
 def test_the_advisor_check_names_the_best_group():
@@ -42,6 +57,7 @@ def test_the_advisor_check_names_the_best_group():
     part the loss-error criterion says 8, not in it, while the noise criterion still says 1. Catches a best
     group taken from the worst end, an advice read from the wrong arm, or the CSV's mask part not scaled back by
     n_t (the second case would then advise 1 by loss error too)."""
+
     def study(mask, pairs):
         rows = [row("rich", "anti1", s, acc) for s, acc in ((42, 0.80), (2, 0.82))]
         rows += [row("rich", "n2", s, acc, mask, pairs) for s, acc in ((42, 0.81), (2, 0.83))]

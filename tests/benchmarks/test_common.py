@@ -13,8 +13,10 @@ def test_read_rows_parses_what_write_csv_wrote(tmp_path):
     missing file that raises instead of starting an empty study."""
     path = tmp_path / "study.csv"
     assert read_rows(path) == []
-    rows = [{"method": "42", "seed": 42, "step": 0, "acc": 0.5, "var": None},
-            {"method": "grpo", "seed": 2, "step": 10, "acc": 0.75, "var": 1e-3}]
+    rows = [
+        {"method": "42", "seed": 42, "step": 0, "acc": 0.5, "var": None},
+        {"method": "grpo", "seed": 2, "step": 10, "acc": 0.75, "var": 1e-3},
+    ]
     write_csv(rows, path, ("method", "seed", "step", "acc", "var"))
     back = read_rows(path, text=("method",), ints=("seed", "step"))
     assert back == rows

@@ -3,11 +3,9 @@ interpreter with tiny shapes, so that the command a GPU owner runs first cannot 
 
 from __future__ import annotations
 
-import pytest
-
-import dataclasses
 from unittest import mock
 
+import pytest
 import torch
 
 from benchmarks import gpu_check
@@ -31,7 +29,8 @@ def test_dry_run_passes_and_writes_the_report(tmp_path, monkeypatch):
     # fp32 runs with TF32 off and on (emulated), so it counts twice.
     variants = len(plan.ce_dtypes) + (torch.float32 in plan.ce_dtypes)
     assert text.count("| correctness | masked_linear_ce ") == (
-        len(plan.ce_cases) * variants * 2 + 2 + len(plan.ce_multi_chunk) + 4)
+        len(plan.ce_cases) * variants * 2 + 2 + len(plan.ce_multi_chunk) + 4
+    )
     assert "3 chunks: out" in text and "softmax part" in text and "passed: upcast, scratch16_add, upcast_add" in text
     assert "float32 (TF32)" in text and "float32 (IEEE)" in text and "per row: worst" in text
     assert "last element offset" in text  # the 64-bit offsets case runs in the dry run
@@ -145,8 +144,11 @@ def test_item1_the_step_trainer_runs_in_bf16_as_on_a_gpu(tmp_path):
     trainer = gpu_check.build_step_trainer(dict(gpu_check.TINY_STEP_MODEL, n_layers=1), 1, 2, str(tmp_path))
     assert {p.dtype for p in gpu_check._policy_parameters(trainer)} == {torch.bfloat16}
     assert trainer.config.kernel_impl == "auto"
-    assert all(len(step) == 5 and step[4] == torch.bfloat16
-               for plan in (gpu_check.GPU_PLAN, gpu_check.QUICK_PLAN, gpu_check.DRY_PLAN) for step in plan.step_models)
+    assert all(
+        len(step) == 5 and step[4] == torch.bfloat16
+        for plan in (gpu_check.GPU_PLAN, gpu_check.QUICK_PLAN, gpu_check.DRY_PLAN)
+        for step in plan.step_models
+    )
 
 
 def _tf32(x, truncate=True):
@@ -192,8 +194,7 @@ def test_item4_a_zeroed_chunk_edge_row_of_d_weight_is_caught_at_h_4095():
     checked per vocabulary row. 37 rows, H = 4095, 4 backward chunks of V = 2,048 (torch path)."""
     N, H, V = 37, 4095, 2048
     budget = 4 * N * 512  # 512 columns per chunk
-    x = gpu_check.ce_inputs(N, N, H, V, torch.bfloat16, "cpu", bias=True,
-                            edges=gpu_check.edge_columns(N, V, budget))
+    x = gpu_check.ce_inputs(N, N, H, V, torch.bfloat16, "cpu", bias=True, edges=gpu_check.edge_columns(N, V, budget))
     assert gpu_check.check_ce_case(x, torch.bfloat16, budget, impl="torch")  # a correct run passes
     with gpu_check.PLANTS["zero_column"](), pytest.raises(AssertionError, match="d_weight vocabulary row 1535"):
         gpu_check.check_ce_case(x, torch.bfloat16, budget, impl="torch")
@@ -204,9 +205,9 @@ def test_item5_the_upcast_gemm_runs_in_tf32_and_is_priced_as_chosen():
     (~15x slower) while the cost model priced one bf16 GEMM. TF32 is exact for 16-bit inputs: it is
     allowed inside the upcast, and tools.roofline prices the form chosen."""
     from tools import roofline
+    from vrpo_kernels.dispatch import fp32_matmul_precision
     from vrpo_kernels.gpus import GPUS
     from vrpo_kernels.masked_linear_ce import gemm
-    from vrpo_kernels.dispatch import fp32_matmul_precision
 
     seen = []
     real_mm = torch.mm
@@ -223,8 +224,9 @@ def test_item5_the_upcast_gemm_runs_in_tf32_and_is_priced_as_chosen():
     torch.testing.assert_close(out, a.float() @ b.float())
     h100 = GPUS["h100"]
     upcast = roofline.masked_ce_launches(4096, 4096, 126464, h100, strategy=gemm.GemmStrategy("upcast", "upcast_add"))
-    one_call = roofline.masked_ce_launches(4096, 4096, 126464, h100,
-                                           strategy=gemm.GemmStrategy("out_dtype", "addmm_out_dtype"))
+    one_call = roofline.masked_ce_launches(
+        4096, 4096, 126464, h100, strategy=gemm.GemmStrategy("out_dtype", "addmm_out_dtype")
+    )
     assert any(x.peak == "tf32" and "upcast" in x.name for x in upcast)
     assert sum(x.seconds(h100) for x in upcast) > 1.2 * sum(x.seconds(h100) for x in one_call)
 
@@ -286,8 +288,12 @@ def test_item9_the_timing_table_reports_measured_ratios():
     """Item 9: the table divided peers' times by our predicted time. It now reports each implementation's
     measured time over ours measured, the prediction in its own column (ours only)."""
     pred = gpu_check.predictions(gpu_check.DRY_PLAN, torch.device("cpu"))[1]
-    measured = {("masked_ce", "vrpo triton"): 10.0, ("masked_ce", "eager torch"): 30.0,
-                ("attention", "vrpo triton"): 4.0, ("attention", "SDPA"): 2.0}
+    measured = {
+        ("masked_ce", "vrpo triton"): 10.0,
+        ("masked_ce", "eager torch"): 30.0,
+        ("attention", "vrpo triton"): 4.0,
+        ("attention", "SDPA"): 2.0,
+    }
     lines = gpu_check.timing_table(gpu_check.DRY_PLAN, measured, pred, "H100")
     eager = next(line for line in lines if "| eager torch |" in line)
     assert "| 30.000 | 3.00 | - | - | - |" in eager

@@ -9,8 +9,9 @@ from vrpo.tasks.sort.task import toy_sft_path
 
 
 def test_identical_policies_give_zero_on_shared_masks_only(tmp_path):
-    rows = grpo_variance.main(["--new", toy_sft_path(), "--prompts", "2", "--generations", "2", "--repeats", "3",
-                               "--out", str(tmp_path)])
+    rows = grpo_variance.main(
+        ["--new", toy_sft_path(), "--prompts", "2", "--generations", "2", "--repeats", "3", "--out", str(tmp_path)]
+    )
     by_name = {r["estimator"]: r for r in rows}
     for name in ("shared (n_t 8)", "shared, stratified (n_t 8)", "d1 one-step"):
         assert by_name[name]["var_log_ratio"] == 0 and by_name[name]["mean_log_ratio"] == 0, name

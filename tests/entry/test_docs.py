@@ -26,8 +26,14 @@ import pytest
 from ..helpers import ROOT
 
 PAGES = sorted(
-    p for p in [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md",
-                *(ROOT / "docs").glob("*.md")] if p.is_file()
+    p
+    for p in [
+        ROOT / "README.md",
+        ROOT / "CHANGELOG.md",
+        ROOT / "benchmarks" / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+    ]
+    if p.is_file()
 )
 
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
@@ -61,7 +67,7 @@ def _expand(token: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", token)
     if not match:
         return [token]
-    head, tail = token[: match.start()], token[match.end():]
+    head, tail = token[: match.start()], token[match.end() :]
     return [x for alt in match.group(1).split(",") for x in _expand(head + alt + tail)]
 
 
@@ -116,8 +122,11 @@ def problems(text: str, page: pathlib.Path, root: pathlib.Path = ROOT) -> list[s
         file = (here / path).resolve() if path else page
         if path and not file.exists():
             out.append(f"link {target}: {path} does not exist")
-        elif anchor and file.suffix == ".md" and anchor not in anchors(
-                file.read_text(encoding="utf-8") if path else text):
+        elif (
+            anchor
+            and file.suffix == ".md"
+            and anchor not in anchors(file.read_text(encoding="utf-8") if path else text)
+        ):
             out.append(f"link {target}: {file.name} has no heading with the anchor #{anchor}")
     top = {p.name for p in root.iterdir() if p.is_dir()}
     for word in sorted(set(code_paths(text))):
@@ -145,10 +154,12 @@ def test_links_paths_and_modules_exist(page):
 def test_the_check_fails_on_planted_breakage(tmp_path):
     """Each kind of breakage, planted in a page beside real links, is reported (and the real ones are not)."""
     page = ROOT / "docs" / "planted.md"  # never written: the text is checked as if it lived in docs/
-    good = ("# Here\n[training](training.md#scaling-out) [readme](../README.md) [here](#here) "
-            "`vrpo/estimator/elbo.py` `a wrapped\nspan` "
-            "`tests/entry/test_layers.py::test_no_circle` `results/x.md` `outputs/run/model` "
-            "`benchmarks/results/budget.{md,csv}` `vrpo/tasks/<name>/` and `python -m vrpo.train`\n")
+    good = (
+        "# Here\n[training](training.md#scaling-out) [readme](../README.md) [here](#here) "
+        "`vrpo/estimator/elbo.py` `a wrapped\nspan` "
+        "`tests/entry/test_layers.py::test_no_circle` `results/x.md` `outputs/run/model` "
+        "`benchmarks/results/budget.{md,csv}` `vrpo/tasks/<name>/` and `python -m vrpo.train`\n"
+    )
     assert problems(good, page) == []
     planted = {
         "[x](missing.md)": "link missing.md: missing.md does not exist",
@@ -175,7 +186,14 @@ def test_a_module_that_does_not_compile_is_reported(tmp_path, monkeypatch):
 
 
 def test_anchors_follow_githubs_slugs():
-    text = ("# A title\n## VRPO against naive DPO (`benchmarks/toy_compare.py`)\n## The demo's data\n"
-            "## Masks or pairs: the budget advisor\n## A title\n```\n# not a heading\n```\n")
-    assert anchors(text) == {"a-title", "vrpo-against-naive-dpo-benchmarkstoy_comparepy", "the-demos-data",
-                             "masks-or-pairs-the-budget-advisor", "a-title-1"}
+    text = (
+        "# A title\n## VRPO against naive DPO (`benchmarks/toy_compare.py`)\n## The demo's data\n"
+        "## Masks or pairs: the budget advisor\n## A title\n```\n# not a heading\n```\n"
+    )
+    assert anchors(text) == {
+        "a-title",
+        "vrpo-against-naive-dpo-benchmarkstoy_comparepy",
+        "the-demos-data",
+        "masks-or-pairs-the-budget-advisor",
+        "a-title-1",
+    }

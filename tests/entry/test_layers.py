@@ -93,7 +93,7 @@ def test_no_import_circle():
         stack.append(v)
         for w in sorted(edges.get(v, ())):
             if state.get(w) == 1:
-                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(w):] + [w]))
+                raise AssertionError("import circle: " + " -> ".join(stack[stack.index(w) :] + [w]))
             if w not in state:
                 visit(w)
         stack.pop()
@@ -108,10 +108,16 @@ def test_the_check_sees_an_upward_import(tmp_path):
     """The checks above can fail: a models module importing the trainer is an arrow up, and a pair of modules
     importing each other is a circle."""
     tree = ast.parse("from ..training.trainer import VRPOTrainer\n")
-    (target, _), = imports("vrpo.models.samplers", ROOT / "vrpo" / "models" / "samplers.py", tree)
+    ((target, _),) = imports("vrpo.models.samplers", ROOT / "vrpo" / "models" / "samplers.py", tree)
     assert target == "vrpo.training.trainer.VRPOTrainer" and floor(target) > floor("vrpo.models.samplers")
-    assert floor("vrpo_kernels.attention") < floor("vrpo.estimator.elbo") < floor("vrpo.models.io") \
-        < floor("vrpo.training.trainer") < floor("vrpo.tasks.sort.task") < floor("vrpo.train")
+    assert (
+        floor("vrpo_kernels.attention")
+        < floor("vrpo.estimator.elbo")
+        < floor("vrpo.models.io")
+        < floor("vrpo.training.trainer")
+        < floor("vrpo.tasks.sort.task")
+        < floor("vrpo.train")
+    )
 
 
 def test_imports_are_at_the_top_of_modules_within_the_package():
@@ -122,8 +128,10 @@ def test_imports_are_at_the_top_of_modules_within_the_package():
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(fn):
-                if isinstance(node, (ast.Import, ast.ImportFrom)) and (getattr(node, "level", 0) or any(
-                        t.split(".")[0] in ("vrpo", "vrpo_kernels") for t, _ in imports(name, path, node))):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and (
+                    getattr(node, "level", 0)
+                    or any(t.split(".")[0] in ("vrpo", "vrpo_kernels") for t, _ in imports(name, path, node))
+                ):
                     hidden.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not hidden, "imports of vrpo inside functions:\n" + "\n".join(hidden)
 
@@ -132,7 +140,7 @@ def test_the_architecture_docs_layout_names_every_module():
     """The Layout section of docs/architecture.md is the tree: every module of the packages is named there
     (one line each), and nothing it names is missing from the tree."""
     text = (ROOT / "docs" / "architecture.md").read_text()
-    layout = text[text.index("## Layout"):]
+    layout = text[text.index("## Layout") :]
     layout = layout[: layout.index("\n## ", 4)] if "\n## " in layout[4:] else layout
     missing = []
     for pkg in ("vrpo", "vrpo_kernels", "tools"):
@@ -143,6 +151,10 @@ def test_the_architecture_docs_layout_names_every_module():
                 missing.append(str(path.relative_to(ROOT)))
     assert not missing, "modules docs/architecture.md's Layout does not name:\n" + "\n".join(missing)
     named = {n for n in re.findall(r"`([\w/]+\.py)`", layout)}
-    files = {p.name for pkg in ("vrpo", "vrpo_kernels", "tools", "benchmarks") if (ROOT / pkg).is_dir()
-             for p in (ROOT / pkg).rglob("*.py")} | {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")}
+    files = {
+        p.name
+        for pkg in ("vrpo", "vrpo_kernels", "tools", "benchmarks")
+        if (ROOT / pkg).is_dir()
+        for p in (ROOT / pkg).rglob("*.py")
+    } | {str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")}
     assert not named - files, f"the Layout section names files that do not exist: {sorted(named - files)}"

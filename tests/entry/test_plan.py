@@ -100,8 +100,16 @@ def test_layer_activation_formula_matches_what_autograd_saves():
     library's attention kernel): within 5% of the formula (which leaves out the RoPE tables and parameters)."""
     from vrpo.models import attention_impl, build_tiny_llada
 
-    model = build_tiny_llada(seed=0, d_model=64, n_heads=4, n_kv_heads=2, n_layers=1, mlp_hidden_size=192,
-                             vocab_size=136, attn_implementation="vrpo_triton").to(torch.bfloat16)
+    model = build_tiny_llada(
+        seed=0,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        n_layers=1,
+        mlp_hidden_size=192,
+        vocab_size=136,
+        attn_implementation="vrpo_triton",
+    ).to(torch.bfloat16)
     x = torch.randn(2, 256, 64, dtype=torch.bfloat16, requires_grad=True)
     pos = torch.arange(256)[None].expand(2, -1)
     cos, sin = model.model.rotary_emb(x, pos)

@@ -17,7 +17,9 @@ def test_probe_steps_prints_the_advice(capsys):
     mask, pairs = map(float, re.search(r"mask part \(one pair's estimate\) (\S+), pair part (\S+)", out).groups())
     assert mask > 0 and pairs >= 0
     assert re.search(r"n_t = 1: \S+, n_t = 2: \S+, n_t = 4: \S+, n_t = 8: \S+, n_t = 16: \S+", out)
-    assert re.search(r"at this budget \(16 forward passes per step\), (n_t = \d+ with batch \d+ gives|the run's n_t)", out)
+    assert re.search(
+        r"at this budget \(16 forward passes per step\), (n_t = \d+ with batch \d+ gives|the run's n_t)", out
+    )
 
 
 def test_probe_steps_needs_two_timesteps(capsys):

@@ -89,10 +89,12 @@ def simulated_loss_error(g, sigma_pair2: float, mask: float, N: int, n_t: int, r
     return float(((loss - target) ** 2).mean())
 
 
-@pytest.mark.parametrize("sigma_pair2, mask, want", [(0.25, 0.04, 1), (0.01, 1.0, 8)],
-                         ids=["noise-dominated", "bias-dominated"])
+@pytest.mark.parametrize(
+    "sigma_pair2, mask, want", [(0.25, 0.04, 1), (0.01, 1.0, 8)], ids=["noise-dominated", "bias-dominated"]
+)
 def test_loss_error_advice_is_the_n_t_of_least_simulated_loss_error(sigma_pair2, mask, want):
-    """The comparison criterion. At 64 forward passes per step: with a large pair part and a small mask part, more pairs win (n_t = 1); with
+    """The comparison criterion. At 64 forward passes per step: with a large pair part and a small mask part, more
+    pairs win (n_t = 1); with
     a large mask part the loss's bias dominates and 8 masks per pair win. The predicted error of each candidate
     is the simulated one within 12% (second-order approximations), and the advised n_t's simulated error is
     within 5% of the least. Catches a criterion that ignores the bias (n_t = 1: the bias-dominated case

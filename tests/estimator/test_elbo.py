@@ -1,6 +1,5 @@
 """The Monte Carlo ELBO: unbiased against exact enumeration, edge cases, and the fused path."""
 
-
 import dataclasses
 
 import pytest
@@ -204,8 +203,18 @@ def test_packed_terms_equal_unpacked_terms(backend, fused):
     attention = (torch.arange(11)[None] < lengths[:, None]).long()
     draw = draw_masks(resp, SamplingPlan(n_t=3, n_yt=2), generator=torch.Generator().manual_seed(0))
     mask_id = model.config.mask_token_id
-    plain = elbo_terms(model, ids, resp, draw, mask_id, model_kwargs={"attention_mask": attention}, head=HeadOptions(fused=fused, impl="torch"))
-    packed = packed_elbo_terms(model, ids, resp, draw, mask_id, lengths=lengths, row_length=16, head=HeadOptions(fused=fused, impl="torch"))
+    plain = elbo_terms(
+        model,
+        ids,
+        resp,
+        draw,
+        mask_id,
+        model_kwargs={"attention_mask": attention},
+        head=HeadOptions(fused=fused, impl="torch"),
+    )
+    packed = packed_elbo_terms(
+        model, ids, resp, draw, mask_id, lengths=lengths, row_length=16, head=HeadOptions(fused=fused, impl="torch")
+    )
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not fit rows"):
         packed_elbo_terms(model, ids, resp, draw, mask_id, lengths=lengths, row_length=6)
@@ -264,9 +273,15 @@ def test_terms_are_float32_when_the_model_runs_in_bf16(fused):
     assert (error <= bound).all(), f"error {error.max().item():.3g} over the bound {bound.min().item():.3g}"
 
 
-@pytest.mark.parametrize("flags, budget", [([], 1 << 30), (["--ce_max_buffer_mb", "3"], 3 << 20),
-                                           (["--ce_max_buffer_mb", "3", "--packing", "--max_length", "16"], 3 << 20)],
-                         ids=["default", "set", "set-packed"])
+@pytest.mark.parametrize(
+    "flags, budget",
+    [
+        ([], 1 << 30),
+        (["--ce_max_buffer_mb", "3"], 3 << 20),
+        (["--ce_max_buffer_mb", "3", "--packing", "--max_length", "16"], 3 << 20),
+    ],
+    ids=["default", "set", "set-packed"],
+)
 def test_ce_max_buffer_mb_reaches_the_op(monkeypatch, flags, budget):
     """--ce_max_buffer_mb -> VRPOTrainer.elbo_module -> ELBOModule -> (packed_)elbo_terms -> masked_linear_ce,
     in bytes; None (the op's own 1 GiB default) when unset."""
@@ -320,18 +335,29 @@ def test_the_0_1_head_keywords_still_work_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="ELBOModule"):
         module = ELBOModule(model, 31, fused=False)
     assert module.head == HeadOptions(fused=False) and torch.equal(module(ids, resp, draw), generic)
-    with pytest.warns(DeprecationWarning, match="masked_token_logprobs"), \
-            pytest.raises(ValueError, match="fused=True needs a transformers LM"):
+    with (
+        pytest.warns(DeprecationWarning, match="masked_token_logprobs"),
+        pytest.raises(ValueError, match="fused=True needs a transformers LM"),
+    ):
         plain = ToyMDM()
         x = torch.zeros(1, 4, dtype=torch.long)
         masked_token_logprobs(plain, x, x, x.bool(), x.float(), plain.mask_token_id, fused=True)
     llada = build_tiny_llada(seed=0)
     lengths = torch.tensor([7, 7])
     with pytest.warns(DeprecationWarning, match="packed_elbo_terms"):
-        packed = packed_elbo_terms(llada, ids, resp, draw, llada.config.mask_token_id, lengths=lengths,
-                                   row_length=16, fused=False)
-    new = packed_elbo_terms(llada, ids, resp, draw, llada.config.mask_token_id, lengths=lengths, row_length=16,
-                            head=HeadOptions(fused=False))
+        packed = packed_elbo_terms(
+            llada, ids, resp, draw, llada.config.mask_token_id, lengths=lengths, row_length=16, fused=False
+        )
+    new = packed_elbo_terms(
+        llada,
+        ids,
+        resp,
+        draw,
+        llada.config.mask_token_id,
+        lengths=lengths,
+        row_length=16,
+        head=HeadOptions(fused=False),
+    )
     assert torch.equal(packed, new)
     with pytest.raises(TypeError, match="not both"):
         elbo_terms(model, ids, resp, draw, 31, fused=False, head=HeadOptions(impl="torch"))

@@ -9,7 +9,6 @@ chunks, so the short-row tests cover the chunked sweep too.
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 
 import numpy as np
@@ -33,8 +32,11 @@ MASK_ID = 99
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((U32, U32, U32, U32), (U32, U32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -228,8 +230,11 @@ def _triton(ids, resp, keys, plan, config):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("config", [None, dict(BLOCK_L=32, SAMPLES=8), dict(BLOCK_L=128, SAMPLES=1)],
-                         ids=["interpreter", "chunks32x8", "one_chunk128x1"])
+@pytest.mark.parametrize(
+    "config",
+    [None, dict(BLOCK_L=32, SAMPLES=8), dict(BLOCK_L=128, SAMPLES=1)],
+    ids=["interpreter", "chunks32x8", "one_chunk128x1"],
+)
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: f"{p.estimator}-strat{int(p.stratified)}-nyt{p.n_yt}")
 def test_triton_bits_do_not_depend_on_the_launch_configuration(plan, config):
     """The interpreter's 64-wide chunks, 32-wide ones (three per 70-wide row, eight samples per program:
@@ -368,8 +373,9 @@ def test_exact_count_subsets_are_uniform(impl):
     S, L = 6000, 9
     resp = torch.zeros(S, L, dtype=torch.bool)
     resp[:, [1, 2, 4, 6, 7]] = True
-    draw = noisy_draw(torch.zeros(S, L, dtype=torch.int64), resp, SamplingPlan(n_t=1), random_keys(S, 3),
-                      MASK_ID, impl=impl)
+    draw = noisy_draw(
+        torch.zeros(S, L, dtype=torch.int64), resp, SamplingPlan(n_t=1), random_keys(S, 3), MASK_ID, impl=impl
+    )
     masked = draw.masked[draw.levels[:, 0] == 2, 0]
     subsets = {s: i for i, s in enumerate(itertools.combinations([1, 2, 4, 6, 7], 2))}
     freq = torch.zeros(len(subsets))
@@ -413,8 +419,10 @@ def score_replicates(plan: SamplingPlan, impl: str, replicates: int, seed: int) 
 
     draw_w, draw_l = draw(chosen, keys[0]), draw(rejected, keys[1])
     ref_w, ref_l = (draw_w, draw_l) if plan.antithetic else (draw(chosen, keys[2]), draw(rejected, keys[3]))
-    s = BETA * ((estimate(POLICY, chosen, draw_w) - estimate(REF, chosen, ref_w))
-                - (estimate(POLICY, rejected, draw_l) - estimate(REF, rejected, ref_l)))
+    s = BETA * (
+        (estimate(POLICY, chosen, draw_w) - estimate(REF, chosen, ref_w))
+        - (estimate(POLICY, rejected, draw_l) - estimate(REF, rejected, ref_l))
+    )
     return s.view(replicates, 2)
 
 
@@ -492,10 +500,15 @@ def test_an_empty_response_row_is_an_error_naming_the_row():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_an_empty_batch_gives_empty_outputs(impl):
-    draw = noisy_draw(torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, 5, dtype=torch.bool),
-                      SamplingPlan(n_t=2), [], MASK_ID, impl=impl)
+    draw = noisy_draw(
+        torch.zeros(0, 5, dtype=torch.int64),
+        torch.zeros(0, 5, dtype=torch.bool),
+        SamplingPlan(n_t=2),
+        [],
+        MASK_ID,
+        impl=impl,
+    )
     assert draw.input_ids.shape == draw.masked.shape == (0, 2, 5) and draw.levels.shape == (0, 2)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -529,8 +542,9 @@ def test_gpu_code_has_no_fused_multiply_add_and_only_correctly_rounded_division(
     root = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _FLOAT_OPS_SCRIPT], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", _FLOAT_OPS_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     ops = set(run.stdout.split())
     assert {"div.rn.f32", "div.rn.f64"} <= ops, ops

@@ -92,8 +92,9 @@ def _log_ratio_samples(new, old, ids, resp, plan, K, seed, shared):
     ids_k, resp_k = ids.repeat_interleave(K, 0), resp.repeat_interleave(K, 0)
     draw = draw_masks(resp_k, plan, generator=g)
     other = draw if shared else draw_masks(resp_k, plan, generator=g)
-    est = (elbo_terms(new, ids_k, resp_k, draw, new.mask_token_id).mean(-1)
-           - elbo_terms(old, ids_k, resp_k, other, old.mask_token_id).mean(-1))
+    est = elbo_terms(new, ids_k, resp_k, draw, new.mask_token_id).mean(-1) - elbo_terms(
+        old, ids_k, resp_k, other, old.mask_token_id
+    ).mean(-1)
     return est.double().view(ids.shape[0], K)
 
 

@@ -125,7 +125,9 @@ def test_stratified_levels_cover_each_stratum_once():
 def test_levels_are_uniform_on_one_to_L():
     lengths = torch.full((20000,), 5)
     for stratified in (False, True):
-        levels, weight = draw_levels(lengths, SamplingPlan(n_t=2, stratified=stratified), torch.Generator().manual_seed(1))
+        levels, weight = draw_levels(
+            lengths, SamplingPlan(n_t=2, stratified=stratified), torch.Generator().manual_seed(1)
+        )
         freq = torch.bincount(levels.flatten().long(), minlength=6)[1:].double() / levels.numel()
         assert (freq - 0.2).abs().max() < 0.01
         torch.testing.assert_close(weight, 5 / levels)

@@ -19,9 +19,7 @@ def test_llada_loop_and_llada_scheme_agree():
     loop = LLaDALoop(lm, mc_num=32, batch=32, seed=0)
     ours = [loop._loglikelihood(c, cont) for _ in range(24)]  # 24 estimates of 32 samples each
     est = LikelihoodEstimator(lm._terms, MCSettings(scheme="llada", mc_num=32, mc_batch=32), 4096)
-    theirs = [
-        e.mean for e in est.estimate([LikelihoodRequest(tuple(c), tuple(cont), f"r{k}") for k in range(24)])
-    ]
+    theirs = [e.mean for e in est.estimate([LikelihoodRequest(tuple(c), tuple(cont), f"r{k}") for k in range(24)])]
     a, b = torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
     se = math.sqrt(a.var() / len(a) + b.var() / len(b))
     assert abs(a.mean() - b.mean()) <= 4.5 * se + 1e-4, (float(a.mean()), float(b.mean()), se)

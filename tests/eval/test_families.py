@@ -37,20 +37,21 @@ def test_dream_likelihood_terms_match_the_unpacked_elbo(dream):
         m = masked[b : b + 1, :, :n]
         draw = MaskDraw(m, weight[b : b + 1], m.sum(-1).float(), SamplingPlan(n_t=3))
         ref = elbo_terms(
-            dream.model, ids[b : b + 1, :n], resp[b : b + 1, :n], draw, dream.mask_token_id, head=HeadOptions(fused=False)
+            dream.model,
+            ids[b : b + 1, :n],
+            resp[b : b + 1, :n],
+            draw,
+            dream.mask_token_id,
+            head=HeadOptions(fused=False),
         )
         # float32 model, sums of <= 4 log-probabilities of a 300-way softmax: 1e-5 is ~100 ulps of the terms.
         torch.testing.assert_close(packed[b : b + 1], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dream_runs_through_likelihood_and_generation(dream):
-    reqs = [
-        Instance("loglikelihood", {}, ("sort 2 1", c), i, ("t", 0, 1)) for i, c in enumerate([" 1 2", " 2 1"])
-    ]
+    reqs = [Instance("loglikelihood", {}, ("sort 2 1", c), i, ("t", 0, 1)) for i, c in enumerate([" 1 2", " 2 1"])]
     out = dream.loglikelihood(reqs)
     assert all(isinstance(ll, float) and ll < 0 for ll, _ in out)
     assert dream.sample_stats[("t", 0, 0)]["mc_samples"] == 4
-    (text,) = dream.generate_until(
-        [Instance("generate_until", {}, ("sort 2 1", {"until": [], "max_gen_toks": 4}), 0)]
-    )
+    (text,) = dream.generate_until([Instance("generate_until", {}, ("sort 2 1", {"until": [], "max_gen_toks": 4}), 0)])
     assert isinstance(text, str)  # random weights: any text, cut at special tokens

@@ -44,9 +44,7 @@ def test_mc_task_through_the_command_logs_se_and_sample_count(tmp_path, capsys):
     results = json.load(open(glob.glob(str(tmp_path / "*" / "results_*.json"))[0]))
     # 4 candidates, chance 0.25; the demo model picks the right sort ~80% of the time (Evaluate docs).
     assert results["results"]["vrpo_sort_mc"]["acc,none"] >= 0.5
-    samples = [
-        json.loads(line) for line in open(glob.glob(str(tmp_path / "*" / "samples_vrpo_sort_mc_*.jsonl"))[0])
-    ]
+    samples = [json.loads(line) for line in open(glob.glob(str(tmp_path / "*" / "samples_vrpo_sort_mc_*.jsonl"))[0])]
     assert len(samples) == 16
     for s in samples:
         assert len(s["vrpo"]) == 4
@@ -76,9 +74,7 @@ def gen_request(lm, prompt, until):
 
 
 def test_generate_until_honours_stop_sequences(lm):
-    full, cut = lm.generate_until(
-        [gen_request(lm, "sort 8 6 6 9", []), gen_request(lm, "sort 8 6 6 9", [" 8"])]
-    )
+    full, cut = lm.generate_until([gen_request(lm, "sort 8 6 6 9", []), gen_request(lm, "sort 8 6 6 9", [" 8"])])
     assert full == "6 6 8 9"  # special tokens (<|eot_id|>, EOS) end the answer
     assert cut == "6 6"
 
@@ -101,10 +97,7 @@ def test_rolling_likelihood_adds_windows_when_the_text_is_long():
     ids = short.tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = (short.tokenizer.bos_token_id,)
     parts = short.estimator.estimate(
-        [
-            LikelihoodRequest(bos, tuple(ids[s : s + 4]), f"0/{w}/{text}")
-            for w, s in enumerate(range(0, 10, 4))
-        ]
+        [LikelihoodRequest(bos, tuple(ids[s : s + 4]), f"0/{w}/{text}") for w, s in enumerate(range(0, 10, 4))]
     )
     assert value == pytest.approx(sum(p.mean for p in parts), rel=1e-12)
     stats = short.sample_stats[("t", 0, 0)]
@@ -188,8 +181,7 @@ def test_shipped_task_data_are_the_rebuilt_ones(tmp_path, monkeypatch):
     from vrpo.tasks.sort import lm_eval as sort_tasks
 
     shipped = {
-        n: open(os.path.join(sort_tasks.data_dir(), n)).read()
-        for n in (sort_tasks.GEN_FILE, sort_tasks.MC_FILE)
+        n: open(os.path.join(sort_tasks.data_dir(), n)).read() for n in (sort_tasks.GEN_FILE, sort_tasks.MC_FILE)
     }
     monkeypatch.setattr(sort_tasks, "data_dir", lambda: str(tmp_path))
     sort_tasks.write()
@@ -198,8 +190,7 @@ def test_shipped_task_data_are_the_rebuilt_ones(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in text.splitlines()]
     for r in rows:
         assert (
-            len(set(r["choices"])) == 4
-            and sorted(r["choices"][r["label"]].split()) == r["choices"][r["label"]].split()
+            len(set(r["choices"])) == 4 and sorted(r["choices"][r["label"]].split()) == r["choices"][r["label"]].split()
         )
 
 

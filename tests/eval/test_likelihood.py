@@ -23,9 +23,7 @@ def toy_terms(model: ToyMDM):
     def terms(ids, resp, masked, weight):
         out = torch.empty(weight.shape)
         ends = (resp.long() * torch.arange(1, resp.shape[1] + 1)).amax(-1)
-        for (
-            n
-        ) in ends.unique().tolist():  # rows of one length together, unpadded (the toy has no attention mask)
+        for n in ends.unique().tolist():  # rows of one length together, unpadded (the toy has no attention mask)
             rows = (ends == n).nonzero()[:, 0]
             m = masked[rows, :, :n]
             draw = MaskDraw(m, weight[rows], m.sum(-1).float(), SamplingPlan(n_t=m.shape[1]))
@@ -157,9 +155,7 @@ class Scripted:
     def __call__(self, ids, resp, masked, weight):
         first = torch.stack([ids[b][resp[b]][0] for b in range(ids.shape[0])])
         z = torch.randn(weight.shape, generator=self.g, dtype=torch.float64)
-        return (
-            torch.tensor(self.mean)[first][:, None] + torch.tensor(self.noise)[first][:, None] * z
-        ).float()
+        return (torch.tensor(self.mean)[first][:, None] + torch.tensor(self.noise)[first][:, None] * z).float()
 
 
 def adaptive_n(mean, noise, **kw):

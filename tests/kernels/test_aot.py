@@ -92,8 +92,14 @@ def test_masked_ce_forward_strided_offsets_are_64_bit():
     if bundled_ptxas() is None:
         pytest.skip("triton's NVIDIA backend is absent: cannot compile for sm_90")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "tools.aot_report", "--offsets", "--only", "masked_linear_ce.forward"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.aot_report", "--offsets", "--only", "masked_linear_ce.forward"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 8, lines  # 16-bit x2, fp32 TF32 and IEEE, with and without bias

@@ -109,8 +109,9 @@ def _check_against_reference(out, q, k, v, segment_ids, scale, atol, rtol, grad_
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     for name, a, b in zip("qkv", grads, ref_grads):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        torch.testing.assert_close(a.double(), b.double(), atol=grad_atol, rtol=grad_rtol,
-                                   msg=lambda m, name=name: f"d{name}: {m}")
+        torch.testing.assert_close(
+            a.double(), b.double(), atol=grad_atol, rtol=grad_rtol, msg=lambda m, name=name: f"d{name}: {m}"
+        )
     if segment_ids is not None:
         pad = segment_ids < 0
         assert torch.all(out.detach()[pad[:, None, :, None].expand_as(out)] == 0)
@@ -181,8 +182,7 @@ def test_triton_float16():
     q, k, v = _inputs(1, 2, 1, 33, 32, torch.float16, seed=3)
     out = bidirectional_attention(q, k, v, segment_ids, scale=0.2, impl="triton")
     # P and dS are rounded to float16 before their matmuls, as on the GPU.
-    _check_against_reference(out, q, k, v, segment_ids, 0.2, atol=2e-3, rtol=2e-3, grad_atol=1e-2,
-                             grad_rtol=1e-2)
+    _check_against_reference(out, q, k, v, segment_ids, 0.2, atol=2e-3, rtol=2e-3, grad_atol=1e-2, grad_rtol=1e-2)
 
 
 # bfloat16 in the interpreter: the kernels upcast the tiles right before tl.dot (the interpreter's
@@ -195,8 +195,7 @@ BF16_U = 2.0**-8
 
 def _assert_close_bf16(got, want, name):
     bound = 3 * BF16_U * float(want.detach().abs().max())
-    torch.testing.assert_close(got.double(), want.double(), atol=bound, rtol=2 * BF16_U,
-                               msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got.double(), want.double(), atol=bound, rtol=2 * BF16_U, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.interpreter
@@ -205,8 +204,9 @@ def test_triton_bfloat16_matches_reference(D, Hq, Hkv):
     """bf16 forward and backward against float64, GQA and a padded head dim, on [B, S, H, D] views."""
     B, S = 1, 43
     g = torch.Generator().manual_seed(D)
-    q, k, v = (torch.randn(B, S, h, D, generator=g).to(torch.bfloat16).transpose(1, 2).requires_grad_()
-               for h in (Hq, Hkv, Hkv))
+    q, k, v = (
+        torch.randn(B, S, h, D, generator=g).to(torch.bfloat16).transpose(1, 2).requires_grad_() for h in (Hq, Hkv, Hkv)
+    )
     segment_ids = torch.tensor([[0] * 9 + [1] * 30 + [-1] * 4])
     out = bidirectional_attention(q, k, v, segment_ids, impl="triton")
     ref = attention_reference(q, k, v, segment_ids)
@@ -327,8 +327,11 @@ def test_triton_partial_gradients(wants):
 
 
 @settings(max_examples=60)
-@given(rows=st.lists(st.lists(st.integers(-2, 4), min_size=1, max_size=24), min_size=1, max_size=3).filter(
-    lambda rows: len({len(r) for r in rows}) == 1))
+@given(
+    rows=st.lists(st.lists(st.integers(-2, 4), min_size=1, max_size=24), min_size=1, max_size=3).filter(
+        lambda rows: len({len(r) for r in rows}) == 1
+    )
+)
 def test_segment_layout_matches_brute_force(rows):
     """Spans cover every occurrence of an id (also when ids are not contiguous); ranks keep equality."""
     segment_ids = torch.tensor(rows)
@@ -384,8 +387,7 @@ def test_torch_paths_match_reference_fp32(case, impl):
     B, Hq, Hkv, S, D, segment_ids, scale, seed = case
     q, k, v = _inputs(B, Hq, Hkv, S, D, torch.float32, seed)
     out = bidirectional_attention(q, k, v, segment_ids, scale, impl=impl)
-    _check_against_reference(out, q, k, v, segment_ids, scale,
-                             atol=1e-5, rtol=1e-5, grad_atol=5e-5, grad_rtol=1e-4)
+    _check_against_reference(out, q, k, v, segment_ids, scale, atol=1e-5, rtol=1e-5, grad_atol=5e-5, grad_rtol=1e-4)
 
 
 @settings(max_examples=15)
@@ -394,8 +396,7 @@ def test_torch_path_matches_reference_bf16(case):
     B, Hq, Hkv, S, D, segment_ids, scale, seed = case
     q, k, v = _inputs(B, Hq, Hkv, S, D, torch.bfloat16, seed)
     out = bidirectional_attention(q, k, v, segment_ids, scale, impl="torch")
-    _check_against_reference(out, q, k, v, segment_ids, scale,
-                             atol=3e-2, rtol=3e-2, grad_atol=1e-1, grad_rtol=5e-2)
+    _check_against_reference(out, q, k, v, segment_ids, scale, atol=3e-2, rtol=3e-2, grad_atol=1e-1, grad_rtol=5e-2)
 
 
 def test_auto_is_torch_on_cpu(monkeypatch):
@@ -467,5 +468,6 @@ def test_triton_rejects_unsupported_head_dim():
     q = torch.zeros(1, 1, 4, 256)
     with pytest.raises(ValueError, match="head dim 256 exceeds 128"):
         bidirectional_attention(q, q, q, impl="triton")
+
 
 # The sm_90 ahead-of-time build of aot_specs() is checked with every other kernel in tests/kernels/test_aot.py.

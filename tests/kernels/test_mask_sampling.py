@@ -155,7 +155,9 @@ def test_triton_exact_counts_with_the_gpu_block(L):
     if L > _GPU_CONFIG["BLOCK_L"]:
         resp = resp[1:]
     lengths = resp.sum(-1).tolist()
-    per_row = (lambda lb: [lb // 2, lb - 1]) if L > _GPU_CONFIG["BLOCK_L"] else (lambda lb: [0, lb, lb // 2, max(lb - 1, 0)])
+    per_row = (
+        (lambda lb: [lb // 2, lb - 1]) if L > _GPU_CONFIG["BLOCK_L"] else (lambda lb: [0, lb, lb // 2, max(lb - 1, 0)])
+    )
     counts = torch.tensor([per_row(lb) for lb in lengths])
     masked = sample_masks_triton(resp, counts=counts, generator=gen(L), config=_GPU_CONFIG)
     assert torch.equal(masked.sum(-1), counts)

@@ -69,8 +69,14 @@ def reference64(hidden, weight, b, targets, row_weight, mask, cot):
 def run(impl, hidden, weight, b, targets, row_weight, mask, cot, selector=None, max_buffer_bytes=None):
     ins = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((b,) if b is not None else ())]
     out = masked_linear_ce(
-        ins[0], ins[1], targets, row_weight, mask if selector is None else selector,
-        ins[2] if b is not None else None, impl=impl, max_buffer_bytes=max_buffer_bytes,
+        ins[0],
+        ins[1],
+        targets,
+        row_weight,
+        mask if selector is None else selector,
+        ins[2] if b is not None else None,
+        impl=impl,
+        max_buffer_bytes=max_buffer_bytes,
     )
     assert out.dtype == torch.float32 and out.shape == (hidden.shape[0],)
     grads = torch.autograd.grad((out * cot).sum(), ins, allow_unused=True)
@@ -132,8 +138,9 @@ def _abs_grad_terms(hidden, weight, b, targets, row_weight, mask, cot):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("shape,kw", [((9, 19, 100), {}), ((10, 12, 40), dict(bias=False, select=1.0))],
-                         ids=["oddH-raggedV", "no-bias"])
+@pytest.mark.parametrize(
+    "shape,kw", [((9, 19, 100), {}), ((10, 12, 40), dict(bias=False, select=1.0))], ids=["oddH-raggedV", "no-bias"]
+)
 def test_triton_bfloat16_matches_reference(shape, kw):
     args = make_inputs(*shape, torch.bfloat16, **kw)
     ref_out, ref_grads = reference64(*args)
@@ -233,9 +240,11 @@ def test_torch_random_shapes(N, H, V, dtype, bias, select, seed, path, small):
     # a 1-byte budget forces the streamed path. small: 256-vocab chunks (3 rows each when recomputed),
     # so the online logsumexp and the accumulation across chunks run on these small shapes too.
     budget = None if path == "kept" else 1
-    with mock.patch.object(torch_path, "_MAX_CHUNK_ROWS", 3 if small else torch_path._MAX_CHUNK_ROWS), \
-            mock.patch.object(torch_path, "_CHUNK_ELEMS", 3 * 256 if small else torch_path._CHUNK_ELEMS), \
-            mock.patch.object(torch_path, "_KEPT_CHUNK_ELEMS", N * 256 if small else torch_path._KEPT_CHUNK_ELEMS):
+    with (
+        mock.patch.object(torch_path, "_MAX_CHUNK_ROWS", 3 if small else torch_path._MAX_CHUNK_ROWS),
+        mock.patch.object(torch_path, "_CHUNK_ELEMS", 3 * 256 if small else torch_path._CHUNK_ELEMS),
+        mock.patch.object(torch_path, "_KEPT_CHUNK_ELEMS", N * 256 if small else torch_path._KEPT_CHUNK_ELEMS),
+    ):
         check("torch", dtype, N, H, V, bias=bias, select=select, seed=seed, max_buffer_bytes=budget)
 
 
@@ -346,8 +355,13 @@ def test_row_weight_gradient():
 )
 def test_bad_inputs_name_the_argument(change, match):
     kw = dict(
-        hidden=torch.randn(4, 5), weight=torch.randn(20, 5), targets=torch.zeros(4, dtype=torch.long),
-        row_weight=torch.ones(4), row_mask=torch.ones(4, dtype=torch.bool), bias=None, impl="torch",
+        hidden=torch.randn(4, 5),
+        weight=torch.randn(20, 5),
+        targets=torch.zeros(4, dtype=torch.long),
+        row_weight=torch.ones(4),
+        row_mask=torch.ones(4, dtype=torch.bool),
+        bias=None,
+        impl="torch",
     )
     kw.update(change)
     with pytest.raises(ValueError, match=match):
@@ -359,8 +373,13 @@ def tiny_llama(vocab=40):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -499,7 +518,7 @@ def test_gemm_forms_at_the_backward_call_shapes(dtype):
         acc = torch.zeros(n, H)
         ref, scale = torch.zeros(n, H, dtype=torch.float64), torch.zeros(n, H, dtype=torch.float64)
         for v0 in range(0, V, C):
-            w = W[v0:v0 + C]
+            w = W[v0 : v0 + C]
             buf = torch.randn(n * w.shape[0], generator=g)
             dz = buf.view(n, w.shape[0]).view(dtype)[:, : w.shape[0]]  # real layout: stride 2C
             dz.copy_(torch.randn(n, w.shape[0], generator=g).to(dtype))
@@ -650,11 +669,15 @@ def _measure(dtype, weight_dtype, budget, N=64, n=48, H=32, V=700):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype,weight_dtype,budget", [
-    (torch.bfloat16, torch.bfloat16, 4 * 48 * 128),  # 6 vocabulary chunks: the fp32 d_hidden accumulator
-    (torch.bfloat16, torch.float32, 4 * 48 * 128),  # autocast with an fp32 master head: its cast, fp32 grads
-    (torch.float32, torch.float32, None),  # one chunk
-], ids=["bf16-chunks", "autocast-fp32-master", "fp32-one-chunk"])
+@pytest.mark.parametrize(
+    "dtype,weight_dtype,budget",
+    [
+        (torch.bfloat16, torch.bfloat16, 4 * 48 * 128),  # 6 vocabulary chunks: the fp32 d_hidden accumulator
+        (torch.bfloat16, torch.float32, 4 * 48 * 128),  # autocast with an fp32 master head: its cast, fp32 grads
+        (torch.float32, torch.float32, None),  # one chunk
+    ],
+    ids=["bf16-chunks", "autocast-fp32-master", "fp32-one-chunk"],
+)
 def test_working_set_matches_allocated_bytes(dtype, weight_dtype, budget):
     """working_set_bytes (what vrpo.plan adds for the head) against the bytes the op actually allocates
     on the CPU: an upper bound, within 10% plus its small terms. N = 64 rows, 48 selected, H = 32, V = 700."""
@@ -662,8 +685,16 @@ def test_working_set_matches_allocated_bytes(dtype, weight_dtype, budget):
     tracker = _measure(dtype, weight_dtype, budget)
     splits = triton_path.vocab_split(-(-n // 16), -(-V // 32), triton_path.wave_slots(torch.device("cpu"), dtype))[0]
     ws = memory.working_set_bytes(
-        N, n, H, V, dtype, weight_dtype=weight_dtype, hidden_dtype=torch.float32 if weight_dtype != dtype else dtype,
-        max_buffer_bytes=budget, strategy=gemm.strategy_for(torch.device("cpu"), torch.bfloat16), splits=splits,
+        N,
+        n,
+        H,
+        V,
+        dtype,
+        weight_dtype=weight_dtype,
+        hidden_dtype=torch.float32 if weight_dtype != dtype else dtype,
+        max_buffer_bytes=budget,
+        strategy=gemm.strategy_for(torch.device("cpu"), torch.bfloat16),
+        splits=splits,
     )
     # The O(N + n + splits n) terms (outputs, the forward's per-split partials) may or may not be alive at
     # the peak: Triton 3.9's interpreter holds its last launch's arguments, 3.2's does not.

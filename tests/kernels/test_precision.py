@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from vrpo_kernels import bidirectional_attention, masked_linear_ce
-from vrpo_kernels.dispatch import emulate_cuda, resolve_impl
+from vrpo_kernels.dispatch import emulate_cuda, fp32_matmul_precision, fp32_matmul_precision_set, resolve_impl
 from vrpo_kernels.masked_linear_ce import triton_path
-from vrpo_kernels.dispatch import fp32_matmul_precision, fp32_matmul_precision_set
 
 
 def _small_fp32_call():

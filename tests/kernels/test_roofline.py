@@ -124,8 +124,11 @@ def test_report_last_line_and_goals(capsys):
     assert roofline.main(["--gpu", "h200"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "989 TFLOP/s" in out[0] and "4.80 TB/s" in out[0] and "public peaks" in out[0]
-    m = re.fullmatch(r"masked_ce predicted ([\d.]+) ms, ideal ([\d.]+) ms, ratio ([\d.]+); "
-                     r"attention predicted ([\d.]+) ms, ideal ([\d.]+) ms, ratio ([\d.]+)", out[-1])
+    m = re.fullmatch(
+        r"masked_ce predicted ([\d.]+) ms, ideal ([\d.]+) ms, ratio ([\d.]+); "
+        r"attention predicted ([\d.]+) ms, ideal ([\d.]+) ms, ratio ([\d.]+)",
+        out[-1],
+    )
     assert m, out[-1]
     p, i, r, p2, i2, r2 = map(float, m.groups())
     assert i == pytest.approx(8 * 4096 * 4096 * 126464 / 989e12 * 1e3, rel=1e-3)
@@ -133,8 +136,11 @@ def test_report_last_line_and_goals(capsys):
     assert r == pytest.approx(p / i, abs=0.01) and r2 == pytest.approx(p2 / i2, abs=0.01)
     assert r <= 1.5 and r2 <= 1.5
     # The expected times, beside the ideals, from the stated efficiencies: above the roofline totals.
-    e = re.fullmatch(r"masked_ce expected ([\d.]+) ms \(an estimate\) beside ideal ([\d.]+) ms \(a floor\); "
-                     r"attention expected ([\d.]+) ms beside ideal ([\d.]+) ms", out[-2])
+    e = re.fullmatch(
+        r"masked_ce expected ([\d.]+) ms \(an estimate\) beside ideal ([\d.]+) ms \(a floor\); "
+        r"attention expected ([\d.]+) ms beside ideal ([\d.]+) ms",
+        out[-2],
+    )
     assert e, out[-2]
     ce_exp, ce_ideal, at_exp, at_ideal = map(float, e.groups())
     assert (ce_ideal, at_ideal) == (i, i2)
@@ -157,5 +163,6 @@ def test_expected_time_of_a_launch():
     compute = 2 * m * n * k / (H100.bf16_flops * EFFICIENCY["cublas"])
     memory = (m * k + k * n + m * n) * BF16 / (H100.bandwidth * EFFICIENCY["hbm"])
     assert launch.expected_seconds(H100) == pytest.approx(max(compute, memory) * 264 / 133)
-    assert launch.seconds(H100) == pytest.approx(max(2 * m * n * k / H100.bf16_flops,
-                                                     (m * k + k * n + m * n) * BF16 / H100.bandwidth))
+    assert launch.seconds(H100) == pytest.approx(
+        max(2 * m * n * k / H100.bf16_flops, (m * k + k * n + m * n) * BF16 / H100.bandwidth)
+    )

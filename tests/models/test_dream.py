@@ -64,8 +64,9 @@ def tokenizer():
 # ------------------------------------------------------------------------------------ loading / saving
 
 
-@pytest.mark.parametrize("backend,impl", [("sdpa", None), ("eager", None), ("vrpo_triton", "torch"),
-                                          ("vrpo_triton", "triton")])
+@pytest.mark.parametrize(
+    "backend,impl", [("sdpa", None), ("eager", None), ("vrpo_triton", "torch"), ("vrpo_triton", "triton")]
+)
 def test_logits_match_dreams_reference_code(backend, impl, expected, record_property):
     model = load_mdm(TINY, attn_implementation=backend)
     assert type(model) is DREAM.model_class and family_of(model) is DREAM
@@ -80,7 +81,12 @@ def test_config_is_mapped_onto_bidirectional_qwen2(model):
     ref = json.loads((TINY / "config.json").read_text())
     c = model.config
     assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size) == (
-        64, 4, 2, 160, 300)
+        64,
+        4,
+        2,
+        160,
+        300,
+    )
     assert c.is_causal is False and c.mask_token_id == MASK and c.mdm_family == "dream"
     assert c.rope_parameters["rope_theta"] == ref["rope_theta"] and c.rms_norm_eps == ref["rms_norm_eps"]
     assert model.model.layers[0].self_attn.q_proj.bias is not None, "Dream's q/k/v projections have biases"
@@ -207,8 +213,11 @@ def test_error_wrong_shape(tmp_path):
     tensors = load_file(str(out / "model.safetensors"))
     tensors["model.layers.1.self_attn.k_proj.bias"] = torch.zeros(64)
     save_file(tensors, str(out / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.k_proj.bias' "
-                                              r"has shape \(64,\), but config.json implies \(32,\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'model.layers.1.self_attn.k_proj.bias' "
+        r"has shape \(64,\), but config.json implies \(32,\)",
+    ):
         load_mdm(out)
 
 
@@ -281,8 +290,15 @@ def test_shifted_elbo_equals_direct_computation(model, path):
         if path == "packed":
             terms = packed_elbo_terms(model, ids, resp, draw, MASK, lengths=torch.tensor(lengths), row_length=16)
         else:
-            terms = elbo_terms(model, ids, resp, draw, MASK, model_kwargs={"attention_mask": attn},
-                               head=HeadOptions(fused=path == "fused"))
+            terms = elbo_terms(
+                model,
+                ids,
+                resp,
+                draw,
+                MASK,
+                model_kwargs={"attention_mask": attn},
+                head=HeadOptions(fused=path == "fused"),
+            )
     want = direct_terms(model, ids, lengths, draw, shift=1)
     torch.testing.assert_close(terms.double(), want, rtol=1e-5, atol=1e-4)
     # The check has power: the unshifted terms (scoring token i with the output at i) are far off.
@@ -320,8 +336,7 @@ def test_packed_shifted_rows_never_score_across_segments(backend):
     draw.masked[:, :, 1] = True  # the token right after each segment's first one
     with torch.no_grad():
         packed = packed_elbo_terms(model, ids, resp, draw, MASK, lengths=torch.tensor(lengths), row_length=12)
-    torch.testing.assert_close(packed.double(), direct_terms(model, ids, lengths, draw, shift=1),
-                               rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed.double(), direct_terms(model, ids, lengths, draw, shift=1), rtol=1e-5, atol=1e-4)
 
 
 def test_shifted_estimate_is_unbiased_against_exact_enumeration(model):
@@ -382,12 +397,19 @@ def test_response_mask_and_eos_policy_under_dreams_template(tokenizer, case):
 
 
 def test_batch_padding_is_neither_scored_nor_attended(tokenizer):
-    example = {"prompt": "Name a color.", "chosen": [{"role": "assistant", "content": "Blue."}],
-               "rejected": [{"role": "assistant", "content": "A colour that is blue."}]}
+    example = {
+        "prompt": "Name a color.",
+        "chosen": [{"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "assistant", "content": "A colour that is blue."}],
+    }
     enc = encode_preference(tokenizer, example)
-    batch = collate([{"input_ids": enc["chosen_input_ids"], "response_mask": enc["chosen_response_mask"]},
-                     {"input_ids": enc["rejected_input_ids"], "response_mask": enc["rejected_response_mask"]}],
-                    tokenizer.pad_token_id)
+    batch = collate(
+        [
+            {"input_ids": enc["chosen_input_ids"], "response_mask": enc["chosen_response_mask"]},
+            {"input_ids": enc["rejected_input_ids"], "response_mask": enc["rejected_response_mask"]},
+        ],
+        tokenizer.pad_token_id,
+    )
     short = len(enc["chosen_input_ids"])
     assert (batch["input_ids"][0, short:] == 151643).all()
     assert not batch["response_mask"][0, short:].any() and not batch["attention_mask"][0, short:].any()
@@ -415,7 +437,7 @@ class Oracle(torch.nn.Module):
     def forward(self, x, **kwargs):
         B, L = x.shape
         logits = torch.full((B, L, self.vocab), -5.0)
-        logits[:, torch.arange(L - self.shift), self.target[self.shift:]] = 5.0
+        logits[:, torch.arange(L - self.shift), self.target[self.shift :]] = 5.0
         return logits
 
 
@@ -424,8 +446,16 @@ class Oracle(torch.nn.Module):
 def test_dream_sampler_reads_shifted_logits(alg, block_length):
     target = torch.tensor([3, 4, 5, 10, 11, 12, 13, 14, 15])
     prompt = target[None, :3]
-    out = generate_dream(Oracle(target), prompt, mask_token_id=49, gen_length=6, steps=6,
-                         block_length=block_length, alg=alg, generator=torch.Generator().manual_seed(0))
+    out = generate_dream(
+        Oracle(target),
+        prompt,
+        mask_token_id=49,
+        gen_length=6,
+        steps=6,
+        block_length=block_length,
+        alg=alg,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out[0].tolist() == target.tolist()
     # Unshifted logits would put every token one place early: the sampler would not recover the target.
     early = generate_dream(Oracle(target, shift=0), prompt, mask_token_id=49, gen_length=6, steps=6, alg=alg)
@@ -436,8 +466,9 @@ def test_dream_sampler_on_the_tiny_model(model):
     prompt = torch.tensor([[5, 6, 7, 8]])
     g = torch.Generator().manual_seed(0)
     out = generate_dream(model, prompt, MASK, gen_length=8, steps=4, temperature=1.0, generator=g)
-    again = generate_dream(model, prompt, MASK, gen_length=8, steps=4, temperature=1.0,
-                           generator=torch.Generator().manual_seed(0))
+    again = generate_dream(
+        model, prompt, MASK, gen_length=8, steps=4, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert out.shape == (1, 12) and torch.equal(out[:, :4], prompt) and not (out == MASK).any()
     assert torch.equal(out, again), "seeded sampling is deterministic"
 
@@ -445,10 +476,12 @@ def test_dream_sampler_on_the_tiny_model(model):
 def test_sample_uses_the_family_sampler(model):
     assert SAMPLERS[family_of(model).sampler] is generate_dream and SAMPLERS[LLADA.sampler] is not generate_dream
     prompt = torch.tensor([[5, 6, 7]])
-    out = sample(model, prompt, MASK, gen_length=4, steps=2, temperature=1.0,
-                 generator=torch.Generator().manual_seed(3))
-    want = generate_dream(model, prompt, MASK, gen_length=4, steps=2, temperature=1.0,
-                          generator=torch.Generator().manual_seed(3))
+    out = sample(
+        model, prompt, MASK, gen_length=4, steps=2, temperature=1.0, generator=torch.Generator().manual_seed(3)
+    )
+    want = generate_dream(
+        model, prompt, MASK, gen_length=4, steps=2, temperature=1.0, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(out, want)
 
 
@@ -475,6 +508,8 @@ def test_unfused_head_is_logged_once_at_warning(model, caplog):
     with caplog.at_level("WARNING", logger="vrpo.estimator.elbo"), torch.no_grad():
         for _ in range(2):
             elbo_terms(LogitsOnly(), ids, resp, draw, MASK, logit_shift=1)
-        elbo_terms(LogitsOnly(), ids, resp, draw, MASK, logit_shift=1, head=HeadOptions(fused=False))  # asked for: no warning
+        elbo_terms(
+            LogitsOnly(), ids, resp, draw, MASK, logit_shift=1, head=HeadOptions(fused=False)
+        )  # asked for: no warning
     warnings = [r for r in caplog.records if "cannot be fused" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"

@@ -66,12 +66,8 @@ def _random_llada(path: pathlib.Path, d=1024, n_layers=2, ff=2816, vocab=6144, n
     for i in range(n_layers):
         b = f"model.transformer.blocks.{i}."
         shapes.update({b + n: (d,) for n in ("attn_norm.weight", "ff_norm.weight")})
-        shapes.update(
-            {b + n: (d, d) for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "attn_out.weight")}
-        )
-        shapes.update(
-            {b + "ff_proj.weight": (ff, d), b + "up_proj.weight": (ff, d), b + "ff_out.weight": (d, ff)}
-        )
+        shapes.update({b + n: (d, d) for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "attn_out.weight")})
+        shapes.update({b + "ff_proj.weight": (ff, d), b + "up_proj.weight": (ff, d), b + "ff_out.weight": (d, ff)})
     g = torch.Generator().manual_seed(0)
     keys, weight_map, total = sorted(shapes), {}, 0
     for s in range(n_shards):

@@ -61,9 +61,7 @@ def _tensors(path):
     out = {}
     index = path / "model.safetensors.index.json"
     files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.exists()
-        else ["model.safetensors"]
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     )
     for name in files:
         with safe_open(str(path / name), "pt") as f:
@@ -204,7 +202,9 @@ def test_elbo_does_not_depend_on_padding(model, expected, fused):
         draw = MaskDraw(masked, draw0.weight, draw0.levels, draw0.plan)
         with torch.no_grad():
             values.append(
-                elbo_terms(model, padded, resp, draw, MASK, model_kwargs={"attention_mask": am}, head=HeadOptions(fused=fused))
+                elbo_terms(
+                    model, padded, resp, draw, MASK, model_kwargs={"attention_mask": am}, head=HeadOptions(fused=fused)
+                )
             )
     torch.testing.assert_close(values[0], values[1], atol=1e-4, rtol=1e-5)
 
@@ -291,9 +291,7 @@ def test_flash_varlen_kwargs_split_the_flattened_batch():
     flat = [t.transpose(1, 2).reshape(14, 2, 8) for t in (q, k, v)]
     cu = kw["cu_seq_lens_q"].tolist()
     pieces = [
-        torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in flat)).transpose(
-            0, 1
-        )
+        torch.nn.functional.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in flat)).transpose(0, 1)
         for s, e in zip(cu[:-1], cu[1:], strict=True)
     ]
     varlen = torch.cat(pieces).view(2, 7, 2, 8).transpose(1, 2)
@@ -375,9 +373,7 @@ def test_save_sharded_with_index(tiny_dir, expected, tmp_path):
     assert not (out / "model.safetensors").exists()
     assert _tensors(out).keys() == _tensors(tiny_dir).keys()
     with torch.no_grad():
-        torch.testing.assert_close(
-            load_llada(out)(expected["input_ids"]).logits, expected["logits"], atol=1e-4, rtol=0
-        )
+        torch.testing.assert_close(load_llada(out)(expected["input_ids"]).logits, expected["logits"], atol=1e-4, rtol=0)
 
 
 def test_load_handwritten_sharded_copy(tiny_dir, expected, tmp_path):
@@ -389,9 +385,7 @@ def test_load_handwritten_sharded_copy(tiny_dir, expected, tmp_path):
         name = f"model-{i + 1:05d}-of-00003.safetensors"
         save_file({k: tensors[k] for k in group}, str(tmp_path / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(group, name))
-    (tmp_path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map})
-    )
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     shutil.copy(tiny_dir / "config.json", tmp_path)
     with torch.no_grad():
         logits = load_llada(tmp_path)(expected["input_ids"]).logits
@@ -424,10 +418,7 @@ def test_save_any_dtype_and_existing_directory(tiny_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     again = load_llada(out)
     assert again.lm_head.weight.dtype == torch.bfloat16
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
-    )
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
 
 
 def test_failed_save_leaves_the_old_checkpoint(tiny_dir, tmp_path, monkeypatch):
@@ -472,9 +463,7 @@ def test_peft_lora_is_merged_on_save(tmp_path):
     with torch.no_grad():
         want = peft_model(ids).logits
     out = save_llada(peft_model, tmp_path / "merged")
-    assert any(n for n, _ in peft_model.named_parameters() if "lora_A" in n), (
-        "the PEFT model keeps its adapters"
-    )
+    assert any(n for n, _ in peft_model.named_parameters() if "lora_A" in n), "the PEFT model keeps its adapters"
     merged = copy.deepcopy(peft_model).merge_and_unload()
     saved = load_llada(out)
     for name, p in merged.named_parameters():
@@ -496,9 +485,7 @@ def test_peft_lora_is_merged_on_save(tmp_path):
 
 def test_tiny_model_is_seeded_and_round_trips(tmp_path):
     a, b, c = build_tiny_llada(seed=3), build_tiny_llada(seed=3), build_tiny_llada(seed=4)
-    assert all(
-        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
-    )
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
     assert a.config.mask_token_id == MASK and a.config.eos_token_id == EOS
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -545,9 +532,7 @@ def test_error_missing_shard(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path)
     tensors = _tensors(d)
     (d / "model.safetensors").unlink()
-    save_file(
-        {k: v for k, v in tensors.items() if "blocks.1" not in k}, str(d / "model-00001-of-00002.safetensors")
-    )
+    save_file({k: v for k, v in tensors.items() if "blocks.1" not in k}, str(d / "model-00001-of-00002.safetensors"))
     weight_map = {k: f"model-0000{1 + ('blocks.1' in k)}-of-00002.safetensors" for k in tensors}
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors"):
@@ -564,9 +549,7 @@ def test_error_missing_key(tiny_dir, tmp_path):
 def test_error_unexpected_key(tiny_dir, tmp_path):
     d = _copy(tiny_dir, tmp_path)
     _rewrite(d, lambda t: t.update({"model.transformer.blocks.7.q_proj.weight": torch.zeros(64, 64)}))
-    with pytest.raises(
-        CheckpointError, match=r"unexpected tensor 'model\.transformer\.blocks\.7\.q_proj\.weight'"
-    ):
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.transformer\.blocks\.7\.q_proj\.weight'"):
         load_llada(d)
 
 

@@ -41,9 +41,7 @@ def test_tiny_tokenizer_carries_llada_special_tokens(tok, tmp_path):
         EOS,
         BOS,
     )
-    ids = {
-        t: tok.convert_tokens_to_ids(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-    }
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
     assert ids == {"<|start_header_id|>": 253, "<|end_header_id|>": 254, "<|eot_id|>": EOT}
     assert len(tok) == 256
     text = "x = 3.5, y: [a-z]!\n"
@@ -161,9 +159,7 @@ def test_truncation_policy(tok):
     tiny = encode_example(tok, prompt, answer, max_length=1 + n_resp - 3, truncation="truncate")
     assert tiny["input_ids"][0] == BOS and tiny["response_mask"] == [False] + [True] * (n_resp - 3)
     assert tiny["input_ids"][1:] == full["input_ids"][n_prompt:-3], "the response is cut from the right"
-    assert EOS not in tiny["input_ids"] and EOT not in tiny["input_ids"], (
-        "a cut response is not marked finished"
-    )
+    assert EOS not in tiny["input_ids"] and EOT not in tiny["input_ids"], "a cut response is not marked finished"
     with pytest.raises(ValueError, match="no room"):
         encode_example(tok, prompt, answer, max_length=1, truncation="truncate")
     with pytest.raises(ValueError, match="truncation"):
@@ -243,13 +239,13 @@ def test_tokenizer_without_mask_token_errors(tok, tmp_path):
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_loading_a_saved_model_folder_logs_no_model_type_warning(family, tmp_path):
     """Loading a checkpoint in its family's own format (the demo's model, a run's ``model/``) logged
-    transformers' "You are using a model of type `llada` to instantiate a model of type ``" every time: AutoTokenizer read
+    transformers' "You are using a model of type `llada` to instantiate a model of type ``" every time: AutoTokenizer
+    read
     config.json, whose model_type transformers does not know, as a bare config. The tokenizer loaded is
     still the class AutoTokenizer picks, with the same ids."""
     import logging
 
     from vrpo.models import load_mdm, save_mdm
-
     from vrpo.tasks.sort.task import toy_sft_path
 
     if family == "llada":  # the shipped demo model, as a run's model/ folder holds it

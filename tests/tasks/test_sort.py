@@ -46,8 +46,14 @@ def test_rank_pair_puts_a_right_answer_against_the_nearest_miss():
 
 def _run(args, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "vrpo.tasks.sort", *args], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "vrpo.tasks.sort", *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -68,8 +74,14 @@ def test_commands_reproduce_their_outputs_bit_for_bit(tmp_path):
         assert (tmp_path / name.format("a")).read_bytes() == (tmp_path / name.format("b")).read_bytes()
     # User files are not overwritten without --overwrite.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    again = subprocess.run([sys.executable, "-m", "vrpo.tasks.sort", "sft", "--output_dir", "sft-a", *tiny_sft],
-                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "vrpo.tasks.sort", "sft", "--output_dir", "sft-a", *tiny_sft],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
@@ -80,7 +92,10 @@ def test_synthetic_command_reproduces_the_shipped_file_and_keeps_user_files(tmp_
     out.write_text("mine\n")
     assert sort_main(["synthetic", str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
     assert out.read_text() == "mine\n"
-    assert sort_main(["synthetic", str(out), "--overwrite"]) == 0 and out.read_bytes() == (DATA / task.SYNTHETIC_PAIRS_FILE).read_bytes()
+    assert (
+        sort_main(["synthetic", str(out), "--overwrite"]) == 0
+        and out.read_bytes() == (DATA / task.SYNTHETIC_PAIRS_FILE).read_bytes()
+    )
 
 
 def test_shipped_files_record_the_commands_defaults():
@@ -137,7 +152,9 @@ def test_shipped_sft_folder_is_what_save_llada_writes_today(tmp_path):
 
 
 def test_package_data_globs_cover_the_shipped_files():
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vrpo.tasks.sort"]
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "vrpo.tasks.sort"
+    ]
     shipped = [p.relative_to(DATA.parent).as_posix() for p in DATA.rglob("*") if p.is_file()]
     missing = [f for f in shipped if not any(fnmatch.fnmatch(f, g) for g in globs)]
     assert not missing, f"pyproject.toml's package-data misses {missing}"
@@ -164,9 +181,14 @@ def test_graded_samples_are_described():
 def test_training_plot_is_written(tmp_path):
     from vrpo.training.plots import plot_training
 
-    records = [{"step": 0, "eval/pref_acc": 0.6}] + [
-        {"step": s, "loss/vrpo": 0.7 - 0.01 * s, "rewards/accuracies": 0.5 + 0.01 * s, "score/var": 0.1 / s}
-        for s in range(1, 11)] + [{"step": 10, "eval/pref_acc": 0.8}]
+    records = (
+        [{"step": 0, "eval/pref_acc": 0.6}]
+        + [
+            {"step": s, "loss/vrpo": 0.7 - 0.01 * s, "rewards/accuracies": 0.5 + 0.01 * s, "score/var": 0.1 / s}
+            for s in range(1, 11)
+        ]
+        + [{"step": 10, "eval/pref_acc": 0.8}]
+    )
     summary = {"gen_acc_before": 0.4, "gen_acc_after": 0.6, "gen_credit_before": 0.8, "gen_credit_after": 0.9}
     path = plot_training(records, summary, str(tmp_path / "plots" / "training.png"))
     assert path and pathlib.Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -195,8 +217,11 @@ def test_the_old_module_names_still_work_with_a_deprecation_warning(tmp_path):
     import importlib
     import warnings
 
-    for old, new, name in (("vrpo.toy", "vrpo.tasks.sort", "grade"), ("vrpo.generate", "vrpo.models", "generate"),
-                           ("vrpo.tokenization", "vrpo.models", "load_tokenizer")):
+    for old, new, name in (
+        ("vrpo.toy", "vrpo.tasks.sort", "grade"),
+        ("vrpo.generate", "vrpo.models", "generate"),
+        ("vrpo.tokenization", "vrpo.models", "load_tokenizer"),
+    ):
         sys.modules.pop(old, None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -204,6 +229,11 @@ def test_the_old_module_names_still_work_with_a_deprecation_warning(tmp_path):
         assert getattr(module, name) is getattr(importlib.import_module(new), name)
         assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "vrpo.toy", "synthetic", str(tmp_path / "x.jsonl"), "--n", "3"],
-                         env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "vrpo.toy", "synthetic", str(tmp_path / "x.jsonl"), "--n", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and (tmp_path / "x.jsonl").read_text().count("\n") == 3, out.stderr[-2000:]

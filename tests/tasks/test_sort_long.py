@@ -54,10 +54,13 @@ def test_prompts_have_the_tasks_lengths_and_the_grader_round_trips():
 
 def test_rank_pair_without_gold_answers_puts_the_best_against_the_worst():
     prompt = "sort 9 8 7 6 5 4 3 2 1 0"
-    answers = ["0 1 2 3 5 4 6 7 9 8",  # 0.6
-               "1 0 2 3 4 5 6 7 8 9",  # 0.8, the best
-               "0 1 2 4 3 5 6 8 7 9",  # 0.6
-               "", "9 8 7 6 5 4 3 2 1 0"]  # empty (left out) and 0.0, the worst
+    answers = [
+        "0 1 2 3 5 4 6 7 9 8",  # 0.6
+        "1 0 2 3 4 5 6 7 8 9",  # 0.8, the best
+        "0 1 2 4 3 5 6 8 7 9",  # 0.6
+        "",
+        "9 8 7 6 5 4 3 2 1 0",
+    ]  # empty (left out) and 0.0, the worst
     pair = build.rank_pair(prompt, answers, "best_vs_worst")
     assert pair == {"prompt": prompt, "chosen": answers[1], "rejected": answers[4]}
     # Ties for the worst go to the earlier sample; the demo's rule wants an exact sort (nearest miss).
@@ -73,8 +76,10 @@ def test_rank_pair_without_gold_answers_puts_the_best_against_the_worst():
 
 def test_margin_stats_summarise_the_credit_differences():
     prompt = "sort 9 8 7 6 5 4 3 2 1 0"
-    pairs = [{"prompt": prompt, "chosen": "1 0 2 3 4 5 6 7 8 9", "rejected": r}  # chosen: 0.8
-             for r in ("0 1 2 3 5 4 6 7 9 8", "0 1 3 2 5 4 6 7 9 8", "9 8 7 6 5 4 3 2 1 0")]  # 0.6, 0.4, 0.0
+    pairs = [
+        {"prompt": prompt, "chosen": "1 0 2 3 4 5 6 7 8 9", "rejected": r}  # chosen: 0.8
+        for r in ("0 1 2 3 5 4 6 7 9 8", "0 1 3 2 5 4 6 7 9 8", "9 8 7 6 5 4 3 2 1 0")
+    ]  # 0.6, 0.4, 0.0
     stats = build.margin_stats(pairs)
     assert stats["mean"] == pytest.approx((0.2 + 0.4 + 0.8) / 3)
     assert stats["p0"] == pytest.approx(0.2) and stats["max"] == pytest.approx(0.8)
@@ -91,8 +96,19 @@ def test_commands_reproduce_their_outputs_bit_for_bit(tmp_path, torch_state, cap
     tiny_pairs = ["--prompts", "4", "--samples", "3"]
     for run in ("a", "b"):
         assert long_main(["sft", "--output_dir", str(tmp_path / f"sft-{run}"), *tiny_sft]) == 0
-        assert long_main(["pairs", "--model", str(tmp_path / f"sft-{run}"), "--output",
-                          str(tmp_path / f"pairs-{run}.jsonl"), *tiny_pairs]) == 0
+        assert (
+            long_main(
+                [
+                    "pairs",
+                    "--model",
+                    str(tmp_path / f"sft-{run}"),
+                    "--output",
+                    str(tmp_path / f"pairs-{run}.jsonl"),
+                    *tiny_pairs,
+                ]
+            )
+            == 0
+        )
     assert _files(tmp_path / "sft-a") == _files(tmp_path / "sft-b")
     for name in ("pairs-{}.jsonl", "pairs-{}.meta.json"):
         assert (tmp_path / name.format("a")).read_bytes() == (tmp_path / name.format("b")).read_bytes()
@@ -209,8 +225,11 @@ def test_task_flag_picks_the_task_the_trainer_gets(monkeypatch, tmp_path):
 
     monkeypatch.setattr(vrpo.train, "VRPOTrainer", trainer)
     monkeypatch.setattr(vrpo.train, "GRPOTrainer", trainer)
-    for argv, name in (([], "sort"), (["--task", "sort_long"], "sort_long"),
-                       (["--task", "sort_long", "--algorithm", "grpo"], "sort_long")):
+    for argv, name in (
+        ([], "sort"),
+        (["--task", "sort_long"], "sort_long"),
+        (["--task", "sort_long", "--algorithm", "grpo"], "sort_long"),
+    ):
         assert vrpo.train.main([*argv, "--output_dir", str(tmp_path / "run")]) == 2
         assert got.pop() == (name, TASKS[name])
 

@@ -13,8 +13,18 @@ from vrpo.training import VRPOTrainer
 from vrpo.training.advisor_tally import ADVICE, VAR_MASK, VAR_PAIRS
 from vrpo.training.config import VRPOConfig
 
-FAST = dict(max_steps=3, per_device_train_batch_size=4, n_t=2, eval_size=16, num_samples=0, report_to="none", gen_eval_prompts=16,
-            logging_steps=1, save_steps=0, overwrite_output_dir=True)
+FAST = dict(
+    max_steps=3,
+    per_device_train_batch_size=4,
+    n_t=2,
+    eval_size=16,
+    num_samples=0,
+    report_to="none",
+    gen_eval_prompts=16,
+    logging_steps=1,
+    save_steps=0,
+    overwrite_output_dir=True,
+)
 
 
 def test_every_logged_step_has_the_variances_and_the_advice(tmp_path, monkeypatch):
@@ -37,6 +47,7 @@ def test_every_logged_step_has_the_variances_and_the_advice(tmp_path, monkeypatc
 
 def test_pref_weight_zero_trains_the_sft_term_alone(tmp_path):
     """The loss of --pref_weight 0 is the SFT term times its weight; at 1 the VRPO loss is in it unscaled."""
+
     def loss_and_metrics(**kw):
         cfg = VRPOConfig(output_dir=str(tmp_path / str(kw)), max_train_pairs=8, **{**FAST, **kw})
         trainer = VRPOTrainer(cfg, task=SORT_TASK)
@@ -64,4 +75,3 @@ def test_max_train_pairs_keeps_a_seeded_subset(tmp_path):
     assert h2 != h  # another seed, another subset
     full, _, e_full = train_hash(1, 10**6)  # more than there are: all of them, and the held-out split untouched
     assert full > 1000 and e_full == e
-

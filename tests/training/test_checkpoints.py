@@ -17,8 +17,8 @@ from vrpo.errors import CheckpointError, RunLogError
 from vrpo.tasks.sort import SORT_TASK
 from vrpo.tasks.sort.task import toy_dataset_path
 from vrpo.training import VRPOTrainer
-from vrpo.training.config import VRPOConfig
 from vrpo.training.checkpoints import CheckpointManager
+from vrpo.training.config import VRPOConfig
 
 MARKER = "payload-ran"
 
@@ -34,8 +34,19 @@ class Payload:
 
 
 def config(run_dir, data, **kw) -> VRPOConfig:
-    return VRPOConfig(dataset=str(data), max_steps=2, per_device_train_batch_size=4, n_t=2, eval_size=8,
-                      num_samples=0, report_to="none", logging_steps=1, save_steps=1, output_dir=str(run_dir), **kw)
+    return VRPOConfig(
+        dataset=str(data),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        n_t=2,
+        eval_size=8,
+        num_samples=0,
+        report_to="none",
+        logging_steps=1,
+        save_steps=1,
+        output_dir=str(run_dir),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +77,16 @@ def resume(run_dir, data):
 
 
 @pytest.mark.parametrize(
-    "name", ["optimizer.bin", "random_states_0.pkl", "eval_reference.pt", "custom_checkpoint_0.pkl",
-             "custom_state_0.json", "trainer_state.json", "extra.bin"]
+    "name",
+    [
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "eval_reference.pt",
+        "custom_checkpoint_0.pkl",
+        "custom_state_0.json",
+        "trainer_state.json",
+        "extra.bin",
+    ],
 )
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_a_planted_pickle_payload_never_runs_and_the_error_names_the_file(run, tmp_path, monkeypatch, name, writer):
@@ -88,8 +107,14 @@ def test_a_planted_pickle_payload_never_runs_and_the_error_names_the_file(run, t
 def test_every_non_safetensors_file_is_covered(made):
     """The files the test above plants into are all the pickle-capable files a checkpoint has."""
     files = {p.name for p in checkpoint_of(made[0]).iterdir()}
-    assert files == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "eval_reference.pt",
-                     "custom_state_0.json", "trainer_state.json"}, files
+    assert files == {
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "eval_reference.pt",
+        "custom_state_0.json",
+        "trainer_state.json",
+    }, files
 
 
 def test_a_clean_checkpoint_resumes(run):
@@ -114,7 +139,9 @@ def test_latest_cannot_point_outside_the_run(run, tmp_path):
         resume(run_dir, data)
     # nor is it the newest complete checkpoint when there is no pointer
     latest.unlink()
-    assert CheckpointManager(str(run_dir), accelerator=None).latest() == str(run_dir / "checkpoints" / "checkpoint-00000002")
+    assert CheckpointManager(str(run_dir), accelerator=None).latest() == str(
+        run_dir / "checkpoints" / "checkpoint-00000002"
+    )
 
 
 def truncate(path):
@@ -181,8 +208,11 @@ def sharded_checkpoint(root, extra) -> pathlib.Path:
 
     root.mkdir()
     (root / "trainer_state.json").write_text('{"step": 1}')
-    dcp.save({"w": torch.arange(6.0), "param_groups": [{"lr": 0.1}], **extra},
-             checkpoint_id=str(root / "optimizer_0"), no_dist=True)
+    dcp.save(
+        {"w": torch.arange(6.0), "param_groups": [{"lr": 0.1}], **extra},
+        checkpoint_id=str(root / "optimizer_0"),
+        no_dist=True,
+    )
     return root / "optimizer_0"
 
 

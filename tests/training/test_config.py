@@ -73,8 +73,20 @@ def test_a_missing_model_path_fails_at_once_without_the_hub(tmp_path, capsys, mo
 
 
 def test_good_flags_still_parse(tmp_path):
-    cfg = parse_config(["--beta", "0.1", "--max_steps", "-1", "--save_steps", "0", "--warmup_steps", "0",
-                        "--model_name_or_path", str(tmp_path)])
+    cfg = parse_config(
+        [
+            "--beta",
+            "0.1",
+            "--max_steps",
+            "-1",
+            "--save_steps",
+            "0",
+            "--warmup_steps",
+            "0",
+            "--model_name_or_path",
+            str(tmp_path),
+        ]
+    )
     assert cfg.beta == 0.1 and cfg.max_steps == -1
 
 
@@ -91,7 +103,9 @@ def test_a_model_config_too_big_for_memory_is_refused_before_building(tmp_path):
     config["n_layers"] = 1_000_000
     (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
     t0 = time.perf_counter()
-    with pytest.raises(CheckpointError, match=r"huge/config\.json: the config describes [\d,]+ parameters .* more than"):
+    with pytest.raises(
+        CheckpointError, match=r"huge/config\.json: the config describes [\d,]+ parameters .* more than"
+    ):
         load_llada(tmp_path / "huge", dtype="float32")
     assert time.perf_counter() - t0 < 5  # refused from the count, not after building a million layers
 

@@ -40,10 +40,15 @@ GOOD = {"prompt": "sort 2 1", "chosen": "1 2", "rejected": "2 1"}
 
 def test_a_lone_surrogate_is_a_file_line_error_or_a_counted_skip(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps(GOOD) + '\n{"prompt": "sort \\ud800", "chosen": "1", "rejected": "2"}\n'
-                    + json.dumps({"prompt": "q", "chosen": [{"role": "assistant", "content": "a\udfff"}],
-                                  "rejected": "b"}) + "\n")
-    with pytest.raises(DataError, match=r"pairs\.jsonl:2: field 'prompt' is not valid Unicode \(surrogates not allowed"):
+    path.write_text(
+        json.dumps(GOOD)
+        + '\n{"prompt": "sort \\ud800", "chosen": "1", "rejected": "2"}\n'
+        + json.dumps({"prompt": "q", "chosen": [{"role": "assistant", "content": "a\udfff"}], "rejected": "b"})
+        + "\n"
+    )
+    with pytest.raises(
+        DataError, match=r"pairs\.jsonl:2: field 'prompt' is not valid Unicode \(surrogates not allowed"
+    ):
         read_preference_rows(str(path))
     stats = DataStats()
     rows = read_preference_rows(str(path), on_bad_rows="skip", stats=stats)
@@ -51,7 +56,10 @@ def test_a_lone_surrogate_is_a_file_line_error_or_a_counted_skip(tmp_path):
 
 
 def test_a_row_the_tokenizer_rejects_is_named_or_skipped(tok):
-    rows = [dict(GOOD, source="d.jsonl:1"), {"prompt": "a\ud800", "chosen": "1", "rejected": "2", "source": "d.jsonl:2"}]
+    rows = [
+        dict(GOOD, source="d.jsonl:1"),
+        {"prompt": "a\ud800", "chosen": "1", "rejected": "2", "source": "d.jsonl:2"},
+    ]
     with pytest.raises(DataError, match=r"d\.jsonl:2: the tokenizer rejects this row"):
         tokenize_pairs(rows, tok, 64, progress=False)
     stats = DataStats()
@@ -60,8 +68,11 @@ def test_a_row_the_tokenizer_rejects_is_named_or_skipped(tok):
 
 
 def test_skip_covers_a_two_assistant_turn_response(tmp_path, tok):
-    two = {"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
-           "rejected": "c"}
+    two = {
+        "prompt": "q",
+        "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+        "rejected": "c",
+    }
     path = write_rows(tmp_path / "pairs.jsonl", [GOOD, two])
     with pytest.raises(DataError, match=r"pairs\.jsonl:2: field 'chosen' must be one assistant message, got 2"):
         read_preference_rows(path)
@@ -73,22 +84,34 @@ def test_skip_covers_a_two_assistant_turn_response(tmp_path, tok):
 
 @pytest.mark.parametrize("spelled", ["<|mdm_mask|>", "<|eot_id|>", "<|endoftext|>", "<|start_header_id|>"])
 def test_text_that_spells_a_special_token_is_text(tok, spelled):
-    ids_of = {name: tok.convert_tokens_to_ids(name) for name in
-              ("<|mdm_mask|>", "<|eot_id|>", "<|endoftext|>", "<|start_header_id|>", "<|startoftext|>")}
-    for prompt, n_messages in ((f"say {spelled}", 1),
-                               ([{"role": "system", "content": spelled}, {"role": "user", "content": f"say {spelled}"}], 2)):
+    ids_of = {
+        name: tok.convert_tokens_to_ids(name)
+        for name in ("<|mdm_mask|>", "<|eot_id|>", "<|endoftext|>", "<|start_header_id|>", "<|startoftext|>")
+    }
+    for prompt, n_messages in (
+        (f"say {spelled}", 1),
+        ([{"role": "system", "content": spelled}, {"role": "user", "content": f"say {spelled}"}], 2),
+    ):
         ids = encode_preference(tok, {"prompt": prompt, "chosen": f"a {spelled}", "rejected": "b"})["chosen_input_ids"]
         counts = {name: ids.count(i) for name, i in ids_of.items()}
         # Only the template's own: a BOS, a header per message and the assistant's, an <|eot_id|> per
         # message and the response's, one EOS at the end, and never a mask.
-        assert counts == {"<|mdm_mask|>": 0, "<|eot_id|>": n_messages + 1, "<|endoftext|>": 1,
-                          "<|start_header_id|>": n_messages + 1, "<|startoftext|>": 1}, counts
+        assert counts == {
+            "<|mdm_mask|>": 0,
+            "<|eot_id|>": n_messages + 1,
+            "<|endoftext|>": 1,
+            "<|start_header_id|>": n_messages + 1,
+            "<|startoftext|>": 1,
+        }, counts
         assert ids[-1] == ids_of["<|endoftext|>"]
         assert tok.decode(ids, skip_special_tokens=True).count(spelled) == (3 if n_messages == 2 else 2)
 
 
 def test_pairs_identical_after_tokenization_are_skipped_and_counted(tok):
-    rows = [dict(GOOD, source="d.jsonl:1"), {"prompt": "sort 3 1", "chosen": "1 3", "rejected": "1 3   ", "source": "d.jsonl:2"}]
+    rows = [
+        dict(GOOD, source="d.jsonl:1"),
+        {"prompt": "sort 3 1", "chosen": "1 3", "rejected": "1 3   ", "source": "d.jsonl:2"},
+    ]
     stats = DataStats()
     pairs = tokenize_pairs(rows, tok, 64, stats=stats, progress=False)
     assert len(pairs) == 1 and stats.skipped["chosen_equals_rejected"] == 1
@@ -104,22 +127,31 @@ def test_utf8_with_a_byte_order_mark_is_read(tmp_path):
 
 def test_trl_implicit_prompt_rows_are_accepted(tmp_path, tok):
     user = {"role": "user", "content": "sort 2 1"}
-    implicit = {"chosen": [user, {"role": "assistant", "content": "1 2"}],
-                "rejected": [user, {"role": "assistant", "content": "2 1"}]}
+    implicit = {
+        "chosen": [user, {"role": "assistant", "content": "1 2"}],
+        "rejected": [user, {"role": "assistant", "content": "2 1"}],
+    }
     rows = read_preference_rows(write_rows(tmp_path / "implicit.jsonl", [implicit]))
     assert rows[0]["prompt"] == [user] and rows[0]["chosen"] == [{"role": "assistant", "content": "1 2"}]
     got = tokenize_pairs(rows, tok, 64, progress=False)
     want = tokenize_pairs([dict(GOOD, source="x")], tok, 64, progress=False)
     assert got.sequence(0, 0)["input_ids"].tolist() == want.sequence(0, 0)["input_ids"].tolist()
-    unrelated = {"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                 "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    unrelated = {
+        "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+    }
     with pytest.raises(DataError, match=r"implicit2\.jsonl:1: no 'prompt', and 'chosen' and 'rejected' share no"):
         read_preference_rows(write_rows(tmp_path / "implicit2.jsonl", [unrelated]))
 
 
 def test_when_every_pair_is_too_long_the_error_says_so_and_suggests_max_length(tok):
-    rows = [dict(GOOD, source="d.jsonl:1"), {"prompt": "sort 9 8 7 6 5", "chosen": "5 6 7 8 9", "rejected": "9", "source": "d.jsonl:2"}]
-    with pytest.raises(DataError, match=r"every pair is longer than --max_length 12 .*d\.jsonl:1, needs \d+ tokens.*raise --max_length"):
+    rows = [
+        dict(GOOD, source="d.jsonl:1"),
+        {"prompt": "sort 9 8 7 6 5", "chosen": "5 6 7 8 9", "rejected": "9", "source": "d.jsonl:2"},
+    ]
+    with pytest.raises(
+        DataError, match=r"every pair is longer than --max_length 12 .*d\.jsonl:1, needs \d+ tokens.*raise --max_length"
+    ):
         tokenize_pairs(rows, tok, 12, progress=False)
 
 
@@ -213,7 +245,10 @@ def test_a_file_of_only_bad_rows_is_an_error_not_an_empty_run(tmp_path):
 def test_parquet_and_save_to_disk_sources(tmp_path):
     import datasets
 
-    rows = [{"prompt": "sort 2 1", "chosen": "1 2", "rejected": "2 1"}, {"prompt": "sort 9 3", "chosen": "3 9", "rejected": "9 3"}]
+    rows = [
+        {"prompt": "sort 2 1", "chosen": "1 2", "rejected": "2 1"},
+        {"prompt": "sort 9 3", "chosen": "3 9", "rejected": "9 3"},
+    ]
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "pairs.parquet"))
     ds.save_to_disk(str(tmp_path / "pairs_dir"))
@@ -263,8 +298,10 @@ def test_ten_thousand_pairs_flow_with_flat_memory(tmp_path, record_property):
     record_property("tokenize_pairs_per_s", len(pairs) / t_tokenize)
     record_property("collate_pack_pairs_per_s", len(pairs) / t_pass)
     record_property("rss_growth_mb", growth_mb)
-    print(f"tokenize {len(pairs) / t_tokenize:.0f} pairs/s, collate+pack {len(pairs) / t_pass:.0f} pairs/s, "
-          f"RSS growth over 3 passes {growth_mb:.1f} MB")
+    print(
+        f"tokenize {len(pairs) / t_tokenize:.0f} pairs/s, collate+pack {len(pairs) / t_pass:.0f} pairs/s, "
+        f"RSS growth over 3 passes {growth_mb:.1f} MB"
+    )
     assert growth_mb < 20, rss
     # The compact store: a few bytes per token, not Python objects per token.
     assert pairs._flat()[0].dtype == np.int32

@@ -14,8 +14,14 @@ from vrpo.training.distributed import check_supported
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The example's model path is a placeholder; a local checkpoint directory stands in (paths must exist).
-TRAIN_ARGS = ["--config", str(ROOT / "examples" / "llada_8b_vrpo.yaml"), "--max_steps", "2",
-              "--model_name_or_path", str(ROOT / "tests" / "fixtures" / "llada-tiny")]
+TRAIN_ARGS = [
+    "--config",
+    str(ROOT / "examples" / "llada_8b_vrpo.yaml"),
+    "--max_steps",
+    "2",
+    "--model_name_or_path",
+    str(ROOT / "tests" / "fixtures" / "llada-tiny"),
+]
 
 
 def test_zero3_example_is_accepted_by_accelerate_launch(monkeypatch):

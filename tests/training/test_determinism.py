@@ -15,8 +15,22 @@ from ..helpers import ROOT, digest
 
 # The default command (embedded model, bundled data, default estimator and batch), shortened: gradients
 # differed from the first step when they differed at all.
-FLAGS = ["--max_steps", "4", "--eval_size", "16", "--num_samples", "0", "--report_to", "none", "--gen_eval_prompts", "16",
-         "--logging_steps", "1", "--save_steps", "2"]
+FLAGS = [
+    "--max_steps",
+    "4",
+    "--eval_size",
+    "16",
+    "--num_samples",
+    "0",
+    "--report_to",
+    "none",
+    "--gen_eval_prompts",
+    "16",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+]
 TIMINGS = {"train/tokens_per_s"}
 
 pytestmark = pytest.mark.slow
@@ -26,8 +40,14 @@ def start(output_dir, threads: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0"}
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.Popen([sys.executable, "-m", "vrpo.train", *FLAGS, "--output_dir", str(output_dir)],
-                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vrpo.train", *FLAGS, "--output_dir", str(output_dir)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen):
@@ -47,6 +67,9 @@ def test_two_contending_fresh_runs_write_the_same_bytes(tmp_path):
         finish(proc)
     a, b = runs
     assert metrics(a) == metrics(b)
-    for rel in ("model/model.safetensors", "checkpoints/checkpoint-00000002/model.safetensors",
-                "checkpoints/checkpoint-00000002/optimizer.bin"):
+    for rel in (
+        "model/model.safetensors",
+        "checkpoints/checkpoint-00000002/model.safetensors",
+        "checkpoints/checkpoint-00000002/optimizer.bin",
+    ):
         assert digest(a / rel) == digest(b / rel), rel

@@ -22,13 +22,39 @@ from ..helpers import FIXTURES, run_cli
 
 pytestmark = pytest.mark.slow
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 FRUITS = "apple banana cherry grape lemon mango orange peach pear plum".split()
 TOOLS = "hammer wrench saw drill chisel pliers shovel rake axe file".split()
-QUICK = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--n_t", "2", "--eval_size", "8",
-         "--eval_n_t", "2", "--max_length", "64", "--num_samples", "1", "--gen_length", "4", "--report_to", "none",
-         "--save_steps", "0", "--overwrite_output_dir"]
+QUICK = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--n_t",
+    "2",
+    "--eval_size",
+    "8",
+    "--eval_n_t",
+    "2",
+    "--max_length",
+    "64",
+    "--num_samples",
+    "1",
+    "--gen_length",
+    "4",
+    "--report_to",
+    "none",
+    "--save_steps",
+    "0",
+    "--overwrite_output_dir",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +77,56 @@ def dream_dir(tmp_path_factory):
 def pairs(tmp_path_factory):
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    rows = [{"prompt": f"Name something, please ({i}).", "chosen": rng.choice(FRUITS), "rejected": rng.choice(TOOLS)}
-            for i in range(240)]
+    rows = [
+        {"prompt": f"Name something, please ({i}).", "chosen": rng.choice(FRUITS), "rejected": rng.choice(TOOLS)}
+        for i in range(240)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def test_twenty_steps_learn_the_preference(dream_dir, pairs, tmp_path):
     out = tmp_path / "run"
-    result = run_cli(["--model_name_or_path", str(dream_dir), "--dataset", str(pairs), "--output_dir", str(out),
-                      "--max_steps", "20", "--per_device_train_batch_size", "8", "--n_t", "2",
-                      "--learning_rate", "5e-3", "--warmup_steps", "2", "--eval_size", "40", "--eval_n_t", "8",
-                      "--max_length", "64", "--num_samples", "2", "--gen_length", "4", "--report_to", "none",
-                      "--save_steps", "0"])
+    result = run_cli(
+        [
+            "--model_name_or_path",
+            str(dream_dir),
+            "--dataset",
+            str(pairs),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "20",
+            "--per_device_train_batch_size",
+            "8",
+            "--n_t",
+            "2",
+            "--learning_rate",
+            "5e-3",
+            "--warmup_steps",
+            "2",
+            "--eval_size",
+            "40",
+            "--eval_n_t",
+            "8",
+            "--max_length",
+            "64",
+            "--num_samples",
+            "2",
+            "--gen_length",
+            "4",
+            "--report_to",
+            "none",
+            "--save_steps",
+            "0",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    print(f"Dream 20 steps: held-out preference accuracy {summary['pref_acc_before']:.3f} -> "
-          f"{summary['pref_acc_after']:.3f}")
+    print(
+        f"Dream 20 steps: held-out preference accuracy {summary['pref_acc_before']:.3f} -> "
+        f"{summary['pref_acc_after']:.3f}"
+    )
     assert summary["pref_acc_after"] >= summary["pref_acc_before"] + 0.1, summary
     assert "Dream" in result.stdout, "the summary names the family's sampler"
     assert len(summary["samples"]) == 2 and "correct" not in summary["samples"][0]
@@ -79,23 +138,37 @@ def test_twenty_steps_learn_the_preference(dream_dir, pairs, tmp_path):
     assert family_of(model).name == "dream" and model.config.vocab_size == 152064
 
 
-@pytest.mark.parametrize("flags", [
-    ["--use_lora", "--packing", "--gradient_checkpointing", "--attn_implementation", "vrpo_triton"],
-    ["--precompute_ref", "--no_fused_head", "--attn_implementation", "eager", "--naive_dpo"],
-    ["--torch_dtype", "bfloat16", "--stratified", "--n_yt", "2", "--loss_type", "ipo"],
-], ids=["lora-packing-ckpt-triton", "precompute-unfused-eager-naive", "bf16-stratified-ipo"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--use_lora", "--packing", "--gradient_checkpointing", "--attn_implementation", "vrpo_triton"],
+        ["--precompute_ref", "--no_fused_head", "--attn_implementation", "eager", "--naive_dpo"],
+        ["--torch_dtype", "bfloat16", "--stratified", "--n_yt", "2", "--loss_type", "ipo"],
+    ],
+    ids=["lora-packing-ckpt-triton", "precompute-unfused-eager-naive", "bf16-stratified-ipo"],
+)
 def test_llada_flags_work_for_dream(dream_dir, pairs, tmp_path, flags):
     out = tmp_path / "run"
-    result = run_cli(["--model_name_or_path", str(dream_dir), "--dataset", str(pairs), "--output_dir", str(out),
-                      *QUICK, *flags])
+    result = run_cli(
+        ["--model_name_or_path", str(dream_dir), "--dataset", str(pairs), "--output_dir", str(out), *QUICK, *flags]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "model" / "config.json").read_text())["model_type"] == "Dream"
 
 
 def test_reference_checkpoint_and_resume(dream_dir, pairs, tmp_path):
     out = tmp_path / "run"
-    common = ["--model_name_or_path", str(dream_dir), "--dataset", str(pairs), "--output_dir", str(out),
-              "--ref_model_name_or_path", str(dream_dir), *QUICK]
+    common = [
+        "--model_name_or_path",
+        str(dream_dir),
+        "--dataset",
+        str(pairs),
+        "--output_dir",
+        str(out),
+        "--ref_model_name_or_path",
+        str(dream_dir),
+        *QUICK,
+    ]
     common += ["--max_steps", "3", "--save_steps", "1"]
     killed = run_cli(common, env={"VRPO_KILL_AT": "step:2"})
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -108,7 +181,18 @@ def test_tiny_llada_tokenizer_with_a_dream_model_is_refused(dream_dir, pairs, tm
     """A tokenizer of another family than the model's is an error before training, not a silent mismatch."""
     tok_dir = tmp_path / "llada_tok"
     build_tiny_tokenizer().save_pretrained(tok_dir)
-    result = run_cli(["--model_name_or_path", str(dream_dir), "--tokenizer_name_or_path", str(tok_dir),
-                      "--dataset", str(pairs), "--output_dir", str(tmp_path / "run"), *QUICK])
+    result = run_cli(
+        [
+            "--model_name_or_path",
+            str(dream_dir),
+            "--tokenizer_name_or_path",
+            str(tok_dir),
+            "--dataset",
+            str(pairs),
+            "--output_dir",
+            str(tmp_path / "run"),
+            *QUICK,
+        ]
+    )
     assert result.returncode == 2 and "vrpo.train: error:" in result.stderr
     assert "LLaDA" in result.stderr and "Dream" in result.stderr, result.stderr[-2000:]

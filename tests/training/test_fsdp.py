@@ -22,8 +22,25 @@ import yaml
 from vrpo.models import load_llada
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FLAGS = ["--n_t", "2", "--eval_size", "15", "--num_samples", "1", "--report_to", "none", "--logging_steps", "1", "--gen_eval_prompts", "16",
-         "--overwrite_output_dir", "--max_steps", "6", "--save_steps", "3"]
+FLAGS = [
+    "--n_t",
+    "2",
+    "--eval_size",
+    "15",
+    "--num_samples",
+    "1",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--gen_eval_prompts",
+    "16",
+    "--overwrite_output_dir",
+    "--max_steps",
+    "6",
+    "--save_steps",
+    "3",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +61,15 @@ def run(args, launcher=None, env=None):
 
 
 def fsdp(tmp_path, args, port):
-    launcher = ["accelerate", "launch", "--config_file", str(cpu_launch_config(tmp_path, "accelerate_fsdp.yaml")),
-                "--main_process_port", str(port), str(ROOT / "tests" / "training" / "fsdp_cpu.py")]
+    launcher = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(cpu_launch_config(tmp_path, "accelerate_fsdp.yaml")),
+        "--main_process_port",
+        str(port),
+        str(ROOT / "tests" / "training" / "fsdp_cpu.py"),
+    ]
     return run(args, launcher, env={"ACCELERATE_USE_CPU": "1"})
 
 
@@ -86,8 +110,12 @@ def test_fsdp_two_processes_match_one_resume_and_gather_the_model(tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "two", resumed, ignore=shutil.ignore_patterns("checkpoint-00000006", "model"))
     (resumed / "checkpoints" / "latest").write_text("checkpoint-00000003\n")
-    again = fsdp(tmp_path, FLAGS + ["--per_device_train_batch_size", "4", "--output_dir", str(resumed),
-                                    "--resume_from_checkpoint", "latest"], 29532)
+    again = fsdp(
+        tmp_path,
+        FLAGS
+        + ["--per_device_train_batch_size", "4", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"],
+        29532,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
     torch.testing.assert_close(losses(resumed), b, rtol=0, atol=0)
@@ -98,8 +126,17 @@ def test_fsdp_two_processes_match_one_resume_and_gather_the_model(tmp_path):
 
 def test_fsdp_lora_reference_with_adapters_off_matches_one_process(tmp_path):
     """LoRA under FSDP2: the reference is the sharded policy with its adapters off; the gathered model merges them."""
-    flags = FLAGS + ["--num_samples", "0", "--max_steps", "4", "--save_steps", "2", "--use_lora",
-                     "--learning_rate", "1e-2"]
+    flags = FLAGS + [
+        "--num_samples",
+        "0",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--use_lora",
+        "--learning_rate",
+        "1e-2",
+    ]
     one = run(flags + ["--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
     two = fsdp(tmp_path, flags + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")], 29533)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])
@@ -114,11 +151,43 @@ def grpo_records(output_dir) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in rows if "loss/grpo" in r]
 
 
-GRPO_FLAGS = ["--algorithm", "grpo", "--max_steps", "4", "--per_device_train_batch_size", "1", "--gen_eval_prompts", "16",
-             "--num_generations", "4", "--num_iterations", "2", "--n_t", "2", "--stratified", "--eval_size", "8",
-             "--eval_n_t", "2", "--num_samples", "0", "--report_to", "none", "--logging_steps", "1",
-             "--save_steps", "2", "--learning_rate", "1e-2", "--warmup_steps", "0", "--use_lora",
-             "--kl_beta", "0.04", "--overwrite_output_dir"]
+GRPO_FLAGS = [
+    "--algorithm",
+    "grpo",
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "1",
+    "--gen_eval_prompts",
+    "16",
+    "--num_generations",
+    "4",
+    "--num_iterations",
+    "2",
+    "--n_t",
+    "2",
+    "--stratified",
+    "--eval_size",
+    "8",
+    "--eval_n_t",
+    "2",
+    "--num_samples",
+    "0",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+    "--learning_rate",
+    "1e-2",
+    "--warmup_steps",
+    "0",
+    "--use_lora",
+    "--kl_beta",
+    "0.04",
+    "--overwrite_output_dir",
+]
 
 
 def test_fsdp_grpo_with_lora_and_kl_trains_sharded_and_resumes_bit_for_bit(tmp_path):
@@ -154,8 +223,16 @@ def test_fsdp_grpo_with_lora_and_kl_trains_sharded_and_resumes_bit_for_bit(tmp_p
 
 def test_ddp_grpo_two_processes(tmp_path):
     """--algorithm grpo under DDP (accelerate's MULTI_CPU over gloo): each process samples its own prompts."""
-    launcher = ["accelerate", "launch", "--config_file", str(cpu_launch_config(tmp_path, "accelerate_ddp.yaml")),
-                "--main_process_port", "29543", "-m", "vrpo.train"]
+    launcher = [
+        "accelerate",
+        "launch",
+        "--config_file",
+        str(cpu_launch_config(tmp_path, "accelerate_ddp.yaml")),
+        "--main_process_port",
+        "29543",
+        "-m",
+        "vrpo.train",
+    ]
     two = run(GRPO_FLAGS + ["--output_dir", str(tmp_path / "two")], launcher, env={"ACCELERATE_USE_CPU": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     rows = grpo_records(tmp_path / "two")

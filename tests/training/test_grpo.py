@@ -17,10 +17,39 @@ from vrpo.training.registry import TRAINERS
 
 # 2 prompts x 4 completions a step, 2 levels per ELBO, two optimizer steps per rollout batch (the stored
 # rollout-policy terms), a checkpoint at every rollout batch.
-FLAGS = ["--algorithm", "grpo", "--max_steps", "4", "--per_device_train_batch_size", "2", "--num_generations", "4", "--gen_eval_prompts", "16",
-         "--num_iterations", "2", "--n_t", "2", "--stratified", "--eval_size", "8", "--eval_n_t", "2",
-         "--num_samples", "0", "--report_to", "none", "--logging_steps", "1", "--save_steps", "2",
-         "--learning_rate", "1e-3", "--warmup_steps", "0"]
+FLAGS = [
+    "--algorithm",
+    "grpo",
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "2",
+    "--num_generations",
+    "4",
+    "--gen_eval_prompts",
+    "16",
+    "--num_iterations",
+    "2",
+    "--n_t",
+    "2",
+    "--stratified",
+    "--eval_size",
+    "8",
+    "--eval_n_t",
+    "2",
+    "--num_samples",
+    "0",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+    "--learning_rate",
+    "1e-3",
+    "--warmup_steps",
+    "0",
+]
 
 
 def records(out) -> list[dict]:
@@ -39,8 +68,15 @@ def test_grpo_trains_logs_its_metrics_and_resumes_bit_for_bit(tmp_path, monkeypa
     steps = [r for r in records(full) if "loss/grpo" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     for r in steps:
-        for name in ("reward", "reward_std", "frac_reward_zero_std", "clip_ratio", "completions/mean_length",
-                     "score/var", "elbo/var"):
+        for name in (
+            "reward",
+            "reward_std",
+            "frac_reward_zero_std",
+            "clip_ratio",
+            "completions/mean_length",
+            "score/var",
+            "elbo/var",
+        ):
             assert name in r, (name, r)
     # Steps 2 and 4 reuse their batch's rollouts with the weights one update on: the ratio moved off 1.
     assert steps[0]["score/var"] == 0 and steps[1]["score/var"] > 0
@@ -70,9 +106,14 @@ def test_algorithm_setting_and_the_naive_dpo_alias(capsys):
     for flags, message in [
         (["--algorithm", "ppo"], "--algorithm must be one of vrpo, naive_dpo, grpo, got 'ppo'"),
         (["--naive_dpo", "--algorithm", "grpo"], "--naive_dpo is --algorithm naive_dpo"),
-        (["--likelihood", "one_step"], "--likelihood does not apply to --algorithm vrpo (a setting of --algorithm grpo)"),
-        (["--algorithm", "grpo", "--precompute_ref"],
-         "--precompute_ref does not apply to --algorithm grpo (a setting of --algorithm vrpo or naive_dpo)"),
+        (
+            ["--likelihood", "one_step"],
+            "--likelihood does not apply to --algorithm vrpo (a setting of --algorithm grpo)",
+        ),
+        (
+            ["--algorithm", "grpo", "--precompute_ref"],
+            "--precompute_ref does not apply to --algorithm grpo (a setting of --algorithm vrpo or naive_dpo)",
+        ),
     ]:
         with pytest.raises(SystemExit):
             parse_config(flags)
@@ -96,7 +137,9 @@ def test_each_trainer_takes_its_own_config_and_the_registry_picks_it():
     with pytest.raises(TypeError, match="VRPOTrainer takes a VRPOConfig, got GRPOConfig"):
         VRPOTrainer(GRPOConfig())
     assert [next(t for t in TRAINERS if isinstance(c, t.CONFIG)) for c in (VRPOConfig(), GRPOConfig())] == [
-        VRPOTrainer, GRPOTrainer]
+        VRPOTrainer,
+        GRPOTrainer,
+    ]
 
 
 def test_d1s_one_step_likelihood_trains_with_a_kl_term(tmp_path, monkeypatch):
@@ -106,8 +149,28 @@ def test_d1s_one_step_likelihood_trains_with_a_kl_term(tmp_path, monkeypatch):
     real = sort_task.test_prompts
     monkeypatch.setattr(sort_task, "test_prompts", lambda n=16: real(16))
     out = tmp_path / "one_step"
-    assert main(FLAGS[:-4] + ["--likelihood", "one_step", "--kl_beta", "0.1", "--max_steps", "2", "--save_steps", "0",
-                              "--learning_rate", "1e-3", "--warmup_steps", "0", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            FLAGS[:-4]
+            + [
+                "--likelihood",
+                "one_step",
+                "--kl_beta",
+                "0.1",
+                "--max_steps",
+                "2",
+                "--save_steps",
+                "0",
+                "--learning_rate",
+                "1e-3",
+                "--warmup_steps",
+                "0",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     steps = [r for r in records(out) if "loss/grpo" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert "score/var" not in steps[0] or steps[0]["score/var"] != steps[0]["score/var"]  # nan: one sample

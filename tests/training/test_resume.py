@@ -24,10 +24,40 @@ from vrpo.training.run_dir import LOCK, MARKER, OutputDirError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # each builds a run (tokenizes the toy set); two run the CLI in subprocesses
-SMALL = dict(max_steps=2, per_device_train_batch_size=4, n_t=1, eval_size=8, eval_n_t=2, num_samples=0,
-             gen_eval_prompts=16, report_to="none", logging_steps=1, save_steps=1)
-FLAGS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--n_t", "1", "--eval_size", "8", "--eval_n_t",
-         "2", "--gen_eval_prompts", "16", "--num_samples", "0", "--report_to", "none", "--logging_steps", "1", "--save_steps", "2"]
+SMALL = dict(
+    max_steps=2,
+    per_device_train_batch_size=4,
+    n_t=1,
+    eval_size=8,
+    eval_n_t=2,
+    num_samples=0,
+    gen_eval_prompts=16,
+    report_to="none",
+    logging_steps=1,
+    save_steps=1,
+)
+FLAGS = [
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--n_t",
+    "1",
+    "--eval_size",
+    "8",
+    "--eval_n_t",
+    "2",
+    "--gen_eval_prompts",
+    "16",
+    "--num_samples",
+    "0",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+]
 
 
 def records(out) -> list[dict]:
@@ -61,7 +91,9 @@ def test_overwrite_moves_the_old_run_aside_before_writing(tmp_path):
     (old / "trainer_state.json").write_text('{"step": 9}')
     (out / "checkpoints" / "latest").write_text("checkpoint-00000009\n")
     (out / MARKER).write_text('{"version": 1}')
-    VRPOTrainer(VRPOConfig(**SMALL, save_total_limit=1, overwrite_output_dir=True, output_dir=str(out)), task=SORT_TASK).train()
+    VRPOTrainer(
+        VRPOConfig(**SMALL, save_total_limit=1, overwrite_output_dir=True, output_dir=str(out)), task=SORT_TASK
+    ).train()
     # The new run's checkpoints were not rotated away in favour of the old run's, and latest is the new run's.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000002", "latest"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-00000002"
@@ -79,9 +111,18 @@ def _umask() -> int:
 def test_a_second_run_on_a_locked_directory_fails_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from vrpo.training.run_dir import RunDir; r = RunDir(sys.argv[1], False, False); "
-         "print('held', flush=True); sys.stdin.read()", str(out)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from vrpo.training.run_dir import RunDir; r = RunDir(sys.argv[1], False, False); "
+            "print('held', flush=True); sys.stdin.read()",
+            str(out),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputDirError, match=f"in use by another vrpo run \\(pid {holder.pid}\\)"):
@@ -89,7 +130,9 @@ def test_a_second_run_on_a_locked_directory_fails_naming_the_holder(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    trainer = VRPOTrainer(VRPOConfig(**SMALL, output_dir=str(out)), task=SORT_TASK)  # free again once the holder is gone
+    trainer = VRPOTrainer(
+        VRPOConfig(**SMALL, output_dir=str(out)), task=SORT_TASK
+    )  # free again once the holder is gone
     trainer.close()
     assert (out / LOCK).exists()
 
@@ -106,8 +149,13 @@ def test_an_unusable_output_dir_fails_before_loading(tmp_path, monkeypatch):
 
 def test_sigint_and_sigterm_checkpoint_and_resume_bit_for_bit(tmp_path, monkeypatch):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "VRPO_KILL_AT": "step:1:SIGTERM"}
-    term = subprocess.Popen([sys.executable, "-m", "vrpo.train", *FLAGS, "--output_dir", str(tmp_path / "term")],
-                            env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    term = subprocess.Popen(
+        [sys.executable, "-m", "vrpo.train", *FLAGS, "--output_dir", str(tmp_path / "term")],
+        env=env,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert main(FLAGS + ["--output_dir", str(tmp_path / "full")]) == 0  # meanwhile, the uninterrupted run
     monkeypatch.setenv("VRPO_KILL_AT", "step:2:SIGINT")
     assert main(FLAGS + ["--output_dir", str(tmp_path / "int")]) == 130
@@ -129,8 +177,9 @@ def test_a_kill_in_the_final_save_leaves_no_temporaries_or_repeated_eval(tmp_pat
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "VRPO_KILL_AT": "model:2"}
     flags = FLAGS + ["--max_steps", "2", "--output_dir", str(out)]
-    killed = subprocess.run([sys.executable, "-m", "vrpo.train", *flags], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-m", "vrpo.train", *flags], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     (out / ".model.tmp-k1ll3d").mkdir(mode=0o700)  # what the kill leaves when it lands inside save_llada
     (out / ".model.tmp-k1ll3d" / "model.safetensors").write_bytes(b"partial")
@@ -142,8 +191,12 @@ def test_a_kill_in_the_final_save_leaves_no_temporaries_or_repeated_eval(tmp_pat
 
 
 def test_non_finite_learning_rate_or_weights_never_reach_a_checkpoint(tmp_path, monkeypatch):
-    trainer = VRPOTrainer(VRPOConfig(**{**SMALL, "max_steps": 6, "save_steps": 2, "save_total_limit": 1},
-                                     output_dir=str(tmp_path / "run")), task=SORT_TASK)
+    trainer = VRPOTrainer(
+        VRPOConfig(
+            **{**SMALL, "max_steps": 6, "save_steps": 2, "save_total_limit": 1}, output_dir=str(tmp_path / "run")
+        ),
+        task=SORT_TASK,
+    )
     real_step, real_opt_step = trainer.train_step, trainer.optimizer.step
 
     def train_step(step):

@@ -44,8 +44,10 @@ def test_the_answer_text_stops_at_end_of_turn_and_eos():
 def test_completion_rows_keep_the_prompt_and_mark_only_the_response():
     batch = completion_batch([[1, 2, 3], [1, 2]], [[4, EOS], [5, 6, 7, EOS]], pad_id=0, device="cpu")
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, EOS, 0], [1, 2, 5, 6, 7, EOS]]
-    assert batch["response_mask"].tolist() == [[False, False, False, True, True, False],
-                                               [False, False, True, True, True, True]]
+    assert batch["response_mask"].tolist() == [
+        [False, False, False, True, True, False],
+        [False, False, True, True, True, True],
+    ]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1] * 6]
 
 
@@ -58,12 +60,22 @@ def test_padding_is_never_scored():
     keys = [11, 12]
     mask_id = tok.convert_tokens_to_ids("<|mdm_mask|>")
     with torch.no_grad():
-        both = elbo_terms(model, batch["input_ids"], batch["response_mask"],
-                          noisy_draw(batch["input_ids"], batch["response_mask"], plan, keys, mask_id), mask_id,
-                          model_kwargs={"attention_mask": batch["attention_mask"]})
+        both = elbo_terms(
+            model,
+            batch["input_ids"],
+            batch["response_mask"],
+            noisy_draw(batch["input_ids"], batch["response_mask"], plan, keys, mask_id),
+            mask_id,
+            model_kwargs={"attention_mask": batch["attention_mask"]},
+        )
         alone = completion_batch([[1, 2, 3]], [[40, 41, EOS]], tok.eos_token_id, "cpu")
-        first = elbo_terms(model, alone["input_ids"], alone["response_mask"],
-                           noisy_draw(alone["input_ids"], alone["response_mask"], plan, keys[:1], mask_id), mask_id)
+        first = elbo_terms(
+            model,
+            alone["input_ids"],
+            alone["response_mask"],
+            noisy_draw(alone["input_ids"], alone["response_mask"], plan, keys[:1], mask_id),
+            mask_id,
+        )
     # float32 sums of a few log-probabilities over a 136-token softmax: well inside 1e-5 relative.
     torch.testing.assert_close(both[0], first[0], rtol=1e-5, atol=1e-5)
 

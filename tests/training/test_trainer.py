@@ -25,10 +25,37 @@ from vrpo.training.config import VRPOConfig
 from ..helpers import ROOT, digest, losses, run_cli
 
 # A small, fast run: the trainer's own defaults are for the 3-minute demo.
-FAST = dict(max_steps=8, per_device_train_batch_size=4, n_t=2, eval_size=16, num_samples=0, report_to="none", gen_eval_prompts=32,
-            logging_steps=1, save_steps=0, overwrite_output_dir=True)
-FAST_FLAGS = ["--max_steps", "10", "--per_device_train_batch_size", "4", "--n_t", "2", "--eval_size", "16", "--gen_eval_prompts", "32",
-              "--num_samples", "0", "--report_to", "none", "--logging_steps", "1", "--overwrite_output_dir"]
+FAST = dict(
+    max_steps=8,
+    per_device_train_batch_size=4,
+    n_t=2,
+    eval_size=16,
+    num_samples=0,
+    report_to="none",
+    gen_eval_prompts=32,
+    logging_steps=1,
+    save_steps=0,
+    overwrite_output_dir=True,
+)
+FAST_FLAGS = [
+    "--max_steps",
+    "10",
+    "--per_device_train_batch_size",
+    "4",
+    "--n_t",
+    "2",
+    "--eval_size",
+    "16",
+    "--gen_eval_prompts",
+    "32",
+    "--num_samples",
+    "0",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--overwrite_output_dir",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +63,9 @@ pytestmark = pytest.mark.slow
 def test_toy_run_grades_generations_without_held_out_pairs(tmp_path):
     # Generations are graded on the task's own test prompts, not on the held-out pairs' prompts: with no
     # pairs held out there is no preference accuracy, but the before/after grades are still there.
-    cfg = VRPOConfig(max_steps=1, eval_size=0, num_samples=1, report_to="none", save_steps=0,
-                     output_dir=str(tmp_path / "run"))
+    cfg = VRPOConfig(
+        max_steps=1, eval_size=0, num_samples=1, report_to="none", save_steps=0, output_dir=str(tmp_path / "run")
+    )
     summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     assert summary.get("pref_acc_before") is None
     assert summary["gen_prompts"] == len(toy.test_prompts())
@@ -49,13 +77,30 @@ def test_embedded_default_learns_the_toy_task_and_grades_its_generations(tmp_pat
     # The default recipe (n_t 8, demo presets), shortened to 100 of its 300 steps: held-out preference
     # accuracy rises from 48/64 to 51/64 pairs with this seed (deterministic on the CPU); a broken loss
     # sign or a reference that tracks the policy leaves it flat or lower.
-    cfg = VRPOConfig(max_steps=100, eval_size=64, num_samples=2, report_to="tensorboard", save_steps=0, gen_eval_prompts=128,
-                     output_dir=str(tmp_path / "run"))
+    cfg = VRPOConfig(
+        max_steps=100,
+        eval_size=64,
+        num_samples=2,
+        report_to="tensorboard",
+        save_steps=0,
+        gen_eval_prompts=128,
+        output_dir=str(tmp_path / "run"),
+    )
     summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     assert summary["pref_acc_after"] > summary["pref_acc_before"] + 0.03, summary
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("steps", "wall_s", "final_loss", "pref_acc_before", "pref_acc_after", "gen_prompts", "gen_acc_before",
-                "gen_acc_after", "gen_credit_before", "gen_credit_after"):
+    for key in (
+        "steps",
+        "wall_s",
+        "final_loss",
+        "pref_acc_before",
+        "pref_acc_after",
+        "gen_prompts",
+        "gen_acc_before",
+        "gen_acc_after",
+        "gen_credit_before",
+        "gen_credit_after",
+    ):
         assert written[key] is not None, key
     # The starting policy writes: some test prompts are sorted right, some not.
     assert 0.2 < written["gen_acc_before"] < 0.9 and written["gen_acc_before"] < written["gen_credit_before"]
@@ -102,8 +147,10 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
 
 
 def test_same_seed_same_checkpoint_bytes_and_other_seed_differs(tmp_path):
-    runs = [run_cli(FAST_FLAGS + ["--max_steps", "3", "--seed", str(s), "--output_dir", str(tmp_path / f"r{i}")])
-            for i, s in enumerate((7, 7, 8))]
+    runs = [
+        run_cli(FAST_FLAGS + ["--max_steps", "3", "--seed", str(s), "--output_dir", str(tmp_path / f"r{i}")])
+        for i, s in enumerate((7, 7, 8))
+    ]
     assert all(r.returncode == 0 for r in runs), [r.stderr[-1000:] for r in runs]
     model = lambda i: digest(tmp_path / f"r{i}" / "model" / "model.safetensors")  # noqa: E731
     assert model(0) == model(1) != model(2)
@@ -117,8 +164,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one = run_cli(flags + ["--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
     # --standalone: torchrun's own rendezvous on a free port, so parallel runs cannot collide on one.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = run_cli(flags + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")],
-                  env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, launcher=torchrun)
+    two = run_cli(
+        flags + ["--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "two")],
+        env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        launcher=torchrun,
+    )
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 6))
@@ -146,13 +196,23 @@ def test_an_error_of_the_main_process_is_raised_on_every_process(tmp_path):
     # message, instead of waiting at the next collective until the launcher gives up.
     script = tmp_path / "raise_everywhere.py"
     script.write_text(RAISE_EVERYWHERE)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-1500:]
     assert (tmp_path / "rank0.txt").read_text() == "PermissionError: --output_dir /x: /x is not writable"
     assert (tmp_path / "rank1.txt").read_text() == (
-        "RuntimeError: the main process stopped the run: PermissionError: --output_dir /x: /x is not writable")
+        "RuntimeError: the main process stopped the run: PermissionError: --output_dir /x: /x is not writable"
+    )
 
 
 def test_precomputed_reference_equals_online_reference(tmp_path):
@@ -166,12 +226,16 @@ def test_precomputed_reference_equals_online_reference(tmp_path):
 def test_lora_reference_with_adapters_off_matches_a_frozen_copy(tmp_path):
     from vrpo.training.loading import load_policy
 
-    cfg = VRPOConfig(**{**FAST, "max_steps": 4, "learning_rate": 1e-2}, use_lora=True, output_dir=str(tmp_path / "lora"))
+    cfg = VRPOConfig(
+        **{**FAST, "max_steps": 4, "learning_rate": 1e-2}, use_lora=True, output_dir=str(tmp_path / "lora")
+    )
     trainer = VRPOTrainer(cfg, task=SORT_TASK)
     trainer.train()
     lora = trainer.policy_model
     assert any(p.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_B" in n)  # the adapters moved
-    frozen = ELBOModule(load_policy(trainer.config, SORT_TASK), trainer.mask_token_id)  # the same seeded initial weights
+    frozen = ELBOModule(
+        load_policy(trainer.config, SORT_TASK), trainer.mask_token_id
+    )  # the same seeded initial weights
     items = [(0, i) for i in range(4)]
     batch = trainer.batches.of(trainer.train_pairs, items)
     draw = trainer.batches.draw(batch, items, trainer.plan, "train")
@@ -181,13 +245,19 @@ def test_lora_reference_with_adapters_off_matches_a_frozen_copy(tmp_path):
     assert ran
     torch.testing.assert_close(via_adapters_off, via_copy, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        policy = trainer.policy_elbo(batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"])
+        policy = trainer.policy_elbo(
+            batch["input_ids"], batch["response_mask"], draw, attention_mask=batch["attention_mask"]
+        )
     assert not torch.allclose(policy, via_copy)
 
 
 def test_non_finite_step_is_skipped_and_too_many_stop_the_run(tmp_path, monkeypatch):
-    trainer = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 6, "save_steps": 2, "max_nonfinite_steps": 3},
-                                     output_dir=str(tmp_path / "nan")), task=SORT_TASK)
+    trainer = VRPOTrainer(
+        VRPOConfig(
+            **{**FAST, "max_steps": 6, "save_steps": 2, "max_nonfinite_steps": 3}, output_dir=str(tmp_path / "nan")
+        ),
+        task=SORT_TASK,
+    )
     calls = {"n": 0}
     real = trainer.loss_on
 
@@ -229,14 +299,18 @@ def test_bad_data_is_a_clear_error_and_nothing_is_written(tmp_path):
 
 def test_over_long_and_duplicate_pairs_are_counted(tmp_path):
     data = tmp_path / "data.jsonl"
-    rows = [json.loads(line) for line in (ROOT / "vrpo/tasks/sort/data/synthetic_pairs.jsonl").read_text().splitlines()[:40]]
+    rows = [
+        json.loads(line) for line in (ROOT / "vrpo/tasks/sort/data/synthetic_pairs.jsonl").read_text().splitlines()[:40]
+    ]
     rows.append({"prompt": "sort " + " ".join(["7"] * 60), "chosen": "1 2", "rejected": "2 1"})  # too long
     rows.append({"prompt": "sort 1 2", "chosen": "1 2", "rejected": "1 2"})  # chosen == rejected
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = VRPOConfig(**{**FAST, "max_steps": 2, "eval_size": 4}, dataset=str(data), output_dir=str(tmp_path / "run"))
     summary = VRPOTrainer(cfg, task=SORT_TASK).train()
     assert summary["data"]["train"]["skipped"] == {"too_long": 1, "chosen_equals_rejected": 1}
-    result = run_cli(FAST_FLAGS + ["--dataset", str(data), "--truncation", "error", "--output_dir", str(tmp_path / "e")])
+    result = run_cli(
+        FAST_FLAGS + ["--dataset", str(data), "--truncation", "error", "--output_dir", str(tmp_path / "e")]
+    )
     assert result.returncode == 2 and "data.jsonl:41: example has" in result.stderr, result.stderr[-1500:]
 
 
@@ -261,22 +335,32 @@ def test_help_explains_every_field_of_its_algorithm_only():
 
     texts = {}
     for cls, flags in ((VRPOConfig, []), (GRPOConfig, ["--algorithm", "grpo"])):
-        result = subprocess.run([sys.executable, "-m", "vrpo.train", *flags, "--help"], cwd=ROOT, capture_output=True,
-                                text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        result = subprocess.run(
+            [sys.executable, "-m", "vrpo.train", *flags, "--help"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert result.returncode == 0
         for field in dataclasses.fields(cls):
             assert f"--{field.name}" in result.stdout
             assert field.metadata.get("help"), field.name
         texts[cls] = result.stdout
-    only = {cls: {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(other)}
-            for cls, other in ((VRPOConfig, GRPOConfig), (GRPOConfig, VRPOConfig))}
+    only = {
+        cls: {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(other)}
+        for cls, other in ((VRPOConfig, GRPOConfig), (GRPOConfig, VRPOConfig))
+    }
     assert {"num_generations", "kl_beta", "reward_fn"} <= only[GRPOConfig] and "beta" in only[VRPOConfig]
     for cls, other in ((VRPOConfig, GRPOConfig), (GRPOConfig, VRPOConfig)):
         usage = texts[cls][: texts[cls].index("\n\n")]  # the flags it takes: [--name ...]
         assert not [name for name in only[other] if f"[--{name} " in usage or f"[--{name}]" in usage], cls
     groups = ["model:", "data:", "estimator:", "optimisation:", "run:"]
     assert [line for line in texts[VRPOConfig].splitlines() if line.endswith(":") and not line.startswith(" ")] == [
-        "options:", "preference (--algorithm vrpo, naive_dpo):", *groups]
+        "options:",
+        "preference (--algorithm vrpo, naive_dpo):",
+        *groups,
+    ]
     assert "online RL (--algorithm grpo):" in texts[GRPOConfig].splitlines()
     result = texts[VRPOConfig]
     text = " ".join(result.split())  # argparse wraps lines
@@ -290,8 +374,12 @@ def test_help_explains_every_field_of_its_algorithm_only():
 
 
 def test_packed_training_matches_unpacked(tmp_path):
-    plain = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, output_dir=str(tmp_path / "plain")), task=SORT_TASK).train()
-    packed = VRPOTrainer(VRPOConfig(**{**FAST, "max_steps": 4}, packing=True, output_dir=str(tmp_path / "packed")), task=SORT_TASK).train()
+    plain = VRPOTrainer(
+        VRPOConfig(**{**FAST, "max_steps": 4}, output_dir=str(tmp_path / "plain")), task=SORT_TASK
+    ).train()
+    packed = VRPOTrainer(
+        VRPOConfig(**{**FAST, "max_steps": 4}, packing=True, output_dir=str(tmp_path / "packed")), task=SORT_TASK
+    ).train()
     a, b = losses(tmp_path / "plain"), losses(tmp_path / "packed")
     torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]), rtol=1e-4, atol=1e-5)
     assert packed["pref_acc_after"] == pytest.approx(plain["pref_acc_after"])
@@ -328,7 +416,6 @@ def test_a_user_dataset_on_the_embedded_model_is_told_its_presets_and_not_graded
     assert f"--dataset {data}" in warned[0]
     # The sorting task's checker says nothing about a user's data, even when it happens to be sorting.
     assert len(summary["samples"]) == 1 and "correct" not in summary["samples"][0]
-
 
 
 def rebuilt_loss(policy, reference, batch, draw, mask_token_id: int, beta: float, sft_weight: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The estimator: the paper's maths on tensors. Mask plans and draws (:mod:`.sampling`), the Monte Carlo
 ELBO of a masked diffusion LM (:mod:`.elbo`, packed rows in :mod:`.packing`) and the losses built on it
-(:mod:`.losses`), and the online-RL objective on it (:mod:`.policy_gradient`). It imports only the kernels below it; models plug in as callables."""
+(:mod:`.losses`), and the online-RL objective on it (:mod:`.policy_gradient`). It imports only the kernels below it; models plug in as callables."""  # noqa: E501
 
 from .elbo import (
     ELBOModule,

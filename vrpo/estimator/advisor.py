@@ -108,8 +108,9 @@ def predicted_noise(mask: float, pairs: float, forward_passes: float, n_t: int, 
 
     ``mask`` is the variance of one sample (one timestep's ``n_yt`` masks averaged) given its pair."""
     if forward_passes <= 0 or n_t < 1 or n_yt < 1:
-        raise ValueError(f"predicted_noise: need forward_passes > 0 and n_t, n_yt >= 1, got {forward_passes}, "
-                         f"{n_t}, {n_yt}")
+        raise ValueError(
+            f"predicted_noise: need forward_passes > 0 and n_t, n_yt >= 1, got {forward_passes}, {n_t}, {n_yt}"
+        )
     return (pairs + mask / n_t) * n_t * n_yt / forward_passes
 
 
@@ -165,15 +166,25 @@ class Advice:
     def sentence(self) -> str:
         """The closing summary's line."""
         if self.n_t == self.current_n_t:
-            return (f"at this budget ({self.forward_passes} forward passes per step), the run's n_t = {self.n_t} with "
-                    f"batch {self.batch} has the least {self._what()} of n_t in {sorted(self.noise)}")
-        return (f"at this budget ({self.forward_passes} forward passes per step), n_t = {self.n_t} with batch "
-                f"{self.batch} gives {self.gain():.1f}x less {self._what()} than n_t = {self.current_n_t} with batch "
-                f"{self.current_batch} (the run's)")
+            return (
+                f"at this budget ({self.forward_passes} forward passes per step), the run's n_t = {self.n_t} with "
+                f"batch {self.batch} has the least {self._what()} of n_t in {sorted(self.noise)}"
+            )
+        return (
+            f"at this budget ({self.forward_passes} forward passes per step), n_t = {self.n_t} with batch "
+            f"{self.batch} gives {self.gain():.1f}x less {self._what()} than n_t = {self.current_n_t} with batch "
+            f"{self.current_batch} (the run's)"
+        )
 
 
-def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_yt: int = 1,
-           choices=N_T_CHOICES, criterion: str = "noise") -> Advice:
+def advise(
+    parts: VarianceParts | tuple[float, float],
+    batch: int,
+    n_t: int,
+    n_yt: int = 1,
+    choices=N_T_CHOICES,
+    criterion: str = "noise",
+) -> Advice:
     """The ``n_t`` of least predicted minibatch score noise (``criterion="noise"``) or loss error
     (``"loss_error"``, :func:`predicted_loss_error`) at the run's forward passes per step.
 
@@ -198,5 +209,13 @@ def advise(parts: VarianceParts | tuple[float, float], batch: int, n_t: int, n_y
     least = min(scores.values())
     tied = [c for c in candidates if scores[c] <= least * (1 + 1e-12)]
     best = n_t if n_t in tied else min(tied)
-    return Advice(n_t=best, batch=batch * n_t // best, current_n_t=n_t, current_batch=batch, noise=noise,
-                  error=error, forward_passes=budget, criterion=criterion)
+    return Advice(
+        n_t=best,
+        batch=batch * n_t // best,
+        current_n_t=n_t,
+        current_batch=batch,
+        noise=noise,
+        error=error,
+        forward_passes=budget,
+        criterion=criterion,
+    )

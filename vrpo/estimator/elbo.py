@@ -68,8 +68,11 @@ class HeadOptions:
             raise ValueError(f"HeadOptions: fused must be 'auto', True or False, got {self.fused!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"HeadOptions: impl must be one of {IMPLS}, got {self.impl!r}")
-        if isinstance(self.max_buffer_bytes, bool) or not isinstance(self.max_buffer_bytes, int) \
-                or self.max_buffer_bytes < 1:
+        if (
+            isinstance(self.max_buffer_bytes, bool)
+            or not isinstance(self.max_buffer_bytes, int)
+            or self.max_buffer_bytes < 1
+        ):
             raise ValueError(f"HeadOptions: max_buffer_bytes must be a positive integer, got {self.max_buffer_bytes!r}")
 
 
@@ -91,8 +94,12 @@ def head_options(head: HeadOptions, old: Mapping, caller: str) -> HeadOptions:
     spelled = ", ".join(f"{k}={v!r}" for k, v in old.items())
     if head != HeadOptions():
         raise TypeError(f"{caller}: give head=HeadOptions(...) or the deprecated {spelled}, not both")
-    warnings.warn(f"{caller}({spelled}) is deprecated since vrpo 0.2 and goes in 0.3: pass "
-                  f"head=HeadOptions({spelled}) (vrpo.HeadOptions)", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{caller}({spelled}) is deprecated since vrpo 0.2 and goes in 0.3: pass "
+        f"head=HeadOptions({spelled}) (vrpo.HeadOptions)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return HeadOptions(**{k: v for k, v in old.items() if not (k == "max_buffer_bytes" and v is None)})
 
 
@@ -190,7 +197,8 @@ def _warn_unfused(model, fused):
         logger.warning(
             "ELBO of %s: the head cannot be fused (no plain nn.Linear head reachable through "
             "get_output_embeddings/get_decoder), so full [N, L, vocab] logits are materialised; at a 126k "
-            "vocabulary that is the largest tensor of the step", name,
+            "vocabulary that is the largest tensor of the step",
+            name,
         )
 
 
@@ -383,8 +391,15 @@ def packed_elbo_terms(
     if shift:
         _check_first_positions(masked, pos < shift, "packed row")
     per_token = masked_token_logprobs(
-        model, ids, torch.where(valid, input_ids[b, pos], 0), masked, draw.weight.float()[b, j], mask_token_id,
-        model_kwargs=packing_kwargs(seg), head=head, logit_shift=shift,
+        model,
+        ids,
+        torch.where(valid, input_ids[b, pos], 0),
+        masked,
+        draw.weight.float()[b, j],
+        mask_token_id,
+        model_kwargs=packing_kwargs(seg),
+        head=head,
+        logit_shift=shift,
     )
     # Back to the unpacked layout [B * n, L] (each (sample, position) holds at most one token, so the
     # write has unique indices and needs no accumulation), then the same sum as elbo_terms. Not
@@ -457,8 +472,14 @@ class ELBOModule(nn.Module):
     forward, while the fused head path inside still reaches the LM's body and head directly.
     """
 
-    def __init__(self, model: nn.Module, mask_token_id: int, head: HeadOptions = HeadOptions(),
-                 pack_length: int | None = None, **old_head_keywords):
+    def __init__(
+        self,
+        model: nn.Module,
+        mask_token_id: int,
+        head: HeadOptions = HeadOptions(),
+        pack_length: int | None = None,
+        **old_head_keywords,
+    ):
         super().__init__()
         self.model = model
         self.mask_token_id = mask_token_id
@@ -471,15 +492,29 @@ class ELBOModule(nn.Module):
         ``attention_mask`` [B, L] marks real tokens (right padding); packing reads the lengths from it.
         """
         if self.pack_length:
-            lengths = attention_mask.sum(-1) if attention_mask is not None else torch.full(
-                (input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            lengths = (
+                attention_mask.sum(-1)
+                if attention_mask is not None
+                else torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            )
             return packed_elbo_terms(
-                self.model, input_ids, response_mask, draw, self.mask_token_id,
-                lengths=lengths, row_length=self.pack_length, head=self.head,
+                self.model,
+                input_ids,
+                response_mask,
+                draw,
+                self.mask_token_id,
+                lengths=lengths,
+                row_length=self.pack_length,
+                head=self.head,
             )
         if attention_mask is not None:
             model_kwargs["attention_mask"] = attention_mask
         return elbo_terms(
-            self.model, input_ids, response_mask, draw, self.mask_token_id,
-            model_kwargs=model_kwargs, head=self.head,
+            self.model,
+            input_ids,
+            response_mask,
+            draw,
+            self.mask_token_id,
+            model_kwargs=model_kwargs,
+            head=self.head,
         )

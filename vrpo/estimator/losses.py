@@ -25,7 +25,9 @@ def _as_samples(x: torch.Tensor, name: str) -> torch.Tensor:
         return x[:, None]
     if x.dim() == 2:
         return x
-    raise ValueError(f"vrpo_loss: {name} must be [B] (ELBO estimates) or [B, n] (per-sample terms), got {tuple(x.shape)}")
+    raise ValueError(
+        f"vrpo_loss: {name} must be [B] (ELBO estimates) or [B, n] (per-sample terms), got {tuple(x.shape)}"
+    )
 
 
 def preference_loss(logits: torch.Tensor, beta: float, loss_type: str, label_smoothing: float) -> torch.Tensor:

@@ -74,8 +74,9 @@ def noisy_draw(
     """
     if not isinstance(plan, SamplingPlan):
         raise ValueError(f"noisy_draw: plan must be a SamplingPlan, got {type(plan).__name__}")
-    draw = keyed_noisy_draw(input_ids, response_mask, _keys_tensor(keys, input_ids.device), plan,
-                            mask_token_id, impl=impl)
+    draw = keyed_noisy_draw(
+        input_ids, response_mask, _keys_tensor(keys, input_ids.device), plan, mask_token_id, impl=impl
+    )
     return NoisyDraw(masked=draw.masked, weight=draw.weight, levels=draw.levels, plan=plan, input_ids=draw.input_ids)
 
 
@@ -120,13 +121,19 @@ def one_step_draw(
         raise ValueError(f"one_step_draw: {keys.numel()} keys for {B} rows")
     prompt = attention_mask.bool() & ~response_mask
     index = (prompt.long().cumsum(-1) - 1).clamp(min=0)
-    counter = torch.stack([index, torch.full_like(index, _D1_STREAM), torch.zeros_like(index),
-                           torch.zeros_like(index)], -1)
+    counter = torch.stack(
+        [index, torch.full_like(index, _D1_STREAM), torch.zeros_like(index), torch.zeros_like(index)], -1
+    )
     key_words = torch.stack([keys & 0xFFFFFFFF, (keys >> 32) & 0xFFFFFFFF], -1)[:, None, :]
     word = philox4x32(counter, key_words)[..., 0]
     masked_prompt = prompt & (word < int(prompt_mask_prob * 2**32))
     noisy = torch.where(response_mask | masked_prompt, torch.as_tensor(mask_token_id, device=device), input_ids)
     ones = torch.ones(B, 1, dtype=torch.float32, device=device)
     # ``masked`` marks the scored tokens (the response); the prompt's masks live in ``input_ids`` alone.
-    return NoisyDraw(masked=response_mask[:, None, :].clone(), weight=ones, levels=ones.clone(),
-                     plan=SamplingPlan(n_t=1), input_ids=noisy[:, None, :])
+    return NoisyDraw(
+        masked=response_mask[:, None, :].clone(),
+        weight=ones,
+        levels=ones.clone(),
+        plan=SamplingPlan(n_t=1),
+        input_ids=noisy[:, None, :],
+    )

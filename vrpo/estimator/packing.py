@@ -80,9 +80,7 @@ def block_diagonal_mask(segment_ids: torch.Tensor, attn_implementation: str = "s
     if attn_implementation == "eager":
         zero = torch.zeros((), dtype=dtype, device=seg.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)
-    raise ValueError(
-        f"block_diagonal_mask: attn_implementation={attn_implementation!r} is not 'sdpa' or 'eager'"
-    )
+    raise ValueError(f"block_diagonal_mask: attn_implementation={attn_implementation!r} is not 'sdpa' or 'eager'")
 
 
 def flash_varlen_kwargs(segment_ids: torch.Tensor) -> dict:
@@ -100,9 +98,7 @@ def flash_varlen_kwargs(segment_ids: torch.Tensor) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def packing_kwargs(
-    segment_ids: torch.Tensor, attn_implementation: str | None = None, *, dtype=torch.float32
-) -> dict:
+def packing_kwargs(segment_ids: torch.Tensor, attn_implementation: str | None = None, *, dtype=torch.float32) -> dict:
     """Keyword arguments for ``model(input_ids, **kwargs)`` on packed rows ([B, ...] tensors only).
 
     Args:
@@ -125,14 +121,10 @@ def packing_kwargs(
             "attention_mask": block_diagonal_mask(seg, attn_implementation, dtype),
             "position_ids": positions,
         }
-    raise ValueError(
-        f"packing_kwargs: attn_implementation={attn_implementation!r} is not one of {(None, *BACKENDS)}"
-    )
+    raise ValueError(f"packing_kwargs: attn_implementation={attn_implementation!r} is not one of {(None, *BACKENDS)}")
 
 
-def pack_rows(
-    sequences: list[torch.Tensor], row_length: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_rows(sequences: list[torch.Tensor], row_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack 1D token tensors greedily (first fit, in order) into rows of ``row_length``.
 
     Returns ``input_ids`` int64 [R, row_length] (padded with ``pad_id``) and ``segment_ids`` int64

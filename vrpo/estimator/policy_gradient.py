@@ -32,8 +32,9 @@ SCALE_REWARDS = ("group", "none")
 LIKELIHOODS = ("elbo", "one_step")  # the estimate of log pi(y|x) in the ratio: ours, or d1's (for ablations)
 
 
-def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(
+    rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-relative advantages of ``G`` completions per prompt.
 
     Args:
@@ -62,8 +63,9 @@ def sample_log_ratios(new_terms: torch.Tensor, old_terms: torch.Tensor) -> torch
     """float [B, n]: per-sample differences of two models' ELBO terms on the same masks; their mean over
     ``n`` is the estimated sequence log-ratio ``B_new - B_old`` (``old_terms`` is detached)."""
     if new_terms.shape != old_terms.shape or new_terms.dim() != 2:
-        raise ValueError(f"sample_log_ratios: terms must both be [B, n], got {tuple(new_terms.shape)} and "
-                         f"{tuple(old_terms.shape)}")
+        raise ValueError(
+            f"sample_log_ratios: terms must both be [B, n], got {tuple(new_terms.shape)} and {tuple(old_terms.shape)}"
+        )
     return new_terms - old_terms.detach()
 
 
@@ -72,8 +74,9 @@ def k3_kl(log_ratio_ref: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_ratio_ref) - log_ratio_ref
 
 
-def clipped_objective(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_objective(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate per completion (to maximise), and where the clip is active.
 
     Args:
@@ -94,8 +97,14 @@ def clipped_objective(log_ratio: torch.Tensor, advantages: torch.Tensor, epsilon
     return torch.minimum(unclipped, clipped_value), clipped
 
 
-def grpo_loss(new_terms: torch.Tensor, old_terms: torch.Tensor, advantages: torch.Tensor, epsilon: float = 0.2,
-              ref_terms: torch.Tensor | None = None, beta: float = 0.0) -> tuple[torch.Tensor, dict]:
+def grpo_loss(
+    new_terms: torch.Tensor,
+    old_terms: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon: float = 0.2,
+    ref_terms: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """The GRPO loss of a batch of completions from ELBO terms on shared masks (see the module docstring).
 
     Args:

@@ -104,8 +104,11 @@ class MaskDraw:
 
     def to(self, device) -> MaskDraw:
         """The same draw (of the same class) with every tensor on ``device``."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         return replace(self, **moved)
 
 

@@ -23,9 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vrpo.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model_name_or_path", required=True, help="checkpoint directory (any supported family)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument(
-        "--include_path", action="append", default=[], help="a directory of task YAMLs (repeatable)"
-    )
+    p.add_argument("--include_path", action="append", default=[], help="a directory of task YAMLs (repeatable)")
     p.add_argument("--num_fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
     p.add_argument("--batch_size", type=int, default=32, help="requests per forward (default 32)")

@@ -94,9 +94,7 @@ class MCSettings:
         if self.mc_max < self.mc_round:
             raise ValueError(f"mc_max={self.mc_max} must be at least mc_round={self.mc_round}")
         if self.scheme == "llada" and self.budget % self.mc_batch:
-            raise ValueError(
-                f"mc_scheme=llada: mc_num={self.budget} must be a multiple of mc_batch={self.mc_batch}"
-            )
+            raise ValueError(f"mc_scheme=llada: mc_num={self.budget} must be a multiple of mc_batch={self.mc_batch}")
 
     @property
     def adaptive(self) -> bool:
@@ -183,11 +181,7 @@ def crn_draw(settings: MCSettings, group: str, member: int, round_no: int, lengt
 
     The quantiles depend on ``(seed, group, round)`` only and the mask order on ``(..., length)``, so the
     continuations of a group share both (``member`` enters only when ``settings.crn`` is off)."""
-    tag = (
-        (settings.seed, group, round_no)
-        if settings.crn
-        else (settings.seed, group, round_no, "member", member)
-    )
+    tag = (settings.seed, group, round_no) if settings.crn else (settings.seed, group, round_no, "member", member)
     offset = torch.rand((), generator=_generator(*tag, "levels"), dtype=torch.float64)
     u = (torch.arange(size, dtype=torch.float64) + offset) / size
     levels = torch.clamp(torch.floor(u * length) + 1, max=length).long()
@@ -201,9 +195,7 @@ def llada_draw(settings: MCSettings, group: str, member: int, round_no: int, len
     ``round(linspace(k, k + (b - 1) L / b, b))`` wrapped into ``1..L``, an independent permutation each."""
     g = _generator(settings.seed, group, member, round_no, "llada")
     k = int(torch.randint(1, length + 1, (), generator=g))
-    counts = torch.round(
-        torch.linspace(float(k), k + (size - 1) * (length / size), size, dtype=torch.float64)
-    )
+    counts = torch.round(torch.linspace(float(k), k + (size - 1) * (length / size), size, dtype=torch.float64))
     counts = ((counts.long() - 1) % length) + 1
     masked = _ranked(torch.rand((size, length), generator=g, dtype=torch.float64)) < counts[:, None]
     return masked, (length / counts).float()

@@ -55,9 +55,7 @@ def _load_tokenizer(pretrained: str, tokenizer: str | None):
     try:
         return load_tokenizer(path)
     except (OSError, ValueError) as e:
-        raise ValueError(
-            f"model argument tokenizer: no usable tokenizer at {path} ({e}); pass tokenizer=PATH"
-        ) from e
+        raise ValueError(f"model argument tokenizer: no usable tokenizer at {path} ({e}); pass tokenizer=PATH") from e
 
 
 @register_model("vrpo")
@@ -137,9 +135,7 @@ class VRPOEvalLM(LM):
         self.family = family_of(self.model)
         self.tokenizer = _load_tokenizer(pretrained, tokenizer)
         self.mask_token_id = int(self.model.config.mask_token_id)
-        self.max_length = _optional_int(max_length, "max_length") or int(
-            self.model.config.max_position_embeddings
-        )
+        self.max_length = _optional_int(max_length, "max_length") or int(self.model.config.max_position_embeddings)
         self.gen = dict(
             gen_length=_optional_int(gen_length, "gen_length"),
             steps=_optional_int(steps, "steps"),
@@ -286,9 +282,7 @@ class VRPOEvalLM(LM):
         groups = list(by_group.values())
         out: list[Estimate | None] = [None] * len(items)
         step = max(1, self.batch_size * 8)
-        for start in tqdm(
-            range(0, len(groups), step), desc=f"vrpo {what}", disable=disable_tqdm or self._rank
-        ):
+        for start in tqdm(range(0, len(groups), step), desc=f"vrpo {what}", disable=disable_tqdm or self._rank):
             ks = [k for g in groups[start : start + step] for k in g]
             for k, est in zip(ks, self.estimator.estimate([items[k] for k in ks])):
                 out[k] = est
@@ -306,9 +300,7 @@ class VRPOEvalLM(LM):
             width = self.max_length - len(prefix)
             for w, start in enumerate(range(0, len(ids), width)):
                 items.append(
-                    LikelihoodRequest(
-                        tuple(prefix), tuple(ids[start : start + width]), group=f"{r}/{w}/{req.args[0]}"
-                    )
+                    LikelihoodRequest(tuple(prefix), tuple(ids[start : start + width]), group=f"{r}/{w}/{req.args[0]}")
                 )
                 owner.append(r)
         estimates = self._estimate(items, "loglikelihood_rolling", disable_tqdm)
@@ -386,9 +378,7 @@ class VRPOEvalLM(LM):
                 gen_kwargs = requests[members[0]].args[1]
                 until = gen_kwargs.get("until", [])
                 until = [until] if isinstance(until, str) else list(until)
-                answers = self._generate(
-                    [requests[i].args[0] for i in members], self._sampler_kwargs(gen_kwargs)
-                )
+                answers = self._generate([requests[i].args[0] for i in members], self._sampler_kwargs(gen_kwargs))
                 for i, ids in zip(members, answers):
                     out[i] = self._answer(ids, until)
         return out
@@ -398,11 +388,7 @@ class VRPOEvalLM(LM):
         room = self.max_length - kw["gen_length"]
         encoded = [self.tok_encode(c)[-room:] for c in contexts]
         P = max(map(len, encoded))
-        pad = (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id
-        )
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         ids = torch.full((len(encoded), P), pad, dtype=torch.long)
         attention = torch.zeros(len(encoded), P, dtype=torch.long)
         for b, e in enumerate(encoded):

@@ -33,9 +33,7 @@ from ..estimator.packing import BACKENDS
 VRPO_TRITON = "vrpo_triton"
 IMPL_ENV = "VRPO_ATTENTION_IMPL"
 _IMPLS = ("auto", "triton", "torch")
-_impl_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "vrpo_attention_impl", default=None
-)
+_impl_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("vrpo_attention_impl", default=None)
 
 
 def current_attention_impl() -> str:
@@ -76,9 +74,7 @@ def _segments_for(query: torch.Tensor, attention_mask, segment_ids) -> torch.Ten
                 f"vrpo_triton: attention_mask {tuple(attention_mask.shape)} does not match [B, S] = {(B, S)}"
             )
     if segment_ids is not None and segment_ids.shape != (B, S):
-        raise ValueError(
-            f"vrpo_triton: segment_ids {tuple(segment_ids.shape)} does not match [B, S] = {(B, S)}"
-        )
+        raise ValueError(f"vrpo_triton: segment_ids {tuple(segment_ids.shape)} does not match [B, S] = {(B, S)}")
     if attention_mask is None:
         return segment_ids
     # One tensor per forward: every layer gets the same one, so the kernels' segment layout (cached
@@ -89,8 +85,11 @@ def _segments_for(query: torch.Tensor, attention_mask, segment_ids) -> torch.Ten
 @LastCallCache
 def _padded_segments(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
     """segment_ids (zeros when None) with -1 where the 2D padding mask is 0."""
-    base = segment_ids if segment_ids is not None else torch.zeros(
-        attention_mask.shape, dtype=torch.long, device=attention_mask.device)
+    base = (
+        segment_ids
+        if segment_ids is not None
+        else torch.zeros(attention_mask.shape, dtype=torch.long, device=attention_mask.device)
+    )
     return torch.where(attention_mask.to(device=base.device, dtype=torch.bool), base, -1)
 
 
@@ -119,19 +118,13 @@ def vrpo_triton_attention(
             "or do not pass is_causal=True"
         )
     if dropout:
-        raise NotImplementedError(
-            f"vrpo_triton attention has no dropout (got dropout={dropout}); use sdpa or eager"
-        )
+        raise NotImplementedError(f"vrpo_triton attention has no dropout (got dropout={dropout}); use sdpa or eager")
     if kwargs.get("output_attentions"):
-        raise ValueError(
-            "vrpo_triton attention does not return attention weights; use attn_implementation='eager'"
-        )
+        raise ValueError("vrpo_triton attention does not return attention weights; use attn_implementation='eager'")
     if query.shape[2] != key.shape[2]:
         raise ValueError("vrpo_triton attention needs as many keys as queries (no KV cache)")
     seg = _segments_for(query, attention_mask, segment_ids)
-    out = bidirectional_attention(
-        query, key, value, segment_ids=seg, scale=scaling, impl=current_attention_impl()
-    )
+    out = bidirectional_attention(query, key, value, segment_ids=seg, scale=scaling, impl=current_attention_impl())
     # The Triton path writes [B, S, H, D] directly, so this is a view; the torch path may copy.
     return out.transpose(1, 2).contiguous(), None
 

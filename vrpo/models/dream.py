@@ -58,9 +58,7 @@ DREAM_CONFIG_TEMPLATE: dict = {
 _DREAM_REQUIRED = {"use_sliding_window": False, "use_mrope": False, "hidden_act": "silu", "rope_scaling": None}
 
 
-def dream_to_qwen2_config(
-    dream: dict, *, source: str = "config.json", mask_token_id: int | None = None
-) -> Qwen2Config:
+def dream_to_qwen2_config(dream: dict, *, source: str = "config.json", mask_token_id: int | None = None) -> Qwen2Config:
     """A bidirectional ``Qwen2Config`` equivalent to a Dream ``config.json`` (a dict).
 
     The original dict is kept as ``config.dream_config`` for :func:`qwen2_to_dream_config`.
@@ -76,7 +74,9 @@ def dream_to_qwen2_config(
         raise ValueError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     vocab = positive_int(dream, "vocab_size", source)
     mask_token_id = checked_mask_token_id(
-        dream.get("mask_token_id") if mask_token_id is None else mask_token_id, vocab, source,
+        dream.get("mask_token_id") if mask_token_id is None else mask_token_id,
+        vocab,
+        source,
         f"Dream: 151666, token {DREAM_MASK_TOKEN!r}",
     )
     config = Qwen2Config(

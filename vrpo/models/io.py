@@ -126,7 +126,8 @@ def _config_for(path: Path, mask_token_id: int | None, caller: str) -> tuple[Pre
         config = family.config_class(**raw)
         config.mask_token_id = checked_mask_token_id(
             getattr(config, "mask_token_id", None) if mask_token_id is None else mask_token_id,
-            config.vocab_size, str(config_file),
+            config.vocab_size,
+            str(config_file),
             f"{family.display_name}: {family.mask_token_id}, token {family.mask_token!r}",
         )
     setattr(config, FAMILY_ATTR, family.name)
@@ -247,19 +248,14 @@ def _load(path, dtype, attn_implementation, kwargs: dict, *, caller: str, expect
                 )
             continue  # transformers may store the tied head as well; it is the embedding.
         if name is None or name not in expected:
-            raise CheckpointError(
-                f"{files[key]}: unexpected tensor {key!r}, which the config's model does not have"
-            )
+            raise CheckpointError(f"{files[key]}: unexpected tensor {key!r}, which the config's model does not have")
         shape = tuple(expected[name].shape)
         if headers[key][0] != shape:
             raise CheckpointError(
-                f"{files[key]}: tensor {key!r} has shape {headers[key][0]}, but config.json implies {shape} "
-                f"for {name}"
+                f"{files[key]}: tensor {key!r} has shape {headers[key][0]}, but config.json implies {shape} for {name}"
             )
         if headers[key][1] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(
-                f"{files[key]}: tensor {key!r} has dtype {headers[key][1]}, not a float type"
-            )
+            raise CheckpointError(f"{files[key]}: tensor {key!r} has dtype {headers[key][1]}, not a float type")
         plan[key] = name
     loaded = set(plan.values())
     for name in expected:
@@ -325,9 +321,7 @@ def _merged_weights(
             continue
         if isinstance(module, ModulesToSaveWrapper):
             active = (
-                module.modules_to_save[module.active_adapter]
-                if not module.disable_adapters
-                else module.original_module
+                module.modules_to_save[module.active_adapter] if not module.disable_adapters else module.original_module
             )
             for pname, p in active.named_parameters():
                 yield f"{mod_name}.{pname}", (lambda p=p: p.detach()), p.shape, p.dtype

@@ -146,9 +146,7 @@ def checked_mask_token_id(mask_token_id, vocab: int, source: str, hint: str) -> 
     return int(mask_token_id)
 
 
-def llada_to_llama_config(
-    llada: dict, *, source: str = "config.json", mask_token_id: int | None = None
-) -> LlamaConfig:
+def llada_to_llama_config(llada: dict, *, source: str = "config.json", mask_token_id: int | None = None) -> LlamaConfig:
     """A bidirectional ``LlamaConfig`` equivalent to a LLaDA ``config.json`` (a dict).
 
     The embedding and LM-head matrices have ``embedding_size`` rows when it is set (LLaDA pads the
@@ -170,7 +168,9 @@ def llada_to_llama_config(
     mlp = llada.get("mlp_hidden_size") or llada.get("mlp_ratio", 4) * d_model
     vocab = llada.get("embedding_size") or positive_int(llada, "vocab_size", source)
     mask_token_id = checked_mask_token_id(
-        llada.get("mask_token_id") if mask_token_id is None else mask_token_id, vocab, source,
+        llada.get("mask_token_id") if mask_token_id is None else mask_token_id,
+        vocab,
+        source,
         f"LLaDA: 126336, token {LLADA_MASK_TOKEN!r}",
     )
     dtype = llada.get("torch_dtype")
@@ -212,18 +212,12 @@ def llama_to_llada_config(config: LlamaConfig, dtype: torch.dtype | None = None)
     :func:`~vrpo.models.save_mdm` drops it unless the remote-code files it names are written alongside.
     """
     if getattr(config, "is_causal", True):
-        raise ValueError(
-            "llama_to_llada_config: the config is causal (is_causal is not False); LLaDA is bidirectional"
-        )
+        raise ValueError("llama_to_llada_config: the config is causal (is_causal is not False); LLaDA is bidirectional")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ValueError(
-            "llama_to_llada_config: LLaDA checkpoints have no biases (attention_bias/mlp_bias are set)"
-        )
+        raise ValueError("llama_to_llada_config: LLaDA checkpoints have no biases (attention_bias/mlp_bias are set)")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(
-            f"llama_to_llada_config: rope_type={rope.get('rope_type')!r} has no LLaDA equivalent"
-        )
+        raise ValueError(f"llama_to_llada_config: rope_type={rope.get('rope_type')!r} has no LLaDA equivalent")
     base = copy.deepcopy(getattr(config, "llada_config", None) or LLADA_CONFIG_TEMPLATE)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
@@ -282,8 +276,9 @@ _KEY_PAIRS = [
 
 def _rules(pairs):
     """(compiled prefix pattern, replacement) for each (source, target) prefix pair."""
-    return [(re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)")), dst.replace("{i}", r"\1"))
-            for src, dst in pairs]
+    return [
+        (re.compile("^" + re.escape(src).replace(r"\{i\}", r"(\d+)")), dst.replace("{i}", r"\1")) for src, dst in pairs
+    ]
 
 
 _TO_HF = _rules(_KEY_PAIRS)

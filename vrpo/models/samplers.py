@@ -120,7 +120,9 @@ def generate(
             else:
                 confidence = torch.rand(x.shape, generator=generator, device=device, dtype=torch.float64)
             confidence[:, end:] = -float("inf")  # later blocks wait their turn
-            confidence = torch.where(masked, confidence, torch.tensor(-float("inf"), device=device, dtype=torch.float64))
+            confidence = torch.where(
+                masked, confidence, torch.tensor(-float("inf"), device=device, dtype=torch.float64)
+            )
             order = confidence.argsort(-1, descending=True)
             rank = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=device).expand(B, -1))
             keep = (rank < schedule[:, step : step + 1]) & masked
@@ -169,8 +171,9 @@ def _dream_step(x, logits, in_block, mask_token_id, p_transfer, last, opts, gene
     masked = (x == mask_token_id) & in_block
     if not masked.any():
         return
-    token, confidence = _dream_tokens(logits[masked], opts["temperature"], opts["top_p"], opts["top_k"],
-                                      opts["alg"], generator)
+    token, confidence = _dream_tokens(
+        logits[masked], opts["temperature"], opts["top_p"], opts["top_k"], opts["alg"], generator
+    )
     if opts["alg"] == "origin":
         u = torch.rand(token.shape, generator=generator, device=x.device)
         keep = torch.ones_like(u, dtype=torch.bool) if last else u < p_transfer

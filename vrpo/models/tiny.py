@@ -1,6 +1,7 @@
 """A tiny LLaDA-shaped model and tokenizer, built in-process (no downloads): for tests and CPU demos.
 
-The default sizes match the tiny LLaDA test checkpoint (``tests/fixtures/llada-tiny``): d_model 64, 4 heads, 2 layers, FFN 96, vocabulary
+The default sizes match the tiny LLaDA test checkpoint (``tests/fixtures/llada-tiny``): d_model 64, 4 heads, 2
+layers, FFN 96, vocabulary
 256 with LLaDA's special tokens at the top (mask 250, EOS/pad 251), so the tiny tokenizer and that fixture's
 weights fit together.
 """
@@ -51,9 +52,7 @@ def tiny_llada_config(
     BOS ``vocab_size - 4``.
     """
     if vocab_size < 128:
-        raise ValueError(
-            f"tiny_llada_config: vocab_size={vocab_size} leaves no room for the characters (>= 128)"
-        )
+        raise ValueError(f"tiny_llada_config: vocab_size={vocab_size} leaves no room for the characters (>= 128)")
     llada = dict(LLADA_CONFIG_TEMPLATE)
     llada.update(
         d_model=d_model,
@@ -94,9 +93,7 @@ def build_tiny_llada(
     if config is None:
         config = tiny_llada_config(**config_kwargs)
     elif config_kwargs:
-        raise TypeError(
-            f"build_tiny_llada: pass either config or config fields, not both ({sorted(config_kwargs)})"
-        )
+        raise TypeError(f"build_tiny_llada: pass either config or config fields, not both ({sorted(config_kwargs)})")
     attn = check_backend(attn_implementation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -109,9 +106,7 @@ def build_tiny_llada(
     return model.to(dtype).eval()
 
 
-def build_tiny_tokenizer(
-    vocab_size: int = 256, chat_template: str = LLADA_CHAT_TEMPLATE
-) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 256, chat_template: str = LLADA_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """A character-level ``PreTrainedTokenizerFast`` with LLaDA's special tokens and chat template.
 
     Ids: tab, newline and printable ASCII first, then ``<|unk|>`` and reserved fillers, then
@@ -122,18 +117,14 @@ def build_tiny_tokenizer(
     chars = ["\t", "\n"] + [chr(c) for c in range(32, 127)]
     n_fill = vocab_size - len(chars) - 1 - len(TINY_SPECIAL_TOKENS)
     if n_fill < 0:
-        raise ValueError(
-            f"build_tiny_tokenizer: vocab_size={vocab_size} is too small (needs >= {vocab_size - n_fill})"
-        )
+        raise ValueError(f"build_tiny_tokenizer: vocab_size={vocab_size} is too small (needs >= {vocab_size - n_fill})")
     tokens = chars + [_UNK] + [f"<|reserved_token_{i}|>" for i in range(n_fill)] + list(TINY_SPECIAL_TOKENS)
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=_UNK))
     # One token per character; decoding glues them back together.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (_UNK, *TINY_SPECIAL_TOKENS)]
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (_UNK, *TINY_SPECIAL_TOKENS)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|startoftext|>",

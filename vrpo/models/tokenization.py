@@ -120,7 +120,9 @@ def load_tokenizer(path, *, mask_token: str | None = None, **kwargs) -> PreTrain
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     tokenizer.init_kwargs.pop("auto_map", None)
     if tokenizer.mask_token_id is None:
-        tokenizer.add_special_tokens({"mask_token": tokenizer.convert_ids_to_tokens(get_mask_token_id(tokenizer, mask_token))})
+        tokenizer.add_special_tokens(
+            {"mask_token": tokenizer.convert_ids_to_tokens(get_mask_token_id(tokenizer, mask_token))}
+        )
     return tokenizer
 
 
@@ -199,15 +201,9 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt, *, chat_template: 
         return prompt
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat_template; pass chat_template=False for raw text prompts")
-    messages = (
-        [{"role": "user", "content": prompt}]
-        if isinstance(prompt, str)
-        else check_messages(prompt, "prompt")
-    )
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, "prompt")
     if messages[-1]["role"] == "assistant":
-        raise ValueError(
-            "the prompt's last message is from the assistant; the answer belongs in the response"
-        )
+        raise ValueError("the prompt's last message is from the assistant; the answer belongs in the response")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -248,9 +244,7 @@ def _response_text(response) -> str:
         response = [response]
     messages = check_messages(response, "response")
     if len(messages) != 1 or messages[0]["role"] != "assistant":
-        raise ValueError(
-            f"the response must be one assistant message, got roles {[m['role'] for m in messages]}"
-        )
+        raise ValueError(f"the response must be one assistant message, got roles {[m['role'] for m in messages]}")
     return messages[0]["content"]
 
 
@@ -319,9 +313,7 @@ def split_example(example: Mapping) -> tuple[object, object]:
     if "messages" in example:
         messages = check_messages(example["messages"], "messages")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise ValueError(
-                "'messages' must end with an assistant message after at least one prompt message"
-            )
+            raise ValueError("'messages' must end with an assistant message after at least one prompt message")
         return messages[:-1], messages[-1]
     for key in ("completion", "response"):
         if "prompt" in example and key in example:
@@ -405,9 +397,7 @@ def collate(
         ids = torch.as_tensor(ex[input_key], dtype=torch.long).flatten()
         resp = torch.as_tensor(ex[mask_key], dtype=torch.bool).flatten()
         if ids.shape != resp.shape:
-            raise ValueError(
-                f"collate: example {i} has {ids.numel()} {input_key} but {resp.numel()} {mask_key}"
-            )
+            raise ValueError(f"collate: example {i} has {ids.numel()} {input_key} but {resp.numel()} {mask_key}")
         rows.append((ids, resp))
     L = max(ids.numel() for ids, _ in rows)
     if pad_to_multiple_of:

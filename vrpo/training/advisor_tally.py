@@ -23,8 +23,9 @@ def step_variances(pc, pr, rc, rr, beta: float) -> dict[str, float]:
     return {VAR_MASK: parts.mask_of_mean(), VAR_PAIRS_RAW: parts.pairs_raw}
 
 
-def advice_of(var_mask: float, var_pairs_raw: float, batch: int, plan: SamplingPlan,
-              criterion: str = "noise") -> Advice:
+def advice_of(
+    var_mask: float, var_pairs_raw: float, batch: int, plan: SamplingPlan, criterion: str = "noise"
+) -> Advice:
     """The advice from mean variances as runs log them (``var_mask`` over n_t; the pair part clamped at 0 after
     averaging, so the mean stays unbiased)."""
     return advise((var_mask * plan.n_t, max(var_pairs_raw, 0.0)), batch, plan.n_t, plan.n_yt, criterion=criterion)
@@ -60,6 +61,12 @@ class VarianceTally:
             return {}
         mask, pairs_raw = self.mask / self.steps, self.pairs_raw / self.steps
         advice = advice_of(mask, pairs_raw, batch, plan)
-        return {VAR_MASK: mask, VAR_PAIRS: max(pairs_raw, 0.0), ADVICE: advice.n_t, "advice/batch": advice.batch,
-                "advice/noise": {str(k): v for k, v in advice.noise.items()},
-                "advice/loss_error": {str(k): v for k, v in advice.error.items()}, "advice": advice.sentence()}
+        return {
+            VAR_MASK: mask,
+            VAR_PAIRS: max(pairs_raw, 0.0),
+            ADVICE: advice.n_t,
+            "advice/batch": advice.batch,
+            "advice/noise": {str(k): v for k, v in advice.noise.items()},
+            "advice/loss_error": {str(k): v for k, v in advice.error.items()},
+            "advice": advice.sentence(),
+        }

@@ -35,14 +35,23 @@ class Batches:
         seqs = [pairs.sequence(i, side) for side in (CHOSEN, REJECTED) for _, i in items]
         return {k: v.to(self.device) for k, v in collate(seqs, self.pad_id).items()}
 
-    def draw(self, batch: dict, items: list[Item], plan: SamplingPlan, stream: str, seed: int | None = None) -> NoisyDraw:
+    def draw(
+        self, batch: dict, items: list[Item], plan: SamplingPlan, stream: str, seed: int | None = None
+    ) -> NoisyDraw:
         """Noisy inputs and masks [2B, n, L] for ``batch``, made on its device from one key per sequence,
         ``(seed, stream, epoch, pair, side)`` (seed: the run's): only the keys cross from the host."""
         keys = torch.tensor(draw_keys(self.seed if seed is None else seed, stream, items), device=self.device)
         return noisy_draw(batch["input_ids"], batch["response_mask"], plan, keys, self.mask_token_id, self.impl)
 
-    def draws(self, batch: dict, items: list[Item], plan: SamplingPlan, stream: str = "train", ref_stream: str = "ref",
-              seed: int | None = None) -> tuple[NoisyDraw, NoisyDraw]:
+    def draws(
+        self,
+        batch: dict,
+        items: list[Item],
+        plan: SamplingPlan,
+        stream: str = "train",
+        ref_stream: str = "ref",
+        seed: int | None = None,
+    ) -> tuple[NoisyDraw, NoisyDraw]:
         """The policy's draw and the reference's: the same one (antithetic sampling, LLaDA 1.5 Section 3) or
         an independent one."""
         draw = self.draw(batch, items, plan, stream, seed)

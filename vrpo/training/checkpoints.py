@@ -73,19 +73,30 @@ def _check_pickle(source, file: str):
             "A checkpoint from an untrusted source can run code this way; vrpo never loads it"
         ) from None
     except Exception as e:  # truncation and format errors: RuntimeError, EOFError, ValueError, OSError
-        raise CheckpointError(f"{file}: not a readable torch file ({type(e).__name__}: {e}); the checkpoint is corrupt") from None
+        raise CheckpointError(
+            f"{file}: not a readable torch file ({type(e).__name__}: {e}); the checkpoint is corrupt"
+        ) from None
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
     """Unpickles torch.distributed.checkpoint's ``.metadata`` (a plain pickle that torch reads with
     ``pickle.load``), allowing only the classes that describe shards."""
 
-    ALLOWED = {("pathlib", "PosixPath"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
+    ALLOWED = {
+        ("pathlib", "PosixPath"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("collections", "OrderedDict"),
+    }
 
     def find_class(self, module, name):
-        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED
-                or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in self.ALLOWED
+            or module == "torch"
+            and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
@@ -205,8 +216,12 @@ class CheckpointManager:
             return []
         root = os.path.realpath(self.root)
         names = [n for n in os.listdir(self.root) if _NAME.match(n)]
-        names = [n for n in names if os.path.isfile(os.path.join(self.root, n, STATE_FILE))
-                 and os.path.dirname(os.path.realpath(os.path.join(self.root, n))) == root]  # no links out
+        names = [
+            n
+            for n in names
+            if os.path.isfile(os.path.join(self.root, n, STATE_FILE))
+            and os.path.dirname(os.path.realpath(os.path.join(self.root, n))) == root
+        ]  # no links out
         return [os.path.join(self.root, n) for n in sorted(names)]
 
     def latest(self) -> str | None:
@@ -224,7 +239,9 @@ class CheckpointManager:
         try:
             name = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise CheckpointError(f"{self.latest_file}: not a checkpoint name (binary data); delete it to use the newest checkpoint") from None
+            raise CheckpointError(
+                f"{self.latest_file}: not a checkpoint name (binary data); delete it to use the newest checkpoint"
+            ) from None
         inside = os.path.realpath(os.path.join(self.root, name))
         if not _NAME.match(name) or os.path.dirname(inside) != os.path.realpath(self.root):
             raise CheckpointError(
@@ -237,9 +254,7 @@ class CheckpointManager:
         if spec == "latest":
             path = self.latest()
             if path is None:
-                raise FileNotFoundError(
-                    f"--resume_from_checkpoint latest: no complete checkpoint under {self.root}"
-                )
+                raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint under {self.root}")
             return path
         if not os.path.isdir(spec):
             raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such directory")
@@ -291,7 +306,9 @@ class CheckpointManager:
             try:
                 text = json.dumps(obj.state_dict(), indent=1)
             except TypeError as e:
-                raise TypeError(f"the state of {type(obj).__name__} (registered for checkpointing) is not JSON: {e}") from None
+                raise TypeError(
+                    f"the state of {type(obj).__name__} (registered for checkpointing) is not JSON: {e}"
+                ) from None
             atomic_write_text(os.path.join(folder, CUSTOM_STATE.format(i)), text)
             os.remove(os.path.join(folder, f"custom_checkpoint_{i}.pkl"))
 
@@ -329,8 +346,10 @@ class CheckpointManager:
         at every step; this costs nothing until it happens, and then the steps since that checkpoint."""
         last = self.latest()
         if last is None:
-            raise TrainingDiverged(f"step {step}: the update made weights non-finite and there is no checkpoint "
-                                   "to go back to; lower --learning_rate")
+            raise TrainingDiverged(
+                f"step {step}: the update made weights non-finite and there is no checkpoint "
+                "to go back to; lower --learning_rate"
+            )
         schedule = scheduler.state_dict()
         self.load(last)
         scheduler.load_state_dict(schedule)

@@ -45,8 +45,16 @@ from ..estimator.elbo import IMPLS
 _REWARD_FN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def setting(help: str, *, bounds: tuple[float, float, bool, bool] | None = None, minimum: int | None = None,
-            choices: tuple | None = None, paper=None, run: bool = False, **kw):
+def setting(
+    help: str,
+    *,
+    bounds: tuple[float, float, bool, bool] | None = None,
+    minimum: int | None = None,
+    choices: tuple | None = None,
+    paper=None,
+    run: bool = False,
+    **kw,
+):
     """A config field with its metadata.
 
     Args:
@@ -61,6 +69,7 @@ def setting(help: str, *, bounds: tuple[float, float, bool, bool] | None = None,
     meta = {"help": help, "bounds": bounds, "minimum": minimum, "choices": choices, "paper": paper, "run": run}
     return field(metadata=meta, **kw)
 
+
 @dataclass
 class ModelSettings:
     """The policy and reference checkpoints, their precision, and LoRA."""
@@ -71,31 +80,46 @@ class ModelSettings:
         "The task plug-in (vrpo/tasks/) whose model, pairs, presets and verifier a run uses where it names "
         "no --model_name_or_path or --dataset: sort (the sorting demo, 3 to 6 digits) or sort_long (8 to 16 "
         "digits; chosen answers mostly not exactly right). Chosen by the entry points (vrpo.tasks.TASKS).",
-        default="sort")
+        default="sort",
+    )
     model_name_or_path: str | None = setting(
         "Local checkpoint directory of a supported model family: LLaDA (model_type llada, or a Llama export) "
         "or Dream (model_type Dream, or a Qwen2 export), recognised from its config.json; adding a family is "
         "one entry in vrpo/models/families.py (README: Adding a model family). Omitted: the task's model (the "
-        "command line's task: the bundled tiny sorting LLaDA, a CPU demo that trains in minutes, with its own presets).",
-        default=None, run=True)
+        "command line's task: the bundled tiny sorting LLaDA, a CPU demo that trains in minutes, with its own presets).",  # noqa: E501
+        default=None,
+        run=True,
+    )
     ref_model_name_or_path: str | None = setting(
-        "Reference model directory. Default: a frozen copy of the initial policy.", default=None, run=True)
+        "Reference model directory. Default: a frozen copy of the initial policy.", default=None, run=True
+    )
     tokenizer_name_or_path: str | None = setting("Tokenizer directory. Default: the model directory.", default=None)
     mask_token_id: int | None = setting(
-        "Mask token id. Default: the tokenizer's mask token (LLaDA: 126336, Dream: 151666).", default=None, minimum=0)
+        "Mask token id. Default: the tokenizer's mask token (LLaDA: 126336, Dream: 151666).", default=None, minimum=0
+    )
     attn_implementation: str | None = setting(
-        "Attention backend: sdpa, eager, flash_attention_2 or vrpo_triton. Default: vrpo_triton on CUDA, "
-        "sdpa on CPU.",
+        "Attention backend: sdpa, eager, flash_attention_2 or vrpo_triton. Default: vrpo_triton on CUDA, sdpa on CPU.",
         default=None,
     )
-    torch_dtype: str = setting("Weights dtype: auto (the checkpoint's), float32, bfloat16 or float16.", default="auto", choices=("auto", "float32", "bfloat16", "float16"), run=True)
+    torch_dtype: str = setting(
+        "Weights dtype: auto (the checkpoint's), float32, bfloat16 or float16.",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        run=True,
+    )
     mixed_precision: str | None = setting(
-        "no, bf16 or fp16 autocast (accelerate). Default: accelerate's config or environment.", default=None, choices=(None, "no", "bf16", "fp16"), run=True)
+        "no, bf16 or fp16 autocast (accelerate). Default: accelerate's config or environment.",
+        default=None,
+        choices=(None, "no", "bf16", "fp16"),
+        run=True,
+    )
     gradient_checkpointing: bool = setting("Recompute activations in backward to save memory.", default=False)
     use_lora: bool = setting(
         "Train LoRA adapters (peft); the reference is then the same model with adapters disabled, so no "
         "second copy of the weights is held.",
-        default=False, run=True)
+        default=False,
+        run=True,
+    )
     lora_r: int = setting("LoRA rank.", default=16, minimum=1, run=True)
     lora_alpha: int = setting("LoRA alpha.", default=32, minimum=1, run=True)
     lora_dropout: float = setting("LoRA dropout.", default=0.0, bounds=(0.0, 1.0, True, False), run=True)
@@ -122,28 +146,44 @@ class DataSettings:
         default=None,
     )
     eval_size: int | None = setting(
-        "Pairs held out of --dataset for evaluation when no --eval_dataset is given (0: none). "
-        "Default: 256.",
-        default=None, minimum=0, paper=256)
+        "Pairs held out of --dataset for evaluation when no --eval_dataset is given (0: none). Default: 256.",
+        default=None,
+        minimum=0,
+        paper=256,
+    )
     max_length: int | None = setting(
         "Maximum tokens of prompt + response (and the row length with --packing). Default: 4096.",
-        default=None, minimum=4, paper=4096, run=True)
+        default=None,
+        minimum=4,
+        paper=4096,
+        run=True,
+    )
     truncation: str = setting(
         "Pairs longer than max_length: 'skip' (drop the pair, counted in the logs), 'truncate' (the prompt "
         "from the left, then the response from the right) or 'error'.",
-        default="skip", choices=("truncate", "skip", "error"), run=True)
+        default="skip",
+        choices=("truncate", "skip", "error"),
+        run=True,
+    )
     on_bad_rows: str = setting(
         "Malformed rows (bad JSON or UTF-8, missing fields, wrong types, empty text, unknown roles): 'error' "
         "stops with the file and line, 'skip' drops them and counts them in the logs.",
-        default="error", choices=("error", "skip"))
+        default="error",
+        choices=("error", "skip"),
+    )
     max_train_pairs: int | None = setting(
         "Train on at most this many pairs (a seeded subset of the training split, after the held-out split): "
         "the data-limited regime of benchmarks/budget.py. Default: all of them.",
-        default=None, minimum=1, run=True)
+        default=None,
+        minimum=1,
+        run=True,
+    )
     packing: bool = setting(
         "Pack the masked samples of several sequences into rows of max_length tokens, with attention "
         "blocked across samples (the paper packs to 4096).",
-        default=False, run=True)
+        default=False,
+        run=True,
+    )
 
 
 @dataclass
@@ -152,15 +192,32 @@ class EstimatorSettings:
 
     GROUP = "estimator"
 
-    n_t: int = setting("Timesteps (noise levels) per response: the paper's budget n with n_yt = 1.", default=8, minimum=1, run=True)
-    n_yt: int = setting("Masks per timestep (the paper: 1 is optimal at a fixed budget).", default=1, minimum=1, run=True)
+    n_t: int = setting(
+        "Timesteps (noise levels) per response: the paper's budget n with n_yt = 1.", default=8, minimum=1, run=True
+    )
+    n_yt: int = setting(
+        "Masks per timestep (the paper: 1 is optimal at a fixed budget).", default=1, minimum=1, run=True
+    )
     antithetic: bool = setting(
-        "Feed the policy and the reference the same masks (antithetic sampling). --no_antithetic for the "
-        "ablation.",
-        default=True, run=True)
-    estimator: str = setting("ELBO estimator: l_uniform (the paper's, lower variance) or t_bernoulli.", default="l_uniform", choices=ESTIMATORS, run=True)
-    stratified: bool = setting("Stratify the n_t levels of a response (unbiased, lower variance).", default=False, run=True)
-    t_floor: float = setting("t_bernoulli only: LLaDA's floor eps on the mask probability (biased when > 0).", default=0.0, bounds=(0.0, 1.0, True, False), run=True)
+        "Feed the policy and the reference the same masks (antithetic sampling). --no_antithetic for the ablation.",
+        default=True,
+        run=True,
+    )
+    estimator: str = setting(
+        "ELBO estimator: l_uniform (the paper's, lower variance) or t_bernoulli.",
+        default="l_uniform",
+        choices=ESTIMATORS,
+        run=True,
+    )
+    stratified: bool = setting(
+        "Stratify the n_t levels of a response (unbiased, lower variance).", default=False, run=True
+    )
+    t_floor: float = setting(
+        "t_bernoulli only: LLaDA's floor eps on the mask probability (biased when > 0).",
+        default=0.0,
+        bounds=(0.0, 1.0, True, False),
+        run=True,
+    )
 
 
 @dataclass
@@ -169,24 +226,38 @@ class OptimizationSettings:
 
     GROUP = "optimisation"
 
-    learning_rate: float | None = setting("Peak learning rate. Default: 5e-7.", default=None, bounds=(0.0, math.inf, False, False), paper=5e-7, run=True)
+    learning_rate: float | None = setting(
+        "Peak learning rate. Default: 5e-7.", default=None, bounds=(0.0, math.inf, False, False), paper=5e-7, run=True
+    )
     warmup_steps: int = setting("Linear warm-up steps before the schedule.", default=15, minimum=0, run=True)
-    lr_scheduler_type: str = setting("transformers scheduler name (cosine, linear, constant, ...).", default="cosine", run=True)
+    lr_scheduler_type: str = setting(
+        "transformers scheduler name (cosine, linear, constant, ...).", default="cosine", run=True
+    )
     weight_decay: float = setting("AdamW weight decay.", default=0.01, bounds=(0.0, math.inf, True, False), run=True)
     adam_beta1: float = setting("AdamW beta1.", default=0.9, bounds=(0.0, 1.0, True, False), run=True)
     adam_beta2: float = setting("AdamW beta2.", default=0.95, bounds=(0.0, 1.0, True, False), run=True)
     adam_epsilon: float = setting("AdamW epsilon.", default=1e-8, bounds=(0.0, math.inf, False, False), run=True)
-    max_grad_norm: float = setting("Gradient clipping norm (0: off).", default=1.0, bounds=(0.0, math.inf, True, False), run=True)
+    max_grad_norm: float = setting(
+        "Gradient clipping norm (0: off).", default=1.0, bounds=(0.0, math.inf, True, False), run=True
+    )
     per_device_train_batch_size: int | None = setting(
-        "Pairs per device per micro-batch. Default: 1.", default=None, minimum=1, paper=1, run=True)
+        "Pairs per device per micro-batch. Default: 1.", default=None, minimum=1, paper=1, run=True
+    )
     gradient_accumulation_steps: int = setting(
         "Micro-batches per optimizer step. Global batch = per-device batch x processes x this (paper: 64).",
-        default=1, minimum=1, run=True)
+        default=1,
+        minimum=1,
+        run=True,
+    )
     num_train_epochs: int = setting("Epochs when --max_steps is -1.", default=1, minimum=1, run=True)
-    max_steps: int | None = setting("Optimizer steps (-1: one pass per epoch). Default: -1.", default=None, paper=-1, run=True)
+    max_steps: int | None = setting(
+        "Optimizer steps (-1: one pass per epoch). Default: -1.", default=None, paper=-1, run=True
+    )
     max_nonfinite_steps: int = setting(
         "Stop after this many consecutive steps with a non-finite loss or gradient norm (each is skipped).",
-        default=5, minimum=1)
+        default=5,
+        minimum=1,
+    )
     fused_head: bool = setting(
         "Compute log-probs with the fused masked linear cross-entropy (never materialises [tokens, vocab]).",
         default=True,
@@ -197,7 +268,9 @@ class OptimizationSettings:
         "It trades memory for compute: on the torch path, masked tokens' logits that exceed it "
         "are recomputed in the backward (one extra GEMM over the head) instead of kept from the forward; the "
         "Triton backward runs in row chunks of this size.",
-        default=DEFAULT_MAX_BUFFER_BYTES >> 20, minimum=1)
+        default=DEFAULT_MAX_BUFFER_BYTES >> 20,
+        minimum=1,
+    )
 
 
 @dataclass
@@ -206,7 +279,9 @@ class RunSettings:
 
     GROUP = "run"
 
-    output_dir: str | None = setting("Where logs, checkpoints and the final model go. Default: outputs/vrpo-<time>.", default=None)
+    output_dir: str | None = setting(
+        "Where logs, checkpoints and the final model go. Default: outputs/vrpo-<time>.", default=None
+    )
     overwrite_output_dir: bool = setting(
         "Start a new run in an output directory that holds an earlier vrpo run: the earlier run is first moved to "
         "<output_dir>.old-<time>. A directory of other files is refused even with this flag (never deleted).",
@@ -219,27 +294,47 @@ class RunSettings:
     )
     seed: int = setting("Seed of the data order, the held-out split and the masks.", default=42, minimum=0, run=True)
     logging_steps: int | None = setting("Log every N steps. Default: 10.", default=None, minimum=1, paper=10)
-    eval_steps: int | None = setting("Evaluate preference accuracy every N steps (0: only before and after).", default=None, minimum=0, paper=0)
+    eval_steps: int | None = setting(
+        "Evaluate preference accuracy every N steps (0: only before and after).", default=None, minimum=0, paper=0
+    )
     eval_n_t: int = setting("ELBO budget (stratified timesteps) for evaluation.", default=16, minimum=1, run=True)
-    save_steps: int | None = setting("Checkpoint every N steps (0: only at the end). Default: 500.", default=None, minimum=0, paper=500)
+    save_steps: int | None = setting(
+        "Checkpoint every N steps (0: only at the end). Default: 500.", default=None, minimum=0, paper=500
+    )
     save_total_limit: int = setting("Checkpoints kept (the oldest are deleted).", default=2, minimum=1)
     resume_from_checkpoint: str | None = setting(
         "Resume from a checkpoint directory, or 'latest' for the newest one in --output_dir.", default=None
     )
-    report_to: str = setting("tensorboard or none. JSONL logs are always written.", default="tensorboard", choices=("tensorboard", "none"))
+    report_to: str = setting(
+        "tensorboard or none. JSONL logs are always written.", default="tensorboard", choices=("tensorboard", "none")
+    )
     num_samples: int = setting(
         "Prompts to generate answers for at the end (0: none): held-out pairs' prompts, or the bundled task's "
-        "graded test prompts.", default=4, minimum=0)
+        "graded test prompts.",
+        default=4,
+        minimum=0,
+    )
     gen_eval_prompts: int | None = setting(
         "How many of the task's fixed test prompts are answered greedily and graded before and after training "
         "(the first N; fewer for a quicker run, not for a reported figure). Default: all of them (the sorting "
-        "demo: 1024).", default=None, minimum=1, run=True)
+        "demo: 1024).",
+        default=None,
+        minimum=1,
+        run=True,
+    )
     gen_length: int | None = setting(
         "Tokens generated per sample (and per GRPO rollout), with the sampler of the model's family (LLaDA's "
         "low-confidence remasking, Dream's 'origin'). Default: 128 (rollouts on the task's prompts: the "
-        "task's answer length).", default=None, minimum=1)
-    gen_steps: int | None = setting("Denoising steps for generation and rollouts. Default: gen_length.", default=None, minimum=1)
-    block_length: int | None = setting("Semi-autoregressive block length for generation and rollouts. Default: gen_length.", default=None, minimum=1)
+        "task's answer length).",
+        default=None,
+        minimum=1,
+    )
+    gen_steps: int | None = setting(
+        "Denoising steps for generation and rollouts. Default: gen_length.", default=None, minimum=1
+    )
+    block_length: int | None = setting(
+        "Semi-autoregressive block length for generation and rollouts. Default: gen_length.", default=None, minimum=1
+    )
 
 
 @dataclass
@@ -268,7 +363,9 @@ class TrainingConfig(RunSettings, OptimizationSettings, EstimatorSettings, DataS
     def preset_note(self, task_name: str, presets: Mapping[str, object]) -> str | None:
         """Which of a task's presets :meth:`resolved` fills in, and why; None when none do."""
         names = {f.name for f in dataclasses.fields(self)}
-        applied = [f"{name}={value}" for name, value in presets.items() if name in names and getattr(self, name) is None]
+        applied = [
+            f"{name}={value}" for name, value in presets.items() if name in names and getattr(self, name) is None
+        ]
         if not applied:
             return None
         why = f"no --model_name_or_path: the {task_name} task's model uses its presets"
@@ -302,8 +399,11 @@ class TrainingConfig(RunSettings, OptimizationSettings, EstimatorSettings, DataS
 
     def head_options(self) -> HeadOptions:
         """How the ELBO computes log-probabilities at the head (fused or not, the kernel, its memory budget)."""
-        return HeadOptions(fused="auto" if self.fused_head else False, impl=self.kernel_impl,
-                           max_buffer_bytes=self.ce_max_buffer_mb << 20)
+        return HeadOptions(
+            fused="auto" if self.fused_head else False,
+            impl=self.kernel_impl,
+            max_buffer_bytes=self.ce_max_buffer_mb << 20,
+        )
 
 
 @dataclass
@@ -316,21 +416,40 @@ class PreferenceSettings:
         "vrpo (offline preference optimisation on the pairs), naive_dpo (DPO with one independent mask per "
         "sequence, for comparison; --naive_dpo is an alias) or grpo (online RL on the pairs' prompts, with "
         "its own settings: `--algorithm grpo --help`).",
-        default="vrpo", choices=("vrpo", "naive_dpo"), run=True)
-    beta: float = setting("DPO beta (vrpo, naive_dpo): the strength of the KL regularisation. GRPO's KL weight "
-                          "is --kl_beta.", default=0.2, bounds=(0.0, math.inf, False, False), run=True)
+        default="vrpo",
+        choices=("vrpo", "naive_dpo"),
+        run=True,
+    )
+    beta: float = setting(
+        "DPO beta (vrpo, naive_dpo): the strength of the KL regularisation. GRPO's KL weight is --kl_beta.",
+        default=0.2,
+        bounds=(0.0, math.inf, False, False),
+        run=True,
+    )
     loss_type: str = setting("sigmoid (DPO), ipo, hinge or robust.", default="sigmoid", choices=LOSS_TYPES, run=True)
-    label_smoothing: float = setting("Label smoothing for sigmoid/robust, in [0, 0.5).", default=0.0,
-                                     bounds=(0.0, 0.5, True, False), run=True)
+    label_smoothing: float = setting(
+        "Label smoothing for sigmoid/robust, in [0, 0.5).", default=0.0, bounds=(0.0, 0.5, True, False), run=True
+    )
     pref_weight: float = setting(
         "Weight of the preference (VRPO/DPO) loss; 0 trains the SFT term alone (benchmarks/budget.py's SFT "
-        "arms), at the same forward passes.", default=1.0, bounds=(0.0, math.inf, True, False), run=True)
+        "arms), at the same forward passes.",
+        default=1.0,
+        bounds=(0.0, math.inf, True, False),
+        run=True,
+    )
     sft_weight: float | None = setting(
-        "Weight of the masked-diffusion SFT loss on the chosen response. Default: 0.05.", default=None, bounds=(0.0, math.inf, True, False), paper=0.05, run=True)
+        "Weight of the masked-diffusion SFT loss on the chosen response. Default: 0.05.",
+        default=None,
+        bounds=(0.0, math.inf, True, False),
+        paper=0.05,
+        run=True,
+    )
     precompute_ref: bool = setting(
         "Compute the reference ELBO terms for the exact seeded draws training will use in one pass before "
         "training, then free the reference model.",
-        default=False, run=True)
+        default=False,
+        run=True,
+    )
 
 
 @dataclass
@@ -339,8 +458,9 @@ class VRPOConfig(TrainingConfig, PreferenceSettings):
 
     def __post_init__(self):
         if self.algorithm == "grpo":
-            raise ValueError("--algorithm grpo has its own settings: use GRPOConfig (VRPOConfig is --algorithm "
-                             "vrpo or naive_dpo)")
+            raise ValueError(
+                "--algorithm grpo has its own settings: use GRPOConfig (VRPOConfig is --algorithm vrpo or naive_dpo)"
+            )
         super().__post_init__()
         if self.precompute_ref and self.use_lora:
             raise ValueError("--precompute_ref and --use_lora do not combine: with LoRA the reference costs no memory")
@@ -365,31 +485,56 @@ class OnlineSettings:
     algorithm: str = setting(
         "grpo (online RL: the policy answers the pairs' prompts, a verifier or --reward_fn scores the "
         "answers). vrpo and naive_dpo have their own settings (`--help` without --algorithm grpo).",
-        default="grpo", choices=("grpo",), run=True)
+        default="grpo",
+        choices=("grpo",),
+        run=True,
+    )
     num_generations: int = setting(
         "GRPO: completions sampled per prompt (the group G); --per_device_train_batch_size counts prompts.",
-        default=8, minimum=2, run=True)
-    epsilon: float = setting("GRPO: PPO clip range of the ELBO ratio, in (0, 1).", default=0.2,
-                             bounds=(0.0, 1.0, False, False), run=True)
+        default=8,
+        minimum=2,
+        run=True,
+    )
+    epsilon: float = setting(
+        "GRPO: PPO clip range of the ELBO ratio, in (0, 1).", default=0.2, bounds=(0.0, 1.0, False, False), run=True
+    )
     kl_beta: float = setting(
         "GRPO: weight of the KL to the reference, estimated on the policy's masks (0: no reference forward, as "
         "Dr. GRPO and DAPO). Separate from --beta, DPO's, whose 0.2 default is a different quantity.",
-        default=0.0, bounds=(0.0, math.inf, True, False), run=True)
+        default=0.0,
+        bounds=(0.0, math.inf, True, False),
+        run=True,
+    )
     num_iterations: int = setting(
         "GRPO: optimizer steps per batch of rollouts; > 1 reuses them with the rollout policy's ELBO terms "
-        "stored on the same masks.", default=1, minimum=1, run=True)
+        "stored on the same masks.",
+        default=1,
+        minimum=1,
+        run=True,
+    )
     scale_rewards: str = setting(
         "GRPO: 'group' divides the group-centred rewards by the group's std (GRPO); 'none' does not (Dr. GRPO).",
-        default="group", choices=SCALE_REWARDS, run=True)
+        default="group",
+        choices=SCALE_REWARDS,
+        run=True,
+    )
     likelihood: str = setting(
         "GRPO: the estimate of log pi(y|x) in the ratio and the KL: 'elbo' (the n_t-sample ELBO, the same masks for "
         "every policy) or 'one_step' (d1's: one forward with the whole response and 15%% of the prompt masked; "
-        "a different quantity, for ablations; --n_t is not used).", default="elbo", choices=LIKELIHOODS, run=True)
-    temperature: float = setting("GRPO: rollout sampling temperature (0: greedy).", default=1.0,
-                                 bounds=(0.0, math.inf, True, False), run=True)
+        "a different quantity, for ablations; --n_t is not used).",
+        default="elbo",
+        choices=LIKELIHOODS,
+        run=True,
+    )
+    temperature: float = setting(
+        "GRPO: rollout sampling temperature (0: greedy).", default=1.0, bounds=(0.0, math.inf, True, False), run=True
+    )
     reward_fn: str | None = setting(
         "GRPO: a reward function 'module:function' called as function(prompts, completions) -> list of "
-        "floats (TRL's convention, strings in and out). Default: the task's verifier.", default=None, run=True)
+        "floats (TRL's convention, strings in and out). Default: the task's verifier.",
+        default=None,
+        run=True,
+    )
 
 
 @dataclass
@@ -493,7 +638,9 @@ def validate(cfg: TrainingConfig):
         _check_field(f, getattr(cfg, f.name))
     if cfg.seed >= 2**63:
         raise ValueError(f"--seed must be below 2**63, got {cfg.seed}")
-    if cfg.max_steps is not None and (isinstance(cfg.max_steps, bool) or not (cfg.max_steps == -1 or cfg.max_steps >= 1)):
+    if cfg.max_steps is not None and (
+        isinstance(cfg.max_steps, bool) or not (cfg.max_steps == -1 or cfg.max_steps >= 1)
+    ):
         raise ValueError(f"--max_steps must be -1 (one pass per epoch) or a positive integer, got {cfg.max_steps!r}")
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, tuple(t.value for t in SchedulerType))
     for name in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
@@ -502,10 +649,12 @@ def validate(cfg: TrainingConfig):
 
 
 PROG = "python -m vrpo.train"  # the usage line and the one prefix of every CLI error
-DESCRIPTION = ("VRPO preference optimization (or online RL with --algorithm grpo) of a masked diffusion LM "
-               "(LLaDA, Dream). Every setting below can also come from a YAML file (--config); flags given "
-               "after it override it. The settings listed are --algorithm's (vrpo unless given): `--algorithm "
-               "grpo --help` lists GRPO's.")
+DESCRIPTION = (
+    "VRPO preference optimization (or online RL with --algorithm grpo) of a masked diffusion LM "
+    "(LLaDA, Dream). Every setting below can also come from a YAML file (--config); flags given "
+    "after it override it. The settings listed are --algorithm's (vrpo unless given): `--algorithm "
+    "grpo --help` lists GRPO's."
+)
 NAIVE_DPO_ALIAS = "Alias of --algorithm naive_dpo: n_t = n_yt = 1 and no antithetic sampling (for comparison)."
 
 
@@ -539,7 +688,7 @@ def _tidy_help(parser: argparse.ArgumentParser):
             continue
         name = action.option_strings[0]
         if name.startswith("--no_"):
-            action.help = f"Turn off --{name[len('--no_'):]} (on by default)."
+            action.help = f"Turn off --{name[len('--no_') :]} (on by default)."
         elif "Default" not in action.help and action.default not in (None, False, argparse.SUPPRESS):
             action.help = f"{action.help} (default: {action.default})"
 
@@ -590,7 +739,7 @@ def _elsewhere(name: str, cls: type) -> str:
     """`` (a setting of --algorithm X)`` when ``name`` is another algorithm's setting, else ``""``."""
     for other in CONFIGS:
         if other is not cls and name in other.__dataclass_fields__:
-            return f" (a setting of --algorithm {' or '.join(other.__dataclass_fields__['algorithm'].metadata['choices'])})"
+            return f" (a setting of --algorithm {' or '.join(other.__dataclass_fields__['algorithm'].metadata['choices'])})"  # noqa: E501
     return ""
 
 
@@ -611,13 +760,22 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     parser = _SettingsParser(cls, prog=PROG, description=DESCRIPTION, formatter_class=argparse.HelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of field: value pairs; flags override it.")
     if cls is VRPOConfig:
-        parser.add_argument("--naive_dpo", "--naive-dpo", type=string_to_bool, nargs="?", const=True,
-                            default=False, help=NAIVE_DPO_ALIAS)
+        parser.add_argument(
+            "--naive_dpo",
+            "--naive-dpo",
+            type=string_to_bool,
+            nargs="?",
+            const=True,
+            default=False,
+            help=NAIVE_DPO_ALIAS,
+        )
     _tidy_help(parser)
     names = {f.name for f in dataclasses.fields(cls)} | ({"naive_dpo"} if cls is VRPOConfig else set())
     if unknown := sorted(set(yaml_file.get("values", {})) - names):
-        parser.error(f"--config {yaml_file['path']}: unknown field(s) for --algorithm {algorithm}: "
-                     + ", ".join(name + _elsewhere(name, cls) for name in unknown))
+        parser.error(
+            f"--config {yaml_file['path']}: unknown field(s) for --algorithm {algorithm}: "
+            + ", ".join(name + _elsewhere(name, cls) for name in unknown)
+        )
     namespace, rest = parser.parse_known_args(argv)
     if rest:
         flags = [a for a in rest if a.startswith("--")]

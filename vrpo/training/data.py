@@ -35,6 +35,7 @@ FIELDS = ("prompt", "chosen", "rejected")
 @dataclass
 class DataStats:
     """What happened to the rows of a dataset; ``skipped`` counts reasons."""
+
     rows: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -49,7 +50,9 @@ def _check_unicode(text: str, what: str, where: str):
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: {what} is not valid Unicode ({e.reason} {text[e.start]!r} at character {e.start})") from None
+        raise DataError(
+            f"{where}: {what} is not valid Unicode ({e.reason} {text[e.start]!r} at character {e.start})"
+        ) from None
 
 
 def _check_text_or_messages(value, name: str, where: str, assistant_only: bool):
@@ -89,7 +92,9 @@ def validate_row(row, where: str) -> dict:
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with {FIELDS}, got {type(row).__name__}")
-    implicit = row.get("prompt") is None and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list)
+    implicit = (
+        row.get("prompt") is None and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list)
+    )
     missing = [f for f in FIELDS if row.get(f) is None and not (implicit and f == "prompt")]
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(repr(m) for m in missing)}")
@@ -136,7 +141,6 @@ def _source_rows(path: str):
         # Reading a FIFO, socket or device would block or never end.
         raise DataError(f"{path}: not a regular file or directory (a FIFO, socket or device)")
     if os.path.isdir(path):
-
         try:
             ds = datasets.load_from_disk(path)
         except Exception as e:  # datasets raises several types for a wrong directory
@@ -150,7 +154,6 @@ def _source_rows(path: str):
         return
     suffix = path.rsplit(".", 1)[-1].lower()
     if suffix == "parquet":
-
         try:
             ds = datasets.Dataset.from_parquet(path)
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
@@ -175,7 +178,9 @@ def _source_rows(path: str):
         else:
             yield from _jsonl_rows(path)
     else:
-        raise DataError(f"{path}: unsupported file type '.{suffix}' (use .jsonl, .json, .parquet or a save_to_disk directory)")
+        raise DataError(
+            f"{path}: unsupported file type '.{suffix}' (use .jsonl, .json, .parquet or a save_to_disk directory)"
+        )
 
 
 def read_preference_rows(path: str, on_bad_rows: str = "error", stats: DataStats | None = None) -> list[dict]:
@@ -288,8 +293,15 @@ def _encode_row(tokenizer, example: dict, where: str, max_length: int, truncatio
     return encode_preference(tokenizer, example, max_length=max_length, truncation="truncate")
 
 
-def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str = "skip",
-                   stats: DataStats | None = None, progress: bool = True, on_bad_rows: str = "error") -> TokenizedPairs:
+def tokenize_pairs(
+    rows: list[dict],
+    tokenizer,
+    max_length: int,
+    truncation: str = "skip",
+    stats: DataStats | None = None,
+    progress: bool = True,
+    on_bad_rows: str = "error",
+) -> TokenizedPairs:
     """Tokenize validated rows with the chat template (:func:`vrpo.models.tokenization.encode_preference`).
 
     Args:
@@ -303,7 +315,6 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str
     Pairs whose chosen and rejected tokenize to the same ids are skipped and counted as
     ``chosen_equals_rejected``. Raises :class:`DataError` when every pair is longer than ``max_length``.
     """
-
 
     stats = stats if stats is not None else DataStats()
     out = TokenizedPairs()
@@ -332,8 +343,13 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int, truncation: str
             logger.warning("%s: chosen and rejected are identical after tokenization; skipping the pair", where)
             stats.skipped["chosen_equals_rejected"] += 1
             continue
-        out.append(enc["chosen_input_ids"], enc["chosen_response_mask"],
-                   enc["rejected_input_ids"], enc["rejected_response_mask"], where)
+        out.append(
+            enc["chosen_input_ids"],
+            enc["chosen_response_mask"],
+            enc["rejected_input_ids"],
+            enc["rejected_response_mask"],
+            where,
+        )
     stats.kept = len(out)
     if stats.skipped.get("too_long"):
         logger.warning("skipped %d pairs longer than max_length=%d", stats.skipped["too_long"], max_length)

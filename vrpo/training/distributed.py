@@ -34,7 +34,6 @@ def place_reference(accelerator, ref_elbo: nn.Module) -> nn.Module:
     """The frozen reference's ELBO module on the run's devices: sharded like the policy under FSDP2, else whole."""
     ref_elbo.eval().requires_grad_(False)
     if getattr(accelerator, "is_fsdp2", False):
-
         ref_elbo = fsdp2_prepare_model(accelerator, ref_elbo)
         # No backward follows its forwards: free the gathered root at once, not at the next backward.
         ref_elbo.set_reshard_after_forward(True)
@@ -44,7 +43,8 @@ def place_reference(accelerator, ref_elbo: nn.Module) -> nn.Module:
     if is_sharded(accelerator):
         logger.warning(
             "the frozen reference is kept whole on every device under %s (only FSDP2 shards it); "
-            "--precompute_ref frees it after one pass", accelerator.distributed_type,
+            "--precompute_ref frees it after one pass",
+            accelerator.distributed_type,
         )
     return ref_elbo.to(accelerator.device)
 
@@ -60,7 +60,6 @@ def _empty_like_model(model: nn.Module) -> nn.Module:
     with torch.device("meta"):
         empty = _plain_class(base)(base.config)
     if hasattr(model, "peft_config"):
-
         empty = get_peft_model(empty, model.peft_config["default"])
     return empty
 
@@ -127,8 +126,9 @@ def fully_gathered(accelerator, policy_elbo: nn.Module):
     units = [m for m in policy_elbo.modules() if isinstance(m, FSDPModule)]
     # Each unit's own setting, restored after: they differ (the root and accelerate's head group keep their
     # parameters after forward, the layers do not). FSDP2 has no public getter; this reads its param groups.
-    before = [(u, any(g.post_forward_mesh_info is not None for g in u._get_fsdp_state()._fsdp_param_groups))
-              for u in units]
+    before = [
+        (u, any(g.post_forward_mesh_info is not None for g in u._get_fsdp_state()._fsdp_param_groups)) for u in units
+    ]
     policy_elbo.set_reshard_after_forward(False)  # recursive: each unit keeps its gathered parameters
     for unit in units:
         unit.unshard()
@@ -146,7 +146,6 @@ def raise_everywhere(accelerator, error: BaseException | None):
     next collective until the launcher's timeout. Collective: every process must call it."""
     message = None
     if accelerator.num_processes > 1:
-
         box = [None if error is None else f"{type(error).__name__}: {error}"]
         broadcast_object_list(box, from_process=0)  # our own processes' strings, not a file's bytes
         message = box[0]
@@ -172,8 +171,9 @@ def mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, flo
     if accelerator.num_processes == 1 or not metrics:
         return dict(metrics)
     keys = sorted(metrics)
-    t = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64),
-                           "mean")
+    t = accelerator.reduce(
+        torch.tensor([metrics[k] for k in keys], device=accelerator.device, dtype=torch.float64), "mean"
+    )
     return dict(zip(keys, t.tolist()))
 
 

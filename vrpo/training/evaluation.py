@@ -67,8 +67,9 @@ class PreferenceEval:
         return metrics, policy
 
 
-def grade_generations(task: GradedTask | None, accelerator, policy_elbo, tokenizer,
-                      limit: int | None = None) -> GenerationReport | None:
+def grade_generations(
+    task: GradedTask | None, accelerator, policy_elbo, tokenizer, limit: int | None = None
+) -> GenerationReport | None:
     """The policy's answers to the task's test prompts (the first ``limit``; None: all), graded by its verifier.
     None without a task, and on all but the main process (which, when the model is sharded, still take part
     in the forwards)."""

@@ -50,8 +50,18 @@ class GRPOTrainer(ELBOTrainer):
     LOSS_METRIC = "loss/grpo"
     PROGRESS = {"loss": (LOSS_METRIC, ".4f"), "reward": ("reward", ".3f")}
 
-    def __init__(self, config: GRPOConfig, model=None, ref_model=None, tokenizer=None, train_pairs=None,
-                 eval_pairs=None, task: GradedTask | None = None, callbacks=(), prompts: list | None = None):
+    def __init__(
+        self,
+        config: GRPOConfig,
+        model=None,
+        ref_model=None,
+        tokenizer=None,
+        train_pairs=None,
+        eval_pairs=None,
+        task: GradedTask | None = None,
+        callbacks=(),
+        prompts: list | None = None,
+    ):
         super().__init__(config, model, ref_model, tokenizer, train_pairs, eval_pairs, task, callbacks)
         try:
             self._prepare_rollouts(prompts)
@@ -62,21 +72,29 @@ class GRPOTrainer(ELBOTrainer):
     def _prepare_rollouts(self, prompts: list | None):
         cfg = self.config
         if cfg.reward_fn is None and self.task is None:
-            raise ValueError("--algorithm grpo on --dataset needs --reward_fn module:function (a user's data has "
-                             "no verifier)")
+            raise ValueError(
+                "--algorithm grpo on --dataset needs --reward_fn module:function (a user's data has no verifier)"
+            )
         self.reward_fn = rollouts.load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
         path = (cfg.dataset or self.task.pairs_path()) if prompts is None else None
-        self.prompts = prompts if prompts is not None else rollouts.pair_prompts(path, self.train_pairs, cfg.on_bad_rows)
+        self.prompts = (
+            prompts if prompts is not None else rollouts.pair_prompts(path, self.train_pairs, cfg.on_bad_rows)
+        )
         if len(self.prompts) != len(self.train_pairs):
             raise ValueError(f"prompts: {len(self.prompts)} for {len(self.train_pairs)} training pairs")
         self.eos, self.answer_ends = rollouts.stop_token_ids(self.tokenizer)
-        self.rollout_settings = rollouts.RolloutSettings(cfg.num_generations, cfg.temperature, cfg.gen_steps,
-                                                         cfg.block_length)
+        self.rollout_settings = rollouts.RolloutSettings(
+            cfg.num_generations, cfg.temperature, cfg.gen_steps, cfg.block_length
+        )
         self.rollouts = RolloutBuffer(cfg.num_iterations, self.rollout)
         if self.start_step % cfg.num_iterations and self.is_main:
-            logger.warning("resuming at step %d, inside a batch of rollouts (--num_iterations %d): the batch is "
-                           "sampled again from the restored weights, so this run is not bit for bit the "
-                           "uninterrupted one", self.start_step, cfg.num_iterations)
+            logger.warning(
+                "resuming at step %d, inside a batch of rollouts (--num_iterations %d): the batch is "
+                "sampled again from the restored weights, so this run is not bit for bit the "
+                "uninterrupted one",
+                self.start_step,
+                cfg.num_iterations,
+            )
 
     def task_presets(self, task: GradedTask):
         return {**task.presets, **task.online_presets}
@@ -100,9 +118,14 @@ class GRPOTrainer(ELBOTrainer):
 
     def rewards(self, prompts: list, answers: list[str]) -> list[float]:
         if self.reward_fn is not None:
-            return rollouts.checked_rewards(self.reward_fn(prompts, answers), len(answers), f"--reward_fn {self.config.reward_fn}")
-        return rollouts.checked_rewards([self.task.reward(p, a) for p, a in zip(prompts, answers)], len(answers),
-                                        f"the {self.task.name} task's reward")
+            return rollouts.checked_rewards(
+                self.reward_fn(prompts, answers), len(answers), f"--reward_fn {self.config.reward_fn}"
+            )
+        return rollouts.checked_rewards(
+            [self.task.reward(p, a) for p, a in zip(prompts, answers)],
+            len(answers),
+            f"the {self.task.name} task's reward",
+        )
 
     def completion_keys(self, items: list[Item], stream: str) -> list[int]:
         G = self.config.num_generations
@@ -118,8 +141,15 @@ class GRPOTrainer(ELBOTrainer):
         out: list[torch.Tensor | None] = [None] * len(items)
         for (_, length), ks in sorted(by_shape.items()):
             key = draw_key(cfg.seed, "rollout", *(x for k in ks for x in items[k]))
-            rows = rollouts.sample_groups(model, self.family.sampler, [prompt_ids[k] for k in ks], length,
-                                          self.mask_token_id, self.rollout_settings, key)
+            rows = rollouts.sample_groups(
+                model,
+                self.family.sampler,
+                [prompt_ids[k] for k in ks],
+                length,
+                self.mask_token_id,
+                self.rollout_settings,
+                key,
+            )
             for j, k in enumerate(ks):
                 out[k] = rows[j * G : (j + 1) * G]
         return out
@@ -128,11 +158,13 @@ class GRPOTrainer(ELBOTrainer):
         """The run's noisy inputs [B, n, L] for completions, one key each, made on the device (the one place
         GRPO draws masks); with ``--likelihood one_step``, d1's one noisy copy per completion instead."""
         if self.config.likelihood == "one_step":
-            return one_step_draw(batch["input_ids"], batch["response_mask"], batch["attention_mask"], keys,
-                                 self.batches.mask_token_id)
+            return one_step_draw(
+                batch["input_ids"], batch["response_mask"], batch["attention_mask"], keys, self.batches.mask_token_id
+            )
         keys = torch.tensor(keys, dtype=torch.int64, device=self.batches.device)
-        return noisy_draw(batch["input_ids"], batch["response_mask"], self.plan, keys, self.batches.mask_token_id,
-                          self.batches.impl)
+        return noisy_draw(
+            batch["input_ids"], batch["response_mask"], self.plan, keys, self.batches.mask_token_id, self.batches.impl
+        )
 
     def rollout(self, items: list[Item]) -> RolloutBatch:
         """Sample, cut, reward and (``num_iterations > 1``) score the completions of ``items``' prompts."""
@@ -152,8 +184,9 @@ class GRPOTrainer(ELBOTrainer):
         texts = [self.prompts[i] for _, i in items for _ in range(G)]
         rewards = torch.tensor(self.rewards(texts, answers), dtype=torch.float32).view(len(items), G)
         advantages, zero_std = group_advantages(rewards, cfg.scale_rewards)
-        batch = rollouts.completion_batch([p for p in prompt_ids for _ in range(G)], responses,
-                                          self.batches.pad_id, acc.device)
+        batch = rollouts.completion_batch(
+            [p for p in prompt_ids for _ in range(G)], responses, self.batches.pad_id, acc.device
+        )
         keys = self.completion_keys(items, "grpo")
         old = None
         if cfg.num_iterations > 1:
@@ -161,8 +194,14 @@ class GRPOTrainer(ELBOTrainer):
             with torch.no_grad(), acc.autocast():
                 old_draw = self.draw(batch, old_keys)
                 old = grouped(batch_terms(self.policy_elbo, batch, old_draw), old_draw.plan)
-        return RolloutBatch(batch, keys, rewards.to(acc.device), advantages.flatten().to(acc.device),
-                            zero_std, None if old is None else old.detach().clone())
+        return RolloutBatch(
+            batch,
+            keys,
+            rewards.to(acc.device),
+            advantages.flatten().to(acc.device),
+            zero_std,
+            None if old is None else old.detach().clone(),
+        )
 
     # --- the loss -------------------------------------------------------------------------------
 
@@ -181,13 +220,15 @@ class GRPOTrainer(ELBOTrainer):
             ref = grouped(ref_terms, ref_draw.plan)
         loss, metrics = grpo_loss(new, old, r.advantages, cfg.epsilon, ref, cfg.kl_beta)
         lengths = r.batch["response_mask"].sum(-1).float()
-        metrics.update({
-            "loss/grpo": loss.detach(),
-            "reward": r.rewards.mean(),
-            "reward_std": r.rewards.std(-1).mean(),
-            "frac_reward_zero_std": r.zero_std.float().mean(),
-            "completions/mean_length": lengths.mean(),
-        })
+        metrics.update(
+            {
+                "loss/grpo": loss.detach(),
+                "reward": r.rewards.mean(),
+                "reward_std": r.rewards.std(-1).mean(),
+                "frac_reward_zero_std": r.zero_std.float().mean(),
+                "completions/mean_length": lengths.mean(),
+            }
+        )
         # Tokens through the models in the loss (the rollouts' sampling and scoring are not counted).
         samples = draw.n  # n_t * n_yt, or 1 for d1's estimate
         tokens = int(r.batch["attention_mask"].sum()) * samples * (2 if ref_ran else 1)

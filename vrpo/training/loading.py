@@ -33,6 +33,7 @@ def _needs(task: GradedTask | None, what: str, flag: str) -> GradedTask:
 
 # --- 1. the tokenizer ---------------------------------------------------------------------------
 
+
 def load_run_tokenizer(cfg: TrainingConfig, task: GradedTask | None = None):
     """The run's tokenizer, with a mask token (raises ValueError naming the directory otherwise)."""
     if cfg.model_name_or_path is None and cfg.tokenizer_name_or_path is None:
@@ -55,6 +56,7 @@ def mask_token_id(cfg: TrainingConfig, tokenizer) -> int:
 
 # --- 2. the data --------------------------------------------------------------------------------
 
+
 def load_pairs(cfg: TrainingConfig, tokenizer, task: GradedTask | None = None):
     """``(train, eval, stats)``: tokenized pairs (``--dataset``, else the task's); eval is ``--eval_dataset``
     or split off the training data."""
@@ -66,13 +68,16 @@ def load_pairs(cfg: TrainingConfig, tokenizer, task: GradedTask | None = None):
     if cfg.eval_dataset:
         eval_stats = DataStats()
         eval_rows = read_preference_rows(cfg.eval_dataset, on_bad_rows=cfg.on_bad_rows, stats=eval_stats)
-        eval_pairs = tokenize_pairs(eval_rows, tokenizer, cfg.max_length, cfg.truncation, eval_stats,
-                                    on_bad_rows=cfg.on_bad_rows)
+        eval_pairs = tokenize_pairs(
+            eval_rows, tokenizer, cfg.max_length, cfg.truncation, eval_stats, on_bad_rows=cfg.on_bad_rows
+        )
         result["eval"] = eval_stats.as_dict()
         return pairs, eval_pairs, result
     n_eval = min(cfg.eval_size, len(pairs) // 5)
     if n_eval < cfg.eval_size:
-        logger.warning("holding out %d pairs for evaluation (--eval_size %d is over a fifth of the data)", n_eval, cfg.eval_size)
+        logger.warning(
+            "holding out %d pairs for evaluation (--eval_size %d is over a fifth of the data)", n_eval, cfg.eval_size
+        )
     # A seeded split, so the held-out pairs are the same on every process and every resume.
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(len(pairs), generator=g).tolist()
@@ -90,6 +95,7 @@ def load_pairs(cfg: TrainingConfig, tokenizer, task: GradedTask | None = None):
 
 # --- 3. the models ------------------------------------------------------------------------------
 
+
 def _dtype(cfg: TrainingConfig):
     return None if cfg.torch_dtype == "auto" else DTYPES[cfg.torch_dtype]
 
@@ -105,14 +111,20 @@ def load_policy(cfg: TrainingConfig, task: GradedTask | None = None):
     """The model to train: a checkpoint of any supported family (recognised from its config.json by
     :func:`vrpo.models.load_mdm`), ``--model_name_or_path`` or the task's."""
     path = cfg.model_name_or_path or _needs(task, "a model", "--model_name_or_path").model_path()
-    return load_mdm(path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id)
+    return load_mdm(
+        path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg), mask_token_id=cfg.mask_token_id
+    )
 
 
 def load_reference(cfg: TrainingConfig, policy):
     """The frozen reference: ``--ref_model_name_or_path``, or a copy of the initial policy."""
     if cfg.ref_model_name_or_path:
-        ref = load_mdm(cfg.ref_model_name_or_path, dtype=_dtype(cfg), attn_implementation=attention_backend(cfg),
-                       mask_token_id=cfg.mask_token_id)
+        ref = load_mdm(
+            cfg.ref_model_name_or_path,
+            dtype=_dtype(cfg),
+            attn_implementation=attention_backend(cfg),
+            mask_token_id=cfg.mask_token_id,
+        )
     else:
         ref = copy.deepcopy(policy)
     return ref.eval().requires_grad_(False)
@@ -136,15 +148,21 @@ def model_family(model, tokenizer):
 
 def add_lora(cfg: TrainingConfig, policy):
     """Wrap the policy with LoRA adapters (peft); the base weights are frozen."""
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), bias="none")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",
+    )
     return get_peft_model(policy, lora)
 
 
 @dataclass
 class Models:
     """The run's models. ``reference`` is None with LoRA (the policy with its adapters off is the
-    reference) and when the loss never reads a copy of the initial policy (GRPO without a KL term); ``reference_is_initial_policy`` says whether the reference equals the policy as loaded
+    reference) and when the loss never reads a copy of the initial policy (GRPO without a KL term);
+    ``reference_is_initial_policy`` says whether the reference equals the policy as loaded
     (a copy of it, or LoRA), so that terms computed with the initial policy can stand for it."""
 
     policy: torch.nn.Module

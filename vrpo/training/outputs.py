@@ -44,8 +44,12 @@ def save_final_model(accelerator, policy_elbo, tokenizer, output_dir: str, merge
 
 def output_paths(output_dir: str, checkpoints_root: str, tensorboard: bool) -> dict[str, str]:
     """What a run writes, by name: the closing summary lists every one."""
-    out = {"model": os.path.join(output_dir, MODEL_DIR), "checkpoints": checkpoints_root,
-           "metrics": os.path.join(output_dir, METRICS_FILE), "summary": os.path.join(output_dir, SUMMARY_FILE)}
+    out = {
+        "model": os.path.join(output_dir, MODEL_DIR),
+        "checkpoints": checkpoints_root,
+        "metrics": os.path.join(output_dir, METRICS_FILE),
+        "summary": os.path.join(output_dir, SUMMARY_FILE),
+    }
     if tensorboard:
         out["tensorboard"] = os.path.join(output_dir, TENSORBOARD_DIR)
     return out
@@ -59,10 +63,20 @@ def write_config(output_dir: str, cfg):
 
 def run_facts(output_dir: str, model_dir: str, family, plan) -> dict:
     """The closing summary's facts of the run: where it wrote, the model's family, the estimator."""
-    return dict(output_dir=output_dir, model_dir=model_dir, logs=os.path.join(output_dir, "logs"),
-                family=family.display_name, sampler=family.sampler_name,
-                estimator={"n_t": plan.n_t, "n_yt": plan.n_yt, "antithetic": plan.antithetic,
-                           "estimator": plan.estimator, "stratified": plan.stratified})
+    return dict(
+        output_dir=output_dir,
+        model_dir=model_dir,
+        logs=os.path.join(output_dir, "logs"),
+        family=family.display_name,
+        sampler=family.sampler_name,
+        estimator={
+            "n_t": plan.n_t,
+            "n_yt": plan.n_yt,
+            "antithetic": plan.antithetic,
+            "estimator": plan.estimator,
+            "stratified": plan.stratified,
+        },
+    )
 
 
 def write_summary(output_dir: str, checkpoints_root: str, tensorboard: bool, summary: dict, is_main: bool):
@@ -76,8 +90,13 @@ def write_summary(output_dir: str, checkpoints_root: str, tensorboard: bool, sum
 
 def generation_summary(before, after: GenerationReport) -> dict:
     """The closing summary's graded-generation figures: ``before`` (the run state's) and ``after``."""
-    return dict(gen_prompts=len(after.samples), gen_acc_before=before.gen_acc_before, gen_acc_after=after.accuracy,
-                gen_credit_before=before.gen_credit_before, gen_credit_after=after.credit)
+    return dict(
+        gen_prompts=len(after.samples),
+        gen_acc_before=before.gen_acc_before,
+        gen_acc_after=after.accuracy,
+        gen_credit_before=before.gen_credit_before,
+        gen_credit_after=after.credit,
+    )
 
 
 def write_plot(output_dir: str, summary: dict) -> str | None:
@@ -86,8 +105,16 @@ def write_plot(output_dir: str, summary: dict) -> str | None:
     return plot_training(read_metrics(os.path.join(output_dir, METRICS_FILE)), summary, path)
 
 
-def answer_samples(accelerator, policy_elbo, tokenizer, cfg, graded_run: bool, graded: GenerationReport | None,
-                   eval_pairs: TokenizedPairs | None, mask_token_id: int) -> list[dict]:
+def answer_samples(
+    accelerator,
+    policy_elbo,
+    tokenizer,
+    cfg,
+    graded_run: bool,
+    graded: GenerationReport | None,
+    eval_pairs: TokenizedPairs | None,
+    mask_token_id: int,
+) -> list[dict]:
     """``--num_samples`` prompts answered by the policy (main process; others get []): in a graded run, the
     task's graded test answers (``graded``, the main process's report; None on the others), else ungraded
     answers to held-out pairs' prompts (every process takes part in the forwards when the model is sharded)."""
@@ -97,15 +124,31 @@ def answer_samples(accelerator, policy_elbo, tokenizer, cfg, graded_run: bool, g
     if graded_run:  # decided alike on every process: only the main one holds the report
         return graded.samples[: cfg.num_samples] if is_main else []
     with distributed.root_gathered(accelerator, policy_elbo):
-        samples = held_out_answers(accelerator.unwrap_model(policy_elbo).model, tokenizer, eval_pairs, mask_token_id,
-                                   cfg.num_samples, gen_length=cfg.gen_length, steps=cfg.gen_steps,
-                                   block_length=cfg.block_length)
+        samples = held_out_answers(
+            accelerator.unwrap_model(policy_elbo).model,
+            tokenizer,
+            eval_pairs,
+            mask_token_id,
+            cfg.num_samples,
+            gen_length=cfg.gen_length,
+            steps=cfg.gen_steps,
+            block_length=cfg.block_length,
+        )
     return samples if is_main else []
 
 
 @torch.no_grad()
-def held_out_answers(model, tokenizer, pairs: TokenizedPairs, mask_token_id: int, k: int, gen_length: int | None = None,
-                   steps: int | None = None, block_length: int | None = None, grade=None) -> list[dict]:
+def held_out_answers(
+    model,
+    tokenizer,
+    pairs: TokenizedPairs,
+    mask_token_id: int,
+    k: int,
+    gen_length: int | None = None,
+    steps: int | None = None,
+    block_length: int | None = None,
+    grade=None,
+) -> list[dict]:
     """Greedy answers of ``model`` to the prompts of the first ``k`` of ``pairs``, with the sampler of the
     model's family (:func:`vrpo.models.sample`).
 
@@ -129,8 +172,9 @@ def held_out_answers(model, tokenizer, pairs: TokenizedPairs, mask_token_id: int
         start = int(resp.argmax())
         prompt = torch.as_tensor(seq["input_ids"][:start], dtype=torch.long, device=device)[None]
         length = gen_length or int(resp.sum())
-        ids = sample(model, prompt, mask_token_id, gen_length=length, steps=steps or length,
-                     block_length=block_length or length)
+        ids = sample(
+            model, prompt, mask_token_id, gen_length=length, steps=steps or length, block_length=block_length or length
+        )
         answer = tokenizer.decode(ids[0, start:].tolist(), skip_special_tokens=True).strip()
         record = {"prompt": family.last_user_message(tokenizer.decode(prompt[0].tolist())), "answer": answer}
         if grade is not None:

@@ -19,7 +19,11 @@ PLOT_FILE = os.path.join("plots", "training.png")
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     """``(steps, values)`` of the records that have ``key``."""
-    rows = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    rows = [
+        (r["step"], r[key])
+        for r in records
+        if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+    ]
     return [s for s, _ in rows], [v for _, v in rows]
 
 
@@ -32,8 +36,11 @@ def plot_training(records: list[dict], summary: dict, path: str) -> str | None:
     """Draw the run's panels into ``path`` (a PNG, written atomically). Returns the path, or None when
     matplotlib is missing (logged at WARNING: an install from before 0.2 may lack it)."""
     if importlib.util.find_spec("matplotlib") is None:
-        logger.warning("matplotlib is not installed, so no %s: it is a dependency of vrpo since 0.2 "
-                       "(pip install -e . again, or pip install matplotlib)", path)
+        logger.warning(
+            "matplotlib is not installed, so no %s: it is a dependency of vrpo since 0.2 "
+            "(pip install -e . again, or pip install matplotlib)",
+            path,
+        )
         return None
     import matplotlib  # imported here: a run pays for it only when it draws
 

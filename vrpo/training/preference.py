@@ -59,8 +59,9 @@ class VRPOTrainer(ELBOTrainer):
         B = len(items)
         pc, pr = grouped(policy_terms[:B], self.plan), grouped(policy_terms[B:], self.plan)
         rc, rr = grouped(ref_terms[:B], self.plan), grouped(ref_terms[B:], self.plan)
-        loss, metrics = vrpo_loss(pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type,
-                                  label_smoothing=cfg.label_smoothing)
+        loss, metrics = vrpo_loss(
+            pc, pr, rc, rr, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing
+        )
         metrics["loss/vrpo"] = loss.detach()
         metrics.update(advisor_tally.step_variances(pc, pr, rc, rr, cfg.beta))  # the advisor's two parts; metrics only
         if cfg.pref_weight != 1.0:  # only then: the default's loss stays bit for bit

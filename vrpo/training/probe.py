@@ -8,8 +8,8 @@ import tempfile
 
 from . import advisor_tally
 from .config import VRPOConfig
-from .task import GradedTask
 from .preference import VRPOTrainer
+from .task import GradedTask
 
 
 def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = None) -> dict:
@@ -26,15 +26,19 @@ def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = No
     if not isinstance(config, VRPOConfig):
         raise ValueError(f"--probe_steps measures VRPO's score variances: not --algorithm {config.algorithm}")
     if config.algorithm == "naive_dpo" or config.n_t < 2:
-        raise ValueError("--probe_steps needs --n_t >= 2 (and no --naive_dpo): one timestep per pair cannot "
-                         "separate the mask variance from the pair variance")
+        raise ValueError(
+            "--probe_steps needs --n_t >= 2 (and no --naive_dpo): one timestep per pair cannot "
+            "separate the mask variance from the pair variance"
+        )
     with tempfile.TemporaryDirectory(prefix="vrpo-probe-") as tmp:
         cfg = dataclasses.replace(config, output_dir=tmp, report_to="none", resume_from_checkpoint=None)
         trainer = VRPOTrainer(cfg, task=task)
         try:
             if trainer.config.per_device_train_batch_size < 2:
-                raise ValueError("--probe_steps needs --per_device_train_batch_size >= 2: the pair variance is "
-                                 "estimated within a micro-batch")
+                raise ValueError(
+                    "--probe_steps needs --per_device_train_batch_size >= 2: the pair variance is "
+                    "estimated within a micro-batch"
+                )
             if steps > trainer.max_steps:
                 raise ValueError(f"--probe_steps {steps} is more than the run's {trainer.max_steps} steps")
             tally = advisor_tally.VarianceTally()
@@ -48,8 +52,15 @@ def probe_variances(config: VRPOConfig, steps: int, task: GradedTask | None = No
     if not out:
         raise ValueError(f"--probe_steps {steps}: every measured step was skipped (non-finite loss); nothing to advise")
     if out[advisor_tally.VAR_MASK] == 0:
-        raise ValueError(f"--probe_steps {steps}: every score was 0, the policy has not left the reference yet "
-                         f"(antithetic samples of equal models cancel); probe more steps than the "
-                         f"{trainer.config.warmup_steps} warm-up steps")
-    return {**out, "probe_steps": steps, "batch": trainer.schedule.global_batch, "n_t": trainer.plan.n_t,
-            "n_yt": trainer.plan.n_yt}
+        raise ValueError(
+            f"--probe_steps {steps}: every score was 0, the policy has not left the reference yet "
+            f"(antithetic samples of equal models cancel); probe more steps than the "
+            f"{trainer.config.warmup_steps} warm-up steps"
+        )
+    return {
+        **out,
+        "probe_steps": steps,
+        "batch": trainer.schedule.global_batch,
+        "n_t": trainer.plan.n_t,
+        "n_yt": trainer.plan.n_yt,
+    }

@@ -23,5 +23,6 @@ def trainer_for(config: TrainingConfig, **kwargs) -> ELBOTrainer:
     for cls in TRAINERS:
         if isinstance(config, cls.CONFIG):
             return cls(config, **kwargs)
-    raise TypeError(f"trainer_for: no trainer takes a {type(config).__name__} (trainers: "
-                    f"{', '.join(c.__name__ for c in TRAINERS)})")
+    raise TypeError(
+        f"trainer_for: no trainer takes a {type(config).__name__} (trainers: {', '.join(c.__name__ for c in TRAINERS)})"
+    )

@@ -35,15 +35,19 @@ class RunState:
     gen_credit_before: float | None = None
 
     def to_checkpoint(self, max_steps: int, seed: int) -> dict:
-        return {"step": self.step, "max_steps": max_steps, "seed": seed, **{k: v for k, v in asdict(self).items()
-                                                                            if k != "step"}}
+        return {
+            "step": self.step,
+            "max_steps": max_steps,
+            "seed": seed,
+            **{k: v for k, v in asdict(self).items() if k != "step"},
+        }
 
     def count(self, applied: bool, loss: float | None, keep: int) -> bool:
         """Count a finished step: keep the loss of the last ``keep`` applied steps, count the skipped ones.
         Returns whether the step was skipped."""
         if applied:
             self.consecutive_nonfinite = 0
-            self.last_losses = (self.last_losses + [loss])[-max(keep, 1):]
+            self.last_losses = (self.last_losses + [loss])[-max(keep, 1) :]
             return False
         self.skipped_steps += 1
         self.consecutive_nonfinite += 1
@@ -69,8 +73,9 @@ class RunState:
         return cls(**{k: saved.get(k, getattr(defaults, k)) for k in asdict(defaults)})
 
 
-def run_definition(cfg: TrainingConfig, num_processes: int, train_pairs: TokenizedPairs,
-                   eval_pairs: TokenizedPairs | None) -> dict:
+def run_definition(
+    cfg: TrainingConfig, num_processes: int, train_pairs: TokenizedPairs, eval_pairs: TokenizedPairs | None
+) -> dict:
     """What makes this run this run (saved with each checkpoint): the run-defining settings, the process
     count and the content of the data."""
     out = run_defining(cfg)

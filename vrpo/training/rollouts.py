@@ -4,7 +4,8 @@ decoded and rewarded.
 A prompt is a training pair's prompt (its tokens are the ones the pair was tokenized with, chat template
 included); its completions come from the sampler of the model's family. The prompts of a micro-batch with the
 same prompt and answer lengths are sampled in one batch (no padding), from a generator keyed by their items:
-a rollout is a function of the seed, the step's prompts and the weights, not of resumption. A completion's response is its tokens up to
+a rollout is a function of the seed, the step's prompts and the weights, not of resumption. A completion's response
+is its tokens up to
 and including the first EOS (the tokens after it are padding: no attention, never masked, never scored), as
 in TRL's and d1's GRPO.
 
@@ -82,8 +83,15 @@ class RolloutSettings:
 
 
 @torch.no_grad()
-def sample_groups(model, sampler: str, prompts: Sequence[Sequence[int]], length: int, mask_token_id: int,
-                  settings: RolloutSettings, key: int) -> torch.Tensor:
+def sample_groups(
+    model,
+    sampler: str,
+    prompts: Sequence[Sequence[int]],
+    length: int,
+    mask_token_id: int,
+    settings: RolloutSettings,
+    key: int,
+) -> torch.Tensor:
     """int64 [P * G, length]: ``G`` completions of each of ``P`` prompts of one token length (prompt-major),
     in one batch, from the family's ``sampler`` (a key of :data:`vrpo.models.SAMPLERS`) with a generator
     seeded by ``key``. The prompts are not returned."""
@@ -91,21 +99,31 @@ def sample_groups(model, sampler: str, prompts: Sequence[Sequence[int]], length:
     G = settings.num_generations
     prompt_ids = torch.tensor([list(p) for p in prompts for _ in range(G)], dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(key)
-    out = SAMPLERS[sampler](model, prompt_ids, mask_token_id, gen_length=length, steps=settings.steps or length,
-                            block_length=settings.block_length or length, temperature=settings.temperature,
-                            generator=g)
+    out = SAMPLERS[sampler](
+        model,
+        prompt_ids,
+        mask_token_id,
+        gen_length=length,
+        steps=settings.steps or length,
+        block_length=settings.block_length or length,
+        temperature=settings.temperature,
+        generator=g,
+    )
     P = prompt_ids.shape[1]
     if not torch.equal(out[:, :P], prompt_ids):
         raise RuntimeError("the sampler changed the prompt")  # would score a sequence nobody sampled
     return out[:, P:]
 
 
-def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int,
-                     device) -> dict[str, torch.Tensor]:
+def completion_batch(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int, device
+) -> dict[str, torch.Tensor]:
     """``[prompt, response]`` rows, right-padded (:func:`vrpo.models.collate`): ``input_ids``,
     ``response_mask`` (the response only), ``attention_mask`` (0 on padding) [B, L]."""
-    rows = [{"input_ids": list(p) + list(c), "response_mask": [False] * len(p) + [True] * len(c)}
-            for p, c in zip(prompts, completions)]
+    rows = [
+        {"input_ids": list(p) + list(c), "response_mask": [False] * len(p) + [True] * len(c)}
+        for p, c in zip(prompts, completions)
+    ]
     return {k: v.to(device) for k, v in collate(rows, pad_id).items()}
 
 

@@ -137,8 +137,9 @@ def open_run(cfg, accelerator) -> tuple[RunDir | None, CheckpointManager, str | 
             refused = e
     raise_everywhere(accelerator, refused)  # also the barrier: the directory is ready
     if directory is not None and directory.moved_to:
-        logger.warning("--overwrite_output_dir: the previous run in %s was moved to %s", cfg.output_dir,
-                       directory.moved_to)
+        logger.warning(
+            "--overwrite_output_dir: the previous run in %s was moved to %s", cfg.output_dir, directory.moved_to
+        )
     checkpoints = CheckpointManager(cfg.output_dir, accelerator, cfg.save_total_limit)
     resume_path = None
     if cfg.resume_from_checkpoint:

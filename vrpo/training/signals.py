@@ -60,8 +60,10 @@ class StopSignals:
     def _handler(self, signum, frame):
         self.signum = signum
         self._restore()
-        logger.warning("%s: finishing the current step, then writing a checkpoint (send it again to stop at "
-                       "once)", signal.Signals(signum).name)
+        logger.warning(
+            "%s: finishing the current step, then writing a checkpoint (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     def requested(self, accelerator) -> bool:
         """A signal reached this process (or, with several processes, any of them)."""

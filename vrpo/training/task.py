@@ -1,7 +1,8 @@
 """Tasks are plug-ins: what a run needs from a task with a verifier, and nothing about any one task.
 
 A task brings a starting model and preference pairs (used when the run names none; an online RL run answers
-their prompts), the presets its model trains with, and a verifier that rewards answers and grades the policy's generations on the task's own test prompts before and
+their prompts), the presets its model trains with, and a verifier that rewards answers and grades the policy's
+generations on the task's own test prompts before and
 after training. Only the entry points choose a task (``python -m vrpo.train --task NAME``, one of
 :data:`vrpo.tasks.TASKS`; the sorting demo by default); the trainer takes one, or none, as an argument.
 """

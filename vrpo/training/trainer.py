@@ -85,11 +85,22 @@ class ELBOTrainer:
     LOSS_METRIC = "loss"
     PROGRESS: dict[str, tuple[str, str]] = {}
 
-    def __init__(self, config: TrainingConfig, model=None, ref_model=None, tokenizer=None, train_pairs=None,
-                 eval_pairs=None, task: GradedTask | None = None, callbacks=()):
+    def __init__(
+        self,
+        config: TrainingConfig,
+        model=None,
+        ref_model=None,
+        tokenizer=None,
+        train_pairs=None,
+        eval_pairs=None,
+        task: GradedTask | None = None,
+        callbacks=(),
+    ):
         if not isinstance(config, self.CONFIG):
-            raise TypeError(f"{type(self).__name__} takes a {self.CONFIG.__name__}, got "
-                            f"{type(config).__name__} (vrpo.training.trainer_for picks a config's trainer)")
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.CONFIG.__name__}, got "
+                f"{type(config).__name__} (vrpo.training.trainer_for picks a config's trainer)"
+            )
         presets = self.task_presets(task) if task is not None and config.model_name_or_path is None else None
         self.config = cfg = config.resolved(presets)
         self.task = task if cfg.dataset is None else None  # a user's data is never graded
@@ -113,13 +124,23 @@ class ELBOTrainer:
             train_pairs, eval_pairs, self.data_stats = loading.load_pairs(cfg, tok, task)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
         self.has_eval = eval_pairs is not None and len(eval_pairs) > 0
-        self.schedule = Schedule(cfg.seed, len(train_pairs), cfg.per_device_train_batch_size,
-                                 cfg.gradient_accumulation_steps, acc.process_index, acc.num_processes)
+        self.schedule = Schedule(
+            cfg.seed,
+            len(train_pairs),
+            cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps,
+            acc.process_index,
+            acc.num_processes,
+        )
         self.schedule.check()
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch() * cfg.num_train_epochs
-        self.evaluator = PreferenceEval(acc, self.batches, SamplingPlan(n_t=cfg.eval_n_t, stratified=True,
-                                        estimator=cfg.estimator), max(1, cfg.per_device_train_batch_size),
-                                        cfg.implicit_reward_beta)
+        self.evaluator = PreferenceEval(
+            acc,
+            self.batches,
+            SamplingPlan(n_t=cfg.eval_n_t, stratified=True, estimator=cfg.estimator),
+            max(1, cfg.per_device_train_batch_size),
+            cfg.implicit_reward_beta,
+        )
         self.run_dir, self.checkpoints, self.resume_path = run_dir.open_run(cfg, acc)
         try:
             self._prepare_optimization(loading.load_models(cfg, task, model, ref_model))
@@ -155,8 +176,9 @@ class ELBOTrainer:
     def elbo_module(self, model) -> ELBOModule:
         """``model`` wrapped so that its forward returns the run's ELBO terms (head, kernels, packing)."""
         cfg = self.config
-        return ELBOModule(model, self.mask_token_id, cfg.head_options(),
-                          pack_length=cfg.max_length if cfg.packing else None)
+        return ELBOModule(
+            model, self.mask_token_id, cfg.head_options(), pack_length=cfg.max_length if cfg.packing else None
+        )
 
     def _prepare_optimization(self, models: loading.Models):
         """AdamW and the schedule; the policy's ELBO module through accelerate, the reference's beside it."""
@@ -164,8 +186,13 @@ class ELBOTrainer:
         self.family = loading.model_family(models.policy, self.tokenizer)
         self.reference_is_initial_policy = models.reference_is_initial_policy
         params = [p for p in models.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
         # Stepped by hand once per optimizer step (accelerate's would step once per process); checkpointed.
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, self.max_steps)
         self.policy_elbo, self.optimizer = acc.prepare(self.elbo_module(models.policy), optimizer)
@@ -180,8 +207,9 @@ class ELBOTrainer:
         """The run state: fresh, or restored with the model, optimizer, scheduler and RNG states."""
         self.state, self.ref_eval, self._definition = RunState(), None, None
         if self.resume_path:
-            self.state, self.ref_eval = restore(self.checkpoints, self.resume_path, self._run_definition,
-                                                self.config, self.optimizer, self.scheduler)
+            self.state, self.ref_eval = restore(
+                self.checkpoints, self.resume_path, self._run_definition, self.config, self.optimizer, self.scheduler
+            )
             if self.is_main:
                 logger.info("resumed from %s at step %d", self.resume_path, self.state.step)
         self.start_step = self.state.step
@@ -190,8 +218,9 @@ class ELBOTrainer:
     def _run_definition(self) -> dict:
         """What makes this run this run (hashes the data: computed once, when first needed)."""
         if self._definition is None:
-            self._definition = run_definition(self.config, self.accelerator.num_processes, self.train_pairs,
-                                              self.eval_pairs)
+            self._definition = run_definition(
+                self.config, self.accelerator.num_processes, self.train_pairs, self.eval_pairs
+            )
         return self._definition
 
     @property
@@ -227,8 +256,7 @@ class ELBOTrainer:
         sums: dict[str, float] = {}
         tokens, bad = 0, False
         for k, items in enumerate(micro):
-            metrics, n_tok, bad_micro = self._backward_micro_batch(items, len(micro), k == len(micro) - 1,
-                                                                   step)
+            metrics, n_tok, bad_micro = self._backward_micro_batch(items, len(micro), k == len(micro) - 1, step)
             bad = bad or bad_micro
             tokens += n_tok
             for key, v in metrics.items():
@@ -244,8 +272,7 @@ class ELBOTrainer:
             if not self.weights_finite(params):  # back to the last checkpoint's weights and optimizer state
                 last = self.checkpoints.roll_back(step, self.scheduler)
                 if self.is_main:
-                    logger.warning("step %d: the update made weights non-finite; rolled back to %s", step,
-                                   last)
+                    logger.warning("step %d: the update made weights non-finite; rolled back to %s", step, last)
                 bad = True
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -267,8 +294,10 @@ class ELBOTrainer:
         try:
             return self.evaluator.evaluate(self.policy_elbo, self.eval_pairs, ref_eval)
         except NonFiniteELBOError as e:
-            raise TrainingDiverged(f"held-out evaluation at step {self.state.step}: {e}; last checkpoint: "
-                                   f"{self.checkpoints.latest() or 'none'}") from e
+            raise TrainingDiverged(
+                f"held-out evaluation at step {self.state.step}: {e}; last checkpoint: "
+                f"{self.checkpoints.latest() or 'none'}"
+            ) from e
 
     def evaluate_initial(self) -> dict:
         """Evaluate the initial policy (held-out pairs and graded generations, where there are any); keep the
@@ -278,10 +307,14 @@ class ELBOTrainer:
             before, policy_eval = self.evaluate(None)
             self.state.pref_acc_before = before["eval/pref_acc"]
             # A copy of the initial policy (or LoRA's): its terms are the ones just computed.
-            self.ref_eval = policy_eval if self.reference_is_initial_policy else self.evaluator.terms(
-                self.reference.elbo, self.eval_pairs)
-        generations = grade_generations(self.task, self.accelerator, self.policy_elbo, self.tokenizer,
-                                        self.config.gen_eval_prompts)
+            self.ref_eval = (
+                policy_eval
+                if self.reference_is_initial_policy
+                else self.evaluator.terms(self.reference.elbo, self.eval_pairs)
+            )
+        generations = grade_generations(
+            self.task, self.accelerator, self.policy_elbo, self.tokenizer, self.config.gen_eval_prompts
+        )
         if generations is not None:
             self.state.gen_acc_before, self.state.gen_credit_before = generations.accuracy, generations.credit
             before.update(generation_metrics(generations))
@@ -307,12 +340,14 @@ class ELBOTrainer:
         cfg = self.config
         if self.is_main:
             outputs.write_config(cfg.output_dir, cfg)
-        return MetricsLogger(cfg.output_dir, self.is_main, cfg.report_to == "tensorboard",
-                             self.start_step if self.resume_path else None)
+        return MetricsLogger(
+            cfg.output_dir, self.is_main, cfg.report_to == "tensorboard", self.start_step if self.resume_path else None
+        )
 
     def _loop(self, log: MetricsLogger, signals: StopSignals):
-        bar = tqdm(total=self.max_steps, initial=self.state.step, desc=self.NAME, disable=not self.is_main,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.max_steps, initial=self.state.step, desc=self.NAME, disable=not self.is_main, dynamic_ncols=True
+        )
         window = LogWindow()
         while self.state.step < self.max_steps:
             if signals.requested(self.accelerator):
@@ -330,8 +365,10 @@ class ELBOTrainer:
             bar.update(1)
             if applied:
                 self.variances.add(metrics)
-                bar.set_postfix(**{k: format(metrics[m], f) for k, (m, f) in self.PROGRESS.items()},
-                                tok_s=f"{window.tokens_per_s():.0f}")
+                bar.set_postfix(
+                    **{k: format(metrics[m], f) for k, (m, f) in self.PROGRESS.items()},
+                    tok_s=f"{window.tokens_per_s():.0f}",
+                )
             self._periodic(log, window)
         bar.close()
 
@@ -346,8 +383,7 @@ class ELBOTrainer:
         st, cfg = self.state, self.config
         if st.count(applied, metrics[self.LOSS_METRIC] if applied else None, cfg.logging_steps):
             if self.is_main:
-                logger.warning("step %d skipped: non-finite learning rate, loss, gradient norm or weights",
-                               st.step)
+                logger.warning("step %d skipped: non-finite learning rate, loss, gradient norm or weights", st.step)
             log.log(st.step, {"train/skipped": 1, "train/consecutive_nonfinite": st.consecutive_nonfinite})
             st.check_streak(cfg.max_nonfinite_steps, self.checkpoints.latest())
 
@@ -373,12 +409,15 @@ class ELBOTrainer:
         if latest is not None and os.path.basename(latest) == self.checkpoints.name(step):
             return latest
         if not self.weights_finite():
-            logger.error("step %d: weights are not finite; no checkpoint written (last: %s)", step,
-                         latest or "none")
+            logger.error("step %d: weights are not finite; no checkpoint written (last: %s)", step, latest or "none")
             return None
         state = {**self.state.to_checkpoint(self.max_steps, self.config.seed), "run": self._run_definition()}
-        return self.checkpoints.save(step, state, fault=lambda: fault_point("checkpoint", step),
-                                     extra_tensors={"eval_reference.pt": self.ref_eval})
+        return self.checkpoints.save(
+            step,
+            state,
+            fault=lambda: fault_point("checkpoint", step),
+            extra_tensors={"eval_reference.pt": self.ref_eval},
+        )
 
     def finish(self, log: MetricsLogger, t0: float) -> dict:
         """The final evaluation, checkpoint and model, the samples, and ``summary.json``."""
@@ -388,25 +427,42 @@ class ELBOTrainer:
             if st.final_eval is None:  # else: resumed from the final checkpoint, evaluated and logged already
                 st.final_eval, _ = self.evaluate(self.ref_eval)
                 log.log(st.step, st.final_eval)
-            summary.update(pref_acc_before=st.pref_acc_before, pref_acc_after=st.final_eval["eval/pref_acc"],
-                           reward_acc_after=st.final_eval.get("eval/reward_acc"))
-        generations = grade_generations(self.task, self.accelerator, self.policy_elbo, self.tokenizer,
-                                        self.config.gen_eval_prompts)
+            summary.update(
+                pref_acc_before=st.pref_acc_before,
+                pref_acc_after=st.final_eval["eval/pref_acc"],
+                reward_acc_after=st.final_eval.get("eval/reward_acc"),
+            )
+        generations = grade_generations(
+            self.task, self.accelerator, self.policy_elbo, self.tokenizer, self.config.gen_eval_prompts
+        )
         if generations is not None:
             log.log(st.step, generation_metrics(generations))
             summary.update(outputs.generation_summary(st, generations))
         self.save_checkpoint()
-        model_dir = outputs.save_final_model(self.accelerator, self.policy_elbo, self.tokenizer,
-                                             cfg.output_dir, cfg.use_lora, st.step)
-        summary.update(final_loss=st.final_loss, wall_s=time.time() - t0,
-                       **outputs.run_facts(cfg.output_dir, model_dir, self.family, self.plan),
-                       data=self.data_stats, **self.variances.summary(self.schedule.global_batch, self.plan))
+        model_dir = outputs.save_final_model(
+            self.accelerator, self.policy_elbo, self.tokenizer, cfg.output_dir, cfg.use_lora, st.step
+        )
+        summary.update(
+            final_loss=st.final_loss,
+            wall_s=time.time() - t0,
+            **outputs.run_facts(cfg.output_dir, model_dir, self.family, self.plan),
+            data=self.data_stats,
+            **self.variances.summary(self.schedule.global_batch, self.plan),
+        )
         if cfg.num_samples and (self.has_eval or generations is not None):
             summary["samples"] = outputs.answer_samples(
-                self.accelerator, self.policy_elbo, self.tokenizer, cfg, self.task is not None, generations,
-                self.eval_pairs, self.mask_token_id)
+                self.accelerator,
+                self.policy_elbo,
+                self.tokenizer,
+                cfg,
+                self.task is not None,
+                generations,
+                self.eval_pairs,
+                self.mask_token_id,
+            )
         log.close()
-        outputs.write_summary(cfg.output_dir, self.checkpoints.root, cfg.report_to == "tensorboard", summary,
-                              self.is_main)
+        outputs.write_summary(
+            cfg.output_dir, self.checkpoints.root, cfg.report_to == "tensorboard", summary, self.is_main
+        )
         self.accelerator.end_training()
         return summary

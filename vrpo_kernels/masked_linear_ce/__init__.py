@@ -14,5 +14,11 @@ from .op import masked_linear_ce
 from .reference import masked_linear_ce_eager
 from .triton_path import aot_specs
 
-__all__ = ["DEFAULT_MAX_BUFFER_BYTES", "WorkingSet", "aot_specs", "masked_linear_ce", "masked_linear_ce_eager",
-           "working_set_bytes"]
+__all__ = [
+    "DEFAULT_MAX_BUFFER_BYTES",
+    "WorkingSet",
+    "aot_specs",
+    "masked_linear_ce",
+    "masked_linear_ce_eager",
+    "working_set_bytes",
+]

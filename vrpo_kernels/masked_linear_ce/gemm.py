@@ -96,8 +96,12 @@ def scratch_bytes(strategy: GemmStrategy, m: int, k: int, n: int, dtype: torch.d
     cols = min(n, UPCAST_COLS)
     kind = strategy.accumulate if accumulating else strategy.product
     return {
-        "out_dtype": 0, "addmm_out_dtype": 0, "mm_out_dtype_add": 4 * m * n, "scratch16_add": es * m * n,
-        "upcast": 4 * (m * k + k * cols), "upcast_add": 4 * (m * k + k * cols),
+        "out_dtype": 0,
+        "addmm_out_dtype": 0,
+        "mm_out_dtype_add": 4 * m * n,
+        "scratch16_add": es * m * n,
+        "upcast": 4 * (m * k + k * cols),
+        "upcast_add": 4 * (m * k + k * cols),
     }[kind]
 
 
@@ -141,11 +145,23 @@ def detect(device: torch.device, dtype: torch.dtype) -> GemmStrategy:
     prod, lost_p = _first_working(PRODUCTS, False, device, dtype)
     acc, lost_a = _first_working(ACCUMULATES, True, device, dtype)
     strategy = GemmStrategy(prod, acc)
-    logger.info("masked_linear_ce: backward GEMMs on %s for %s: %s (torch %s; refused: %s)",
-                device.type, dtype, strategy, torch.__version__, {**lost_p, **lost_a} or "none")
+    logger.info(
+        "masked_linear_ce: backward GEMMs on %s for %s: %s (torch %s; refused: %s)",
+        device.type,
+        dtype,
+        strategy,
+        torch.__version__,
+        {**lost_p, **lost_a} or "none",
+    )
     if device.type == "cuda" and (lost_p or lost_a):
-        logger.warning("masked_linear_ce: torch %s lacks the one-call fp32-output GEMM for %s (%s); the backward "
-                       "uses %s, which is slower", torch.__version__, dtype, {**lost_p, **lost_a}, strategy)
+        logger.warning(
+            "masked_linear_ce: torch %s lacks the one-call fp32-output GEMM for %s (%s); the backward "
+            "uses %s, which is slower",
+            torch.__version__,
+            dtype,
+            {**lost_p, **lost_a},
+            strategy,
+        )
     return strategy
 
 

@@ -50,18 +50,29 @@ class WorkingSet:
         return max(during, self.grads + self.after - self.param_grads) + self.small
 
 
-def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dtype: torch.dtype, *,
-                      weight_dtype: torch.dtype | None = None, hidden_dtype: torch.dtype | None = None,
-                      bias: bool = False, weight_grad: bool = True,
-                      max_buffer_bytes: int | None = None, strategy: gemm.GemmStrategy | None = None,
-                      splits: int = 1) -> WorkingSet:
+def working_set_bytes(
+    n_rows: int,
+    n_selected: int,
+    hidden: int,
+    vocab: int,
+    dtype: torch.dtype,
+    *,
+    weight_dtype: torch.dtype | None = None,
+    hidden_dtype: torch.dtype | None = None,
+    bias: bool = False,
+    weight_grad: bool = True,
+    max_buffer_bytes: int | None = None,
+    strategy: gemm.GemmStrategy | None = None,
+    splits: int = 1,
+) -> WorkingSet:
     """Peak bytes of one forward + backward of ``masked_linear_ce(impl="triton")`` with gradients for
     hidden, weight (and bias), beyond its inputs.
 
     n_rows: N, the rows of ``hidden``; n_selected: rows the mask selects; hidden: H; vocab: V; dtype:
     the compute dtype (the weight's, or the autocast dtype); weight_dtype: the head's own dtype
     (default ``dtype``; fp32 under autocast adds its cast); hidden_dtype: the hidden states' own dtype
-    (default ``dtype``); weight_grad: False for a frozen head (LoRA: no d_weight, d_bias); strategy: the backward's GEMM forms (default
+    (default ``dtype``); weight_grad: False for a frozen head (LoRA: no d_weight, d_bias); strategy: the backward's
+    GEMM forms (default
     the forms every torch has, "upcast" and "scratch16_add"); splits: the forward's vocabulary splits
     (:func:`vrpo_kernels.masked_linear_ce.triton_path.gpu_vocab_split` gives them for a GPU).
     """
@@ -92,5 +103,6 @@ def working_set_bytes(n_rows: int, n_selected: int, hidden: int, vocab: int, dty
     # d_hidden back to the hidden's dtype (when it differs), then scattered: new_zeros + index_put.
     after = master + (n * H * eh if eh != es or (hidden_dtype or dtype) != dtype else 0) + 2 * N * H * eh
     small = 4 * N * 3 + 4 * 3 * splits * n
-    return WorkingSet(saved, buffer, accumulators, grads, after, small, param_grads=master or head_grads,
-                      cast_grads=master > 0)
+    return WorkingSet(
+        saved, buffer, accumulators, grads, after, small, param_grads=master or head_grads, cast_grads=master > 0
+    )

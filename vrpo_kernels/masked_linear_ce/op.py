@@ -7,7 +7,8 @@ import torch
 
 from ..dispatch import resolve_impl
 from . import torch_path, triton_path
-from .common import DEFAULT_MAX_BUFFER_BYTES, DTYPE_NAMES as _DTYPE_NAMES
+from .common import DEFAULT_MAX_BUFFER_BYTES
+from .common import DTYPE_NAMES as _DTYPE_NAMES
 from .reference import masked_linear_ce_eager
 
 
@@ -22,7 +23,9 @@ class _StreamedLinearCE(torch.autograd.Function):
             if impl == "triton":
                 (logp, lse), kept = triton_path.linear_ce_triton_forward(h, weight, bias, targets), None
             else:
-                logp, lse, kept = torch_path.linear_ce_torch_forward(h, weight, bias, targets, max_buffer_bytes, keep=True)
+                logp, lse, kept = torch_path.linear_ce_torch_forward(
+                    h, weight, bias, targets, max_buffer_bytes, keep=True
+                )
         ctx.impl, ctx.max_buffer_bytes = impl, max_buffer_bytes
         # The kept chunks are intermediates, held on ctx (not save_for_backward) so that the backward can
         # free each one once used; that peak then stays near the kept buffer instead of buffer + d_weight.
@@ -42,11 +45,13 @@ class _StreamedLinearCE(torch.autograd.Function):
         needs = (ctx.needs_input_grad[2], ctx.needs_input_grad[3], bias is not None and ctx.needs_input_grad[4])
         with torch.autocast(h.device.type, enabled=False):
             if ctx.impl == "triton":
-                dh, dw, db = triton_path.linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs,
-                                                       ctx.max_buffer_bytes)
+                dh, dw, db = triton_path.linear_ce_triton_backward(
+                    grad_logp, h, weight, bias, targets, lse, needs, ctx.max_buffer_bytes
+                )
             else:
-                dh, dw, db = torch_path.linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept, needs,
-                                                      ctx.max_buffer_bytes)
+                dh, dw, db = torch_path.linear_ce_torch_backward(
+                    grad_logp, h, weight, bias, targets, lse, kept, needs, ctx.max_buffer_bytes
+                )
         return None, None, dh, dw, db, None
 
 
@@ -61,7 +66,9 @@ def _selected_rows(row_mask: torch.Tensor, n: int) -> torch.Tensor:
         raise TypeError(f"masked_linear_ce: row_mask must be a tensor, got {type(row_mask).__name__}")
     if row_mask.dtype == torch.bool:
         if row_mask.shape != (n,):
-            raise ValueError(f"masked_linear_ce: a bool row_mask must have shape [N] = [{n}], got {tuple(row_mask.shape)}")
+            raise ValueError(
+                f"masked_linear_ce: a bool row_mask must have shape [N] = [{n}], got {tuple(row_mask.shape)}"
+            )
         return row_mask.nonzero()[:, 0]
     if row_mask.dtype.is_floating_point or row_mask.dtype.is_complex or row_mask.dim() != 1:
         raise ValueError(
@@ -86,13 +93,17 @@ def _check(hidden, weight, targets, row_weight, bias, max_buffer_bytes):
         if t.dtype not in _DTYPE_NAMES:
             raise ValueError(f"masked_linear_ce: {name} must be fp32, fp16 or bf16, got {t.dtype}")
     if targets.shape != (n,) or targets.dtype.is_floating_point:
-        raise ValueError(f"masked_linear_ce: targets must be an integer tensor [N] = [{n}], got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(
+            f"masked_linear_ce: targets must be an integer tensor [N] = [{n}], got {targets.dtype} {tuple(targets.shape)}"  # noqa: E501
+        )
     if row_weight.shape != (n,):
         raise ValueError(f"masked_linear_ce: row_weight must be [N] = [{n}], got {tuple(row_weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"masked_linear_ce: bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if isinstance(max_buffer_bytes, bool) or not isinstance(max_buffer_bytes, int) or max_buffer_bytes <= 0:
-        raise ValueError(f"masked_linear_ce: max_buffer_bytes must be a positive int (bytes) or None, got {max_buffer_bytes!r}")
+        raise ValueError(
+            f"masked_linear_ce: max_buffer_bytes must be a positive int (bytes) or None, got {max_buffer_bytes!r}"
+        )
 
 
 def _triton_operands(hidden_rows, weight, bias):

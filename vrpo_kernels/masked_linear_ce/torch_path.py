@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import DEFAULT_MAX_BUFFER_BYTES, FLOOR as _FLOOR
+from .common import DEFAULT_MAX_BUFFER_BYTES
+from .common import FLOOR as _FLOOR
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _onednn_agrees() -> bool:
 
 
 def _choose_cpu_gemm() -> str:
-    """"onednn" where oneDNN's fp32 GEMM works and agrees with torch.mm, else "mm" (logged at WARNING);
+    """ "onednn" where oneDNN's fp32 GEMM works and agrees with torch.mm, else "mm" (logged at WARNING);
     ``VRPO_CPU_GEMM=mm`` pins torch.mm."""
     forced = os.environ.get("VRPO_CPU_GEMM", "")
     if forced not in ("", "mm", "mkl", "onednn"):
@@ -86,8 +87,11 @@ def _choose_cpu_gemm() -> str:
     try:
         ok = _onednn_agrees()
     except Exception as exc:  # no oneDNN in this torch build, or the private op changed
-        logger.warning("masked_linear_ce: oneDNN's fp32 GEMM is unavailable (%s: %s); using torch.mm on the CPU",
-                       type(exc).__name__, exc)
+        logger.warning(
+            "masked_linear_ce: oneDNN's fp32 GEMM is unavailable (%s: %s); using torch.mm on the CPU",
+            type(exc).__name__,
+            exc,
+        )
         return "mm"
     if not ok:
         logger.warning("masked_linear_ce: oneDNN's fp32 GEMM disagrees with torch.mm; using torch.mm on the CPU")
@@ -187,8 +191,9 @@ class _Kept:
     shifts: list[torch.Tensor]
 
 
-def linear_ce_torch_forward(h: torch.Tensor, weight, bias, targets, max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES,
-                            keep: bool = False):
+def linear_ce_torch_forward(
+    h: torch.Tensor, weight, bias, targets, max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES, keep: bool = False
+):
     """Streamed forward on gathered rows: an online log-sum-exp over vocabulary chunks. h [n, H] (any
     float dtype), weight [V, H], bias [V] or None, targets int64 [n]. Returns ``(logp, lse, kept)``: fp32
     [n] twice, and a :class:`_Kept` when ``keep`` and the logits fit in ``max_buffer_bytes`` (else None)."""
@@ -269,8 +274,17 @@ def _add_onehot(g, h32, weight, targets, dh, grads: _Grads):
         _add_rows(grads.db, targets, g)
 
 
-def linear_ce_torch_backward(grad_logp, h, weight, bias, targets, lse, kept=None, needs=(True, True, True),
-                             max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES):
+def linear_ce_torch_backward(
+    grad_logp,
+    h,
+    weight,
+    bias,
+    targets,
+    lse,
+    kept=None,
+    needs=(True, True, True),
+    max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES,
+):
     """Gradients of ``sum(grad_logp * logp)`` for :func:`linear_ce_torch_forward`. Returns
     ``(d_h, d_weight, d_bias)`` in the inputs' dtypes (None where not needed).
 

@@ -14,9 +14,8 @@ import functools
 import torch
 
 from .._triton_utils import aot_spec, on_device, upcast_dots
-from ..dispatch import triton_available
+from ..dispatch import fp32_matmul_precision, triton_available
 from ..gpus import GPUS
-from ..dispatch import fp32_matmul_precision
 from . import gemm
 from .common import DEFAULT_MAX_BUFFER_BYTES, DTYPE_NAMES, FLOOR
 
@@ -27,9 +26,24 @@ if triton_available():
     from .._triton_utils import dot
 
     @triton.jit
-    def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    def _logit_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        K,
+        stride_h,
+        stride_w,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
         """fp32 [BLOCK_M, BLOCK_V] logits of rows x cols (masked rows/cols give garbage, not NaN).
         ``rows`` and ``cols`` are int64, so ``rows * stride_h`` cannot wrap past 2^31 elements."""
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
@@ -44,10 +58,28 @@ if triton_available():
         return acc
 
     @triton.jit
-    def _lse_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_max_ptr, part_sum_ptr, part_tgt_ptr,
-                            n, V, K, stride_h, stride_w, tiles_per_split, floor,
-                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    def _lse_forward_kernel(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        t_ptr,
+        part_max_ptr,
+        part_sum_ptr,
+        part_tgt_ptr,
+        n,
+        V,
+        K,
+        stride_h,
+        stride_w,
+        tiles_per_split,
+        floor,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
+    ):
         """Per (row block, vocabulary split): running max, rescaled sum of exp, and target logit."""
         split = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,8 +94,24 @@ if triton_available():
         for t in range(tiles_per_split):
             cols = v_begin + t * BLOCK_V + tl.arange(0, BLOCK_V)
             col_ok = cols < V
-            z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_h, stride_w,
-                            HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
+            z = _logit_tile(
+                h_ptr,
+                w_ptr,
+                b_ptr,
+                rows,
+                cols,
+                row_ok,
+                col_ok,
+                K,
+                stride_h,
+                stride_w,
+                HAS_BIAS,
+                BLOCK_M,
+                BLOCK_V,
+                BLOCK_K,
+                DOT_PRECISION,
+                UPCAST_DOT,
+            )
             z = tl.where(col_ok[None, :], z, float("-inf"))
             new_max = tl.maximum(run_max, tl.max(z, axis=1))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
@@ -75,8 +123,20 @@ if triton_available():
         tl.store(part_tgt_ptr + out, tgt_logit, mask=row_ok)
 
     @triton.jit
-    def _softmax_grad_kernel(z_ptr, dz_ptr, b_ptr, t_ptr, lse_ptr, g_ptr, C, v0, stride_z, stride_dz,
-                             HAS_BIAS: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _softmax_grad_kernel(
+        z_ptr,
+        dz_ptr,
+        b_ptr,
+        t_ptr,
+        lse_ptr,
+        g_ptr,
+        C,
+        v0,
+        stride_z,
+        stride_dz,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         """One row per program: ``dz = g * (onehot - exp(z + b - lse))`` over the chunk's C logits
         (vocabulary columns [v0, v0 + C); ``b_ptr`` points at the chunk's bias), left to right.
 
@@ -189,9 +249,24 @@ def linear_ce_triton_forward(h, weight, bias, targets):
     precision = dot_precision(h.dtype)
     with on_device(h):
         _lse_forward_kernel[(m_blocks, splits)](
-            h, weight, bias if bias is not None else h, targets, part[0], part[1], part[2],
-            n, V, K, h.stride(0), weight.stride(0), per_split, FLOOR,
-            HAS_BIAS=bias is not None, DOT_PRECISION=precision, UPCAST_DOT=upcast_dots(h.dtype, precision), **cfg,
+            h,
+            weight,
+            bias if bias is not None else h,
+            targets,
+            part[0],
+            part[1],
+            part[2],
+            n,
+            V,
+            K,
+            h.stride(0),
+            weight.stride(0),
+            per_split,
+            FLOOR,
+            HAS_BIAS=bias is not None,
+            DOT_PRECISION=precision,
+            UPCAST_DOT=upcast_dots(h.dtype, precision),
+            **cfg,
         )
     run_max, run_sum, tgt = part[0], part[1], part[2]
     top = run_max.amax(dim=0)
@@ -222,8 +297,18 @@ def _softmax_grad(z, dz, bias, targets, lse, g, v0):
     C = z.shape[1]
     with on_device(z):
         _softmax_grad_kernel[(z.shape[0],)](
-            z, dz, bias[v0 : v0 + C] if bias is not None else z, targets, lse, g, C, v0, z.stride(0), dz.stride(0),
-            HAS_BIAS=bias is not None, **cfg,
+            z,
+            dz,
+            bias[v0 : v0 + C] if bias is not None else z,
+            targets,
+            lse,
+            g,
+            C,
+            v0,
+            z.stride(0),
+            dz.stride(0),
+            HAS_BIAS=bias is not None,
+            **cfg,
         )
 
 
@@ -241,8 +326,9 @@ def _mm(a, b, out, acc_kind: str | None, strategy: gemm.GemmStrategy) -> None:
         gemm.accumulate(strategy.accumulate, a, b, out)
 
 
-def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(True, True, True),
-                              max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES):
+def linear_ce_triton_backward(
+    grad_logp, h, weight, bias, targets, lse, needs=(True, True, True), max_buffer_bytes=DEFAULT_MAX_BUFFER_BYTES
+):
     """Backward of the Triton path; returns (d_h, d_weight, d_bias) in the inputs' dtypes (None where not
     needed). Vocabulary chunks of :func:`grad_chunk_cols` columns, in order; bit-reproducible (no
     atomics, one GEMM per product)."""
@@ -250,8 +336,11 @@ def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(T
     n, K = h.shape
     V = weight.shape[0]
     if n == 0:
-        return (torch.zeros_like(h) if need_h else None, torch.zeros_like(weight) if need_w else None,
-                torch.zeros_like(bias) if need_b else None)
+        return (
+            torch.zeros_like(h) if need_h else None,
+            torch.zeros_like(weight) if need_w else None,
+            torch.zeros_like(bias) if need_b else None,
+        )
     strategy = gemm.strategy_for(h.device, h.dtype) if h.dtype != torch.float32 else None
     g = grad_logp.float().contiguous()
     cols = grad_chunk_cols(n, V, max_buffer_bytes)
@@ -288,10 +377,23 @@ def linear_ce_triton_backward(grad_logp, h, weight, bias, targets, lse, needs=(T
 
 # Pointer arguments of each kernel: "in" (the compute dtype), fp32, or int64.
 _AOT_POINTERS = {
-    "forward": {"h_ptr": "in", "w_ptr": "in", "b_ptr": "in", "t_ptr": "i64", "part_max_ptr": "fp32",
-                "part_sum_ptr": "fp32", "part_tgt_ptr": "fp32"},
-    "softmax_grad": {"z_ptr": "fp32", "dz_ptr": "in", "b_ptr": "in", "t_ptr": "i64", "lse_ptr": "fp32",
-                     "g_ptr": "fp32"},
+    "forward": {
+        "h_ptr": "in",
+        "w_ptr": "in",
+        "b_ptr": "in",
+        "t_ptr": "i64",
+        "part_max_ptr": "fp32",
+        "part_sum_ptr": "fp32",
+        "part_tgt_ptr": "fp32",
+    },
+    "softmax_grad": {
+        "z_ptr": "fp32",
+        "dz_ptr": "in",
+        "b_ptr": "in",
+        "t_ptr": "i64",
+        "lse_ptr": "fp32",
+        "g_ptr": "fp32",
+    },
 }
 # The shape the specifications describe: LLaDA's head, 4001 selected rows (not a multiple of 16, as
 # the JIT sees most calls), on an H100 of the GPU table.
@@ -303,8 +405,7 @@ def _aot_scalars(kind: str, dtype: str, n: int, H: int, V: int, gpu: str) -> dic
     torch_dtype = {v: k for k, v in DTYPE_NAMES.items()}[dtype]
     if kind == "forward":
         _, per_split = gpu_vocab_split(n, V, torch_dtype, gpu)
-        return {"n": n, "V": V, "K": H, "stride_h": H, "stride_w": H, "tiles_per_split": per_split,
-                "floor": FLOOR}
+        return {"n": n, "V": V, "K": H, "stride_h": H, "stride_w": H, "tiles_per_split": per_split, "floor": FLOOR}
     # A later chunk of the default budget's buffer; 16-bit dz is its storage viewed in the compute dtype.
     C = grad_chunk_cols(n, V, DEFAULT_MAX_BUFFER_BYTES)
     return {"C": C, "v0": C, "stride_z": C, "stride_dz": C if dtype == "fp32" else 2 * C}
@@ -327,9 +428,15 @@ def aot_specs() -> list[dict]:
             extra = {} if precision is None else {"DOT_PRECISION": precision, "UPCAST_DOT": False}
             tag = "" if precision is None or dtype != "fp32" else f",{precision}"
             for has_bias in (False, True):
-                specs.append(aot_spec(
-                    f"masked_linear_ce.{kind}[{dtype}{tag},bias={int(has_bias)},H={H},V={V}]", fn, ptrs,
-                    _aot_scalars(kind, dtype, n, H, V, gpu), {"HAS_BIAS": has_bias, **tiles, **extra},
-                    cfg["num_warps"], cfg["num_stages"],
-                ))
+                specs.append(
+                    aot_spec(
+                        f"masked_linear_ce.{kind}[{dtype}{tag},bias={int(has_bias)},H={H},V={V}]",
+                        fn,
+                        ptrs,
+                        _aot_scalars(kind, dtype, n, H, V, gpu),
+                        {"HAS_BIAS": has_bias, **tiles, **extra},
+                        cfg["num_warps"],
+                        cfg["num_stages"],
+                    )
+                )
     return specs

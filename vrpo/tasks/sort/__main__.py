@@ -24,9 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     return run(argv, prog="python -m vrpo.tasks.sort", description=__doc__.split("\n\n")[0])
 
 
-def run(argv: list[str] | None, *, prog: str, description: str, sft_settings: type = SFTSettings,
-        pair_settings: type = PairSettings, lengths: tuple[int, int] = LENGTHS,
-        pairing: str = "right_vs_nearest", synthetic: bool = True) -> int:
+def run(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    sft_settings: type = SFTSettings,
+    pair_settings: type = PairSettings,
+    lengths: tuple[int, int] = LENGTHS,
+    pairing: str = "right_vs_nearest",
+    synthetic: bool = True,
+) -> int:
     """A sorting task's build commands: ``sft`` and ``pairs`` with the task's settings classes (their
     defaults are the shipped files'), its list ``lengths`` and pairing rule (:func:`.build.rank_pair`'s
     ``pairing``); ``synthetic`` for the demo's synthetic pairs."""
@@ -50,11 +58,14 @@ def run(argv: list[str] | None, *, prog: str, description: str, sft_settings: ty
     try:
         if args.command == "sft":
             record = sft_command(args.output_dir, _settings(sft_settings, args), args.overwrite, lengths)
-            print(f"wrote {args.output_dir}: {record['parameters']} parameters, dev exact-sort accuracy "
-                  f"{record['dev_accuracy']:.1%} (credit {record['dev_credit']:.3f})")
+            print(
+                f"wrote {args.output_dir}: {record['parameters']} parameters, dev exact-sort accuracy "
+                f"{record['dev_accuracy']:.1%} (credit {record['dev_credit']:.3f})"
+            )
         elif args.command == "pairs":
-            record = pairs_command(args.model, args.output, _settings(pair_settings, args), args.overwrite,
-                                   lengths, pairing)
+            record = pairs_command(
+                args.model, args.output, _settings(pair_settings, args), args.overwrite, lengths, pairing
+            )
             print(f"wrote {args.output}: {json.dumps(record['stats'])}")
         else:
             synthetic_command(args.output, args.n, args.overwrite)

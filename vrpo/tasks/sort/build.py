@@ -60,8 +60,9 @@ def train_sft(settings: SFTSettings, log=print, lengths: tuple[int, int] = LENGT
     digits. Returns ``(model, tokenizer)``."""
     tokenizer = toy_tokenizer()
     model = build_tiny_llada(seed=settings.seed, attn_implementation="sdpa", **MODEL_SHAPE).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.95),
-                            weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.95), weight_decay=settings.weight_decay
+    )
     sched = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)
     rng = random.Random(settings.seed)
     g = torch.Generator().manual_seed(settings.seed)
@@ -73,8 +74,15 @@ def train_sft(settings: SFTSettings, log=print, lengths: tuple[int, int] = LENGT
             rows.append(encode_example(tokenizer, prompt, reference_answer(prompt)))
         batch = collate(rows, tokenizer.pad_token_id)
         draw = draw_masks(batch["response_mask"], plan, generator=g, impl="torch")
-        terms = elbo_terms(model, batch["input_ids"], batch["response_mask"], draw, tokenizer.mask_token_id,
-                           model_kwargs={"attention_mask": batch["attention_mask"]}, head=HeadOptions(fused=False))
+        terms = elbo_terms(
+            model,
+            batch["input_ids"],
+            batch["response_mask"],
+            draw,
+            tokenizer.mask_token_id,
+            model_kwargs={"attention_mask": batch["attention_mask"]},
+            head=HeadOptions(fused=False),
+        )
         loss = mdm_sft_loss(terms, batch["response_mask"].sum(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,17 +99,24 @@ def _refuse_overwrite(path: str, overwrite: bool):
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
 
 
-def sft_command(output_dir: str, settings: SFTSettings, overwrite: bool = False,
-                lengths: tuple[int, int] = LENGTHS) -> dict:
+def sft_command(
+    output_dir: str, settings: SFTSettings, overwrite: bool = False, lengths: tuple[int, int] = LENGTHS
+) -> dict:
     """Train, check on the dev prompts, and write the model (LLaDA's format) and its settings."""
     _refuse_overwrite(output_dir, overwrite)
     deterministic_cpu(settings.seed)
     model, tokenizer = train_sft(settings, lengths=lengths)
     dev = evaluate_generations(model, tokenizer, dev_prompts(settings.seed, settings.dev_prompts, lengths))
-    record = {"settings": dataclasses.asdict(settings), "sampler": dataclasses.asdict(EVAL_SAMPLER),
-              "model_shape": MODEL_SHAPE, "threads": THREADS, "torch": torch.__version__,
-              "dev_accuracy": dev.accuracy, "dev_credit": dev.credit,
-              "parameters": sum(p.numel() for p in model.parameters())}
+    record = {
+        "settings": dataclasses.asdict(settings),
+        "sampler": dataclasses.asdict(EVAL_SAMPLER),
+        "model_shape": MODEL_SHAPE,
+        "threads": THREADS,
+        "torch": torch.__version__,
+        "dev_accuracy": dev.accuracy,
+        "dev_credit": dev.credit,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     save_llada(model, output_dir)
     tokenizer.save_pretrained(output_dir)  # so that the folder loads like any checkpoint (vrpo.eval, ...)
     atomic_write_text(os.path.join(output_dir, SFT_SETTINGS_FILE), json.dumps(record, indent=1) + "\n")
@@ -158,8 +173,7 @@ def meta_path(pairs_path: str) -> str:
 def margin_stats(pairs: Sequence[dict]) -> dict:
     """How far each pair's chosen answer is graded above its rejected one (credit difference): mean, sd,
     quantiles, and a histogram of tenths (``"0.1"``: margins in [0.1, 0.2); the last bin holds 1.0)."""
-    margins = sorted(grade(p["prompt"], p["chosen"]).credit - grade(p["prompt"], p["rejected"]).credit
-                     for p in pairs)
+    margins = sorted(grade(p["prompt"], p["chosen"]).credit - grade(p["prompt"], p["rejected"]).credit for p in pairs)
     if not margins:
         return {}
     n = len(margins)
@@ -167,14 +181,23 @@ def margin_stats(pairs: Sequence[dict]) -> dict:
     bins = [0] * 10
     for m in margins:
         bins[min(int(m * 10 + 1e-9), 9)] += 1
-    return {"mean": mean, "sd": (sum((m - mean) ** 2 for m in margins) / n) ** 0.5,
-            **{f"p{q}": margins[min(n - 1, q * n // 100)] for q in (0, 10, 25, 50, 75, 90)},
-            "max": margins[-1],
-            "histogram": {f"{i / 10:.1f}": c for i, c in enumerate(bins)}}
+    return {
+        "mean": mean,
+        "sd": (sum((m - mean) ** 2 for m in margins) / n) ** 0.5,
+        **{f"p{q}": margins[min(n - 1, q * n // 100)] for q in (0, 10, 25, 50, 75, 90)},
+        "max": margins[-1],
+        "histogram": {f"{i / 10:.1f}": c for i, c in enumerate(bins)},
+    }
 
 
-def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite: bool = False,
-                  lengths: tuple[int, int] = LENGTHS, pairing: str = "right_vs_nearest") -> dict:
+def pairs_command(
+    model_dir: str,
+    output: str,
+    settings: PairSettings,
+    overwrite: bool = False,
+    lengths: tuple[int, int] = LENGTHS,
+    pairing: str = "right_vs_nearest",
+) -> dict:
     """Sample, grade, pair (:func:`rank_pair`); write the JSONL and its ``.meta.json`` (settings,
     statistics, model hash; for a pairing other than the demo's also the share of pairs whose chosen answer
     is not exactly right and the margins' distribution, :func:`margin_stats`)."""
@@ -188,14 +211,21 @@ def pairs_command(model_dir: str, output: str, settings: PairSettings, overwrite
     pairs = [p for p in (rank_pair(q, a, pairing) for q, a in zip(prompts, answers)) if p is not None]
     grades = [grade(q, a) for q, row in zip(prompts, answers) for a in row]
     stats = {
-        "prompts": len(prompts), "pairs": len(pairs), "samples": len(grades),
+        "prompts": len(prompts),
+        "pairs": len(pairs),
+        "samples": len(grades),
         "sample_accuracy": sum(g.correct for g in grades) / len(grades),
         "sample_credit": sum(g.credit for g in grades) / len(grades),
         "chosen_correct": sum(grade(p["prompt"], p["chosen"]).correct for p in pairs) / max(len(pairs), 1),
         "rejected_correct": sum(grade(p["prompt"], p["rejected"]).correct for p in pairs) / max(len(pairs), 1),
     }
-    record = {"settings": dataclasses.asdict(settings), "threads": THREADS, "torch": torch.__version__,
-              "model_sha256": sha256_of(os.path.join(model_dir, "model.safetensors")), "stats": stats}
+    record = {
+        "settings": dataclasses.asdict(settings),
+        "threads": THREADS,
+        "torch": torch.__version__,
+        "model_sha256": sha256_of(os.path.join(model_dir, "model.safetensors")),
+        "stats": stats,
+    }
     if pairing != "right_vs_nearest":  # (the demo's shipped meta file has none of these: its rule is implied)
         record["pairing"] = pairing
         stats["chosen_not_exact"] = 1 - stats["chosen_correct"]

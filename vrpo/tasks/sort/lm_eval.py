@@ -119,9 +119,7 @@ def write(overwrite: bool = False) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vrpo.tasks.sort.lm_eval", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m vrpo.tasks.sort.lm_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:

@@ -159,8 +159,9 @@ def _cut_answer(tokenizer, ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def sample_answers(model, tokenizer, prompts: Sequence[str], sampler: SamplerSettings, n: int = 1,
-                   batch_size: int = 256) -> list[list[str]]:
+def sample_answers(
+    model, tokenizer, prompts: Sequence[str], sampler: SamplerSettings, n: int = 1, batch_size: int = 256
+) -> list[list[str]]:
     """``n`` answers per prompt from LLaDA's sampler (:func:`vrpo.models.generate`).
 
     Prompts of one token length are batched together (no padding); each batch draws from its own
@@ -188,20 +189,32 @@ def sample_answers(model, tokenizer, prompts: Sequence[str], sampler: SamplerSet
             g = torch.Generator(device=device).manual_seed(sampler.seed * 1_000_003 + batch_no)
             batch_no += 1
             prompt_ids = torch.tensor([encoded[i] for i, _ in chunk], dtype=torch.long, device=device)
-            out = generate(model, prompt_ids, mask_id, gen_length=gen_length, steps=gen_length,
-                           temperature=sampler.temperature, remasking=sampler.remasking, generator=g)
+            out = generate(
+                model,
+                prompt_ids,
+                mask_id,
+                gen_length=gen_length,
+                steps=gen_length,
+                temperature=sampler.temperature,
+                remasking=sampler.remasking,
+                generator=g,
+            )
             for (i, _), ids in zip(chunk, out[:, p_len:].tolist()):
                 answers[i].append(_cut_answer(tokenizer, ids))
     model.train(was_training)
     return answers
 
 
-def evaluate_generations(model, tokenizer, prompts: Sequence[str], sampler: SamplerSettings = EVAL_SAMPLER) -> GenerationReport:
+def evaluate_generations(
+    model, tokenizer, prompts: Sequence[str], sampler: SamplerSettings = EVAL_SAMPLER
+) -> GenerationReport:
     """Generate one answer per prompt and grade it."""
     answers = [a[0] for a in sample_answers(model, tokenizer, prompts, sampler)]
     grades = [grade(p, a) for p, a in zip(prompts, answers)]
-    samples = [{"prompt": p, "answer": a, "correct": g.correct, "credit": g.credit}
-               for p, a, g in zip(prompts, answers, grades)]
+    samples = [
+        {"prompt": p, "answer": a, "correct": g.correct, "credit": g.credit}
+        for p, a, g in zip(prompts, answers, grades)
+    ]
     n = max(len(prompts), 1)
     return GenerationReport(sum(g.correct for g in grades) / n, sum(g.credit for g in grades) / n, samples)
 
@@ -229,8 +242,9 @@ class SFTSettings:
     dev_prompts: int = 256  # SFT's own validation prompts (seed + 1), reported in sft_settings.json
 
 
-def distinct_prompts(rng: random.Random, n: int, seen: set[str], k: int | None = None,
-                     lengths: tuple[int, int] = LENGTHS) -> list[str]:
+def distinct_prompts(
+    rng: random.Random, n: int, seen: set[str], k: int | None = None, lengths: tuple[int, int] = LENGTHS
+) -> list[str]:
     """``n`` prompts drawn from ``rng`` (``k`` digits, default any of ``lengths``) that are not in ``seen``
     and not repeated; ``seen`` grows by the ones returned."""
     out = []
@@ -364,5 +378,3 @@ def pair_prompts(settings: PairSettings, lengths: tuple[int, int] = LENGTHS) -> 
     """Distinct prompts, from the pairs' own seed stream."""
     rng = random.Random(f"pairs/{settings.seed}")
     return distinct_prompts(rng, settings.prompts, seen=set(), lengths=lengths)
-
-

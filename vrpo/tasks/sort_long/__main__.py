@@ -18,9 +18,16 @@ from .task import LENGTHS, PAIRING, PairSettings, SFTSettings
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(argv, prog="python -m vrpo.tasks.sort_long", description=__doc__.split("\n\n")[0],
-               sft_settings=SFTSettings, pair_settings=PairSettings, lengths=LENGTHS,
-               pairing=PAIRING, synthetic=False)
+    return run(
+        argv,
+        prog="python -m vrpo.tasks.sort_long",
+        description=__doc__.split("\n\n")[0],
+        sft_settings=SFTSettings,
+        pair_settings=PairSettings,
+        lengths=LENGTHS,
+        pairing=PAIRING,
+        synthetic=False,
+    )
 
 
 if __name__ == "__main__":
