@@ -223,8 +223,7 @@ def test_task_flag_picks_the_task_the_trainer_gets(monkeypatch, tmp_path):
         got.append((config.task, task))
         raise Stop("stop before building")
 
-    monkeypatch.setattr(vrpo.train, "VRPOTrainer", trainer)
-    monkeypatch.setattr(vrpo.train, "GRPOTrainer", trainer)
+    monkeypatch.setattr(vrpo.train, "trainer_for", trainer)
     for argv, name in (
         ([], "sort"),
         (["--task", "sort_long"], "sort_long"),
