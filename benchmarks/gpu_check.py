@@ -296,24 +296,24 @@ def _plant_stale_lse():
 
 def _plant_no_segment_mask():
     """Attention ignores segment boundaries: every row is one segment for the kernels."""
-    from vrpo_kernels import attention
+    from vrpo_kernels.attention import triton_path  # where attention_triton looks _kernel_segments up
 
-    real = attention._kernel_segments
-    return mock.patch.object(attention, "_kernel_segments", lambda seg, B, S, device: real(None, B, S, device))
+    real = triton_path._kernel_segments
+    return mock.patch.object(triton_path, "_kernel_segments", lambda seg, B, S, device: real(None, B, S, device))
 
 
 def _plant_mask_count_off_by_one():
     """The exact-count sampler masks one position fewer than asked (where the count is positive)."""
-    from vrpo_kernels import mask_sampling
+    from vrpo_kernels.mask_sampling import op  # where sample_masks looks sample_masks_triton up
 
-    real = mask_sampling.sample_masks_triton
+    real = op.sample_masks_triton
 
     def sampler(response_mask, counts=None, probs=None, generator=None, config=None):
         if counts is not None:
             counts = (counts - 1).clamp_min(0)
         return real(response_mask, counts, probs, generator, config)
 
-    return mock.patch.object(mask_sampling, "sample_masks_triton", sampler)
+    return mock.patch.object(op, "sample_masks_triton", sampler)
 
 
 def _plant_zero_column():

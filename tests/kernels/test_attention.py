@@ -401,11 +401,12 @@ def test_torch_path_matches_reference_bf16(case):
 
 def test_auto_is_torch_on_cpu(monkeypatch):
     import vrpo_kernels.attention as attention
+    from vrpo_kernels.attention import op  # where bidirectional_attention looks its paths up
 
     def no_triton(*args, **kwargs):
         raise AssertionError("impl='auto' must not pick the Triton path for CPU tensors")
 
-    monkeypatch.setattr(attention, "attention_triton", no_triton)
+    monkeypatch.setattr(op, "attention_triton", no_triton)
     q, k, v = _inputs(1, 2, 1, 6, 16, torch.float32, seed=0, requires_grad=False)
     torch.testing.assert_close(bidirectional_attention(q, k, v), attention.attention_torch(q, k, v))
 
@@ -434,12 +435,13 @@ def test_bad_input_names_the_argument(kwargs, match):
 def test_auto_falls_back_to_torch_above_head_dim_128(monkeypatch, caplog):
     """impl='auto' on a GPU with head dim 256: the torch path, logged once at WARNING, not an error."""
     import vrpo_kernels.attention as attention
+    from vrpo_kernels.attention import op  # where bidirectional_attention looks its paths up
 
     def no_triton(*args, **kwargs):
         raise AssertionError("impl='auto' must not launch the Triton kernels above head dim 128")
 
-    monkeypatch.setattr(attention, "resolve_impl", lambda impl, *a, **k: "triton" if impl == "auto" else impl)
-    monkeypatch.setattr(attention, "attention_triton", no_triton)
+    monkeypatch.setattr(op, "resolve_impl", lambda impl, *a, **k: "triton" if impl == "auto" else impl)
+    monkeypatch.setattr(op, "attention_triton", no_triton)
     attention._warn_fallback_once.cache_clear()
     q = torch.randn(1, 2, 5, 256, dtype=torch.bfloat16)
     with caplog.at_level("WARNING", logger="vrpo_kernels.attention"):
