@@ -38,7 +38,7 @@ from .memory import (
     tokens_per_micro_batch,
 )
 from .report import _gb, probe_report, report
-from .setup import DISTRIBUTED, Item, Setup
+from .settings import DISTRIBUTED, Item, Setup
 
 __all__ = [
     "ACTIVATION_FORMULA",

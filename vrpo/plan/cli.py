@@ -26,7 +26,7 @@ from ..training.config import VRPOConfig, parse_config
 from ..training.probe import probe_variances
 from .facts import model_facts, resolved
 from .report import probe_report, report
-from .setup import DISTRIBUTED, Setup
+from .settings import DISTRIBUTED, Setup
 
 
 def _plan_parser() -> argparse.ArgumentParser:

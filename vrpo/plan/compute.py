@@ -8,7 +8,7 @@ from vrpo_kernels.gpus import GPUS
 
 from ..training.config import VRPOConfig
 from .facts import ModelFacts
-from .setup import Setup
+from .settings import Setup
 
 # --- compute ---------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from vrpo_kernels.masked_linear_ce.triton_path import gpu_vocab_split
 
 from ..training.config import VRPOConfig
 from .facts import DTYPE_BYTES, ModelFacts, model_facts, resolved
-from .setup import Item, Setup
+from .settings import Item, Setup
 
 # --- memory ----------------------------------------------------------------------------------------
 

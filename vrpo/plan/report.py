@@ -9,7 +9,7 @@ from ..training.config import VRPOConfig
 from .compute import compute
 from .facts import ModelFacts
 from .memory import ACTIVATION_FORMULA, memory, tokens_per_micro_batch
-from .setup import Setup
+from .settings import Setup
 
 # --- the report ------------------------------------------------------------------------------------
 
