@@ -66,8 +66,6 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import RESULTS
-
 # A LLaDA-architecture model of about 1.1B parameters: LLaDA 8B's head dim (128), vocabulary and
 # embedding, 12 layers of width 2048 (untied head: 2 x 259M embedding parameters + 12 x 51M).
 LLADA_1B = dict(
@@ -1855,6 +1853,10 @@ def main(argv=None) -> int:
         parser.error("--quick selects the GPU plan's short version; the dry run is always the tiny plan")
     if args.dry_run and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+    # Imported here, not at the top: benchmarks.common imports vrpo, hence triton, and the dry run must set
+    # TRITON_INTERPRET first.
+    from benchmarks.common import RESULTS
+
     out_dir = args.out or (tempfile.mkdtemp(prefix="gpu_check-") if args.dry_run else str(RESULTS))
     report, path = run(args.dry_run, out_dir, args.plant, args.quick, args.gpu_shapes)
     print(f"wrote {path}; {len(report.failed)} of {len(report.results)} checks failed")

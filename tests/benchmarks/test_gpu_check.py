@@ -3,12 +3,17 @@ interpreter with tiny shapes, so that the command a GPU owner runs first cannot 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
 import torch
 
 from benchmarks import gpu_check
+
+from ..helpers import ROOT
 
 
 @pytest.mark.interpreter
@@ -300,3 +305,19 @@ def test_item9_the_timing_table_reports_measured_ratios():
     ours = next(line for line in lines if line.startswith("| masked_ce | vrpo triton |"))
     assert f"| 10.000 | 1.00 | {pred.masked_ce_s * 1e3:.3f} |" in ours
     assert "| 2.000 | 0.50 |" in next(line for line in lines if "| SDPA |" in line)
+
+
+def test_importing_the_check_leaves_triton_unimported():
+    """``--dry-run`` sets TRITON_INTERPRET=1 in ``main`` and needs triton not yet imported then: a module-level
+    import of vrpo (through benchmarks.common, say) made every interpreter check of the command fail."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import sys, benchmarks.gpu_check; print('triton' in sys.modules)"
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "False", (run.stdout, run.stderr[-1000:])
