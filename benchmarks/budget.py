@@ -313,8 +313,14 @@ def selected(args) -> list[tuple[str, Arm, int]]:
     return [(g, a, s) for s in args.seeds for g in args.regimes for a in arms if g in a.regimes]
 
 
+TASK_FLAG = argparse.ArgumentParser(add_help=False)
+TASK_FLAG.add_argument("--task", default="sort", choices=("sort", "sort_long"))
+
+
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.budget", description=__doc__.split("\n\n")[0], parents=[TASK_FLAG]
+    )
     p.add_argument("--arms", nargs="+", default=[a.key for a in ARMS], choices=list(BY_KEY), help="arms to run")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
@@ -349,6 +355,11 @@ def command_line(args) -> str:
 
 
 def main(argv=None) -> list[dict]:
+    task, _ = TASK_FLAG.parse_known_args(argv)
+    if task.task != "sort":  # the tuned study of another task (benchmarks/study.py)
+        from benchmarks import study
+
+        return study.main(argv, task.task)
     args = parse(argv)
     check_arms()
     out = output_dir(args.out, args.quick)

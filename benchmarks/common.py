@@ -93,14 +93,14 @@ class DemoRun:
         return statistics.fmean(values) if values else float("nan")
 
 
-def train_demo(config) -> DemoRun:
-    """Build ``VRPOTrainer(config)`` on the sorting demo (the task's presets fill what ``config`` leaves
-    unset), train it and read back what it logged."""
-    from vrpo.tasks.sort import SORT_TASK  # here, so that benchmarks without a training run do not import it
-    from vrpo.training import VRPOTrainer
+def train_demo(config, task: str = "sort", callbacks=()) -> DemoRun:
+    """Build the trainer of ``config`` (:func:`vrpo.training.trainer_for`) on the bundled task ``task`` (its
+    presets fill what ``config`` leaves unset), train it and read back what it logged."""
+    from vrpo.tasks import get_task  # here, so that benchmarks without a training run do not import it
+    from vrpo.training import trainer_for
 
     t0 = time.perf_counter()
-    summary = VRPOTrainer(config, task=SORT_TASK).train()
+    summary = trainer_for(config, task=get_task(task), callbacks=callbacks).train()
     wall = time.perf_counter() - t0
     return DemoRun(summary, read_records(config.output_dir), wall)
 

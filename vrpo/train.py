@@ -74,7 +74,8 @@ def print_summary(summary: dict, describe=None):
     ]
     if summary.get("gen_acc_after") is not None:
         lines.append(
-            f"  exact-sort accuracy of greedy generations on {summary['gen_prompts']} test prompts: "
+            f"  exact-sort accuracy of greedy generations on {summary['gen_prompts']} "
+            f"{summary.get('gen_split', 'test')} prompts: "
             f"{pct(summary['gen_acc_before'])} -> "
             f"{pct(summary['gen_acc_after'])} (mean partial credit {summary['gen_credit_before']:.3f} -> "
             f"{summary['gen_credit_after']:.3f})"

@@ -322,6 +322,13 @@ class RunSettings:
         minimum=1,
         run=True,
     )
+    gen_eval_split: str = setting(
+        "Which of the task's fixed prompt sets --gen_eval_prompts grades: 'test' (the held-out test prompts, for "
+        "reported figures) or 'dev' (the task's dev prompts, for choosing settings without seeing the test ones).",
+        default="test",
+        choices=("test", "dev"),
+        run=True,
+    )
     gen_length: int | None = setting(
         "Tokens generated per sample (and per GRPO rollout), with the sampler of the model's family (LLaDA's "
         "low-confidence remasking, Dream's 'origin'). Default: 128 (rollouts on the task's prompts: the "

@@ -68,15 +68,16 @@ class PreferenceEval:
 
 
 def grade_generations(
-    task: GradedTask | None, accelerator, policy_elbo, tokenizer, limit: int | None = None
+    task: GradedTask | None, accelerator, policy_elbo, tokenizer, limit: int | None = None, split: str = "test"
 ) -> GenerationReport | None:
-    """The policy's answers to the task's test prompts (the first ``limit``; None: all), graded by its verifier.
-    None without a task, and on all but the main process (which, when the model is sharded, still take part
-    in the forwards)."""
+    """The policy's answers to the task's test prompts (``split="dev"``: its dev prompts; the first ``limit``;
+    None: all), graded by its verifier. None without a task, and on all but the main process (which, when the
+    model is sharded, still take part in the forwards)."""
     is_main = accelerator.is_main_process
     if task is None or not (is_main or distributed.is_sharded(accelerator)):
         return None
     with distributed.root_gathered(accelerator, policy_elbo):  # a sharded model's forwards need every process
         model = accelerator.unwrap_model(policy_elbo).model
-        report = task.evaluate(model, tokenizer, task.test_prompts()[:limit])
+        prompts = task.dev_prompts() if split == "dev" else task.test_prompts()
+        report = task.evaluate(model, tokenizer, prompts[:limit])
     return report if is_main else None

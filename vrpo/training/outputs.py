@@ -88,10 +88,12 @@ def write_summary(output_dir: str, checkpoints_root: str, tensorboard: bool, sum
         atomic_write_text(summary["outputs"]["summary"], json.dumps(summary, indent=1))
 
 
-def generation_summary(before, after: GenerationReport) -> dict:
-    """The closing summary's graded-generation figures: ``before`` (the run state's) and ``after``."""
+def generation_summary(before, after: GenerationReport, split: str = "test") -> dict:
+    """The closing summary's graded-generation figures on ``split``'s prompts: ``before`` (the run state's) and
+    ``after``."""
     return dict(
         gen_prompts=len(after.samples),
+        gen_split=split,
         gen_acc_before=before.gen_acc_before,
         gen_acc_after=after.accuracy,
         gen_credit_before=before.gen_credit_before,

@@ -74,7 +74,10 @@ def plot_training(records: list[dict], summary: dict, path: str) -> str | None:
             ax.text(i - 0.2, b, f"{b:.0%}", ha="center", va="bottom", fontsize=8)
             ax.text(i + 0.2, a, f"{a:.0%}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(x), names)
-        ax.set(title=f"greedy generations, {summary.get('gen_prompts', '?')} test prompts", ylim=(0, 1.1))
+        ax.set(
+            title=f"greedy generations, {summary.get('gen_prompts', '?')} {summary.get('gen_split', 'test')} prompts",
+            ylim=(0, 1.1),
+        )
         ax.legend(fontsize=8)
     else:
         ax.axis("off")

@@ -57,6 +57,9 @@ class GradedTask(Protocol):
     def test_prompts(self) -> list[str]:
         """The fixed prompts on which generations are graded (never used to choose a setting)."""
 
+    def dev_prompts(self) -> list[str]:
+        """Fixed prompts for choosing settings (``--gen_eval_split dev``), none of them a test prompt."""
+
     def evaluate(self, model, tokenizer, prompts: Sequence[str]) -> GenerationReport:
         """One answer per prompt from ``model``, graded by the verifier."""
 

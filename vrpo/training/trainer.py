@@ -313,7 +313,12 @@ class ELBOTrainer:
                 else self.evaluator.terms(self.reference.elbo, self.eval_pairs)
             )
         generations = grade_generations(
-            self.task, self.accelerator, self.policy_elbo, self.tokenizer, self.config.gen_eval_prompts
+            self.task,
+            self.accelerator,
+            self.policy_elbo,
+            self.tokenizer,
+            self.config.gen_eval_prompts,
+            self.config.gen_eval_split,
         )
         if generations is not None:
             self.state.gen_acc_before, self.state.gen_credit_before = generations.accuracy, generations.credit
@@ -433,11 +438,16 @@ class ELBOTrainer:
                 reward_acc_after=st.final_eval.get("eval/reward_acc"),
             )
         generations = grade_generations(
-            self.task, self.accelerator, self.policy_elbo, self.tokenizer, self.config.gen_eval_prompts
+            self.task,
+            self.accelerator,
+            self.policy_elbo,
+            self.tokenizer,
+            self.config.gen_eval_prompts,
+            self.config.gen_eval_split,
         )
         if generations is not None:
             log.log(st.step, generation_metrics(generations))
-            summary.update(outputs.generation_summary(st, generations))
+            summary.update(outputs.generation_summary(st, generations, cfg.gen_eval_split))
         self.save_checkpoint()
         model_dir = outputs.save_final_model(
             self.accelerator, self.policy_elbo, self.tokenizer, cfg.output_dir, cfg.use_lora, st.step

@@ -343,6 +343,10 @@ class SortTask:
     def test_prompts(self) -> list[str]:
         return test_prompts()
 
+    def dev_prompts(self) -> list[str]:
+        """The SFT command's 256 dev prompts (never a test prompt; some are prompts of the pairs)."""
+        return dev_prompts(SFTSettings.seed, SFTSettings.dev_prompts)
+
     def evaluate(self, model, tokenizer, prompts: Sequence[str]) -> GenerationReport:
         return evaluate_generations(model, tokenizer, prompts)
 

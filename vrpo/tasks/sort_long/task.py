@@ -98,5 +98,9 @@ class SortLongTask(sort.SortTask):
     def test_prompts(self) -> list[str]:
         return test_prompts()
 
+    def dev_prompts(self) -> list[str]:
+        """The SFT command's 256 dev prompts (never a test prompt)."""
+        return dev_prompts()
+
 
 SORT_LONG_TASK = SortLongTask()

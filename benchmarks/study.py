@@ -1,0 +1,448 @@
+"""Where VRPO pays: a tuned study of preference optimisation against its baselines on one bundled task.
+
+``python -m benchmarks.budget --task sort_long`` runs it (``benchmarks/budget.py`` keeps the sorting demo's
+equal-compute table for ``--task sort``). Every arm starts from the task's SFT model and trains on its
+preference pairs (GRPO: on their prompts, rewarded by the verifier's partial credit):
+
+- **equal pairs and steps** (the paper's comparison, 16 pairs a step): SFT on the chosen answers alone
+  (``sft16``), naive DPO (n_t = 1, independent policy and reference masks, ``dpo16``), VRPO (n_t = 8,
+  antithetic, ``n8``: the task's default run) and VRPO with the n_t its advisor gives (``adv16``);
+- **equal forward passes** (128 masked forward passes per sequence side a step, as ``n8``): SFT, naive DPO and
+  the advisor's allocation with the batch scaled to 128 (``sft128``, ``dpo128``, ``adv128``);
+- **equal wall time**: GRPO (``--algorithm grpo``) with as many steps as take the time of ``n8``'s 200.
+
+Two phases, so that no setting is chosen on the test prompts. ``--tune`` trains every arm with each of its
+:data:`GRID` candidates (the same number for every arm) on seed 1 and grades greedy answers on the task's 256
+dev prompts; each arm then keeps the candidate with the highest mean partial credit there. The test phase
+(the default) trains every arm with its chosen settings on seeds 42, 2 and 3 and grades the 1024 test prompts.
+Per run: exact accuracy and mean partial credit before and after, held-out preference accuracy, the score's
+variance parts and the advisor's n_t, the time in optimizer steps and in all.
+
+Results: ``benchmarks/results/budget_<task>.{csv,md,png}``. Runs already in the CSV are skipped, and the CSV is
+locked while a run's row is added, so the study can be split over processes (``--arms``); ``--table`` redraws
+the report from the CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import pathlib
+import statistics
+import tempfile
+from dataclasses import dataclass
+
+from benchmarks.common import RESULTS, output_dir, read_rows, report_heading, train_demo, write_csv, write_report
+from vrpo.estimator import SamplingPlan
+from vrpo.training.advisor_tally import advice_of
+from vrpo.training.config import GRPOConfig, VRPOConfig
+
+TUNE_SEED = 1  # the seed that chooses settings (on dev prompts)
+SEEDS = (42, 2, 3)  # the seeds that are reported (on test prompts)
+STEPS = 200  # the offline arms' steps: the task's preset
+GRPO_STEPS = 64  # GRPO's steps at the wall time of n8's 200: 0.33 s against 1.0 s a step, measured on this CPU
+QUICK = dict(max_steps=2, eval_size=16, gen_eval_prompts=16)  # --quick: the smoke test's sizes
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One recipe. ``kind`` picks its :data:`GRID` (``pref``: a preference loss, ``sft``: the SFT term alone on
+    the chosen answers, ``grpo``: online RL); ``comparison`` is the table it is reported in."""
+
+    key: str
+    label: str
+    comparison: str
+    kind: str
+    batch: int
+    n_t: int = 1
+    antithetic: bool = True
+
+    def fields(self) -> dict:
+        """The arm's config fields (the task's presets fill the rest)."""
+        if self.kind == "grpo":
+            return dict(algorithm="grpo", max_steps=GRPO_STEPS, per_device_train_batch_size=self.batch)
+        return dict(
+            max_steps=STEPS,
+            per_device_train_batch_size=self.batch,
+            n_t=self.n_t,
+            antithetic=self.antithetic,
+            pref_weight=0.0 if self.kind == "sft" else 1.0,
+        )
+
+
+PAIRS, PASSES, WALL = "equal pairs and steps", "equal forward passes", "equal wall time"
+ARMS = (
+    Arm("sft16", "SFT on chosen, batch 16 (n_t 8)", PAIRS, "sft", 16, 8),
+    Arm("dpo16", "naive DPO, batch 16 (n_t 1, independent)", PAIRS, "pref", 16, 1, antithetic=False),
+    Arm("n8", "VRPO n_t 8, batch 16 (the default)", PAIRS, "pref", 16, 8),
+    Arm("adv16", "VRPO advisor's n_t 1, batch 16", PAIRS, "pref", 16, 1),
+    Arm("sft128", "SFT on chosen, batch 128 (n_t 1)", PASSES, "sft", 128, 1),
+    Arm("dpo128", "naive DPO, batch 128", PASSES, "pref", 128, 1, antithetic=False),
+    Arm("adv128", "VRPO advisor's n_t 1, batch 128", PASSES, "pref", 128, 1),
+    Arm("grpo", "GRPO, partial credit, 8 prompts x 8", WALL, "grpo", 8),
+)
+BY_KEY = {a.key: a for a in ARMS}
+VRPO_ARMS = ("n8", "adv16")  # the method, against the baselines at equal pairs
+BASELINES = ("sft16", "dpo16")
+
+# Every arm's candidates: four each. Preference arms: the demo's learning rate and a lower one, with and
+# without the SFT term (the demo trains with one; the paper's VRPO has none). SFT and GRPO: four learning rates
+# around their presets (5e-4 and 1e-4).
+GRID = {
+    "pref": tuple(dict(learning_rate=lr, sft_weight=w) for lr in (2e-4, 5e-4) for w in (0.0, 1.0)),
+    "sft": tuple(dict(learning_rate=lr, sft_weight=1.0) for lr in (1e-4, 2e-4, 5e-4, 1e-3)),
+    "grpo": tuple(dict(learning_rate=lr, sft_weight=0.0) for lr in (3e-5, 1e-4, 3e-4, 1e-3)),
+}
+COLUMNS = (
+    "phase",
+    "arm",
+    "seed",
+    "learning_rate",
+    "sft_weight",
+    "steps",
+    "batch",
+    "n_t",
+    "prompts",
+    "gen_acc_before",
+    "gen_acc_after",
+    "gen_credit_before",
+    "gen_credit_after",
+    "pref_acc_before",
+    "pref_acc_after",
+    "var_mask",
+    "var_pairs",
+    "advice_n_t",
+    "train_s",
+    "wall_s",
+)
+
+
+class StepClock:
+    """An ``on_step_end`` callback: the seconds spent in optimizer steps."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_step_end(self, trainer, step: int, seconds: float):
+        self.seconds += seconds
+
+
+def run_config(arm: Arm, settings: dict, seed: int, phase: str, out: str, quick: bool):
+    """The config of one run: the arm, its settings, the seed; graded on dev prompts when tuning."""
+    kw = {
+        **arm.fields(),
+        **settings,
+        "seed": seed,
+        "num_samples": 0,
+        "report_to": "none",
+        "save_steps": 0,
+        "output_dir": out,
+        "gen_eval_split": "dev" if phase == "tune" else "test",
+        **(QUICK if quick else {}),
+    }
+    if arm.kind == "grpo":
+        kw.pop("sft_weight")
+        return GRPOConfig(**kw)
+    return VRPOConfig(**kw)
+
+
+def run_one(task: str, arm: Arm, settings: dict, seed: int, phase: str, root: str, quick: bool) -> dict:
+    """Train one run and return its row (:data:`COLUMNS`)."""
+    out = os.path.join(root, f"{phase}-{arm.key}-{seed}-{settings['learning_rate']}-{settings['sft_weight']}")
+    clock = StepClock()
+    run = train_demo(run_config(arm, settings, seed, phase, out, quick), task, callbacks=[clock])
+    s = run.summary
+    return {
+        "phase": phase,
+        "arm": arm.key,
+        "seed": seed,
+        **settings,
+        "steps": s["steps"],
+        "batch": arm.batch,
+        "n_t": s["estimator"]["n_t"],
+        "prompts": s.get("gen_prompts"),
+        **{k: s.get(k) for k in COLUMNS[9:15]},
+        "var_mask": s.get("score/var_mask"),
+        "var_pairs": s.get("score/var_pairs"),
+        "advice_n_t": s.get("advice/n_t"),
+        "train_s": clock.seconds,
+        "wall_s": run.wall_s,
+    }
+
+
+def add_row(path: pathlib.Path, row: dict) -> list[dict]:
+    """Append ``row`` to the CSV under a lock (other processes may be adding theirs) and return every row."""
+    folder = os.open(path.parent, os.O_RDONLY)  # the lock is the folder's: no lock file left behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        rows = read_rows(path, text=("phase", "arm")) + [row]
+        write_csv(rows, path, COLUMNS)
+    finally:
+        os.close(folder)  # releases the lock
+    return rows
+
+
+def same_settings(row: dict, settings: dict) -> bool:
+    return all(math.isclose(row[k], v) for k, v in settings.items())
+
+
+def chosen(rows: list[dict], arm: Arm) -> dict | None:
+    """The arm's candidate with the highest mean partial credit on the dev prompts (the first of :data:`GRID`
+    on a tie); None until every candidate has been tuned."""
+    tuned = [r for r in rows if r["phase"] == "tune" and r["arm"] == arm.key]
+    scores = []
+    for settings in GRID[arm.kind]:
+        mine = [r for r in tuned if same_settings(r, settings)]
+        if not mine:
+            return None
+        scores.append((mine[0]["gen_credit_after"], settings))
+    return max(scores, key=lambda s: s[0])[1]  # max keeps the first of equals
+
+
+def mean_sd(xs) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def aggregate(rows: list[dict]) -> dict[str, dict]:
+    """Per arm, over its test-phase seeds: the mean and sd of each metric."""
+    out = {}
+    for arm in ARMS:
+        mine = [r for r in rows if r["phase"] == "test" and r["arm"] == arm.key]
+        if not mine:
+            continue
+        agg = {"seeds": len(mine), "steps": int(mine[0]["steps"]), "row": mine[0]}
+        for k in ("gen_acc_after", "gen_credit_after", "pref_acc_after", "var_mask", "var_pairs", "train_s"):
+            agg[k], agg[k + "_sd"] = mean_sd(r[k] for r in mine)
+        agg["advice"] = [advised(r) for r in mine if advised(r) is not None]
+        out[arm.key] = agg
+    return out
+
+
+def advised(row: dict) -> int | None:
+    """The n_t the advisor gives for a run's whole-run variances at its budget (score noise, the default)."""
+    if row["var_mask"] is None or row["var_pairs"] is None:
+        return None
+    return advice_of(row["var_mask"], row["var_pairs"], int(row["batch"]), SamplingPlan(n_t=int(row["n_t"]))).n_t
+
+
+def _pm(mean: float, sd: float, scale: float = 1.0, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    s = f"{scale * mean:.{digits}f}"
+    return s if math.isnan(sd) else f"{s} ± {scale * sd:.{digits}f}"
+
+
+def goal_lines(aggs: dict) -> list[str]:
+    """The issue's goal, arm against baseline: does VRPO beat each baseline at equal pairs by more than two seed
+    standard deviations (the larger of the two arms') in mean partial credit?"""
+    lines = []
+    for v in VRPO_ARMS:
+        for b in BASELINES:
+            if v not in aggs or b not in aggs:
+                continue
+            a, c = aggs[v], aggs[b]
+            diff = a["gen_credit_after"] - c["gen_credit_after"]
+            sd = max(a["gen_credit_after_sd"], c["gen_credit_after_sd"])
+            if math.isnan(sd):
+                verdict = "one seed: no sd"
+            elif diff > 2 * sd:
+                verdict = "**a win** (more than 2 sd)"
+            elif diff < -2 * sd:
+                verdict = "**a loss** (more than 2 sd)"
+            else:
+                verdict = "within 2 sd: no difference shown"
+            lines.append(
+                f"- {v} against {b}: credit {a['gen_credit_after']:.3f} against {c['gen_credit_after']:.3f}, "
+                f"difference {diff:+.3f}, 2 sd = {2 * sd:.3f}: {verdict}."
+            )
+    return lines
+
+
+def advisor_lines(aggs: dict) -> list[str]:
+    """The advisor against the study: the n_t its runs advise (at 128 forward passes a step) and the VRPO arm
+    that won at equal forward passes (n8 against adv128) and at equal pairs (n8 against adv16)."""
+    advice = [n for a in aggs.values() for n in a["advice"]]
+    if not advice:
+        return []
+    lines = [f"- The VRPO runs advise n_t = {statistics.mode(advice)} ({', '.join(map(str, sorted(advice)))})."]
+    for other, where in (("adv128", PASSES), ("adv16", PAIRS)):
+        if "n8" not in aggs or other not in aggs:
+            continue
+        a, b = aggs["n8"], aggs[other]
+        sd = max(a["gen_credit_after_sd"], b["gen_credit_after_sd"])
+        diff = b["gen_credit_after"] - a["gen_credit_after"]
+        if not math.isnan(sd) and abs(diff) <= 2 * sd:
+            won = "neither (within 2 sd)"
+        else:
+            won = other if diff > 0 else "n8"
+        lines.append(
+            f"- {where}: n_t 1 ({other}) {b['gen_credit_after']:.3f} against n_t 8 (n8) {a['gen_credit_after']:.3f} "
+            f"in partial credit; the winner: {won}."
+        )
+    return lines
+
+
+def tune_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| arm | learning rate | SFT weight | dev acc | dev credit | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        pick = chosen(rows, arm)
+        for r in (r for r in rows if r["phase"] == "tune" and r["arm"] == arm.key):
+            mark = "**yes**" if pick is not None and same_settings(r, pick) else ""
+            lines.append(
+                f"| {arm.key} | {r['learning_rate']:g} | {r['sft_weight']:g} | {100 * r['gen_acc_after']:.1f} | "
+                f"{r['gen_credit_after']:.3f} | {mark} |"
+            )
+    return lines
+
+
+def test_table(aggs: dict) -> list[str]:
+    lines = [
+        "| comparison | arm | lr, SFT weight | seeds | steps | exact acc (%) | partial credit | pref acc (%) | "
+        "var mask | var pairs | mask share | step time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        if arm.key not in aggs:
+            continue
+        a = aggs[arm.key]
+        total = a["var_mask"] + a["var_pairs"]
+        share = a["var_mask"] / total if total > 0 else float("nan")  # NaN (no variances) compares False too
+        lines.append(
+            f"| {arm.comparison} | {arm.label} | {a['row']['learning_rate']:g}, {a['row']['sft_weight']:g} | "
+            f"{a['seeds']} | {a['steps']} | {_pm(a['gen_acc_after'], a['gen_acc_after_sd'], 100)} | "
+            f"{_pm(a['gen_credit_after'], a['gen_credit_after_sd'], 1, 3)} | "
+            f"{_pm(a['pref_acc_after'], a['pref_acc_after_sd'], 100)} | {_pm(a['var_mask'], float('nan'), 1, 3)} | "
+            f"{_pm(a['var_pairs'], float('nan'), 1, 3)} | {_pm(share, float('nan'), 100, 0)}{'%' * (share == share)} | "
+            f"{_pm(a['train_s'], a['train_s_sd'], 1, 0)} |"
+        )
+    return lines
+
+
+def report(task: str, rows: list[dict], command: str) -> str:
+    aggs = aggregate(rows)
+    test_rows = [r for r in rows if r["phase"] == "test"]
+    before = sorted({(round(r["gen_acc_before"], 4), round(r["gen_credit_before"], 3)) for r in test_rows})
+    lines = report_heading(f"Where VRPO pays: the tuned study on {task}", command)
+    lines += [
+        "Every arm starts from the task's SFT model. Settings were chosen per arm on seed "
+        f"{TUNE_SEED} and the 256 dev prompts (the table at the end); the test runs use seeds "
+        f"{', '.join(map(str, SEEDS))} and grade greedy answers on the 1024 test prompts (before training: "
+        + (", ".join(f"{100 * a:.1f}% exact, credit {c:.3f}" for a, c in before) or "n/a")
+        + "). Mean ± sd over seeds. Variance parts: the score's mask part and pair part over the run (the "
+        "advisor's inputs); mask share = mask / (mask + pairs). Step time: seconds in optimizer steps.",
+        "",
+        *test_table(aggs),
+    ]
+    goal = goal_lines(aggs)
+    if goal:
+        lines += ["", "The goal (VRPO against each baseline at equal pairs, mean partial credit):", "", *goal]
+    adv = advisor_lines(aggs)
+    if adv:
+        lines += ["", "The advisor against the study:", "", *adv]
+    if any(r["phase"] == "tune" for r in rows):
+        lines += ["", f"Tuning (seed {TUNE_SEED}, 256 dev prompts, every candidate run):", "", *tune_table(rows)]
+    lines += ["", f"Per run: `budget_{task}.csv`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> bool:
+    """Mean partial credit and exact accuracy per arm (seed-sd error bars, dots: seeds). False without
+    matplotlib."""
+    try:  # optional dependency
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    aggs = aggregate(rows)
+    arms = [a for a in ARMS if a.key in aggs]
+    if not arms:
+        return False
+    colors = {"sft": "tab:green", "pref": "tab:blue", "grpo": "tab:orange"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, key, scale, name in (
+        (axes[0], "gen_credit_after", 1, "mean partial credit"),
+        (axes[1], "gen_acc_after", 100, "exact accuracy (%)"),
+    ):
+        xs = range(len(arms))
+        means = [scale * aggs[a.key][key] for a in arms]
+        sds = [0 if math.isnan(aggs[a.key][key + "_sd"]) else scale * aggs[a.key][key + "_sd"] for a in arms]
+        color = ["tab:gray" if a.key.startswith("dpo") else colors[a.kind] for a in arms]
+        ax.bar(xs, means, yerr=sds, color=color, capsize=3)
+        for x, a in zip(xs, arms):
+            seeds = [scale * r[key] for r in rows if r["phase"] == "test" and r["arm"] == a.key]
+            ax.plot([x] * len(seeds), seeds, "k.", ms=4)
+        before = [scale * r[key.replace("after", "before")] for r in rows if r["phase"] == "test"]
+        ax.axhline(statistics.fmean(before), color="k", ls=":", lw=1, label="SFT model (before)")
+        lo = min(min(means), statistics.fmean(before))
+        ax.set_ylim(lo - (0.05 if scale == 1 else 5), None)
+        ax.set_xticks(list(xs), [a.key for a in arms], rotation=30)
+        ax.set_ylabel(f"{name}, test prompts")
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("equal pairs: sft16 dpo16 n8 adv16 | equal forward passes: + sft128 dpo128 adv128 | wall: grpo")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def parse(argv, task: str):
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.budget --task {task}", description=__doc__.split("\n")[0])
+    p.add_argument("--task", default=task)
+    p.add_argument("--tune", action="store_true", help=f"the tuning phase: every GRID candidate, seed {TUNE_SEED}")
+    p.add_argument("--arms", nargs="+", default=list(BY_KEY), choices=list(BY_KEY))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="the test phase's seeds")
+    p.add_argument("--quick", action="store_true", help="smoke-test sizes (2 steps, 16 prompts)")
+    p.add_argument("--table", action="store_true", help="only redraw the report and plot from the CSV")
+    p.add_argument("--out", default=str(RESULTS))
+    return p.parse_args(argv)
+
+
+def planned(args, rows: list[dict]) -> list[tuple[Arm, dict, int, str]]:
+    """(arm, settings, seed, phase) of the runs asked for; a test run needs its arm's tuning finished."""
+    arms = [BY_KEY[k] for k in args.arms]
+    if args.tune:
+        # candidate by candidate, so that a stopped tuning has tried every arm as often
+        width = max(len(GRID[a.kind]) for a in arms)
+        return [(a, GRID[a.kind][i], TUNE_SEED, "tune") for i in range(width) for a in arms if i < len(GRID[a.kind])]
+    runs = []
+    for arm in arms:
+        pick = chosen(rows, arm)
+        if pick is None:
+            raise SystemExit(f"arm {arm.key}: tune it first (python -m benchmarks.budget --task {args.task} --tune)")
+        runs += [(arm, pick, seed, "test") for seed in args.seeds]
+    return runs
+
+
+def main(argv=None, task: str = "sort_long") -> list[dict]:
+    args = parse(argv, task)
+    out = output_dir(args.out, args.quick)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"budget_{args.task}.csv"
+    rows = read_rows(csv_path, text=("phase", "arm"))
+    if not args.table:
+        with tempfile.TemporaryDirectory(prefix="vrpo-study-") as tmp:
+            for arm, settings, seed, phase in planned(args, rows):
+                rows = read_rows(csv_path, text=("phase", "arm"))  # another process may have run it
+                if any(
+                    r["phase"] == phase and r["arm"] == arm.key and r["seed"] == seed and same_settings(r, settings)
+                    for r in rows
+                ):
+                    print(f"skip {phase} {arm.key} seed {seed} {settings}: already in {csv_path}", flush=True)
+                    continue
+                rows = add_row(csv_path, run_one(args.task, arm, settings, seed, phase, tmp, args.quick))
+                print(rows[-1], flush=True)
+    if not rows:
+        raise SystemExit(f"no results in {csv_path}")
+    command = f"python -m benchmarks.budget --task {args.task} --tune, then without --tune"
+    write_report(out, f"budget_{args.task}", report(args.task, rows, command), lambda path: plot(rows, path))
+    return rows
