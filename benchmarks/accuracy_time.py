@@ -28,16 +28,22 @@ plot. ``--quick`` is the smoke test.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
-import json
 import math
 import os
 import pathlib
 import statistics
 import tempfile
 
-from benchmarks.common import RESULTS, output_dir, read_rows, report_heading, write_csv, write_report
+from benchmarks.common import (
+    RESULTS,
+    locked,
+    output_dir,
+    read_rows,
+    report_heading,
+    train_demo,
+    write_csv,
+    write_report,
+)
 from benchmarks.toy_compare import method_kwargs
 
 METHODS = {  # key: (label, config overrides beyond the task's presets)
@@ -98,18 +104,15 @@ class Snapshots:
 def run_one(method: str, seed: int, points: int, tmp: str, quick: bool) -> list[dict]:
     from vrpo.models import load_mdm
     from vrpo.tasks.sort import SORT_TASK
-    from vrpo.training import trainer_for
 
     cfg = config_of(method, seed, os.path.join(tmp, f"{method}-{seed}"), quick)
     snapshots = Snapshots(points)
-    trainer = trainer_for(cfg, task=SORT_TASK, callbacks=[snapshots])
-    summary = trainer.train()
-    with open(os.path.join(cfg.output_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
+    run = train_demo(cfg, "sort", callbacks=[snapshots])
+    summary, records = run.summary, run.records
     common = {
         "method": method,
         "seed": seed,
-        "max_steps": trainer.max_steps,
+        "max_steps": summary["steps"],
         "mean_score_var": mean_of(records, "score/var"),
         "mean_clip_ratio": mean_of(records, "clip_ratio"),
     }
@@ -137,17 +140,6 @@ def mean_of(records: list[dict], key: str) -> float | None:
     """The mean of a logged metric over the run's records (None when never logged or never finite)."""
     values = [r[key] for r in records if isinstance(r.get(key), float) and math.isfinite(r[key])]
     return statistics.fmean(values) if values else None
-
-
-@contextlib.contextmanager
-def locked(path: pathlib.Path):
-    """An exclusive lock beside ``path``, so that parallel pieces of a study append without losing rows."""
-    with open(str(path) + ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_results(path: pathlib.Path) -> list[dict]:

@@ -31,7 +31,17 @@ import statistics
 import tempfile
 from dataclasses import dataclass
 
-from benchmarks.common import RESULTS, output_dir, read_rows, report_heading, train_demo, write_csv, write_report
+from benchmarks.common import (
+    RESULTS,
+    mean_sd,
+    output_dir,
+    plus_minus,
+    read_rows,
+    report_heading,
+    train_demo,
+    write_csv,
+    write_report,
+)
 from vrpo.estimator import SamplingPlan
 from vrpo.estimator.advisor import CRITERIA
 from vrpo.training.advisor_tally import advice_of
@@ -154,13 +164,6 @@ def run_one(arm: Arm, regime: str, seed: int, steps: int | None, root: str, quic
     }
 
 
-def mean_sd(xs) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
-
-
 def advised(row: dict, criterion: str) -> int | None:
     """The n_t the advisor gives for a run's whole-run variances under ``criterion`` (None: a run that could not
     estimate them, n_t = 1). Recomputed from the CSV, so that every run is judged by the same advisor."""
@@ -224,13 +227,6 @@ def advisor_check(aggs: list[dict], rows: list[dict]) -> list[str]:
     return lines
 
 
-def _pm(mean: float, sd: float, scale: float = 1.0, digits: int = 1) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    s = f"{scale * mean:.{digits}f}"
-    return s if math.isnan(sd) else f"{s} ± {scale * sd:.{digits}f}"
-
-
 def table(rows: list[dict], command: str, partial: str | None, note: str | None = None) -> str:
     aggs = aggregate(rows)
     notes = [f"**Partial results**: {partial}"] * bool(partial) + [f"How the runs were made: {note}"] * bool(note)
@@ -251,11 +247,12 @@ def table(rows: list[dict], command: str, partial: str | None, note: str | None 
     for a in aggs:
         lines.append(
             f"| {a['regime']} | {BY_KEY[a['arm']].label} | {a['seeds']} | {a['steps']} | "
-            f"{_pm(a['gen_acc_after'], a['gen_acc_after_sd'], 100)} | "
-            f"{_pm(a['gen_credit_after'], a['gen_credit_after_sd'], 1, 3)} | "
-            f"{_pm(a['pref_acc_after'], a['pref_acc_after_sd'], 100)} | "
-            f"{_pm(a['mean_score_var'], a['mean_score_var_sd'], 1, 4)} | {_pm(a['var_mask'], float('nan'), 1, 4)} | "
-            f"{_pm(a['var_pairs'], float('nan'), 1, 4)} | {a['advice_noise'] or 'n/a'} | "
+            f"{plus_minus(a['gen_acc_after'], a['gen_acc_after_sd'], 100)} | "
+            f"{plus_minus(a['gen_credit_after'], a['gen_credit_after_sd'], 1, 3)} | "
+            f"{plus_minus(a['pref_acc_after'], a['pref_acc_after_sd'], 100)} | "
+            f"{plus_minus(a['mean_score_var'], a['mean_score_var_sd'], 1, 4)} | "
+            f"{plus_minus(a['var_mask'], float('nan'), 1, 4)} | "
+            f"{plus_minus(a['var_pairs'], float('nan'), 1, 4)} | {a['advice_noise'] or 'n/a'} | "
             f"{a['advice_loss_error'] or 'n/a'} |"
         )
     check = advisor_check(aggs, rows)

@@ -3,10 +3,13 @@ report's heading, a training run of the sorting demo and how peak memory is meas
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import gc
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -68,6 +71,34 @@ def read_rows(path: Path, text: tuple[str, ...] = (), ints: tuple[str, ...] = ()
     return rows
 
 
+def mean_sd(xs) -> tuple[float, float]:
+    """Mean and sample sd of the numbers in ``xs`` that are there (None and NaN dropped); NaN for what one or no
+    number cannot give."""
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def plus_minus(mean: float, sd: float, scale: float = 1.0, digits: int = 1) -> str:
+    """``"mean ± sd"`` scaled (``"n/a"`` for a NaN mean; no ``±`` for a NaN sd, a single seed's)."""
+    if math.isnan(mean):
+        return "n/a"
+    s = f"{scale * mean:.{digits}f}"
+    return s if math.isnan(sd) else f"{s} ± {scale * sd:.{digits}f}"
+
+
+# The figures every training run's summary reports: graded generations and held-out preference accuracy.
+SUMMARY_METRICS = (
+    "gen_acc_before",
+    "gen_acc_after",
+    "gen_credit_before",
+    "gen_credit_after",
+    "pref_acc_before",
+    "pref_acc_after",
+)
+
+
 def report_heading(title: str, command: str, *notes: str) -> list[str]:
     """The first lines of a benchmark's Markdown report: ``# title (date, machine)``, each note as a
     paragraph, then the command that made it."""
@@ -109,6 +140,17 @@ def read_records(run_dir) -> list[dict]:
     """The records a training run in ``run_dir`` logged (``logs/metrics.jsonl``), in order."""
     with open(os.path.join(run_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock beside ``path``, so that parallel pieces of a study append without losing rows."""
+    with open(str(path) + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def output_dir(out, quick: bool) -> Path:

@@ -17,7 +17,14 @@ long a whole lm-eval run takes, for this library's estimator against LLaDA's (it
    (:class:`LLaDALoop`: one request at a time, 128 samples in mini-batches of 32, full logits, no packing;
    generation one prompt at a time with LLaDA's sampler). Interleaved repeats, medians.
 
+3. **The default's choice** (``--dev``: ``eval_mc_dev.{csv,md}``). The same agreement measurement on dev
+   questions (the sorting demo's dev prompts as ``vrpo_sort_mc`` builds its documents: never a test
+   document) for LLaDA's 128-sample scheme and the adaptive stop at :data:`DEV_TARGETS`; the default
+   ``mc_target_se`` is the cheapest target whose agreement is within one standard error of LLaDA's
+   (:func:`choose_target`).
+
     python -m benchmarks.eval_mc                # 24 min on a loaded 2-core CPU (6 of them the ground truth)
+    python -m benchmarks.eval_mc --dev          # the default's choice on dev questions
     python -m benchmarks.eval_mc --quick        # seconds (smoke)
 
 Writes ``eval_mc.csv`` and ``eval_mc.md`` under ``--out`` (default ``benchmarks/results``).
@@ -48,8 +55,9 @@ from vrpo.eval import (
     task_manager,
 )
 from vrpo.models.samplers import generate
-from vrpo.tasks.sort.lm_eval import MC_FILE, data_dir
-from vrpo.tasks.sort.task import toy_sft_path
+from vrpo.tasks.sort import SORT_TASK
+from vrpo.tasks.sort.lm_eval import MC_FILE, data_dir, mc_rows
+from vrpo.tasks.sort.task import sft_path
 
 GT_SAMPLES = 4096
 GT_SEED = 10**6
@@ -60,6 +68,26 @@ CLEAR_MARGIN = 3.0  # ground-truth top-two gap in standard errors above which a 
 class Method:
     name: str
     settings: MCSettings
+
+
+DEV_TARGETS = (0.1, 0.25, 0.5)  # the curve the default is chosen from (a 1-nat standard error is too loose to offer)
+
+
+def dev_methods() -> list[Method]:
+    """LLaDA's 128-sample scheme (the reference a user compares with) and the adaptive stop at each target."""
+    return [
+        Method("LLaDA's scheme, 128 samples", MCSettings(scheme="llada", mc_num=128, mc_batch=32)),
+        *[Method(f"ours, adaptive (mc_target_se={t})", MCSettings(mc_target_se=t)) for t in DEV_TARGETS],
+    ]
+
+
+def choose_target(rows: list[dict]) -> float:
+    """The cheapest (largest) adaptive target whose agreement is at least LLaDA's 128-sample scheme's minus one of
+    its standard errors; ``rows`` are :func:`agreement`'s for :func:`dev_methods`, LLaDA's first."""
+    llada = rows[0]
+    floor = llada["agreement"] - llada["agreement_se"]
+    good = [t for t, r in zip(DEV_TARGETS, rows[1:]) if r["agreement"] >= floor]
+    return max(good) if good else min(DEV_TARGETS)
 
 
 def methods() -> list[Method]:
@@ -74,10 +102,14 @@ def methods() -> list[Method]:
     ]
 
 
-def questions(lm: VRPOEvalLM, n: int) -> list[list[LikelihoodRequest]]:
-    """The first ``n`` documents of vrpo_sort_mc as lm-eval builds them with the chat template."""
-    with open(os.path.join(data_dir(), MC_FILE)) as f:
-        rows = [json.loads(line) for _, line in zip(range(n), f)]
+def questions(lm: VRPOEvalLM, n: int, dev: bool = False) -> list[list[LikelihoodRequest]]:
+    """The first ``n`` documents of vrpo_sort_mc (``dev``: built the same way from the demo's dev prompts) as
+    lm-eval builds them with the chat template."""
+    if dev:
+        rows = mc_rows(SORT_TASK.dev_prompts()[:n])
+    else:
+        with open(os.path.join(data_dir(), MC_FILE)) as f:
+            rows = [json.loads(line) for _, line in zip(range(n), f)]
     out = []
     for row in rows:
         ctx = lm.apply_chat_template([{"role": "user", "content": row["prompt"]}])
@@ -100,7 +132,7 @@ def margin(means, ses) -> float:
     return (means[a] - means[b]) / max(math.hypot(ses[a], ses[b]), 1e-12)
 
 
-def agreement(lm, qs, reps: int, log) -> tuple[list[dict], dict]:
+def agreement(lm, qs, reps: int, log, which=methods) -> tuple[list[dict], dict]:
     t0 = time.perf_counter()
     truth, gt_means, gt_ses, _ = decide(lm, qs, MCSettings(mc_num=GT_SAMPLES, seed=GT_SEED), GT_SAMPLES)
     clear = [margin(m, s) > CLEAR_MARGIN for m, s in zip(gt_means, gt_ses)]
@@ -110,7 +142,7 @@ def agreement(lm, qs, reps: int, log) -> tuple[list[dict], dict]:
         f"{sum(clear)} clear (margin > {CLEAR_MARGIN} SE)"
     )
     rows = []
-    for m in methods():
+    for m in which():
         agree, agree_clear, seqs = [], [], 0
         for r in range(reps):
             d, _, _, s = decide(lm, qs, replace(m.settings, seed=1000 + r), 256)
@@ -200,7 +232,7 @@ def wall_times(inner: VRPOEvalLM, limits: dict, reps: int, log) -> list[dict]:
         scores = {}
         for r in range(reps):
             for name in times:  # interleaved
-                lm = VRPOEvalLM(toy_sft_path()) if name == "vrpo" else LLaDALoop(inner, seed=r)
+                lm = VRPOEvalLM(sft_path()) if name == "vrpo" else LLaDALoop(inner, seed=r)
                 t0 = time.perf_counter()
                 res = simple_evaluate(
                     model=lm,
@@ -233,8 +265,23 @@ def wall_times(inner: VRPOEvalLM, limits: dict, reps: int, log) -> list[dict]:
     return rows
 
 
+def agreement_table(rows: list[dict]) -> list[str]:
+    """The agreement rows as a Markdown table, forward passes against the first row's (LLaDA's 128 samples)."""
+    llada = rows[0]
+    lines = [
+        "| method | forward passes / question | vs LLaDA-128 | agreement (all) | agreement (clear questions) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['forward_per_question']:.0f} | "
+            f"{llada['forward_per_question'] / r['forward_per_question']:.1f}x fewer | "
+            f"{r['agreement']:.3f} ± {r['agreement_se']:.3f} | {r['agreement_clear']:.3f} |"
+        )
+    return lines
+
+
 def write_md(path, args, agree_rows, gt, wall_rows, seconds):
-    llada = agree_rows[0]
     lines = [
         "# Multiple-choice likelihoods: agreement, forward passes and wall time (`benchmarks/eval_mc.py`)",
         "",
@@ -250,15 +297,8 @@ def write_md(path, args, agree_rows, gt, wall_rows, seconds):
         f"questions are clear (top-two gap > {CLEAR_MARGIN:g} standard errors). Forward passes: masked "
         "sequences scored per question (4 choices).",
         "",
-        "| method | forward passes / question | vs LLaDA-128 | agreement (all) | agreement (clear questions) |",
-        "|---|---:|---:|---:|---:|",
+        *agreement_table(agree_rows),
     ]
-    for r in agree_rows:
-        lines.append(
-            f"| {r['method']} | {r['forward_per_question']:.0f} | "
-            f"{llada['forward_per_question'] / r['forward_per_question']:.1f}x fewer | "
-            f"{r['agreement']:.3f} ± {r['agreement_se']:.3f} | {r['agreement_clear']:.3f} |"
-        )
     lines += [
         "",
         "± is the binomial standard error over the (question, repeat) decisions; with few questions "
@@ -286,6 +326,43 @@ def write_md(path, args, agree_rows, gt, wall_rows, seconds):
         f.write("\n".join(lines) + "\n")
 
 
+def write_dev_md(path, args, rows, gt, seconds):
+    target = choose_target(rows)
+    llada = rows[0]
+    lines = [
+        "# The adaptive stop's default, chosen on dev questions (`benchmarks/eval_mc.py --dev`)",
+        "",
+        f"Generated by `python -m benchmarks.eval_mc {' '.join(sys.argv[1:])}` on {datetime.date.today()} "
+        f"({machine()}); {seconds:.0f} s in all.",
+        "",
+        f"{args.questions} dev questions (the sorting demo's first dev prompts, built as `vrpo_sort_mc` builds its "
+        "documents: the right sort among four, three near misses; chat template; the shipped tiny SFT LLaDA), "
+        f"each decided {args.repeats} times per method with fresh seeds. Ground truth: {GT_SAMPLES} samples per "
+        f"choice ({gt['seconds']:.0f} s); {gt['clear']} of the {args.questions} questions are clear.",
+        "",
+        *agreement_table(rows),
+    ]
+    lines += [
+        "",
+        f"The rule (`choose_target`): the cheapest target whose agreement is at least LLaDA's minus one standard "
+        f"error ({llada['agreement'] - llada['agreement_se']:.3f}). It gives **mc_target_se = {target}**.",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main_dev(args, out, log):
+    inner = VRPOEvalLM(sft_path())
+    t0 = time.perf_counter()
+    rows, gt = agreement(inner, questions(inner, args.questions, dev=True), args.repeats, log, dev_methods)
+    for r, t in zip(rows, (None, *DEV_TARGETS)):
+        r["target"] = t
+    columns = ["method", "target", "forward_per_question", "agreement", "agreement_se", "agreement_clear"]
+    write_csv(rows, os.path.join(out, "eval_mc_dev.csv"), [*columns, "decisions"])
+    write_dev_md(os.path.join(out, "eval_mc_dev.md"), args, rows, gt, time.perf_counter() - t0)
+    print(open(os.path.join(out, "eval_mc_dev.md")).read())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes (smoke test)")
@@ -295,8 +372,9 @@ def main(argv=None):
     p.add_argument("--mc_limit", type=int, default=None, help="documents of the MC wall-time run (default 32)")
     p.add_argument("--gen_limit", type=int, default=None, help="documents per length of the generation run (8)")
     p.add_argument("--wall_repeats", type=int, default=None, help="interleaved wall-time runs (default 2)")
+    p.add_argument("--dev", action="store_true", help="choose the adaptive default on dev questions (eval_mc_dev.*)")
     args = p.parse_args(argv)
-    full = dict(questions=10, repeats=4, mc_limit=32, gen_limit=8, wall_repeats=2)
+    full = dict(questions=30 if args.dev else 10, repeats=4, mc_limit=32, gen_limit=8, wall_repeats=2)
     quick = dict(questions=2, repeats=1, mc_limit=2, gen_limit=1, wall_repeats=1)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
@@ -304,12 +382,16 @@ def main(argv=None):
     global GT_SAMPLES
     if args.quick:
         GT_SAMPLES = 64
+    elif args.dev:
+        GT_SAMPLES = 2048  # 30 questions at 4096 would take 18 minutes of the 2-core CPU
     out = output_dir(args.out, args.quick)
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t0:6.0f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
-    inner = VRPOEvalLM(toy_sft_path())
+    if args.dev:
+        return main_dev(args, out, log)
+    inner = VRPOEvalLM(sft_path())
     agree_rows, gt = agreement(inner, questions(inner, args.questions), args.repeats, log)
     wall_rows = wall_times(
         inner, {"vrpo_sort_mc": args.mc_limit, "vrpo_sort_gen": args.gen_limit}, args.wall_repeats, log

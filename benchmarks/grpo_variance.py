@@ -32,8 +32,8 @@ from vrpo.tasks.sort.task import (
     SamplerSettings,
     pair_prompts,
     sample_answers,
-    toy_sft_path,
-    toy_tokenizer,
+    sft_path,
+    task_tokenizer,
 )
 
 
@@ -71,9 +71,9 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    tok = toy_tokenizer()
+    tok = task_tokenizer()
     mask_id = get_mask_token_id(tok)
-    old, new = load_mdm(toy_sft_path()).eval(), load_mdm(args.new).eval()
+    old, new = load_mdm(sft_path()).eval(), load_mdm(args.new).eval()
     batch = completions(old, tok, args.prompts, args.generations)
     ids, resp, att = batch["input_ids"], batch["response_mask"], batch["attention_mask"]
 

@@ -26,7 +26,6 @@ the report from the CSV.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import math
 import os
 import pathlib
@@ -34,7 +33,19 @@ import statistics
 import tempfile
 from dataclasses import dataclass
 
-from benchmarks.common import RESULTS, output_dir, read_rows, report_heading, train_demo, write_csv, write_report
+from benchmarks.common import (
+    RESULTS,
+    SUMMARY_METRICS,
+    locked,
+    mean_sd,
+    output_dir,
+    plus_minus,
+    read_rows,
+    report_heading,
+    train_demo,
+    write_csv,
+    write_report,
+)
 from vrpo.estimator import SamplingPlan
 from vrpo.training.advisor_tally import advice_of
 from vrpo.training.config import GRPOConfig, VRPOConfig
@@ -43,6 +54,7 @@ TUNE_SEED = 1  # the seed that chooses settings (on dev prompts)
 SEEDS = (42, 2, 3)  # the seeds that are reported (on test prompts)
 STEPS = 200  # the offline arms' steps: the task's preset
 GRPO_STEPS = 64  # GRPO's steps at the wall time of n8's 200: 0.33 s against 1.0 s a step, measured on this CPU
+NAN = float("nan")
 QUICK = dict(max_steps=2, eval_size=16, gen_eval_prompts=16)  # --quick: the smoke test's sizes
 
 
@@ -105,12 +117,7 @@ COLUMNS = (
     "batch",
     "n_t",
     "prompts",
-    "gen_acc_before",
-    "gen_acc_after",
-    "gen_credit_before",
-    "gen_credit_after",
-    "pref_acc_before",
-    "pref_acc_after",
+    *SUMMARY_METRICS,
     "var_mask",
     "var_pairs",
     "advice_n_t",
@@ -163,7 +170,7 @@ def run_one(task: str, arm: Arm, settings: dict, seed: int, phase: str, root: st
         "batch": arm.batch,
         "n_t": s["estimator"]["n_t"],
         "prompts": s.get("gen_prompts"),
-        **{k: s.get(k) for k in COLUMNS[9:15]},
+        **{k: s.get(k) for k in SUMMARY_METRICS},
         "var_mask": s.get("score/var_mask"),
         "var_pairs": s.get("score/var_pairs"),
         "advice_n_t": s.get("advice/n_t"),
@@ -172,15 +179,16 @@ def run_one(task: str, arm: Arm, settings: dict, seed: int, phase: str, root: st
     }
 
 
+def read_csv(path: pathlib.Path) -> list[dict]:
+    """The study's rows (none before its first run), counts as int and the rest as float."""
+    return read_rows(path, text=("phase", "arm"), ints=("seed", "steps", "batch", "n_t", "prompts", "advice_n_t"))
+
+
 def add_row(path: pathlib.Path, row: dict) -> list[dict]:
-    """Append ``row`` to the CSV under a lock (other processes may be adding theirs) and return every row."""
-    folder = os.open(path.parent, os.O_RDONLY)  # the lock is the folder's: no lock file left behind
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        rows = read_rows(path, text=("phase", "arm")) + [row]
+    """Append ``row`` to the CSV under its lock (other processes may be adding theirs) and return every row."""
+    with locked(path):
+        rows = read_csv(path) + [row]
         write_csv(rows, path, COLUMNS)
-    finally:
-        os.close(folder)  # releases the lock
     return rows
 
 
@@ -199,13 +207,6 @@ def chosen(rows: list[dict], arm: Arm) -> dict | None:
             return None
         scores.append((mine[0]["gen_credit_after"], settings))
     return max(scores, key=lambda s: s[0])[1]  # max keeps the first of equals
-
-
-def mean_sd(xs) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
 def aggregate(rows: list[dict]) -> dict[str, dict]:
@@ -228,13 +229,6 @@ def advised(row: dict) -> int | None:
     if row["var_mask"] is None or row["var_pairs"] is None:
         return None
     return advice_of(row["var_mask"], row["var_pairs"], int(row["batch"]), SamplingPlan(n_t=int(row["n_t"]))).n_t
-
-
-def _pm(mean: float, sd: float, scale: float = 1.0, digits: int = 1) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    s = f"{scale * mean:.{digits}f}"
-    return s if math.isnan(sd) else f"{s} ± {scale * sd:.{digits}f}"
 
 
 def goal_lines(aggs: dict) -> list[str]:
@@ -314,15 +308,22 @@ def test_table(aggs: dict) -> list[str]:
             continue
         a = aggs[arm.key]
         total = a["var_mask"] + a["var_pairs"]
-        share = a["var_mask"] / total if total > 0 else float("nan")  # NaN (no variances) compares False too
-        lines.append(
-            f"| {arm.comparison} | {arm.label} | {a['row']['learning_rate']:g}, {a['row']['sft_weight']:g} | "
-            f"{a['seeds']} | {a['steps']} | {_pm(a['gen_acc_after'], a['gen_acc_after_sd'], 100)} | "
-            f"{_pm(a['gen_credit_after'], a['gen_credit_after_sd'], 1, 3)} | "
-            f"{_pm(a['pref_acc_after'], a['pref_acc_after_sd'], 100)} | {_pm(a['var_mask'], float('nan'), 1, 3)} | "
-            f"{_pm(a['var_pairs'], float('nan'), 1, 3)} | {_pm(share, float('nan'), 100, 0)}{'%' * (share == share)} | "
-            f"{_pm(a['train_s'], a['train_s_sd'], 1, 0)} |"
+        share = f"{100 * a['var_mask'] / total:.0f}%" if total > 0 else "n/a"  # NaN (no variances) compares False
+        cells = (
+            arm.comparison,
+            arm.label,
+            f"{a['row']['learning_rate']:g}, {a['row']['sft_weight']:g}",
+            a["seeds"],
+            a["steps"],
+            plus_minus(a["gen_acc_after"], a["gen_acc_after_sd"], 100),
+            plus_minus(a["gen_credit_after"], a["gen_credit_after_sd"], 1, 3),
+            plus_minus(a["pref_acc_after"], a["pref_acc_after_sd"], 100),
+            plus_minus(a["var_mask"], NAN, 1, 3),
+            plus_minus(a["var_pairs"], NAN, 1, 3),
+            share,
+            plus_minus(a["train_s"], a["train_s_sd"], 1, 0),
         )
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
 
@@ -428,11 +429,11 @@ def main(argv=None, task: str = "sort_long") -> list[dict]:
     out = output_dir(args.out, args.quick)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"budget_{args.task}.csv"
-    rows = read_rows(csv_path, text=("phase", "arm"))
+    rows = read_csv(csv_path)
     if not args.table:
         with tempfile.TemporaryDirectory(prefix="vrpo-study-") as tmp:
             for arm, settings, seed, phase in planned(args, rows):
-                rows = read_rows(csv_path, text=("phase", "arm"))  # another process may have run it
+                rows = read_csv(csv_path)  # another process may have run it
                 if any(
                     r["phase"] == phase and r["arm"] == arm.key and r["seed"] == seed and same_settings(r, settings)
                     for r in rows

@@ -19,16 +19,9 @@ import pathlib
 import statistics
 import tempfile
 
-from benchmarks.common import RESULTS, report_heading, train_demo, write_csv
+from benchmarks.common import RESULTS, SUMMARY_METRICS, report_heading, train_demo, write_csv
 
-METRICS = (
-    "gen_acc_before",
-    "gen_acc_after",
-    "gen_credit_before",
-    "gen_credit_after",
-    "pref_acc_before",
-    "pref_acc_after",
-)
+METRICS = SUMMARY_METRICS
 
 
 QUICK = dict(

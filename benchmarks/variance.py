@@ -411,7 +411,7 @@ def setup_text(meta) -> str:
     """The paragraph that says what was measured."""
     if meta["base_steps"] > 0:
         ref = (
-            f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`) after {meta['base_steps']} steps of "  # noqa: E501
+            f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.sft_path()`) after {meta['base_steps']} steps of "  # noqa: E501
             f"the default run (`VRPOTrainer` on its own ranked answers to the sorting task; held-out preference accuracy "  # noqa: E501
             f"{_pct(meta.get('base_acc_before'))} -> {_pct(meta.get('base_acc_after'))}), the stand-in for LLaDA "
             f"8B Instruct. Policy: VRPO from the reference for {meta['train_steps']} more steps at learning rate "
@@ -419,7 +419,7 @@ def setup_text(meta) -> str:
         )
     else:
         ref = (
-            f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.toy_sft_path()`). Policy: VRPO "
+            f"Reference: the bundled tiny SFT LLaDA (`vrpo.tasks.sort.task.sft_path()`). Policy: VRPO "
             f"from it for {meta['train_steps']} steps at learning rate {meta['learning_rate']:g}"
         )
     return (

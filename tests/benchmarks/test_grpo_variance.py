@@ -5,12 +5,12 @@ variance; on independent masks it varies (catches a "shared" estimator that draw
 from __future__ import annotations
 
 from benchmarks import grpo_variance
-from vrpo.tasks.sort.task import toy_sft_path
+from vrpo.tasks.sort.task import sft_path
 
 
 def test_identical_policies_give_zero_on_shared_masks_only(tmp_path):
     rows = grpo_variance.main(
-        ["--new", toy_sft_path(), "--prompts", "2", "--generations", "2", "--repeats", "3", "--out", str(tmp_path)]
+        ["--new", sft_path(), "--prompts", "2", "--generations", "2", "--repeats", "3", "--out", str(tmp_path)]
     )
     by_name = {r["estimator"]: r for r in rows}
     for name in ("shared (n_t 8)", "shared, stratified (n_t 8)", "d1 one-step"):

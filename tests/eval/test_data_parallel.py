@@ -12,13 +12,13 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from vrpo.eval import VRPOEvalLM
-from vrpo.tasks.sort.task import toy_sft_path
+from vrpo.tasks.sort.task import sft_path
 
 ARGS = [
     "-m",
     "vrpo.eval",
     "--model_name_or_path",
-    toy_sft_path(),
+    sft_path(),
     "--tasks",
     "vrpo_sort_mc",
     "--apply_chat_template",
@@ -58,7 +58,7 @@ def test_two_processes_split_the_documents_and_match_one(tmp_path):
     # One process scoring the same requests gets the same estimates: draws are keyed by the request, not the
     # process. Not bit for bit: the packed rows differ, so float32 sums in the model run in another order
     # (unit roundoff 6e-8 times reductions of up to 192 terms: ~1e-5 relative).
-    lm = VRPOEvalLM(toy_sft_path(), mc_num=8)
+    lm = VRPOEvalLM(sft_path(), mc_num=8)
     reqs = [
         Instance("loglikelihood", {}, (a["arg_0"], a["arg_1"]), i)
         for r in rows

@@ -12,7 +12,7 @@ from vrpo.estimator.elbo import elbo_terms
 from vrpo.estimator.sampling import MaskDraw, SamplingPlan
 from vrpo.eval import VRPOEvalLM
 from vrpo.models import DREAM
-from vrpo.tasks.sort.task import toy_tokenizer
+from vrpo.tasks.sort.task import task_tokenizer
 
 from ..helpers import FIXTURES
 
@@ -20,7 +20,7 @@ from ..helpers import FIXTURES
 @pytest.fixture(scope="module")
 def dream(tmp_path_factory):
     tok = tmp_path_factory.mktemp("tok")
-    toy_tokenizer().save_pretrained(tok)
+    task_tokenizer().save_pretrained(tok)
     return VRPOEvalLM(str(FIXTURES / "dream-tiny"), tokenizer=str(tok), mc_num=4)
 
 

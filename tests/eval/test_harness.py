@@ -15,19 +15,19 @@ from lm_eval.api.instance import Instance
 
 from vrpo.eval import LikelihoodRequest, VRPOEvalLM, task_manager
 from vrpo.eval.__main__ import main
-from vrpo.tasks.sort.task import toy_sft_path
+from vrpo.tasks.sort.task import sft_path
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return VRPOEvalLM(toy_sft_path(), mc_num=16)
+    return VRPOEvalLM(sft_path(), mc_num=16)
 
 
 def test_mc_task_through_the_command_logs_se_and_sample_count(tmp_path, capsys):
     rc = main(
         [
             "--model_name_or_path",
-            toy_sft_path(),
+            sft_path(),
             "--tasks",
             "vrpo_sort_mc",
             "--apply_chat_template",
@@ -56,7 +56,7 @@ def test_mc_task_through_the_command_logs_se_and_sample_count(tmp_path, capsys):
 def test_gen_task_through_simple_evaluate():
     res = lm_eval.simple_evaluate(
         model="vrpo",
-        model_args={"pretrained": toy_sft_path()},
+        model_args={"pretrained": sft_path()},
         tasks=["vrpo_sort_gen"],
         limit=4,
         apply_chat_template=True,
@@ -91,7 +91,7 @@ def test_rolling_likelihood_is_the_elbo_of_the_whole_text(lm):
 
 
 def test_rolling_likelihood_adds_windows_when_the_text_is_long():
-    short = VRPOEvalLM(toy_sft_path(), mc_num=8, max_length=5)  # windows of 4 tokens after BOS
+    short = VRPOEvalLM(sft_path(), mc_num=8, max_length=5)  # windows of 4 tokens after BOS
     text = "sort 3 1 2"  # 10 characters: windows of 4, 4, 2
     (value,) = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0, ("t", 0, 1))])
     ids = short.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -129,14 +129,14 @@ def test_rolling_task_through_lm_eval(tmp_path):
     )
     res = lm_eval.simple_evaluate(
         model="vrpo",
-        model_args={"pretrained": toy_sft_path(), "mc_num": 8},
+        model_args={"pretrained": sft_path(), "mc_num": 8},
         tasks=["vrpo_test_rolling"],
         task_manager=task_manager([str(tmp_path)]),
     )
     bpb = res["results"]["vrpo_test_rolling"]["bits_per_byte,none"]
     # lm-eval's bits per byte is -sum(log-likelihood) / bytes / ln 2 of the rolling ELBOs (the demo model
     # knows chat-formatted text only, so raw text scores poorly; what matters is that these are the values).
-    own = VRPOEvalLM(toy_sft_path(), mc_num=8)
+    own = VRPOEvalLM(sft_path(), mc_num=8)
     texts = ["sort 3 1 2", "1 2 3"]
     ll = own.loglikelihood_rolling(
         [Instance("loglikelihood_rolling", {}, (t,), 0, ("t", i, 1)) for i, t in enumerate(texts)]
@@ -164,13 +164,13 @@ def test_context_and_continuation_split_at_the_context_tokens(lm):
 )
 def test_bad_model_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
-        VRPOEvalLM(toy_sft_path(), **kw)
+        VRPOEvalLM(sft_path(), **kw)
 
 
 def test_missing_tokenizer_is_named(tmp_path):
     import shutil
 
-    shutil.copytree(toy_sft_path(), tmp_path / "m")
+    shutil.copytree(sft_path(), tmp_path / "m")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # the shipped tokenizer
         (tmp_path / "m" / name).unlink()
     with pytest.raises(ValueError, match="tokenizer"):
@@ -205,10 +205,10 @@ def test_raw_prompts_to_a_chat_trained_model_are_warned_about(capsys, monkeypatc
 
     asked = {}
     monkeypatch.setattr(cli, "simple_evaluate", lambda **kw: asked.update(kw))  # the model loads; no eval
-    rc = main(["--model_name_or_path", toy_sft_path(), "--tasks", "vrpo_sort_mc", "--limit", "1"])
+    rc = main(["--model_name_or_path", sft_path(), "--tasks", "vrpo_sort_mc", "--limit", "1"])
     assert rc == 0 and asked["apply_chat_template"] is False
     err = capsys.readouterr().err
-    assert "has a chat template, but --apply_chat_template is off" in err and toy_sft_path() in err
+    assert "has a chat template, but --apply_chat_template is off" in err and sft_path() in err
     templated = types.SimpleNamespace(chat_template="{{ x }}")
     plain = types.SimpleNamespace(chat_template=None)
     base = ["--model_name_or_path", "m", "--tasks", "t"]

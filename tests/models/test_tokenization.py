@@ -246,10 +246,10 @@ def test_loading_a_saved_model_folder_logs_no_model_type_warning(family, tmp_pat
     import logging
 
     from vrpo.models import load_mdm, save_mdm
-    from vrpo.tasks.sort.task import toy_sft_path
+    from vrpo.tasks.sort.task import sft_path
 
     if family == "llada":  # the shipped demo model, as a run's model/ folder holds it
-        folder, text = pathlib.Path(toy_sft_path()), "sort 3 1 2"
+        folder, text = pathlib.Path(sft_path()), "sort 3 1 2"
     else:  # a Dream saved by vrpo: its own config.json format, the tokenizer without remote code
         folder, text = tmp_path / "dream", "Sort these: 3, 1, 2."
         save_mdm(load_mdm(FIXTURES / "dream-tiny"), folder)

@@ -34,7 +34,7 @@ def torch_state():
 
 
 def test_prompts_have_the_tasks_lengths_and_the_grader_round_trips():
-    tokenizer = sort.toy_tokenizer()
+    tokenizer = sort.task_tokenizer()
     prompts = long.dev_prompts(0, 300)
     ks = [len(p.split()) - 1 for p in prompts]
     assert min(ks) == 8 and max(ks) == 16  # both ends drawn, nothing outside
@@ -161,7 +161,7 @@ def test_shipped_sft_model_sorts_as_recorded(torch_state):
     sft = json.loads((DATA / long.SFT_DIR / sort.SFT_SETTINGS_FILE).read_text())
     torch.set_num_threads(sort.THREADS)  # the builder's thread count (and fast on a busy CPU)
     model = load_llada(long.sft_path(), attn_implementation="sdpa")
-    report = sort.evaluate_generations(model, sort.toy_tokenizer(), long.dev_prompts())
+    report = sort.evaluate_generations(model, sort.task_tokenizer(), long.dev_prompts())
     # The recorded dev figures are this model's (up to an argmax tie flipped by another torch build).
     assert abs(report.accuracy - sft["dev_accuracy"]) <= 1 / 256, (report.accuracy, sft["dev_accuracy"])
     assert abs(report.credit - sft["dev_credit"]) <= 0.005, (report.credit, sft["dev_credit"])
@@ -259,3 +259,10 @@ def test_shared_prompt_streams_keep_the_demos_draws():
     shipped = [json.loads(line)["prompt"] for line in lines]
     drawn = sort.pair_prompts(sort.PairSettings())
     assert [p for p in drawn if p in set(shipped)] == shipped
+
+
+def test_dev_prompts_never_hold_a_test_prompt():
+    """``--gen_eval_split dev`` chooses settings on these: a test prompt among them would tune on the test set."""
+    for task in TASKS.values():
+        dev = task.dev_prompts()
+        assert len(dev) == 256 and not set(dev) & set(task.test_prompts())

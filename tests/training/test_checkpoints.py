@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from vrpo.errors import CheckpointError, RunLogError
 from vrpo.tasks.sort import SORT_TASK
-from vrpo.tasks.sort.task import toy_dataset_path
+from vrpo.tasks.sort.task import synthetic_pairs_path
 from vrpo.training import VRPOTrainer
 from vrpo.training.checkpoints import CheckpointManager
 from vrpo.training.config import VRPOConfig
@@ -54,7 +54,7 @@ def made(tmp_path_factory):
     """A finished two-step run with a checkpoint at each step, and its small dataset."""
     root = tmp_path_factory.mktemp("made")
     data = root / "pairs.jsonl"
-    data.write_text("".join(open(toy_dataset_path(), encoding="utf-8").readlines()[:48]))
+    data.write_text("".join(open(synthetic_pairs_path(), encoding="utf-8").readlines()[:48]))
     VRPOTrainer(config(root / "run", data), task=SORT_TASK).train()
     return root / "run", data
 

@@ -8,7 +8,7 @@ from vrpo.estimator import SamplingPlan, elbo_terms, noisy_draw
 from vrpo.models import encode_example, load_mdm
 from vrpo.models import samplers as samplers_module
 from vrpo.tasks.sort import SORT_TASK
-from vrpo.tasks.sort.task import answer_tokens, toy_sft_path, toy_tokenizer
+from vrpo.tasks.sort.task import answer_tokens, sft_path, task_tokenizer
 from vrpo.training import rollouts
 from vrpo.training.rollouts import (
     RolloutBuffer,
@@ -32,7 +32,7 @@ def test_a_response_ends_at_the_first_eos_and_keeps_it():
 
 
 def test_the_answer_text_stops_at_end_of_turn_and_eos():
-    tok = toy_tokenizer()
+    tok = task_tokenizer()
     eos, ends = stop_token_ids(tok)
     assert eos == tok.eos_token_id and len(ends) == 2  # EOS and <|eot_id|>
     ids = tok("2 5 8", add_special_tokens=False)["input_ids"]
@@ -53,8 +53,8 @@ def test_completion_rows_keep_the_prompt_and_mark_only_the_response():
 
 def test_padding_is_never_scored():
     # A short completion padded next to a long one has the ELBO terms it has alone, on the same keyed masks.
-    model = load_mdm(toy_sft_path()).eval()
-    tok = toy_tokenizer()
+    model = load_mdm(sft_path()).eval()
+    tok = task_tokenizer()
     plan = SamplingPlan(n_t=4, stratified=True)
     batch = completion_batch([[1, 2, 3], [1, 2]], [[40, 41, EOS], [42, 43, 44, 45, EOS]], tok.eos_token_id, "cpu")
     keys = [11, 12]
@@ -81,8 +81,8 @@ def test_padding_is_never_scored():
 
 
 def test_sampled_groups_are_the_prompts_completions_and_a_changed_prompt_is_refused(monkeypatch):
-    model = load_mdm(toy_sft_path()).eval()
-    tok = toy_tokenizer()
+    model = load_mdm(sft_path()).eval()
+    tok = task_tokenizer()
     prompts = ["sort 5 2 8", "sort 1 9 3"]
     ids = [encode_example(tok, p, "")["input_ids"][:-2] for p in prompts]  # drop <|eot_id|> EOS
     settings = RolloutSettings(num_generations=3, temperature=1.0, steps=None, block_length=None)

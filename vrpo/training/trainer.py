@@ -312,18 +312,19 @@ class ELBOTrainer:
                 if self.reference_is_initial_policy
                 else self.evaluator.terms(self.reference.elbo, self.eval_pairs)
             )
-        generations = grade_generations(
-            self.task,
-            self.accelerator,
-            self.policy_elbo,
-            self.tokenizer,
-            self.config.gen_eval_prompts,
-            self.config.gen_eval_split,
-        )
+        generations = self.grade_generations()
         if generations is not None:
             self.state.gen_acc_before, self.state.gen_credit_before = generations.accuracy, generations.credit
             before.update(generation_metrics(generations))
         return before
+
+    def grade_generations(self):
+        """The policy's greedy answers to the task's --gen_eval_split prompts, graded (None: no task, or not the
+        main process)."""
+        cfg = self.config
+        return grade_generations(
+            self.task, self.accelerator, self.policy_elbo, self.tokenizer, cfg.gen_eval_prompts, cfg.gen_eval_split
+        )
 
     # --- the run: the loop ----------------------------------------------------------------------
 
@@ -437,14 +438,7 @@ class ELBOTrainer:
                 pref_acc_after=st.final_eval["eval/pref_acc"],
                 reward_acc_after=st.final_eval.get("eval/reward_acc"),
             )
-        generations = grade_generations(
-            self.task,
-            self.accelerator,
-            self.policy_elbo,
-            self.tokenizer,
-            self.config.gen_eval_prompts,
-            self.config.gen_eval_split,
-        )
+        generations = self.grade_generations()
         if generations is not None:
             log.log(st.step, generation_metrics(generations))
             summary.update(outputs.generation_summary(st, generations, cfg.gen_eval_split))

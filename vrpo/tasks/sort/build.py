@@ -42,7 +42,7 @@ from .task import (
     random_digits,
     reference_answer,
     sample_answers,
-    toy_tokenizer,
+    task_tokenizer,
 )
 
 # --------------------------------------------------------------------------------------------- SFT
@@ -58,7 +58,7 @@ def deterministic_cpu(seed: int):
 def train_sft(settings: SFTSettings, log=print, lengths: tuple[int, int] = LENGTHS):
     """Train the toy SFT model from a seeded random init on right sorts of ``lengths[0]`` to ``lengths[1]``
     digits. Returns ``(model, tokenizer)``."""
-    tokenizer = toy_tokenizer()
+    tokenizer = task_tokenizer()
     model = build_tiny_llada(seed=settings.seed, attn_implementation="sdpa", **MODEL_SHAPE).train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, betas=(0.9, 0.95), weight_decay=settings.weight_decay
@@ -204,7 +204,7 @@ def pairs_command(
     _refuse_overwrite(output, overwrite)
     deterministic_cpu(settings.seed)
     model = load_llada(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    tokenizer = toy_tokenizer()
+    tokenizer = task_tokenizer()
     prompts = pair_prompts(settings, lengths)
     sampler = SamplerSettings(temperature=settings.temperature, seed=settings.seed)
     answers = sample_answers(model, tokenizer, prompts, sampler, n=settings.samples)

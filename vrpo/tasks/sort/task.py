@@ -14,6 +14,7 @@ verifier. Both are package data, rebuilt bit for bit by :mod:`vrpo.tasks.sort.bu
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -114,24 +115,44 @@ def data_file(name: str) -> str:
     return str(resources.files("vrpo.tasks.sort") / "data" / name)
 
 
-def toy_dataset_path() -> str:
+def synthetic_pairs_path() -> str:
     """Path of the bundled synthetic toy preference set (JSON Lines)."""
     return data_file(SYNTHETIC_PAIRS_FILE)
 
 
-def toy_pairs_path() -> str:
+def pairs_path() -> str:
     """Path of the bundled on-policy preference set of the SFT model (JSON Lines, TRL's format)."""
     return data_file(PAIRS_FILE)
 
 
-def toy_sft_path() -> str:
-    """Directory of the bundled SFT model (LLaDA's checkpoint format; its tokenizer is :func:`toy_tokenizer`)."""
+def sft_path() -> str:
+    """Directory of the bundled SFT model (LLaDA's checkpoint format; its tokenizer is :func:`task_tokenizer`)."""
     return data_file(SFT_DIR)
 
 
-def toy_tokenizer():
+def task_tokenizer():
     """The toy model's character-level tokenizer with LLaDA's special tokens (built, not loaded)."""
     return build_tiny_tokenizer(vocab_size=MODEL_SHAPE["vocab_size"])
+
+
+# 0.1's names, kept for one release (they go in 0.3).
+_RENAMED = {
+    "toy_sft_path": "sft_path",
+    "toy_pairs_path": "pairs_path",
+    "toy_dataset_path": "synthetic_pairs_path",
+    "toy_tokenizer": "task_tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        warnings.warn(
+            f"vrpo.tasks.sort.task.{name} is {_RENAMED[name]}; the old name goes in vrpo 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -332,13 +353,13 @@ class SortTask:
     online_presets: Mapping[str, object] = field(default_factory=lambda: dict(ONLINE_PRESETS))
 
     def model_path(self) -> str:
-        return toy_sft_path()
+        return sft_path()
 
     def tokenizer(self):
-        return toy_tokenizer()
+        return task_tokenizer()
 
     def pairs_path(self) -> str:
-        return toy_pairs_path()
+        return pairs_path()
 
     def test_prompts(self) -> list[str]:
         return test_prompts()

@@ -1,0 +1,123 @@
+"""``python -m benchmarks.budget --task sort_long`` (``benchmarks/study.py``): the arms compare what they claim,
+settings are chosen on the dev prompts only, the verdicts read the numbers right, and a --quick study of two arms
+writes its CSV, report and plot."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from benchmarks import budget, study
+from vrpo.training.config import GRPOConfig, VRPOConfig
+
+
+def test_the_arms_spend_what_their_comparison_says_and_get_equal_search():
+    """Catches an equal-pairs arm with another batch, an equal-passes arm with another budget, an SFT arm that
+    keeps the preference loss, a naive DPO arm with antithetic masks, an arm with more candidates than the others
+    (unequal search effort) and tuning runs graded on the test prompts."""
+    for arm in study.ARMS:
+        if arm.comparison == study.PAIRS:
+            assert arm.batch == 16
+        if arm.comparison == study.PASSES or arm.key == "n8":
+            assert arm.batch * arm.n_t == 128
+    assert {len(g) for g in study.GRID.values()} == {4}
+    for key in ("sft16", "sft128"):
+        assert study.BY_KEY[key].fields()["pref_weight"] == 0
+    for key in ("dpo16", "dpo128"):
+        assert study.BY_KEY[key].fields()["antithetic"] is False and study.BY_KEY[key].n_t == 1
+    for key in ("n8", "adv16", "adv128"):
+        f = study.BY_KEY[key].fields()
+        assert f["antithetic"] is True and f["pref_weight"] == 1.0
+    grid = study.GRID["pref"][0]
+    tune = study.run_config(study.BY_KEY["n8"], grid, 1, "tune", "x", quick=False)
+    test = study.run_config(study.BY_KEY["n8"], grid, 42, "test", "x", quick=False)
+    assert isinstance(tune, VRPOConfig) and tune.gen_eval_split == "dev" and test.gen_eval_split == "test"
+    assert (tune.max_steps, tune.n_t, tune.learning_rate, tune.seed) == (study.STEPS, 8, grid["learning_rate"], 1)
+    g = study.run_config(study.BY_KEY["grpo"], study.GRID["grpo"][1], 2, "test", "x", quick=False)
+    assert isinstance(g, GRPOConfig) and g.max_steps == study.GRPO_STEPS and g.learning_rate == 1e-4
+
+
+def row(phase, arm, seed, credit, settings=None, acc=0.05, mask=None, pairs=None):
+    a = study.BY_KEY[arm]
+    settings = settings or study.GRID[a.kind][0]
+    return {
+        "phase": phase,
+        "arm": arm,
+        "seed": seed,
+        **settings,
+        "steps": 200,
+        "batch": a.batch,
+        "n_t": a.n_t,
+        "prompts": 256 if phase == "tune" else 1024,
+        "gen_acc_before": 0.02,
+        "gen_acc_after": acc,
+        "gen_credit_before": 0.75,
+        "gen_credit_after": credit,
+        "pref_acc_before": 0.65,
+        "pref_acc_after": 0.7,
+        "var_mask": mask,
+        "var_pairs": pairs,
+        "advice_n_t": None,
+        "train_s": 60.0,
+        "wall_s": 80.0,
+    }
+
+
+def test_settings_are_chosen_on_dev_credit_once_every_candidate_ran():
+    """Catches a choice made before the grid is done, the worst candidate taken, and test-phase rows (graded on
+    the test prompts) leaking into the choice."""
+    grid = study.GRID["sft"]
+    rows = [row("tune", "sft16", 1, c, s) for c, s in zip((0.70, 0.78, 0.74), grid)]
+    assert study.chosen(rows, study.BY_KEY["sft16"]) is None
+    rows.append(row("tune", "sft16", 1, 0.71, grid[3]))
+    rows.append(row("test", "sft16", 42, 0.99, grid[3]))
+    assert study.chosen(rows, study.BY_KEY["sft16"]) == grid[1]
+    args = study.parse(["--arms", "sft16", "dpo16"], "sort_long")
+    with pytest.raises(SystemExit, match="arm dpo16: tune it first"):
+        study.planned(args, rows)
+
+
+def test_the_goal_and_the_advisor_verdicts_read_the_seeds():
+    """n8 beats sft16 by far more than 2 sd (a win) and loses to dpo16 by more (a loss); adv16's seeds spread
+    wide, so it is within 2 sd of sft16 (and still far below dpo16). The advice comes from the runs' own
+    variances: a large pair part advises n_t 1. Catches a verdict with the sign flipped, a spread taken from one
+    arm only, and the advice read from a column the CSV does not fill."""
+    rows = []
+    for seed, d in ((42, 0.0), (2, 0.01), (3, -0.01)):
+        rows += [
+            row("test", "sft16", seed, 0.70 + d),
+            row("test", "dpo16", seed, 0.90 + d),
+            row("test", "n8", seed, 0.80 + d, mask=0.01 / 8, pairs=0.2),
+            row("test", "adv16", seed, 0.75 + 4 * d),
+            row("test", "adv128", seed, 0.85 + d),
+        ]
+    aggs = study.aggregate(rows)
+    goal = study.goal_lines(aggs)
+    assert "n8 against sft16" in goal[0] and "**a win**" in goal[0]
+    assert "n8 against dpo16" in goal[1] and "**a loss**" in goal[1]
+    assert "adv16 against sft16" in goal[2] and "within 2 sd" in goal[2] and "**a loss**" in goal[3]
+    adv = study.advisor_lines(aggs)
+    assert "advise n_t = 1 (1, 1, 1)" in adv[0]
+    assert "the winner: adv128" in adv[1] and "the winner: neither" in adv[2]
+    text = study.report("sort_long", rows, "cmd")
+    assert "| equal pairs and steps | VRPO n_t 8, batch 16 (the default) | 0.0002, 0 | 3 | 200 |" in text
+
+
+@pytest.mark.slow
+def test_quick_study_tunes_then_tests_and_writes_its_report(tmp_path):
+    out = ["--quick", "--out", str(tmp_path), "--task", "sort_long", "--arms", "adv16", "grpo"]
+    with pytest.raises(SystemExit, match="tune it first"):
+        budget.main([*out, "--seeds", "42"])
+    budget.main([*out, "--tune"])
+    rows = list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))
+    assert len(rows) == 8 and {r["prompts"] for r in rows} == {"16"} and {r["phase"] for r in rows} == {"tune"}
+    budget.main([*out, "--seeds", "42"])
+    rows = list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))
+    tests = [r for r in rows if r["phase"] == "test"]
+    assert sorted(r["arm"] for r in tests) == ["adv16", "grpo"] and {r["n_t"] for r in tests} == {"1", "8"}
+    text = (tmp_path / "budget_sort_long.md").read_text()
+    assert "| equal wall time | GRPO" in text and "Tuning (seed 1" in text
+    assert (tmp_path / "budget_sort_long.png").stat().st_size > 0
+    budget.main([*out, "--seeds", "42"])  # every run already in the CSV: skipped
+    assert len(list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))) == 10
