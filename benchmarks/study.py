@@ -327,7 +327,61 @@ def test_table(aggs: dict) -> list[str]:
     return lines
 
 
-def report(task: str, rows: list[dict], command: str) -> str:
+def task_line(task: str, digits: str, n8: list[dict], passes: dict, pairs: dict) -> str:
+    """One task's row of :func:`across_tasks`: the VRPO n_t 8 runs' variance parts, the n_t they advise, and the
+    arm with the best mean partial credit among ``passes`` (equal forward passes) and ``pairs`` (equal pairs)."""
+    mask, _ = mean_sd(r["var_mask"] for r in n8)
+    pair, _ = mean_sd(r["var_pairs"] for r in n8)
+    advice = [n for n in (advised(r) for r in n8) if n is not None]
+
+    def best(group: dict) -> str:
+        key = max(group, key=lambda k: group[k])
+        return f"{key} ({group[key]:.3f})"
+
+    return (
+        f"| {task} | {digits} | {mask:.3f} | {8 * mask:.2f} | {pair:.3f} | {100 * mask / (mask + pair):.0f}% | "
+        f"{'/'.join(map(str, advice)) or 'n/a'} | {best(passes)} | {best(pairs)} |"
+    )
+
+
+def across_tasks(rows: list[dict], sort_csv: pathlib.Path) -> list[str]:
+    """Both tasks side by side, when the sorting demo's study (``budget.csv``, data-rich regime) is there: does
+    the mask share grow with the answer, and does the advice follow the winner?"""
+    from benchmarks import budget
+
+    sort_rows = [r for r in read_rows(sort_csv, text=("regime", "arm")) if r["regime"] == "rich"]
+    aggs = aggregate(rows)
+    mine = [r for r in rows if r["phase"] == "test" and r["arm"] == "n8"]
+    if not sort_rows or not mine or "n8" not in aggs:
+        return []
+
+    def credit(arm: str, of: list[dict]) -> float:
+        return mean_sd(r["gen_credit_after"] for r in of if r["arm"] == arm)[0]
+
+    sort_arms = {r["arm"] for r in sort_rows}
+    lines = [
+        "| task | digits | var mask (n_t 8) | one mask sample | var pairs | mask share | advice n_t | "
+        "best at 128 forward passes a step | best at 16 pairs a step |",
+        "|---|---|---|---|---|---|---|---|---|",
+        task_line(
+            "sort",
+            "3-6",
+            [r for r in sort_rows if r["arm"] == "n8"],
+            {a: credit(a, sort_rows) for a in sort_arms},  # every arm there spends 128 passes a step
+            {a: credit(a, sort_rows) for a in sort_arms if budget.BY_KEY[a].batch == 16},
+        ),
+        task_line(
+            "sort_long",
+            "8-16",
+            mine,
+            {k: a["gen_credit_after"] for k, a in aggs.items() if BY_KEY[k].comparison == PASSES or k == "n8"},
+            {k: a["gen_credit_after"] for k, a in aggs.items() if BY_KEY[k].comparison == PAIRS},
+        ),
+    ]
+    return lines
+
+
+def report(task: str, rows: list[dict], command: str, sort_csv: pathlib.Path | None = None) -> str:
     aggs = aggregate(rows)
     test_rows = [r for r in rows if r["phase"] == "test"]
     before = sorted({(round(r["gen_acc_before"], 4), round(r["gen_credit_before"], 3)) for r in test_rows})
@@ -348,6 +402,16 @@ def report(task: str, rows: list[dict], command: str) -> str:
     adv = advisor_lines(aggs)
     if adv:
         lines += ["", "The advisor against the study:", "", *adv]
+    both = across_tasks(rows, sort_csv) if sort_csv is not None and sort_csv.exists() else []
+    if both:
+        lines += [
+            "",
+            "Both tasks (the sorting demo's figures from `budget.md`, data-rich regime, n_t 8 stratified; its arms "
+            "there were not tuned): the VRPO n_t 8 runs' variance parts (the mask part of one pair's score at n_t 8, "
+            "times 8 for one mask sample), the n_t they advise, and the best arm by mean partial credit:",
+            "",
+            *both,
+        ]
     if any(r["phase"] == "tune" for r in rows):
         lines += ["", f"Tuning (seed {TUNE_SEED}, 256 dev prompts, every candidate run):", "", *tune_table(rows)]
     lines += ["", f"Per run: `budget_{task}.csv`."]
@@ -445,5 +509,6 @@ def main(argv=None, task: str = "sort_long") -> list[dict]:
     if not rows:
         raise SystemExit(f"no results in {csv_path}")
     command = f"python -m benchmarks.budget --task {args.task} --tune, then without --tune"
-    write_report(out, f"budget_{args.task}", report(args.task, rows, command), lambda path: plot(rows, path))
+    text = report(args.task, rows, command, out / "budget.csv")
+    write_report(out, f"budget_{args.task}", text, lambda path: plot(rows, path))
     return rows

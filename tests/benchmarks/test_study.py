@@ -104,6 +104,39 @@ def test_the_goal_and_the_advisor_verdicts_read_the_seeds():
     assert "| equal pairs and steps | VRPO n_t 8, batch 16 (the default) | 0.0002, 0 | 3 | 200 |" in text
 
 
+def test_both_tasks_side_by_side(tmp_path):
+    """The sorting demo's row comes from its own study's data-rich runs: its n8 variances, the best of all its arms
+    at 128 passes and of its batch-16 arms. Catches the limited regime mixed in and a best arm taken as the worst."""
+    sort_csv = tmp_path / "budget.csv"
+    sort = [
+        {
+            "regime": g,
+            "arm": a,
+            "seed": 42,
+            "batch": b,
+            "n_t": n,
+            "n_yt": 1,
+            "gen_credit_after": c,
+            "var_mask": m,
+            "var_pairs": v,
+        }
+        for g, a, b, n, c, m, v in (
+            ("rich", "n8", 16, 8, 0.91, 0.07, 0.12),
+            ("rich", "sft16", 16, 8, 0.94, 0.03, 0.05),
+            ("rich", "sft128", 128, 1, 0.96, None, None),
+            ("limited", "n8", 16, 8, 0.99, 9.0, 9.0),
+        )
+    ]
+    budget.write_csv(sort, sort_csv, budget.COLUMNS)
+    rows = [row("test", "n8", 42, 0.80, mask=0.1, pairs=0.1), row("test", "sft16", 42, 0.70)]
+    rows += [row("test", "adv128", 42, 0.85), row("test", "dpo16", 42, 0.75)]
+    head, _, sort_line, long_line = study.across_tasks(rows, sort_csv)
+    assert "| sort | 3-6 | 0.070 | 0.56 | 0.120 | 37% |" in sort_line
+    assert "sft128 (0.960) | sft16 (0.940) |" in sort_line
+    assert "| sort_long | 8-16 | 0.100 | 0.80 | 0.100 | 50% |" in long_line
+    assert "adv128 (0.850) | n8 (0.800) |" in long_line
+
+
 @pytest.mark.slow
 def test_quick_study_tunes_then_tests_and_writes_its_report(tmp_path):
     out = ["--quick", "--out", str(tmp_path), "--task", "sort_long", "--arms", "adv16", "grpo"]
