@@ -99,13 +99,18 @@ BY_KEY = {a.key: a for a in ARMS}
 VRPO_ARMS = ("n8", "adv16")  # the method, against the baselines at equal pairs
 BASELINES = ("sft16", "dpo16")
 
-# Every arm's candidates: four each. Preference arms: the demo's learning rate and a lower one, with and
-# without the SFT term (the demo trains with one; the paper's VRPO has none). SFT and GRPO: four learning rates
-# around their presets (5e-4 and 1e-4).
+# Every arm's candidates, six each, in two rounds. Round 1, four: preference arms at the demo's learning rate
+# and a lower one, with and without the SFT term (the demo trains with one; the paper's VRPO has none); SFT and
+# GRPO at four learning rates around their presets (5e-4 and 1e-4). The preference arms' best sat at the
+# lowest rate, so round 2 gave every arm two more: 1e-4 with and without the SFT term, and one step past each
+# end of the SFT and GRPO grids.
 GRID = {
-    "pref": tuple(dict(learning_rate=lr, sft_weight=w) for lr in (2e-4, 5e-4) for w in (0.0, 1.0)),
-    "sft": tuple(dict(learning_rate=lr, sft_weight=1.0) for lr in (1e-4, 2e-4, 5e-4, 1e-3)),
-    "grpo": tuple(dict(learning_rate=lr, sft_weight=0.0) for lr in (3e-5, 1e-4, 3e-4, 1e-3)),
+    "pref": (
+        *(dict(learning_rate=lr, sft_weight=w) for lr in (2e-4, 5e-4) for w in (0.0, 1.0)),
+        *(dict(learning_rate=1e-4, sft_weight=w) for w in (0.0, 1.0)),
+    ),
+    "sft": tuple(dict(learning_rate=lr, sft_weight=1.0) for lr in (1e-4, 2e-4, 5e-4, 1e-3, 5e-5, 2e-3)),
+    "grpo": tuple(dict(learning_rate=lr, sft_weight=0.0) for lr in (3e-5, 1e-4, 3e-4, 1e-3, 1e-5, 3e-3)),
 }
 COLUMNS = (
     "phase",

@@ -21,7 +21,7 @@ def test_the_arms_spend_what_their_comparison_says_and_get_equal_search():
             assert arm.batch == 16
         if arm.comparison == study.PASSES or arm.key == "n8":
             assert arm.batch * arm.n_t == 128
-    assert {len(g) for g in study.GRID.values()} == {4}
+    assert {len(g) for g in study.GRID.values()} == {6}
     for key in ("sft16", "sft128"):
         assert study.BY_KEY[key].fields()["pref_weight"] == 0
     for key in ("dpo16", "dpo128"):
@@ -68,10 +68,10 @@ def test_settings_are_chosen_on_dev_credit_once_every_candidate_ran():
     """Catches a choice made before the grid is done, the worst candidate taken, and test-phase rows (graded on
     the test prompts) leaking into the choice."""
     grid = study.GRID["sft"]
-    rows = [row("tune", "sft16", 1, c, s) for c, s in zip((0.70, 0.78, 0.74), grid)]
+    rows = [row("tune", "sft16", 1, c, s) for c, s in zip((0.70, 0.78, 0.74, 0.72, 0.60), grid)]
     assert study.chosen(rows, study.BY_KEY["sft16"]) is None
-    rows.append(row("tune", "sft16", 1, 0.71, grid[3]))
-    rows.append(row("test", "sft16", 42, 0.99, grid[3]))
+    rows.append(row("tune", "sft16", 1, 0.71, grid[5]))
+    rows.append(row("test", "sft16", 42, 0.99, grid[5]))
     assert study.chosen(rows, study.BY_KEY["sft16"]) == grid[1]
     args = study.parse(["--arms", "sft16", "dpo16"], "sort_long")
     with pytest.raises(SystemExit, match="arm dpo16: tune it first"):
@@ -138,13 +138,14 @@ def test_both_tasks_side_by_side(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_study_tunes_then_tests_and_writes_its_report(tmp_path):
+def test_quick_study_tunes_then_tests_and_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "GRID", {kind: grid[:2] for kind, grid in study.GRID.items()})  # 2 candidates each
     out = ["--quick", "--out", str(tmp_path), "--task", "sort_long", "--arms", "adv16", "grpo"]
     with pytest.raises(SystemExit, match="tune it first"):
         budget.main([*out, "--seeds", "42"])
     budget.main([*out, "--tune"])
     rows = list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))
-    assert len(rows) == 8 and {r["prompts"] for r in rows} == {"16"} and {r["phase"] for r in rows} == {"tune"}
+    assert len(rows) == 4 and {r["prompts"] for r in rows} == {"16"} and {r["phase"] for r in rows} == {"tune"}
     budget.main([*out, "--seeds", "42"])
     rows = list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))
     tests = [r for r in rows if r["phase"] == "test"]
@@ -153,4 +154,4 @@ def test_quick_study_tunes_then_tests_and_writes_its_report(tmp_path):
     assert "| equal wall time | GRPO" in text and "Tuning (seed 1" in text
     assert (tmp_path / "budget_sort_long.png").stat().st_size > 0
     budget.main([*out, "--seeds", "42"])  # every run already in the CSV: skipped
-    assert len(list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))) == 10
+    assert len(list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))) == 6
