@@ -67,7 +67,7 @@ def read_rows(path: Path, text: tuple[str, ...] = (), ints: tuple[str, ...] = ()
     for r in rows:
         for k, v in r.items():
             if k not in text:
-                r[k] = None if v == "" else int(v) if k in ints else float(v)
+                r[k] = None if v == "" else int(float(v)) if k in ints else float(v)  # "1.0": a float column once
     return rows
 
 
