@@ -1,5 +1,9 @@
 """Where VRPO pays: masks (n_t) against pairs at equal forward passes on the sorting demo, in two data regimes.
 
+``--task sort_long`` runs the tuned study of the long-sorting task instead (:mod:`benchmarks.study`: SFT on the
+chosen answers, naive DPO, VRPO and GRPO, settings chosen per arm on dev prompts; its own flags, ``--help``
+after ``--task sort_long``).
+
 ``python -m benchmarks.budget`` trains every arm from the shipped SFT model with the demo's learning rate, SFT
 weight (1.0) and schedule (300 steps, 15 warm-up, cosine), each step costing the same 128 masked forward passes
 per sequence side (global batch x n_t x n_yt):
@@ -311,7 +315,12 @@ def selected(args) -> list[tuple[str, Arm, int]]:
 
 
 TASK_FLAG = argparse.ArgumentParser(add_help=False)
-TASK_FLAG.add_argument("--task", default="sort", choices=("sort", "sort_long"))
+TASK_FLAG.add_argument(
+    "--task",
+    default="sort",
+    choices=("sort", "sort_long"),
+    help="sort: this study (the default); sort_long: the tuned study of benchmarks/study.py",
+)
 
 
 def parse(argv):

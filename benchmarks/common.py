@@ -218,8 +218,8 @@ def peak_extra_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
 
 def write_report(out: Path, name: str, text: str, draw: Callable[[Path], bool]) -> None:
     """``out/name.md`` from ``text`` and ``out/name.png`` from ``draw(path)`` (False: matplotlib is missing, said
-    once), then the text on stdout."""
+    once; None: nothing to draw), then the text on stdout."""
     (out / f"{name}.md").write_text(text)
-    if not draw(out / f"{name}.png"):
+    if draw(out / f"{name}.png") is False:  # None: nothing to draw
         print(f"matplotlib is not installed: {name}.png not written (pip install 'vrpo[bench]')")
     print(text)

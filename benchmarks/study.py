@@ -112,6 +112,7 @@ GRID = {
     "sft": tuple(dict(learning_rate=lr, sft_weight=1.0) for lr in (1e-4, 2e-4, 5e-4, 1e-3, 5e-5, 2e-3)),
     "grpo": tuple(dict(learning_rate=lr, sft_weight=0.0) for lr in (3e-5, 1e-4, 3e-4, 1e-3, 1e-5, 3e-3)),
 }
+GRID_KEYS = ("learning_rate", "sft_weight")  # what a candidate sets
 COLUMNS = (
     "phase",
     "arm",
@@ -192,13 +193,21 @@ def read_csv(path: pathlib.Path) -> list[dict]:
 def add_row(path: pathlib.Path, row: dict) -> list[dict]:
     """Append ``row`` to the CSV under its lock (other processes may be adding theirs) and return every row."""
     with locked(path):
-        rows = read_csv(path) + [row]
-        write_csv(rows, path, COLUMNS)
+        rows = read_csv(path)
+        if not any(same_run(r, row) for r in rows):  # another process with the same --arms may have added it
+            rows.append(row)
+            write_csv(rows, path, COLUMNS)
     return rows
 
 
 def same_settings(row: dict, settings: dict) -> bool:
     return all(math.isclose(row[k], v) for k, v in settings.items())
+
+
+def same_run(row: dict, other: dict) -> bool:
+    """Whether two rows are the same run: phase, arm, seed and settings."""
+    keys = ("phase", "arm", "seed")
+    return all(row[k] == other[k] for k in keys) and same_settings(row, {k: other[k] for k in GRID_KEYS})
 
 
 def chosen(rows: list[dict], arm: Arm) -> dict | None:
@@ -214,11 +223,24 @@ def chosen(rows: list[dict], arm: Arm) -> dict | None:
     return max(scores, key=lambda s: s[0])[1]  # max keeps the first of equals
 
 
+def test_runs(rows: list[dict], arm: Arm) -> list[dict]:
+    """The arm's test-phase runs with its chosen settings, one per seed (a run left from an earlier choice, or a
+    second copy of a seed, never enters a mean)."""
+    pick = chosen(rows, arm)
+    if pick is None:
+        return []
+    by_seed = {}
+    for r in rows:
+        if r["phase"] == "test" and r["arm"] == arm.key and same_settings(r, pick):
+            by_seed.setdefault(r["seed"], r)
+    return list(by_seed.values())
+
+
 def aggregate(rows: list[dict]) -> dict[str, dict]:
-    """Per arm, over its test-phase seeds: the mean and sd of each metric."""
+    """Per arm, over its test-phase seeds (:func:`test_runs`): the mean and sd of each metric."""
     out = {}
     for arm in ARMS:
-        mine = [r for r in rows if r["phase"] == "test" and r["arm"] == arm.key]
+        mine = test_runs(rows, arm)
         if not mine:
             continue
         agg = {"seeds": len(mine), "steps": int(mine[0]["steps"]), "row": mine[0]}
@@ -236,6 +258,12 @@ def advised(row: dict) -> int | None:
     return advice_of(row["var_mask"], row["var_pairs"], int(row["batch"]), SamplingPlan(n_t=int(row["n_t"]))).n_t
 
 
+def spread(a: dict, b: dict) -> float:
+    """The larger seed sd of two arms' mean partial credit; NaN when either has one seed (no verdict then)."""
+    sds = (a["gen_credit_after_sd"], b["gen_credit_after_sd"])
+    return float("nan") if any(math.isnan(x) for x in sds) else max(sds)
+
+
 def goal_lines(aggs: dict) -> list[str]:
     """The issue's goal, arm against baseline: does VRPO beat each baseline at equal pairs by more than two seed
     standard deviations (the larger of the two arms') in mean partial credit?"""
@@ -246,9 +274,9 @@ def goal_lines(aggs: dict) -> list[str]:
                 continue
             a, c = aggs[v], aggs[b]
             diff = a["gen_credit_after"] - c["gen_credit_after"]
-            sd = max(a["gen_credit_after_sd"], c["gen_credit_after_sd"])
+            sd = spread(a, c)
             if math.isnan(sd):
-                verdict = "one seed: no sd"
+                verdict = "an arm with one seed: no sd, no verdict"
             elif diff > 2 * sd:
                 verdict = "**a win** (more than 2 sd)"
             elif diff < -2 * sd:
@@ -265,17 +293,19 @@ def goal_lines(aggs: dict) -> list[str]:
 def advisor_lines(aggs: dict) -> list[str]:
     """The advisor against the study: the n_t its runs advise (at 128 forward passes a step) and the VRPO arm
     that won at equal forward passes (n8 against adv128) and at equal pairs (n8 against adv16)."""
-    advice = [n for a in aggs.values() for n in a["advice"]]
+    advice = aggs["n8"]["advice"] if "n8" in aggs else []
     if not advice:
         return []
-    lines = [f"- The VRPO runs advise n_t = {statistics.mode(advice)} ({', '.join(map(str, sorted(advice)))})."]
+    lines = [f"- The VRPO n_t 8 runs advise n_t = {statistics.mode(advice)} ({', '.join(map(str, sorted(advice)))})."]
     for other, where in (("adv128", PASSES), ("adv16", PAIRS)):
         if "n8" not in aggs or other not in aggs:
             continue
         a, b = aggs["n8"], aggs[other]
-        sd = max(a["gen_credit_after_sd"], b["gen_credit_after_sd"])
+        sd = spread(a, b)
         diff = b["gen_credit_after"] - a["gen_credit_after"]
-        if not math.isnan(sd) and abs(diff) <= 2 * sd:
+        if math.isnan(sd):
+            won = "no verdict (an arm with one seed)"
+        elif abs(diff) <= 2 * sd:
             won = "neither (within 2 sd)"
         else:
             won = other if diff > 0 else "n8"
@@ -388,13 +418,19 @@ def across_tasks(rows: list[dict], sort_csv: pathlib.Path) -> list[str]:
 
 def report(task: str, rows: list[dict], command: str, sort_csv: pathlib.Path | None = None) -> str:
     aggs = aggregate(rows)
-    test_rows = [r for r in rows if r["phase"] == "test"]
+    test_rows = [r for arm in ARMS for r in test_runs(rows, arm)]
+
+    def counts(of: list[dict], key: str) -> str:
+        return "/".join(str(n) for n in sorted({r[key] for r in of})) or "n/a"
+
+    tune_rows = [r for r in rows if r["phase"] == "tune"]
     before = sorted({(round(r["gen_acc_before"], 4), round(r["gen_credit_before"], 3)) for r in test_rows})
     lines = report_heading(f"Where VRPO pays: the tuned study on {task}", command)
     lines += [
         "Every arm starts from the task's SFT model. Settings were chosen per arm on seed "
-        f"{TUNE_SEED} and the 256 dev prompts (the table at the end); the test runs use seeds "
-        f"{', '.join(map(str, SEEDS))} and grade greedy answers on the 1024 test prompts (before training: "
+        f"{TUNE_SEED} and {counts(tune_rows, 'prompts')} dev prompts (the table at the end); the test runs use "
+        f"seeds {counts(test_rows, 'seed')} and grade greedy answers on {counts(test_rows, 'prompts')} test "
+        "prompts (before training: "
         + (", ".join(f"{100 * a:.1f}% exact, credit {c:.3f}" for a, c in before) or "n/a")
         + "). Mean ± sd over seeds. Variance parts: the score's mask part and pair part over the run (the "
         "advisor's inputs); mask share = mask / (mask + pairs). Step time: seconds in optimizer steps.",
@@ -418,14 +454,15 @@ def report(task: str, rows: list[dict], command: str, sort_csv: pathlib.Path | N
             *both,
         ]
     if any(r["phase"] == "tune" for r in rows):
-        lines += ["", f"Tuning (seed {TUNE_SEED}, 256 dev prompts, every candidate run):", "", *tune_table(rows)]
+        where = f"seed {TUNE_SEED}, {counts(tune_rows, 'prompts')} dev prompts"
+        lines += ["", f"Tuning ({where}, every candidate run):", "", *tune_table(rows)]
     lines += ["", f"Per run: `budget_{task}.csv`."]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> bool:
+def plot(rows: list[dict], path: pathlib.Path) -> bool | None:
     """Mean partial credit and exact accuracy per arm (seed-sd error bars, dots: seeds). False without
-    matplotlib."""
+    matplotlib; None before any test run."""
     try:  # optional dependency
         import matplotlib
 
@@ -436,7 +473,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool:
     aggs = aggregate(rows)
     arms = [a for a in ARMS if a.key in aggs]
     if not arms:
-        return False
+        return None  # tuning only: nothing to draw yet
     colors = {"sft": "tab:green", "pref": "tab:blue", "grpo": "tab:orange"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, key, scale, name in (
@@ -503,17 +540,18 @@ def main(argv=None, task: str = "sort_long") -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="vrpo-study-") as tmp:
             for arm, settings, seed, phase in planned(args, rows):
                 rows = read_csv(csv_path)  # another process may have run it
-                if any(
-                    r["phase"] == phase and r["arm"] == arm.key and r["seed"] == seed and same_settings(r, settings)
-                    for r in rows
-                ):
+                run = {"phase": phase, "arm": arm.key, "seed": seed, **settings}
+                if any(same_run(r, run) for r in rows):
                     print(f"skip {phase} {arm.key} seed {seed} {settings}: already in {csv_path}", flush=True)
                     continue
-                rows = add_row(csv_path, run_one(args.task, arm, settings, seed, phase, tmp, args.quick))
-                print(rows[-1], flush=True)
+                row = run_one(args.task, arm, settings, seed, phase, tmp, args.quick)
+                rows = add_row(csv_path, row)
+                print(row, flush=True)
     if not rows:
         raise SystemExit(f"no results in {csv_path}")
     command = f"python -m benchmarks.budget --task {args.task} --tune, then without --tune"
+    if args.quick or args.seeds != list(SEEDS):
+        command += f" ({'--quick, ' * args.quick}--seeds {' '.join(map(str, args.seeds))})"
     text = report(args.task, rows, command, out / "budget.csv")
     write_report(out, f"budget_{args.task}", text, lambda path: plot(rows, path))
     return rows

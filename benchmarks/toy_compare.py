@@ -21,9 +21,6 @@ import tempfile
 
 from benchmarks.common import RESULTS, SUMMARY_METRICS, report_heading, train_demo, write_csv
 
-METRICS = SUMMARY_METRICS
-
-
 QUICK = dict(
     max_steps=1, per_device_train_batch_size=2, eval_size=16, gen_eval_prompts=16
 )  # --quick: the smoke test's sizes
@@ -73,7 +70,7 @@ def run_one(
         "method": "naive DPO" if naive else "VRPO",
         "seed": seed,
         "steps": run.summary["steps"],
-        **{key: run.summary[key] for key in METRICS},
+        **{key: run.summary[key] for key in SUMMARY_METRICS},
         "mean_score_var": run.mean("score/var"),
         "wall_s": run.wall_s,
     }
@@ -98,7 +95,7 @@ def table(rows: list[dict], command: str) -> str:
     for method in ("VRPO", "naive DPO"):
         mine = [r for r in rows if r["method"] == method]
         if mine:
-            mean = {k: statistics.fmean(r[k] for r in mine) for k in METRICS}
+            mean = {k: statistics.fmean(r[k] for r in mine) for k in SUMMARY_METRICS}
             lines.append(
                 f"| **{method} mean** | | | {mean['gen_acc_before']:.3f} | **{mean['gen_acc_after']:.3f}** | "
                 f"{mean['gen_credit_before']:.3f} | **{mean['gen_credit_after']:.3f}** | {mean['pref_acc_before']:.3f} | "  # noqa: E501

@@ -64,15 +64,26 @@ def row(phase, arm, seed, credit, settings=None, acc=0.05, mask=None, pairs=None
     }
 
 
+def tuned(*arms):
+    """A finished tuning of ``arms`` whose first candidate wins (the settings :func:`row` gives by default)."""
+    return [
+        row("tune", arm, 1, 0.9 - 0.01 * i, s) for arm in arms for i, s in enumerate(study.GRID[study.BY_KEY[arm].kind])
+    ]
+
+
 def test_settings_are_chosen_on_dev_credit_once_every_candidate_ran():
     """Catches a choice made before the grid is done, the worst candidate taken, and test-phase rows (graded on
     the test prompts) leaking into the choice."""
     grid = study.GRID["sft"]
     rows = [row("tune", "sft16", 1, c, s) for c, s in zip((0.70, 0.78, 0.74, 0.72, 0.60), grid)]
     assert study.chosen(rows, study.BY_KEY["sft16"]) is None
+    rows.append(row("test", "sft16", 42, 0.99, grid[5]))  # graded on the test prompts: never a tuning result
+    assert study.chosen(rows, study.BY_KEY["sft16"]) is None
     rows.append(row("tune", "sft16", 1, 0.71, grid[5]))
-    rows.append(row("test", "sft16", 42, 0.99, grid[5]))
     assert study.chosen(rows, study.BY_KEY["sft16"]) == grid[1]
+    # the test runs that count: the chosen settings' only, one per seed
+    rows += [row("test", "sft16", 42, 0.75, grid[1]), row("test", "sft16", 42, 0.10, grid[1])]
+    assert [r["gen_credit_after"] for r in study.test_runs(rows, study.BY_KEY["sft16"])] == [0.75]
     args = study.parse(["--arms", "sft16", "dpo16"], "sort_long")
     with pytest.raises(SystemExit, match="arm dpo16: tune it first"):
         study.planned(args, rows)
@@ -83,7 +94,7 @@ def test_the_goal_and_the_advisor_verdicts_read_the_seeds():
     wide, so it is within 2 sd of sft16 (and still far below dpo16). The advice comes from the runs' own
     variances: a large pair part advises n_t 1. Catches a verdict with the sign flipped, a spread taken from one
     arm only, and the advice read from a column the CSV does not fill."""
-    rows = []
+    rows = tuned("sft16", "dpo16", "n8", "adv16", "adv128")
     for seed, d in ((42, 0.0), (2, 0.01), (3, -0.01)):
         rows += [
             row("test", "sft16", seed, 0.70 + d),
@@ -128,7 +139,8 @@ def test_both_tasks_side_by_side(tmp_path):
         )
     ]
     budget.write_csv(sort, sort_csv, budget.COLUMNS)
-    rows = [row("test", "n8", 42, 0.80, mask=0.1, pairs=0.1), row("test", "sft16", 42, 0.70)]
+    rows = tuned("n8", "sft16", "adv128", "dpo16")
+    rows += [row("test", "n8", 42, 0.80, mask=0.1, pairs=0.1), row("test", "sft16", 42, 0.70)]
     rows += [row("test", "adv128", 42, 0.85), row("test", "dpo16", 42, 0.75)]
     head, _, sort_line, long_line = study.across_tasks(rows, sort_csv)
     assert "| sort | 3-6 | 0.070 | 0.56 | 0.120 | 37% |" in sort_line
@@ -155,3 +167,15 @@ def test_quick_study_tunes_then_tests_and_writes_its_report(tmp_path, monkeypatc
     assert (tmp_path / "budget_sort_long.png").stat().st_size > 0
     budget.main([*out, "--seeds", "42"])  # every run already in the CSV: skipped
     assert len(list(csv.DictReader((tmp_path / "budget_sort_long.csv").open()))) == 6
+
+
+def test_no_verdict_from_one_seed_and_no_run_counted_twice(tmp_path):
+    """A spread is NaN when either arm has one seed, whichever comes first (``max`` with a NaN depends on the
+    order); a row another process already added is not added again."""
+    nan = float("nan")
+    for a, b in ((nan, 0.01), (0.01, nan)):
+        assert study.spread({"gen_credit_after_sd": a}, {"gen_credit_after_sd": b}) != 0.01
+    path = tmp_path / "budget_sort_long.csv"
+    first = row("test", "n8", 42, 0.8)
+    assert len(study.add_row(path, first)) == 1
+    assert len(study.add_row(path, {**first, "gen_credit_after": 0.7})) == 1

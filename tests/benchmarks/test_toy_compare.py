@@ -25,6 +25,6 @@ def test_toy_compare_quick_writes_its_table(tmp_path):
     rows = list(csv.DictReader((tmp_path / "toy_compare.csv").open()))
     assert [r["method"] for r in rows] == ["VRPO", "naive DPO"]
     for r in rows:
-        for key in toy_compare.METRICS:
+        for key in toy_compare.SUMMARY_METRICS:
             assert 0.0 <= float(r[key]) <= 1.0, (key, r)
     assert "gen acc after" in (tmp_path / "toy_compare.md").read_text()

@@ -46,4 +46,5 @@ def test_the_adaptive_default_is_the_dev_curves_choice():
         test_docs = {line.split('"prompt": "')[1].split('"')[0] for line in f}
     assert not set(SORT_TASK.dev_prompts()) & test_docs
     lm = VRPOEvalLM(sft_path())
-    assert len(questions(lm, 3, dev=True)) == 3
+    contexts = [q[0].group for q in questions(lm, 3, dev=True)]  # the chat-templated prompt
+    assert all(p in c for p, c in zip(SORT_TASK.dev_prompts()[:3], contexts, strict=True))

@@ -253,7 +253,7 @@ def test_the_old_toy_names_still_work_with_a_deprecation_warning():
         ("toy_dataset_path", "synthetic_pairs_path"),
         ("toy_tokenizer", "task_tokenizer"),
     ):
-        with pytest.warns(DeprecationWarning, match=new):
+        with pytest.warns(DeprecationWarning, match=f"{old} is {new};"):
             assert getattr(task, old) is getattr(task, new)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

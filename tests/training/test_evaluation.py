@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from accelerate.utils import DistributedType
 
-from vrpo.training.evaluation import grade_generations
+from vrpo.training.evaluation import check_split, grade_generations
 from vrpo.training.task import GenerationReport
 
 
@@ -34,3 +34,26 @@ def test_the_dev_split_grades_dev_prompts_and_the_default_the_test_ones():
     assert task.graded == ["d1", "d2"]
     grade_generations(task, acc, policy, None)
     assert task.graded == ["t1", "t2", "t3"]
+
+
+def test_the_trainer_grades_the_split_its_config_names(tmp_path, monkeypatch):
+    """Catches ``--gen_eval_split`` not reaching the grading (the setting would tune on the test prompts), and a
+    dev split asked of a run that has no task to grade (an error naming the flag, not a silent no-op)."""
+    import pytest
+
+    from vrpo.tasks.sort import SORT_TASK
+    from vrpo.training import VRPOTrainer
+    from vrpo.training.config import VRPOConfig
+
+    seen = []
+    monkeypatch.setattr("vrpo.training.trainer.grade_generations", lambda *a: seen.append(a[-2:]))
+    cfg = VRPOConfig(
+        max_steps=1, eval_size=0, report_to="none", output_dir=str(tmp_path), gen_eval_split="dev", gen_eval_prompts=5
+    )
+    VRPOTrainer(cfg, task=SORT_TASK).grade_generations()
+    assert seen == [(5, "dev")]
+    with pytest.raises(ValueError, match="--gen_eval_split dev"):
+        check_split(None, "dev")
+    with pytest.raises(ValueError, match="has no dev_prompts"):
+        check_split(object(), "dev")
+    check_split(None, "test")

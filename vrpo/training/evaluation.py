@@ -67,6 +67,14 @@ class PreferenceEval:
         return metrics, policy
 
 
+def check_split(task: GradedTask | None, split: str) -> None:
+    """``--gen_eval_split dev`` needs a graded task with dev prompts: ``ValueError`` naming the flag otherwise."""
+    if split != "dev" or callable(getattr(task, "dev_prompts", None)):
+        return
+    why = "this run grades no task (--dataset names its own data)" if task is None else "the task has no dev_prompts()"
+    raise ValueError(f"--gen_eval_split dev grades a task's dev prompts, but {why}")
+
+
 def grade_generations(
     task: GradedTask | None, accelerator, policy_elbo, tokenizer, limit: int | None = None, split: str = "test"
 ) -> GenerationReport | None:

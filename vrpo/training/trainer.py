@@ -38,7 +38,7 @@ from ..estimator import ELBOModule, SamplingPlan
 from . import advisor_tally, distributed, loading, outputs, run_dir
 from .batches import Batches
 from .config import TrainingConfig
-from .evaluation import PreferenceEval, grade_generations
+from .evaluation import PreferenceEval, check_split, grade_generations
 from .logs import LogWindow, MetricsLogger
 from .reference import Reference
 from .resume import RunState, restore, run_definition
@@ -104,6 +104,7 @@ class ELBOTrainer:
         presets = self.task_presets(task) if task is not None and config.model_name_or_path is None else None
         self.config = cfg = config.resolved(presets)
         self.task = task if cfg.dataset is None else None  # a user's data is never graded
+        check_split(self.task, cfg.gen_eval_split)
         self.callbacks = list(callbacks)
         self.plan = cfg.sampling_plan()
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
