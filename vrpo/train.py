@@ -1,11 +1,11 @@
 """``python -m vrpo.train``: VRPO preference optimization (or, ``--algorithm grpo``, online RL) of a masked
 diffusion LM.
 
-With no arguments it trains the bundled tiny SFT LLaDA on its own answers to the sorting demo (the task this
-entry point chooses unless ``--task`` names another of :data:`vrpo.tasks.TASKS`), ranked by a verifier, on
-the CPU in a few minutes, and reports exact-sort accuracy of its generations on the task's test prompts and
-held-out preference accuracy before and after. Point it at a real LLaDA or Dream checkpoint and a preference
-dataset for the real thing; see ``--help`` and the README.
+With no arguments it trains a bundled tiny SFT LLaDA on its own answers to the long-sorting task (8 to 16
+digits; ``--task sort`` for the short demo, or another of :data:`vrpo.tasks.TASKS`), ranked by a verifier, on
+the CPU in about a minute and a half, and reports exact-sort accuracy and partial credit of its generations on
+the task's test prompts and held-out preference accuracy before and after. Point it at a real LLaDA or Dream
+checkpoint and a preference dataset for the real thing; see ``--help`` and the README.
 """
 
 from __future__ import annotations

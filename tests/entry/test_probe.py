@@ -6,7 +6,18 @@ import re
 
 from vrpo.plan import main
 
-SMALL = ["--per_device_train_batch_size", "4", "--n_t", "4", "--eval_size", "16", "--warmup_steps", "1"]
+SMALL = [
+    "--task",
+    "sort",
+    "--per_device_train_batch_size",
+    "4",
+    "--n_t",
+    "4",
+    "--eval_size",
+    "16",
+    "--warmup_steps",
+    "1",
+]
 
 
 def test_probe_steps_prints_the_advice(capsys):
@@ -23,10 +34,10 @@ def test_probe_steps_prints_the_advice(capsys):
 
 
 def test_probe_steps_needs_two_timesteps(capsys):
-    assert main(["--probe_steps", "1", "--n_t", "1"]) == 2
+    assert main(["--task", "sort", "--probe_steps", "1", "--n_t", "1"]) == 2
     assert "--probe_steps needs --n_t >= 2" in capsys.readouterr().err
-    assert main(["--probe_steps", "1", "--naive_dpo"]) == 2
-    assert main(["--probe_steps", "400"]) == 2  # the demo runs 300 steps
+    assert main(["--task", "sort", "--probe_steps", "1", "--naive_dpo"]) == 2
+    assert main(["--task", "sort", "--probe_steps", "400"]) == 2  # the demo runs 300 steps
     assert "more than the run's 300 steps" in capsys.readouterr().err
 
 

@@ -225,7 +225,8 @@ def test_task_flag_picks_the_task_the_trainer_gets(monkeypatch, tmp_path):
 
     monkeypatch.setattr(vrpo.train, "trainer_for", trainer)
     for argv, name in (
-        ([], "sort"),
+        ([], "sort_long"),
+        (["--task", "sort"], "sort"),
         (["--task", "sort_long"], "sort_long"),
         (["--task", "sort_long", "--algorithm", "grpo"], "sort_long"),
     ):
@@ -247,7 +248,8 @@ def test_plan_reads_the_tasks_model_and_presets():
     from vrpo.training.config import VRPOConfig
 
     assert resolved(VRPOConfig(task="sort_long")).max_length == long.PRESETS["max_length"]
-    assert resolved(VRPOConfig()).max_length == sort.PRESETS["max_length"]
+    assert resolved(VRPOConfig(task="sort")).max_length == sort.PRESETS["max_length"]
+    assert resolved(VRPOConfig()).max_length == long.PRESETS["max_length"]  # the default task
     with pytest.raises(ValueError, match="--task"):
         resolved(VRPOConfig(task="nope"))
 

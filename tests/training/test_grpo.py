@@ -18,6 +18,8 @@ from vrpo.training.registry import TRAINERS
 # 2 prompts x 4 completions a step, 2 levels per ELBO, two optimizer steps per rollout batch (the stored
 # rollout-policy terms), a checkpoint at every rollout batch.
 FLAGS = [
+    "--task",
+    "sort",
     "--algorithm",
     "grpo",
     "--max_steps",

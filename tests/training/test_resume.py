@@ -37,6 +37,8 @@ SMALL = dict(
     save_steps=1,
 )
 FLAGS = [
+    "--task",
+    "sort",
     "--max_steps",
     "4",
     "--per_device_train_batch_size",

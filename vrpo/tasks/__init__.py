@@ -1,6 +1,6 @@
 """Tasks with verifiers, as plug-ins of the training layer (:class:`vrpo.training.GradedTask`). Only the entry
-points choose one, by name (``python -m vrpo.train --task NAME``; :data:`TASKS`): the sorting demo
-(:mod:`vrpo.tasks.sort`, the default) or sorting long lists (:mod:`vrpo.tasks.sort_long`)."""
+points choose one, by name (``python -m vrpo.train --task NAME``; :data:`TASKS`): sorting long lists
+(:mod:`vrpo.tasks.sort_long`, the default) or the short sorting demo (:mod:`vrpo.tasks.sort`)."""
 
 from ..training.task import GradedTask
 from .sort import SORT_TASK

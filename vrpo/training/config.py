@@ -15,7 +15,7 @@ Appendix B), and whether it defines the run (resuming with another value is refu
 (:func:`run_defining`) all read that metadata.
 
 A run with no ``--model_name_or_path`` or no ``--dataset`` uses its task's (:mod:`vrpo.training.task`; the
-command line's is ``--task``, the sorting demo by default), and the task's presets fill the fields left at
+command line's is ``--task``, long sorting by default), and the task's presets fill the fields left at
 ``None``."""
 
 from __future__ import annotations
@@ -78,15 +78,17 @@ class ModelSettings:
 
     task: str = setting(
         "The task plug-in (vrpo/tasks/) whose model, pairs, presets and verifier a run uses where it names "
-        "no --model_name_or_path or --dataset: sort (the sorting demo, 3 to 6 digits) or sort_long (8 to 16 "
-        "digits; chosen answers mostly not exactly right). Chosen by the entry points (vrpo.tasks.TASKS).",
-        default="sort",
+        "no --model_name_or_path or --dataset: sort_long (the default: sorting 8 to 16 digits, pairs whose "
+        "chosen answer is mostly not exactly right, where VRPO beat SFT on the chosen answers and naive DPO) or "
+        "sort (3 to 6 digits, always-right chosen answers: the short-answer regime). Chosen by the entry points "
+        "(vrpo.tasks.TASKS).",
+        default="sort_long",
     )
     model_name_or_path: str | None = setting(
         "Local checkpoint directory of a supported model family: LLaDA (model_type llada, or a Llama export) "
         "or Dream (model_type Dream, or a Qwen2 export), recognised from its config.json; adding a family is "
         "one entry in vrpo/models/families.py (README: Adding a model family). Omitted: the task's model (the "
-        "command line's task: the bundled tiny sorting LLaDA, a CPU demo that trains in minutes, with its own presets).",  # noqa: E501
+        "command line's task: a bundled tiny sorting LLaDA, a CPU demo that trains in minutes, with its own presets).",  # noqa: E501
         default=None,
         run=True,
     )

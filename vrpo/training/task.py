@@ -4,7 +4,7 @@ A task brings a starting model and preference pairs (used when the run names non
 their prompts), the presets its model trains with, and a verifier that rewards answers and grades the policy's
 generations on the task's own test prompts before and
 after training. Only the entry points choose a task (``python -m vrpo.train --task NAME``, one of
-:data:`vrpo.tasks.TASKS`; the sorting demo by default); the trainer takes one, or none, as an argument.
+:data:`vrpo.tasks.TASKS`; long sorting by default); the trainer takes one, or none, as an argument.
 """
 
 from __future__ import annotations
