@@ -96,8 +96,8 @@ ARMS = (
     Arm("grpo", "GRPO, partial credit, 8 prompts x 8", WALL, "grpo", 8),
 )
 BY_KEY = {a.key: a for a in ARMS}
-VRPO_ARMS = ("n8", "adv16")  # the method, against the baselines at equal pairs
-BASELINES = ("sft16", "dpo16")
+# The method against the baselines, per comparison: (VRPO arms, baseline arms).
+MATCHES = {PAIRS: (("n8", "adv16"), ("sft16", "dpo16")), PASSES: (("adv128", "n8"), ("sft128", "dpo128"))}
 
 # Every arm's candidates, six each, in two rounds. Round 1, four: preference arms at the demo's learning rate
 # and a lower one, with and without the SFT term (the demo trains with one; the paper's VRPO has none); SFT and
@@ -264,12 +264,13 @@ def spread(a: dict, b: dict) -> float:
     return float("nan") if any(math.isnan(x) for x in sds) else max(sds)
 
 
-def goal_lines(aggs: dict) -> list[str]:
-    """The issue's goal, arm against baseline: does VRPO beat each baseline at equal pairs by more than two seed
-    standard deviations (the larger of the two arms') in mean partial credit?"""
+def goal_lines(aggs: dict, comparison: str = PAIRS) -> list[str]:
+    """The goal, arm against baseline: does VRPO beat each baseline of ``comparison`` (:data:`MATCHES`) by more
+    than two seed standard deviations (the larger of the two arms') in mean partial credit?"""
     lines = []
-    for v in VRPO_ARMS:
-        for b in BASELINES:
+    vrpo, baselines = MATCHES[comparison]
+    for v in vrpo:
+        for b in baselines:
             if v not in aggs or b not in aggs:
                 continue
             a, c = aggs[v], aggs[b]
@@ -416,7 +417,9 @@ def across_tasks(rows: list[dict], sort_csv: pathlib.Path) -> list[str]:
     return lines
 
 
-def report(task: str, rows: list[dict], command: str, sort_csv: pathlib.Path | None = None) -> str:
+def report(
+    task: str, rows: list[dict], command: str, sort_csv: pathlib.Path | None = None, note: str | None = None
+) -> str:
     aggs = aggregate(rows)
     test_rows = [r for arm in ARMS for r in test_runs(rows, arm)]
 
@@ -425,7 +428,8 @@ def report(task: str, rows: list[dict], command: str, sort_csv: pathlib.Path | N
 
     tune_rows = [r for r in rows if r["phase"] == "tune"]
     before = sorted({(round(r["gen_acc_before"], 4), round(r["gen_credit_before"], 3)) for r in test_rows})
-    lines = report_heading(f"Where VRPO pays: the tuned study on {task}", command)
+    notes = [f"How the runs were made: {note}"] if note else []
+    lines = report_heading(f"Where VRPO pays: the tuned study on {task}", command, *notes)
     lines += [
         "Every arm starts from the task's SFT model. Settings were chosen per arm on seed "
         f"{TUNE_SEED} and {counts(tune_rows, 'prompts')} dev prompts (the table at the end); the test runs use "
@@ -437,9 +441,10 @@ def report(task: str, rows: list[dict], command: str, sort_csv: pathlib.Path | N
         "",
         *test_table(aggs),
     ]
-    goal = goal_lines(aggs)
-    if goal:
-        lines += ["", "The goal (VRPO against each baseline at equal pairs, mean partial credit):", "", *goal]
+    for comparison in MATCHES:
+        goal = goal_lines(aggs, comparison)
+        if goal:
+            lines += ["", f"VRPO against each baseline at {comparison} (mean partial credit):", "", *goal]
     adv = advisor_lines(aggs)
     if adv:
         lines += ["", "The advisor against the study:", "", *adv]
@@ -486,12 +491,13 @@ def plot(rows: list[dict], path: pathlib.Path) -> bool | None:
         color = ["tab:gray" if a.key.startswith("dpo") else colors[a.kind] for a in arms]
         ax.bar(xs, means, yerr=sds, color=color, capsize=3)
         for x, a in zip(xs, arms):
-            seeds = [scale * r[key] for r in rows if r["phase"] == "test" and r["arm"] == a.key]
+            seeds = [scale * r[key] for r in test_runs(rows, a)]
             ax.plot([x] * len(seeds), seeds, "k.", ms=4)
-        before = [scale * r[key.replace("after", "before")] for r in rows if r["phase"] == "test"]
+        before = [scale * r[key.replace("after", "before")] for a in arms for r in test_runs(rows, a)]
         ax.axhline(statistics.fmean(before), color="k", ls=":", lw=1, label="SFT model (before)")
-        lo = min(min(means), statistics.fmean(before))
-        ax.set_ylim(lo - (0.05 if scale == 1 else 5), None)
+        seeds_all = [scale * r[key] for a in arms for r in test_runs(rows, a)]
+        lo = min(*seeds_all, statistics.fmean(before))
+        ax.set_ylim(max(0.0, lo - (0.02 if scale == 1 else 1)), None)
         ax.set_xticks(list(xs), [a.key for a in arms], rotation=30)
         ax.set_ylabel(f"{name}, test prompts")
         ax.legend(loc="lower right", fontsize=8)
@@ -511,6 +517,7 @@ def parse(argv, task: str):
     p.add_argument("--quick", action="store_true", help="smoke-test sizes (2 steps, 16 prompts)")
     p.add_argument("--table", action="store_true", help="only redraw the report and plot from the CSV")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--note", default=None, help="how the runs were made (processes, load), printed above the table")
     return p.parse_args(argv)
 
 
@@ -552,6 +559,6 @@ def main(argv=None, task: str = "sort_long") -> list[dict]:
     command = f"python -m benchmarks.budget --task {args.task} --tune, then without --tune"
     if args.quick or args.seeds != list(SEEDS):
         command += f" ({'--quick, ' * args.quick}--seeds {' '.join(map(str, args.seeds))})"
-    text = report(args.task, rows, command, out / "budget.csv")
+    text = report(args.task, rows, command, out / "budget.csv", args.note)
     write_report(out, f"budget_{args.task}", text, lambda path: plot(rows, path))
     return rows
