@@ -83,7 +83,7 @@ def config_of(method: str, seed: int, out_dir: str, quick: bool):
     elif quick:
         extra = {**extra, **QUICK}
     cls = config_class(extra.get("algorithm", "vrpo"))
-    return cls(seed=seed, output_dir=out_dir, report_to="none", num_samples=0, save_steps=0, **extra)
+    return cls(task="sort", seed=seed, output_dir=out_dir, report_to="none", num_samples=0, save_steps=0, **extra)
 
 
 class Snapshots:
@@ -107,7 +107,7 @@ def run_one(method: str, seed: int, points: int, tmp: str, quick: bool) -> list[
 
     cfg = config_of(method, seed, os.path.join(tmp, f"{method}-{seed}"), quick)
     snapshots = Snapshots(points)
-    run = train_demo(cfg, "sort", callbacks=[snapshots])
+    run = train_demo(cfg, callbacks=[snapshots])
     summary, records = run.summary, run.records
     common = {
         "method": method,

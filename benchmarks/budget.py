@@ -129,6 +129,7 @@ def check_arms(arms=ARMS):
 def run_config(arm: Arm, regime: str, seed: int, steps: int | None, out: str, quick: bool) -> dict:
     """The run's config fields: the demo's presets (filled by the trainer) with the arm, regime and seed."""
     kw = dict(
+        task="sort",
         seed=seed,
         num_samples=0,
         report_to="none",

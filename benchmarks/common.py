@@ -67,7 +67,7 @@ def read_rows(path: Path, text: tuple[str, ...] = (), ints: tuple[str, ...] = ()
     for r in rows:
         for k, v in r.items():
             if k not in text:
-                r[k] = None if v == "" else int(float(v)) if k in ints else float(v)  # "1.0": a float column once
+                r[k] = None if v == "" else int(v) if k in ints else float(v)
     return rows
 
 
@@ -124,14 +124,14 @@ class DemoRun:
         return statistics.fmean(values) if values else float("nan")
 
 
-def train_demo(config, task: str = "sort", callbacks=()) -> DemoRun:
-    """Build the trainer of ``config`` (:func:`vrpo.training.trainer_for`) on the bundled task ``task`` (its
-    presets fill what ``config`` leaves unset), train it and read back what it logged."""
+def train_demo(config, callbacks=()) -> DemoRun:
+    """Build the trainer of ``config`` (:func:`vrpo.training.trainer_for`) on its bundled task (``config.task``,
+    whose presets fill what ``config`` leaves unset), train it and read back what it logged."""
     from vrpo.tasks import get_task  # here, so that benchmarks without a training run do not import it
     from vrpo.training import trainer_for
 
     t0 = time.perf_counter()
-    summary = trainer_for(config, task=get_task(task), callbacks=callbacks).train()
+    summary = trainer_for(config, task=get_task(config.task), callbacks=callbacks).train()
     wall = time.perf_counter() - t0
     return DemoRun(summary, read_records(config.output_dir), wall)
 

@@ -1158,6 +1158,7 @@ def build_step_trainer(
     from vrpo.training.config import VRPOConfig
 
     cfg = VRPOConfig(
+        task="sort",
         output_dir=workdir,
         overwrite_output_dir=True,
         report_to="none",

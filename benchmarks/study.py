@@ -142,11 +142,12 @@ class StepClock:
         self.seconds += seconds
 
 
-def run_config(arm: Arm, settings: dict, seed: int, phase: str, out: str, quick: bool):
+def run_config(task: str, arm: Arm, settings: dict, seed: int, phase: str, out: str, quick: bool):
     """The config of one run: the arm, its settings, the seed; graded on dev prompts when tuning."""
     kw = {
         **arm.fields(),
         **settings,
+        "task": task,
         "seed": seed,
         "num_samples": 0,
         "report_to": "none",
@@ -165,7 +166,7 @@ def run_one(task: str, arm: Arm, settings: dict, seed: int, phase: str, root: st
     """Train one run and return its row (:data:`COLUMNS`)."""
     out = os.path.join(root, f"{phase}-{arm.key}-{seed}-{settings['learning_rate']}-{settings['sft_weight']}")
     clock = StepClock()
-    run = train_demo(run_config(arm, settings, seed, phase, out, quick), task, callbacks=[clock])
+    run = train_demo(run_config(task, arm, settings, seed, phase, out, quick), callbacks=[clock])
     s = run.summary
     return {
         "phase": phase,

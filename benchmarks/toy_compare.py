@@ -58,6 +58,7 @@ def run_one(
 
     run = train_demo(
         VRPOConfig(
+            task="sort",
             seed=seed,
             num_samples=0,
             report_to="none",

@@ -87,6 +87,7 @@ def build_trainer(model_name: str, impl: str, workdir: str, batch: int, seed: in
 
     spec = MODELS[model_name]["model"]
     cfg = VRPOConfig(
+        task="sort",
         output_dir=workdir,
         overwrite_output_dir=True,
         report_to="none",

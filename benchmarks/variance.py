@@ -122,6 +122,7 @@ QUICK = dict(base_steps=2, train_steps=2, learning_rate=2e-4, pairs=4, repeats=3
 
 def _toy_config(workdir: str, seed: int, steps: int, eval_size: int, quick: bool, **changes) -> VRPOConfig:
     return VRPOConfig(
+        task="sort",
         output_dir=workdir,
         report_to="none",
         num_samples=0,

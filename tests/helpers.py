@@ -26,12 +26,16 @@ def assert_unbiased(samples, exact, z=4.5):
     assert ((mean - exact).abs() <= slack).all(), f"mean {mean}, exact {exact}, se {se}"
 
 
+def on_the_demo(args) -> list[str]:
+    """``vrpo.train`` flags ``args`` on the sorting demo unless they name a ``--task`` (the demo's short answers
+    keep the tests fast; the default task is sort_long)."""
+    return list(args) if "--task" in args else ["--task", "sort", *args]
+
+
 def run_cli(args, env=None, launcher=None):
-    """Run ``python -m vrpo.train`` (or a launcher) in a subprocess from the checkout, on the sorting demo unless
-    ``args`` name a ``--task`` (the demo's short answers keep the tests fast; the default task is sort_long)."""
+    """Run ``python -m vrpo.train`` (or a launcher) in a subprocess from the checkout, on :func:`on_the_demo`."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", **(env or {})}
-    args = list(args) if "--task" in args else ["--task", "sort", *args]
-    cmd = (launcher or [sys.executable]) + ["-m", "vrpo.train", *args]
+    cmd = (launcher or [sys.executable]) + ["-m", "vrpo.train", *on_the_demo(args)]
     return subprocess.run(cmd, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

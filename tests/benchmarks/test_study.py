@@ -30,11 +30,12 @@ def test_the_arms_spend_what_their_comparison_says_and_get_equal_search():
         f = study.BY_KEY[key].fields()
         assert f["antithetic"] is True and f["pref_weight"] == 1.0
     grid = study.GRID["pref"][0]
-    tune = study.run_config(study.BY_KEY["n8"], grid, 1, "tune", "x", quick=False)
-    test = study.run_config(study.BY_KEY["n8"], grid, 42, "test", "x", quick=False)
+    tune = study.run_config("sort_long", study.BY_KEY["n8"], grid, 1, "tune", "x", quick=False)
+    test = study.run_config("sort_long", study.BY_KEY["n8"], grid, 42, "test", "x", quick=False)
     assert isinstance(tune, VRPOConfig) and tune.gen_eval_split == "dev" and test.gen_eval_split == "test"
+    assert tune.task == test.task == "sort_long"
     assert (tune.max_steps, tune.n_t, tune.learning_rate, tune.seed) == (study.STEPS, 8, grid["learning_rate"], 1)
-    g = study.run_config(study.BY_KEY["grpo"], study.GRID["grpo"][1], 2, "test", "x", quick=False)
+    g = study.run_config("sort_long", study.BY_KEY["grpo"], study.GRID["grpo"][1], 2, "test", "x", quick=False)
     assert isinstance(g, GRPOConfig) and g.max_steps == study.GRPO_STEPS and g.learning_rate == 1e-4
 
 

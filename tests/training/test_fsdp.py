@@ -21,6 +21,8 @@ import yaml
 
 from vrpo.models import load_llada
 
+from ..helpers import on_the_demo
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FLAGS = [
     "--n_t",
@@ -57,8 +59,7 @@ def cpu_launch_config(tmp_path, example: str) -> pathlib.Path:
 def run(args, launcher=None, env=None):
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = launcher or [sys.executable, "-m", "vrpo.train"]
-    args = list(args) if "--task" in args else ["--task", "sort", *args]  # the demo's short answers: fast
-    return subprocess.run(cmd + args, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd + on_the_demo(args), env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 def fsdp(tmp_path, args, port):
