@@ -15,6 +15,7 @@ import torch
 
 from benchmarks import train_step as step_bench
 from benchmarks import variance as var_bench
+from vrpo.training.loading import elbo_module
 
 
 def read_csv(path):
@@ -74,7 +75,7 @@ def test_replicates_are_seeded_and_antithetic_draws_cancel(trained):
     assert c[0]["var_score"] != a[0]["var_score"]
     # With the policy as its own reference, antithetic scores are exactly 0; independent draws are not.
     ref = trained.reference.elbo
-    trained.reference.elbo = trained.elbo_module(trained.policy_model)
+    trained.reference.elbo = elbo_module(trained.policy_model, trained.config, trained.mask_token_id)
     try:
         same = var_bench.measure(trained, settings, pairs=3, repeats=3, seed=1, chunk=3, progress=False)
     finally:

@@ -283,14 +283,12 @@ def test_terms_are_float32_when_the_model_runs_in_bf16(fused):
     ids=["default", "set", "set-packed"],
 )
 def test_ce_max_buffer_mb_reaches_the_op(monkeypatch, flags, budget):
-    """--ce_max_buffer_mb -> VRPOTrainer.elbo_module -> ELBOModule -> (packed_)elbo_terms -> masked_linear_ce,
+    """--ce_max_buffer_mb -> the run's loading.elbo_module -> ELBOModule -> (packed_)elbo_terms -> masked_linear_ce,
     in bytes; None (the op's own 1 GiB default) when unset."""
-    from types import SimpleNamespace
-
     import vrpo.estimator.elbo
     from vrpo.models import build_tiny_llada
-    from vrpo.training import VRPOTrainer
     from vrpo.training.config import parse_config
+    from vrpo.training.loading import elbo_module
 
     seen, real = [], vrpo.estimator.elbo.masked_linear_ce
 
@@ -301,7 +299,7 @@ def test_ce_max_buffer_mb_reaches_the_op(monkeypatch, flags, budget):
     monkeypatch.setattr(vrpo.estimator.elbo, "masked_linear_ce", spy)
     model = build_tiny_llada(seed=3, vocab_size=128)
     mask_id = model.config.mask_token_id
-    module = VRPOTrainer.elbo_module(SimpleNamespace(config=parse_config(flags), mask_token_id=mask_id), model)
+    module = elbo_module(model, parse_config(flags), mask_id)
     ids, resp = toy_batch([3, 1], [4, 3], vocab=100, seed=4, pad_to=7)
     draw = draw_masks(resp, SamplingPlan(n_t=2), generator=torch.Generator().manual_seed(0))
     attention = (torch.arange(7)[None] < torch.tensor([7, 4])[:, None]).long()

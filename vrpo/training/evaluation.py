@@ -31,6 +31,13 @@ class PreferenceEval:
     batch_size: int
     beta: float
 
+    @classmethod
+    def for_run(cls, cfg, accelerator, batches: Batches) -> PreferenceEval:
+        """The evaluation of a run's config: ``--eval_n_t`` stratified levels, ``--per_device_train_batch_size``
+        pairs a forward, ``--implicit_reward_beta``."""
+        plan = SamplingPlan(n_t=cfg.eval_n_t, stratified=True, estimator=cfg.estimator)
+        return cls(accelerator, batches, plan, max(1, cfg.per_device_train_batch_size), cfg.implicit_reward_beta)
+
     @torch.no_grad()
     def terms(self, elbo, pairs: TokenizedPairs) -> torch.Tensor:
         """float32 [N, 2, n] ELBO terms of every pair (chosen, rejected) under the evaluation draw."""

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 from vrpo_kernels import triton_available
 
-from ..estimator import draw_key
+from ..estimator import ELBOModule, draw_key
 from ..models import DTYPES, family_of, family_of_tokenizer, get_mask_token_id, load_mdm
 from ..models import load_tokenizer as load_model_tokenizer
 from .config import TrainingConfig
@@ -128,6 +128,12 @@ def load_reference(cfg: TrainingConfig, policy):
     else:
         ref = copy.deepcopy(policy)
     return ref.eval().requires_grad_(False)
+
+
+def elbo_module(model, cfg: TrainingConfig, mask_token_id: int) -> ELBOModule:
+    """``model`` wrapped so that its forward returns the run's ELBO terms (head, kernels, packing)."""
+    pack_length = cfg.max_length if cfg.packing else None
+    return ELBOModule(model, mask_token_id, cfg.head_options(), pack_length=pack_length)
 
 
 def model_family(model, tokenizer):

@@ -1,5 +1,5 @@
-"""A run's logs: metrics as JSON Lines (always) and TensorBoard (optional), and the window of step metrics
-between two log records."""
+"""A run's logs: metrics as JSON Lines (always) and TensorBoard (optional), the window of step metrics
+between two log records, and the progress bar."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 from ..errors import RunLogError
 from ..files import atomic_write_text
@@ -104,3 +105,21 @@ class LogWindow:
         out["train/skipped_steps"] = skipped_steps
         self.metrics, self.tokens, self.t0 = {}, 0, time.time()
         return out
+
+
+class Progress:
+    """The run's progress bar (main process only): steps done, and after an applied step the algorithm's
+    figures (``fields``: ``{label: (metric, format)}``) with the window's tokens per second."""
+
+    def __init__(self, total: int, initial: int, desc: str, fields: dict[str, tuple[str, str]], enabled: bool):
+        self.fields = fields
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+    def step(self, metrics: dict, applied: bool, tokens_per_s: float):
+        self.bar.update(1)
+        if applied:
+            figures = {k: format(metrics[m], f) for k, (m, f) in self.fields.items()}
+            self.bar.set_postfix(**figures, tok_s=f"{tokens_per_s:.0f}")
+
+    def close(self):
+        self.bar.close()

@@ -88,6 +88,16 @@ def write_summary(output_dir: str, checkpoints_root: str, tensorboard: bool, sum
         atomic_write_text(summary["outputs"]["summary"], json.dumps(summary, indent=1))
 
 
+def preference_summary(state) -> dict:
+    """The closing summary's held-out preference figures, from the run state (``final_eval``: the last
+    evaluation's metrics)."""
+    return dict(
+        pref_acc_before=state.pref_acc_before,
+        pref_acc_after=state.final_eval["eval/pref_acc"],
+        reward_acc_after=state.final_eval.get("eval/reward_acc"),
+    )
+
+
 def generation_summary(before, after: GenerationReport, split: str = "test") -> dict:
     """The closing summary's graded-generation figures on ``split``'s prompts: ``before`` (the run state's) and
     ``after``."""
@@ -107,24 +117,14 @@ def write_plot(output_dir: str, summary: dict) -> str | None:
     return plot_training(read_metrics(os.path.join(output_dir, METRICS_FILE)), summary, path)
 
 
-def answer_samples(
-    accelerator,
-    policy_elbo,
-    tokenizer,
-    cfg,
-    graded_run: bool,
-    graded: GenerationReport | None,
-    eval_pairs: TokenizedPairs | None,
-    mask_token_id: int,
+def held_out_samples(
+    accelerator, policy_elbo, tokenizer, cfg, eval_pairs: TokenizedPairs, mask_token_id: int
 ) -> list[dict]:
-    """``--num_samples`` prompts answered by the policy (main process; others get []): in a graded run, the
-    task's graded test answers (``graded``, the main process's report; None on the others), else ungraded
-    answers to held-out pairs' prompts (every process takes part in the forwards when the model is sharded)."""
+    """``--num_samples`` held-out pairs' prompts answered by the policy, ungraded (main process; others get [],
+    but take part in the forwards when the model is sharded). A graded run's samples are its graded answers."""
     is_main = accelerator.is_main_process
     if not (is_main or distributed.is_sharded(accelerator)):
         return []
-    if graded_run:  # decided alike on every process: only the main one holds the report
-        return graded.samples[: cfg.num_samples] if is_main else []
     with distributed.root_gathered(accelerator, policy_elbo):
         samples = held_out_answers(
             accelerator.unwrap_model(policy_elbo).model,

@@ -117,12 +117,12 @@ def apply_optimizer_settings(cfg: TrainingConfig, optimizer, scheduler):
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def restore(checkpoints, path: str, definition, cfg: TrainingConfig, optimizer, scheduler):
+def restore(checkpoints, path: str, definition: dict, cfg: TrainingConfig, optimizer, scheduler):
     """Restore the model, optimizer, scheduler and RNG states from checkpoint ``path`` once it is known to be
-    the same run (``definition()``: this run's, :func:`check_same_run`). Returns the :class:`RunState` and the
+    the same run (``definition``: this run's, :func:`check_same_run`). Returns the :class:`RunState` and the
     reference's held-out terms saved with it (None when it has none)."""
     saved = checkpoints.load(path)
-    if check_same_run(saved.get("run"), definition(), path, cfg.allow_config_change):
+    if check_same_run(saved.get("run"), definition, path, cfg.allow_config_change):
         apply_optimizer_settings(cfg, optimizer, scheduler)
     ref_eval = os.path.join(path, "eval_reference.pt")
     ref_eval = torch.load(ref_eval, weights_only=True) if os.path.exists(ref_eval) else None

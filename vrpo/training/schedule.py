@@ -36,6 +36,21 @@ class Schedule:
     rank: int = 0
     world: int = 1
 
+    @classmethod
+    def for_run(cls, cfg, num_pairs: int, accelerator) -> Schedule:
+        """The schedule of a run's config (a :class:`~vrpo.training.config.TrainingConfig`) on this process of
+        ``accelerator``, checked (:meth:`check`)."""
+        schedule = cls(
+            cfg.seed,
+            num_pairs,
+            cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        schedule.check()
+        return schedule
+
     @property
     def local_batch(self) -> int:
         return self.micro_batch * self.accumulation

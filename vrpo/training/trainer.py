@@ -22,24 +22,22 @@ this class; :func:`vrpo.training.trainer_for` picks one from a config.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import os
 import time
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from ..errors import NonFiniteELBOError, TrainingDiverged
-from ..estimator import ELBOModule, SamplingPlan
-from . import advisor_tally, distributed, loading, outputs, run_dir
+from ..estimator import SamplingPlan
+from . import advisor_tally, distributed, loading, optimization, outputs, run_dir
 from .batches import Batches
 from .config import TrainingConfig
 from .evaluation import PreferenceEval, check_split, grade_generations
-from .logs import LogWindow, MetricsLogger
+from .logs import LogWindow, MetricsLogger, Progress
 from .reference import Reference
 from .resume import RunState, restore, run_definition
 from .schedule import Item, Schedule
@@ -125,23 +123,9 @@ class ELBOTrainer:
             train_pairs, eval_pairs, self.data_stats = loading.load_pairs(cfg, tok, task)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs
         self.has_eval = eval_pairs is not None and len(eval_pairs) > 0
-        self.schedule = Schedule(
-            cfg.seed,
-            len(train_pairs),
-            cfg.per_device_train_batch_size,
-            cfg.gradient_accumulation_steps,
-            acc.process_index,
-            acc.num_processes,
-        )
-        self.schedule.check()
+        self.schedule = Schedule.for_run(cfg, len(train_pairs), acc)
         self.max_steps = cfg.max_steps if cfg.max_steps > 0 else self.steps_per_epoch() * cfg.num_train_epochs
-        self.evaluator = PreferenceEval(
-            acc,
-            self.batches,
-            SamplingPlan(n_t=cfg.eval_n_t, stratified=True, estimator=cfg.estimator),
-            max(1, cfg.per_device_train_batch_size),
-            cfg.implicit_reward_beta,
-        )
+        self.evaluator = PreferenceEval.for_run(cfg, acc, self.batches)
         self.run_dir, self.checkpoints, self.resume_path = run_dir.open_run(cfg, acc)
         try:
             self._prepare_optimization(loading.load_models(cfg, task, model, ref_model))
@@ -174,55 +158,40 @@ class ELBOTrainer:
         if self.run_dir is not None:
             self.run_dir.close()
 
-    def elbo_module(self, model) -> ELBOModule:
-        """``model`` wrapped so that its forward returns the run's ELBO terms (head, kernels, packing)."""
-        cfg = self.config
-        return ELBOModule(
-            model, self.mask_token_id, cfg.head_options(), pack_length=cfg.max_length if cfg.packing else None
-        )
-
     def _prepare_optimization(self, models: loading.Models):
         """AdamW and the schedule; the policy's ELBO module through accelerate, the reference's beside it."""
         cfg, acc = self.config, self.accelerator
         self.family = loading.model_family(models.policy, self.tokenizer)
         self.reference_is_initial_policy = models.reference_is_initial_policy
         params = [p for p in models.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=cfg.learning_rate,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay,
-        )
-        # Stepped by hand once per optimizer step (accelerate's would step once per process); checkpointed.
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, self.max_steps)
-        self.policy_elbo, self.optimizer = acc.prepare(self.elbo_module(models.policy), optimizer)
+        optimizer, self.scheduler = optimization.build_optimizer(params, cfg, self.max_steps)
+        policy = loading.elbo_module(models.policy, cfg, self.mask_token_id)
+        self.policy_elbo, self.optimizer = acc.prepare(policy, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         # Not through accelerate.prepare: no gradients to synchronise, and its frozen weights stay out of
         # every checkpoint. Sharded like the policy under FSDP2.
         ref = models.reference
-        ref = None if ref is None else distributed.place_reference(acc, self.elbo_module(ref))
+        ref = (
+            None if ref is None else distributed.place_reference(acc, loading.elbo_module(ref, cfg, self.mask_token_id))
+        )
         self.reference = Reference(acc, ref, acc.unwrap_model(self.policy_elbo))
 
     def _restore(self):
         """The run state: fresh, or restored with the model, optimizer, scheduler and RNG states."""
-        self.state, self.ref_eval, self._definition = RunState(), None, None
+        self.state, self.ref_eval = RunState(), None
         if self.resume_path:
             self.state, self.ref_eval = restore(
-                self.checkpoints, self.resume_path, self._run_definition, self.config, self.optimizer, self.scheduler
+                self.checkpoints, self.resume_path, self.run_definition, self.config, self.optimizer, self.scheduler
             )
             if self.is_main:
                 logger.info("resumed from %s at step %d", self.resume_path, self.state.step)
         self.start_step = self.state.step
         self.variances = advisor_tally.VarianceTally()
 
-    def _run_definition(self) -> dict:
+    @functools.cached_property
+    def run_definition(self) -> dict:
         """What makes this run this run (hashes the data: computed once, when first needed)."""
-        if self._definition is None:
-            self._definition = run_definition(
-                self.config, self.accelerator.num_processes, self.train_pairs, self.eval_pairs
-            )
-        return self._definition
+        return run_definition(self.config, self.accelerator.num_processes, self.train_pairs, self.eval_pairs)
 
     @property
     def policy_model(self) -> torch.nn.Module:
@@ -235,18 +204,15 @@ class ELBOTrainer:
         """Loss and backward (scaled by 1 / n_micro) of one of n_micro micro-batches; returns (metrics,
         tokens, whether the loss was not finite)."""
         acc = self.accelerator
-        bad = False
         with acc.no_sync(self.policy_elbo) if not sync else contextlib.nullcontext():
             try:
                 loss, metrics, tokens = self.loss_on(items, step)
+                bad = not torch.isfinite(loss.detach())
             except NonFiniteELBOError as e:
                 logger.warning("step %d: %s", step, e)
-                bad = True
                 # Every process must still run backward (DDP), so backward a zero.
                 loss = sum(p.sum() for p in self.policy_elbo.parameters() if p.requires_grad) * 0.0
-                metrics, tokens = {}, 0
-            if not torch.isfinite(loss.detach()):
-                bad = True
+                metrics, tokens, bad = {}, 0, True
             acc.backward(loss / n_micro)
         return metrics, tokens, bad
 
@@ -263,11 +229,7 @@ class ELBOTrainer:
             for key, v in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(v) / len(micro)
         params = [p for p in self.policy_elbo.parameters() if p.requires_grad]
-        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        bad = bad or not all(math.isfinite(g["lr"]) for g in self.optimizer.param_groups)
-        bad = bad or not torch.isfinite(torch.as_tensor(grad_norm))
-        flag = torch.tensor([1.0 if bad else 0.0], device=acc.device)
-        bad = bool(acc.reduce(flag, reduction="sum").item() > 0)
+        bad, grad_norm = optimization.clip_and_agree(acc, self.optimizer, params, cfg.max_grad_norm, bad)
         if not bad:
             self.optimizer.step()
             if not self.weights_finite(params):  # back to the last checkpoint's weights and optimizer state
@@ -278,14 +240,13 @@ class ELBOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         metrics = distributed.mean_over_processes(acc, sums)
-        metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = grad_norm
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         return not bad, metrics, tokens
 
     def weights_finite(self, params=None) -> bool:
         """All of the policy's trainable weights are finite, on every process."""
-        if params is None:
-            params = [p for p in self.policy_elbo.parameters() if p.requires_grad]
+        params = params if params is not None else [p for p in self.policy_elbo.parameters() if p.requires_grad]
         return distributed.all_finite(self.accelerator, params)
 
     # --- evaluation -----------------------------------------------------------------------------
@@ -308,11 +269,8 @@ class ELBOTrainer:
             before, policy_eval = self.evaluate(None)
             self.state.pref_acc_before = before["eval/pref_acc"]
             # A copy of the initial policy (or LoRA's): its terms are the ones just computed.
-            self.ref_eval = (
-                policy_eval
-                if self.reference_is_initial_policy
-                else self.evaluator.terms(self.reference.elbo, self.eval_pairs)
-            )
+            initial = self.reference_is_initial_policy
+            self.ref_eval = policy_eval if initial else self.evaluator.terms(self.reference.elbo, self.eval_pairs)
         generations = self.grade_generations()
         if generations is not None:
             self.state.gen_acc_before, self.state.gen_credit_before = generations.accuracy, generations.credit
@@ -331,10 +289,13 @@ class ELBOTrainer:
 
     def train(self) -> dict:
         """Run from the current step to ``max_steps``; return the summary (also in ``summary.json``)."""
-        t0 = time.time()
+        t0, cfg = time.time(), self.config
         try:
             with StopSignals() as signals:
-                log = self._open_logs()
+                if self.is_main:
+                    outputs.write_config(cfg.output_dir, cfg)
+                resume_step = self.start_step if self.resume_path else None
+                log = MetricsLogger(cfg.output_dir, self.is_main, cfg.report_to == "tensorboard", resume_step)
                 if self.resume_path is None and (initial := self.evaluate_initial()):
                     log.log(0, initial)
                 self.before_loop()
@@ -343,18 +304,8 @@ class ELBOTrainer:
         finally:
             self.close()
 
-    def _open_logs(self) -> MetricsLogger:
-        cfg = self.config
-        if self.is_main:
-            outputs.write_config(cfg.output_dir, cfg)
-        return MetricsLogger(
-            cfg.output_dir, self.is_main, cfg.report_to == "tensorboard", self.start_step if self.resume_path else None
-        )
-
     def _loop(self, log: MetricsLogger, signals: StopSignals):
-        bar = tqdm(
-            total=self.max_steps, initial=self.state.step, desc=self.NAME, disable=not self.is_main, dynamic_ncols=True
-        )
+        bar = Progress(self.max_steps, self.state.step, self.NAME, self.PROGRESS, self.is_main)
         window = LogWindow()
         while self.state.step < self.max_steps:
             if signals.requested(self.accelerator):
@@ -369,13 +320,9 @@ class ELBOTrainer:
                 callback.on_step_end(self, self.state.step, seconds)
             self._account(applied, metrics, log)
             window.add(metrics, tokens)
-            bar.update(1)
+            bar.step(metrics, applied, window.tokens_per_s())
             if applied:
                 self.variances.add(metrics)
-                bar.set_postfix(
-                    **{k: format(metrics[m], f) for k, (m, f) in self.PROGRESS.items()},
-                    tok_s=f"{window.tokens_per_s():.0f}",
-                )
             self._periodic(log, window)
         bar.close()
 
@@ -414,11 +361,11 @@ class ELBOTrainer:
         step = self.state.step
         latest = self.checkpoints.latest()
         if latest is not None and os.path.basename(latest) == self.checkpoints.name(step):
-            return latest
+            return latest  # resumed from this step's, or saved already (a stop right after a save)
         if not self.weights_finite():
             logger.error("step %d: weights are not finite; no checkpoint written (last: %s)", step, latest or "none")
             return None
-        state = {**self.state.to_checkpoint(self.max_steps, self.config.seed), "run": self._run_definition()}
+        state = {**self.state.to_checkpoint(self.max_steps, self.config.seed), "run": self.run_definition}
         return self.checkpoints.save(
             step,
             state,
@@ -434,11 +381,7 @@ class ELBOTrainer:
             if st.final_eval is None:  # else: resumed from the final checkpoint, evaluated and logged already
                 st.final_eval, _ = self.evaluate(self.ref_eval)
                 log.log(st.step, st.final_eval)
-            summary.update(
-                pref_acc_before=st.pref_acc_before,
-                pref_acc_after=st.final_eval["eval/pref_acc"],
-                reward_acc_after=st.final_eval.get("eval/reward_acc"),
-            )
+            summary.update(outputs.preference_summary(st))
         generations = self.grade_generations()
         if generations is not None:
             log.log(st.step, generation_metrics(generations))
@@ -454,17 +397,12 @@ class ELBOTrainer:
             data=self.data_stats,
             **self.variances.summary(self.schedule.global_batch, self.plan),
         )
-        if cfg.num_samples and (self.has_eval or generations is not None):
-            summary["samples"] = outputs.answer_samples(
-                self.accelerator,
-                self.policy_elbo,
-                self.tokenizer,
-                cfg,
-                self.task is not None,
-                generations,
-                self.eval_pairs,
-                self.mask_token_id,
-            )
+        if cfg.num_samples and self.task is not None:  # a graded run's: its graded answers (main process)
+            summary["samples"] = generations.samples[: cfg.num_samples] if self.is_main else []
+        elif cfg.num_samples and self.has_eval:
+            acc, pairs = self.accelerator, self.eval_pairs
+            samples = outputs.held_out_samples(acc, self.policy_elbo, self.tokenizer, cfg, pairs, self.mask_token_id)
+            summary["samples"] = samples
         log.close()
         outputs.write_summary(
             cfg.output_dir, self.checkpoints.root, cfg.report_to == "tensorboard", summary, self.is_main
