@@ -3,7 +3,8 @@
 A run, top-down:
 
 1. build (``__init__``): resolve the config (a task's presets for a task's model); load the tokenizer, then
-   read and tokenize the data, then load the models (:mod:`.loading`); the optimizer and scheduler; restore
+   read and tokenize the data, then load the models (:mod:`.loading`); the optimizer and scheduler
+   (:mod:`.optimization`); restore
    a checkpoint if resuming (:mod:`.resume`);
 2. ``train``: evaluate the initial policy (:mod:`.evaluation`), then the loop of ``train_step``, with logging
    (:mod:`.logs`), evaluation and checkpoints (:mod:`.checkpoints`), stopping cleanly on SIGTERM/SIGINT
@@ -11,9 +12,10 @@ A run, top-down:
 3. ``finish``: the final evaluation, checkpoint, model and samples (:mod:`.outputs`), and ``summary.json``.
 
 One optimizer step (``train_step``): the algorithm's micro-batches of the step; for each, the algorithm's loss
-and its backward (gradient accumulation); clipping; the step is skipped if the learning rate, loss or gradient
-norm is not finite; after the update the weights are checked (one fused norm) and rolled back to the last
-checkpoint if they are not; the run stops after too many bad steps in a row.
+and its backward (gradient accumulation); clipping; the step is skipped, on every process, if the learning
+rate, loss or gradient norm is not finite on one (:func:`.optimization.clip_and_agree`); after the update the
+weights are checked (one fused norm) and rolled back to the last checkpoint if they are not; the run stops after
+too many bad steps in a row.
 
 The algorithms (:mod:`.preference`: ``VRPOTrainer``; :mod:`.grpo`: ``GRPOTrainer``) sit beside each other on
 this class; :func:`vrpo.training.trainer_for` picks one from a config.
