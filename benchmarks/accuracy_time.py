@@ -36,6 +36,7 @@ import tempfile
 
 from benchmarks.common import (
     RESULTS,
+    StepClock,
     locked,
     output_dir,
     read_rows,
@@ -86,19 +87,20 @@ def config_of(method: str, seed: int, out_dir: str, quick: bool):
     return cls(task="sort", seed=seed, output_dir=out_dir, report_to="none", num_samples=0, save_steps=0, **extra)
 
 
-class Snapshots:
+class Snapshots(StepClock):
     """An ``on_step_end`` callback: the time spent in optimizer steps, and a copy of the policy's weights at
     ``points`` evenly spaced steps and the last one (copied outside the step's timing: the curve costs the run
     nothing)."""
 
     def __init__(self, points: int):
-        self.points, self.train_s, self.taken = points, 0.0, []
+        super().__init__()
+        self.points, self.taken = points, []
 
     def on_step_end(self, trainer, step: int, seconds: float):
-        self.train_s += seconds
+        super().on_step_end(trainer, step, seconds)
         if step % max(trainer.max_steps // self.points, 1) == 0 or step == trainer.max_steps:
             weights = {k: v.detach().clone() for k, v in trainer.policy_model.state_dict().items()}
-            self.taken.append((step, self.train_s, weights))
+            self.taken.append((step, self.seconds, weights))
 
 
 def run_one(method: str, seed: int, points: int, tmp: str, quick: bool) -> list[dict]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from benchmarks.common import (
     RESULTS,
+    advised,
     mean_sd,
     output_dir,
     plus_minus,
@@ -46,9 +47,7 @@ from benchmarks.common import (
     write_csv,
     write_report,
 )
-from vrpo.estimator import SamplingPlan
 from vrpo.estimator.advisor import CRITERIA
-from vrpo.training.advisor_tally import advice_of
 from vrpo.training.config import VRPOConfig
 
 BUDGET = 128  # masked forward passes per sequence side per step: the naive-DPO-at-batch-128 budget
@@ -167,15 +166,6 @@ def run_one(arm: Arm, regime: str, seed: int, steps: int | None, root: str, quic
         "advice_n_t": summary.get("advice/n_t"),
         "wall_s": run.wall_s,
     }
-
-
-def advised(row: dict, criterion: str) -> int | None:
-    """The n_t the advisor gives for a run's whole-run variances under ``criterion`` (None: a run that could not
-    estimate them, n_t = 1). Recomputed from the CSV, so that every run is judged by the same advisor."""
-    if row["var_mask"] is None or row["var_pairs"] is None:
-        return None
-    plan = SamplingPlan(n_t=int(row["n_t"]), n_yt=int(row["n_yt"]))
-    return advice_of(row["var_mask"], row["var_pairs"], int(row["batch"]), plan, criterion).n_t
 
 
 def aggregate(rows: list[dict]) -> list[dict]:

@@ -136,6 +136,29 @@ def train_demo(config, callbacks=()) -> DemoRun:
     return DemoRun(summary, read_records(config.output_dir), wall)
 
 
+class StepClock:
+    """An ``on_step_end`` callback: the seconds spent in optimizer steps (``seconds``)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_step_end(self, trainer, step: int, seconds: float):
+        self.seconds += seconds
+
+
+def advised(row: dict, criterion: str = "noise") -> int | None:
+    """The n_t the advisor gives for a run's whole-run variances (a results row's ``var_mask``, ``var_pairs``,
+    ``batch``, ``n_t`` and ``n_yt``, 1 where the row has none) under ``criterion``; None for a run that could not
+    estimate them (n_t = 1). Recomputed from the CSV, so that every run is judged by the same advisor."""
+    from vrpo.estimator import SamplingPlan
+    from vrpo.training.advisor_tally import advice_of
+
+    if row["var_mask"] is None or row["var_pairs"] is None:
+        return None
+    plan = SamplingPlan(n_t=int(row["n_t"]), n_yt=int(row.get("n_yt", 1)))
+    return advice_of(row["var_mask"], row["var_pairs"], int(row["batch"]), plan, criterion).n_t
+
+
 def read_records(run_dir) -> list[dict]:
     """The records a training run in ``run_dir`` logged (``logs/metrics.jsonl``), in order."""
     with open(os.path.join(run_dir, "logs", "metrics.jsonl"), encoding="utf-8") as f:

@@ -21,7 +21,8 @@ from collections import defaultdict
 import torch
 
 from benchmarks.common import RESULTS, output_dir, report_heading, write_csv
-from benchmarks.variance import Setting, gradient_matrices, replicate
+from benchmarks.variance import Setting, replicate
+from vrpo.estimator.advisor import variance_parts
 
 ONE_MASK = Setting(1, 1, True)  # one antithetic mask per sequence: the noise the advisor's n_t divides
 COLUMNS = ("tokens", "pairs", "mask_var", "mask_var_se", "pair_var", "ratio")
@@ -46,13 +47,14 @@ def buckets(lengths: list[int], edges: tuple[int, ...]) -> dict[str, list[int]]:
 
 def parts(scores: torch.Tensor, members: list[int]) -> tuple[float, float, float]:
     """(mask part, its standard error over the pairs, pair part) of the scores ``[R, P]`` of the pairs
-    ``members``."""
+    ``members``: the advisor's own estimates (:func:`vrpo.estimator.advisor.variance_parts`; the pair part
+    unclamped). One pair has no pair part."""
     s = scores[:, members]
     per_pair = s.var(0)
-    mask = per_pair.mean().item()
     if len(members) < 2:
-        return mask, float("nan"), float("nan")
-    return mask, (per_pair.std() / len(members) ** 0.5).item(), s.mean(0).var().item() - mask / s.shape[0]
+        return per_pair.mean().item(), float("nan"), float("nan")
+    vp = variance_parts(s.T)
+    return vp.mask, (per_pair.std() / len(members) ** 0.5).item(), vp.pairs_raw
 
 
 def ratio(mask: float, pair: float) -> float:
@@ -85,12 +87,9 @@ def measure(task: str, policy: str, repeats: int, seed: int, edges: tuple[int, .
         )
         trainer = VRPOTrainer(cfg, task=graded)
         try:
-            for p in trainer.policy_model.parameters():
-                p.requires_grad_(False)
-            for p in gradient_matrices(trainer.policy_model).values():  # replicate takes one backward
-                p.requires_grad_(True)
             ids = list(range(len(trainer.eval_pairs)))
-            scores = torch.stack([replicate(trainer, ONE_MASK, ids, r, seed, 32, cfg.beta)[0] for r in range(repeats)])
+            runs = [replicate(trainer, ONE_MASK, ids, r, seed, 32, cfg.beta, grads=False) for r in range(repeats)]
+            scores = torch.stack([run[0] for run in runs])
             lengths = [int(trainer.eval_pairs.sequence(i, 0)["response_mask"].sum()) for i in ids]
         finally:
             trainer.close()

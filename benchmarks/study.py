@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from benchmarks.common import (
     RESULTS,
     SUMMARY_METRICS,
+    StepClock,
+    advised,
     locked,
     mean_sd,
     output_dir,
@@ -46,8 +48,6 @@ from benchmarks.common import (
     write_csv,
     write_report,
 )
-from vrpo.estimator import SamplingPlan
-from vrpo.training.advisor_tally import advice_of
 from vrpo.training.config import GRPOConfig, VRPOConfig
 
 TUNE_SEED = 1  # the seed that chooses settings (on dev prompts)
@@ -130,16 +130,6 @@ COLUMNS = (
     "train_s",
     "wall_s",
 )
-
-
-class StepClock:
-    """An ``on_step_end`` callback: the seconds spent in optimizer steps."""
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def on_step_end(self, trainer, step: int, seconds: float):
-        self.seconds += seconds
 
 
 def run_config(task: str, arm: Arm, settings: dict, seed: int, phase: str, out: str, quick: bool):
@@ -247,16 +237,9 @@ def aggregate(rows: list[dict]) -> dict[str, dict]:
         agg = {"seeds": len(mine), "steps": int(mine[0]["steps"]), "row": mine[0]}
         for k in ("gen_acc_after", "gen_credit_after", "pref_acc_after", "var_mask", "var_pairs", "train_s"):
             agg[k], agg[k + "_sd"] = mean_sd(r[k] for r in mine)
-        agg["advice"] = [advised(r) for r in mine if advised(r) is not None]
+        agg["advice"] = [n for n in map(advised, mine) if n is not None]
         out[arm.key] = agg
     return out
-
-
-def advised(row: dict) -> int | None:
-    """The n_t the advisor gives for a run's whole-run variances at its budget (score noise, the default)."""
-    if row["var_mask"] is None or row["var_pairs"] is None:
-        return None
-    return advice_of(row["var_mask"], row["var_pairs"], int(row["batch"]), SamplingPlan(n_t=int(row["n_t"]))).n_t
 
 
 def spread(a: dict, b: dict) -> float:

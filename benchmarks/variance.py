@@ -193,13 +193,20 @@ def gradient_matrices(model) -> dict[str, torch.nn.Parameter]:
     }
 
 
-def replicate(trainer, setting: Setting, pair_ids: list[int], repeat: int, seed: int, chunk: int, beta: float):
+def replicate(
+    trainer, setting: Setting, pair_ids: list[int], repeat: int, seed: int, chunk: int, beta: float, grads: bool = True
+):
     """One repeat of one setting over all pairs: scores [P], losses [P] and the gradients of the summed
-    loss w.r.t. the chosen matrices (float64). The draws, the reference's terms (on the policy's draw or
-    an independent one) and the margins are the trainer's own."""
+    loss w.r.t. the chosen matrices (float64; ``grads=False``: no backward, and ``{}``). The draws, the
+    reference's terms (on the policy's draw or an independent one) and the margins are the trainer's own."""
+    with torch.enable_grad() if grads else torch.no_grad():
+        return _replicate(trainer, setting, pair_ids, repeat, seed, chunk, beta, grads)
+
+
+def _replicate(trainer, setting, pair_ids, repeat, seed, chunk, beta, grads):
     cfg = trainer.config
     plan = setting.plan
-    mats = gradient_matrices(trainer.policy_model)
+    mats = gradient_matrices(trainer.policy_model) if grads else {}
     for p in mats.values():
         p.grad = None
     scores, losses = [], []
@@ -214,7 +221,8 @@ def replicate(trainer, setting: Setting, pair_ids: list[int], repeat: int, seed:
         B = len(items)
         margin = reward_margin(pol[:B], pol[B:], ref[:B], ref[B:])
         loss = preference_loss(margin, beta, cfg.loss_type, cfg.label_smoothing)
-        loss.sum().backward()
+        if grads:
+            loss.sum().backward()
         scores.append(beta * margin.detach().double())
         losses.append(loss.detach().double())
     grads = {name: p.grad.detach().double().flatten().clone() for name, p in mats.items()}

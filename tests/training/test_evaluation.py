@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 from accelerate.utils import DistributedType
@@ -52,8 +53,10 @@ def test_the_trainer_grades_the_split_its_config_names(tmp_path, monkeypatch):
     )
     VRPOTrainer(cfg, task=SORT_TASK).grade_generations()
     assert seen == [(5, "dev")]
-    with pytest.raises(ValueError, match="--gen_eval_split dev"):
-        check_split(None, "dev")
+    # A user's data is never graded: the trainer refuses a dev split before it loads anything.
+    users = dataclasses.replace(cfg, dataset=str(SORT_TASK.pairs_path()), output_dir=str(tmp_path / "users"))
+    with pytest.raises(ValueError, match="--gen_eval_split dev grades a task's dev prompts, but this run grades no"):
+        VRPOTrainer(users, task=SORT_TASK)
     with pytest.raises(ValueError, match="has no dev_prompts"):
         check_split(object(), "dev")
     check_split(None, "test")

@@ -1,6 +1,6 @@
 """``python -m vrpo.plan``: does a VRPO run fit on the GPUs, and how long does it take? Answered before renting them.
 
-:mod:`.facts` builds the model on the ``meta`` device and counts its tensors, :mod:`.setup` holds the plan's own
+:mod:`.facts` builds the model on the ``meta`` device and counts its tensors, :mod:`.settings` holds the plan's own
 settings (the hardware and the run), :mod:`.memory` prices the memory per GPU, :mod:`.compute` the FLOPs and time,
 :mod:`.report` writes the plan as text, and :mod:`.cli` parses the flags (``python -m vrpo.plan`` runs its
 :func:`main`). The flags and the estimates: docs/training.md.
